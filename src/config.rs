@@ -1,0 +1,72 @@
+//! Layer configuration, with PyTorch's argument names and defaults.
+
+/// The arguments of a [`crate::SyncBatchNorm`] layer besides `num_features`,
+/// as in `torch.nn.SyncBatchNorm`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SyncBatchNormConfig {
+    /// Added to the variance for numerical stability (PyTorch default `1e-5`).
+    pub eps: f64,
+    /// Weight of the new batch statistics in the running statistics update:
+    /// `running = (1 − momentum)·running + momentum·batch`. `None` gives the
+    /// cumulative moving average (factor `1 / num_batches_tracked`).
+    pub momentum: Option<f64>,
+    /// Learnable per-channel `weight` (init 1) and `bias` (init 0).
+    pub affine: bool,
+    /// Keep `running_mean`, `running_var` and `num_batches_tracked` and use them
+    /// in eval mode; when false, batch statistics are used in eval mode too.
+    pub track_running_stats: bool,
+}
+
+impl Default for SyncBatchNormConfig {
+    fn default() -> Self {
+        Self {
+            eps: 1e-5,
+            momentum: Some(0.1),
+            affine: true,
+            track_running_stats: true,
+        }
+    }
+}
+
+impl From<f64> for SyncBatchNormConfig {
+    /// The default configuration with the given `eps`.
+    fn from(eps: f64) -> Self {
+        Self {
+            eps,
+            ..Default::default()
+        }
+    }
+}
+
+impl From<candle_nn::BatchNormConfig> for SyncBatchNormConfig {
+    /// Same `eps`, `affine` and `momentum`; running statistics are tracked, as in
+    /// `candle_nn::BatchNorm`. (`remove_mean: false` has no SyncBatchNorm
+    /// equivalent and is rejected by the constructors that take a
+    /// `candle_nn::BatchNormConfig` directly.)
+    fn from(c: candle_nn::BatchNormConfig) -> Self {
+        Self {
+            eps: c.eps,
+            momentum: Some(c.momentum),
+            affine: c.affine,
+            track_running_stats: true,
+        }
+    }
+}
+
+impl SyncBatchNormConfig {
+    /// Checks the values: `eps ≥ 0` and finite, `momentum` in `[0, 1]`.
+    pub fn validate(&self, layer: &str) -> candle::Result<()> {
+        if !(self.eps.is_finite() && self.eps >= 0.0) {
+            candle::bail!(
+                "SyncBatchNorm '{layer}': eps must be finite and non-negative, got {}",
+                self.eps
+            )
+        }
+        if let Some(m) = self.momentum {
+            if !(0.0..=1.0).contains(&m) {
+                candle::bail!("SyncBatchNorm '{layer}': momentum must be in [0, 1], got {m}")
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,153 @@
+//! Per-channel affine element-wise passes: normalization (forward) and the input
+//! gradient (backward). Outputs are contiguous in the shape of the input view.
+
+use super::{channel_row, spatial_row, TASK};
+use crate::ops::element::{Accum, Element};
+use crate::ops::layout::ChannelView;
+use rayon::prelude::*;
+use std::mem::MaybeUninit;
+
+/// Per-channel coefficients of `out = dy·dy_scale + (x − mean)·x_scale + shift`,
+/// with `mean = mean_hi + mean_lo` split so `x − mean` stays exact in f32.
+#[derive(Debug, Clone)]
+pub struct ChannelCoefficients<A> {
+    /// High part of the mean.
+    pub mean_hi: Vec<A>,
+    /// Low part of the mean (`mean − mean_hi`).
+    pub mean_lo: Vec<A>,
+    /// Factor of the incoming gradient (backward only).
+    pub dy_scale: Vec<A>,
+    /// Factor of the centered input.
+    pub x_scale: Vec<A>,
+    /// Constant term.
+    pub shift: Vec<A>,
+}
+
+impl<A: Accum> ChannelCoefficients<A> {
+    /// Rounds f64 coefficients to the accumulator type; `mean` is split into high
+    /// and low parts.
+    pub fn new(mean: &[f64], dy_scale: &[f64], x_scale: &[f64], shift: &[f64]) -> Self {
+        let (mean_hi, mean_lo) = super::reductions::split_means(mean);
+        let cast = |v: &[f64]| v.iter().map(|&e| A::from_f64(e)).collect::<Vec<A>>();
+        Self {
+            mean_hi,
+            mean_lo,
+            dy_scale: cast(dy_scale),
+            x_scale: cast(x_scale),
+            shift: cast(shift),
+        }
+    }
+}
+
+/// A row of the output: `(o, c)` holds `inner` elements, or, for
+/// channel-innermost views, `o` holds one element of every channel.
+#[derive(Clone, Copy)]
+enum Row {
+    Channel { o: usize, c: usize },
+    Spatial { o: usize },
+}
+
+/// Allocates the output of `v`'s shape and fills it row by row in parallel.
+fn elementwise<T, S, I, F>(v: &ChannelView, init: I, fill: F) -> Vec<T>
+where
+    T: Copy + Send + Sync,
+    I: Fn() -> S + Sync + Send,
+    F: Fn(&mut S, Row, &mut [MaybeUninit<T>]) + Sync + Send,
+{
+    let len = v.len();
+    let mut out: Vec<T> = Vec::with_capacity(len);
+    if len > 0 {
+        let row_len = if v.channel_innermost() {
+            v.channels
+        } else {
+            v.inner
+        };
+        let rows_per_task = (TASK / row_len).max(1);
+        let channels = v.channels;
+        let innermost = v.channel_innermost();
+        out.spare_capacity_mut()[..len]
+            .par_chunks_mut(rows_per_task * row_len)
+            .enumerate()
+            .for_each_init(init, |state, (t, chunk)| {
+                for (k, dst) in chunk.chunks_mut(row_len).enumerate() {
+                    let r = t * rows_per_task + k;
+                    let row = if innermost {
+                        Row::Spatial { o: r }
+                    } else {
+                        Row::Channel {
+                            o: r / channels,
+                            c: r % channels,
+                        }
+                    };
+                    fill(state, row, dst);
+                }
+            });
+        // SAFETY: every one of the `len` elements was written by exactly one row above
+        // (the chunks tile `0..len` and every row writes its whole slice).
+        unsafe { out.set_len(len) };
+    }
+    out
+}
+
+/// `y = (x − mean)·x_scale + shift` per channel.
+pub fn normalize<T: Element>(x: &[T], v: &ChannelView, k: &ChannelCoefficients<T::Acc>) -> Vec<T> {
+    elementwise(v, Vec::new, |buf, row, dst| match row {
+        Row::Channel { o, c } => {
+            let src = channel_row(x, v, o, c, buf);
+            let (mh, ml, b, s) = (k.mean_hi[c], k.mean_lo[c], k.x_scale[c], k.shift[c]);
+            for (d, &e) in dst.iter_mut().zip(src) {
+                d.write(T::from_acc(((e.to_acc() - mh) - ml) * b + s));
+            }
+        }
+        Row::Spatial { o } => {
+            let src = spatial_row(x, v, o, buf);
+            let it = dst
+                .iter_mut()
+                .zip(src)
+                .zip(&k.mean_hi)
+                .zip(&k.mean_lo)
+                .zip(&k.x_scale)
+                .zip(&k.shift);
+            for (((((d, &e), &mh), &ml), &b), &s) in it {
+                d.write(T::from_acc(((e.to_acc() - mh) - ml) * b + s));
+            }
+        }
+    })
+}
+
+/// `dx = dy·dy_scale + (x − mean)·x_scale + shift` per channel; `dy` and `x`
+/// have the same shape, possibly different strides.
+pub fn backward_elemt<T: Element>(
+    dy: &[T],
+    dv: &ChannelView,
+    x: &[T],
+    xv: &ChannelView,
+    k: &ChannelCoefficients<T::Acc>,
+) -> Vec<T> {
+    elementwise(
+        xv,
+        || (Vec::new(), Vec::new()),
+        |(bd, bx), row, dst| match row {
+            Row::Channel { o, c } => {
+                let g = channel_row(dy, dv, o, c, bd);
+                let src = channel_row(x, xv, o, c, bx);
+                let (mh, ml) = (k.mean_hi[c], k.mean_lo[c]);
+                let (a, b, s) = (k.dy_scale[c], k.x_scale[c], k.shift[c]);
+                for ((d, &ge), &e) in dst.iter_mut().zip(g).zip(src) {
+                    d.write(T::from_acc(
+                        ge.to_acc() * a + ((e.to_acc() - mh) - ml) * b + s,
+                    ));
+                }
+            }
+            Row::Spatial { o } => {
+                let g = spatial_row(dy, dv, o, bd);
+                let src = spatial_row(x, xv, o, bx);
+                for c in 0..xv.channels {
+                    let centered = (src[c].to_acc() - k.mean_hi[c]) - k.mean_lo[c];
+                    let val = g[c].to_acc() * k.dy_scale[c] + centered * k.x_scale[c] + k.shift[c];
+                    dst[c].write(T::from_acc(val));
+                }
+            }
+        },
+    )
+}

@@ -1,0 +1,50 @@
+//! CPU kernels: parallel over channels and chunks (rayon), vectorizable inner
+//! loops with several accumulators, statistics combined in f64 in a fixed order
+//! (results do not depend on the number of threads).
+
+mod elementwise;
+mod reductions;
+
+pub use elementwise::{backward_elemt, normalize, ChannelCoefficients};
+pub use reductions::{batch_stats, grad_sums};
+
+use crate::ops::layout::ChannelView;
+
+/// Elements per two-pass block: small enough to stay in L1 for the second pass.
+const BLOCK: usize = 4096;
+/// Elements a parallel task should cover at least, so scheduling stays cheap.
+const TASK: usize = 1 << 15;
+
+/// Row `(o, c)` of `x` (the `inner` elements of channel `c` at outer index `o`),
+/// borrowed when contiguous, else gathered into `buf`.
+#[inline]
+fn channel_row<'a, T: Copy>(
+    x: &'a [T],
+    v: &ChannelView,
+    o: usize,
+    c: usize,
+    buf: &'a mut Vec<T>,
+) -> &'a [T] {
+    let start = v.index(o, c, 0);
+    if v.inner_stride == 1 || v.inner <= 1 {
+        &x[start..start + v.inner]
+    } else {
+        buf.clear();
+        buf.extend((0..v.inner).map(|i| x[start + i * v.inner_stride]));
+        buf
+    }
+}
+
+/// Row `o` of a channel-innermost `x` (its `channels` elements), borrowed when
+/// contiguous, else gathered into `buf`.
+#[inline]
+fn spatial_row<'a, T: Copy>(x: &'a [T], v: &ChannelView, o: usize, buf: &'a mut Vec<T>) -> &'a [T] {
+    let start = v.index(o, 0, 0);
+    if v.channel_stride == 1 || v.channels <= 1 {
+        &x[start..start + v.channels]
+    } else {
+        buf.clear();
+        buf.extend((0..v.channels).map(|c| x[start + c * v.channel_stride]));
+        buf
+    }
+}

@@ -1,0 +1,155 @@
+//! Process groups: who takes part in the collectives of a [`crate::SyncBatchNorm`].
+//!
+//! A [`ProcessGroup`] is a cheap-to-clone handle over a [`Backend`]. The crate ships
+//! the [`single`](ProcessGroup::single) group (world size 1, no communication) and the
+//! in-process [`threads`](ProcessGroup::threads) group (one thread per rank). Users can
+//! plug in their own collective library (MPI, gloo, …) by implementing [`Backend`].
+
+mod default;
+mod single;
+mod threads;
+
+pub use default::{default_group, set_default_group, set_thread_default_group};
+pub use single::SingleBackend;
+pub use threads::ThreadsBackend;
+
+use candle::{Result, Tensor};
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The default time a collective waits for the other ranks before it fails
+/// (10 minutes, as PyTorch's default process-group timeout).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// A collective communication library as seen by `SyncBatchNorm`.
+///
+/// Implementations must be usable from the thread that runs the model (they are
+/// `Send + Sync`), must preserve the tensor's shape, dtype and device, and must
+/// fail — never hang forever — when another rank fails or disagrees on the call
+/// (different shape or dtype): every rank should get an error within the
+/// backend's timeout.
+///
+/// All ranks must issue the same collectives in the same order.
+pub trait Backend: Send + Sync + fmt::Debug {
+    /// The rank of this process (or thread) in the group, `0..world_size()`.
+    fn rank(&self) -> usize;
+
+    /// The number of ranks in the group.
+    fn world_size(&self) -> usize;
+
+    /// Element-wise sum of `tensor` over all ranks.
+    ///
+    /// Every rank passes a tensor of the same shape and dtype (f32 or f64) and
+    /// receives the sum, on the device of its own input.
+    fn all_reduce_sum(&self, tensor: &Tensor) -> Result<Tensor>;
+
+    /// Returns `root`'s `tensor` on every rank (each rank passes a tensor of the
+    /// same shape and dtype; the result lives on the device of the rank's input).
+    fn broadcast(&self, tensor: &Tensor, root: usize) -> Result<Tensor>;
+
+    /// A short name of the backend for messages ("single", "threads", "tcp", "nccl", …).
+    fn name(&self) -> &str;
+}
+
+/// A handle on a group of ranks that synchronize batch statistics.
+///
+/// Cloning is cheap (an `Arc`). Create one per rank with [`ProcessGroup::single`],
+/// [`ProcessGroup::threads`], or [`ProcessGroup::from_backend`] for a custom
+/// [`Backend`].
+#[derive(Clone)]
+pub struct ProcessGroup {
+    backend: Arc<dyn Backend>,
+}
+
+impl ProcessGroup {
+    /// A group of world size 1: collectives return their input, nothing is communicated.
+    pub fn single() -> Self {
+        Self::from_backend(SingleBackend)
+    }
+
+    /// `world_size` in-process ranks, one per thread, with the default timeout
+    /// ([`DEFAULT_TIMEOUT`]). Element `r` of the returned vector is rank `r`; move
+    /// each into the thread that runs that rank's model.
+    pub fn threads(world_size: usize) -> Result<Vec<ProcessGroup>> {
+        Self::threads_with_timeout(world_size, DEFAULT_TIMEOUT)
+    }
+
+    /// Like [`ProcessGroup::threads`], with the time a collective waits for the
+    /// other ranks before it fails.
+    pub fn threads_with_timeout(world_size: usize, timeout: Duration) -> Result<Vec<ProcessGroup>> {
+        Ok(ThreadsBackend::new_group(world_size, timeout)?
+            .into_iter()
+            .map(Self::from_backend)
+            .collect())
+    }
+
+    /// Wraps a user-provided backend.
+    pub fn from_backend<B: Backend + 'static>(backend: B) -> Self {
+        Self {
+            backend: Arc::new(backend),
+        }
+    }
+
+    /// Wraps a shared user-provided backend.
+    pub fn from_arc(backend: Arc<dyn Backend>) -> Self {
+        Self { backend }
+    }
+
+    /// The rank of this handle in its group.
+    pub fn rank(&self) -> usize {
+        self.backend.rank()
+    }
+
+    /// The number of ranks in the group.
+    pub fn world_size(&self) -> usize {
+        self.backend.world_size()
+    }
+
+    /// The backend behind this handle.
+    pub fn backend(&self) -> &dyn Backend {
+        self.backend.as_ref()
+    }
+
+    /// Element-wise sum of `tensor` over all ranks (see [`Backend::all_reduce_sum`]).
+    /// With world size 1 the input is returned as is.
+    pub fn all_reduce_sum(&self, tensor: &Tensor) -> Result<Tensor> {
+        if self.world_size() == 1 {
+            return Ok(tensor.clone());
+        }
+        self.backend.all_reduce_sum(tensor)
+    }
+
+    /// `root`'s `tensor` on every rank (see [`Backend::broadcast`]).
+    pub fn broadcast(&self, tensor: &Tensor, root: usize) -> Result<Tensor> {
+        if root >= self.world_size() {
+            candle::bail!(
+                "broadcast: root rank {root} is out of range for a group of world size {}",
+                self.world_size()
+            )
+        }
+        if self.world_size() == 1 {
+            return Ok(tensor.clone());
+        }
+        self.backend.broadcast(tensor, root)
+    }
+}
+
+impl fmt::Debug for ProcessGroup {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "ProcessGroup({}, rank {} of {})",
+            self.backend.name(),
+            self.rank(),
+            self.world_size()
+        )
+    }
+}
+
+impl Default for ProcessGroup {
+    /// The default group of the calling thread (see [`default_group`]).
+    fn default() -> Self {
+        default_group()
+    }
+}

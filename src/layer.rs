@@ -1,0 +1,336 @@
+//! The `SyncBatchNorm` layer.
+
+use crate::ops::{
+    BatchNormOp, BatchStats, CounterIncrement, Moments, RunningStat, RunningStatsUpdate,
+};
+use crate::{ProcessGroup, SyncBatchNormConfig};
+use candle::{DType, Result, Tensor, Var};
+use candle_nn::{Init, VarBuilder};
+
+/// Running statistics kept by a layer with `track_running_stats`.
+#[derive(Debug, Clone)]
+struct RunningStats {
+    mean: Tensor,
+    var: Tensor,
+    num_batches_tracked: Tensor,
+}
+
+/// Synchronized batch normalization over the ranks of a [`ProcessGroup`]
+/// (PyTorch's `torch.nn.SyncBatchNorm`).
+///
+/// In training mode the per-channel mean and variance are those of the union of
+/// the mini-batches of all ranks (one all-reduce in the forward pass and one in
+/// the backward pass, each of `O(C)` values); in eval mode the running
+/// statistics are used and nothing is communicated.
+///
+/// Input `(N, C, *)` of rank 2 to 5, f32, f64, f16 or bf16, any strides
+/// (channels-last inputs keep their layout); statistics are computed in f32
+/// (f64 for f64 inputs) and combined in f64.
+///
+/// Variables (under the [`VarBuilder`]'s prefix, PyTorch's names): `weight`,
+/// `bias` (with `affine`), `running_mean`, `running_var`, `num_batches_tracked`
+/// (i64 scalar; with `track_running_stats`).
+#[derive(Debug, Clone)]
+pub struct SyncBatchNorm {
+    name: String,
+    num_features: usize,
+    config: SyncBatchNormConfig,
+    weight_and_bias: Option<(Tensor, Tensor)>,
+    running: Option<RunningStats>,
+    group: ProcessGroup,
+}
+
+impl SyncBatchNorm {
+    /// Builds a layer for `num_features` channels, creating or loading its
+    /// variables through `vb` and synchronizing over `group`.
+    ///
+    /// With a `VarBuilder` over a `VarMap`, the weight and bias are trainable
+    /// variables and the running statistics live in the same map (so
+    /// `varmap.save()` persists them). A checkpoint without
+    /// `num_batches_tracked` (e.g. from candle-nn) loads with the counter at 0.
+    /// Running statistics are f32 when `vb`'s dtype is f16/bf16.
+    pub fn new<C: Into<SyncBatchNormConfig>>(
+        num_features: usize,
+        config: C,
+        vb: VarBuilder,
+        group: ProcessGroup,
+    ) -> Result<Self> {
+        let config = config.into();
+        let name = layer_name(&vb);
+        config.validate(&name)?;
+        if num_features == 0 {
+            candle::bail!("SyncBatchNorm '{name}': num_features must be at least 1")
+        }
+        let weight_and_bias = if config.affine {
+            let w = vb.get_with_hints(num_features, "weight", Init::Const(1.0))?;
+            let b = vb.get_with_hints(num_features, "bias", Init::Const(0.0))?;
+            Some((w, b))
+        } else {
+            None
+        };
+        let running = if config.track_running_stats {
+            let dtype = match vb.dtype() {
+                DType::F16 | DType::BF16 => DType::F32,
+                d => d,
+            };
+            let mean =
+                vb.get_with_hints_dtype(num_features, "running_mean", Init::Const(0.0), dtype)?;
+            let var =
+                vb.get_with_hints_dtype(num_features, "running_var", Init::Const(1.0), dtype)?;
+            // Created in a VarMap (so it is saved), loaded from a checkpoint that
+            // has it, and zero for checkpoints without it (candle-nn's).
+            let nbt = match vb.get_with_hints_dtype(
+                (),
+                "num_batches_tracked",
+                Init::Const(0.0),
+                DType::I64,
+            ) {
+                Ok(t) => t,
+                Err(e) if vb.contains_tensor("num_batches_tracked") => return Err(e),
+                Err(_) => Tensor::zeros((), DType::I64, vb.device())?,
+            };
+            Some(RunningStats {
+                mean: Var::from_tensor(&mean)?.as_tensor().clone(),
+                var: Var::from_tensor(&var)?.as_tensor().clone(),
+                num_batches_tracked: Var::from_tensor(&nbt)?.as_tensor().clone(),
+            })
+        } else {
+            None
+        };
+        Ok(Self {
+            name,
+            num_features,
+            config,
+            weight_and_bias,
+            running,
+            group,
+        })
+    }
+
+    /// The number of channels.
+    pub fn num_features(&self) -> usize {
+        self.num_features
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &SyncBatchNormConfig {
+        &self.config
+    }
+
+    /// The group the statistics are synchronized over.
+    pub fn group(&self) -> &ProcessGroup {
+        &self.group
+    }
+
+    /// The layer's name (its `VarBuilder` prefix), used in error messages.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The weight and bias, when `affine`.
+    pub fn weight_and_bias(&self) -> Option<(&Tensor, &Tensor)> {
+        self.weight_and_bias.as_ref().map(|(w, b)| (w, b))
+    }
+
+    /// A copy of the running mean (`None` without `track_running_stats`).
+    pub fn running_mean(&self) -> Option<Tensor> {
+        self.running.as_ref().and_then(|r| r.mean.copy().ok())
+    }
+
+    /// A copy of the running (unbiased) variance (`None` without `track_running_stats`).
+    pub fn running_var(&self) -> Option<Tensor> {
+        self.running.as_ref().and_then(|r| r.var.copy().ok())
+    }
+
+    /// The number of training batches seen (0 without `track_running_stats`).
+    /// Reads the counter variable (on a GPU this copies one value to the host).
+    pub fn num_batches_tracked(&self) -> u64 {
+        self.running
+            .as_ref()
+            .and_then(|r| r.num_batches_tracked.to_dtype(DType::F64).ok())
+            .and_then(|t| t.to_scalar::<f64>().ok())
+            .map(|v| v.max(0.0) as u64)
+            .unwrap_or(0)
+    }
+
+    /// Checks the input against the layer and returns the tensor the ops run on
+    /// with its channel axis, and the permutation to restore the output (for
+    /// channels-last inputs).
+    fn prepare_input(&self, x: &Tensor) -> Result<(Tensor, usize, Option<Vec<usize>>)> {
+        let name = &self.name;
+        let dims = x.dims();
+        if !(2..=5).contains(&dims.len()) {
+            candle::bail!(
+                "SyncBatchNorm '{name}': expected an input of rank 2 to 5, (N, C, *), got shape {dims:?} (rank {})",
+                dims.len()
+            )
+        }
+        if dims[1] != self.num_features {
+            candle::bail!(
+                "SyncBatchNorm '{name}': expected {} channels (dim 1), got shape {dims:?} with {} channels",
+                self.num_features,
+                dims[1]
+            )
+        }
+        let dtype = x.dtype();
+        if !matches!(dtype, DType::F32 | DType::F64 | DType::F16 | DType::BF16) {
+            candle::bail!(
+                "SyncBatchNorm '{name}': expected an f32, f64, f16 or bf16 input, got {dtype:?}"
+            )
+        }
+        let params = self
+            .weight_and_bias
+            .iter()
+            .flat_map(|(w, b)| [("weight", w), ("bias", b)]);
+        let stats = self
+            .running
+            .iter()
+            .flat_map(|r| [("running_mean", &r.mean), ("running_var", &r.var)]);
+        for (what, t) in params.clone().chain(stats) {
+            if !t.device().same_device(x.device()) {
+                candle::bail!(
+                    "SyncBatchNorm '{name}': input is on {:?} but {what} is on {:?}",
+                    x.device().location(),
+                    t.device().location()
+                )
+            }
+            if t.dims() != [self.num_features] {
+                candle::bail!(
+                    "SyncBatchNorm '{name}': expected {what} of shape [{}], got {:?}",
+                    self.num_features,
+                    t.dims()
+                )
+            }
+        }
+        for (what, t) in params {
+            if t.dtype() != dtype && t.dtype() != DType::F32 {
+                candle::bail!(
+                    "SyncBatchNorm '{name}': {what} must have the input's dtype {dtype:?} or f32, got {:?}",
+                    t.dtype()
+                )
+            }
+        }
+        let rank = dims.len();
+        if rank >= 3 && !x.is_contiguous() {
+            let perm: Vec<usize> = std::iter::once(0)
+                .chain(2..rank)
+                .chain(std::iter::once(1))
+                .collect();
+            let permuted = x.permute(perm.as_slice())?;
+            if permuted.is_contiguous() {
+                let mut inverse = vec![0; rank];
+                for (i, &p) in perm.iter().enumerate() {
+                    inverse[p] = i;
+                }
+                return Ok((permuted, rank - 1, Some(inverse)));
+            }
+        }
+        Ok((crate::ops::viewable(x, 1)?, 1, None))
+    }
+
+    /// Normalizes `x` with the given moments (see [`BatchNormOp`]).
+    fn normalize(
+        &self,
+        x: &Tensor,
+        axis: usize,
+        moments: Tensor,
+        batch_stats: bool,
+        group: ProcessGroup,
+    ) -> Result<Tensor> {
+        let op = BatchNormOp {
+            axis,
+            moments,
+            batch_stats,
+            group,
+            layer: self.name.clone(),
+        };
+        match &self.weight_and_bias {
+            Some((w, b)) => x.apply_op3(w, b, op),
+            None => x.apply_op1(op),
+        }
+    }
+
+    /// Training forward (or eval without running statistics, `sync = false`).
+    fn forward_batch_stats(&self, x: &Tensor, axis: usize, sync: bool) -> Result<Tensor> {
+        let name = &self.name;
+        let local = x.apply_op1_no_bwd(&BatchStats { axis })?;
+        let group = if sync {
+            self.group.clone()
+        } else {
+            ProcessGroup::single()
+        };
+        let sums = group.all_reduce_sum(&local).map_err(|e| {
+            candle::Error::Msg(format!(
+                "SyncBatchNorm '{name}': all-reduce of the batch statistics failed: {e}"
+            ))
+        })?;
+        let local_count = x.elem_count() / self.num_features;
+        if local_count <= 1 {
+            // Only a rank with at most one value per channel needs the global
+            // count (a copy to the host); every rank of a group with a global
+            // count ≤ 1 takes this branch, so they all fail alike.
+            let global = sums
+                .get(0)?
+                .get(0)?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?;
+            if global <= 1.0 {
+                candle::bail!(
+                    "SyncBatchNorm '{name}': expected more than 1 value per channel when training, got {} over {} rank(s) (input shape {:?})",
+                    global as u64,
+                    group.world_size(),
+                    x.dims()
+                )
+            }
+        }
+        if sync {
+            if let Some(r) = &self.running {
+                r.num_batches_tracked.inplace_op1(&CounterIncrement)?;
+                for (t, stat) in [(&r.mean, RunningStat::Mean), (&r.var, RunningStat::Var)] {
+                    let update = RunningStatsUpdate {
+                        momentum: self.config.momentum,
+                        stat,
+                    };
+                    t.inplace_op3(&sums, &r.num_batches_tracked, &update)?;
+                }
+            }
+        }
+        let moments = sums.apply_op1_no_bwd(&Moments {
+            eps: self.config.eps,
+        })?;
+        self.normalize(x, axis, moments, true, group)
+    }
+}
+
+impl candle_nn::ModuleT for SyncBatchNorm {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let (xv, axis, restore) = self.prepare_input(x)?;
+        let y = match (&self.running, train) {
+            (_, true) => self.forward_batch_stats(&xv, axis, true)?,
+            (None, false) => self.forward_batch_stats(&xv, axis, false)?,
+            (Some(r), false) => {
+                let moments = r.mean.apply_op2_no_bwd(
+                    &r.var,
+                    &Moments {
+                        eps: self.config.eps,
+                    },
+                )?;
+                self.normalize(&xv, axis, moments, false, ProcessGroup::single())?
+            }
+        };
+        match restore {
+            Some(inverse) => y.permute(inverse.as_slice()),
+            None => Ok(y),
+        }
+    }
+}
+
+/// The layer's name for messages: the `VarBuilder` prefix, or "(root)".
+fn layer_name(vb: &VarBuilder) -> String {
+    let p = vb.prefix();
+    if p.is_empty() {
+        "(root)".to_string()
+    } else {
+        p
+    }
+}

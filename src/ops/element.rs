@@ -1,0 +1,135 @@
+//! Element types the ops accept and the accumulator type each one computes in.
+
+use candle::WithDType;
+use half::{bf16, f16};
+use std::ops::{Add, AddAssign, Mul, Sub};
+
+/// The floating-point type a kernel accumulates in: `f32` for f32/f16/bf16
+/// inputs, `f64` for f64 inputs.
+pub trait Accum:
+    Copy
+    + Send
+    + Sync
+    + PartialOrd
+    + Add<Output = Self>
+    + Sub<Output = Self>
+    + Mul<Output = Self>
+    + AddAssign
+    + 'static
+{
+    /// Additive identity.
+    const ZERO: Self;
+    /// Rounds an f64 to this type.
+    fn from_f64(v: f64) -> Self;
+    /// Widens to f64.
+    fn to_f64(self) -> f64;
+}
+
+impl Accum for f32 {
+    const ZERO: Self = 0.0;
+    #[inline(always)]
+    fn from_f64(v: f64) -> Self {
+        v as f32
+    }
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+}
+
+impl Accum for f64 {
+    const ZERO: Self = 0.0;
+    #[inline(always)]
+    fn from_f64(v: f64) -> Self {
+        v
+    }
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        self
+    }
+}
+
+/// An input element type (f32, f64, f16, bf16) with its accumulator.
+pub trait Element: WithDType + Copy + Send + Sync {
+    /// The accumulator type.
+    type Acc: Accum;
+    /// Converts to the accumulator type (exact).
+    fn to_acc(self) -> Self::Acc;
+    /// Rounds an accumulator value to the element type.
+    fn from_acc(v: Self::Acc) -> Self;
+}
+
+impl Element for f32 {
+    type Acc = f32;
+    #[inline(always)]
+    fn to_acc(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn from_acc(v: f32) -> Self {
+        v
+    }
+}
+
+impl Element for f64 {
+    type Acc = f64;
+    #[inline(always)]
+    fn to_acc(self) -> f64 {
+        self
+    }
+    #[inline(always)]
+    fn from_acc(v: f64) -> Self {
+        v
+    }
+}
+
+impl Element for f16 {
+    type Acc = f32;
+    #[inline(always)]
+    fn to_acc(self) -> f32 {
+        self.to_f32()
+    }
+    #[inline(always)]
+    fn from_acc(v: f32) -> Self {
+        f16::from_f32(v)
+    }
+}
+
+impl Element for bf16 {
+    type Acc = f32;
+    #[inline(always)]
+    fn to_acc(self) -> f32 {
+        self.to_f32()
+    }
+    #[inline(always)]
+    fn from_acc(v: f32) -> Self {
+        bf16::from_f32(v)
+    }
+}
+
+/// Runs `$body` with the type alias `$T` bound to the Rust type of a float
+/// `DType` (f32, f64, f16, bf16); other dtypes evaluate `$other`.
+macro_rules! with_float_type {
+    ($dtype:expr, $T:ident => $body:expr, _ => $other:expr) => {
+        match $dtype {
+            candle::DType::F32 => {
+                type $T = f32;
+                $body
+            }
+            candle::DType::F64 => {
+                type $T = f64;
+                $body
+            }
+            candle::DType::F16 => {
+                type $T = half::f16;
+                $body
+            }
+            candle::DType::BF16 => {
+                type $T = half::bf16;
+                $body
+            }
+            _ => $other,
+        }
+    };
+}
+pub(crate) use with_float_type;

@@ -1,0 +1,104 @@
+//! The math of SyncBatchNorm as candle custom ops, one struct per op with its
+//! CPU path (and, with the `cuda` feature, its CUDA path) side by side.
+//!
+//! Training forward: [`BatchStats`] (local `[n; Σx; Σx²]` per channel) → one
+//! all-reduce → [`RunningStatsUpdate`] / [`CounterIncrement`] (in place) →
+//! [`Moments`] (mean, invstd) → [`BatchNormOp`] (normalize, with autograd).
+//! Backward of [`BatchNormOp`]: [`GradStats`] (local `[Σdy; Σdy·(x−μ)]`) → one
+//! all-reduce → [`InputGrad`] (dx) and [`AffineGrads`] (local dweight, dbias).
+
+pub mod element;
+pub mod layout;
+
+mod affine_grads;
+mod batch_norm;
+mod batch_stats;
+mod grad_stats;
+mod input_grad;
+mod moments;
+mod running_stats;
+
+pub use affine_grads::AffineGrads;
+pub use batch_norm::BatchNormOp;
+pub use batch_stats::BatchStats;
+pub use grad_stats::GradStats;
+pub use input_grad::InputGrad;
+pub use moments::Moments;
+pub use running_stats::{CounterIncrement, RunningStat, RunningStatsUpdate};
+
+use candle::backend::BackendStorage;
+use candle::{CpuStorage, DType, Layout, Result, Tensor};
+use layout::ChannelView;
+
+/// The view of `layout` around `axis`, or an error naming the op.
+pub(crate) fn channel_view(layout: &Layout, axis: usize, op: &str) -> Result<ChannelView> {
+    ChannelView::new(layout, axis).ok_or_else(|| {
+        candle::Error::Msg(format!(
+            "{op}: unsupported strides {:?} for shape {:?} (the dims before and after axis {axis} must each form one strided run; make the tensor contiguous)",
+            layout.stride(),
+            layout.dims()
+        ))
+    })
+}
+
+/// `t` itself when its dims around `axis` merge into one strided view, else a contiguous copy.
+pub(crate) fn viewable(t: &Tensor, axis: usize) -> Result<Tensor> {
+    if ChannelView::new(t.layout(), axis).is_some() {
+        Ok(t.clone())
+    } else {
+        t.contiguous()
+    }
+}
+
+/// The values of a small tensor (per-channel statistics) as f64 on the host.
+pub(crate) fn host_f64(t: &Tensor) -> Result<Vec<f64>> {
+    t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()
+}
+
+/// The error for an input dtype an op does not take.
+pub(crate) fn unsupported_dtype(op: &str, what: &str, dtype: DType) -> candle::Error {
+    candle::Error::Msg(format!(
+        "{op}: {what} must be f32, f64, f16 or bf16, got {dtype:?}"
+    ))
+}
+
+/// Storage offsets of the elements of `layout`, in logical (row-major) order.
+pub(crate) fn strided_offsets(layout: &Layout) -> Vec<usize> {
+    let dims = layout.dims();
+    let strides = layout.stride();
+    let mut offsets = vec![layout.start_offset()];
+    for (&d, &s) in dims.iter().zip(strides.iter()) {
+        offsets = offsets
+            .iter()
+            .flat_map(|&base| (0..d).map(move |k| base + k * s))
+            .collect();
+    }
+    offsets
+}
+
+/// The values of a small CPU tensor (per-channel statistics) as f64.
+pub(crate) fn cpu_values_f64(storage: &CpuStorage, layout: &Layout, op: &str) -> Result<Vec<f64>> {
+    let idx = strided_offsets(layout);
+    Ok(match storage {
+        CpuStorage::F64(v) => idx.iter().map(|&i| v[i]).collect(),
+        CpuStorage::F32(v) => idx.iter().map(|&i| v[i] as f64).collect(),
+        CpuStorage::F16(v) => idx.iter().map(|&i| v[i].to_f64()).collect(),
+        CpuStorage::BF16(v) => idx.iter().map(|&i| v[i].to_f64()).collect(),
+        CpuStorage::I64(v) => idx.iter().map(|&i| v[i] as f64).collect(),
+        CpuStorage::U32(v) => idx.iter().map(|&i| v[i] as f64).collect(),
+        other => {
+            return Err(candle::Error::Msg(format!(
+                "{op}: unsupported statistics dtype {:?}",
+                other.dtype()
+            )))
+        }
+    })
+}
+
+/// Rounds f64 values to a float dtype's CPU storage.
+pub(crate) fn f64_to_cpu_storage(values: &[f64], dtype: DType, op: &str) -> Result<CpuStorage> {
+    use candle::WithDType;
+    element::with_float_type!(dtype, T => {
+        Ok(T::to_cpu_storage_owned(values.iter().map(|&v| T::from_f64(v)).collect()))
+    }, _ => Err(unsupported_dtype(op, "parameter", dtype)))
+}

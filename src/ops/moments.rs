@@ -1,0 +1,89 @@
+//! Per-channel mean and inverse standard deviation, from batch sums or from
+//! running statistics.
+
+use super::cpu_values_f64;
+use candle::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape};
+
+/// Produces the `(3, C)` f64 "moments" tensor every normalizing op reads:
+/// rows `mean`, `invstd = 1/√(var + eps)` and `count`.
+///
+/// - As a [`CustomOp1`] on `(3, C)` f64 sums `[n; Σx; Σx²]` (all-reduced):
+///   `mean = Σx/n`, `var = Σx²/n − mean²` (biased), computed in f64.
+/// - As a [`CustomOp2`] on `(running_mean, running_var)` (any float dtype):
+///   `mean = running_mean`, `var = running_var`, `count = 0`.
+#[derive(Debug, Clone, Copy)]
+pub struct Moments {
+    /// Added to the variance before the square root.
+    pub eps: f64,
+}
+
+impl Moments {
+    /// Moments of one channel from its sums.
+    pub fn from_sums(n: f64, s1: f64, s2: f64, eps: f64) -> (f64, f64) {
+        if n <= 0.0 {
+            return (0.0, 1.0 / eps.sqrt());
+        }
+        let mean = s1 / n;
+        let var = (s2 / n - mean * mean).max(0.0);
+        (mean, 1.0 / (var + eps).sqrt())
+    }
+}
+
+impl CustomOp1 for Moments {
+    fn name(&self) -> &'static str {
+        "sync-batch-norm-moments"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dims = layout.dims();
+        if dims.len() != 2 || dims[0] != 3 {
+            candle::bail!(
+                "{}: expected (3, C) sums, got {dims:?}",
+                CustomOp1::name(self)
+            )
+        }
+        let c_n = dims[1];
+        let sums = cpu_values_f64(storage, layout, CustomOp1::name(self))?;
+        let mut out = vec![0.0f64; 3 * c_n];
+        for c in 0..c_n {
+            let n = sums[c];
+            let (mean, invstd) = Self::from_sums(n, sums[c_n + c], sums[2 * c_n + c], self.eps);
+            out[c] = mean;
+            out[c_n + c] = invstd;
+            out[2 * c_n + c] = n;
+        }
+        Ok((CpuStorage::F64(out), Shape::from((3, c_n))))
+    }
+}
+
+impl CustomOp2 for Moments {
+    fn name(&self) -> &'static str {
+        "sync-batch-norm-running-moments"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        if l1.dims().len() != 1 || l1.dims() != l2.dims() {
+            candle::bail!(
+                "{}: expected running mean and variance of shape (C), got {:?} and {:?}",
+                CustomOp2::name(self),
+                l1.dims(),
+                l2.dims()
+            )
+        }
+        let mean = cpu_values_f64(s1, l1, CustomOp2::name(self))?;
+        let var = cpu_values_f64(s2, l2, CustomOp2::name(self))?;
+        let c_n = mean.len();
+        let mut out = vec![0.0f64; 3 * c_n];
+        for c in 0..c_n {
+            out[c] = mean[c];
+            out[c_n + c] = 1.0 / (var[c] + self.eps).sqrt();
+        }
+        Ok((CpuStorage::F64(out), Shape::from((3, c_n))))
+    }
+}

@@ -1,0 +1,127 @@
+//! In-place updates of the running statistics and of `num_batches_tracked`.
+
+use super::{cpu_values_f64, strided_offsets};
+use candle::backend::BackendStorage;
+use candle::{CpuStorage, InplaceOp1, InplaceOp3, Layout, Result};
+
+/// Adds one to the `num_batches_tracked` counter (an integer or float scalar), in place.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CounterIncrement;
+
+impl InplaceOp1 for CounterIncrement {
+    fn name(&self) -> &'static str {
+        "sync-batch-norm-counter-increment"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
+        let idx = strided_offsets(layout);
+        match storage {
+            CpuStorage::I64(v) => idx.iter().for_each(|&i| v[i] += 1),
+            CpuStorage::U32(v) => idx.iter().for_each(|&i| v[i] += 1),
+            CpuStorage::F32(v) => idx.iter().for_each(|&i| v[i] += 1.0),
+            CpuStorage::F64(v) => idx.iter().for_each(|&i| v[i] += 1.0),
+            other => candle::bail!(
+                "{}: unsupported counter dtype {:?}",
+                self.name(),
+                other.dtype()
+            ),
+        }
+        Ok(())
+    }
+}
+
+/// Which running statistic a [`RunningStatsUpdate`] writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunningStat {
+    /// `running_mean ← (1 − f)·running_mean + f·mean`.
+    Mean,
+    /// `running_var ← (1 − f)·running_var + f·var·n/(n − 1)` (unbiased).
+    Var,
+}
+
+/// Updates `running_mean` or `running_var` in place from the all-reduced
+/// `(3, C)` f64 sums `[n; Σx; Σx²]` and the (already incremented)
+/// `num_batches_tracked`: the factor `f` is `momentum`, or
+/// `1 / num_batches_tracked` when `momentum` is `None`, as in PyTorch.
+#[derive(Debug, Clone, Copy)]
+pub struct RunningStatsUpdate {
+    /// `Some(m)`: exponential moving average; `None`: cumulative average.
+    pub momentum: Option<f64>,
+    /// The statistic this update writes.
+    pub stat: RunningStat,
+}
+
+impl RunningStatsUpdate {
+    /// The new value of one channel's statistic.
+    pub fn updated(&self, old: f64, n: f64, s1: f64, s2: f64, factor: f64) -> f64 {
+        let mean = s1 / n;
+        let batch = match self.stat {
+            RunningStat::Mean => mean,
+            RunningStat::Var => (s2 / n - mean * mean).max(0.0) * n / (n - 1.0),
+        };
+        (1.0 - factor) * old + factor * batch
+    }
+
+    /// The update factor for a counter value (after its increment).
+    pub fn factor(&self, num_batches_tracked: f64) -> f64 {
+        match self.momentum {
+            Some(m) => m,
+            None => 1.0 / num_batches_tracked.max(1.0),
+        }
+    }
+}
+
+impl InplaceOp3 for RunningStatsUpdate {
+    fn name(&self) -> &'static str {
+        "sync-batch-norm-running-stats-update"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dst_l: &Layout,
+        sums: &CpuStorage,
+        sums_l: &Layout,
+        counter: &CpuStorage,
+        counter_l: &Layout,
+    ) -> Result<()> {
+        let c_n = dst_l.dims().iter().product::<usize>();
+        if sums_l.dims() != [3, c_n] {
+            candle::bail!(
+                "{}: expected (3, {c_n}) sums, got {:?}",
+                self.name(),
+                sums_l.dims()
+            )
+        }
+        let sums = cpu_values_f64(sums, sums_l, self.name())?;
+        let counter = cpu_values_f64(counter, counter_l, self.name())?;
+        let factor = self.factor(counter.first().copied().unwrap_or(1.0));
+        let idx = strided_offsets(dst_l);
+        macro_rules! update {
+            ($v:expr, $to:expr, $from:expr) => {
+                for (c, &i) in idx.iter().enumerate() {
+                    let new = self.updated(
+                        $to($v[i]),
+                        sums[c],
+                        sums[c_n + c],
+                        sums[2 * c_n + c],
+                        factor,
+                    );
+                    $v[i] = $from(new);
+                }
+            };
+        }
+        match dst {
+            CpuStorage::F32(v) => update!(v, |x: f32| x as f64, |x: f64| x as f32),
+            CpuStorage::F64(v) => update!(v, |x: f64| x, |x: f64| x),
+            CpuStorage::F16(v) => update!(v, |x: half::f16| x.to_f64(), half::f16::from_f64),
+            CpuStorage::BF16(v) => update!(v, |x: half::bf16| x.to_f64(), half::bf16::from_f64),
+            other => candle::bail!(
+                "{}: unsupported running-stat dtype {:?}",
+                self.name(),
+                other.dtype()
+            ),
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,182 @@
+//! Shared test helpers: a plain f64 reference implementation of batch
+//! normalization (textbook formulas, no cleverness) and deterministic data.
+#![allow(dead_code)]
+
+use candle::{DType, Device, Tensor};
+
+/// Deterministic pseudo-random numbers (SplitMix64 → uniform → Box–Muller).
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03)
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    pub fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    pub fn normal(&mut self) -> f64 {
+        let u1 = self.uniform().max(1e-300);
+        let u2 = self.uniform();
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+    }
+
+    /// `n` values with per-element mean `mean` and std `std`.
+    pub fn normals(&mut self, n: usize, mean: f64, std: f64) -> Vec<f64> {
+        (0..n).map(|_| mean + std * self.normal()).collect()
+    }
+}
+
+/// A tensor of the given shape and dtype with values rounded from `values`.
+pub fn tensor(values: &[f64], shape: &[usize], dtype: DType) -> Tensor {
+    Tensor::from_slice(values, shape, &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
+}
+
+/// The values of a tensor (any dtype, any layout) as f64 in logical order.
+pub fn values(t: &Tensor) -> Vec<f64> {
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap()
+}
+
+/// Per-channel element indices of a row-major `(N, C, *)` tensor.
+pub fn channel_indices(shape: &[usize]) -> Vec<Vec<usize>> {
+    let c_n = shape[1];
+    let inner: usize = shape[2..].iter().product();
+    let mut idx = vec![Vec::new(); c_n];
+    for n in 0..shape[0] {
+        for (c, slot) in idx.iter_mut().enumerate() {
+            for s in 0..inner {
+                slot.push((n * c_n + c) * inner + s);
+            }
+        }
+    }
+    idx
+}
+
+/// Textbook batch normalization of a row-major `(N, C, *)` batch, in f64.
+pub struct Reference {
+    pub mean: Vec<f64>,
+    /// Biased batch variance.
+    pub var: Vec<f64>,
+    pub count: usize,
+    pub y: Vec<f64>,
+}
+
+pub fn reference_forward(x: &[f64], shape: &[usize], w: &[f64], b: &[f64], eps: f64) -> Reference {
+    let idx = channel_indices(shape);
+    let count = idx[0].len();
+    let mut y = vec![0.0; x.len()];
+    let mut mean = vec![0.0; idx.len()];
+    let mut var = vec![0.0; idx.len()];
+    for (c, ix) in idx.iter().enumerate() {
+        let m = ix.iter().map(|&i| x[i]).sum::<f64>() / count as f64;
+        let v = ix.iter().map(|&i| (x[i] - m).powi(2)).sum::<f64>() / count as f64;
+        for &i in ix {
+            y[i] = (x[i] - m) / (v + eps).sqrt() * w[c] + b[c];
+        }
+        mean[c] = m;
+        var[c] = v;
+    }
+    Reference {
+        mean,
+        var,
+        count,
+        y,
+    }
+}
+
+/// Normalization with fixed statistics (eval mode), in f64.
+pub fn reference_eval(
+    x: &[f64],
+    shape: &[usize],
+    mean: &[f64],
+    var: &[f64],
+    w: &[f64],
+    b: &[f64],
+    eps: f64,
+) -> Vec<f64> {
+    let idx = channel_indices(shape);
+    let mut y = vec![0.0; x.len()];
+    for (c, ix) in idx.iter().enumerate() {
+        for &i in ix {
+            y[i] = (x[i] - mean[c]) / (var[c] + eps).sqrt() * w[c] + b[c];
+        }
+    }
+    y
+}
+
+/// Gradients of `Σ dy·y` for training-mode batch normalization, in f64:
+/// `(dx, dweight, dbias)`.
+pub fn reference_backward(
+    x: &[f64],
+    dy: &[f64],
+    shape: &[usize],
+    w: &[f64],
+    eps: f64,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let idx = channel_indices(shape);
+    let n = idx[0].len() as f64;
+    let mut dx = vec![0.0; x.len()];
+    let mut dw = vec![0.0; idx.len()];
+    let mut db = vec![0.0; idx.len()];
+    for (c, ix) in idx.iter().enumerate() {
+        let m = ix.iter().map(|&i| x[i]).sum::<f64>() / n;
+        let v = ix.iter().map(|&i| (x[i] - m).powi(2)).sum::<f64>() / n;
+        let invstd = 1.0 / (v + eps).sqrt();
+        let xhat: Vec<f64> = ix.iter().map(|&i| (x[i] - m) * invstd).collect();
+        let sum_dy: f64 = ix.iter().map(|&i| dy[i]).sum();
+        let sum_dy_xhat: f64 = ix.iter().zip(&xhat).map(|(&i, h)| dy[i] * h).sum();
+        for (k, &i) in ix.iter().enumerate() {
+            dx[i] = w[c] * invstd * (dy[i] - sum_dy / n - xhat[k] * sum_dy_xhat / n);
+        }
+        dw[c] = sum_dy_xhat;
+        db[c] = sum_dy;
+    }
+    (dx, dw, db)
+}
+
+/// Asserts `|a − b| ≤ atol + rtol·|b|` element-wise, naming the first failure.
+pub fn assert_close(what: &str, a: &[f64], b: &[f64], atol: f64, rtol: f64) {
+    assert_eq!(a.len(), b.len(), "{what}: lengths differ");
+    let mut worst = (0usize, 0.0f64);
+    for (i, (&x, &y)) in a.iter().zip(b).enumerate() {
+        let excess = (x - y).abs() - (atol + rtol * y.abs());
+        if !(excess <= 0.0) && (excess > worst.1 || worst.1 == 0.0 || x.is_nan()) {
+            worst = (i, if x.is_nan() { f64::INFINITY } else { excess });
+        }
+    }
+    if worst.1 != 0.0 {
+        let i = worst.0;
+        panic!(
+            "{what}: element {i}: got {}, expected {} (atol {atol}, rtol {rtol})",
+            a[i], b[i]
+        );
+    }
+}
+
+/// `(atol, rtol)` for outputs of unit scale computed in `dtype`.
+pub fn tolerance(dtype: DType) -> (f64, f64) {
+    match dtype {
+        DType::F64 => (1e-10, 1e-10),
+        DType::F32 => (2e-5, 2e-5),
+        DType::F16 => (4e-3, 4e-3),
+        DType::BF16 => (3e-2, 3e-2),
+        _ => unreachable!(),
+    }
+}
