@@ -154,15 +154,18 @@ pub fn reference_backward(
 /// Asserts `|a − b| ≤ atol + rtol·|b|` element-wise, naming the first failure.
 pub fn assert_close(what: &str, a: &[f64], b: &[f64], atol: f64, rtol: f64) {
     assert_eq!(a.len(), b.len(), "{what}: lengths differ");
-    let mut worst = (0usize, 0.0f64);
+    let mut worst: Option<(usize, f64)> = None;
     for (i, (&x, &y)) in a.iter().zip(b).enumerate() {
-        let excess = (x - y).abs() - (atol + rtol * y.abs());
-        if !(excess <= 0.0) && (excess > worst.1 || worst.1 == 0.0 || x.is_nan()) {
-            worst = (i, if x.is_nan() { f64::INFINITY } else { excess });
+        let excess = if x.is_nan() != y.is_nan() {
+            f64::INFINITY
+        } else {
+            (x - y).abs() - (atol + rtol * y.abs())
+        };
+        if excess > 0.0 && worst.is_none_or(|(_, w)| excess > w) {
+            worst = Some((i, excess));
         }
     }
-    if worst.1 != 0.0 {
-        let i = worst.0;
+    if let Some((i, _)) = worst {
         panic!(
             "{what}: element {i}: got {}, expected {} (atol {atol}, rtol {rtol})",
             a[i], b[i]

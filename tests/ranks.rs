@@ -1,0 +1,465 @@
+//! k in-process ranks (one thread each) against one rank holding the whole batch.
+
+mod common;
+
+use candle::{DType, Device, Tensor, Var};
+use candle_nn::{ModuleT, VarBuilder, VarMap};
+use candle_syncbn::{ProcessGroup, SyncBatchNorm, SyncBatchNormConfig};
+use common::*;
+use std::time::Duration;
+
+/// What one rank observed over a few training steps and a final eval.
+#[derive(Debug, Clone)]
+struct RankRun {
+    outputs: Vec<Vec<f64>>,
+    input_grads: Vec<Vec<f64>>,
+    weight_grads: Vec<Vec<f64>>,
+    bias_grads: Vec<Vec<f64>>,
+    running_mean: Vec<f64>,
+    running_var: Vec<f64>,
+    batches: u64,
+    eval: Vec<f64>,
+}
+
+/// Runs `steps` training steps on `batches[s]` (this rank's slice of step `s`)
+/// with upstream gradient `grads[s]`, then an eval forward on `eval_x`.
+fn run_rank(
+    group: ProcessGroup,
+    cfg: SyncBatchNormConfig,
+    dtype: DType,
+    shapes: Vec<Vec<usize>>,
+    batches: Vec<Vec<f64>>,
+    grads: Vec<Vec<f64>>,
+    eval_x: (Vec<usize>, Vec<f64>),
+) -> candle::Result<RankRun> {
+    let c_n = shapes[0][1];
+    let varmap = VarMap::new();
+    let param_dtype = if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    let vb = VarBuilder::from_varmap(&varmap, param_dtype, &Device::Cpu);
+    let bn = SyncBatchNorm::new(c_n, cfg, vb.pp("bn"), group)?;
+    if let Some((w, b)) = bn.weight_and_bias() {
+        let wv: Vec<f64> = (0..c_n).map(|c| 0.75 + 0.1 * c as f64).collect();
+        let bv: Vec<f64> = (0..c_n).map(|c| 0.2 - 0.05 * c as f64).collect();
+        Var::from_tensor(w)?.set(&tensor(&wv, &[c_n], param_dtype))?;
+        Var::from_tensor(b)?.set(&tensor(&bv, &[c_n], param_dtype))?;
+    }
+    let mut run = RankRun {
+        outputs: vec![],
+        input_grads: vec![],
+        weight_grads: vec![],
+        bias_grads: vec![],
+        running_mean: vec![],
+        running_var: vec![],
+        batches: 0,
+        eval: vec![],
+    };
+    for ((shape, xs), gs) in shapes.iter().zip(&batches).zip(&grads) {
+        let x = Var::from_tensor(&tensor(xs, shape, dtype))?;
+        let g = tensor(gs, shape, dtype);
+        let y = bn.forward_t(x.as_tensor(), true)?;
+        let loss = (y.to_dtype(DType::F64)? * g.to_dtype(DType::F64)?)?.sum_all()?;
+        let store = loss.backward()?;
+        run.outputs.push(values(&y));
+        run.input_grads
+            .push(values(store.get(x.as_tensor()).expect("input gradient")));
+        if let Some((w, b)) = bn.weight_and_bias() {
+            run.weight_grads
+                .push(values(store.get(w).expect("weight gradient")));
+            run.bias_grads
+                .push(values(store.get(b).expect("bias gradient")));
+        }
+    }
+    if let (Some(m), Some(v)) = (bn.running_mean(), bn.running_var()) {
+        run.running_mean = values(&m);
+        run.running_var = values(&v);
+    }
+    run.batches = bn.num_batches_tracked();
+    run.eval = values(&bn.forward_t(&tensor(&eval_x.1, &eval_x.0, dtype), false)?);
+    Ok(run)
+}
+
+/// Splits a row-major `(N, …)` batch into consecutive slices of `sizes[r]` samples.
+fn split(xs: &[f64], shape: &[usize], sizes: &[usize]) -> Vec<(Vec<usize>, Vec<f64>)> {
+    let per: usize = shape[1..].iter().product();
+    let mut at = 0;
+    sizes
+        .iter()
+        .map(|&n| {
+            let mut s = shape.to_vec();
+            s[0] = n;
+            let part = xs[at * per..(at + n) * per].to_vec();
+            at += n;
+            (s, part)
+        })
+        .collect()
+}
+
+fn check_split(
+    sizes: &[usize],
+    shape_tail: &[usize],
+    dtype: DType,
+    cfg: SyncBatchNormConfig,
+    seed: u64,
+) {
+    let k = sizes.len();
+    let total: usize = sizes.iter().sum();
+    let mut shape = vec![total];
+    shape.extend_from_slice(shape_tail);
+    let elems: usize = shape.iter().product();
+    let mut rng = Rng::new(seed);
+    let steps = 3;
+    let xs: Vec<Vec<f64>> = (0..steps)
+        .map(|s| rng.normals(elems, s as f64 - 1.0, 2.0))
+        .collect();
+    let gs: Vec<Vec<f64>> = (0..steps).map(|_| rng.normals(elems, 0.0, 1.0)).collect();
+    let mut eval_shape = shape.clone();
+    eval_shape[0] = 2;
+    let eval_x = rng.normals(eval_shape.iter().product(), 0.5, 1.0);
+
+    let whole = run_rank(
+        ProcessGroup::single(),
+        cfg,
+        dtype,
+        vec![shape.clone(); steps],
+        xs.clone(),
+        gs.clone(),
+        (eval_shape.clone(), eval_x.clone()),
+    )
+    .unwrap();
+
+    let groups = ProcessGroup::threads_with_timeout(k, Duration::from_secs(60)).unwrap();
+    let handles: Vec<_> = groups
+        .into_iter()
+        .enumerate()
+        .map(|(r, group)| {
+            let parts_x: Vec<(Vec<usize>, Vec<f64>)> = xs
+                .iter()
+                .map(|x| split(x, &shape, sizes)[r].clone())
+                .collect();
+            let parts_g: Vec<Vec<f64>> = gs
+                .iter()
+                .map(|g| split(g, &shape, sizes)[r].1.clone())
+                .collect();
+            let eval = (eval_shape.clone(), eval_x.clone());
+            std::thread::spawn(move || {
+                let shapes = parts_x.iter().map(|p| p.0.clone()).collect();
+                let batches = parts_x.into_iter().map(|p| p.1).collect();
+                run_rank(group, cfg, dtype, shapes, batches, parts_g, eval)
+            })
+        })
+        .collect();
+    let ranks: Vec<RankRun> = handles
+        .into_iter()
+        .map(|h| h.join().unwrap().unwrap())
+        .collect();
+
+    let label = format!("{k} ranks {sizes:?} {dtype:?} {shape:?} {cfg:?}");
+    let (atol, rtol) = tolerance(dtype);
+    for s in 0..steps {
+        let cat = |f: &dyn Fn(&RankRun) -> &Vec<f64>| {
+            ranks
+                .iter()
+                .flat_map(|r| f(r).clone())
+                .collect::<Vec<f64>>()
+        };
+        let out = cat(&|r: &RankRun| &r.outputs[s]);
+        assert_close(
+            &format!("{label}: outputs step {s}"),
+            &out,
+            &whole.outputs[s],
+            atol,
+            rtol,
+        );
+        let gx = cat(&|r: &RankRun| &r.input_grads[s]);
+        assert_close(
+            &format!("{label}: input grads step {s}"),
+            &gx,
+            &whole.input_grads[s],
+            atol * 4.0,
+            rtol * 4.0,
+        );
+        if cfg.affine {
+            let c_n = shape[1];
+            for (what, pick) in [("weight", 0), ("bias", 1)] {
+                let mut summed = vec![0.0; c_n];
+                for r in &ranks {
+                    let g = if pick == 0 {
+                        &r.weight_grads[s]
+                    } else {
+                        &r.bias_grads[s]
+                    };
+                    for (acc, v) in summed.iter_mut().zip(g) {
+                        *acc += v;
+                    }
+                }
+                let expected = if pick == 0 {
+                    &whole.weight_grads[s]
+                } else {
+                    &whole.bias_grads[s]
+                };
+                let scale = (total as f64).sqrt() * 4.0;
+                assert_close(
+                    &format!("{label}: summed {what} grads step {s}"),
+                    &summed,
+                    expected,
+                    atol * scale,
+                    rtol * 4.0,
+                );
+            }
+            for (r, run) in ranks.iter().enumerate() {
+                if sizes[r] == 0 {
+                    assert!(
+                        run.weight_grads[s]
+                            .iter()
+                            .chain(&run.bias_grads[s])
+                            .all(|&v| v == 0.0),
+                        "{label}: empty rank {r} must get zero weight/bias grads"
+                    );
+                    assert!(
+                        run.input_grads[s].is_empty(),
+                        "{label}: empty rank {r} must get an empty input grad"
+                    );
+                }
+            }
+        }
+    }
+    for (r, run) in ranks.iter().enumerate() {
+        assert_close(
+            &format!("{label}: rank {r} running mean"),
+            &run.running_mean,
+            &whole.running_mean,
+            1e-6,
+            1e-6,
+        );
+        assert_close(
+            &format!("{label}: rank {r} running var"),
+            &run.running_var,
+            &whole.running_var,
+            1e-6,
+            1e-6,
+        );
+        assert_eq!(
+            run.batches, whole.batches,
+            "{label}: rank {r} num_batches_tracked"
+        );
+        assert_close(
+            &format!("{label}: rank {r} eval"),
+            &run.eval,
+            &whole.eval,
+            atol,
+            rtol,
+        );
+    }
+    // Every rank holds bitwise the same running statistics.
+    for run in &ranks[1..] {
+        assert_eq!(
+            run.running_mean, ranks[0].running_mean,
+            "{label}: running mean differs between ranks"
+        );
+        assert_eq!(
+            run.running_var, ranks[0].running_var,
+            "{label}: running var differs between ranks"
+        );
+    }
+}
+
+#[test]
+fn k_ranks_equal_one_rank_on_the_whole_batch() {
+    let cfgs = [
+        SyncBatchNormConfig::default(),
+        SyncBatchNormConfig {
+            momentum: None,
+            affine: false,
+            ..Default::default()
+        },
+    ];
+    let splits: [&[usize]; 6] = [
+        &[7],
+        &[3, 4],
+        &[5, 0],
+        &[2, 0, 5],
+        &[1, 3, 0, 4],
+        &[0, 6, 1, 1],
+    ];
+    let mut seed = 100;
+    for sizes in splits {
+        for cfg in cfgs {
+            for (tail, dtype) in [
+                (vec![3usize, 4, 5], DType::F32),
+                (vec![5], DType::F64),
+                (vec![2, 3, 2, 2], DType::F32),
+            ] {
+                check_split(sizes, &tail, dtype, cfg, seed);
+                seed += 1;
+            }
+        }
+    }
+}
+
+#[test]
+fn half_precision_ranks_match_one_rank() {
+    for dtype in [DType::F16, DType::BF16] {
+        check_split(
+            &[2, 0, 3],
+            &[4, 6],
+            dtype,
+            SyncBatchNormConfig::default(),
+            7,
+        );
+    }
+}
+
+#[test]
+fn global_count_of_one_fails_on_every_rank() {
+    // One sample of shape (1, C) on rank 0, nothing elsewhere: one value per channel.
+    let groups = ProcessGroup::threads_with_timeout(3, Duration::from_secs(30)).unwrap();
+    let handles: Vec<_> = groups
+        .into_iter()
+        .enumerate()
+        .map(|(r, group)| {
+            std::thread::spawn(move || {
+                let varmap = VarMap::new();
+                let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+                let bn = SyncBatchNorm::new(
+                    4,
+                    SyncBatchNormConfig::default(),
+                    vb.pp("layer1.bn"),
+                    group,
+                )
+                .unwrap();
+                let n = usize::from(r == 0);
+                let x = Tensor::ones((n, 4), DType::F32, &Device::Cpu).unwrap();
+                bn.forward_t(&x, true)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            })
+        })
+        .collect();
+    for (r, h) in handles.into_iter().enumerate() {
+        let err = h
+            .join()
+            .unwrap()
+            .expect_err("training with one value per channel must fail");
+        assert!(
+            err.contains("layer1.bn") && err.contains("more than 1 value per channel"),
+            "rank {r}: {err}"
+        );
+    }
+}
+
+#[test]
+fn ranks_disagreeing_on_channels_fail_instead_of_hanging() {
+    let groups = ProcessGroup::threads_with_timeout(2, Duration::from_secs(30)).unwrap();
+    let start = std::time::Instant::now();
+    let handles: Vec<_> = groups
+        .into_iter()
+        .enumerate()
+        .map(|(r, group)| {
+            std::thread::spawn(move || {
+                let c = if r == 0 { 4 } else { 6 };
+                let varmap = VarMap::new();
+                let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+                let bn = SyncBatchNorm::new(c, SyncBatchNormConfig::default(), vb.pp("bn"), group)
+                    .unwrap();
+                let x = Tensor::ones((3, c, 2), DType::F32, &Device::Cpu).unwrap();
+                bn.forward_t(&x, true)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            })
+        })
+        .collect();
+    for h in handles {
+        let err = h
+            .join()
+            .unwrap()
+            .expect_err("mismatched channel counts must fail");
+        assert!(
+            err.contains("disagree") && err.contains("[3, 4]") && err.contains("[3, 6]"),
+            "{err}"
+        );
+    }
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "detected without waiting for the timeout"
+    );
+}
+
+#[test]
+fn a_failing_rank_makes_the_others_fail_not_hang() {
+    // Rank 1 fails on bad input before the collective and its thread ends: the
+    // others get an error as soon as its handle is dropped.
+    let groups = ProcessGroup::threads_with_timeout(3, Duration::from_secs(60)).unwrap();
+    let start = std::time::Instant::now();
+    let handles: Vec<_> = groups
+        .into_iter()
+        .enumerate()
+        .map(|(r, group)| {
+            std::thread::spawn(move || {
+                let varmap = VarMap::new();
+                let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+                let bn = SyncBatchNorm::new(4, SyncBatchNormConfig::default(), vb, group).unwrap();
+                let c = if r == 1 { 5 } else { 4 };
+                let x = Tensor::ones((3, c), DType::F32, &Device::Cpu).unwrap();
+                bn.forward_t(&x, true)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            })
+        })
+        .collect();
+    let errs: Vec<String> = handles
+        .into_iter()
+        .map(|h| h.join().unwrap().unwrap_err())
+        .collect();
+    assert!(errs[1].contains("expected 4 channels"), "{}", errs[1]);
+    for r in [0, 2] {
+        assert!(errs[r].contains("left the group"), "rank {r}: {}", errs[r]);
+    }
+    assert!(start.elapsed() < Duration::from_secs(10));
+}
+
+#[test]
+fn a_silent_rank_makes_the_others_time_out() {
+    let mut groups = ProcessGroup::threads_with_timeout(2, Duration::from_millis(300)).unwrap();
+    let silent = groups.pop().unwrap(); // kept alive, never calls
+    let group = groups.pop().unwrap();
+    let start = std::time::Instant::now();
+    let err = group
+        .all_reduce_sum(&Tensor::ones(3, DType::F64, &Device::Cpu).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("timed out") && err.contains("[1]"), "{err}");
+    assert!(start.elapsed() < Duration::from_secs(5));
+    // The group is poisoned: the late rank fails at once too.
+    let err = silent
+        .all_reduce_sum(&Tensor::ones(3, DType::F64, &Device::Cpu).unwrap())
+        .unwrap_err();
+    assert!(err.to_string().contains("timed out"), "{err}");
+}
+
+#[test]
+fn in_process_collectives_are_exact_and_ordered() {
+    let groups = ProcessGroup::threads(4).unwrap();
+    let handles: Vec<_> = groups
+        .into_iter()
+        .map(|g| {
+            std::thread::spawn(move || {
+                let r = g.rank() as f64;
+                let t = Tensor::new(&[r, 10.0 * r, 0.5], &Device::Cpu).unwrap();
+                let sum = values(&g.all_reduce_sum(&t).unwrap());
+                let f = Tensor::new(&[r as f32 + 1.0], &Device::Cpu).unwrap();
+                let root = values(&g.broadcast(&f, 2).unwrap());
+                (sum, root, g.world_size())
+            })
+        })
+        .collect();
+    for h in handles {
+        let (sum, root, world) = h.join().unwrap();
+        assert_eq!(sum, vec![6.0, 60.0, 2.0]);
+        assert_eq!(root, vec![3.0]);
+        assert_eq!(world, 4);
+    }
+}
