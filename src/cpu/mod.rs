@@ -8,7 +8,35 @@ mod reductions;
 pub use elementwise::{backward_elemt, normalize, ChannelCoefficients};
 pub use reductions::{batch_stats, grad_sums};
 
+use crate::ops::element::Element;
 use crate::ops::layout::ChannelView;
+
+/// Defines `$name`, which runs `$body` compiled for AVX2 when the CPU has it
+/// (checked at run time) and for the baseline target otherwise. The arithmetic
+/// is the same in both (explicit lanes, no FMA contraction), so results do not
+/// depend on the path taken.
+macro_rules! multiversion {
+    ($(#[$meta:meta])* fn $name:ident<T: Element>($($arg:ident: $ty:ty),* $(,)?) -> $ret:ty $body:block) => {
+        $(#[$meta])*
+        fn $name<T: Element>($($arg: $ty),*) -> $ret {
+            #[inline(always)]
+            fn generic<T: Element>($($arg: $ty),*) -> $ret $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2")]
+                fn avx2<T: Element>($($arg: $ty),*) -> $ret {
+                    generic::<T>($($arg),*)
+                }
+                if std::is_x86_feature_detected!("avx2") {
+                    // SAFETY: the CPU supports AVX2, checked just above.
+                    return unsafe { avx2::<T>($($arg),*) };
+                }
+            }
+            generic::<T>($($arg),*)
+        }
+    };
+}
+pub(crate) use multiversion;
 
 /// Elements per two-pass block: small enough to stay in L1 for the second pass.
 const BLOCK: usize = 4096;

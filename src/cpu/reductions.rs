@@ -1,6 +1,6 @@
 //! Per-channel reductions: batch statistics (forward) and gradient sums (backward).
 
-use super::{channel_row, spatial_row, BLOCK, TASK};
+use super::{channel_row, multiversion, spatial_row, BLOCK, TASK};
 use crate::ops::element::{Accum, Element};
 use crate::ops::layout::ChannelView;
 use rayon::prelude::*;
@@ -51,31 +51,6 @@ fn lane_sum<T: Copy, A: Accum>(xs: &[T], f: impl Fn(T) -> A) -> A {
     fold_lanes(acc)
 }
 
-/// Sums of the two components of `f(a, b)` over `a`, `b` in `LANES` accumulators each.
-#[inline(always)]
-fn lane_sum2<T: Copy, U: Copy, A: Accum>(a: &[T], b: &[U], f: impl Fn(T, U) -> (A, A)) -> (A, A) {
-    let mut s = [A::ZERO; LANES];
-    let mut q = [A::ZERO; LANES];
-    let ca = a.chunks_exact(LANES);
-    let cb = b.chunks_exact(LANES);
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        let x: &[T; LANES] = x.try_into().expect("chunk of LANES");
-        let y: &[U; LANES] = y.try_into().expect("chunk of LANES");
-        for l in 0..LANES {
-            let (u, v) = f(x[l], y[l]);
-            s[l] += u;
-            q[l] += v;
-        }
-    }
-    for (l, (&x, &y)) in ra.iter().zip(rb.iter()).enumerate() {
-        let (u, v) = f(x, y);
-        s[l] += u;
-        q[l] += v;
-    }
-    (fold_lanes(s), fold_lanes(q))
-}
-
 #[inline(always)]
 fn fold_lanes<A: Accum>(acc: [A; LANES]) -> A {
     let a = [
@@ -87,27 +62,63 @@ fn fold_lanes<A: Accum>(acc: [A; LANES]) -> A {
     (a[0] + a[2]) + (a[1] + a[3])
 }
 
-/// Moments of a contiguous run, by blocks of `BLOCK` with a corrected two-pass
-/// scheme per block (mean, then deviations and their sum as a correction).
-fn run_moments<T: Element>(xs: &[T]) -> Moments {
-    let mut acc = Moments::default();
-    for blk in xs.chunks(BLOCK) {
+multiversion! {
+    /// Moments of a block with the corrected two-pass scheme: the mean, then
+    /// the deviations from it and their sum as a correction.
+    fn block_moments<T: Element>(blk: &[T]) -> Moments {
         let n = blk.len() as f64;
         let sum = lane_sum(blk, |x: T| x.to_acc());
         let shift = T::Acc::from_f64(sum.to_f64() / n);
-        let (d, q) = lane_sum2(blk, blk, |x: T, _| {
+        let mut d = [T::Acc::ZERO; LANES];
+        let mut q = [T::Acc::ZERO; LANES];
+        let chunks = blk.chunks_exact(LANES);
+        let rem = chunks.remainder();
+        for ch in chunks {
+            let ch: &[T; LANES] = ch.try_into().expect("chunk of LANES");
+            for l in 0..LANES {
+                let v = ch[l].to_acc() - shift;
+                d[l] += v;
+                q[l] += v * v;
+            }
+        }
+        for (l, &x) in rem.iter().enumerate() {
             let v = x.to_acc() - shift;
-            (v, v * v)
-        });
-        let (d, q) = (d.to_f64(), q.to_f64());
-        let m = Moments {
-            n,
-            mean: shift.to_f64() + d / n,
-            m2: (q - d * d / n).max(0.0),
-        };
-        acc = acc.merge(m);
+            d[l] += v;
+            q[l] += v * v;
+        }
+        let (d, q) = (fold_lanes(d).to_f64(), fold_lanes(q).to_f64());
+        Moments { n, mean: shift.to_f64() + d / n, m2: (q - d * d / n).max(0.0) }
     }
-    acc
+}
+
+multiversion! {
+    /// `Σdy` and `Σdy·((x − hi) − lo)` over two runs of equal length.
+    fn centered_dot<T: Element>(dy: &[T], x: &[T], hi: T::Acc, lo: T::Acc) -> (f64, f64) {
+        let mut s = [T::Acc::ZERO; LANES];
+        let mut q = [T::Acc::ZERO; LANES];
+        let n = dy.len().min(x.len());
+        let full = n - n % LANES;
+        for k in (0..full).step_by(LANES) {
+            let g: &[T; LANES] = dy[k..k + LANES].try_into().expect("chunk of LANES");
+            let xs: &[T; LANES] = x[k..k + LANES].try_into().expect("chunk of LANES");
+            for l in 0..LANES {
+                let gv = g[l].to_acc();
+                s[l] += gv;
+                q[l] += gv * ((xs[l].to_acc() - hi) - lo);
+            }
+        }
+        for k in full..n {
+            let gv = dy[k].to_acc();
+            s[k - full] += gv;
+            q[k - full] += gv * ((x[k].to_acc() - hi) - lo);
+        }
+        (fold_lanes(s).to_f64(), fold_lanes(q).to_f64())
+    }
+}
+
+/// Moments of a contiguous run, block by block.
+fn run_moments<T: Element>(xs: &[T]) -> Moments {
+    xs.chunks(BLOCK).fold(Moments::default(), |acc, blk| acc.merge(block_moments(blk)))
 }
 
 /// Per-channel `[count; sum; sum of squares]` of `x` as `3 × C` f64, row-major.
@@ -276,12 +287,9 @@ pub fn grad_sums<T: Element>(
                         let drow = channel_row(dy, dv, o, c, bd);
                         let xrow = channel_row(x, xv, o, c, bx);
                         for (db, xb) in drow.chunks(BLOCK).zip(xrow.chunks(BLOCK)) {
-                            let (s, q) = lane_sum2(db, xb, |g: T, xe: T| {
-                                let g = g.to_acc();
-                                (g, g * ((xe.to_acc() - mh) - ml))
-                            });
-                            acc.0 += s.to_f64();
-                            acc.1 += q.to_f64();
+                            let (s, q) = centered_dot(db, xb, mh, ml);
+                            acc.0 += s;
+                            acc.1 += q;
                         }
                     }
                     acc

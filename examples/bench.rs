@@ -1,0 +1,190 @@
+//! Benchmark table: SyncBatchNorm against a memory copy and candle-nn's
+//! BatchNorm on the same shapes, on the CPU or a CUDA device.
+//!
+//! ```text
+//! cargo run --release --example bench                       # CPU, ResNet-50 suite, f32 and bf16
+//! cargo run --release --example bench -- --shapes 32x64x56x56 --dtypes f32
+//! cargo run --release --features cuda --example bench -- --device cuda
+//! ```
+//!
+//! Each row: median time of a training forward, of the backward (through
+//! candle's autograd, seeded with ones), of the forward+backward step, of an
+//! eval forward, and the effective bandwidth of each against a device copy of
+//! the activation measured in the same run (bytes: forward reads x twice and
+//! writes y; backward reads dy and x twice and writes dx; eval reads x and
+//! writes y). "bwd ops" is our backward alone (gradient sums, collective,
+//! input gradient), without candle's gradient bookkeeping.
+
+use anyhow::{bail, Result};
+use candle::{DType, Device, Tensor, Var};
+use candle_nn::{ModuleT, VarBuilder, VarMap};
+use candle_syncbn::ops::{BatchStats, GradStats, InputGrad, Moments};
+use candle_syncbn::{ProcessGroup, SyncBatchNorm, SyncBatchNormConfig};
+use clap::Parser;
+use std::time::Instant;
+
+#[derive(Parser, Debug)]
+#[command(about = "SyncBatchNorm benchmark table")]
+struct Args {
+    /// `cpu` or `cuda` (device 0).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Comma-separated shapes like `32x64x56x56`; default: the ResNet-50 suite,
+    /// 2-D (4096, 1024) and 3-D video (2, 64, 16, 56, 56).
+    #[arg(long)]
+    shapes: Option<String>,
+    /// Comma-separated dtypes among f32, f64, f16, bf16.
+    #[arg(long, default_value = "f32,bf16")]
+    dtypes: String,
+    /// Timed repetitions per measurement (the median is reported).
+    #[arg(long, default_value_t = 7)]
+    iters: usize,
+    /// Skip candle-nn's BatchNorm.
+    #[arg(long)]
+    no_candle_nn: bool,
+}
+
+const SUITE: &str = "32x64x112x112,32x256x56x56,32x512x28x28,32x1024x14x14,32x2048x7x7,4096x1024,2x64x16x56x56";
+
+fn parse_shape(s: &str) -> Result<Vec<usize>> {
+    let dims: Vec<usize> = s.split('x').map(|d| d.trim().parse()).collect::<Result<_, _>>()?;
+    if !(2..=5).contains(&dims.len()) {
+        bail!("shape {s}: expected 2 to 5 dims")
+    }
+    Ok(dims)
+}
+
+fn parse_dtype(s: &str) -> Result<DType> {
+    Ok(match s.trim() {
+        "f32" => DType::F32,
+        "f64" => DType::F64,
+        "f16" => DType::F16,
+        "bf16" => DType::BF16,
+        other => bail!("unknown dtype {other}"),
+    })
+}
+
+/// Median seconds of `iters` runs of `f` after one warm-up run.
+fn time(dev: &Device, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    dev.synchronize()?;
+    let mut samples = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        let t = Instant::now();
+        f()?;
+        dev.synchronize()?;
+        samples.push(t.elapsed().as_secs_f64());
+    }
+    samples.sort_by(f64::total_cmp);
+    Ok(samples[samples.len() / 2])
+}
+
+struct Row {
+    label: String,
+    copy: f64,
+    fwd: f64,
+    bwd: f64,
+    bwd_ops: f64,
+    step: f64,
+    eval: f64,
+    nn_step: Option<f64>,
+    bytes: f64,
+}
+
+fn bench_one(dev: &Device, shape: &[usize], dtype: DType, args: &Args) -> Result<Row> {
+    let c = shape[1];
+    let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, dev)?.to_dtype(dtype)?)?;
+    let xt = x.as_tensor();
+    let param_dtype = if dtype == DType::F64 { DType::F64 } else { DType::F32 };
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, param_dtype, dev);
+    let bn = SyncBatchNorm::new(c, SyncBatchNormConfig::default(), vb, ProcessGroup::single())?;
+    let iters = args.iters;
+
+    let copy = time(dev, iters, || Ok(drop(xt.copy()?)))?;
+    let fwd = time(dev, iters, || Ok(drop(bn.forward_t(xt, true)?)))?;
+    let y = bn.forward_t(xt, true)?;
+    let bwd = time(dev, iters, || Ok(drop(y.backward()?)))?;
+    let step = time(dev, iters, || Ok(drop(bn.forward_t(xt, true)?.backward()?)))?;
+    let eval = time(dev, iters, || Ok(drop(bn.forward_t(xt, false)?)))?;
+
+    // Our backward alone: gradient sums, (world-size-1) collective, input gradient.
+    let axis = 1;
+    let dy = xt.ones_like()?;
+    let sums = xt.apply_op1_no_bwd(&BatchStats { axis })?;
+    let moments = sums.apply_op1_no_bwd(&Moments { eps: 1e-5 })?;
+    let group = ProcessGroup::single();
+    let bwd_ops = time(dev, iters, || {
+        let local = dy.apply_op2_no_bwd(xt, &GradStats { axis, moments: moments.clone() })?;
+        let global = group.all_reduce_sum(&local)?;
+        let op = InputGrad { axis, moments: moments.clone(), grad_sums: Some(global), weight: None };
+        Ok(drop(dy.apply_op2_no_bwd(xt, &op)?))
+    })?;
+
+    let nn_step = if args.no_candle_nn {
+        None
+    } else {
+        let nn_map = VarMap::new();
+        let nn_bn = candle_nn::batch_norm(c, 1e-5, VarBuilder::from_varmap(&nn_map, param_dtype, dev))?;
+        let nn_x = if param_dtype == dtype { xt.clone() } else { xt.to_dtype(param_dtype)? };
+        let nn_iters = iters.min(3);
+        Some(time(dev, nn_iters, || Ok(drop(nn_bn.forward_t(&nn_x, true)?.backward()?)))?)
+    };
+    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+    Ok(Row {
+        label: format!("{} {:?}", dims.join("x"), dtype).to_lowercase(),
+        copy,
+        fwd,
+        bwd,
+        bwd_ops,
+        step,
+        eval,
+        nn_step,
+        bytes: (xt.elem_count() * dtype.size_in_bytes()) as f64,
+    })
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let dev = match args.device.as_str() {
+        "cpu" => Device::Cpu,
+        "cuda" => Device::new_cuda(0)?,
+        other => bail!("unknown device {other}"),
+    };
+    let shapes: Vec<Vec<usize>> = args.shapes.as_deref().unwrap_or(SUITE).split(',').map(parse_shape).collect::<Result<_>>()?;
+    let dtypes: Vec<DType> = args.dtypes.split(',').map(parse_dtype).collect::<Result<_>>()?;
+    println!("device: {:?}, {} threads, median of {} runs", dev.location(), rayon::current_num_threads(), args.iters);
+    println!(
+        "{:<26} {:>8} | {:>8} {:>6} {:>5} | {:>8} {:>6} {:>5} | {:>8} | {:>8} {:>5} | {:>8} {:>9} {:>7}",
+        "shape dtype", "copy ms", "fwd ms", "GB/s", "%cp", "bwd ms", "GB/s", "%cp", "bwd ops", "eval ms", "%cp", "step ms", "nn step", "speedup"
+    );
+    for shape in &shapes {
+        for &dtype in &dtypes {
+            let r = bench_one(&dev, shape, dtype, &args)?;
+            let gbs = |bytes: f64, t: f64| bytes / t / 1e9;
+            let copy_bw = gbs(2.0 * r.bytes, r.copy);
+            let (fwd_bw, bwd_bw, eval_bw) = (gbs(3.0 * r.bytes, r.fwd), gbs(5.0 * r.bytes, r.bwd_ops), gbs(2.0 * r.bytes, r.eval));
+            let nn = r.nn_step.map(|t| format!("{:.2}", t * 1e3)).unwrap_or_else(|| "-".into());
+            let speedup = r.nn_step.map(|t| format!("{:.1}x", t / r.step)).unwrap_or_else(|| "-".into());
+            println!(
+                "{:<26} {:>8.3} | {:>8.3} {:>6.1} {:>4.0}% | {:>8.3} {:>6.1} {:>4.0}% | {:>8.3} | {:>8.3} {:>4.0}% | {:>8.3} {:>9} {:>7}",
+                r.label,
+                r.copy * 1e3,
+                r.fwd * 1e3,
+                fwd_bw,
+                100.0 * fwd_bw / copy_bw,
+                r.bwd * 1e3,
+                bwd_bw,
+                100.0 * bwd_bw / copy_bw,
+                r.bwd_ops * 1e3,
+                r.eval * 1e3,
+                100.0 * eval_bw / copy_bw,
+                r.step * 1e3,
+                nn,
+                speedup
+            );
+        }
+    }
+    println!("GB/s of bwd is for 'bwd ops' (our kernels); 'bwd ms' includes candle's autograd bookkeeping.");
+    Ok(())
+}
