@@ -106,7 +106,7 @@
 //! [`SyncBatchNorm::from_batch_norm`]: crate::SyncBatchNorm::from_batch_norm
 //! [`default_group`]: crate::default_group
 
-
+pub mod checkpoint;
 mod rewriter;
 
 pub use rewriter::{BatchNormLayer, BatchNormRewriter, ConvertedSite, LocalBatchNorm};
