@@ -152,6 +152,8 @@ pub fn reference_backward(
 }
 
 /// Asserts `|a − b| ≤ atol + rtol·|b|` element-wise, naming the first failure.
+// `!(excess <= 0.0)` is deliberate: a NaN difference must fail the check.
+#[allow(clippy::neg_cmp_op_on_partial_ord)]
 pub fn assert_close(what: &str, a: &[f64], b: &[f64], atol: f64, rtol: f64) {
     assert_eq!(a.len(), b.len(), "{what}: lengths differ");
     let mut worst = (0usize, 0.0f64);
