@@ -66,7 +66,16 @@
 //! type): synchronized where the path filter accepts the site's variable
 //! prefix, plain candle-nn otherwise. [`BatchNormRewriter::local`] converts
 //! nothing, so the same code builds the original model;
-//! [`BatchNormRewriter::report`] lists what was converted.
+//! [`BatchNormRewriter::report`] lists what was converted (path, channels,
+//! affine, tracked) and [`BatchNormRewriter::kept_local`] what was not.
+//!
+//! Passing the rewriter explicitly, rather than hiding it in global state,
+//! keeps construction code plain Rust: one extra argument, no trait bounds.
+//! Local sites also carry a `num_batches_tracked` counter, so a `VarMap` has
+//! exactly the same keys — and saves the same checkpoint — whether the model
+//! was built local or synchronized (candle's own `VarMap::load` reads either
+//! into the other). `examples/convert_resnet.rs` converts a small ResNet this
+//! way and trains it on 2 in-process ranks.
 //!
 //! ```
 //! # use candle::{DType, Device, Result};
@@ -101,6 +110,23 @@
 //! state dicts (safetensors, or `.pth` through candle's pickle reader) and
 //! candle-nn checkpoints (which lack `num_batches_tracked`) into a `VarMap`, and
 //! saves safetensors that PyTorch's `load_state_dict` accepts.
+//!
+//! ```
+//! # use candle::{DType, Device};
+//! # use candle_nn::{VarBuilder, VarMap};
+//! use candle_syncbn::convert::checkpoint::{load_checkpoint, save_checkpoint, LoadOptions};
+//! # let dir = std::env::temp_dir().join(format!("candle-syncbn-doc-{}", std::process::id()));
+//! # std::fs::create_dir_all(&dir)?;
+//! # let path = dir.join("bn.safetensors");
+//! let varmap = VarMap::new();
+//! let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+//! let bn = candle_syncbn::batch_norm(8, 1e-5, vb.pp("bn"))?;
+//! save_checkpoint(&varmap, &path)?; // bn.weight, …, bn.num_batches_tracked (i64)
+//! let report = load_checkpoint(&varmap, &path, &LoadOptions::default())?;
+//! assert_eq!(report.loaded.len(), 5);
+//! # std::fs::remove_dir_all(&dir).ok();
+//! # Ok::<(), candle::Error>(())
+//! ```
 //!
 //! [`SyncBatchNorm`]: crate::SyncBatchNorm
 //! [`SyncBatchNorm::from_batch_norm`]: crate::SyncBatchNorm::from_batch_norm
