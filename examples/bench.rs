@@ -44,10 +44,14 @@ struct Args {
     no_candle_nn: bool,
 }
 
-const SUITE: &str = "32x64x112x112,32x256x56x56,32x512x28x28,32x1024x14x14,32x2048x7x7,4096x1024,2x64x16x56x56";
+const SUITE: &str =
+    "32x64x112x112,32x256x56x56,32x512x28x28,32x1024x14x14,32x2048x7x7,4096x1024,2x64x16x56x56";
 
 fn parse_shape(s: &str) -> Result<Vec<usize>> {
-    let dims: Vec<usize> = s.split('x').map(|d| d.trim().parse()).collect::<Result<_, _>>()?;
+    let dims: Vec<usize> = s
+        .split('x')
+        .map(|d| d.trim().parse())
+        .collect::<Result<_, _>>()?;
     if !(2..=5).contains(&dims.len()) {
         bail!("shape {s}: expected 2 to 5 dims")
     }
@@ -95,10 +99,19 @@ fn bench_one(dev: &Device, shape: &[usize], dtype: DType, args: &Args) -> Result
     let c = shape[1];
     let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, dev)?.to_dtype(dtype)?)?;
     let xt = x.as_tensor();
-    let param_dtype = if dtype == DType::F64 { DType::F64 } else { DType::F32 };
+    let param_dtype = if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, param_dtype, dev);
-    let bn = SyncBatchNorm::new(c, SyncBatchNormConfig::default(), vb, ProcessGroup::single())?;
+    let bn = SyncBatchNorm::new(
+        c,
+        SyncBatchNormConfig::default(),
+        vb,
+        ProcessGroup::single(),
+    )?;
     let iters = args.iters;
 
     let copy = time(dev, iters, || Ok(drop(xt.copy()?)))?;
@@ -115,9 +128,20 @@ fn bench_one(dev: &Device, shape: &[usize], dtype: DType, args: &Args) -> Result
     let moments = sums.apply_op1_no_bwd(&Moments { eps: 1e-5 })?;
     let group = ProcessGroup::single();
     let bwd_ops = time(dev, iters, || {
-        let local = dy.apply_op2_no_bwd(xt, &GradStats { axis, moments: moments.clone() })?;
+        let local = dy.apply_op2_no_bwd(
+            xt,
+            &GradStats {
+                axis,
+                moments: moments.clone(),
+            },
+        )?;
         let global = group.all_reduce_sum(&local)?;
-        let op = InputGrad { axis, moments: moments.clone(), grad_sums: Some(global), weight: None };
+        let op = InputGrad {
+            axis,
+            moments: moments.clone(),
+            grad_sums: Some(global),
+            weight: None,
+        };
         Ok(drop(dy.apply_op2_no_bwd(xt, &op)?))
     })?;
 
@@ -125,10 +149,17 @@ fn bench_one(dev: &Device, shape: &[usize], dtype: DType, args: &Args) -> Result
         None
     } else {
         let nn_map = VarMap::new();
-        let nn_bn = candle_nn::batch_norm(c, 1e-5, VarBuilder::from_varmap(&nn_map, param_dtype, dev))?;
-        let nn_x = if param_dtype == dtype { xt.clone() } else { xt.to_dtype(param_dtype)? };
+        let nn_bn =
+            candle_nn::batch_norm(c, 1e-5, VarBuilder::from_varmap(&nn_map, param_dtype, dev))?;
+        let nn_x = if param_dtype == dtype {
+            xt.clone()
+        } else {
+            xt.to_dtype(param_dtype)?
+        };
         let nn_iters = iters.min(3);
-        Some(time(dev, nn_iters, || Ok(drop(nn_bn.forward_t(&nn_x, true)?.backward()?)))?)
+        Some(time(dev, nn_iters, || {
+            Ok(drop(nn_bn.forward_t(&nn_x, true)?.backward()?))
+        })?)
     };
     let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
     Ok(Row {
@@ -151,9 +182,24 @@ fn main() -> Result<()> {
         "cuda" => Device::new_cuda(0)?,
         other => bail!("unknown device {other}"),
     };
-    let shapes: Vec<Vec<usize>> = args.shapes.as_deref().unwrap_or(SUITE).split(',').map(parse_shape).collect::<Result<_>>()?;
-    let dtypes: Vec<DType> = args.dtypes.split(',').map(parse_dtype).collect::<Result<_>>()?;
-    println!("device: {:?}, {} threads, median of {} runs", dev.location(), rayon::current_num_threads(), args.iters);
+    let shapes: Vec<Vec<usize>> = args
+        .shapes
+        .as_deref()
+        .unwrap_or(SUITE)
+        .split(',')
+        .map(parse_shape)
+        .collect::<Result<_>>()?;
+    let dtypes: Vec<DType> = args
+        .dtypes
+        .split(',')
+        .map(parse_dtype)
+        .collect::<Result<_>>()?;
+    println!(
+        "device: {:?}, {} threads, median of {} runs",
+        dev.location(),
+        rayon::current_num_threads(),
+        args.iters
+    );
     println!(
         "{:<26} {:>8} | {:>8} {:>6} {:>5} | {:>8} {:>6} {:>5} | {:>8} | {:>8} {:>5} | {:>8} {:>9} {:>7}",
         "shape dtype", "copy ms", "fwd ms", "GB/s", "%cp", "bwd ms", "GB/s", "%cp", "bwd ops", "eval ms", "%cp", "step ms", "nn step", "speedup"
@@ -163,9 +209,19 @@ fn main() -> Result<()> {
             let r = bench_one(&dev, shape, dtype, &args)?;
             let gbs = |bytes: f64, t: f64| bytes / t / 1e9;
             let copy_bw = gbs(2.0 * r.bytes, r.copy);
-            let (fwd_bw, bwd_bw, eval_bw) = (gbs(3.0 * r.bytes, r.fwd), gbs(5.0 * r.bytes, r.bwd_ops), gbs(2.0 * r.bytes, r.eval));
-            let nn = r.nn_step.map(|t| format!("{:.2}", t * 1e3)).unwrap_or_else(|| "-".into());
-            let speedup = r.nn_step.map(|t| format!("{:.1}x", t / r.step)).unwrap_or_else(|| "-".into());
+            let (fwd_bw, bwd_bw, eval_bw) = (
+                gbs(3.0 * r.bytes, r.fwd),
+                gbs(5.0 * r.bytes, r.bwd_ops),
+                gbs(2.0 * r.bytes, r.eval),
+            );
+            let nn = r
+                .nn_step
+                .map(|t| format!("{:.2}", t * 1e3))
+                .unwrap_or_else(|| "-".into());
+            let speedup = r
+                .nn_step
+                .map(|t| format!("{:.1}x", t / r.step))
+                .unwrap_or_else(|| "-".into());
             println!(
                 "{:<26} {:>8.3} | {:>8.3} {:>6.1} {:>4.0}% | {:>8.3} {:>6.1} {:>4.0}% | {:>8.3} | {:>8.3} {:>4.0}% | {:>8.3} {:>9} {:>7}",
                 r.label,

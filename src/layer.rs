@@ -107,6 +107,86 @@ impl SyncBatchNorm {
         })
     }
 
+    /// Builds a layer from existing tensors (used by the conversion helpers in
+    /// [`crate::convert`]).
+    ///
+    /// `weight_and_bias` are kept as given (the same tensors, so an optimizer
+    /// holding them as variables keeps training them). `running` is
+    /// `(running_mean, running_var, num_batches_tracked)`: tensors that are
+    /// already variables are shared (updates are visible to every holder),
+    /// others are copied into new variables. Shapes and dtypes are checked.
+    pub(crate) fn from_parts(
+        name: String,
+        num_features: usize,
+        config: SyncBatchNormConfig,
+        weight_and_bias: Option<(Tensor, Tensor)>,
+        running: Option<(Tensor, Tensor, Tensor)>,
+        group: ProcessGroup,
+    ) -> Result<Self> {
+        config.validate(&name)?;
+        if num_features == 0 {
+            candle::bail!("SyncBatchNorm '{name}': num_features must be at least 1")
+        }
+        if config.affine != weight_and_bias.is_some() {
+            candle::bail!(
+                "SyncBatchNorm '{name}': affine is {} but weight and bias were {}given",
+                config.affine,
+                if weight_and_bias.is_some() {
+                    ""
+                } else {
+                    "not "
+                }
+            )
+        }
+        if config.track_running_stats != running.is_some() {
+            candle::bail!(
+                "SyncBatchNorm '{name}': track_running_stats is {} but running statistics were {}given",
+                config.track_running_stats,
+                if running.is_some() { "" } else { "not " }
+            )
+        }
+        let expect = |what: &str, t: &Tensor, dims: &[usize], float: bool| -> Result<()> {
+            if t.dims() != dims {
+                candle::bail!(
+                    "SyncBatchNorm '{name}': expected {what} of shape {dims:?}, got {:?}",
+                    t.dims()
+                )
+            }
+            if float && !t.dtype().is_float() {
+                candle::bail!(
+                    "SyncBatchNorm '{name}': expected a float {what}, got {:?}",
+                    t.dtype()
+                )
+            }
+            Ok(())
+        };
+        if let Some((w, b)) = &weight_and_bias {
+            expect("weight", w, &[num_features], true)?;
+            expect("bias", b, &[num_features], true)?;
+        }
+        let running = match running {
+            Some((mean, var, nbt)) => {
+                expect("running_mean", &mean, &[num_features], true)?;
+                expect("running_var", &var, &[num_features], true)?;
+                expect("num_batches_tracked", &nbt, &[], false)?;
+                Some(RunningStats {
+                    mean: Var::from_tensor(&mean)?.as_tensor().clone(),
+                    var: Var::from_tensor(&var)?.as_tensor().clone(),
+                    num_batches_tracked: Var::from_tensor(&nbt)?.as_tensor().clone(),
+                })
+            }
+            None => None,
+        };
+        Ok(Self {
+            name,
+            num_features,
+            config,
+            weight_and_bias,
+            running,
+            group,
+        })
+    }
+
     /// The number of channels.
     pub fn num_features(&self) -> usize {
         self.num_features

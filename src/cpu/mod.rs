@@ -8,7 +8,6 @@ mod reductions;
 pub use elementwise::{backward_elemt, normalize, ChannelCoefficients};
 pub use reductions::{batch_stats, grad_sums};
 
-use crate::ops::element::Element;
 use crate::ops::layout::ChannelView;
 
 /// Defines `$name`, which runs `$body` compiled for AVX2 when the CPU has it

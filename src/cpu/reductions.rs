@@ -118,7 +118,8 @@ multiversion! {
 
 /// Moments of a contiguous run, block by block.
 fn run_moments<T: Element>(xs: &[T]) -> Moments {
-    xs.chunks(BLOCK).fold(Moments::default(), |acc, blk| acc.merge(block_moments(blk)))
+    xs.chunks(BLOCK)
+        .fold(Moments::default(), |acc, blk| acc.merge(block_moments(blk)))
 }
 
 /// Per-channel `[count; sum; sum of squares]` of `x` as `3 × C` f64, row-major.

@@ -1,0 +1,608 @@
+//! Checkpoints in and out: PyTorch BatchNorm/SyncBatchNorm state dicts
+//! (safetensors and `.pth`, with the i64 `num_batches_tracked`), candle-nn
+//! checkpoints (without it), and saving for PyTorch. Every file is written by
+//! the tests themselves; the `.pth` writer below produces torch.save's zip
+//! layout (protocol-2 pickle + raw little-endian storages) without Python.
+
+mod common;
+
+use candle::{DType, Device, Tensor};
+use candle_nn::{ModuleT, VarBuilder, VarMap};
+use candle_syncbn::convert::checkpoint::{
+    load_checkpoint, read_state_dict, save_checkpoint, CheckpointFormat, LoadOptions,
+};
+use candle_syncbn::{BatchNormRewriter, ProcessGroup, SyncBatchNorm};
+use common::{values, Rng};
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+const C: usize = 4;
+
+/// A fresh directory for one test's files.
+fn test_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "candle-syncbn-checkpoint-{}-{name}",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A PyTorch BatchNorm state dict under `prefix` (f32 stats, i64 scalar counter).
+fn torch_bn_state(prefix: &str, seed: u64, nbt: i64) -> Vec<(String, Tensor)> {
+    let mut rng = Rng::new(seed);
+    let f32s = |v: Vec<f64>| common::tensor(&v, &[C], DType::F32);
+    let var: Vec<f64> = rng
+        .normals(C, 0.0, 0.4)
+        .iter()
+        .map(|v| v.abs() + 0.3)
+        .collect();
+    vec![
+        (format!("{prefix}weight"), f32s(rng.normals(C, 1.0, 0.3))),
+        (format!("{prefix}bias"), f32s(rng.normals(C, 0.0, 0.5))),
+        (
+            format!("{prefix}running_mean"),
+            f32s(rng.normals(C, 0.5, 1.0)),
+        ),
+        (format!("{prefix}running_var"), f32s(var)),
+        (
+            format!("{prefix}num_batches_tracked"),
+            Tensor::new(nbt, &Device::Cpu).unwrap(),
+        ),
+    ]
+}
+
+fn get<'a>(state: &'a [(String, Tensor)], suffix: &str) -> &'a Tensor {
+    &state.iter().find(|(k, _)| k.ends_with(suffix)).unwrap().1
+}
+
+fn save_safetensors(state: &[(String, Tensor)], path: &Path) {
+    let map: HashMap<String, Tensor> = state.iter().cloned().collect();
+    candle::safetensors::save(&map, path).unwrap();
+}
+
+/// Eval output of BatchNorm with the state's statistics, in f64 (the textbook formula).
+fn expected_eval(state: &[(String, Tensor)], x: &Tensor, eps: f64) -> Vec<f64> {
+    let [w, b, m, v] =
+        ["weight", "bias", "running_mean", "running_var"].map(|s| values(get(state, s)));
+    let dims = x.dims().to_vec();
+    let inner: usize = dims[2..].iter().product();
+    values(x)
+        .iter()
+        .enumerate()
+        .map(|(i, &xi)| {
+            let c = (i / inner) % dims[1];
+            (xi - m[c]) / (v[c] + eps).sqrt() * w[c] + b[c]
+        })
+        .collect()
+}
+
+fn assert_values(what: &str, got: &[f64], want: &[f64], atol: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (g - w).abs() <= atol,
+            "{what}[{i}]: got {g}, want {w} (atol {atol:e})"
+        );
+    }
+}
+
+/// The layer's statistics and eval output agree with the state dict.
+fn check_layer_matches(layer: &SyncBatchNorm, state: &[(String, Tensor)], nbt: u64) {
+    assert_values(
+        "running_mean",
+        &values(&layer.running_mean().unwrap()),
+        &values(get(state, "running_mean")),
+        0.0,
+    );
+    assert_values(
+        "running_var",
+        &values(&layer.running_var().unwrap()),
+        &values(get(state, "running_var")),
+        0.0,
+    );
+    let (w, b) = layer.weight_and_bias().unwrap();
+    assert_values("weight", &values(w), &values(get(state, "weight")), 0.0);
+    assert_values("bias", &values(b), &values(get(state, "bias")), 0.0);
+    assert_eq!(layer.num_batches_tracked(), nbt);
+    let mut rng = Rng::new(99);
+    let x = common::tensor(&rng.normals(2 * C * 6, 0.0, 2.0), &[2, C, 2, 3], DType::F32);
+    let y = layer.forward_t(&x, false).unwrap();
+    assert_values(
+        "eval output",
+        &values(&y),
+        &expected_eval(state, &x, 1e-5),
+        1e-5,
+    );
+}
+
+// ---------------------------------------------------------------------------
+// A minimal torch.save writer (zip of a protocol-2 pickle and raw storages).
+
+struct Pickle(Vec<u8>);
+
+impl Pickle {
+    fn global(&mut self, module: &str, name: &str) {
+        self.0.push(b'c');
+        self.0
+            .extend_from_slice(format!("{module}\n{name}\n").as_bytes());
+    }
+    fn unicode(&mut self, s: &str) {
+        self.0.push(b'X');
+        self.0.extend_from_slice(&(s.len() as u32).to_le_bytes());
+        self.0.extend_from_slice(s.as_bytes());
+    }
+    fn int(&mut self, v: usize) {
+        if v < 256 {
+            self.0.extend_from_slice(&[b'K', v as u8]);
+        } else {
+            self.0.push(b'J');
+            self.0.extend_from_slice(&(v as i32).to_le_bytes());
+        }
+    }
+    fn int_tuple(&mut self, vs: &[usize]) {
+        self.0.push(b'(');
+        vs.iter().for_each(|&v| self.int(v));
+        self.0.push(b't');
+    }
+    fn ordered_dict(&mut self) {
+        self.global("collections", "OrderedDict");
+        self.0.extend_from_slice(b")R");
+    }
+    /// `torch._utils._rebuild_tensor_v2(storage, 0, size, stride, False, OrderedDict())`.
+    fn tensor(&mut self, storage_class: &str, key: &str, dims: &[usize]) {
+        let numel = dims.iter().product::<usize>();
+        let mut strides = vec![1; dims.len()];
+        for i in (0..dims.len().saturating_sub(1)).rev() {
+            strides[i] = strides[i + 1] * dims[i + 1];
+        }
+        self.global("torch._utils", "_rebuild_tensor_v2");
+        self.0.push(b'(');
+        self.0.push(b'(');
+        self.unicode("storage");
+        self.global("torch", storage_class);
+        self.unicode(key);
+        self.unicode("cpu");
+        self.int(numel);
+        self.0.extend_from_slice(b"tQ");
+        self.int(0);
+        self.int_tuple(dims);
+        self.int_tuple(&strides);
+        self.0.push(0x89);
+        self.ordered_dict();
+        self.0.extend_from_slice(b"tR");
+    }
+}
+
+/// Writes `state` as torch.save would: `{name: tensor}` (an OrderedDict), or
+/// `{wrap_key: OrderedDict, "epoch": 3}` when `wrap_key` is given.
+fn write_pth(path: &Path, state: &[(String, Tensor)], wrap_key: Option<&str>) {
+    let mut p = Pickle(vec![0x80, 2]);
+    if let Some(k) = wrap_key {
+        p.0.extend_from_slice(b"}(");
+        p.unicode(k);
+    }
+    p.ordered_dict();
+    p.0.push(b'(');
+    let mut storages = Vec::new();
+    for (i, (name, t)) in state.iter().enumerate() {
+        let (class, bytes): (&str, Vec<u8>) = match t.dtype() {
+            DType::F32 => (
+                "FloatStorage",
+                t.flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
+            ),
+            DType::I64 => (
+                "LongStorage",
+                t.flatten_all()
+                    .unwrap()
+                    .to_vec1::<i64>()
+                    .unwrap()
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
+            ),
+            d => panic!("test writer: unsupported dtype {d:?}"),
+        };
+        p.unicode(name);
+        p.tensor(class, &i.to_string(), t.dims());
+        storages.push((i.to_string(), bytes));
+    }
+    p.0.push(b'u');
+    if wrap_key.is_some() {
+        p.unicode("epoch");
+        p.int(3);
+        p.0.push(b'u');
+    }
+    p.0.push(b'.');
+
+    let mut zip = zip::ZipWriter::new(std::fs::File::create(path).unwrap());
+    let opts =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    let mut add = |name: &str, data: &[u8]| {
+        zip.start_file(format!("archive/{name}"), opts).unwrap();
+        zip.write_all(data).unwrap();
+    };
+    add("data.pkl", &p.0);
+    add("byteorder", b"little");
+    for (key, bytes) in &storages {
+        add(&format!("data/{key}"), bytes);
+    }
+    add("version", b"3\n");
+    zip.finish().unwrap();
+}
+
+// ---------------------------------------------------------------------------
+
+/// A PyTorch state dict in safetensors loads into a VarMap model (counter
+/// included), trains, and saves back with PyTorch's names and dtypes.
+#[test]
+fn pytorch_safetensors_round_trip() {
+    let dir = test_dir("st");
+    let state = torch_bn_state("features.bn.", 1, 7);
+    let src = dir.join("torch.safetensors");
+    save_safetensors(&state, &src);
+    assert_eq!(
+        CheckpointFormat::detect(&src).unwrap(),
+        CheckpointFormat::Safetensors
+    );
+
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let bn = candle_syncbn::batch_norm(C, 1e-5, vb.pp("features").pp("bn")).unwrap();
+    let report = load_checkpoint(&varmap, &src, &LoadOptions::default()).unwrap();
+    assert_eq!(report.loaded.len(), 5);
+    assert!(report.counters_defaulted.is_empty() && report.missing.is_empty());
+    assert!(report.unexpected.is_empty());
+    check_layer_matches(&bn, &state, 7);
+
+    // One training step: the statistics move and the counter counts.
+    let mut rng = Rng::new(5);
+    let x = common::tensor(&rng.normals(3 * C * 5, 1.0, 1.0), &[3, C, 5], DType::F32);
+    bn.forward_t(&x, true).unwrap();
+    assert_eq!(bn.num_batches_tracked(), 8);
+
+    let out = dir.join("saved.safetensors");
+    save_checkpoint(&varmap, &out).unwrap();
+    let saved = candle::safetensors::load(&out, &Device::Cpu).unwrap();
+    let mut names: Vec<&String> = saved.keys().collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "features.bn.bias",
+            "features.bn.num_batches_tracked",
+            "features.bn.running_mean",
+            "features.bn.running_var",
+            "features.bn.weight"
+        ]
+    );
+    let nbt = &saved["features.bn.num_batches_tracked"];
+    assert_eq!((nbt.dtype(), nbt.dims()), (DType::I64, &[][..]));
+    assert_eq!(nbt.to_scalar::<i64>().unwrap(), 8);
+    for name in ["weight", "bias", "running_mean", "running_var"] {
+        let t = &saved[&format!("features.bn.{name}")];
+        assert_eq!((t.dtype(), t.dims()), (DType::F32, &[C][..]), "{name}");
+    }
+    assert_values(
+        "saved running_mean",
+        &values(&saved["features.bn.running_mean"]),
+        &values(&bn.running_mean().unwrap()),
+        0.0,
+    );
+    let bytes = std::fs::read(&out).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    assert_eq!(
+        meta.metadata()
+            .as_ref()
+            .and_then(|m| m.get("format"))
+            .map(String::as_str),
+        Some("pt")
+    );
+
+    // The saved file loads into a fresh model with the same values.
+    let varmap2 = VarMap::new();
+    let vb2 = VarBuilder::from_varmap(&varmap2, DType::F32, &Device::Cpu);
+    let bn2 = candle_syncbn::batch_norm(C, 1e-5, vb2.pp("features.bn")).unwrap();
+    load_checkpoint(&varmap2, &out, &LoadOptions::default()).unwrap();
+    let saved_vec: Vec<(String, Tensor)> = saved.into_iter().collect();
+    check_layer_matches(&bn2, &saved_vec, 8);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// The same file read through a VarBuilder (no VarMap), for the drop-in
+/// constructor and for a site the rewriter keeps local.
+#[test]
+fn pytorch_safetensors_through_varbuilder() {
+    let dir = test_dir("vb");
+    let mut state = torch_bn_state("bn.", 2, 41);
+    state.extend(torch_bn_state("head.bn.", 3, 41));
+    let src = dir.join("torch.safetensors");
+    save_safetensors(&state, &src);
+    let vb =
+        unsafe { VarBuilder::from_mmaped_safetensors(&[&src], DType::F32, &Device::Cpu) }.unwrap();
+    let bn = SyncBatchNorm::new(C, 1e-5, vb.pp("bn"), ProcessGroup::single()).unwrap();
+    check_layer_matches(&bn, &state[..5], 41);
+    let rw = BatchNormRewriter::new(vb.clone(), ProcessGroup::single())
+        .filter(|p| !p.starts_with("head"));
+    let head = rw.batch_norm(C, 1e-5, vb.pp("head").pp("bn")).unwrap();
+    assert!(!head.is_sync());
+    assert_eq!(head.num_batches_tracked(), 41);
+    assert_values(
+        "local running_var",
+        &values(&head.running_var().unwrap()),
+        &values(get(&state[5..], "running_var")),
+        0.0,
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// `.pth` state dicts (torch.save's zip format) load through candle's pickle
+/// reader, via `VarBuilder::from_pth` and into a VarMap, including the i64
+/// counter, a nested state dict and DDP's `module.` prefix.
+#[test]
+fn pth_state_dicts_load() {
+    let dir = test_dir("pth");
+    let state = torch_bn_state("bn.", 3, 12);
+    let plain = dir.join("plain.pth");
+    write_pth(&plain, &state, None);
+    assert_eq!(
+        CheckpointFormat::detect(&plain).unwrap(),
+        CheckpointFormat::Pth
+    );
+
+    let vb = VarBuilder::from_pth(&plain, DType::F32, &Device::Cpu).unwrap();
+    let bn = candle_syncbn::batch_norm(C, 1e-5, vb.pp("bn")).unwrap();
+    check_layer_matches(&bn, &state, 12);
+
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let bn = candle_syncbn::batch_norm(C, 1e-5, vb.pp("bn")).unwrap();
+    let report = load_checkpoint(&varmap, &plain, &LoadOptions::default()).unwrap();
+    assert_eq!(report.loaded.len(), 5);
+    check_layer_matches(&bn, &state, 12);
+
+    // {"state_dict": {"module.bn.weight": …}, "epoch": 3}
+    let ddp: Vec<(String, Tensor)> = torch_bn_state("module.bn.", 4, 30);
+    let nested = dir.join("nested.pth");
+    write_pth(&nested, &ddp, Some("state_dict"));
+    let err = load_checkpoint(&varmap, &nested, &LoadOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("pth_key"), "{err}");
+    let options = LoadOptions {
+        pth_key: Some("state_dict".into()),
+        strip_prefix: Some("module.".into()),
+        ..Default::default()
+    };
+    let sd = read_state_dict(&nested, &options).unwrap();
+    assert!(sd.contains_key("bn.num_batches_tracked"));
+    load_checkpoint(&varmap, &nested, &options).unwrap();
+    let unprefixed: Vec<(String, Tensor)> = ddp
+        .iter()
+        .map(|(k, t)| (k.trim_start_matches("module.").to_string(), t.clone()))
+        .collect();
+    check_layer_matches(&bn, &unprefixed, 30);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A candle-nn checkpoint (no `num_batches_tracked`) loads into a synchronized
+/// model with the counter at 0; the other way, the extra counter is ignored.
+#[test]
+fn candle_nn_checkpoints_both_ways() {
+    let dir = test_dir("nn");
+    let state = torch_bn_state("block.bn.", 6, 0);
+    let mut nn_map = VarMap::new();
+    let nn_vb = VarBuilder::from_varmap(&nn_map, DType::F32, &Device::Cpu);
+    let nn = candle_nn::batch_norm(C, 1e-5, nn_vb.pp("block.bn")).unwrap();
+    nn_map.set(state[..4].iter().map(|(k, t)| (k, t))).unwrap();
+    let nn_file = dir.join("candle_nn.safetensors");
+    nn_map.save(&nn_file).unwrap();
+
+    let mut sync_map = VarMap::new();
+    let sync_vb = VarBuilder::from_varmap(&sync_map, DType::F32, &Device::Cpu);
+    let bn = candle_syncbn::batch_norm(C, 1e-5, sync_vb.pp("block.bn")).unwrap();
+    // candle's VarMap::load requires every variable in the file…
+    assert!(sync_map.load(&nn_file).is_err());
+    // …load_checkpoint starts a missing counter at 0.
+    let report = load_checkpoint(&sync_map, &nn_file, &LoadOptions::default()).unwrap();
+    assert_eq!(report.counters_defaulted, ["block.bn.num_batches_tracked"]);
+    assert_eq!(report.loaded.len(), 4);
+    check_layer_matches(&bn, &state, 0);
+
+    // Through a VarBuilder over the file, too.
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&nn_file], DType::F32, &Device::Cpu) }
+        .unwrap();
+    let bn_vb = SyncBatchNorm::new(C, 1e-5, vb.pp("block.bn"), ProcessGroup::single()).unwrap();
+    check_layer_matches(&bn_vb, &state, 0);
+
+    // Synchronized checkpoint → plain candle-nn model: the counter is unexpected but fine.
+    let x = common::tensor(&Rng::new(8).normals(4 * C, 0.0, 1.0), &[4, C], DType::F32);
+    bn.forward_t(&x, true).unwrap();
+    let sync_file = dir.join("sync.safetensors");
+    save_checkpoint(&sync_map, &sync_file).unwrap();
+    let report = load_checkpoint(&nn_map, &sync_file, &LoadOptions::default()).unwrap();
+    assert_eq!(report.unexpected, ["block.bn.num_batches_tracked"]);
+    assert_values(
+        "candle-nn running_mean after loading",
+        &values(nn.running_mean()),
+        &values(&bn.running_mean().unwrap()),
+        0.0,
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Bad checkpoints give errors that name the variable with expected and
+/// actual shape or dtype, and leave every variable unchanged.
+#[test]
+fn load_errors_are_clear_and_change_nothing() {
+    let dir = test_dir("err");
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let bn = candle_syncbn::batch_norm(C, 1e-5, vb.pp("bn")).unwrap();
+
+    // Wrong shape of one statistic: nothing is loaded, not even the good weight.
+    let mut state = torch_bn_state("bn.", 7, 3);
+    state[2].1 = Tensor::zeros(C + 1, DType::F32, &Device::Cpu).unwrap();
+    let file = dir.join("bad_shape.safetensors");
+    save_safetensors(&state, &file);
+    let err = load_checkpoint(&varmap, &file, &LoadOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("bn.running_mean") && err.contains("[4]") && err.contains("[5]"),
+        "{err}"
+    );
+    assert!(err.contains("bad_shape.safetensors"), "{err}");
+    assert_values(
+        "weight unchanged",
+        &values(bn.weight_and_bias().unwrap().0),
+        &[1.0; C],
+        0.0,
+    );
+    assert_eq!(bn.num_batches_tracked(), 0);
+
+    // Integer weight.
+    let mut state = torch_bn_state("bn.", 7, 3);
+    state[0].1 = Tensor::new(&[1i64, 2, 3, 4], &Device::Cpu).unwrap();
+    save_safetensors(&state, &file);
+    let err = load_checkpoint(&varmap, &file, &LoadOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("bn.weight") && err.contains("F32") && err.contains("I64"),
+        "{err}"
+    );
+
+    // Missing and unexpected keys: strict fails, non-strict reports.
+    let mut state = torch_bn_state("bn.", 7, 3);
+    state.remove(1);
+    state.push((
+        "fc.weight".into(),
+        Tensor::ones(2, DType::F32, &Device::Cpu).unwrap(),
+    ));
+    save_safetensors(&state, &file);
+    let err = load_checkpoint(&varmap, &file, &LoadOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("missing") && err.contains("bn.bias"), "{err}");
+    assert!(
+        err.contains("unexpected") && err.contains("fc.weight"),
+        "{err}"
+    );
+    let lenient = LoadOptions {
+        strict: false,
+        ..Default::default()
+    };
+    let report = load_checkpoint(&varmap, &file, &lenient).unwrap();
+    assert_eq!(report.missing, ["bn.bias"]);
+    assert_eq!(report.unexpected, ["fc.weight"]);
+    assert_eq!(bn.num_batches_tracked(), 3);
+
+    // f64 tensors in the file are converted to the variables' f32.
+    let state64: Vec<(String, Tensor)> = torch_bn_state("bn.", 8, 5)
+        .into_iter()
+        .map(|(k, t)| {
+            let t = if t.dtype() == DType::F32 {
+                t.to_dtype(DType::F64).unwrap()
+            } else {
+                t
+            };
+            (k, t)
+        })
+        .collect();
+    save_safetensors(&state64, &file);
+    load_checkpoint(&varmap, &file, &LoadOptions::default()).unwrap();
+    check_layer_matches(&bn, &torch_bn_state("bn.", 8, 5), 5);
+
+    // Not a checkpoint, a truncated one, no file: errors, no panics.
+    let junk = dir.join("junk.bin");
+    std::fs::write(&junk, b"hello, not a checkpoint").unwrap();
+    let err = load_checkpoint(&varmap, &junk, &LoadOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("expected a safetensors file"), "{err}");
+    let bytes = std::fs::read(&file).unwrap();
+    let cut = dir.join("cut.safetensors");
+    std::fs::write(&cut, &bytes[..bytes.len() - 10]).unwrap();
+    assert!(load_checkpoint(&varmap, &cut, &LoadOptions::default()).is_err());
+    let cut_pth = dir.join("cut.pth");
+    write_pth(&cut_pth, &torch_bn_state("bn.", 1, 1), None);
+    let bytes = std::fs::read(&cut_pth).unwrap();
+    std::fs::write(&cut_pth, &bytes[..bytes.len() / 2]).unwrap();
+    assert!(load_checkpoint(&varmap, &cut_pth, &LoadOptions::default()).is_err());
+    assert!(load_checkpoint(&varmap, dir.join("absent.pth"), &LoadOptions::default()).is_err());
+    check_layer_matches(&bn, &torch_bn_state("bn.", 8, 5), 5);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Optional: PyTorch itself loads a saved checkpoint into `nn.BatchNorm2d`
+/// (strict) and computes the same eval output. Skipped when Python or torch is
+/// absent (CI stays light).
+#[test]
+fn pytorch_loads_saved_checkpoint() {
+    let has_torch = std::process::Command::new("python3")
+        .args(["-c", "import torch"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !has_torch {
+        eprintln!("skipped: python3 with torch is not available");
+        return;
+    }
+    let dir = test_dir("torch");
+    let state = torch_bn_state("bn.", 9, 17);
+    let src = dir.join("in.safetensors");
+    save_safetensors(&state, &src);
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let bn = candle_syncbn::batch_norm(C, 1e-5, vb.pp("bn")).unwrap();
+    load_checkpoint(&varmap, &src, &LoadOptions::default()).unwrap();
+    let mut rng = Rng::new(10);
+    let x = common::tensor(&rng.normals(2 * C * 9, 0.0, 1.0), &[2, C, 3, 3], DType::F32);
+    bn.forward_t(&x, true).unwrap();
+    let y = bn.forward_t(&x, false).unwrap();
+    let ckpt = dir.join("out.safetensors");
+    save_checkpoint(&varmap, &ckpt).unwrap();
+    let io = dir.join("io.safetensors");
+    save_safetensors(&[("x".into(), x), ("y".into(), y)], &io);
+    let script = format!(
+        r#"
+import json, struct, torch
+def load(p):
+    b = open(p, "rb").read(); n = struct.unpack("<Q", b[:8])[0]; h = json.loads(b[8:8 + n])
+    dt = {{"F32": torch.float32, "I64": torch.int64}}
+    out = {{}}
+    for k, v in h.items():
+        if k == "__metadata__": continue
+        s, e = v["data_offsets"]
+        out[k] = torch.frombuffer(bytearray(b[8 + n + s:8 + n + e]), dtype=dt[v["dtype"]]).reshape(v["shape"])
+    return out
+sd = load({ckpt:?}); io = load({io:?})
+bn = torch.nn.BatchNorm2d({C})
+bn.load_state_dict({{k[3:]: v for k, v in sd.items()}}, strict=True)
+assert bn.num_batches_tracked.item() == 18, bn.num_batches_tracked
+bn.eval()
+d = (bn(io["x"]) - io["y"]).abs().max().item()
+print("max abs diff", d)
+assert d < 1e-5
+"#
+    );
+    let out = std::process::Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "python failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
