@@ -13,14 +13,32 @@ fn training_step(c: &mut Criterion) {
     let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (32, 64, 56, 56), &dev).unwrap()).unwrap();
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
-    let bn = SyncBatchNorm::new(64, SyncBatchNormConfig::default(), vb, ProcessGroup::single()).unwrap();
+    let bn = SyncBatchNorm::new(
+        64,
+        SyncBatchNormConfig::default(),
+        vb,
+        ProcessGroup::single(),
+    )
+    .unwrap();
     group.bench_function("candle_syncbn", |b| {
-        b.iter(|| bn.forward_t(x.as_tensor(), true).unwrap().backward().unwrap())
+        b.iter(|| {
+            bn.forward_t(x.as_tensor(), true)
+                .unwrap()
+                .backward()
+                .unwrap()
+        })
     });
     let nn_map = VarMap::new();
-    let nn_bn = candle_nn::batch_norm(64, 1e-5, VarBuilder::from_varmap(&nn_map, DType::F32, &dev)).unwrap();
+    let nn_bn = candle_nn::batch_norm(64, 1e-5, VarBuilder::from_varmap(&nn_map, DType::F32, &dev))
+        .unwrap();
     group.bench_function("candle_nn", |b| {
-        b.iter(|| nn_bn.forward_t(x.as_tensor(), true).unwrap().backward().unwrap())
+        b.iter(|| {
+            nn_bn
+                .forward_t(x.as_tensor(), true)
+                .unwrap()
+                .backward()
+                .unwrap()
+        })
     });
     group.finish();
 }

@@ -69,14 +69,15 @@ fn parse_dtype(s: &str) -> Result<DType> {
 }
 
 /// Median seconds of `iters` runs of `f` after one warm-up run.
-fn time(dev: &Device, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    f()?;
+fn time<T>(dev: &Device, iters: usize, mut f: impl FnMut() -> Result<T>) -> Result<f64> {
+    drop(f()?);
     dev.synchronize()?;
     let mut samples = Vec::with_capacity(iters);
     for _ in 0..iters {
         let t = Instant::now();
-        f()?;
+        let out = f()?;
         dev.synchronize()?;
+        drop(out);
         samples.push(t.elapsed().as_secs_f64());
     }
     samples.sort_by(f64::total_cmp);
@@ -114,12 +115,12 @@ fn bench_one(dev: &Device, shape: &[usize], dtype: DType, args: &Args) -> Result
     )?;
     let iters = args.iters;
 
-    let copy = time(dev, iters, || Ok(drop(xt.copy()?)))?;
-    let fwd = time(dev, iters, || Ok(drop(bn.forward_t(xt, true)?)))?;
+    let copy = time(dev, iters, || Ok(xt.copy()?))?;
+    let fwd = time(dev, iters, || Ok(bn.forward_t(xt, true)?))?;
     let y = bn.forward_t(xt, true)?;
-    let bwd = time(dev, iters, || Ok(drop(y.backward()?)))?;
-    let step = time(dev, iters, || Ok(drop(bn.forward_t(xt, true)?.backward()?)))?;
-    let eval = time(dev, iters, || Ok(drop(bn.forward_t(xt, false)?)))?;
+    let bwd = time(dev, iters, || Ok(y.backward()?))?;
+    let step = time(dev, iters, || Ok(bn.forward_t(xt, true)?.backward()?))?;
+    let eval = time(dev, iters, || Ok(bn.forward_t(xt, false)?))?;
 
     // Our backward alone: gradient sums, (world-size-1) collective, input gradient.
     let axis = 1;
@@ -142,7 +143,7 @@ fn bench_one(dev: &Device, shape: &[usize], dtype: DType, args: &Args) -> Result
             grad_sums: Some(global),
             weight: None,
         };
-        Ok(drop(dy.apply_op2_no_bwd(xt, &op)?))
+        Ok(dy.apply_op2_no_bwd(xt, &op)?)
     })?;
 
     let nn_step = if args.no_candle_nn {
@@ -158,7 +159,7 @@ fn bench_one(dev: &Device, shape: &[usize], dtype: DType, args: &Args) -> Result
         };
         let nn_iters = iters.min(3);
         Some(time(dev, nn_iters, || {
-            Ok(drop(nn_bn.forward_t(&nn_x, true)?.backward()?))
+            Ok(nn_bn.forward_t(&nn_x, true)?.backward()?)
         })?)
     };
     let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
