@@ -152,7 +152,9 @@ impl CustomOp3 for BatchNormOp {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (dx, affine) = self.backward(x, Some(w), grad)?;
-        let (dw, db) = affine.expect("affine gradients requested");
+        let Some((dw, db)) = affine else {
+            candle::bail!("sync-batch-norm: internal error, no affine gradients for an affine op")
+        };
         let db = if db.dtype() == b.dtype() {
             db
         } else {
