@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Sets up and runs the whole test suite on a fresh machine (Rust and Python 3
+# with pip are the only prerequisites):
+#   1. the CPU build: unit, integration and doc tests;
+#   2. the CUDA build (features `cuda,nccl`), with a pinned CUDA 13.0 toolchain from
+#      PyPI (scripts/cuda-toolchain.sh): the same tests plus the CUDA tests,
+#      which run on a GPU and print that they were skipped without one.
+# Set SYNCBN_SKIP_CUDA=1 to run only step 1.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+echo "== tests (CPU build)" >&2
+cargo test
+
+if [[ "${SYNCBN_SKIP_CUDA:-0}" == "1" ]]; then
+  echo "== CUDA build skipped (SYNCBN_SKIP_CUDA=1)" >&2
+  exit 0
+fi
+echo "== tests (CUDA build: GPU tests skip without a GPU)" >&2
+eval "$(bash scripts/cuda-toolchain.sh)"
+cargo test --features cuda,nccl
