@@ -42,6 +42,9 @@ struct Args {
     /// Skip candle-nn's BatchNorm.
     #[arg(long)]
     no_candle_nn: bool,
+    /// Also write the rows as JSON to this file (read by benches/pytorch_bench.py).
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
 }
 
 const SUITE: &str =
@@ -86,6 +89,8 @@ fn time<T>(dev: &Device, iters: usize, mut f: impl FnMut() -> Result<T>) -> Resu
 
 struct Row {
     label: String,
+    shape: Vec<usize>,
+    dtype: DType,
     copy: f64,
     fwd: f64,
     bwd: f64,
@@ -165,6 +170,8 @@ fn bench_one(dev: &Device, shape: &[usize], dtype: DType, args: &Args) -> Result
     let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
     Ok(Row {
         label: format!("{} {:?}", dims.join("x"), dtype).to_lowercase(),
+        shape: shape.to_vec(),
+        dtype,
         copy,
         fwd,
         bwd,
@@ -205,9 +212,11 @@ fn main() -> Result<()> {
         "{:<26} {:>8} | {:>8} {:>6} {:>5} | {:>8} {:>6} {:>5} | {:>8} | {:>8} {:>5} | {:>8} {:>9} {:>7}",
         "shape dtype", "copy ms", "fwd ms", "GB/s", "%cp", "bwd ms", "GB/s", "%cp", "bwd ops", "eval ms", "%cp", "step ms", "nn step", "speedup"
     );
+    let mut json_rows = Vec::new();
     for shape in &shapes {
         for &dtype in &dtypes {
             let r = bench_one(&dev, shape, dtype, &args)?;
+            json_rows.push(json_row(&r, &args.device));
             let gbs = |bytes: f64, t: f64| bytes / t / 1e9;
             let copy_bw = gbs(2.0 * r.bytes, r.copy);
             let (fwd_bw, bwd_bw, eval_bw) = (
@@ -243,5 +252,27 @@ fn main() -> Result<()> {
         }
     }
     println!("GB/s of bwd is for 'bwd ops' (our kernels); 'bwd ms' includes candle's autograd bookkeeping.");
+    if let Some(path) = &args.json {
+        std::fs::write(path, format!("[\n{}\n]\n", json_rows.join(",\n")))?;
+        println!("wrote {}", path.display());
+    }
     Ok(())
+}
+
+/// One row as a JSON object (times in milliseconds).
+fn json_row(r: &Row, device: &str) -> String {
+    let shape: Vec<String> = r.shape.iter().map(|d| d.to_string()).collect();
+    let ms = |t: f64| format!("{:.6}", t * 1e3);
+    format!(
+        "  {{\"device\": \"{device}\", \"shape\": [{}], \"dtype\": \"{}\", \"copy_ms\": {}, \"fwd_ms\": {}, \"bwd_ms\": {}, \"bwd_ops_ms\": {}, \"step_ms\": {}, \"eval_ms\": {}, \"candle_nn_step_ms\": {}}}",
+        shape.join(", "),
+        format!("{:?}", r.dtype).to_lowercase(),
+        ms(r.copy),
+        ms(r.fwd),
+        ms(r.bwd),
+        ms(r.bwd_ops),
+        ms(r.step),
+        ms(r.eval),
+        r.nn_step.map(ms).unwrap_or_else(|| "null".into())
+    )
 }

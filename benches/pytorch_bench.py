@@ -1,0 +1,169 @@
+#!/usr/bin/env python3
+"""Times PyTorch's batch normalization on the shapes of `examples/bench.rs` and
+prints the ratios against candle-syncbn's numbers from the same machine.
+
+    cargo run --release --example bench -- --json ours.json          # CPU
+    python3 benches/pytorch_bench.py --ours ours.json
+
+    cargo run --release --features cuda --example bench -- --device cuda --json ours.json
+    python3 benches/pytorch_bench.py --device cuda --ours ours.json
+
+CPU: `torch.nn.BatchNorm{1,2,3}d` in training mode, forward and backward through
+autograd (seeded with ones, as our benchmark does), and an eval forward.
+
+CUDA (world size 1): the kernels of `torch.nn.SyncBatchNorm` — forward
+`batch_norm_stats` + `batch_norm_gather_stats_with_counts` + `batch_norm_elemt`,
+backward `batch_norm_backward_reduce` + `batch_norm_backward_elemt` — and
+cuDNN's BatchNorm (`torch.nn.functional.batch_norm`, training) forward+backward.
+
+Ratios are PyTorch time / our time: above 1 means candle-syncbn is faster.
+CPU compares whole training steps (ours includes candle's autograd
+bookkeeping); CUDA compares the kernels (our `fwd` + `bwd ops`).
+"""
+import argparse
+import json
+import math
+import statistics
+import time
+
+import torch
+
+SUITE = "32x64x112x112,32x256x56x56,32x512x28x28,32x1024x14x14,32x2048x7x7,4096x1024,2x64x16x56x56"
+DTYPES = {"f32": torch.float32, "f64": torch.float64, "f16": torch.float16, "bf16": torch.bfloat16}
+
+
+def timed(fn, device, iters):
+    """Median seconds of `iters` calls after one warm-up."""
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    samples = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        samples.append(time.perf_counter() - t)
+    return statistics.median(samples)
+
+
+def bn_module(shape, dtype, device):
+    cls = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}[len(shape)]
+    # Half inputs with f32 parameters, as under autocast (and as our benchmark).
+    param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    return cls(shape[1]).to(device=device, dtype=param_dtype)
+
+
+def cpu_row(shape, dtype, iters):
+    x = torch.randn(shape, dtype=torch.float32).to(dtype).requires_grad_(True)
+    bn = bn_module(shape, dtype, "cpu")
+    if dtype in (torch.float16, torch.bfloat16):
+        bn = bn.to(dtype)  # PyTorch's CPU BatchNorm wants matching dtypes
+    bn.train()
+
+    def step():
+        y = bn(x)
+        y.backward(torch.ones_like(y))
+
+    def fwd():
+        with torch.no_grad():
+            bn(x)
+
+    t_step = timed(step, "cpu", iters)
+    t_fwd = timed(fwd, "cpu", iters)
+    bn.eval()
+    t_eval = timed(fwd, "cpu", iters)
+    return {"step_ms": t_step * 1e3, "fwd_ms": t_fwd * 1e3, "eval_ms": t_eval * 1e3}
+
+
+def cuda_row(shape, dtype, iters):
+    dev = "cuda"
+    x = torch.randn(shape, device=dev, dtype=torch.float32).to(dtype)
+    dy = torch.ones_like(x)
+    c = shape[1]
+    pdt = torch.float64 if dtype == torch.float64 else torch.float32
+    weight = torch.ones(c, device=dev, dtype=pdt)
+    bias = torch.zeros(c, device=dev, dtype=pdt)
+    running_mean = torch.zeros(c, device=dev, dtype=pdt)
+    running_var = torch.ones(c, device=dev, dtype=pdt)
+    count = x.numel() // c
+    counts = torch.full((1,), count, device=dev, dtype=pdt)
+    eps, momentum = 1e-5, 0.1
+
+    def sync_fwd():
+        mean, invstd = torch.batch_norm_stats(x, eps)
+        mean_all, invstd_all = torch.batch_norm_gather_stats_with_counts(
+            x, mean.unsqueeze(0), invstd.unsqueeze(0), running_mean, running_var, momentum, eps, counts
+        )
+        return torch.batch_norm_elemt(x, weight, bias, mean_all, invstd_all, eps), mean_all, invstd_all
+
+    _, mean_all, invstd_all = sync_fwd()
+
+    def sync_bwd():
+        sum_dy, sum_dy_xmu, gw, gb = torch.batch_norm_backward_reduce(dy, x, mean_all, invstd_all, weight, True, True, True)
+        return torch.batch_norm_backward_elemt(dy, x, mean_all, invstd_all, weight, sum_dy, sum_dy_xmu, counts.to(torch.int32))
+
+    xg = x.clone().requires_grad_(True)
+    w = weight.clone().requires_grad_(True)
+    b = bias.clone().requires_grad_(True)
+
+    def cudnn_step():
+        y = torch.nn.functional.batch_norm(xg, running_mean, running_var, w, b, True, momentum, eps)
+        y.backward(dy)
+
+    t_fwd = timed(sync_fwd, dev, iters)
+    t_bwd = timed(sync_bwd, dev, iters)
+    t_cudnn = timed(cudnn_step, dev, iters)
+    return {"fwd_ms": t_fwd * 1e3, "bwd_ms": t_bwd * 1e3, "step_ms": (t_fwd + t_bwd) * 1e3, "cudnn_step_ms": t_cudnn * 1e3}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--shapes", default=SUITE)
+    ap.add_argument("--dtypes", default="f32,bf16")
+    ap.add_argument("--iters", type=int, default=7)
+    ap.add_argument("--ours", help="JSON written by `cargo run --release --example bench -- --json FILE`")
+    args = ap.parse_args()
+
+    ours = {}
+    if args.ours:
+        with open(args.ours) as f:
+            for r in json.load(f):
+                ours[(tuple(r["shape"]), r["dtype"])] = r
+    print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads, median of {args.iters}")
+    if args.device == "cpu":
+        print(f"{'shape dtype':<26} {'torch step':>10} {'ours step':>10} {'ratio':>6} | {'torch eval':>10} {'ours eval':>10} {'ratio':>6}")
+    else:
+        print(f"{'shape dtype':<26} {'sync fwd':>9} {'sync bwd':>9} {'ours f+b':>9} {'ratio':>6} | {'cudnn f+b':>9} {'ratio':>6}")
+    ratios = []
+    for s in args.shapes.split(","):
+        shape = [int(d) for d in s.split("x")]
+        for name in args.dtypes.split(","):
+            dtype = DTYPES[name]
+            label = f"{s} {name}"
+            mine = ours.get((tuple(shape), name))
+            if args.device == "cpu":
+                r = cpu_row(shape, dtype, args.iters)
+                if mine:
+                    ratio = r["step_ms"] / mine["step_ms"]
+                    ratios.append(ratio)
+                    print(f"{label:<26} {r['step_ms']:>10.3f} {mine['step_ms']:>10.3f} {ratio:>5.2f}x | {r['eval_ms']:>10.3f} {mine['eval_ms']:>10.3f} {r['eval_ms'] / mine['eval_ms']:>5.2f}x")
+                else:
+                    print(f"{label:<26} {r['step_ms']:>10.3f} {'-':>10} {'-':>6} | {r['eval_ms']:>10.3f} {'-':>10} {'-':>6}")
+            else:
+                r = cuda_row(shape, dtype, args.iters)
+                if mine:
+                    our_fb = mine["fwd_ms"] + mine["bwd_ops_ms"]
+                    ratio = r["step_ms"] / our_fb
+                    ratios.append(ratio)
+                    print(f"{label:<26} {r['fwd_ms']:>9.3f} {r['bwd_ms']:>9.3f} {our_fb:>9.3f} {ratio:>5.2f}x | {r['cudnn_step_ms']:>9.3f} {r['cudnn_step_ms'] / our_fb:>5.2f}x")
+                else:
+                    print(f"{label:<26} {r['fwd_ms']:>9.3f} {r['bwd_ms']:>9.3f} {'-':>9} {'-':>6} | {r['cudnn_step_ms']:>9.3f} {'-':>6}")
+    if ratios:
+        geo = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+        print(f"geometric mean of the ratios (PyTorch / ours): {geo:.2f}x, worst {min(ratios):.2f}x")
+
+
+if __name__ == "__main__":
+    main()
