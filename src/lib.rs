@@ -3,7 +3,9 @@
 //! See the README for the overview; the crate docs are completed below.
 
 pub mod cpu;
+pub mod data_parallel;
 pub mod group;
+pub mod launch;
 pub mod ops;
 
 mod config;
