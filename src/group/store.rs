@@ -476,26 +476,6 @@ impl Star {
         })
     }
 
-    /// This rank.
-    pub fn rank(&self) -> usize {
-        self.rank
-    }
-
-    /// The number of ranks.
-    pub fn world_size(&self) -> usize {
-        self.world_size
-    }
-
-    /// The options the star was made with.
-    pub fn options(&self) -> &StoreOptions {
-        &self.options
-    }
-
-    /// The error of an earlier failed call, if any.
-    pub fn failure(&self) -> Option<&str> {
-        self.failure.as_deref()
-    }
-
     /// Marks the star failed (if it is not already), tells the other ranks
     /// (rank 0) or closes the link (others), and returns the error.
     pub fn fail(&mut self, msg: String) -> candle::Error {
@@ -619,7 +599,10 @@ fn root_exchange(
         headers.push(h);
         payloads.push(p);
     }
-    if headers.iter().any(|h| *h != own) {
+    if headers
+        .iter()
+        .any(|h| (h.seq, h.call()) != (seq, Some(call)))
+    {
         let calls: Vec<String> = headers
             .iter()
             .enumerate()

@@ -102,7 +102,9 @@ impl Rendezvous {
             port_file: None,
             source: EnvSource::Explicit,
         };
-        rv.validate()?;
+        if world_size == 0 || rank >= world_size {
+            candle::bail!("rendezvous: rank {rank} is out of range for world size {world_size}")
+        }
         Ok(rv)
     }
 
