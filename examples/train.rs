@@ -105,8 +105,16 @@ impl Net {
     }
 
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let x = self.b1.forward_t(&self.c1.forward(x)?, train)?.relu()?.max_pool2d(2)?;
-        let x = self.b2.forward_t(&self.c2.forward(&x)?, train)?.relu()?.max_pool2d(2)?;
+        let x = self
+            .b1
+            .forward_t(&self.c1.forward(x)?, train)?
+            .relu()?
+            .max_pool2d(2)?;
+        let x = self
+            .b2
+            .forward_t(&self.c2.forward(&x)?, train)?
+            .relu()?
+            .max_pool2d(2)?;
         Ok(self.fc.forward(&x.flatten_from(1)?)?)
     }
 }
@@ -186,12 +194,20 @@ fn read_idx(dir: &Path, prefix: &str) -> Result<Split> {
     if lb.len() < 8 || read_u32(&lb, 0) != 0x0801 {
         bail!("{lp:?}: not an IDX label file (expected magic 0x00000801)")
     }
-    let (n, rows, cols) = (read_u32(&ib, 4) as usize, read_u32(&ib, 8) as usize, read_u32(&ib, 12) as usize);
+    let (n, rows, cols) = (
+        read_u32(&ib, 4) as usize,
+        read_u32(&ib, 8) as usize,
+        read_u32(&ib, 12) as usize,
+    );
     if rows != cols {
         bail!("{ip:?}: expected square images, got {rows}×{cols}")
     }
     if ib.len() != 16 + n * rows * cols {
-        bail!("{ip:?}: expected {} bytes for {n} images of {rows}×{cols}, got {}", 16 + n * rows * cols, ib.len())
+        bail!(
+            "{ip:?}: expected {} bytes for {n} images of {rows}×{cols}, got {}",
+            16 + n * rows * cols,
+            ib.len()
+        )
     }
     if read_u32(&lb, 4) as usize != n || lb.len() != 8 + n {
         bail!("{lp:?}: expected {n} labels")
@@ -199,7 +215,10 @@ fn read_idx(dir: &Path, prefix: &str) -> Result<Split> {
     if let Some(bad) = lb[8..].iter().find(|&&l| l as usize >= CLASSES) {
         bail!("{lp:?}: label {bad} is not in 0..{CLASSES}")
     }
-    let images: Vec<f32> = ib[16..].iter().map(|&v| (v as f32 / 255.0 - 0.13) / 0.31).collect();
+    let images: Vec<f32> = ib[16..]
+        .iter()
+        .map(|&v| (v as f32 / 255.0 - 0.13) / 0.31)
+        .collect();
     let labels: Vec<u32> = lb[8..].iter().map(|&l| l as u32).collect();
     Ok(Split {
         images: Tensor::from_vec(images, (n, 1, rows, cols), &Device::Cpu)?,
@@ -237,15 +256,28 @@ fn permutation(n: usize, seed: u64) -> Vec<u32> {
 }
 
 /// `(correct, count)` of `net` on the samples of `split` with index ≡ rank (mod world).
-fn evaluate(net: &Net, split: &Split, device: &Device, rank: usize, world: usize) -> Result<(f64, f64)> {
-    let idx: Vec<u32> = (rank..split.len()).step_by(world).map(|i| i as u32).collect();
+fn evaluate(
+    net: &Net,
+    split: &Split,
+    device: &Device,
+    rank: usize,
+    world: usize,
+) -> Result<(f64, f64)> {
+    let idx: Vec<u32> = (rank..split.len())
+        .step_by(world)
+        .map(|i| i as u32)
+        .collect();
     let mut correct = 0f64;
     for chunk in idx.chunks(256) {
         let i = Tensor::new(chunk, &Device::Cpu)?;
         let x = split.images.index_select(&i, 0)?.to_device(device)?;
         let y = split.labels.index_select(&i, 0)?.to_device(device)?;
         let pred = net.forward_t(&x, false)?.argmax(D::Minus1)?;
-        correct += pred.eq(&y)?.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+        correct += pred
+            .eq(&y)?
+            .to_dtype(DType::F64)?
+            .sum_all()?
+            .to_scalar::<f64>()?;
     }
     Ok((correct, idx.len() as f64))
 }
@@ -258,10 +290,17 @@ fn sum_over(group: &ProcessGroup, values: &[f64], device: &Device) -> Result<Vec
 
 /// The running statistics of the model, flattened in name order (f64).
 fn running_stats(varmap: &VarMap) -> Result<Tensor> {
-    let data = varmap.data().lock().map_err(|_| anyhow::anyhow!("poisoned VarMap"))?;
+    let data = varmap
+        .data()
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned VarMap"))?;
     let mut names: Vec<&String> = data
         .keys()
-        .filter(|k| k.ends_with("running_mean") || k.ends_with("running_var") || k.ends_with("num_batches_tracked"))
+        .filter(|k| {
+            k.ends_with("running_mean")
+                || k.ends_with("running_var")
+                || k.ends_with("num_batches_tracked")
+        })
         .collect();
     names.sort();
     let parts: Vec<Tensor> = names
@@ -272,7 +311,9 @@ fn running_stats(varmap: &VarMap) -> Result<Tensor> {
 }
 
 fn is_trainable(name: &str) -> bool {
-    !(name.ends_with("running_mean") || name.ends_with("running_var") || name.ends_with("num_batches_tracked"))
+    !(name.ends_with("running_mean")
+        || name.ends_with("running_var")
+        || name.ends_with("num_batches_tracked"))
 }
 
 fn main() -> Result<()> {
@@ -295,7 +336,9 @@ fn run(args: &Args) -> Result<()> {
     let local_rank = rv.as_ref().map(|r| r.local_rank).unwrap_or(0);
     let device = match args.device.as_str() {
         "cpu" => Device::Cpu,
-        "cuda" => Device::new_cuda(local_rank).context("--device cuda: opening the GPU of LOCAL_RANK")?,
+        "cuda" => {
+            Device::new_cuda(local_rank).context("--device cuda: opening the GPU of LOCAL_RANK")?
+        }
         d => bail!("--device: expected cpu or cuda, got {d:?}"),
     };
     let t0 = Instant::now();
@@ -310,13 +353,21 @@ fn run(args: &Args) -> Result<()> {
             args.device,
             train.len(),
             test.len(),
-            if args.data.is_some() { "" } else { " (synthetic)" }
+            if args.data.is_some() {
+                ""
+            } else {
+                " (synthetic)"
+            }
         );
     }
     if args.eval_only {
         if main {
             let (acc, _) = eval_checkpoint(args, &test, size, &device)?;
-            println!("checkpoint {:?}: test accuracy {:.2}%", args.checkpoint, 100.0 * acc);
+            println!(
+                "checkpoint {:?}: test accuracy {:.2}%",
+                args.checkpoint,
+                100.0 * acc
+            );
         }
         return Ok(());
     }
@@ -326,8 +377,12 @@ fn run(args: &Args) -> Result<()> {
     let net = Net::new(vb, size, &group)?;
     broadcast_varmap(&varmap, &group, 0)?;
     let trainable: Vec<candle::Var> = {
-        let data = varmap.data().lock().map_err(|_| anyhow::anyhow!("poisoned VarMap"))?;
-        let mut v: Vec<(&String, &candle::Var)> = data.iter().filter(|(k, _)| is_trainable(k)).collect();
+        let data = varmap
+            .data()
+            .lock()
+            .map_err(|_| anyhow::anyhow!("poisoned VarMap"))?;
+        let mut v: Vec<(&String, &candle::Var)> =
+            data.iter().filter(|(k, _)| is_trainable(k)).collect();
         v.sort_by(|a, b| a.0.cmp(b.0));
         v.into_iter().map(|(_, v)| v.clone()).collect()
     };
@@ -347,7 +402,10 @@ fn run(args: &Args) -> Result<()> {
         steps = steps.min(m);
     }
     if steps == 0 {
-        bail!("{} training samples are fewer than one global batch of {global}", train.len())
+        bail!(
+            "{} training samples are fewer than one global batch of {global}",
+            train.len()
+        )
     }
     for epoch in 0..args.epochs {
         let start = Instant::now();
@@ -364,7 +422,12 @@ fn run(args: &Args) -> Result<()> {
             average_gradients(&varmap, &mut grads, &group)?;
             opt.step(&grads)?;
             loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()? * b as f64;
-            correct += logits.argmax(D::Minus1)?.eq(&y)?.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+            correct += logits
+                .argmax(D::Minus1)?
+                .eq(&y)?
+                .to_dtype(DType::F64)?
+                .sum_all()?
+                .to_scalar::<f64>()?;
         }
         let s = sum_over(&group, &[loss_sum, correct, (steps * b) as f64], &device)?;
         let secs = start.elapsed().as_secs_f64();
@@ -391,7 +454,11 @@ fn run(args: &Args) -> Result<()> {
     // The running statistics must be bitwise identical on every rank.
     let own = running_stats(&varmap)?;
     let root = group.broadcast(&own, 0)?;
-    let differ = own.ne(&root)?.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+    let differ = own
+        .ne(&root)?
+        .to_dtype(DType::F64)?
+        .sum_all()?
+        .to_scalar::<f64>()?;
     let differ = sum_over(&group, &[differ], &device)?[0];
     if main {
         println!(
@@ -411,7 +478,11 @@ fn run(args: &Args) -> Result<()> {
         println!(
             "reloaded checkpoint: test accuracy {:.2}% ({})",
             100.0 * acc,
-            if acc == test_acc { "same as before saving" } else { "DIFFERS" }
+            if acc == test_acc {
+                "same as before saving"
+            } else {
+                "DIFFERS"
+            }
         );
         if acc != test_acc {
             bail!("the reloaded checkpoint evaluates differently")
@@ -426,7 +497,11 @@ fn run(args: &Args) -> Result<()> {
 fn eval_checkpoint(args: &Args, test: &Split, size: usize, device: &Device) -> Result<(f64, f64)> {
     let mut varmap = VarMap::new();
     let single = ProcessGroup::single();
-    let net = Net::new(VarBuilder::from_varmap(&varmap, DType::F32, device), size, &single)?;
+    let net = Net::new(
+        VarBuilder::from_varmap(&varmap, DType::F32, device),
+        size,
+        &single,
+    )?;
     varmap
         .load(&args.checkpoint)
         .with_context(|| format!("loading {:?}", args.checkpoint))?;

@@ -138,7 +138,13 @@ pub fn average_gradients_bucketed(
         .filter(|(_, h)| *h > 0.0)
         .map(|(v, _)| v)
         .collect();
-    let reduce_dtype = |d: DType| if d == DType::F64 { DType::F64 } else { DType::F32 };
+    let reduce_dtype = |d: DType| {
+        if d == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        }
+    };
     let items: Vec<(DType, usize)> = used
         .iter()
         .map(|(_, v)| {
@@ -225,9 +231,7 @@ pub fn save_varmap_atomic(varmap: &VarMap, path: impl AsRef<Path>) -> Result<()>
         let _ = std::fs::remove_file(&tmp);
     }
     sync_parent(path);
-    result.map_err(|e| {
-        candle::Error::Msg(format!("saving the checkpoint {path:?} failed: {e}"))
-    })
+    result.map_err(|e| candle::Error::Msg(format!("saving the checkpoint {path:?} failed: {e}")))
 }
 
 #[cfg(test)]

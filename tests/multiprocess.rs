@@ -53,7 +53,12 @@ struct StepResult {
 
 /// Two training steps of one layer: forward + backward of `Σ y·gout` on `x`,
 /// then a forward on `2x + 1` (running stats after two updates).
-fn two_steps(x: &Tensor, gout: &Tensor, c: usize, group: ProcessGroup) -> candle::Result<StepResult> {
+fn two_steps(
+    x: &Tensor,
+    gout: &Tensor,
+    c: usize,
+    group: ProcessGroup,
+) -> candle::Result<StepResult> {
     let mut varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
     let bn = SyncBatchNorm::new(c, SyncBatchNormConfig::default(), vb, group)?;
@@ -90,7 +95,10 @@ fn assert_close(what: &str, got: &Tensor, want: &Tensor, rtol: f64, atol: f64) {
     assert_eq!(g.len(), w.len(), "{what}: lengths differ");
     for (i, (a, b)) in g.iter().zip(&w).enumerate() {
         let tol = atol + rtol * (*b as f64).abs();
-        assert!(((a - b) as f64).abs() <= tol, "{what}[{i}]: got {a}, want {b} (tol {tol:e})");
+        assert!(
+            ((a - b) as f64).abs() <= tol,
+            "{what}[{i}]: got {a}, want {b} (tol {tol:e})"
+        );
     }
 }
 
@@ -112,16 +120,45 @@ fn equivalence(group: &ProcessGroup) -> candle::Result<()> {
     let full = two_steps(&x, &gout, C, ProcessGroup::single())?;
     let off: usize = sizes[..rank].iter().sum();
     let nr = sizes[rank];
-    let mine = two_steps(&x.narrow(0, off, nr)?, &gout.narrow(0, off, nr)?, C, group.clone())?;
+    let mine = two_steps(
+        &x.narrow(0, off, nr)?,
+        &gout.narrow(0, off, nr)?,
+        C,
+        group.clone(),
+    )?;
     // f32 tolerances: outputs and input gradients ~1e-5 relative; the summed
     // weight/bias gradients add O(n) terms in a different order.
     assert_close("y", &mine.y1, &full.y1.narrow(0, off, nr)?, 1e-5, 1e-5);
     assert_close("y2", &mine.y2, &full.y2.narrow(0, off, nr)?, 1e-5, 1e-5);
     assert_close("dx", &mine.dx, &full.dx.narrow(0, off, nr)?, 1e-5, 1e-5);
-    assert_close("dweight", &group.all_reduce_sum(&mine.dw)?, &full.dw, 1e-5, 1e-4);
-    assert_close("dbias", &group.all_reduce_sum(&mine.db)?, &full.db, 1e-5, 1e-4);
-    assert_close("running_mean", &mine.running_mean, &full.running_mean, 1e-5, 1e-6);
-    assert_close("running_var", &mine.running_var, &full.running_var, 1e-5, 1e-6);
+    assert_close(
+        "dweight",
+        &group.all_reduce_sum(&mine.dw)?,
+        &full.dw,
+        1e-5,
+        1e-4,
+    );
+    assert_close(
+        "dbias",
+        &group.all_reduce_sum(&mine.db)?,
+        &full.db,
+        1e-5,
+        1e-4,
+    );
+    assert_close(
+        "running_mean",
+        &mine.running_mean,
+        &full.running_mean,
+        1e-5,
+        1e-6,
+    );
+    assert_close(
+        "running_var",
+        &mine.running_var,
+        &full.running_var,
+        1e-5,
+        1e-6,
+    );
     println!("rank {rank}: {nr} samples match the single-process result");
     Ok(())
 }
@@ -133,12 +170,18 @@ fn expected(e: candle::Error) -> ! {
 
 /// A layer's training forward and backward, with a failure injected on rank 1.
 fn failing_step(group: &ProcessGroup, scenario: &str) {
-    let c = if scenario == "mismatch" && group.rank() == 1 { C + 1 } else { C };
+    let c = if scenario == "mismatch" && group.rank() == 1 {
+        C + 1
+    } else {
+        C
+    };
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
     let bn = SyncBatchNorm::new(c, SyncBatchNormConfig::default(), vb, group.clone()).unwrap();
     let x = Var::from_tensor(&Tensor::ones((4, c, 2), DType::F32, &Device::Cpu).unwrap()).unwrap();
-    let y = bn.forward_t(x.as_tensor(), true).unwrap_or_else(|e| expected(e));
+    let y = bn
+        .forward_t(x.as_tensor(), true)
+        .unwrap_or_else(|e| expected(e));
     if group.rank() == 1 {
         match scenario {
             "kill" => std::process::abort(),
@@ -272,10 +315,20 @@ fn all(world: usize) -> Vec<usize> {
 
 #[test]
 fn two_processes_match_one() {
-    let out = run_workers(2, "equivalence", |_| vec![(BATCHES, "5,3".into())], &all(2), Duration::from_secs(60));
+    let out = run_workers(
+        2,
+        "equivalence",
+        |_| vec![(BATCHES, "5,3".into())],
+        &all(2),
+        Duration::from_secs(60),
+    );
     for (r, o) in out.iter().enumerate() {
         assert_eq!(o.code, Some(0), "rank {r}:\n{}", o.output);
-        assert!(o.output.contains("match the single-process result"), "{}", o.output);
+        assert!(
+            o.output.contains("match the single-process result"),
+            "{}",
+            o.output
+        );
     }
 }
 
@@ -297,7 +350,11 @@ fn killed_rank_makes_the_others_fail() {
     for r in [0, 2] {
         let o = &out[r];
         assert_eq!(o.code, Some(EXPECTED_ERROR), "rank {r}:\n{}", o.output);
-        assert!(o.output.contains("rank 1 closed the connection"), "rank {r}:\n{}", o.output);
+        assert!(
+            o.output.contains("rank 1 closed the connection"),
+            "rank {r}:\n{}",
+            o.output
+        );
         assert!(o.elapsed < Duration::from_secs(15), "{:?}", o.elapsed);
     }
 }
@@ -309,7 +366,11 @@ fn silent_rank_makes_the_others_fail_within_the_timeout() {
     for r in [0, 2] {
         let o = &out[r];
         assert_eq!(o.code, Some(EXPECTED_ERROR), "rank {r}:\n{}", o.output);
-        assert!(o.output.contains("rank 1 did not answer"), "rank {r}:\n{}", o.output);
+        assert!(
+            o.output.contains("rank 1 did not answer"),
+            "rank {r}:\n{}",
+            o.output
+        );
         assert!(o.elapsed < Duration::from_secs(12), "{:?}", o.elapsed);
     }
 }
@@ -319,8 +380,16 @@ fn mismatched_channel_counts_fail_on_every_rank() {
     let out = run_workers(3, "mismatch", |_| vec![], &all(3), Duration::from_secs(30));
     for (r, o) in out.iter().enumerate() {
         assert_eq!(o.code, Some(EXPECTED_ERROR), "rank {r}:\n{}", o.output);
-        assert!(o.output.contains("ranks disagree"), "rank {r}:\n{}", o.output);
-        assert!(o.output.contains("all_reduce_sum of 15 f64"), "rank {r}:\n{}", o.output);
+        assert!(
+            o.output.contains("ranks disagree"),
+            "rank {r}:\n{}",
+            o.output
+        );
+        assert!(
+            o.output.contains("all_reduce_sum of 15 f64"),
+            "rank {r}:\n{}",
+            o.output
+        );
     }
 }
 
@@ -337,7 +406,11 @@ fn wrong_token_is_refused() {
         Duration::from_secs(30),
     );
     assert_eq!(out[1].code, Some(EXPECTED_ERROR), "{}", out[1].output);
-    assert!(out[1].output.contains("wrong job token"), "{}", out[1].output);
+    assert!(
+        out[1].output.contains("wrong job token"),
+        "{}",
+        out[1].output
+    );
     assert_eq!(out[0].code, Some(EXPECTED_ERROR), "{}", out[0].output);
     assert!(out[0].output.contains("did not join"), "{}", out[0].output);
 }
@@ -348,5 +421,9 @@ fn launcher_stops_the_others_when_a_rank_fails() {
     cfg.envs = vec![(SCENARIO.into(), "fail-rank-1".into())];
     let start = Instant::now();
     assert_eq!(launch(&cfg).unwrap(), 3);
-    assert!(start.elapsed() < Duration::from_secs(20), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        start.elapsed()
+    );
 }

@@ -68,7 +68,10 @@ fn all_reduce_broadcast_barrier() {
         let s32 = g.all_reduce_sum(&x).unwrap();
         let s64 = g.all_reduce_sum(&x.to_dtype(DType::F64).unwrap()).unwrap();
         let b = g
-            .broadcast(&Tensor::new(&[10 * g.rank() as i64 + 7], &Device::Cpu).unwrap(), 1)
+            .broadcast(
+                &Tensor::new(&[10 * g.rank() as i64 + 7], &Device::Cpu).unwrap(),
+                1,
+            )
             .unwrap();
         g.barrier().unwrap();
         (
@@ -81,7 +84,13 @@ fn all_reduce_broadcast_barrier() {
     for (s32, s64, b, dtype) in &out {
         assert_eq!(*dtype, DType::F32);
         // f32 values summed in f64, rounded once.
-        assert_eq!(s32, &vec![vec![3.0, 3.0, (0.1f32 as f64 * 3.0) as f32], vec![6.0, -3.0, 3e8]]);
+        assert_eq!(
+            s32,
+            &vec![
+                vec![3.0, 3.0, (0.1f32 as f64 * 3.0) as f32],
+                vec![6.0, -3.0, 3e8]
+            ]
+        );
         assert_eq!(s64[0][2], 0.1f32 as f64 * 3.0);
         assert_eq!(b, &vec![17]);
     }
@@ -101,7 +110,10 @@ fn disagreeing_ranks_all_fail_then_fail_fast() {
     });
     for (first, second, dt) in out {
         assert!(first.contains("disagree"), "{first}");
-        assert!(first.contains("rank 1: collective #0: all_reduce_sum of 15 f64"), "{first}");
+        assert!(
+            first.contains("rank 1: collective #0: all_reduce_sum of 15 f64"),
+            "{first}"
+        );
         assert!(second.contains("unusable"), "{second}");
         assert!(dt < Duration::from_secs(1), "{dt:?}");
     }
@@ -135,7 +147,10 @@ fn wrong_token_is_refused() {
     let e = ProcessGroup::tcp(&rv(1, 2, &pf, "wrong"), opts(1000)).unwrap_err();
     assert!(e.to_string().contains("wrong job token"), "{e}");
     let e = root.join().unwrap().unwrap_err().to_string();
-    assert!(e.contains("did not join") && e.contains("wrong job token"), "{e}");
+    assert!(
+        e.contains("did not join") && e.contains("wrong job token"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -158,7 +173,10 @@ fn duplicate_rank_and_hostile_hello_are_refused() {
         .collect();
     // wait for rank 0's port
     let port: u16 = loop {
-        if let Some(p) = std::fs::read_to_string(&pf).ok().and_then(|s| s.trim().parse().ok()) {
+        if let Some(p) = std::fs::read_to_string(&pf)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+        {
             break p;
         }
         std::thread::sleep(Duration::from_millis(10));
@@ -180,8 +198,12 @@ fn duplicate_rank_and_hostile_hello_are_refused() {
     let dup_err = dup.err().map(|e| e.to_string());
     // One of the two rank-1 processes got refused as a duplicate; the group works.
     assert!(
-        dup_err.as_deref().is_some_and(|e| e.contains("already joined"))
-            || results[1].as_ref().is_err_and(|e| e.to_string().contains("already joined")),
+        dup_err
+            .as_deref()
+            .is_some_and(|e| e.contains("already joined"))
+            || results[1]
+                .as_ref()
+                .is_err_and(|e| e.to_string().contains("already joined")),
         "{dup_err:?} {results:?}"
     );
     assert_eq!(results[0].as_ref().unwrap(), &vec![3.0, 3.0]);
@@ -217,5 +239,9 @@ fn silent_rank_times_out_and_dropped_rank_is_named() {
         assert!(t.elapsed() < Duration::from_secs(2));
         e
     });
-    assert!(out[0].contains("rank 1 closed the connection"), "{}", out[0]);
+    assert!(
+        out[0].contains("rank 1 closed the connection"),
+        "{}",
+        out[0]
+    );
 }

@@ -116,7 +116,9 @@ impl ProcessGroup {
     /// process per GPU); the NCCL unique id is shared through the TCP rendezvous.
     #[cfg(feature = "nccl")]
     pub fn nccl(rv: &Rendezvous, device: &Device, options: NcclOptions) -> Result<ProcessGroup> {
-        Ok(Self::from_backend(NcclBackend::connect(rv, device, options)?))
+        Ok(Self::from_backend(NcclBackend::connect(
+            rv, device, options,
+        )?))
     }
 
     /// The group described by the launcher's environment (see

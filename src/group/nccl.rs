@@ -325,10 +325,9 @@ impl NcclBackend {
         }
         let id = sys::ncclUniqueId { internal };
         let stream = cuda.cuda_stream();
-        stream
-            .context()
-            .bind_to_thread()
-            .map_err(|e| candle::Error::Msg(format!("nccl group: binding the CUDA context: {e:?}")))?;
+        stream.context().bind_to_thread().map_err(|e| {
+            candle::Error::Msg(format!("nccl group: binding the CUDA context: {e:?}"))
+        })?;
         let mut raw = std::mem::MaybeUninit::<sys::ncclComm_t>::uninit();
         // SAFETY: `raw` is written by ncclCommInitRank on success.
         let raw = unsafe {

@@ -298,7 +298,9 @@ fn read_full(s: &mut TcpStream, buf: &mut [u8], deadline: Instant) -> io::Result
             Err(e)
                 if matches!(
                     e.kind(),
-                    io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    io::ErrorKind::Interrupted
+                        | io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
                 ) => {}
             Err(e) => return Err(e),
         }
@@ -321,7 +323,9 @@ fn write_full(s: &mut TcpStream, buf: &[u8], deadline: Instant) -> io::Result<()
             Err(e)
                 if matches!(
                     e.kind(),
-                    io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    io::ErrorKind::Interrupted
+                        | io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
                 ) => {}
             Err(e) => return Err(e),
         }
@@ -370,6 +374,10 @@ pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     diff == 0
 }
 
+/// How rank 0 computes a collective's reply from every rank's payload (in rank
+/// order); an `Err` is reported to every rank.
+pub(crate) type Reduce<'a> = dyn Fn(&[Vec<u8>]) -> std::result::Result<Vec<u8>, String> + 'a;
+
 /// Tunables of the multi-process groups.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StoreOptions {
@@ -398,11 +406,16 @@ impl StoreOptions {
     pub fn from_env() -> Result<Self> {
         let mut o = Self::default();
         if let Ok(v) = std::env::var("SYNCBN_TIMEOUT") {
-            let secs: f64 = v.trim().parse().ok().filter(|s: &f64| *s > 0.0 && s.is_finite()).ok_or_else(|| {
-                candle::Error::Msg(format!(
-                    "SYNCBN_TIMEOUT: expected a positive number of seconds, got {v:?}"
-                ))
-            })?;
+            let secs: f64 = v
+                .trim()
+                .parse()
+                .ok()
+                .filter(|s: &f64| *s > 0.0 && s.is_finite())
+                .ok_or_else(|| {
+                    candle::Error::Msg(format!(
+                        "SYNCBN_TIMEOUT: expected a positive number of seconds, got {v:?}"
+                    ))
+                })?;
             o.timeout = Duration::from_secs_f64(secs);
             o.rendezvous_timeout = o.timeout;
         }
@@ -507,12 +520,7 @@ impl Star {
     /// checks that all ranks made the same call, computes the reply with
     /// `reduce` (given every rank's payload, in rank order) and sends it to all.
     /// Returns the reply.
-    pub fn exchange(
-        &mut self,
-        call: Call,
-        payload: &[u8],
-        reduce: &dyn Fn(&[Vec<u8>]) -> std::result::Result<Vec<u8>, String>,
-    ) -> Result<Vec<u8>> {
+    pub fn exchange(&mut self, call: Call, payload: &[u8], reduce: &Reduce) -> Result<Vec<u8>> {
         if let Some(f) = &self.failure {
             candle::bail!("process group is unusable after an earlier failure: {f}")
         }
@@ -562,7 +570,7 @@ fn root_exchange(
     seq: u64,
     call: Call,
     payload: &[u8],
-    reduce: &dyn Fn(&[Vec<u8>]) -> std::result::Result<Vec<u8>, String>,
+    reduce: &Reduce,
 ) -> std::result::Result<Vec<u8>, String> {
     let deadline = Instant::now() + options.timeout;
     let own = Header::data(seq, &call, payload.len() as u64);
@@ -578,7 +586,10 @@ fn root_exchange(
         read_full(s, &mut hb, deadline).map_err(|e| io_error(r, &doing, &e, options.timeout))?;
         let h = Header::decode(&hb).map_err(|e| format!("rank {r}: {e}"))?;
         if h.kind != Kind::Data {
-            return Err(format!("rank {r} sent an unexpected {:?} frame in collective #{seq}", h.kind));
+            return Err(format!(
+                "rank {r} sent an unexpected {:?} frame in collective #{seq}",
+                h.kind
+            ));
         }
         let expected = h.call().map(|c| c.payload_len(r));
         if expected != Some(h.len) {
@@ -626,7 +637,12 @@ fn root_exchange(
         let r = i + 1;
         if let Some(s) = slot.as_mut() {
             write_frame(s, &h, &reply, deadline).map_err(|e| {
-                io_error(r, &format!("rank 0 sent the result of collective #{seq} ({call})"), &e, options.timeout)
+                io_error(
+                    r,
+                    &format!("rank 0 sent the result of collective #{seq} ({call})"),
+                    &e,
+                    options.timeout,
+                )
             })?;
         }
     }
@@ -644,7 +660,12 @@ fn leaf_exchange(
     let start = Instant::now();
     let h = Header::data(seq, &call, payload.len() as u64);
     write_frame(s, &h, payload, start + options.timeout).map_err(|e| {
-        io_error(0, &format!("rank {rank} sent its part of collective #{seq} ({call})"), &e, options.timeout)
+        io_error(
+            0,
+            &format!("rank {rank} sent its part of collective #{seq} ({call})"),
+            &e,
+            options.timeout,
+        )
     })?;
     // Rank 0 is the one that waits on every rank and reports which one failed;
     // give it a little longer than its own timeout to say so.
@@ -652,12 +673,16 @@ fn leaf_exchange(
     let deadline = start + options.timeout + grace;
     let doing = format!("rank {rank} waited for the result of collective #{seq} ({call})");
     let mut hb = [0u8; HEADER_LEN];
-    read_full(s, &mut hb, deadline).map_err(|e| io_error(0, &doing, &e, options.timeout + grace))?;
+    read_full(s, &mut hb, deadline)
+        .map_err(|e| io_error(0, &doing, &e, options.timeout + grace))?;
     let r = Header::decode(&hb).map_err(|e| format!("rank 0: {e}"))?;
     match r.kind {
         Kind::Error => {
             if r.len > MAX_ERROR_BYTES as u64 {
-                return Err(format!("rank 0 reported an error of {} bytes (too long to read)", r.len));
+                return Err(format!(
+                    "rank 0 reported an error of {} bytes (too long to read)",
+                    r.len
+                ));
             }
             let mut m = vec![0u8; r.len as usize];
             read_full(s, &mut m, deadline).map_err(|e| io_error(0, &doing, &e, options.timeout))?;
@@ -675,7 +700,9 @@ fn leaf_exchange(
             read_full(s, &mut p, deadline).map_err(|e| io_error(0, &doing, &e, options.timeout))?;
             Ok(p)
         }
-        k => Err(format!("rank 0 sent an unexpected {k:?} frame in collective #{seq}")),
+        k => Err(format!(
+            "rank 0 sent an unexpected {k:?} frame in collective #{seq}"
+        )),
     }
 }
 
@@ -691,7 +718,11 @@ fn serve(rv: &Rendezvous, token: &[u8], options: &StoreOptions) -> Result<Vec<Op
     let local = listener.local_addr()?;
     if let Some(path) = &rv.port_file {
         crate::data_parallel::write_atomic(path, local.port().to_string().as_bytes()).map_err(
-            |e| candle::Error::Msg(format!("rendezvous: could not write the port file {path:?}: {e}")),
+            |e| {
+                candle::Error::Msg(format!(
+                    "rendezvous: could not write the port file {path:?}: {e}"
+                ))
+            },
         )?;
     }
     listener.set_nonblocking(true)?;
@@ -735,7 +766,12 @@ fn serve(rv: &Rendezvous, token: &[u8], options: &StoreOptions) -> Result<Vec<Op
                     len: reason.len() as u64,
                     ..Header::new(Kind::Refuse)
                 };
-                let _ = write_frame(&mut s, &h, reason.as_bytes(), Instant::now() + Duration::from_secs(1));
+                let _ = write_frame(
+                    &mut s,
+                    &h,
+                    reason.as_bytes(),
+                    Instant::now() + Duration::from_secs(1),
+                );
                 let _ = s.shutdown(Shutdown::Both);
                 refused.push(format!("{from}: {reason}"));
             }
@@ -747,13 +783,18 @@ fn serve(rv: &Rendezvous, token: &[u8], options: &StoreOptions) -> Result<Vec<Op
     };
     for (i, s) in peers.iter_mut().enumerate() {
         if let Some(s) = s {
-            write_frame(s, &welcome, &[], deadline.max(Instant::now() + Duration::from_secs(1)))
-                .map_err(|e| {
-                    candle::Error::Msg(format!(
-                        "rendezvous: {}",
-                        io_error(i + 1, "rank 0 welcomed it", &e, options.timeout)
-                    ))
-                })?;
+            write_frame(
+                s,
+                &welcome,
+                &[],
+                deadline.max(Instant::now() + Duration::from_secs(1)),
+            )
+            .map_err(|e| {
+                candle::Error::Msg(format!(
+                    "rendezvous: {}",
+                    io_error(i + 1, "rank 0 welcomed it", &e, options.timeout)
+                ))
+            })?;
         }
     }
     Ok(peers)
@@ -798,7 +839,9 @@ fn check_hello(
     }
     let r = h.root as usize;
     if r == 0 || r >= world {
-        return Err(format!("rank {r} is out of range 1..{world} for a joining rank"));
+        return Err(format!(
+            "rank {r} is out of range 1..{world} for a joining rank"
+        ));
     }
     if peers[r - 1].is_some() {
         return Err(format!("rank {r} has already joined (duplicate RANK)"));
@@ -829,7 +872,12 @@ fn master_port(rv: &Rendezvous, deadline: Instant) -> Result<u16> {
 }
 
 fn read_port(path: &Path) -> Option<u16> {
-    std::fs::read_to_string(path).ok()?.trim().parse().ok().filter(|&p| p != 0)
+    std::fs::read_to_string(path)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+        .filter(|&p| p != 0)
 }
 
 /// Other ranks: connects to rank 0 (retrying until it listens) and says hello.
@@ -848,7 +896,10 @@ fn join(rv: &Rendezvous, token: &[u8], options: &StoreOptions) -> Result<TcpStre
         };
         for a in &addrs {
             let left = deadline.saturating_duration_since(Instant::now());
-            match TcpStream::connect_timeout(a, left.clamp(Duration::from_millis(10), Duration::from_secs(5))) {
+            match TcpStream::connect_timeout(
+                a,
+                left.clamp(Duration::from_millis(10), Duration::from_secs(5)),
+            ) {
                 Ok(s) => break 'connect s,
                 Err(e) => last_err = Some(e),
             }
@@ -858,7 +909,9 @@ fn join(rv: &Rendezvous, token: &[u8], options: &StoreOptions) -> Result<TcpStre
                 "rendezvous: rank {} could not connect to rank 0 at {addr} within {:?}: {}",
                 rv.rank,
                 options.rendezvous_timeout,
-                last_err.map(|e| e.to_string()).unwrap_or_else(|| "no address".into())
+                last_err
+                    .map(|e| e.to_string())
+                    .unwrap_or_else(|| "no address".into())
             )
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -932,5 +985,69 @@ mod tests {
         assert!(!constant_time_eq(b"abc", b"abcd"));
         assert!(!constant_time_eq(b"", b"a"));
         assert!(constant_time_eq(b"", b""));
+    }
+}
+
+#[cfg(test)]
+mod star_tests {
+    use super::*;
+
+    /// Runs `f(star)` on `world` ranks (threads) joined through a port file.
+    fn run<T: Send + 'static>(
+        world: usize,
+        f: impl Fn(Star) -> T + Send + Sync + Clone + 'static,
+    ) -> Vec<T> {
+        let dir = std::env::temp_dir().join(format!(
+            "syncbn-star-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pf = dir.join("port");
+        let _ = std::fs::remove_file(&pf);
+        let opts = StoreOptions {
+            timeout: Duration::from_secs(5),
+            rendezvous_timeout: Duration::from_secs(5),
+            ..Default::default()
+        };
+        let hs: Vec<_> = (0..world)
+            .map(|r| {
+                let (f, pf) = (f.clone(), pf.clone());
+                std::thread::spawn(move || {
+                    let rv = Rendezvous::new(r, world, "127.0.0.1", 0)
+                        .unwrap()
+                        .with_port_file(pf)
+                        .with_token("t");
+                    f(Star::connect(&rv, opts).unwrap())
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    }
+
+    /// The NCCL debug mode's agreement check: a metadata-only exchange.
+    #[test]
+    fn meta_only_check_agrees_and_disagrees() {
+        let out = run(3, |mut star| {
+            let call = |count| Call {
+                op: Op::AllReduceSum,
+                dtype: dtype_code(DType::F32),
+                count,
+                root: 0,
+                flags: FLAG_META_ONLY,
+            };
+            let first = star.exchange(call(12), &[], &|_| Ok(Vec::new()));
+            let count = if star.rank == 2 { 15 } else { 12 };
+            let second = star.exchange(call(count), &[], &|_| Ok(Vec::new()));
+            (first.map(|v| v.len()), second.map_err(|e| e.to_string()))
+        });
+        for (first, second) in out {
+            assert_eq!(first.unwrap(), 0);
+            let e = second.unwrap_err();
+            assert!(
+                e.contains("rank 2: collective #1: all_reduce_sum of 15 f32 (check)"),
+                "{e}"
+            );
+        }
     }
 }

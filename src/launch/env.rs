@@ -175,7 +175,11 @@ impl Rendezvous {
         // SLURM_NTASKS_PER_NODE may be "4(x2)"; use the leading number.
         let local_world_size = match get(local_size_v) {
             Some(v) => {
-                let lead: String = v.trim().chars().take_while(|c| c.is_ascii_digit()).collect();
+                let lead: String = v
+                    .trim()
+                    .chars()
+                    .take_while(|c| c.is_ascii_digit())
+                    .collect();
                 Some(parse_usize(local_size_v, &lead)?)
             }
             None => None,
@@ -304,10 +308,14 @@ mod tests {
     #[test]
     fn absent_and_invalid() {
         assert!(lookup(&[]).unwrap().is_none());
-        assert!(lookup(&[("RANK", "0"), ("WORLD_SIZE", "1")]).unwrap().is_some());
+        assert!(lookup(&[("RANK", "0"), ("WORLD_SIZE", "1")])
+            .unwrap()
+            .is_some());
         let err = |v: &[(&str, &str)]| lookup(v).unwrap_err().to_string();
-        assert!(err(&[("RANK", "2"), ("WORLD_SIZE", "2"), ("MASTER_PORT", "1")])
-            .contains("out of range"));
+        assert!(
+            err(&[("RANK", "2"), ("WORLD_SIZE", "2"), ("MASTER_PORT", "1")])
+                .contains("out of range")
+        );
         assert!(err(&[("RANK", "0"), ("WORLD_SIZE", "2")]).contains("MASTER_PORT"));
         assert!(err(&[("RANK", "x"), ("WORLD_SIZE", "2")]).contains("RANK"));
         assert!(err(&[("RANK", "0")]).contains("WORLD_SIZE"));

@@ -269,7 +269,8 @@ mod tests {
 
     #[test]
     fn nproc_flag() {
-        let (n, rest) = split_nproc_flag(os(&["--epochs", "2", "--nproc-per-node", "3", "-v"])).unwrap();
+        let (n, rest) =
+            split_nproc_flag(os(&["--epochs", "2", "--nproc-per-node", "3", "-v"])).unwrap();
         assert_eq!(n, Some(3));
         assert_eq!(rest, os(&["--epochs", "2", "-v"]));
         let (n, rest) = split_nproc_flag(os(&["--nproc-per-node=4"])).unwrap();

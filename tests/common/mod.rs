@@ -157,7 +157,7 @@ pub fn assert_close(what: &str, a: &[f64], b: &[f64], atol: f64, rtol: f64) {
     let mut worst = (0usize, 0.0f64);
     for (i, (&x, &y)) in a.iter().zip(b).enumerate() {
         let excess = (x - y).abs() - (atol + rtol * y.abs());
-        if !(excess <= 0.0) && (excess > worst.1 || worst.1 == 0.0 || x.is_nan()) {
+        if (excess > 0.0 || excess.is_nan()) && (excess > worst.1 || worst.1 == 0.0 || x.is_nan()) {
             worst = (i, if x.is_nan() { f64::INFINITY } else { excess });
         }
     }
