@@ -350,8 +350,9 @@ mod tests {
         assert_eq!(major.inner_stride, c_n);
         let a = batch_stats(&y, &inner);
         let b = batch_stats(&y, &major);
+        // f32 inputs accumulate in f32, in a different order on the two paths.
         for (p, q) in a.iter().zip(b.iter()) {
-            assert!((p - q).abs() < 1e-9 * p.abs().max(1.0), "{p} vs {q}");
+            assert!((p - q).abs() < 1e-5 * p.abs().max(1.0), "{p} vs {q}");
         }
     }
 }
