@@ -348,7 +348,7 @@ fn run(args: &Args) -> Result<()> {
     let (train, test, size) = load_data(args)?;
     if main {
         println!(
-            "{world} rank(s), {:?} group, device {}, {} train / {} test images of {size}×{size}{}",
+            "{world} rank(s), {} group, device {}, {} train / {} test images of {size}×{size}{}",
             group.backend().name(),
             args.device,
             train.len(),
