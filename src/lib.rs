@@ -4,7 +4,9 @@
 
 pub mod convert;
 pub mod cpu;
+pub mod data_parallel;
 pub mod group;
+pub mod launch;
 pub mod ops;
 
 mod config;

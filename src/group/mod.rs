@@ -1,19 +1,31 @@
 //! Process groups: who takes part in the collectives of a [`crate::SyncBatchNorm`].
 //!
 //! A [`ProcessGroup`] is a cheap-to-clone handle over a [`Backend`]. The crate ships
-//! the [`single`](ProcessGroup::single) group (world size 1, no communication) and the
-//! in-process [`threads`](ProcessGroup::threads) group (one thread per rank). Users can
+//! the [`single`](ProcessGroup::single) group (world size 1, no communication), the
+//! in-process [`threads`](ProcessGroup::threads) group (one thread per rank), the
+//! [`tcp`](ProcessGroup::tcp) group (one process per rank, any device) and, with the
+//! `nccl` feature, the [`nccl`](ProcessGroup::nccl) group (one process per GPU).
+//! [`ProcessGroup::from_env`] picks one from the launcher's environment. Users can
 //! plug in their own collective library (MPI, gloo, …) by implementing [`Backend`].
 
 mod default;
+#[cfg(feature = "nccl")]
+mod nccl;
 mod single;
+mod store;
+mod tcp;
 mod threads;
 
 pub use default::{default_group, set_default_group, set_thread_default_group};
+#[cfg(feature = "nccl")]
+pub use nccl::{NcclBackend, NcclOptions, DEBUG_VAR};
 pub use single::SingleBackend;
+pub use store::{StoreOptions, MAX_ERROR_BYTES, MAX_TOKEN_BYTES};
+pub use tcp::{TcpBackend, TcpOptions};
 pub use threads::ThreadsBackend;
 
-use candle::{Result, Tensor};
+use crate::launch::env::Rendezvous;
+use candle::{DType, Device, Result, Tensor};
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -50,6 +62,13 @@ pub trait Backend: Send + Sync + fmt::Debug {
 
     /// A short name of the backend for messages ("single", "threads", "tcp", "nccl", …).
     fn name(&self) -> &str;
+
+    /// Returns when every rank has called it. The default implementation is an
+    /// all-reduce of one value.
+    fn barrier(&self) -> Result<()> {
+        self.all_reduce_sum(&Tensor::zeros(1, DType::F32, &Device::Cpu)?)?;
+        Ok(())
+    }
 }
 
 /// A handle on a group of ranks that synchronize batch statistics.
@@ -82,6 +101,44 @@ impl ProcessGroup {
             .into_iter()
             .map(Self::from_backend)
             .collect())
+    }
+
+    /// Joins the TCP group described by `rv`: one process per rank, on one or
+    /// several machines. Rank 0 serves the rendezvous on
+    /// `rv.master_addr:rv.master_port`; the call returns on every rank once all
+    /// have joined. Tensors on any device can be reduced (staged through host
+    /// memory). See [`TcpOptions`] for the timeouts.
+    pub fn tcp(rv: &Rendezvous, options: TcpOptions) -> Result<ProcessGroup> {
+        Ok(Self::from_backend(TcpBackend::connect(rv, options)?))
+    }
+
+    /// Joins the NCCL group described by `rv` for the CUDA device `device` (one
+    /// process per GPU); the NCCL unique id is shared through the TCP rendezvous.
+    #[cfg(feature = "nccl")]
+    pub fn nccl(rv: &Rendezvous, device: &Device, options: NcclOptions) -> Result<ProcessGroup> {
+        Ok(Self::from_backend(NcclBackend::connect(
+            rv, device, options,
+        )?))
+    }
+
+    /// The group described by the launcher's environment (see
+    /// [`crate::launch::env`]): [`ProcessGroup::single`] when no launcher
+    /// variables are set or the world size is 1, NCCL when `device` is a CUDA
+    /// device and the `nccl` feature is on, TCP otherwise. Timeouts come from
+    /// `SYNCBN_TIMEOUT` (seconds) when set.
+    pub fn from_env(device: &Device) -> Result<ProcessGroup> {
+        let Some(rv) = Rendezvous::from_env()? else {
+            return Ok(Self::single());
+        };
+        if rv.world_size == 1 {
+            return Ok(Self::single());
+        }
+        #[cfg(feature = "nccl")]
+        if device.is_cuda() {
+            return Self::nccl(&rv, device, NcclOptions::from_env()?);
+        }
+        let _ = device;
+        Self::tcp(&rv, TcpOptions::from_env()?)
     }
 
     /// Wraps a user-provided backend.
@@ -132,6 +189,16 @@ impl ProcessGroup {
             return Ok(tensor.clone());
         }
         self.backend.broadcast(tensor, root)
+    }
+}
+
+impl ProcessGroup {
+    /// Returns when every rank of the group has called it.
+    pub fn barrier(&self) -> Result<()> {
+        if self.world_size() == 1 {
+            return Ok(());
+        }
+        self.backend.barrier()
     }
 }
 

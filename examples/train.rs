@@ -1,0 +1,510 @@
+//! Data-parallel training of a small CNN with `SyncBatchNorm`, one process per rank.
+//!
+//! ```text
+//! cargo run --release --example train                      # CPU, 2 ranks over loopback, synthetic data
+//! cargo run --release --example train -- --nproc-per-node 4 --epochs 5
+//! cargo run --release --example train -- --data ~/mnist   # MNIST-format IDX files
+//! cargo run --release --features nccl --example train -- --device cuda --nproc-per-node 2
+//! torchrun-style: RANK=.. WORLD_SIZE=.. MASTER_ADDR=.. MASTER_PORT=.. SYNCBN_TOKEN=.. train
+//! ```
+//!
+//! Without `--nproc-per-node` and without a launcher's environment the example
+//! launches itself as 2 ranks. Each rank trains on its slice of every global
+//! batch; gradients are averaged over the ranks in bucketed all-reduces and
+//! the batch statistics of the `SyncBatchNorm` layers are those of the global
+//! batch. At the end the test split is evaluated, the running statistics are
+//! checked to be identical on every rank, rank 0 saves a safetensors
+//! checkpoint (atomically), and reloads it to evaluate again.
+
+use anyhow::{bail, Context, Result};
+use candle::{DType, Device, Module, ModuleT, Tensor, D};
+use candle_nn::{Optimizer, VarBuilder, VarMap};
+use candle_syncbn::data_parallel::{average_gradients, broadcast_varmap, save_varmap_atomic};
+use candle_syncbn::launch::{launch_if_requested, Rendezvous};
+use candle_syncbn::{ProcessGroup, SyncBatchNorm, SyncBatchNormConfig};
+use clap::Parser;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Parser, Debug, Clone)]
+#[command(about = "Data-parallel CNN training with SyncBatchNorm (candle-syncbn)")]
+struct Args {
+    /// Launch this many rank processes on this machine (default 2 when no
+    /// launcher environment is set).
+    #[arg(long)]
+    nproc_per_node: Option<usize>,
+    /// `cpu` (TCP group) or `cuda` (NCCL group; GPU = LOCAL_RANK).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// A folder with MNIST-format IDX files (train-images-idx3-ubyte,
+    /// train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte);
+    /// default: a synthetic dataset generated in code.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Number of epochs.
+    #[arg(long, default_value_t = 3)]
+    epochs: usize,
+    /// Samples per rank and step.
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// AdamW learning rate.
+    #[arg(long, default_value_t = 3e-3)]
+    lr: f64,
+    /// Synthetic data: training samples.
+    #[arg(long, default_value_t = 4096)]
+    train_size: usize,
+    /// Synthetic data: test samples.
+    #[arg(long, default_value_t = 1024)]
+    test_size: usize,
+    /// Synthetic data: image side.
+    #[arg(long, default_value_t = 16)]
+    image_size: usize,
+    /// Stop each epoch after this many steps.
+    #[arg(long)]
+    max_steps: Option<usize>,
+    /// Checkpoint path (written by rank 0).
+    #[arg(long, default_value = "syncbn-train.safetensors")]
+    checkpoint: PathBuf,
+    /// Only evaluate the checkpoint (no training).
+    #[arg(long)]
+    eval_only: bool,
+    /// Seed of the data order and the synthetic data.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+const CLASSES: usize = 10;
+
+/// conv–SyncBatchNorm–ReLU–pool ×2, then a linear head.
+struct Net {
+    c1: candle_nn::Conv2d,
+    b1: SyncBatchNorm,
+    c2: candle_nn::Conv2d,
+    b2: SyncBatchNorm,
+    fc: candle_nn::Linear,
+}
+
+impl Net {
+    fn new(vb: VarBuilder, image_size: usize, group: &ProcessGroup) -> Result<Self> {
+        let conv = candle_nn::Conv2dConfig {
+            padding: 1,
+            ..Default::default()
+        };
+        let bn = SyncBatchNormConfig::default();
+        let feat = image_size / 4;
+        if feat == 0 {
+            bail!("images must be at least 4×4, got {image_size}×{image_size}")
+        }
+        Ok(Self {
+            c1: candle_nn::conv2d_no_bias(1, 16, 3, conv, vb.pp("conv1"))?,
+            b1: SyncBatchNorm::new(16, bn, vb.pp("bn1"), group.clone())?,
+            c2: candle_nn::conv2d_no_bias(16, 32, 3, conv, vb.pp("conv2"))?,
+            b2: SyncBatchNorm::new(32, bn, vb.pp("bn2"), group.clone())?,
+            fc: candle_nn::linear(32 * feat * feat, CLASSES, vb.pp("fc"))?,
+        })
+    }
+
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let x = self
+            .b1
+            .forward_t(&self.c1.forward(x)?, train)?
+            .relu()?
+            .max_pool2d(2)?;
+        let x = self
+            .b2
+            .forward_t(&self.c2.forward(&x)?, train)?
+            .relu()?
+            .max_pool2d(2)?;
+        Ok(self.fc.forward(&x.flatten_from(1)?)?)
+    }
+}
+
+/// A dataset split: images `(n, 1, s, s)` f32 and labels `(n,)` u32, on the CPU.
+struct Split {
+    images: Tensor,
+    labels: Tensor,
+}
+
+impl Split {
+    fn len(&self) -> usize {
+        self.labels.dims1().unwrap_or(0)
+    }
+}
+
+/// SplitMix64: deterministic pseudo-random numbers.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn uniform(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 24) as f32
+    }
+    fn normal(&mut self) -> f32 {
+        let (u1, u2) = (self.uniform().max(1e-7), self.uniform());
+        (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
+    }
+}
+
+/// Synthetic images: class k is a blob at one of 10 places (5×2 grid), with
+/// position jitter, random brightness, and noise.
+fn synthetic(n: usize, size: usize, seed: u64) -> Result<Split> {
+    let mut rng = Rng(seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ 0x5DEE_CE66);
+    let s = size as f32;
+    let sigma = s / 9.0;
+    let mut images = Vec::with_capacity(n * size * size);
+    let mut labels = Vec::with_capacity(n);
+    for _ in 0..n {
+        let k = (rng.next() % CLASSES as u64) as usize;
+        let cx = ((k % 5) as f32 + 0.5) * s / 5.0 + (rng.uniform() - 0.5) * s / 8.0;
+        let cy = ((k / 5) as f32 + 0.5) * s / 2.0 + (rng.uniform() - 0.5) * s / 5.0;
+        let amp = 0.6 + 0.8 * rng.uniform();
+        for y in 0..size {
+            for x in 0..size {
+                let d2 = (x as f32 - cx).powi(2) + (y as f32 - cy).powi(2);
+                images.push(amp * (-d2 / (2.0 * sigma * sigma)).exp() + 0.35 * rng.normal());
+            }
+        }
+        labels.push(k as u32);
+    }
+    Ok(Split {
+        images: Tensor::from_vec(images, (n, 1, size, size), &Device::Cpu)?,
+        labels: Tensor::from_vec(labels, n, &Device::Cpu)?,
+    })
+}
+
+fn read_u32(b: &[u8], i: usize) -> u32 {
+    u32::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
+}
+
+/// Reads an MNIST-format pair of IDX files (square images of any size).
+fn read_idx(dir: &Path, prefix: &str) -> Result<Split> {
+    let ip = dir.join(format!("{prefix}-images-idx3-ubyte"));
+    let lp = dir.join(format!("{prefix}-labels-idx1-ubyte"));
+    let ib = std::fs::read(&ip).with_context(|| format!("reading {ip:?}"))?;
+    let lb = std::fs::read(&lp).with_context(|| format!("reading {lp:?}"))?;
+    if ib.len() < 16 || read_u32(&ib, 0) != 0x0803 {
+        bail!("{ip:?}: not an IDX image file (expected magic 0x00000803)")
+    }
+    if lb.len() < 8 || read_u32(&lb, 0) != 0x0801 {
+        bail!("{lp:?}: not an IDX label file (expected magic 0x00000801)")
+    }
+    let (n, rows, cols) = (
+        read_u32(&ib, 4) as usize,
+        read_u32(&ib, 8) as usize,
+        read_u32(&ib, 12) as usize,
+    );
+    if rows != cols {
+        bail!("{ip:?}: expected square images, got {rows}×{cols}")
+    }
+    if ib.len() != 16 + n * rows * cols {
+        bail!(
+            "{ip:?}: expected {} bytes for {n} images of {rows}×{cols}, got {}",
+            16 + n * rows * cols,
+            ib.len()
+        )
+    }
+    if read_u32(&lb, 4) as usize != n || lb.len() != 8 + n {
+        bail!("{lp:?}: expected {n} labels")
+    }
+    if let Some(bad) = lb[8..].iter().find(|&&l| l as usize >= CLASSES) {
+        bail!("{lp:?}: label {bad} is not in 0..{CLASSES}")
+    }
+    let images: Vec<f32> = ib[16..]
+        .iter()
+        .map(|&v| (v as f32 / 255.0 - 0.13) / 0.31)
+        .collect();
+    let labels: Vec<u32> = lb[8..].iter().map(|&l| l as u32).collect();
+    Ok(Split {
+        images: Tensor::from_vec(images, (n, 1, rows, cols), &Device::Cpu)?,
+        labels: Tensor::from_vec(labels, n, &Device::Cpu)?,
+    })
+}
+
+fn load_data(args: &Args) -> Result<(Split, Split, usize)> {
+    match &args.data {
+        Some(dir) => {
+            let train = read_idx(dir, "train")?;
+            let test = read_idx(dir, "t10k")?;
+            let size = train.images.dim(2)?;
+            if test.images.dim(2)? != size {
+                bail!("train and test images have different sizes")
+            }
+            Ok((train, test, size))
+        }
+        None => Ok((
+            synthetic(args.train_size, args.image_size, args.seed)?,
+            synthetic(args.test_size, args.image_size, args.seed ^ 0xABCD_EF01)?,
+            args.image_size,
+        )),
+    }
+}
+
+/// The same permutation of `0..n` on every rank.
+fn permutation(n: usize, seed: u64) -> Vec<u32> {
+    let mut rng = Rng(seed);
+    let mut p: Vec<u32> = (0..n as u32).collect();
+    for i in (1..n).rev() {
+        p.swap(i, (rng.next() % (i as u64 + 1)) as usize);
+    }
+    p
+}
+
+/// `(correct, count)` of `net` on the samples of `split` with index ≡ rank (mod world).
+fn evaluate(
+    net: &Net,
+    split: &Split,
+    device: &Device,
+    rank: usize,
+    world: usize,
+) -> Result<(f64, f64)> {
+    let idx: Vec<u32> = (rank..split.len())
+        .step_by(world)
+        .map(|i| i as u32)
+        .collect();
+    let mut correct = 0f64;
+    for chunk in idx.chunks(256) {
+        let i = Tensor::new(chunk, &Device::Cpu)?;
+        let x = split.images.index_select(&i, 0)?.to_device(device)?;
+        let y = split.labels.index_select(&i, 0)?.to_device(device)?;
+        let pred = net.forward_t(&x, false)?.argmax(D::Minus1)?;
+        correct += pred
+            .eq(&y)?
+            .to_dtype(DType::F64)?
+            .sum_all()?
+            .to_scalar::<f64>()?;
+    }
+    Ok((correct, idx.len() as f64))
+}
+
+/// Sums `values` over the ranks.
+fn sum_over(group: &ProcessGroup, values: &[f64], device: &Device) -> Result<Vec<f64>> {
+    let t = Tensor::new(values, device)?;
+    Ok(group.all_reduce_sum(&t)?.to_vec1::<f64>()?)
+}
+
+/// The running statistics of the model, flattened in name order (f64).
+fn running_stats(varmap: &VarMap) -> Result<Tensor> {
+    let data = varmap
+        .data()
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned VarMap"))?;
+    let mut names: Vec<&String> = data
+        .keys()
+        .filter(|k| {
+            k.ends_with("running_mean")
+                || k.ends_with("running_var")
+                || k.ends_with("num_batches_tracked")
+        })
+        .collect();
+    names.sort();
+    let parts: Vec<Tensor> = names
+        .iter()
+        .map(|k| data[*k].as_tensor().to_dtype(DType::F64)?.flatten_all())
+        .collect::<candle::Result<_>>()?;
+    Ok(Tensor::cat(&parts, 0)?)
+}
+
+fn is_trainable(name: &str) -> bool {
+    !(name.ends_with("running_mean")
+        || name.ends_with("running_var")
+        || name.ends_with("num_batches_tracked"))
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let in_launcher = Rendezvous::from_env()?.is_some();
+    if !in_launcher || args.nproc_per_node.is_some() {
+        if let Some(code) = launch_if_requested(Some(2))? {
+            std::process::exit(code);
+        }
+    }
+    if let Err(e) = run(&args) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+fn run(args: &Args) -> Result<()> {
+    let rv = Rendezvous::from_env()?;
+    let local_rank = rv.as_ref().map(|r| r.local_rank).unwrap_or(0);
+    let device = match args.device.as_str() {
+        "cpu" => Device::Cpu,
+        "cuda" => {
+            Device::new_cuda(local_rank).context("--device cuda: opening the GPU of LOCAL_RANK")?
+        }
+        d => bail!("--device: expected cpu or cuda, got {d:?}"),
+    };
+    let t0 = Instant::now();
+    let group = ProcessGroup::from_env(&device)?;
+    let (rank, world) = (group.rank(), group.world_size());
+    let main = rank == 0;
+    let (train, test, size) = load_data(args)?;
+    if main {
+        println!(
+            "{world} rank(s), {} group, device {}, {} train / {} test images of {size}×{size}{}",
+            group.backend().name(),
+            args.device,
+            train.len(),
+            test.len(),
+            if args.data.is_some() {
+                ""
+            } else {
+                " (synthetic)"
+            }
+        );
+    }
+    if args.eval_only {
+        if main {
+            let (acc, _) = eval_checkpoint(args, &test, size, &device)?;
+            println!(
+                "checkpoint {:?}: test accuracy {:.2}%",
+                args.checkpoint,
+                100.0 * acc
+            );
+        }
+        return Ok(());
+    }
+
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
+    let net = Net::new(vb, size, &group)?;
+    broadcast_varmap(&varmap, &group, 0)?;
+    let trainable: Vec<candle::Var> = {
+        let data = varmap
+            .data()
+            .lock()
+            .map_err(|_| anyhow::anyhow!("poisoned VarMap"))?;
+        let mut v: Vec<(&String, &candle::Var)> =
+            data.iter().filter(|(k, _)| is_trainable(k)).collect();
+        v.sort_by(|a, b| a.0.cmp(b.0));
+        v.into_iter().map(|(_, v)| v.clone()).collect()
+    };
+    let mut opt = candle_nn::AdamW::new(
+        trainable,
+        candle_nn::ParamsAdamW {
+            lr: args.lr,
+            weight_decay: 0.0,
+            ..Default::default()
+        },
+    )?;
+
+    let b = args.batch_size;
+    let global = b * world;
+    let mut steps = train.len() / global;
+    if let Some(m) = args.max_steps {
+        steps = steps.min(m);
+    }
+    if steps == 0 {
+        bail!(
+            "{} training samples are fewer than one global batch of {global}",
+            train.len()
+        )
+    }
+    for epoch in 0..args.epochs {
+        let start = Instant::now();
+        let perm = permutation(train.len(), args.seed.wrapping_add(epoch as u64 + 1));
+        let (mut loss_sum, mut correct) = (0f64, 0f64);
+        for step in 0..steps {
+            let o = step * global + rank * b;
+            let idx = Tensor::new(&perm[o..o + b], &Device::Cpu)?;
+            let x = train.images.index_select(&idx, 0)?.to_device(&device)?;
+            let y = train.labels.index_select(&idx, 0)?.to_device(&device)?;
+            let logits = net.forward_t(&x, true)?;
+            let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
+            let mut grads = loss.backward()?;
+            average_gradients(&varmap, &mut grads, &group)?;
+            opt.step(&grads)?;
+            loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()? * b as f64;
+            correct += logits
+                .argmax(D::Minus1)?
+                .eq(&y)?
+                .to_dtype(DType::F64)?
+                .sum_all()?
+                .to_scalar::<f64>()?;
+        }
+        let s = sum_over(&group, &[loss_sum, correct, (steps * b) as f64], &device)?;
+        let secs = start.elapsed().as_secs_f64();
+        if main {
+            println!(
+                "epoch {}/{}: loss {:.4}, train accuracy {:.2}%, {:.0} samples/s ({:.1} s)",
+                epoch + 1,
+                args.epochs,
+                s[0] / s[2],
+                100.0 * s[1] / s[2],
+                s[2] / secs,
+                secs
+            );
+        }
+    }
+
+    let (c, n) = evaluate(&net, &test, &device, rank, world)?;
+    let s = sum_over(&group, &[c, n], &device)?;
+    let test_acc = s[0] / s[1];
+    if main {
+        println!("test accuracy {:.2}% ({} images)", 100.0 * test_acc, s[1]);
+    }
+
+    // The running statistics must be bitwise identical on every rank.
+    let own = running_stats(&varmap)?;
+    let root = group.broadcast(&own, 0)?;
+    let differ = own
+        .ne(&root)?
+        .to_dtype(DType::F64)?
+        .sum_all()?
+        .to_scalar::<f64>()?;
+    let differ = sum_over(&group, &[differ], &device)?[0];
+    if main {
+        println!(
+            "running statistics identical on all {world} ranks: {} ({} values, {differ} differing)",
+            if differ == 0.0 { "yes" } else { "NO" },
+            own.elem_count()
+        );
+    }
+    if differ != 0.0 {
+        bail!("the running statistics differ between ranks")
+    }
+
+    if main {
+        save_varmap_atomic(&varmap, &args.checkpoint)?;
+        println!("saved checkpoint {:?}", args.checkpoint);
+        let (acc, _) = eval_checkpoint(args, &test, size, &device)?;
+        println!(
+            "reloaded checkpoint: test accuracy {:.2}% ({})",
+            100.0 * acc,
+            if acc == test_acc {
+                "same as before saving"
+            } else {
+                "DIFFERS"
+            }
+        );
+        if acc != test_acc {
+            bail!("the reloaded checkpoint evaluates differently")
+        }
+        println!("done in {:.1} s", t0.elapsed().as_secs_f64());
+    }
+    group.barrier()?;
+    Ok(())
+}
+
+/// Loads the checkpoint into a fresh single-process model and evaluates it.
+fn eval_checkpoint(args: &Args, test: &Split, size: usize, device: &Device) -> Result<(f64, f64)> {
+    let mut varmap = VarMap::new();
+    let single = ProcessGroup::single();
+    let net = Net::new(
+        VarBuilder::from_varmap(&varmap, DType::F32, device),
+        size,
+        &single,
+    )?;
+    varmap
+        .load(&args.checkpoint)
+        .with_context(|| format!("loading {:?}", args.checkpoint))?;
+    let (c, n) = evaluate(&net, test, device, 0, 1)?;
+    Ok((c / n, n))
+}

@@ -1,0 +1,267 @@
+//! What a data-parallel training loop needs besides `SyncBatchNorm`, since
+//! candle has no DDP: start every rank from rank 0's variables
+//! ([`broadcast_varmap`]), average the gradients over the ranks before the
+//! optimizer step ([`average_gradients`], in a few large bucketed all-reduces
+//! rather than one call per tensor), and write checkpoints atomically
+//! ([`save_varmap_atomic`]).
+//!
+//! Variables are visited in the order of their names, so every rank makes the
+//! same calls whatever the order of the `VarMap`'s hash map.
+
+use crate::ProcessGroup;
+use candle::{DType, Result, Tensor, Var};
+use candle_nn::VarMap;
+use std::io::Write;
+use std::path::Path;
+
+/// The default size of a gradient bucket: 25 MiB, as PyTorch's DDP.
+pub const DEFAULT_BUCKET_BYTES: usize = 25 << 20;
+
+/// The variables of `varmap` sorted by name.
+fn sorted_vars(varmap: &VarMap) -> Vec<(String, Var)> {
+    let data = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
+    let mut vars: Vec<(String, Var)> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    vars
+}
+
+/// Splits `items` (with their dtype and byte size) into runs of equal dtype
+/// of at most `bucket_bytes` each (a larger item gets a bucket of its own).
+fn buckets(items: &[(DType, usize)], bucket_bytes: usize) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut bytes = 0;
+    for (i, &(dtype, size)) in items.iter().enumerate() {
+        if i > start && (dtype != items[start].0 || bytes + size > bucket_bytes) {
+            out.push(start..i);
+            start = i;
+            bytes = 0;
+        }
+        bytes += size;
+    }
+    if start < items.len() {
+        out.push(start..items.len());
+    }
+    out
+}
+
+/// Splits a flat tensor into pieces of the given shapes.
+fn unflatten(flat: &Tensor, shapes: &[&candle::Shape]) -> Result<Vec<Tensor>> {
+    let mut offset = 0;
+    shapes
+        .iter()
+        .map(|s| {
+            let n = s.elem_count();
+            let t = flat.narrow(0, offset, n)?.reshape(*s)?;
+            offset += n;
+            Ok(t)
+        })
+        .collect()
+}
+
+/// Sets every variable of `varmap` to its value on rank `root` (all ranks
+/// must hold the same variables), in a few bucketed broadcasts.
+pub fn broadcast_varmap(varmap: &VarMap, group: &ProcessGroup, root: usize) -> Result<()> {
+    if group.world_size() == 1 {
+        return Ok(());
+    }
+    let vars = sorted_vars(varmap);
+    let items: Vec<(DType, usize)> = vars
+        .iter()
+        .map(|(_, v)| (v.dtype(), v.elem_count() * v.dtype().size_in_bytes()))
+        .collect();
+    for range in buckets(&items, DEFAULT_BUCKET_BYTES) {
+        let part = &vars[range];
+        let flat: Vec<Tensor> = part
+            .iter()
+            .map(|(_, v)| v.as_tensor().flatten_all())
+            .collect::<Result<_>>()?;
+        let flat = Tensor::cat(&flat, 0)?;
+        let out = group.broadcast(&flat, root)?;
+        let shapes: Vec<&candle::Shape> = part.iter().map(|(_, v)| v.shape()).collect();
+        for ((name, var), value) in part.iter().zip(unflatten(&out, &shapes)?) {
+            var.set(&value).map_err(|e| {
+                candle::Error::Msg(format!("broadcast_varmap: setting '{name}' failed: {e}"))
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// Replaces each gradient in `grads` of a floating-point variable of `varmap`
+/// by its average over the ranks of `group`, with buckets of
+/// [`DEFAULT_BUCKET_BYTES`] (see [`average_gradients_bucketed`]).
+pub fn average_gradients(
+    varmap: &VarMap,
+    grads: &mut candle::backprop::GradStore,
+    group: &ProcessGroup,
+) -> Result<()> {
+    average_gradients_bucketed(varmap, grads, group, DEFAULT_BUCKET_BYTES)
+}
+
+/// Like [`average_gradients`] with buckets of at most `bucket_bytes`.
+///
+/// The floating-point variables are taken in name order; a variable that has
+/// a gradient on some rank but not on this one (e.g. a branch this rank did
+/// not take) counts as a zero gradient here, and one without a gradient on
+/// any rank (running statistics, frozen weights) is left alone. The
+/// gradients are concatenated per bucket (f64 stays f64, the other float
+/// dtypes are reduced in f32), summed with one all-reduce per bucket and
+/// divided by the world size: `1 + number of buckets` collectives in all.
+pub fn average_gradients_bucketed(
+    varmap: &VarMap,
+    grads: &mut candle::backprop::GradStore,
+    group: &ProcessGroup,
+    bucket_bytes: usize,
+) -> Result<()> {
+    let world = group.world_size();
+    if world == 1 {
+        return Ok(());
+    }
+    let vars: Vec<(String, Var)> = sorted_vars(varmap)
+        .into_iter()
+        .filter(|(_, v)| v.dtype().is_float())
+        .collect();
+    if vars.is_empty() {
+        return Ok(());
+    }
+    let device = vars[0].1.device().clone();
+    let has: Vec<f32> = vars
+        .iter()
+        .map(|(_, v)| if grads.get(v).is_some() { 1.0 } else { 0.0 })
+        .collect();
+    let has = Tensor::from_vec(has, vars.len(), &device)?;
+    let has = group.all_reduce_sum(&has)?.to_vec1::<f32>()?;
+    let used: Vec<&(String, Var)> = vars
+        .iter()
+        .zip(has)
+        .filter(|(_, h)| *h > 0.0)
+        .map(|(v, _)| v)
+        .collect();
+    let reduce_dtype = |d: DType| {
+        if d == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        }
+    };
+    let items: Vec<(DType, usize)> = used
+        .iter()
+        .map(|(_, v)| {
+            let d = reduce_dtype(v.dtype());
+            (d, v.elem_count() * d.size_in_bytes())
+        })
+        .collect();
+    let scale = 1.0 / world as f64;
+    for range in buckets(&items, bucket_bytes.max(1)) {
+        let part = &used[range.clone()];
+        let dtype = items[range.start].0;
+        let flat: Vec<Tensor> = part
+            .iter()
+            .map(|(name, v)| match grads.get(v) {
+                Some(g) if g.shape() != v.shape() => candle::bail!(
+                    "average_gradients: the gradient of '{name}' has shape {:?}, the variable {:?}",
+                    g.dims(),
+                    v.dims()
+                ),
+                Some(g) => g.to_dtype(dtype)?.flatten_all(),
+                None => Tensor::zeros(v.elem_count(), dtype, v.device()),
+            })
+            .collect::<Result<_>>()?;
+        let flat = Tensor::cat(&flat, 0)?;
+        let mean = group.all_reduce_sum(&flat)?.affine(scale, 0.0)?;
+        let shapes: Vec<&candle::Shape> = part.iter().map(|(_, v)| v.shape()).collect();
+        for ((_, var), g) in part.iter().zip(unflatten(&mean, &shapes)?) {
+            grads.insert(var.as_tensor(), g.to_dtype(var.dtype())?);
+        }
+    }
+    Ok(())
+}
+
+/// Writes `bytes` to `path` atomically: to a temporary file in the same
+/// folder, flushed to disk, then renamed over `path`. A reader sees the old
+/// file or the new one, never a partial write.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = temp_path(path);
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    sync_parent(path);
+    result
+}
+
+fn temp_path(path: &Path) -> std::path::PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "file".into());
+    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+}
+
+fn sync_parent(path: &Path) {
+    if let Some(dir) = path.parent() {
+        let dir = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        };
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+}
+
+/// Saves `varmap` as safetensors to `path` atomically (see [`write_atomic`]).
+pub fn save_varmap_atomic(varmap: &VarMap, path: impl AsRef<Path>) -> Result<()> {
+    let path = path.as_ref();
+    let tmp = temp_path(path);
+    let result = (|| -> Result<()> {
+        varmap.save(&tmp)?;
+        std::fs::File::open(&tmp)?.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    sync_parent(path);
+    result.map_err(|e| candle::Error::Msg(format!("saving the checkpoint {path:?} failed: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_split() {
+        let items = [
+            (DType::F32, 40),
+            (DType::F32, 40),
+            (DType::F32, 40),
+            (DType::F64, 8),
+            (DType::F32, 200),
+            (DType::F32, 4),
+        ];
+        assert_eq!(buckets(&items, 100), vec![0..2, 2..3, 3..4, 4..5, 5..6]);
+        assert_eq!(buckets(&items, 1000), vec![0..3, 3..4, 4..6]);
+        assert!(buckets(&[], 10).is_empty());
+    }
+
+    #[test]
+    fn atomic_write_replaces() {
+        let dir = std::env::temp_dir().join(format!("syncbn-atomic-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("x.bin");
+        write_atomic(&p, b"one").unwrap();
+        write_atomic(&p, b"two").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"two");
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

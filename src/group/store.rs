@@ -1,0 +1,1053 @@
+//! The authenticated rendezvous ("store") of the multi-process groups, and the
+//! framing of every message they exchange.
+//!
+//! Rank 0 listens on `MASTER_ADDR:MASTER_PORT`; every other rank connects and
+//! sends a *hello* frame with its rank, the world size and the job token. Rank 0
+//! refuses (and closes) connections that do not speak the protocol, carry a wrong
+//! token, name a rank out of range or one that already joined, and keeps waiting
+//! for the real ranks until the rendezvous deadline. When all ranks have joined
+//! it welcomes them, and the connections stay open as a star (every rank linked
+//! to rank 0) over which the collectives of the TCP group, and the unique-id
+//! exchange and debug checks of the NCCL group, run.
+//!
+//! Every message is a fixed 40-byte header followed by a payload whose length
+//! is bounded (hello: [`MAX_TOKEN_BYTES`]; errors: [`MAX_ERROR_BYTES`]; data:
+//! the group's `max_message_bytes`). A data header carries the call's sequence
+//! number, operation, dtype, element count and root, so that ranks which do not
+//! make the same call get an error that says so, never wrong numbers or a hang.
+//! Every read and write has a deadline. After any failure the star is poisoned:
+//! rank 0 tells every rank it can still reach what went wrong, and later calls
+//! fail at once with the same message.
+
+use crate::launch::env::Rendezvous;
+use candle::{DType, Result};
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+const MAGIC: [u8; 4] = *b"SBN1";
+const HEADER_LEN: usize = 40;
+/// The protocol version, checked at the rendezvous.
+const VERSION: u8 = 1;
+/// The longest token a hello frame may carry.
+pub const MAX_TOKEN_BYTES: usize = 1024;
+/// The longest error message a frame may carry.
+pub const MAX_ERROR_BYTES: usize = 64 * 1024;
+/// How long rank 0 waits for the hello of one connection before dropping it
+/// (a stray connection that sends nothing cannot hold up the rendezvous).
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Header flag: the call carries no payload, only its description (debug checks).
+pub(crate) const FLAG_META_ONLY: u8 = 1;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Hello = 1,
+    Welcome = 2,
+    Refuse = 3,
+    Data = 4,
+    Error = 5,
+}
+
+impl Kind {
+    fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            1 => Kind::Hello,
+            2 => Kind::Welcome,
+            3 => Kind::Refuse,
+            4 => Kind::Data,
+            5 => Kind::Error,
+            _ => return None,
+        })
+    }
+}
+
+/// The collective a data frame belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Op {
+    AllReduceSum = 1,
+    Broadcast = 2,
+    Barrier = 3,
+}
+
+impl Op {
+    fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            1 => Op::AllReduceSum,
+            2 => Op::Broadcast,
+            3 => Op::Barrier,
+            _ => return None,
+        })
+    }
+}
+
+/// The wire code of a dtype (0 for "no data").
+pub(crate) fn dtype_code(dtype: DType) -> u8 {
+    match dtype {
+        DType::U8 => 1,
+        DType::U32 => 2,
+        DType::I16 => 3,
+        DType::I32 => 4,
+        DType::I64 => 5,
+        DType::BF16 => 6,
+        DType::F16 => 7,
+        DType::F32 => 8,
+        DType::F64 => 9,
+        _ => 255,
+    }
+}
+
+fn dtype_name(code: u8) -> &'static str {
+    match code {
+        0 => "none",
+        1 => "u8",
+        2 => "u32",
+        3 => "i16",
+        4 => "i32",
+        5 => "i64",
+        6 => "bf16",
+        7 => "f16",
+        8 => "f32",
+        9 => "f64",
+        _ => "unsupported dtype",
+    }
+}
+
+fn dtype_size(code: u8) -> usize {
+    match code {
+        1 => 1,
+        3 | 6 | 7 => 2,
+        2 | 4 | 8 => 4,
+        5 | 9 => 8,
+        _ => 0,
+    }
+}
+
+/// What a rank says it is doing in one collective. Every rank of a call must
+/// describe the same call (the sequence number is added by the star).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Call {
+    pub op: Op,
+    /// [`dtype_code`] of the data.
+    pub dtype: u8,
+    /// Number of elements.
+    pub count: u64,
+    /// The root rank (broadcast), else 0.
+    pub root: u32,
+    /// [`FLAG_META_ONLY`] or 0.
+    pub flags: u8,
+}
+
+impl Call {
+    /// The payload length each rank sends for this call.
+    fn payload_len(&self, rank: usize) -> u64 {
+        if self.flags & FLAG_META_ONLY != 0 {
+            return 0;
+        }
+        let bytes = self.count.saturating_mul(dtype_size(self.dtype) as u64);
+        match self.op {
+            Op::AllReduceSum => bytes,
+            Op::Broadcast if rank == self.root as usize => bytes,
+            Op::Broadcast | Op::Barrier => 0,
+        }
+    }
+
+    /// The payload length of rank 0's reply.
+    fn reply_len(&self) -> u64 {
+        if self.flags & FLAG_META_ONLY != 0 {
+            return 0;
+        }
+        match self.op {
+            Op::AllReduceSum | Op::Broadcast => {
+                self.count.saturating_mul(dtype_size(self.dtype) as u64)
+            }
+            Op::Barrier => 0,
+        }
+    }
+}
+
+impl fmt::Display for Call {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let check = if self.flags & FLAG_META_ONLY != 0 {
+            " (check)"
+        } else {
+            ""
+        };
+        match self.op {
+            Op::AllReduceSum => write!(
+                f,
+                "all_reduce_sum of {} {}{check}",
+                self.count,
+                dtype_name(self.dtype)
+            ),
+            Op::Broadcast => write!(
+                f,
+                "broadcast from rank {} of {} {}{check}",
+                self.root,
+                self.count,
+                dtype_name(self.dtype)
+            ),
+            Op::Barrier => write!(f, "barrier{check}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Header {
+    kind: Kind,
+    op: u8,
+    dtype: u8,
+    flags: u8,
+    root: u32,
+    seq: u64,
+    count: u64,
+    len: u64,
+}
+
+impl Header {
+    fn new(kind: Kind) -> Self {
+        Header {
+            kind,
+            op: 0,
+            dtype: 0,
+            flags: 0,
+            root: 0,
+            seq: 0,
+            count: 0,
+            len: 0,
+        }
+    }
+
+    fn data(seq: u64, call: &Call, len: u64) -> Self {
+        Header {
+            kind: Kind::Data,
+            op: call.op as u8,
+            dtype: call.dtype,
+            flags: call.flags,
+            root: call.root,
+            seq,
+            count: call.count,
+            len,
+        }
+    }
+
+    fn encode(&self) -> [u8; HEADER_LEN] {
+        let mut b = [0u8; HEADER_LEN];
+        b[0..4].copy_from_slice(&MAGIC);
+        b[4] = self.kind as u8;
+        b[5] = self.op;
+        b[6] = self.dtype;
+        b[7] = self.flags;
+        b[8..12].copy_from_slice(&self.root.to_le_bytes());
+        b[16..24].copy_from_slice(&self.seq.to_le_bytes());
+        b[24..32].copy_from_slice(&self.count.to_le_bytes());
+        b[32..40].copy_from_slice(&self.len.to_le_bytes());
+        b
+    }
+
+    fn decode(b: &[u8; HEADER_LEN]) -> std::result::Result<Self, String> {
+        if b[0..4] != MAGIC {
+            return Err("the peer does not speak the candle-syncbn protocol (bad magic)".into());
+        }
+        let kind = Kind::from_u8(b[4]).ok_or_else(|| format!("unknown frame kind {}", b[4]))?;
+        let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"));
+        let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
+        Ok(Header {
+            kind,
+            op: b[5],
+            dtype: b[6],
+            flags: b[7],
+            root: u32_at(8),
+            seq: u64_at(16),
+            count: u64_at(24),
+            len: u64_at(32),
+        })
+    }
+
+    fn call(&self) -> Option<Call> {
+        Some(Call {
+            op: Op::from_u8(self.op)?,
+            dtype: self.dtype,
+            count: self.count,
+            root: self.root,
+            flags: self.flags,
+        })
+    }
+
+    fn describe(&self) -> String {
+        match self.call() {
+            Some(c) => format!("collective #{}: {c}", self.seq),
+            None => format!("collective #{}: unknown operation {}", self.seq, self.op),
+        }
+    }
+}
+
+/// Reads exactly `buf.len()` bytes before `deadline`.
+fn read_full(s: &mut TcpStream, buf: &mut [u8], deadline: Instant) -> io::Result<()> {
+    let mut off = 0;
+    while off < buf.len() {
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        s.set_read_timeout(Some(deadline - now))?;
+        match s.read(&mut buf[off..]) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => off += n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::Interrupted
+                        | io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Writes all of `buf` before `deadline`.
+fn write_full(s: &mut TcpStream, buf: &[u8], deadline: Instant) -> io::Result<()> {
+    let mut off = 0;
+    while off < buf.len() {
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        s.set_write_timeout(Some(deadline - now))?;
+        match s.write(&buf[off..]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => off += n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::Interrupted
+                        | io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn write_frame(s: &mut TcpStream, h: &Header, payload: &[u8], deadline: Instant) -> io::Result<()> {
+    debug_assert_eq!(h.len, payload.len() as u64);
+    if payload.len() <= 64 * 1024 {
+        let mut buf = Vec::with_capacity(HEADER_LEN + payload.len());
+        buf.extend_from_slice(&h.encode());
+        buf.extend_from_slice(payload);
+        write_full(s, &buf, deadline)
+    } else {
+        write_full(s, &h.encode(), deadline)?;
+        write_full(s, payload, deadline)
+    }
+}
+
+/// Why talking to `rank` failed, in words.
+fn io_error(rank: usize, doing: &str, e: &io::Error, timeout: Duration) -> String {
+    match e.kind() {
+        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => format!(
+            "rank {rank} did not answer within {timeout:?} while {doing} (it stopped responding, or is stuck before this collective)"
+        ),
+        io::ErrorKind::UnexpectedEof
+        | io::ErrorKind::ConnectionReset
+        | io::ErrorKind::ConnectionAborted
+        | io::ErrorKind::BrokenPipe => format!(
+            "rank {rank} closed the connection while {doing} (its process died or failed)"
+        ),
+        _ => format!("I/O error with rank {rank} while {doing}: {e}"),
+    }
+}
+
+/// Compares two byte strings in time that depends only on their lengths.
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let n = a.len().max(b.len());
+    let mut diff = (a.len() ^ b.len()) as u64;
+    for i in 0..n {
+        let x = a.get(i).copied().unwrap_or(0);
+        let y = b.get(i).copied().unwrap_or(0);
+        diff |= u64::from(x ^ y);
+    }
+    diff == 0
+}
+
+/// How rank 0 computes a collective's reply from every rank's payload (in rank
+/// order); an `Err` is reported to every rank.
+pub(crate) type Reduce<'a> = dyn Fn(&[Vec<u8>]) -> std::result::Result<Vec<u8>, String> + 'a;
+
+/// Tunables of the multi-process groups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreOptions {
+    /// How long a collective waits for the other ranks (and a rank for its
+    /// socket) before it fails.
+    pub timeout: Duration,
+    /// How long the rendezvous waits for all ranks to join.
+    pub rendezvous_timeout: Duration,
+    /// The largest payload a rank accepts in one frame.
+    pub max_message_bytes: u64,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            timeout: crate::group::DEFAULT_TIMEOUT,
+            rendezvous_timeout: crate::group::DEFAULT_TIMEOUT,
+            max_message_bytes: 1 << 31,
+        }
+    }
+}
+
+impl StoreOptions {
+    /// The defaults, with the timeouts from `SYNCBN_TIMEOUT` (seconds, for both
+    /// the collectives and the rendezvous) when set.
+    pub fn from_env() -> Result<Self> {
+        let mut o = Self::default();
+        if let Ok(v) = std::env::var("SYNCBN_TIMEOUT") {
+            let secs: f64 = v
+                .trim()
+                .parse()
+                .ok()
+                .filter(|s: &f64| *s > 0.0 && s.is_finite())
+                .ok_or_else(|| {
+                    candle::Error::Msg(format!(
+                        "SYNCBN_TIMEOUT: expected a positive number of seconds, got {v:?}"
+                    ))
+                })?;
+            o.timeout = Duration::from_secs_f64(secs);
+            o.rendezvous_timeout = o.timeout;
+        }
+        Ok(o)
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.timeout.is_zero() || self.rendezvous_timeout.is_zero() {
+            candle::bail!("process group: the timeouts must be positive, got {self:?}")
+        }
+        Ok(())
+    }
+}
+
+enum Links {
+    /// Rank 0: the connection of rank `r` at index `r - 1` (`None` once it failed).
+    Root(Vec<Option<TcpStream>>),
+    /// Other ranks: the connection to rank 0.
+    Leaf(Option<TcpStream>),
+}
+
+/// The star of authenticated connections left by the rendezvous, and the
+/// byte-level collectives over it (see the module docs).
+pub(crate) struct Star {
+    rank: usize,
+    world_size: usize,
+    options: StoreOptions,
+    links: Links,
+    seq: u64,
+    failure: Option<String>,
+}
+
+impl fmt::Debug for Star {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Star")
+            .field("rank", &self.rank)
+            .field("world_size", &self.world_size)
+            .field("seq", &self.seq)
+            .field("failed", &self.failure.is_some())
+            .finish()
+    }
+}
+
+impl Star {
+    /// Joins the group described by `rv` (rank 0 serves the rendezvous, the
+    /// others connect to it). Returns when every rank has joined.
+    pub fn connect(rv: &Rendezvous, options: StoreOptions) -> Result<Self> {
+        options.validate()?;
+        rv.validate()?;
+        let token = rv.token.clone().unwrap_or_default().into_bytes();
+        if token.len() > MAX_TOKEN_BYTES {
+            candle::bail!(
+                "rendezvous: the token is {} bytes long, at most {MAX_TOKEN_BYTES} are allowed",
+                token.len()
+            )
+        }
+        let links = if rv.world_size == 1 {
+            Links::Root(Vec::new())
+        } else if rv.rank == 0 {
+            Links::Root(serve(rv, &token, &options)?)
+        } else {
+            Links::Leaf(Some(join(rv, &token, &options)?))
+        };
+        Ok(Star {
+            rank: rv.rank,
+            world_size: rv.world_size,
+            options,
+            links,
+            seq: 0,
+            failure: None,
+        })
+    }
+
+    /// Marks the star failed (if it is not already), tells the other ranks
+    /// (rank 0) or closes the link (others), and returns the error.
+    pub fn fail(&mut self, msg: String) -> candle::Error {
+        if self.failure.is_none() {
+            self.failure = Some(msg.clone());
+            let deadline = Instant::now() + Duration::from_secs(1).min(self.options.timeout);
+            match &mut self.links {
+                Links::Root(peers) => {
+                    let h = Header {
+                        len: msg.len().min(MAX_ERROR_BYTES) as u64,
+                        ..Header::new(Kind::Error)
+                    };
+                    for s in peers.iter_mut().flatten() {
+                        let _ = write_frame(s, &h, &msg.as_bytes()[..h.len as usize], deadline);
+                        let _ = s.shutdown(Shutdown::Write);
+                    }
+                }
+                Links::Leaf(link) => {
+                    if let Some(s) = link.take() {
+                        let _ = s.shutdown(Shutdown::Both);
+                    }
+                }
+            }
+        }
+        candle::Error::Msg(msg)
+    }
+
+    /// One collective: every rank sends `payload` described by `call`; rank 0
+    /// checks that all ranks made the same call, computes the reply with
+    /// `reduce` (given every rank's payload, in rank order) and sends it to all.
+    /// Returns the reply.
+    pub fn exchange(&mut self, call: Call, payload: &[u8], reduce: &Reduce) -> Result<Vec<u8>> {
+        if let Some(f) = &self.failure {
+            candle::bail!("process group is unusable after an earlier failure: {f}")
+        }
+        let seq = self.seq;
+        self.seq += 1;
+        if payload.len() as u64 != call.payload_len(self.rank) {
+            return Err(self.fail(format!(
+                "rank {}: internal error: payload of {} bytes for {call}",
+                self.rank,
+                payload.len()
+            )));
+        }
+        if self.world_size == 1 {
+            return reduce(&[payload.to_vec()]).map_err(|m| self.fail(m));
+        }
+        let result = match &mut self.links {
+            Links::Root(peers) => root_exchange(peers, &self.options, seq, call, payload, reduce),
+            Links::Leaf(link) => match link {
+                Some(s) => leaf_exchange(s, self.rank, &self.options, seq, call, payload),
+                None => Err("the connection to rank 0 is closed".to_string()),
+            },
+        };
+        result.map_err(|m| self.fail(m))
+    }
+}
+
+impl Drop for Star {
+    fn drop(&mut self) {
+        // Close the links explicitly so peers see EOF right away.
+        match &mut self.links {
+            Links::Root(peers) => {
+                for s in peers.iter_mut().flatten() {
+                    let _ = s.shutdown(Shutdown::Both);
+                }
+            }
+            Links::Leaf(Some(s)) => {
+                let _ = s.shutdown(Shutdown::Both);
+            }
+            Links::Leaf(None) => {}
+        }
+    }
+}
+
+fn root_exchange(
+    peers: &mut [Option<TcpStream>],
+    options: &StoreOptions,
+    seq: u64,
+    call: Call,
+    payload: &[u8],
+    reduce: &Reduce,
+) -> std::result::Result<Vec<u8>, String> {
+    let deadline = Instant::now() + options.timeout;
+    let own = Header::data(seq, &call, payload.len() as u64);
+    let mut headers = vec![own];
+    let mut payloads = vec![payload.to_vec()];
+    for (i, slot) in peers.iter_mut().enumerate() {
+        let r = i + 1;
+        let s = slot
+            .as_mut()
+            .ok_or_else(|| format!("rank {r} is no longer connected"))?;
+        let doing = format!("rank 0 waited for its part of collective #{seq} ({call})");
+        let mut hb = [0u8; HEADER_LEN];
+        read_full(s, &mut hb, deadline).map_err(|e| io_error(r, &doing, &e, options.timeout))?;
+        let h = Header::decode(&hb).map_err(|e| format!("rank {r}: {e}"))?;
+        if h.kind != Kind::Data {
+            return Err(format!(
+                "rank {r} sent an unexpected {:?} frame in collective #{seq}",
+                h.kind
+            ));
+        }
+        let expected = h.call().map(|c| c.payload_len(r));
+        if expected != Some(h.len) {
+            return Err(format!(
+                "rank {r} sent a malformed frame in collective #{seq}: {} with a payload of {} bytes",
+                h.describe(),
+                h.len
+            ));
+        }
+        if h.len > options.max_message_bytes {
+            return Err(format!(
+                "rank {r} sent {} bytes in collective #{seq}, more than the limit of {} (StoreOptions::max_message_bytes)",
+                h.len, options.max_message_bytes
+            ));
+        }
+        let mut p = vec![0u8; h.len as usize];
+        read_full(s, &mut p, deadline).map_err(|e| io_error(r, &doing, &e, options.timeout))?;
+        headers.push(h);
+        payloads.push(p);
+    }
+    if headers
+        .iter()
+        .any(|h| (h.seq, h.call()) != (seq, Some(call)))
+    {
+        let calls: Vec<String> = headers
+            .iter()
+            .enumerate()
+            .map(|(r, h)| format!("rank {r}: {}", h.describe()))
+            .collect();
+        return Err(format!(
+            "ranks disagree on the collective (a different shape or dtype, e.g. a different channel count, or a different order of calls): {}",
+            calls.join("; ")
+        ));
+    }
+    let reply = reduce(&payloads)?;
+    if reply.len() as u64 != call.reply_len() {
+        return Err(format!(
+            "internal error: reply of {} bytes for {call}",
+            reply.len()
+        ));
+    }
+    let h = Header::data(seq, &call, reply.len() as u64);
+    let deadline = Instant::now() + options.timeout;
+    for (i, slot) in peers.iter_mut().enumerate() {
+        let r = i + 1;
+        if let Some(s) = slot.as_mut() {
+            write_frame(s, &h, &reply, deadline).map_err(|e| {
+                io_error(
+                    r,
+                    &format!("rank 0 sent the result of collective #{seq} ({call})"),
+                    &e,
+                    options.timeout,
+                )
+            })?;
+        }
+    }
+    Ok(reply)
+}
+
+fn leaf_exchange(
+    s: &mut TcpStream,
+    rank: usize,
+    options: &StoreOptions,
+    seq: u64,
+    call: Call,
+    payload: &[u8],
+) -> std::result::Result<Vec<u8>, String> {
+    let start = Instant::now();
+    let h = Header::data(seq, &call, payload.len() as u64);
+    write_frame(s, &h, payload, start + options.timeout).map_err(|e| {
+        io_error(
+            0,
+            &format!("rank {rank} sent its part of collective #{seq} ({call})"),
+            &e,
+            options.timeout,
+        )
+    })?;
+    // Rank 0 is the one that waits on every rank and reports which one failed;
+    // give it a little longer than its own timeout to say so.
+    let grace = (options.timeout / 4).min(Duration::from_secs(5));
+    let deadline = start + options.timeout + grace;
+    let doing = format!("rank {rank} waited for the result of collective #{seq} ({call})");
+    let mut hb = [0u8; HEADER_LEN];
+    read_full(s, &mut hb, deadline)
+        .map_err(|e| io_error(0, &doing, &e, options.timeout + grace))?;
+    let r = Header::decode(&hb).map_err(|e| format!("rank 0: {e}"))?;
+    match r.kind {
+        Kind::Error => {
+            if r.len > MAX_ERROR_BYTES as u64 {
+                return Err(format!(
+                    "rank 0 reported an error of {} bytes (too long to read)",
+                    r.len
+                ));
+            }
+            let mut m = vec![0u8; r.len as usize];
+            read_full(s, &mut m, deadline).map_err(|e| io_error(0, &doing, &e, options.timeout))?;
+            Err(String::from_utf8_lossy(&m).into_owned())
+        }
+        Kind::Data => {
+            if r.seq != seq || r.call() != Some(call) || r.len != call.reply_len() {
+                return Err(format!(
+                    "rank {rank} expected the result of collective #{seq} ({call}), rank 0 answered with {} ({} bytes)",
+                    r.describe(),
+                    r.len
+                ));
+            }
+            let mut p = vec![0u8; r.len as usize];
+            read_full(s, &mut p, deadline).map_err(|e| io_error(0, &doing, &e, options.timeout))?;
+            Ok(p)
+        }
+        k => Err(format!(
+            "rank 0 sent an unexpected {k:?} frame in collective #{seq}"
+        )),
+    }
+}
+
+/// Rank 0: accepts connections until every rank has joined (or the deadline).
+fn serve(rv: &Rendezvous, token: &[u8], options: &StoreOptions) -> Result<Vec<Option<TcpStream>>> {
+    let deadline = Instant::now() + options.rendezvous_timeout;
+    let addr = format!("{}:{}", rv.master_addr, rv.master_port);
+    let listener = TcpListener::bind(&addr).map_err(|e| {
+        candle::Error::Msg(format!(
+            "rendezvous: rank 0 could not listen on {addr} (MASTER_ADDR:MASTER_PORT): {e}"
+        ))
+    })?;
+    let local = listener.local_addr()?;
+    if let Some(path) = &rv.port_file {
+        crate::data_parallel::write_atomic(path, local.port().to_string().as_bytes()).map_err(
+            |e| {
+                candle::Error::Msg(format!(
+                    "rendezvous: could not write the port file {path:?}: {e}"
+                ))
+            },
+        )?;
+    }
+    listener.set_nonblocking(true)?;
+    let world = rv.world_size;
+    let mut peers: Vec<Option<TcpStream>> = (1..world).map(|_| None).collect();
+    let mut joined = 0;
+    let mut refused: Vec<String> = Vec::new();
+    while joined < world - 1 {
+        let (mut s, from) = match listener.accept() {
+            Ok(x) => x,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if Instant::now() >= deadline {
+                    let missing: Vec<usize> =
+                        (1..world).filter(|r| peers[r - 1].is_none()).collect();
+                    let refused = if refused.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; refused connections: {}", refused.join("; "))
+                    };
+                    candle::bail!(
+                        "rendezvous: rank 0 waited {:?} on {local} but rank(s) {missing:?} of {world} did not join{refused}",
+                        options.rendezvous_timeout
+                    )
+                }
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => candle::bail!("rendezvous: accept on {local} failed: {e}"),
+        };
+        s.set_nonblocking(false)?;
+        let _ = s.set_nodelay(true);
+        let hello_deadline = (Instant::now() + HELLO_TIMEOUT).min(deadline);
+        match check_hello(&mut s, hello_deadline, token, world, &peers) {
+            Ok(r) => {
+                peers[r - 1] = Some(s);
+                joined += 1;
+            }
+            Err(reason) => {
+                let h = Header {
+                    len: reason.len() as u64,
+                    ..Header::new(Kind::Refuse)
+                };
+                let _ = write_frame(
+                    &mut s,
+                    &h,
+                    reason.as_bytes(),
+                    Instant::now() + Duration::from_secs(1),
+                );
+                let _ = s.shutdown(Shutdown::Both);
+                refused.push(format!("{from}: {reason}"));
+            }
+        }
+    }
+    let welcome = Header {
+        count: world as u64,
+        ..Header::new(Kind::Welcome)
+    };
+    for (i, s) in peers.iter_mut().enumerate() {
+        if let Some(s) = s {
+            write_frame(
+                s,
+                &welcome,
+                &[],
+                deadline.max(Instant::now() + Duration::from_secs(1)),
+            )
+            .map_err(|e| {
+                candle::Error::Msg(format!(
+                    "rendezvous: {}",
+                    io_error(i + 1, "rank 0 welcomed it", &e, options.timeout)
+                ))
+            })?;
+        }
+    }
+    Ok(peers)
+}
+
+/// Reads and checks one hello; returns the joining rank or why it is refused.
+fn check_hello(
+    s: &mut TcpStream,
+    deadline: Instant,
+    token: &[u8],
+    world: usize,
+    peers: &[Option<TcpStream>],
+) -> std::result::Result<usize, String> {
+    let mut hb = [0u8; HEADER_LEN];
+    read_full(s, &mut hb, deadline).map_err(|e| format!("no valid hello ({e})"))?;
+    let h = Header::decode(&hb)?;
+    if h.kind != Kind::Hello {
+        return Err(format!("expected a hello frame, got {:?}", h.kind));
+    }
+    if h.flags != VERSION {
+        return Err(format!(
+            "protocol version mismatch: rank 0 speaks version {VERSION}, the peer version {}",
+            h.flags
+        ));
+    }
+    if h.len > MAX_TOKEN_BYTES as u64 {
+        return Err(format!(
+            "hello of {} bytes exceeds the limit of {MAX_TOKEN_BYTES}",
+            h.len
+        ));
+    }
+    let mut t = vec![0u8; h.len as usize];
+    read_full(s, &mut t, deadline).map_err(|e| format!("truncated hello ({e})"))?;
+    if !constant_time_eq(&t, token) {
+        return Err("authentication failed: wrong job token (SYNCBN_TOKEN)".into());
+    }
+    if h.count != world as u64 {
+        return Err(format!(
+            "world size mismatch: rank 0 expects WORLD_SIZE={world}, the peer says {}",
+            h.count
+        ));
+    }
+    let r = h.root as usize;
+    if r == 0 || r >= world {
+        return Err(format!(
+            "rank {r} is out of range 1..{world} for a joining rank"
+        ));
+    }
+    if peers[r - 1].is_some() {
+        return Err(format!("rank {r} has already joined (duplicate RANK)"));
+    }
+    Ok(r)
+}
+
+/// The port rank 0 listens on: `MASTER_PORT`, or when it is 0 the one rank 0
+/// wrote to the port file.
+fn master_port(rv: &Rendezvous, deadline: Instant) -> Result<u16> {
+    if rv.master_port != 0 {
+        return Ok(rv.master_port);
+    }
+    let path = rv.port_file.as_deref().ok_or_else(|| {
+        candle::Error::Msg(
+            "rendezvous: MASTER_PORT is 0 but no port file (SYNCBN_PORT_FILE) tells where rank 0 listens".into(),
+        )
+    })?;
+    loop {
+        if let Some(p) = read_port(path) {
+            return Ok(p);
+        }
+        if Instant::now() >= deadline {
+            candle::bail!("rendezvous: rank 0 did not publish its port in {path:?} in time")
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn read_port(path: &Path) -> Option<u16> {
+    std::fs::read_to_string(path)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+        .filter(|&p| p != 0)
+}
+
+/// Other ranks: connects to rank 0 (retrying until it listens) and says hello.
+fn join(rv: &Rendezvous, token: &[u8], options: &StoreOptions) -> Result<TcpStream> {
+    let deadline = Instant::now() + options.rendezvous_timeout;
+    let port = master_port(rv, deadline)?;
+    let addr = format!("{}:{}", rv.master_addr, port);
+    let mut last_err: Option<io::Error> = None;
+    let mut s = 'connect: loop {
+        let addrs: Vec<SocketAddr> = match addr.to_socket_addrs() {
+            Ok(a) => a.collect(),
+            Err(e) => {
+                last_err = Some(e);
+                Vec::new()
+            }
+        };
+        for a in &addrs {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match TcpStream::connect_timeout(
+                a,
+                left.clamp(Duration::from_millis(10), Duration::from_secs(5)),
+            ) {
+                Ok(s) => break 'connect s,
+                Err(e) => last_err = Some(e),
+            }
+        }
+        if Instant::now() >= deadline {
+            candle::bail!(
+                "rendezvous: rank {} could not connect to rank 0 at {addr} within {:?}: {}",
+                rv.rank,
+                options.rendezvous_timeout,
+                last_err
+                    .map(|e| e.to_string())
+                    .unwrap_or_else(|| "no address".into())
+            )
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let _ = s.set_nodelay(true);
+    let hello = Header {
+        flags: VERSION,
+        root: rv.rank as u32,
+        count: rv.world_size as u64,
+        len: token.len() as u64,
+        ..Header::new(Kind::Hello)
+    };
+    let fail = |e: io::Error| {
+        candle::Error::Msg(format!(
+            "rendezvous: rank {} lost the connection to rank 0 at {addr}: {e}",
+            rv.rank
+        ))
+    };
+    write_frame(&mut s, &hello, token, deadline).map_err(fail)?;
+    let mut hb = [0u8; HEADER_LEN];
+    read_full(&mut s, &mut hb, deadline + Duration::from_secs(1)).map_err(|e| {
+        candle::Error::Msg(format!(
+            "rendezvous: rank {} got no answer from rank 0 at {addr} ({e}); not all ranks joined in time?",
+            rv.rank
+        ))
+    })?;
+    let h = Header::decode(&hb).map_err(|e| candle::Error::Msg(format!("rendezvous: {e}")))?;
+    match h.kind {
+        Kind::Welcome => Ok(s),
+        Kind::Refuse => {
+            let len = (h.len as usize).min(MAX_ERROR_BYTES);
+            let mut m = vec![0u8; len];
+            let _ = read_full(&mut s, &mut m, Instant::now() + Duration::from_secs(1));
+            candle::bail!(
+                "rendezvous: rank 0 at {addr} refused rank {}: {}",
+                rv.rank,
+                String::from_utf8_lossy(&m)
+            )
+        }
+        k => candle::bail!("rendezvous: unexpected {k:?} frame from rank 0"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_roundtrip() {
+        let call = Call {
+            op: Op::Broadcast,
+            dtype: dtype_code(DType::F32),
+            count: 12,
+            root: 3,
+            flags: 0,
+        };
+        let h = Header::data(7, &call, 48);
+        assert_eq!(Header::decode(&h.encode()).unwrap(), h);
+        assert_eq!(h.call(), Some(call));
+        assert_eq!(call.payload_len(3), 48);
+        assert_eq!(call.payload_len(1), 0);
+        let mut bad = h.encode();
+        bad[0] = b'X';
+        assert!(Header::decode(&bad).is_err());
+    }
+
+    #[test]
+    fn constant_time_compare() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
+        assert!(!constant_time_eq(b"", b"a"));
+        assert!(constant_time_eq(b"", b""));
+    }
+}
+
+#[cfg(test)]
+mod star_tests {
+    use super::*;
+
+    /// Runs `f(star)` on `world` ranks (threads) joined through a port file.
+    fn run<T: Send + 'static>(
+        world: usize,
+        f: impl Fn(Star) -> T + Send + Sync + Clone + 'static,
+    ) -> Vec<T> {
+        let dir = std::env::temp_dir().join(format!(
+            "syncbn-star-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pf = dir.join("port");
+        let _ = std::fs::remove_file(&pf);
+        let opts = StoreOptions {
+            timeout: Duration::from_secs(5),
+            rendezvous_timeout: Duration::from_secs(5),
+            ..Default::default()
+        };
+        let hs: Vec<_> = (0..world)
+            .map(|r| {
+                let (f, pf) = (f.clone(), pf.clone());
+                std::thread::spawn(move || {
+                    let rv = Rendezvous::new(r, world, "127.0.0.1", 0)
+                        .unwrap()
+                        .with_port_file(pf)
+                        .with_token("t");
+                    f(Star::connect(&rv, opts).unwrap())
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    }
+
+    /// The NCCL debug mode's agreement check: a metadata-only exchange.
+    #[test]
+    fn meta_only_check_agrees_and_disagrees() {
+        let out = run(3, |mut star| {
+            let call = |count| Call {
+                op: Op::AllReduceSum,
+                dtype: dtype_code(DType::F32),
+                count,
+                root: 0,
+                flags: FLAG_META_ONLY,
+            };
+            let first = star.exchange(call(12), &[], &|_| Ok(Vec::new()));
+            let count = if star.rank == 2 { 15 } else { 12 };
+            let second = star.exchange(call(count), &[], &|_| Ok(Vec::new()));
+            (first.map(|v| v.len()), second.map_err(|e| e.to_string()))
+        });
+        for (first, second) in out {
+            assert_eq!(first.unwrap(), 0);
+            let e = second.unwrap_err();
+            assert!(
+                e.contains("rank 2: collective #1: all_reduce_sum of 15 f32 (check)"),
+                "{e}"
+            );
+        }
+    }
+}

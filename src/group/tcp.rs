@@ -1,0 +1,201 @@
+//! The TCP group: one process per rank (on one or several machines), talking
+//! over the authenticated star of connections made by the rendezvous (see the
+//! `store` module).
+//!
+//! An all-reduce sends every rank's values to rank 0, which sums them in f64 in
+//! rank order (f32 inputs are rounded once, at the end) and sends the sum back:
+//! the result is the same on every rank and bitwise reproducible run to run.
+//! Tensors on any device work; they are staged through host memory (so several
+//! processes may share one GPU, e.g. in tests).
+
+use super::store::{dtype_code, Call, Op, Star, StoreOptions};
+use super::Backend;
+use crate::launch::env::Rendezvous;
+use candle::{DType, Device, Result, Tensor};
+use std::fmt;
+use std::sync::{Mutex, MutexGuard};
+
+/// The options of the TCP group (timeouts, message size bound).
+pub type TcpOptions = StoreOptions;
+
+/// The backend of [`ProcessGroup::tcp`](super::ProcessGroup::tcp).
+pub struct TcpBackend {
+    rank: usize,
+    world_size: usize,
+    star: Mutex<Star>,
+}
+
+impl fmt::Debug for TcpBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TcpBackend")
+            .field("rank", &self.rank)
+            .field("world_size", &self.world_size)
+            .finish()
+    }
+}
+
+/// Copies a tensor's values (any layout, any device) to little-endian bytes.
+pub(crate) fn tensor_to_bytes(t: &Tensor) -> Result<Vec<u8>> {
+    let t = t.flatten_all()?.to_device(&Device::Cpu)?;
+    macro_rules! bytes {
+        ($ty:ty) => {
+            t.to_vec1::<$ty>()?
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect()
+        };
+    }
+    Ok(match t.dtype() {
+        DType::U8 => t.to_vec1::<u8>()?,
+        DType::U32 => bytes!(u32),
+        DType::I16 => bytes!(i16),
+        DType::I32 => bytes!(i32),
+        DType::I64 => bytes!(i64),
+        DType::BF16 => bytes!(half::bf16),
+        DType::F16 => bytes!(half::f16),
+        DType::F32 => bytes!(f32),
+        DType::F64 => bytes!(f64),
+        d => candle::bail!("process group: tensors of dtype {d:?} cannot be communicated"),
+    })
+}
+
+/// The inverse of [`tensor_to_bytes`]: a tensor of `dtype` and `shape` on `device`.
+pub(crate) fn tensor_from_bytes(
+    bytes: &[u8],
+    dtype: DType,
+    shape: &candle::Shape,
+    device: &Device,
+) -> Result<Tensor> {
+    macro_rules! from {
+        ($ty:ty) => {{
+            let n = std::mem::size_of::<$ty>();
+            let v: Vec<$ty> = bytes
+                .chunks_exact(n)
+                .map(|c| <$ty>::from_le_bytes(c.try_into().expect("chunk size")))
+                .collect();
+            Tensor::from_vec(v, shape, &Device::Cpu)?
+        }};
+    }
+    let t = match dtype {
+        DType::U8 => Tensor::from_vec(bytes.to_vec(), shape, &Device::Cpu)?,
+        DType::U32 => from!(u32),
+        DType::I16 => from!(i16),
+        DType::I32 => from!(i32),
+        DType::I64 => from!(i64),
+        DType::BF16 => from!(half::bf16),
+        DType::F16 => from!(half::f16),
+        DType::F32 => from!(f32),
+        DType::F64 => from!(f64),
+        d => candle::bail!("process group: tensors of dtype {d:?} cannot be communicated"),
+    };
+    t.to_device(device)
+}
+
+/// Sums the payloads (f32 or f64 little-endian values) in rank order, in f64.
+fn sum_in_rank_order(payloads: &[Vec<u8>], dtype: DType) -> std::result::Result<Vec<u8>, String> {
+    let n = payloads[0].len() / dtype.size_in_bytes();
+    let mut acc = vec![0f64; n];
+    for p in payloads {
+        match dtype {
+            DType::F32 => {
+                for (a, c) in acc.iter_mut().zip(p.chunks_exact(4)) {
+                    *a += f64::from(f32::from_le_bytes(c.try_into().expect("4 bytes")));
+                }
+            }
+            DType::F64 => {
+                for (a, c) in acc.iter_mut().zip(p.chunks_exact(8)) {
+                    *a += f64::from_le_bytes(c.try_into().expect("8 bytes"));
+                }
+            }
+            d => return Err(format!("internal error: sum of {d:?}")),
+        }
+    }
+    Ok(match dtype {
+        DType::F32 => acc.iter().flat_map(|v| (*v as f32).to_le_bytes()).collect(),
+        _ => acc.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    })
+}
+
+impl TcpBackend {
+    /// Joins the group described by `rv` (blocks until every rank has joined,
+    /// or fails after `options.rendezvous_timeout`).
+    pub fn connect(rv: &Rendezvous, options: TcpOptions) -> Result<Self> {
+        let star = Star::connect(rv, options)?;
+        Ok(Self {
+            rank: rv.rank,
+            world_size: rv.world_size,
+            star: Mutex::new(star),
+        })
+    }
+
+    fn star(&self) -> MutexGuard<'_, Star> {
+        self.star.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn call(op: Op, t: &Tensor, root: usize) -> Result<Call> {
+        let code = dtype_code(t.dtype());
+        if code == 255 {
+            candle::bail!(
+                "tcp group: tensors of dtype {:?} cannot be communicated",
+                t.dtype()
+            )
+        }
+        Ok(Call {
+            op,
+            dtype: code,
+            count: t.elem_count() as u64,
+            root: root as u32,
+            flags: 0,
+        })
+    }
+}
+
+impl Backend for TcpBackend {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.world_size
+    }
+
+    fn all_reduce_sum(&self, tensor: &Tensor) -> Result<Tensor> {
+        let dtype = tensor.dtype();
+        if !matches!(dtype, DType::F32 | DType::F64) {
+            candle::bail!("tcp group: all_reduce_sum expects an f32 or f64 tensor, got {dtype:?}")
+        }
+        let call = Self::call(Op::AllReduceSum, tensor, 0)?;
+        let bytes = tensor_to_bytes(tensor)?;
+        let reduce = |p: &[Vec<u8>]| sum_in_rank_order(p, dtype);
+        let out = self.star().exchange(call, &bytes, &reduce)?;
+        tensor_from_bytes(&out, dtype, tensor.shape(), tensor.device())
+    }
+
+    fn broadcast(&self, tensor: &Tensor, root: usize) -> Result<Tensor> {
+        let call = Self::call(Op::Broadcast, tensor, root)?;
+        let bytes = if self.rank == root {
+            tensor_to_bytes(tensor)?
+        } else {
+            Vec::new()
+        };
+        let reduce = |p: &[Vec<u8>]| Ok(p[root].clone());
+        let out = self.star().exchange(call, &bytes, &reduce)?;
+        tensor_from_bytes(&out, tensor.dtype(), tensor.shape(), tensor.device())
+    }
+
+    fn barrier(&self) -> Result<()> {
+        let call = Call {
+            op: Op::Barrier,
+            dtype: 0,
+            count: 0,
+            root: 0,
+            flags: 0,
+        };
+        self.star().exchange(call, &[], &|_| Ok(Vec::new()))?;
+        Ok(())
+    }
+
+    fn name(&self) -> &str {
+        "tcp"
+    }
+}

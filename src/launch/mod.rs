@@ -1,0 +1,8 @@
+//! Running one process per rank: the launcher's environment ([`env`]) and a
+//! self-spawning launcher ([`spawn`]).
+
+pub mod env;
+pub mod spawn;
+
+pub use env::{EnvSource, Rendezvous};
+pub use spawn::{launch, launch_if_requested, random_token, LaunchConfig};

@@ -1,0 +1,247 @@
+//! The TCP group with its ranks as threads of this process (real sockets on
+//! 127.0.0.1, rank 0 on a port chosen by the OS and published through a port
+//! file, so parallel tests never collide).
+
+use candle::{DType, Device, Tensor};
+use candle_syncbn::group::TcpOptions;
+use candle_syncbn::launch::Rendezvous;
+use candle_syncbn::ProcessGroup;
+use std::io::Write;
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+fn port_file() -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "syncbn-tcp-test-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join("port");
+    let _ = std::fs::remove_file(&p);
+    p
+}
+
+fn opts(timeout_ms: u64) -> TcpOptions {
+    TcpOptions {
+        timeout: Duration::from_millis(timeout_ms),
+        rendezvous_timeout: Duration::from_millis(timeout_ms.max(3000)),
+        ..TcpOptions::default()
+    }
+}
+
+fn rv(rank: usize, world: usize, pf: &PathBuf, token: &str) -> Rendezvous {
+    Rendezvous::new(rank, world, "127.0.0.1", 0)
+        .unwrap()
+        .with_port_file(pf)
+        .with_token(token)
+}
+
+/// Runs `f(group)` on `world` ranks (threads), each joining the TCP group.
+fn run<T: Send + 'static>(
+    world: usize,
+    timeout_ms: u64,
+    f: impl Fn(ProcessGroup) -> T + Send + Sync + Clone + 'static,
+) -> Vec<T> {
+    let pf = port_file();
+    let handles: Vec<JoinHandle<T>> = (0..world)
+        .map(|r| {
+            let (f, pf) = (f.clone(), pf.clone());
+            std::thread::spawn(move || {
+                let g = ProcessGroup::tcp(&rv(r, world, &pf, "tok"), opts(timeout_ms)).unwrap();
+                f(g)
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+#[test]
+fn all_reduce_broadcast_barrier() {
+    let out = run(3, 5000, |g| {
+        let r = g.rank() as f32;
+        let x = Tensor::new(&[[r, 1.0, 0.1], [2.0 * r, -r, 1e8]], &Device::Cpu).unwrap();
+        let s32 = g.all_reduce_sum(&x).unwrap();
+        let s64 = g.all_reduce_sum(&x.to_dtype(DType::F64).unwrap()).unwrap();
+        let b = g
+            .broadcast(
+                &Tensor::new(&[10 * g.rank() as i64 + 7], &Device::Cpu).unwrap(),
+                1,
+            )
+            .unwrap();
+        g.barrier().unwrap();
+        (
+            s32.to_vec2::<f32>().unwrap(),
+            s64.to_vec2::<f64>().unwrap(),
+            b.to_vec1::<i64>().unwrap(),
+            s32.dtype(),
+        )
+    });
+    for (s32, s64, b, dtype) in &out {
+        assert_eq!(*dtype, DType::F32);
+        // f32 values summed in f64, rounded once.
+        assert_eq!(
+            s32,
+            &vec![
+                vec![3.0, 3.0, (0.1f32 as f64 * 3.0) as f32],
+                vec![6.0, -3.0, 3e8]
+            ]
+        );
+        assert_eq!(s64[0][2], 0.1f32 as f64 * 3.0);
+        assert_eq!(b, &vec![17]);
+    }
+    // identical on every rank, bit for bit
+    assert!(out.iter().all(|o| o.0 == out[0].0 && o.1 == out[0].1));
+}
+
+#[test]
+fn disagreeing_ranks_all_fail_then_fail_fast() {
+    let out = run(3, 5000, |g| {
+        let c = if g.rank() == 1 { 5 } else { 4 };
+        let x = Tensor::zeros((3, c), DType::F64, &Device::Cpu).unwrap();
+        let first = g.all_reduce_sum(&x).unwrap_err().to_string();
+        let t = Instant::now();
+        let second = g.all_reduce_sum(&x).unwrap_err().to_string();
+        (first, second, t.elapsed())
+    });
+    for (first, second, dt) in out {
+        assert!(first.contains("disagree"), "{first}");
+        assert!(
+            first.contains("rank 1: collective #0: all_reduce_sum of 15 f64"),
+            "{first}"
+        );
+        assert!(second.contains("unusable"), "{second}");
+        assert!(dt < Duration::from_secs(1), "{dt:?}");
+    }
+}
+
+#[test]
+fn different_order_of_calls_fails() {
+    let out = run(2, 5000, |g| {
+        let x = Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap();
+        let r = if g.rank() == 0 {
+            g.all_reduce_sum(&x).map(|_| ())
+        } else {
+            g.broadcast(&x, 0).map(|_| ())
+        };
+        r.unwrap_err().to_string()
+    });
+    for e in out {
+        assert!(e.contains("disagree") && e.contains("broadcast"), "{e}");
+    }
+}
+
+#[test]
+fn wrong_token_is_refused() {
+    let pf = port_file();
+    let pf0 = pf.clone();
+    let root = std::thread::spawn(move || {
+        let mut o = opts(1000);
+        o.rendezvous_timeout = Duration::from_millis(1500);
+        ProcessGroup::tcp(&rv(0, 2, &pf0, "right"), o).map(|_| ())
+    });
+    let e = ProcessGroup::tcp(&rv(1, 2, &pf, "wrong"), opts(1000)).unwrap_err();
+    assert!(e.to_string().contains("wrong job token"), "{e}");
+    let e = root.join().unwrap().unwrap_err().to_string();
+    assert!(
+        e.contains("did not join") && e.contains("wrong job token"),
+        "{e}"
+    );
+}
+
+#[test]
+fn duplicate_rank_and_hostile_hello_are_refused() {
+    let pf = port_file();
+    let handles: Vec<_> = [0usize, 1, 2]
+        .into_iter()
+        .map(|r| {
+            let pf = pf.clone();
+            std::thread::spawn(move || {
+                if r == 2 {
+                    // joins late, after the duplicate was refused
+                    std::thread::sleep(Duration::from_millis(600));
+                }
+                let g = ProcessGroup::tcp(&rv(r, 3, &pf, "tok"), opts(5000))?;
+                g.all_reduce_sum(&Tensor::ones(2, DType::F32, &Device::Cpu)?)?
+                    .to_vec1::<f32>()
+            })
+        })
+        .collect();
+    // wait for rank 0's port
+    let port: u16 = loop {
+        if let Some(p) = std::fs::read_to_string(&pf)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+        {
+            break p;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    // A hostile peer claiming a 1 TiB hello, and garbage: both refused, nothing allocated.
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut h = [0u8; 40];
+    h[0..4].copy_from_slice(b"SBN1");
+    h[4] = 1;
+    h[7] = 1;
+    h[32..40].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    s.write_all(&h).unwrap();
+    let mut g = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    g.write_all(&[0xAB; 40]).unwrap();
+    // a second rank 1
+    std::thread::sleep(Duration::from_millis(200));
+    let dup = ProcessGroup::tcp(&rv(1, 3, &pf, "tok"), opts(2000));
+    let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let dup_err = dup.err().map(|e| e.to_string());
+    // One of the two rank-1 processes got refused as a duplicate; the group works.
+    assert!(
+        dup_err
+            .as_deref()
+            .is_some_and(|e| e.contains("already joined"))
+            || results[1]
+                .as_ref()
+                .is_err_and(|e| e.to_string().contains("already joined")),
+        "{dup_err:?} {results:?}"
+    );
+    assert_eq!(results[0].as_ref().unwrap(), &vec![3.0, 3.0]);
+}
+
+#[test]
+fn silent_rank_times_out_and_dropped_rank_is_named() {
+    let out = run(3, 800, |g| {
+        let x = Tensor::ones(3, DType::F64, &Device::Cpu).unwrap();
+        g.all_reduce_sum(&x).unwrap();
+        if g.rank() == 1 {
+            std::thread::sleep(Duration::from_millis(2500));
+            return (String::new(), Duration::ZERO);
+        }
+        let t = Instant::now();
+        let e = g.all_reduce_sum(&x).unwrap_err().to_string();
+        (e, t.elapsed())
+    });
+    for (e, dt) in [&out[0], &out[2]] {
+        assert!(e.contains("rank 1 did not answer"), "{e}");
+        assert!(*dt < Duration::from_millis(800 + 400), "{dt:?}");
+    }
+    let out = run(2, 10_000, |g| {
+        if g.rank() == 1 {
+            drop(g);
+            return String::new();
+        }
+        let t = Instant::now();
+        let e = g
+            .all_reduce_sum(&Tensor::ones(3, DType::F64, &Device::Cpu).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(t.elapsed() < Duration::from_secs(2));
+        e
+    });
+    assert!(
+        out[0].contains("rank 1 closed the connection"),
+        "{}",
+        out[0]
+    );
+}
