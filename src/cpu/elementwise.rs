@@ -1,7 +1,7 @@
 //! Per-channel affine element-wise passes: normalization (forward) and the input
 //! gradient (backward). Outputs are contiguous in the shape of the input view.
 
-use super::{channel_row, spatial_row, TASK};
+use super::{channel_row, multiversion, spatial_row, TASK};
 use crate::ops::element::{Accum, Element};
 use crate::ops::layout::ChannelView;
 use rayon::prelude::*;
@@ -89,29 +89,61 @@ where
     out
 }
 
+multiversion! {
+    /// One channel-major row of the normalization.
+    fn normalize_run<T: Element>(dst: &mut [MaybeUninit<T>], src: &[T], mh: T::Acc, ml: T::Acc, b: T::Acc, s: T::Acc) -> () {
+        for (d, &e) in dst.iter_mut().zip(src) {
+            d.write(T::from_acc(((e.to_acc() - mh) - ml) * b + s));
+        }
+    }
+}
+
+multiversion! {
+    /// One channel-innermost row of the normalization (every channel once).
+    fn normalize_spatial<T: Element>(dst: &mut [MaybeUninit<T>], src: &[T], k: &ChannelCoefficients<T::Acc>) -> () {
+        let it = dst.iter_mut().zip(src).zip(&k.mean_hi).zip(&k.mean_lo).zip(&k.x_scale).zip(&k.shift);
+        for (((((d, &e), &mh), &ml), &b), &s) in it {
+            d.write(T::from_acc(((e.to_acc() - mh) - ml) * b + s));
+        }
+    }
+}
+
+multiversion! {
+    /// One channel-major row of the input gradient.
+    fn backward_run<T: Element>(dst: &mut [MaybeUninit<T>], g: &[T], src: &[T], k: &ChannelCoefficients<T::Acc>, c: usize) -> () {
+        let (mh, ml) = (k.mean_hi[c], k.mean_lo[c]);
+        let (a, b, s) = (k.dy_scale[c], k.x_scale[c], k.shift[c]);
+        for ((d, &ge), &e) in dst.iter_mut().zip(g).zip(src) {
+            d.write(T::from_acc(ge.to_acc() * a + ((e.to_acc() - mh) - ml) * b + s));
+        }
+    }
+}
+
+multiversion! {
+    /// One channel-innermost row of the input gradient.
+    fn backward_spatial<T: Element>(dst: &mut [MaybeUninit<T>], g: &[T], src: &[T], k: &ChannelCoefficients<T::Acc>) -> () {
+        let coef = k.mean_hi.iter().zip(&k.mean_lo).zip(&k.dy_scale).zip(&k.x_scale).zip(&k.shift);
+        for (((d, &ge), &e), ((((&mh, &ml), &a), &b), &s)) in dst.iter_mut().zip(g).zip(src).zip(coef) {
+            d.write(T::from_acc(ge.to_acc() * a + ((e.to_acc() - mh) - ml) * b + s));
+        }
+    }
+}
+
 /// `y = (x − mean)·x_scale + shift` per channel.
 pub fn normalize<T: Element>(x: &[T], v: &ChannelView, k: &ChannelCoefficients<T::Acc>) -> Vec<T> {
     elementwise(v, Vec::new, |buf, row, dst| match row {
         Row::Channel { o, c } => {
             let src = channel_row(x, v, o, c, buf);
-            let (mh, ml, b, s) = (k.mean_hi[c], k.mean_lo[c], k.x_scale[c], k.shift[c]);
-            for (d, &e) in dst.iter_mut().zip(src) {
-                d.write(T::from_acc(((e.to_acc() - mh) - ml) * b + s));
-            }
+            normalize_run(
+                dst,
+                src,
+                k.mean_hi[c],
+                k.mean_lo[c],
+                k.x_scale[c],
+                k.shift[c],
+            );
         }
-        Row::Spatial { o } => {
-            let src = spatial_row(x, v, o, buf);
-            let it = dst
-                .iter_mut()
-                .zip(src)
-                .zip(&k.mean_hi)
-                .zip(&k.mean_lo)
-                .zip(&k.x_scale)
-                .zip(&k.shift);
-            for (((((d, &e), &mh), &ml), &b), &s) in it {
-                d.write(T::from_acc(((e.to_acc() - mh) - ml) * b + s));
-            }
-        }
+        Row::Spatial { o } => normalize_spatial(dst, spatial_row(x, v, o, buf), k),
     })
 }
 
@@ -128,26 +160,19 @@ pub fn backward_elemt<T: Element>(
         xv,
         || (Vec::new(), Vec::new()),
         |(bd, bx), row, dst| match row {
-            Row::Channel { o, c } => {
-                let g = channel_row(dy, dv, o, c, bd);
-                let src = channel_row(x, xv, o, c, bx);
-                let (mh, ml) = (k.mean_hi[c], k.mean_lo[c]);
-                let (a, b, s) = (k.dy_scale[c], k.x_scale[c], k.shift[c]);
-                for ((d, &ge), &e) in dst.iter_mut().zip(g).zip(src) {
-                    d.write(T::from_acc(
-                        ge.to_acc() * a + ((e.to_acc() - mh) - ml) * b + s,
-                    ));
-                }
-            }
-            Row::Spatial { o } => {
-                let g = spatial_row(dy, dv, o, bd);
-                let src = spatial_row(x, xv, o, bx);
-                for c in 0..xv.channels {
-                    let centered = (src[c].to_acc() - k.mean_hi[c]) - k.mean_lo[c];
-                    let val = g[c].to_acc() * k.dy_scale[c] + centered * k.x_scale[c] + k.shift[c];
-                    dst[c].write(T::from_acc(val));
-                }
-            }
+            Row::Channel { o, c } => backward_run(
+                dst,
+                channel_row(dy, dv, o, c, bd),
+                channel_row(x, xv, o, c, bx),
+                k,
+                c,
+            ),
+            Row::Spatial { o } => backward_spatial(
+                dst,
+                spatial_row(dy, dv, o, bd),
+                spatial_row(x, xv, o, bx),
+                k,
+            ),
         },
     )
 }

@@ -17,12 +17,15 @@ use crate::ops::layout::ChannelView;
 macro_rules! multiversion {
     ($(#[$meta:meta])* fn $name:ident<T: Element>($($arg:ident: $ty:ty),* $(,)?) -> $ret:ty $body:block) => {
         $(#[$meta])*
+        #[allow(clippy::too_many_arguments)]
         fn $name<T: Element>($($arg: $ty),*) -> $ret {
             #[inline(always)]
+            #[allow(clippy::too_many_arguments)]
             fn generic<T: Element>($($arg: $ty),*) -> $ret $body
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx2")]
+                #[allow(clippy::too_many_arguments)]
                 fn avx2<T: Element>($($arg: $ty),*) -> $ret {
                     generic::<T>($($arg),*)
                 }

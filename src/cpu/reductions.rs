@@ -7,28 +7,31 @@ use rayon::prelude::*;
 
 const LANES: usize = 8;
 
-/// Count, mean and sum of squared deviations of a set of values (Chan et al.).
+/// Count, sum and sum of squares of a set of values, in f64. Blocks are summed
+/// into it after a two-pass computation of their own (mean, M2), so the sum of
+/// squares `M2 + n·mean²` carries no cancellation from f32 accumulation.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
-struct Moments {
+struct Sums {
     n: f64,
-    mean: f64,
-    m2: f64,
+    s1: f64,
+    s2: f64,
 }
 
-impl Moments {
-    fn merge(self, b: Moments) -> Moments {
-        if b.n == 0.0 {
-            return self;
-        }
-        if self.n == 0.0 {
-            return b;
-        }
-        let n = self.n + b.n;
-        let delta = b.mean - self.mean;
-        Moments {
+impl Sums {
+    /// The sums of a block with `n` values, mean `mean` and squared deviations `m2`.
+    fn from_moments(n: f64, mean: f64, m2: f64) -> Sums {
+        Sums {
             n,
-            mean: self.mean + delta * (b.n / n),
-            m2: self.m2 + b.m2 + delta * delta * (self.n * b.n / n),
+            s1: n * mean,
+            s2: m2 + n * mean * mean,
+        }
+    }
+
+    fn add(self, b: Sums) -> Sums {
+        Sums {
+            n: self.n + b.n,
+            s1: self.s1 + b.s1,
+            s2: self.s2 + b.s2,
         }
     }
 }
@@ -63,9 +66,9 @@ fn fold_lanes<A: Accum>(acc: [A; LANES]) -> A {
 }
 
 multiversion! {
-    /// Moments of a block with the corrected two-pass scheme: the mean, then
-    /// the deviations from it and their sum as a correction.
-    fn block_moments<T: Element>(blk: &[T]) -> Moments {
+    /// Sums of a block with the corrected two-pass scheme: the mean, then the
+    /// deviations from it and their sum as a correction.
+    fn block_sums<T: Element>(blk: &[T]) -> Sums {
         let n = blk.len() as f64;
         let sum = lane_sum(blk, |x: T| x.to_acc());
         let shift = T::Acc::from_f64(sum.to_f64() / n);
@@ -87,7 +90,7 @@ multiversion! {
             q[l] += v * v;
         }
         let (d, q) = (fold_lanes(d).to_f64(), fold_lanes(q).to_f64());
-        Moments { n, mean: shift.to_f64() + d / n, m2: (q - d * d / n).max(0.0) }
+        Sums::from_moments(n, shift.to_f64() + d / n, (q - d * d / n).max(0.0))
     }
 }
 
@@ -116,32 +119,128 @@ multiversion! {
     }
 }
 
-/// Moments of a contiguous run, block by block.
-fn run_moments<T: Element>(xs: &[T]) -> Moments {
+multiversion! {
+    /// Per-channel sums over rows `r0..r1` of a channel-innermost view, with the
+    /// corrected two-pass scheme per channel (vectorized across channels).
+    fn innermost_block_sums<T: Element>(x: &[T], v: &ChannelView, r0: usize, r1: usize, buf: &mut Vec<T>) -> Vec<Sums> {
+        let c_n = v.channels;
+        let n = (r1 - r0) as f64;
+        let mut sum = vec![T::Acc::ZERO; c_n];
+        for o in r0..r1 {
+            for (s, &e) in sum.iter_mut().zip(spatial_row(x, v, o, buf)) {
+                *s += e.to_acc();
+            }
+        }
+        let shift: Vec<T::Acc> = sum.iter().map(|s| T::Acc::from_f64(s.to_f64() / n)).collect();
+        let mut d = vec![T::Acc::ZERO; c_n];
+        let mut q = vec![T::Acc::ZERO; c_n];
+        for o in r0..r1 {
+            let row = spatial_row(x, v, o, buf);
+            for (((dc, qc), &sh), &e) in d.iter_mut().zip(q.iter_mut()).zip(&shift).zip(row) {
+                let dev = e.to_acc() - sh;
+                *dc += dev;
+                *qc += dev * dev;
+            }
+        }
+        (0..c_n)
+            .map(|c| {
+                let (dc, qc) = (d[c].to_f64(), q[c].to_f64());
+                Sums::from_moments(n, shift[c].to_f64() + dc / n, (qc - dc * dc / n).max(0.0))
+            })
+            .collect()
+    }
+}
+
+multiversion! {
+    /// Per-channel `(Σdy, Σdy·(x − mean))` over rows `r0..r1` of channel-innermost views.
+    fn innermost_block_grads<T: Element>(
+        dy: &[T],
+        dv: &ChannelView,
+        x: &[T],
+        xv: &ChannelView,
+        hi: &[T::Acc],
+        lo: &[T::Acc],
+        r0: usize,
+        r1: usize,
+        bufs: &mut (Vec<T>, Vec<T>),
+    ) -> Vec<(f64, f64)> {
+        let c_n = xv.channels;
+        let mut s = vec![T::Acc::ZERO; c_n];
+        let mut q = vec![T::Acc::ZERO; c_n];
+        for o in r0..r1 {
+            let drow = spatial_row(dy, dv, o, &mut bufs.0);
+            let xrow = spatial_row(x, xv, o, &mut bufs.1);
+            let it = s.iter_mut().zip(q.iter_mut()).zip(drow).zip(xrow).zip(hi).zip(lo);
+            for (((((sc, qc), &g), &e), &h), &l) in it {
+                let gv = g.to_acc();
+                *sc += gv;
+                *qc += gv * ((e.to_acc() - h) - l);
+            }
+        }
+        s.iter().zip(q.iter()).map(|(a, b)| (a.to_f64(), b.to_f64())).collect()
+    }
+}
+
+/// Sums of a contiguous run, block by block.
+fn run_sums<T: Element>(xs: &[T]) -> Sums {
     xs.chunks(BLOCK)
-        .fold(Moments::default(), |acc, blk| acc.merge(block_moments(blk)))
+        .fold(Sums::default(), |acc, blk| acc.add(block_sums(blk)))
 }
 
 /// Per-channel `[count; sum; sum of squares]` of `x` as `3 × C` f64, row-major.
 ///
-/// The sums are formed from per-block (count, mean, M2) combined in f64, so
-/// `sum of squares = M2 + n·mean²` carries no cancellation from f32 sums.
+/// The sums are added in f64 from per-block two-pass statistics, in an order
+/// fixed by the shape (not by the number of threads).
 pub fn batch_stats<T: Element>(x: &[T], v: &ChannelView) -> Vec<f64> {
     let c_n = v.channels;
-    let per_channel: Vec<Moments> = if v.is_empty() {
-        vec![Moments::default(); c_n]
+    let per_channel: Vec<Sums> = if v.is_empty() {
+        vec![Sums::default(); c_n]
     } else if v.channel_innermost() {
-        stats_channel_innermost(x, v)
+        let rows = innermost_rows(c_n);
+        let partial: Vec<Vec<Sums>> = (0..v.outer.div_ceil(rows))
+            .into_par_iter()
+            .map_init(Vec::new, |buf, b| {
+                innermost_block_sums(x, v, b * rows, ((b + 1) * rows).min(v.outer), buf)
+            })
+            .collect();
+        let mut acc = vec![Sums::default(); c_n];
+        for block in partial {
+            for (a, m) in acc.iter_mut().zip(block) {
+                *a = a.add(m);
+            }
+        }
+        acc
     } else {
-        stats_channel_major(x, v)
+        let tasks = outer_tasks(v.outer, v.inner);
+        let items: Vec<(usize, usize, usize)> = (0..c_n)
+            .flat_map(|c| tasks.iter().map(move |&(lo, hi)| (c, lo, hi)))
+            .collect();
+        let partial: Vec<Sums> = items
+            .par_iter()
+            .map_init(Vec::new, |buf, &(c, lo, hi)| {
+                (lo..hi).fold(Sums::default(), |acc, o| {
+                    acc.add(run_sums(channel_row(x, v, o, c, buf)))
+                })
+            })
+            .collect();
+        partial
+            .chunks(tasks.len())
+            .map(|parts| parts.iter().fold(Sums::default(), |a, &b| a.add(b)))
+            .collect()
     };
     let mut out = vec![0.0f64; 3 * c_n];
     for (c, m) in per_channel.iter().enumerate() {
         out[c] = m.n;
-        out[c_n + c] = m.n * m.mean;
-        out[2 * c_n + c] = m.m2 + m.n * m.mean * m.mean;
+        out[c_n + c] = m.s1;
+        out[2 * c_n + c] = m.s2;
     }
     out
+}
+
+/// Rows per task for channel-innermost views: about `4·TASK` elements, so the
+/// per-channel work of combining tasks stays small against the data.
+fn innermost_rows(channels: usize) -> usize {
+    (4 * TASK / channels.max(1)).clamp(16, 4096)
 }
 
 /// Splits `0..outer` into tasks of whole outer indices covering about `TASK` elements.
@@ -150,77 +249,6 @@ fn outer_tasks(outer: usize, elems_per_outer: usize) -> Vec<(usize, usize)> {
     (0..outer.div_ceil(per_task))
         .map(|t| (t * per_task, ((t + 1) * per_task).min(outer)))
         .collect()
-}
-
-fn stats_channel_major<T: Element>(x: &[T], v: &ChannelView) -> Vec<Moments> {
-    let tasks = outer_tasks(v.outer, v.inner);
-    let items: Vec<(usize, usize, usize)> = (0..v.channels)
-        .flat_map(|c| tasks.iter().map(move |&(lo, hi)| (c, lo, hi)))
-        .collect();
-    let partial: Vec<Moments> = items
-        .par_iter()
-        .map_init(Vec::new, |buf, &(c, lo, hi)| {
-            let mut acc = Moments::default();
-            for o in lo..hi {
-                acc = acc.merge(run_moments(channel_row(x, v, o, c, buf)));
-            }
-            acc
-        })
-        .collect();
-    partial
-        .chunks(tasks.len())
-        .map(|parts| parts.iter().fold(Moments::default(), |a, &b| a.merge(b)))
-        .collect()
-}
-
-fn stats_channel_innermost<T: Element>(x: &[T], v: &ChannelView) -> Vec<Moments> {
-    let c_n = v.channels;
-    let rows = (TASK / c_n.max(1)).clamp(16, 1024);
-    let n_blocks = v.outer.div_ceil(rows);
-    let partial: Vec<Vec<Moments>> = (0..n_blocks)
-        .into_par_iter()
-        .map_init(Vec::new, |buf, b| {
-            let (lo, hi) = (b * rows, ((b + 1) * rows).min(v.outer));
-            let n = (hi - lo) as f64;
-            let mut sum = vec![T::Acc::ZERO; c_n];
-            for o in lo..hi {
-                for (s, &xv) in sum.iter_mut().zip(spatial_row(x, v, o, buf)) {
-                    *s += xv.to_acc();
-                }
-            }
-            let shift: Vec<T::Acc> = sum
-                .iter()
-                .map(|s| T::Acc::from_f64(s.to_f64() / n))
-                .collect();
-            let mut d = vec![T::Acc::ZERO; c_n];
-            let mut q = vec![T::Acc::ZERO; c_n];
-            for o in lo..hi {
-                let row = spatial_row(x, v, o, buf);
-                for c in 0..c_n {
-                    let e = row[c].to_acc() - shift[c];
-                    d[c] += e;
-                    q[c] += e * e;
-                }
-            }
-            (0..c_n)
-                .map(|c| {
-                    let (dc, qc) = (d[c].to_f64(), q[c].to_f64());
-                    Moments {
-                        n,
-                        mean: shift[c].to_f64() + dc / n,
-                        m2: (qc - dc * dc / n).max(0.0),
-                    }
-                })
-                .collect()
-        })
-        .collect();
-    let mut acc = vec![Moments::default(); c_n];
-    for block in partial {
-        for (a, m) in acc.iter_mut().zip(block) {
-            *a = a.merge(m);
-        }
-    }
-    acc
 }
 
 /// Per-channel `[Σ dy; Σ dy·(x − mean)]` as `2 × C` f64, row-major. `mean` is
@@ -238,29 +266,23 @@ pub fn grad_sums<T: Element>(
     let sums: Vec<(f64, f64)> = if xv.is_empty() {
         vec![(0.0, 0.0); c_n]
     } else if xv.channel_innermost() {
-        let rows = (TASK / c_n.max(1)).clamp(16, 1024);
-        let n_blocks = xv.outer.div_ceil(rows);
-        let partial: Vec<Vec<(f64, f64)>> = (0..n_blocks)
+        let rows = innermost_rows(c_n);
+        let partial: Vec<Vec<(f64, f64)>> = (0..xv.outer.div_ceil(rows))
             .into_par_iter()
             .map_init(
                 || (Vec::new(), Vec::new()),
-                |(bd, bx), b| {
-                    let (r0, r1) = (b * rows, ((b + 1) * rows).min(xv.outer));
-                    let mut s = vec![T::Acc::ZERO; c_n];
-                    let mut q = vec![T::Acc::ZERO; c_n];
-                    for o in r0..r1 {
-                        let drow = spatial_row(dy, dv, o, bd);
-                        let xrow = spatial_row(x, xv, o, bx);
-                        for c in 0..c_n {
-                            let g = drow[c].to_acc();
-                            s[c] += g;
-                            q[c] += g * ((xrow[c].to_acc() - hi[c]) - lo[c]);
-                        }
-                    }
-                    s.iter()
-                        .zip(q.iter())
-                        .map(|(a, b)| (a.to_f64(), b.to_f64()))
-                        .collect()
+                |bufs, b| {
+                    innermost_block_grads(
+                        dy,
+                        dv,
+                        x,
+                        xv,
+                        &hi,
+                        &lo,
+                        b * rows,
+                        ((b + 1) * rows).min(xv.outer),
+                        bufs,
+                    )
                 },
             )
             .collect();
@@ -282,13 +304,12 @@ pub fn grad_sums<T: Element>(
             .map_init(
                 || (Vec::new(), Vec::new()),
                 |(bd, bx), &(c, o0, o1)| {
-                    let (mh, ml) = (hi[c], lo[c]);
                     let mut acc = (0.0, 0.0);
                     for o in o0..o1 {
                         let drow = channel_row(dy, dv, o, c, bd);
                         let xrow = channel_row(x, xv, o, c, bx);
                         for (db, xb) in drow.chunks(BLOCK).zip(xrow.chunks(BLOCK)) {
-                            let (s, q) = centered_dot(db, xb, mh, ml);
+                            let (s, q) = centered_dot(db, xb, hi[c], lo[c]);
                             acc.0 += s;
                             acc.1 += q;
                         }

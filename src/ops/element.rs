@@ -97,13 +97,24 @@ impl Element for f16 {
 
 impl Element for bf16 {
     type Acc = f32;
+    /// Exact: a bf16 is the high half of an f32.
     #[inline(always)]
     fn to_acc(self) -> f32 {
-        self.to_f32()
+        f32::from_bits((self.to_bits() as u32) << 16)
     }
+    /// Round to nearest even, NaN kept quiet: the same bits as
+    /// `bf16::from_f32`, written without branches so the loops vectorize.
     #[inline(always)]
     fn from_acc(v: f32) -> Self {
-        bf16::from_f32(v)
+        let x = v.to_bits();
+        let rounded = x.wrapping_add(0x7FFF + ((x >> 16) & 1)) >> 16;
+        let nan = (x >> 16) | 0x0040;
+        let bits = if x & 0x7FFF_FFFF > 0x7F80_0000 {
+            nan
+        } else {
+            rounded
+        };
+        bf16::from_bits(bits as u16)
     }
 }
 
@@ -133,3 +144,58 @@ macro_rules! with_float_type {
     };
 }
 pub(crate) use with_float_type;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bf16_conversions_match_half() {
+        let mut specials = vec![
+            0.0f32,
+            -0.0,
+            1.0,
+            -1.5,
+            f32::MAX,
+            f32::MIN,
+            f32::MIN_POSITIVE,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            1e-40,
+            -3e38,
+        ];
+        // Ties and near-ties around the rounding point, and a sweep of bit patterns.
+        specials.extend(
+            [
+                0x3F80_8000u32,
+                0x3F81_8000,
+                0x3F80_7FFF,
+                0x3F80_8001,
+                0x7F7F_FFFF,
+                0x7FC0_0001,
+                0xFF80_0001,
+            ]
+            .map(f32::from_bits),
+        );
+        specials.extend(
+            (0..1u64 << 32)
+                .step_by(65_521)
+                .map(|b| f32::from_bits(b as u32)),
+        );
+        for v in specials {
+            let ours = <bf16 as Element>::from_acc(v);
+            let theirs = bf16::from_f32(v);
+            assert_eq!(
+                ours.to_bits(),
+                theirs.to_bits(),
+                "from_f32({v:e}) bits {:#x}",
+                v.to_bits()
+            );
+            assert_eq!(
+                <bf16 as Element>::to_acc(theirs).to_bits(),
+                theirs.to_f32().to_bits()
+            );
+        }
+    }
+}
