@@ -1,6 +1,92 @@
-//! Synchronized batch normalization for [candle](https://github.com/huggingface/candle).
+//! Synchronized batch normalization for [candle](https://github.com/huggingface/candle):
+//! the counterpart of PyTorch's `torch.nn.SyncBatchNorm`.
 //!
-//! See the README for the overview; the crate docs are completed below.
+//! In data-parallel training every rank (one process per GPU, or one thread per
+//! rank) runs the model on its slice of the global batch. A [`SyncBatchNorm`]
+//! layer normalizes with the mean and variance of the *global* batch: one
+//! all-reduce of `O(C)` values per training forward, one per backward, over a
+//! [`ProcessGroup`]. Eval mode uses the running statistics and communicates
+//! nothing. Arguments, numbers, running-statistics rules and variable names are
+//! PyTorch's (`weight`, `bias`, `running_mean`, `running_var`,
+//! `num_batches_tracked`).
+//!
+//! # A data-parallel training step
+//!
+//! candle has no DDP, so the step broadcasts the initial variables once
+//! ([`data_parallel::broadcast_varmap`]) and averages the gradients after each
+//! backward ([`data_parallel::average_gradients`]); the batch statistics of
+//! the `SyncBatchNorm` layers are synchronized by the layers themselves.
+//!
+//! ```
+//! use candle::{DType, Device, Module, ModuleT, Tensor};
+//! use candle_nn::{Optimizer, VarBuilder, VarMap};
+//! use candle_syncbn::data_parallel::{average_gradients, broadcast_varmap};
+//! use candle_syncbn::{ProcessGroup, SyncBatchNorm, SyncBatchNormConfig};
+//!
+//! /// The training loop of one rank; `group` is this rank's handle.
+//! fn train(group: ProcessGroup) -> candle::Result<Vec<f32>> {
+//!     let dev = Device::Cpu;
+//!     let varmap = VarMap::new();
+//!     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+//!     let conv = candle_nn::conv2d(3, 8, 3, Default::default(), vb.pp("conv"))?;
+//!     let bn = SyncBatchNorm::new(8, SyncBatchNormConfig::default(), vb.pp("bn"), group.clone())?;
+//!     let head = candle_nn::linear(8, 2, vb.pp("head"))?;
+//!     // Every rank starts from rank 0's weights.
+//!     broadcast_varmap(&varmap, &group, 0)?;
+//!     let mut opt = candle_nn::SGD::new(varmap.all_vars(), 0.1)?;
+//!     let mut running_mean = Vec::new();
+//!     for _step in 0..3 {
+//!         // This rank's slice of the global batch (random here).
+//!         let x = Tensor::randn(0f32, 1.0, (4, 3, 8, 8), &dev)?;
+//!         let labels = Tensor::new(&[0u32, 1, 0, 1], &dev)?;
+//!         // Forward: the SyncBatchNorm all-reduces the batch statistics.
+//!         let h = bn.forward_t(&conv.forward(&x)?, true)?.relu()?;
+//!         let logits = head.forward(&h.mean((2, 3))?)?;
+//!         let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
+//!         // Backward: one more all-reduce per SyncBatchNorm layer.
+//!         let mut grads = loss.backward()?;
+//!         // Data-parallel step: average the gradients (bucketed all-reduces).
+//!         average_gradients(&varmap, &mut grads, &group)?;
+//!         opt.step(&grads)?;
+//!         running_mean = bn.running_mean().unwrap().to_vec1::<f32>()?;
+//!     }
+//!     Ok(running_mean)
+//! }
+//!
+//! // Two in-process ranks, one thread each. Across processes, build the group
+//! // with `ProcessGroup::from_env(&device)?` under a launcher (torchrun-style
+//! // variables, or the examples' `--nproc-per-node`): see `examples/train.rs`.
+//! let handles: Vec<_> = ProcessGroup::threads(2)?
+//!     .into_iter()
+//!     .map(|group| std::thread::spawn(move || train(group)))
+//!     .collect();
+//! let results: Vec<Vec<f32>> = handles.into_iter().map(|h| h.join().unwrap()).collect::<candle::Result<_>>()?;
+//! // Synchronized statistics: every rank holds the same running mean.
+//! assert_eq!(results[0], results[1]);
+//! # Ok::<(), candle::Error>(())
+//! ```
+//!
+//! # Modules
+//!
+//! - [`SyncBatchNorm`] and [`SyncBatchNormConfig`]: the layer (a
+//!   [`candle_nn::ModuleT`]) and its arguments.
+//! - [`group`]: [`ProcessGroup`] handles over a [`Backend`]: single, in-process
+//!   threads, TCP, NCCL (feature `nccl`), or your own.
+//! - [`ops`]: the math as candle custom ops, CPU and CUDA paths side by side;
+//!   [`cpu`]: the CPU kernels.
+//! - [`convert`]: drop-in [`batch_norm`], `SyncBatchNorm::from_batch_norm`, the
+//!   [`BatchNormRewriter`], and checkpoints to and from PyTorch and candle-nn.
+//! - [`launch`]: rendezvous from the environment and the self-spawning launcher;
+//!   [`data_parallel`]: broadcasting variables, averaging gradients, atomic
+//!   checkpoints.
+//!
+//! # Features
+//!
+//! - default: CPU.
+//! - `cuda`: the CUDA kernels of every op (needs nvcc at build time, see the README).
+//! - `nccl`: the NCCL process group (implies `cuda`).
+
+#![warn(missing_docs)]
 
 pub mod convert;
 pub mod cpu;

@@ -4,7 +4,7 @@
 //! the [`single`](ProcessGroup::single) group (world size 1, no communication), the
 //! in-process [`threads`](ProcessGroup::threads) group (one thread per rank), the
 //! [`tcp`](ProcessGroup::tcp) group (one process per rank, any device) and, with the
-//! `nccl` feature, the [`nccl`](ProcessGroup::nccl) group (one process per GPU).
+//! `nccl` feature, the NCCL group (`ProcessGroup::nccl`, one process per GPU).
 //! [`ProcessGroup::from_env`] picks one from the launcher's environment. Users can
 //! plug in their own collective library (MPI, gloo, …) by implementing [`Backend`].
 

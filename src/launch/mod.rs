@@ -1,4 +1,4 @@
-//! Running one process per rank: the launcher's environment ([`env`]) and a
+//! Running one process per rank: the launcher's environment ([`env`](mod@env)) and a
 //! self-spawning launcher ([`spawn`]).
 
 pub mod env;
