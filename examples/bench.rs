@@ -98,6 +98,7 @@ struct Row {
     step: f64,
     eval: f64,
     nn_step: Option<f64>,
+    enqueue: Option<f64>,
     bytes: f64,
 }
 
@@ -151,6 +152,23 @@ fn bench_one(dev: &Device, shape: &[usize], dtype: DType, args: &Args) -> Result
         Ok(dy.apply_op2_no_bwd(xt, &op)?)
     })?;
 
+    // On a GPU, a step must be enqueued without waiting for the device: time
+    // the host side of a step (no synchronization) against the whole step.
+    let enqueue = if dev.is_cuda() {
+        let mut best = f64::MAX;
+        for _ in 0..iters {
+            dev.synchronize()?;
+            let t = Instant::now();
+            let grads = bn.forward_t(xt, true)?.backward()?;
+            best = best.min(t.elapsed().as_secs_f64());
+            dev.synchronize()?;
+            drop(grads);
+        }
+        Some(best)
+    } else {
+        None
+    };
+
     let nn_step = if args.no_candle_nn {
         None
     } else {
@@ -179,6 +197,7 @@ fn bench_one(dev: &Device, shape: &[usize], dtype: DType, args: &Args) -> Result
         step,
         eval,
         nn_step,
+        enqueue,
         bytes: (xt.elem_count() * dtype.size_in_bytes()) as f64,
     })
 }
@@ -249,6 +268,14 @@ fn main() -> Result<()> {
                 nn,
                 speedup
             );
+            if let Some(e) = r.enqueue {
+                println!(
+                    "{:<26} host time to enqueue a training step: {:.3} ms of {:.3} ms",
+                    "",
+                    e * 1e3,
+                    r.step * 1e3
+                );
+            }
         }
     }
     println!("GB/s of bwd is for 'bwd ops' (our kernels); 'bwd ms' includes candle's autograd bookkeeping.");
