@@ -15,6 +15,7 @@ use anyhow::{ensure, Result};
 use candle::{DType, Device, Module, ModuleT, Tensor, D};
 use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder, VarMap};
 use candle_syncbn::convert::checkpoint::{load_checkpoint, save_checkpoint, LoadOptions};
+use candle_syncbn::data_parallel::average_gradients;
 use candle_syncbn::{BatchNormLayer, BatchNormRewriter, ProcessGroup};
 
 // --- The model -------------------------------------------------------------
@@ -150,7 +151,7 @@ fn batch(step: usize, n: usize) -> candle::Result<(Tensor, Tensor)> {
 }
 
 /// One data-parallel SGD step: local loss, gradients averaged over the group
-/// (in name order, so every rank issues the same all-reduces), update.
+/// (bucketed all-reduces in name order), update.
 /// Returns the local loss.
 fn sgd_step(
     model: &ResNet,
@@ -161,19 +162,10 @@ fn sgd_step(
     lr: f64,
 ) -> candle::Result<f32> {
     let loss = candle_nn::loss::cross_entropy(&model.forward_t(x, true)?, y)?;
-    let grads = loss.backward()?;
-    let mut vars: Vec<(String, candle::Var)> = varmap
-        .data()
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    vars.sort_by(|a, b| a.0.cmp(&b.0));
-    let world = group.world_size() as f64;
-    for (_, var) in vars {
+    let mut grads = loss.backward()?;
+    average_gradients(varmap, &mut grads, group)?;
+    for var in varmap.all_vars() {
         if let Some(g) = grads.get(&var) {
-            let g = (group.all_reduce_sum(g)? / world)?;
             var.set(&(var.as_tensor() - (g * lr)?)?)?;
         }
     }

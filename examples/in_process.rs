@@ -10,6 +10,7 @@
 use anyhow::Result;
 use candle::{DType, Device, Module, ModuleT, Tensor, D};
 use candle_nn::{conv2d, linear, Conv2d, Conv2dConfig, Linear, Optimizer, VarBuilder, VarMap, SGD};
+use candle_syncbn::data_parallel::{average_gradients, broadcast_varmap};
 use candle_syncbn::{ProcessGroup, SyncBatchNorm};
 
 const CLASSES: usize = 4;
@@ -89,21 +90,9 @@ fn train(group: ProcessGroup) -> Result<Run> {
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
     let net = Net::new(vb, group.clone())?;
-    // Same initial weights on every rank: broadcast rank 0's.
-    // Variables in name order: a VarMap iterates in hash order, which differs
-    // between ranks, and collectives must be issued in the same order everywhere.
-    let mut named: Vec<(String, candle::Var)> = varmap
-        .data()
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    named.sort_by(|a, b| a.0.cmp(&b.0));
-    let (names, vars): (Vec<String>, Vec<candle::Var>) = named.into_iter().unzip();
     // The same initial weights in both runs: seeded from the variable names
     // (candle's initializers draw from a thread-local RNG).
-    for (name, var) in names.iter().zip(&vars) {
+    for (name, var) in varmap.data().lock().unwrap().iter() {
         if name.starts_with("conv") || name.starts_with("head") {
             let fan_in = match var.dims() {
                 [out, ..] if var.rank() > 1 => (var.elem_count() / out) as f32,
@@ -123,11 +112,8 @@ fn train(group: ProcessGroup) -> Result<Run> {
             var.set(&Tensor::from_vec(values, var.shape(), &Device::Cpu)?)?;
         }
     }
-    if world > 1 {
-        for var in &vars {
-            var.set(&group.broadcast(var.as_tensor(), 0)?)?;
-        }
-    }
+    // What a real job does: every rank starts from rank 0's variables.
+    broadcast_varmap(&varmap, &group, 0)?;
     let mut sgd = SGD::new(varmap.all_vars(), 0.2)?;
     let mut losses = Vec::new();
     for step in 0..STEPS {
@@ -138,11 +124,7 @@ fn train(group: ProcessGroup) -> Result<Run> {
         let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
         let mut grads = loss.backward()?;
         // Average gradients over ranks (equal local batch sizes).
-        for var in &vars {
-            if let Some(g) = grads.remove(var.as_tensor()) {
-                grads.insert(var.as_tensor(), (group.all_reduce_sum(&g)? / world as f64)?);
-            }
-        }
+        average_gradients(&varmap, &mut grads, &group)?;
         sgd.step(&grads)?;
         let global_loss = group.all_reduce_sum(&loss.to_dtype(DType::F64)?.reshape(1)?)?;
         losses.push((global_loss.to_vec1::<f64>()?[0] / world as f64) as f32);
