@@ -79,9 +79,12 @@ fn batch(step: usize) -> Result<(Tensor, Tensor)> {
     ))
 }
 
+/// The global losses and the final variables (name, values) of one rank.
+type Trained = (Vec<f32>, Vec<(String, Vec<f32>)>);
+
 /// Trains on rank `rank` of `world` (rank r takes samples r, r+world, …) and
 /// returns the global losses and the final variables.
-fn train(group: ProcessGroup) -> Result<(Vec<f32>, Vec<(String, Vec<f32>)>)> {
+fn train(group: ProcessGroup) -> Result<Trained> {
     let (rank, world) = (group.rank(), group.world_size());
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
