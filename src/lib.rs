@@ -8,6 +8,8 @@ pub mod group;
 pub mod ops;
 
 mod config;
+#[cfg(any(feature = "cuda", test))]
+mod cuda;
 mod layer;
 
 pub use config::SyncBatchNormConfig;
