@@ -812,8 +812,9 @@ fn k_cuda_ranks_match_one_rank() {
                     let eval = eval.clone();
                     let c_n = tail[0];
                     std::thread::spawn(move || {
-                        // Each rank opens its own handle on GPU 0 (its own stream).
-                        let dev = Device::new_cuda(0)?;
+                        // Each rank opens its own handle (its own stream): on GPU r
+                        // when the machine has one, else on GPU 0 beside the others.
+                        let dev = Device::new_cuda(r).or_else(|_| Device::new_cuda(0))?;
                         run_layer(&dev, group, cfg, dtype, c_n, &mine, &eval, channels_last)
                     })
                 })
