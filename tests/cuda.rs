@@ -979,3 +979,90 @@ fn cuda_results_are_bitwise_deterministic() {
     assert_eq!(a.running_var, b.running_var);
     assert_eq!(a.eval, b.eval);
 }
+
+#[test]
+fn large_shapes_use_every_work_split_and_match_cpu() {
+    let dev = cuda_or_skip!("large_shapes_use_every_work_split_and_match_cpu");
+    // (shape, channel axis): few large channels (many chunks per channel), many
+    // tiny channels (a warp per task), a 2-D batch and channels-last (both
+    // channel-innermost).
+    let shapes: [(&[usize], usize); 4] = [
+        (&[8, 32, 512, 512], 1),
+        (&[32, 2048, 7, 7], 1),
+        (&[4096, 1024], 1),
+        (&[8, 128, 128, 32], 3),
+    ];
+    for dtype in [DType::F32, DType::BF16] {
+        for (shape, axis) in shapes {
+            let c = shape[axis];
+            let mut offset_shape = vec![1; shape.len()];
+            offset_shape[axis] = c;
+            let offsets: Vec<f64> = (0..c).map(|i| (i % 7) as f64 - 3.0).collect();
+            let x = Tensor::randn(0f32, 1f32, shape, &Device::Cpu)
+                .unwrap()
+                .broadcast_add(&tensor(&offsets, &offset_shape, DType::F32))
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let dy = Tensor::randn(0f32, 1f32, shape, &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let (xg, dyg) = (x.to_device(&dev).unwrap(), dy.to_device(&dev).unwrap());
+            let label = format!("{shape:?} axis {axis} {dtype:?}");
+            let stats = BatchStats { axis };
+            let cpu = x.apply_op1_no_bwd(&stats).unwrap();
+            let gpu = xg.apply_op1_no_bwd(&stats).unwrap();
+            close_sums(&format!("{label} stats"), &gpu, &cpu, 1e-5);
+            let m_cpu = moments_of(&x, axis, &Device::Cpu);
+            let m_gpu = m_cpu.to_device(&dev).unwrap();
+            let (atol, rtol) = tol(dtype);
+            let y_cpu = x.apply_op1_no_bwd(&norm_op(m_cpu.clone(), axis)).unwrap();
+            let y_gpu = xg.apply_op1_no_bwd(&norm_op(m_gpu.clone(), axis)).unwrap();
+            close(&format!("{label} normalize"), &y_gpu, &y_cpu, atol, rtol);
+            let gs_cpu = dy
+                .apply_op2_no_bwd(
+                    &x,
+                    &GradStats {
+                        axis,
+                        moments: m_cpu.clone(),
+                    },
+                )
+                .unwrap();
+            let gs_gpu = dyg
+                .apply_op2_no_bwd(
+                    &xg,
+                    &GradStats {
+                        axis,
+                        moments: m_gpu.clone(),
+                    },
+                )
+                .unwrap();
+            let n = (x.elem_count() / c) as f64;
+            assert_close(
+                &format!("{label} grad sums"),
+                &values(&gs_gpu),
+                &values(&gs_cpu),
+                n.sqrt() * 1e-3,
+                1e-4,
+            );
+            let ig = |m: &Tensor, g: &Tensor| InputGrad {
+                axis,
+                moments: m.clone(),
+                grad_sums: Some(g.clone()),
+                weight: None,
+            };
+            let dx_cpu = dy.apply_op2_no_bwd(&x, &ig(&m_cpu, &gs_cpu)).unwrap();
+            let dx_gpu = dyg
+                .apply_op2_no_bwd(&xg, &ig(&m_gpu, &gs_cpu.to_device(&dev).unwrap()))
+                .unwrap();
+            close(
+                &format!("{label} input grad"),
+                &dx_gpu,
+                &dx_cpu,
+                atol * 4.0,
+                rtol * 4.0,
+            );
+        }
+    }
+}
