@@ -96,6 +96,8 @@ pub mod launch;
 pub mod ops;
 
 mod config;
+#[cfg(any(feature = "cuda", test))]
+mod cuda;
 mod layer;
 
 pub use config::SyncBatchNormConfig;

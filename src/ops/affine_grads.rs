@@ -36,4 +36,45 @@ impl CustomOp1 for AffineGrads {
             Shape::from((2, c_n)),
         ))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle::CudaStorage,
+        layout: &Layout,
+    ) -> Result<(candle::CudaStorage, Shape)> {
+        use super::element::with_float_type;
+        use crate::cuda::launch::{self as l, Module, Small};
+        use candle::backend::BackendStorage;
+        use candle::cuda_backend::cudarc::driver::PushKernelArg;
+        let dims = layout.dims();
+        if dims.len() != 2 || dims[0] != 2 {
+            candle::bail!("{}: expected (2, C) sums, got {dims:?}", self.name())
+        }
+        let c_n = dims[1];
+        let dev = storage.device();
+        let sums = l::mat2(layout, storage.dtype(), 2, c_n, "gradient sums")?;
+        let moments = Small::new(&self.moments, dev, "moments")?;
+        let m = moments.mat2(3, c_n, "moments")?;
+        let out = with_float_type!(self.dtype, T => {
+            // SAFETY: the kernel writes all 2 * C values.
+            let mut out = unsafe { l::alloc::<T>(dev, 2 * c_n)? };
+            if c_n > 0 {
+                let name = format!("bn_affine_grads_{}", self.dtype.as_str());
+                let f = l::function(dev, Module::Grad, &name)?;
+                let stream = dev.cuda_stream();
+                let c = c_n as i64;
+                let mut args = stream.launch_builder(&f);
+                l::push_storage(&mut args, storage)?;
+                args.arg(&sums);
+                l::push_storage(&mut args, moments.storage())?;
+                args.arg(&m).arg(&c).arg(&mut out);
+                // SAFETY: matches bn_affine_grads_*(const void*, Mat2, const void*,
+                // Mat2, long long, T*).
+                unsafe { l::launch(args, l::grid(crate::cuda::plan::per_item_blocks(c_n))?)? };
+            }
+            candle::CudaStorage::wrap_cuda_slice(out, dev.clone())
+        }, _ => return Err(super::unsupported_dtype(self.name(), "parameter", self.dtype)));
+        Ok((out, Shape::from((2, c_n))))
+    }
 }

@@ -61,6 +61,24 @@ impl BatchNormOp {
         Ok((out, xl.shape().clone()))
     }
 
+    /// The CUDA forward: per-channel coefficients (`bn_coef_normalize_*`), then
+    /// the element-wise pass (`bn_normalize_*`) into a contiguous output.
+    #[cfg(feature = "cuda")]
+    fn forward_cuda(
+        &self,
+        x: &candle::CudaStorage,
+        xl: &Layout,
+        affine: Option<cuda::Affine<'_>>,
+    ) -> Result<(candle::CudaStorage, Shape)> {
+        let v = channel_view(xl, self.axis, "sync-batch-norm")?;
+        let dev = x.device();
+        let out = with_float_type!(x.dtype(), T => {
+            let out = cuda::normalize::<T>(dev, x.as_cuda_slice::<T>()?, &v, &self.moments, affine)?;
+            candle::CudaStorage::wrap_cuda_slice(out, dev.clone())
+        }, _ => return Err(unsupported_dtype("sync-batch-norm", "input", x.dtype())));
+        Ok((out, xl.shape().clone()))
+    }
+
     /// The gradients of the input and, with `weight`, of weight and bias.
     fn backward(
         &self,
@@ -119,6 +137,15 @@ impl CustomOp1 for BatchNormOp {
         self.forward_cpu(x, xl, None, None)
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle::CudaStorage,
+        xl: &Layout,
+    ) -> Result<(candle::CudaStorage, Shape)> {
+        self.forward_cuda(x, xl, None)
+    }
+
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(self.backward(x, None, grad)?.0))
     }
@@ -143,6 +170,19 @@ impl CustomOp3 for BatchNormOp {
         self.forward_cpu(x, xl, Some(w), Some(b))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle::CudaStorage,
+        xl: &Layout,
+        w: &candle::CudaStorage,
+        wl: &Layout,
+        b: &candle::CudaStorage,
+        bl: &Layout,
+    ) -> Result<(candle::CudaStorage, Shape)> {
+        self.forward_cuda(x, xl, Some(((w, wl), (b, bl))))
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -161,5 +201,92 @@ impl CustomOp3 for BatchNormOp {
             db.to_dtype(b.dtype())?
         };
         Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use crate::cuda::launch::{self as l, Module, Small};
+    use crate::cuda::plan::{self, KView};
+    use crate::ops::layout::ChannelView;
+    use candle::backend::BackendStorage;
+    use candle::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, PushKernelArg};
+    use candle::{CudaDevice, CudaStorage, Layout, Result, Tensor, WithDType};
+
+    /// Weight and bias storages with their layouts.
+    pub(super) type Affine<'a> = ((&'a CudaStorage, &'a Layout), (&'a CudaStorage, &'a Layout));
+
+    /// `y = ((x − hi) − lo)·(invstd·w) + b`, contiguous in `x`'s shape.
+    pub(super) fn normalize<T: WithDType + DeviceRepr>(
+        dev: &CudaDevice,
+        x: &CudaSlice<T>,
+        v: &ChannelView,
+        moments: &Tensor,
+        affine: Option<Affine<'_>>,
+    ) -> Result<CudaSlice<T>> {
+        let c = v.channels;
+        let len = v.len();
+        // SAFETY: the element-wise kernel writes all `len` elements.
+        let mut out = unsafe { l::alloc::<T>(dev, len)? };
+        if len == 0 {
+            return Ok(out);
+        }
+        let moments = Small::new(moments, dev, "moments")?;
+        let m = moments.mat2(3, c, "moments")?;
+        let (wv, bv) = match affine {
+            Some(((w, wl), (b, bl))) => (
+                l::vec1(wl, w.dtype(), c, "weight")?,
+                l::vec1(bl, b.dtype(), c, "bias")?,
+            ),
+            None => (l::Vec1::ABSENT, l::Vec1::ABSENT),
+        };
+        let stream = dev.cuda_stream();
+        // SAFETY: the coefficient kernel writes all C entries.
+        let mut coef = unsafe { l::alloc::<u8>(dev, l::coef_bytes(T::DTYPE, c))? };
+        {
+            let name = format!("bn_coef_normalize_{}", l::acc_suffix(T::DTYPE));
+            let f = l::function(dev, Module::Elementwise, &name)?;
+            let cn = c as i64;
+            let mut args = stream.launch_builder(&f);
+            l::push_storage(&mut args, moments.storage())?;
+            args.arg(&m);
+            match affine {
+                Some(((w, _), (b, _))) => {
+                    l::push_storage(&mut args, w)?;
+                    args.arg(&wv);
+                    l::push_storage(&mut args, b)?;
+                    args.arg(&bv);
+                }
+                None => {
+                    args.arg(&l::NULL).arg(&wv).arg(&l::NULL).arg(&bv);
+                }
+            }
+            args.arg(&cn).arg(&mut coef);
+            // SAFETY: matches bn_coef_normalize_*(const void*, Mat2, const void*,
+            // Vec1, const void*, Vec1, long long, A*); `coef` holds C * 8 values.
+            unsafe { l::launch(args, l::grid(plan::per_item_blocks(c))?)? };
+        }
+        let canon = plan::canonicalize(&[*v, plan::contiguous_like(v)]);
+        let aligned = [l::aligned16(dev, x), l::aligned16(dev, &out)];
+        let mode = l::elementwise_mode(&canon, l::vec_width::<T>(), &aligned);
+        let w = if mode == 0 { 1 } else { l::vec_width::<T>() };
+        let blocks = plan::elementwise_blocks(len, w, l::sm_count(dev)?);
+        let (xv, ov): (KView, KView) = (canon.views[0], canon.views[1]);
+        let f = l::function(
+            dev,
+            Module::Elementwise,
+            &format!("bn_normalize_{}", T::DTYPE.as_str()),
+        )?;
+        let mut args = stream.launch_builder(&f);
+        args.arg(x)
+            .arg(&xv)
+            .arg(&mut out)
+            .arg(&ov)
+            .arg(&coef)
+            .arg(&mode);
+        // SAFETY: matches bn_normalize_*(const T*, View, T*, View, const A*,
+        // int); both views lie inside their buffers.
+        unsafe { l::launch(args, l::grid(blocks)?)? };
+        Ok(out)
     }
 }

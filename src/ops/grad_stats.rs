@@ -56,4 +56,110 @@ impl CustomOp2 for GradStats {
         }, _ => return Err(unsupported_dtype(self.name(), "input", x.dtype())));
         Ok((CpuStorage::F64(out), Shape::from((2, xv.channels))))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        dy: &candle::CudaStorage,
+        dl: &Layout,
+        x: &candle::CudaStorage,
+        xl: &Layout,
+    ) -> Result<(candle::CudaStorage, Shape)> {
+        if dl.dims() != xl.dims() {
+            candle::bail!(
+                "{}: gradient shape {:?} differs from input shape {:?}",
+                self.name(),
+                dl.dims(),
+                xl.dims()
+            )
+        }
+        if dy.dtype() != x.dtype() {
+            candle::bail!(
+                "{}: gradient dtype {:?} differs from input dtype {:?}",
+                self.name(),
+                dy.dtype(),
+                x.dtype()
+            )
+        }
+        let dv = channel_view(dl, self.axis, self.name())?;
+        let xv = channel_view(xl, self.axis, self.name())?;
+        let dev = x.device();
+        let out = with_float_type!(x.dtype(), T => {
+            cuda::grad_sums::<T>(dev, dy.as_cuda_slice::<T>()?, &dv, x.as_cuda_slice::<T>()?, &xv, &self.moments)?
+        }, _ => return Err(unsupported_dtype(self.name(), "input", x.dtype())));
+        Ok((
+            candle::CudaStorage::wrap_cuda_slice(out, dev.clone()),
+            Shape::from((2, xv.channels)),
+        ))
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use crate::cuda::launch::{self as l, Module, Reduction, ReductionSplit, Small};
+    use crate::cuda::plan;
+    use crate::ops::layout::ChannelView;
+    use candle::cuda_backend::cudarc::driver::{CudaSlice, PushKernelArg};
+    use candle::{CudaDevice, Result, Tensor, WithDType};
+
+    /// Level 1 (`bn_grad_major_*` or `bn_grad_inner_*`) then level 2
+    /// (`bn_grad_combine`): the `(2, C)` f64 sums `[Σdy; Σdy·(x − mean)]`.
+    pub(super) fn grad_sums<T: WithDType>(
+        dev: &CudaDevice,
+        dy: &CudaSlice<T>,
+        dv: &ChannelView,
+        x: &CudaSlice<T>,
+        xv: &ChannelView,
+        moments: &Tensor,
+    ) -> Result<CudaSlice<f64>> {
+        let c = xv.channels;
+        let moments = Small::new(moments, dev, "moments")?;
+        let m = moments.mat2(3, c, "moments")?;
+        if xv.is_empty() {
+            return l::zeros::<f64>(dev, 2 * c);
+        }
+        // x is the primary view (it picks the path); dy follows its structure.
+        let red = Reduction::new(
+            plan::canonicalize(&[*xv, *dv]),
+            l::vec_width::<T>(),
+            &[l::aligned16(dev, x), l::aligned16(dev, dy)],
+            l::sm_count(dev)?,
+        );
+        let parts = red.parts();
+        // SAFETY: level 1 writes every (channel, part) entry (all parts are non-empty).
+        let mut partial = unsafe { l::alloc::<f64>(dev, c * parts * 2)? };
+        let f = l::function(dev, Module::Grad, &red.kernel("bn_grad", T::DTYPE))?;
+        let stream = dev.cuda_stream();
+        let (xk, dk) = (red.canon.views[0], red.canon.views[1]);
+        let vec = red.vec_arg();
+        let cfg = red.config()?;
+        match red.split {
+            ReductionSplit::Major(s) => {
+                let (len, chunks, group) = (s.chunk_len as i64, s.chunks as i64, s.group as i32);
+                let mut args = stream.launch_builder(&f);
+                args.arg(dy).arg(&dk).arg(x).arg(&xk);
+                l::push_storage(&mut args, moments.storage())?;
+                args.arg(&m)
+                    .arg(&len)
+                    .arg(&chunks)
+                    .arg(&group)
+                    .arg(&vec)
+                    .arg(&mut partial);
+                // SAFETY: matches bn_grad_major_*(const T*, View, const T*, View,
+                // const void*, Mat2, long long, long long, int, int, double*).
+                unsafe { l::launch(args, cfg)? };
+            }
+            ReductionSplit::Inner(s) => {
+                let rows = s.rows_per_block as i64;
+                let mut args = stream.launch_builder(&f);
+                args.arg(dy).arg(&dk).arg(x).arg(&xk);
+                l::push_storage(&mut args, moments.storage())?;
+                args.arg(&m).arg(&rows).arg(&vec).arg(&mut partial);
+                // SAFETY: matches bn_grad_inner_*(const T*, View, const T*, View,
+                // const void*, Mat2, long long, int, double*).
+                unsafe { l::launch(args, cfg)? };
+            }
+        }
+        l::combine(dev, Module::Grad, "bn_grad_combine", &partial, c, parts, 2)
+    }
 }

@@ -83,4 +83,136 @@ impl CustomOp2 for InputGrad {
         }, _ => return Err(unsupported_dtype(self.name(), "input", x.dtype())));
         Ok((out, xl.shape().clone()))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        dy: &candle::CudaStorage,
+        dl: &Layout,
+        x: &candle::CudaStorage,
+        xl: &Layout,
+    ) -> Result<(candle::CudaStorage, Shape)> {
+        if dl.dims() != xl.dims() || dy.dtype() != x.dtype() {
+            candle::bail!(
+                "{}: gradient {:?} {:?} does not match input {:?} {:?}",
+                self.name(),
+                dy.dtype(),
+                dl.dims(),
+                x.dtype(),
+                xl.dims()
+            )
+        }
+        let dv = channel_view(dl, self.axis, self.name())?;
+        let xv = channel_view(xl, self.axis, self.name())?;
+        let dev = x.device();
+        let out = with_float_type!(x.dtype(), T => {
+            let out = cuda::input_grad::<T>(dev, dy.as_cuda_slice::<T>()?, &dv, x.as_cuda_slice::<T>()?, &xv, self)?;
+            candle::CudaStorage::wrap_cuda_slice(out, dev.clone())
+        }, _ => return Err(unsupported_dtype(self.name(), "input", x.dtype())));
+        Ok((out, xl.shape().clone()))
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::InputGrad;
+    use crate::cuda::launch::{self as l, Module, Small};
+    use crate::cuda::plan;
+    use crate::ops::layout::ChannelView;
+    use candle::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, PushKernelArg};
+    use candle::{CudaDevice, Result, WithDType};
+
+    /// Per-channel coefficients (`bn_coef_input_grad_*`), then the element-wise
+    /// pass (`bn_input_grad_*`) into a contiguous output of `x`'s shape.
+    pub(super) fn input_grad<T: WithDType + DeviceRepr>(
+        dev: &CudaDevice,
+        dy: &CudaSlice<T>,
+        dv: &ChannelView,
+        x: &CudaSlice<T>,
+        xv: &ChannelView,
+        op: &InputGrad,
+    ) -> Result<CudaSlice<T>> {
+        let c = xv.channels;
+        let len = xv.len();
+        // SAFETY: the element-wise kernel writes all `len` elements.
+        let mut out = unsafe { l::alloc::<T>(dev, len)? };
+        if len == 0 {
+            return Ok(out);
+        }
+        let moments = Small::new(&op.moments, dev, "moments")?;
+        let m = moments.mat2(3, c, "moments")?;
+        let weight = match &op.weight {
+            Some(w) => Some(Small::new(w, dev, "weight")?),
+            None => None,
+        };
+        let wv = match &weight {
+            Some(w) => w.vec1(c, "weight")?,
+            None => l::Vec1::ABSENT,
+        };
+        let sums = match &op.grad_sums {
+            Some(g) => Some(Small::new(g, dev, "gradient sums")?),
+            None => None,
+        };
+        let gm = match &sums {
+            Some(g) => g.mat2(2, c, "gradient sums")?,
+            None => l::Mat2::ABSENT,
+        };
+        let stream = dev.cuda_stream();
+        // SAFETY: the coefficient kernel writes all C entries.
+        let mut coef = unsafe { l::alloc::<u8>(dev, l::coef_bytes(T::DTYPE, c))? };
+        {
+            let name = format!("bn_coef_input_grad_{}", l::acc_suffix(T::DTYPE));
+            let f = l::function(dev, Module::Elementwise, &name)?;
+            let cn = c as i64;
+            let mut args = stream.launch_builder(&f);
+            l::push_storage(&mut args, moments.storage())?;
+            args.arg(&m);
+            match &weight {
+                Some(w) => l::push_storage(&mut args, w.storage())?,
+                None => {
+                    args.arg(&l::NULL);
+                }
+            }
+            args.arg(&wv);
+            match &sums {
+                Some(g) => l::push_storage(&mut args, g.storage())?,
+                None => {
+                    args.arg(&l::NULL);
+                }
+            }
+            args.arg(&gm).arg(&cn).arg(&mut coef);
+            // SAFETY: matches bn_coef_input_grad_*(const void*, Mat2, const void*,
+            // Vec1, const void*, Mat2, long long, A*); `coef` holds C * 8 values.
+            unsafe { l::launch(args, l::grid(plan::per_item_blocks(c))?)? };
+        }
+        // x is the primary view (it picks the path); dy and the output follow.
+        let canon = plan::canonicalize(&[*xv, *dv, plan::contiguous_like(xv)]);
+        let aligned = [
+            l::aligned16(dev, x),
+            l::aligned16(dev, dy),
+            l::aligned16(dev, &out),
+        ];
+        let mode = l::elementwise_mode(&canon, l::vec_width::<T>(), &aligned);
+        let w = if mode == 0 { 1 } else { l::vec_width::<T>() };
+        let blocks = plan::elementwise_blocks(len, w, l::sm_count(dev)?);
+        let (xk, dk, ok) = (canon.views[0], canon.views[1], canon.views[2]);
+        let f = l::function(
+            dev,
+            Module::Elementwise,
+            &format!("bn_input_grad_{}", T::DTYPE.as_str()),
+        )?;
+        let mut args = stream.launch_builder(&f);
+        args.arg(dy)
+            .arg(&dk)
+            .arg(x)
+            .arg(&xk)
+            .arg(&mut out)
+            .arg(&ok)
+            .arg(&coef)
+            .arg(&mode);
+        // SAFETY: matches bn_input_grad_*(const T*, View, const T*, View, T*,
+        // View, const A*, int); every view lies inside its buffer.
+        unsafe { l::launch(args, l::grid(blocks)?)? };
+        Ok(out)
+    }
 }

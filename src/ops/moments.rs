@@ -54,6 +54,44 @@ impl CustomOp1 for Moments {
         }
         Ok((CpuStorage::F64(out), Shape::from((3, c_n))))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle::CudaStorage,
+        layout: &Layout,
+    ) -> Result<(candle::CudaStorage, Shape)> {
+        use crate::cuda::launch as l;
+        use candle::backend::BackendStorage;
+        use candle::cuda_backend::cudarc::driver::PushKernelArg;
+        let dims = layout.dims();
+        if dims.len() != 2 || dims[0] != 3 {
+            candle::bail!(
+                "{}: expected (3, C) sums, got {dims:?}",
+                CustomOp1::name(self)
+            )
+        }
+        let c_n = dims[1];
+        let dev = storage.device();
+        let sums = l::mat2(layout, storage.dtype(), 3, c_n, "sums")?;
+        // SAFETY: the kernel writes all 3 * C values.
+        let mut out = unsafe { l::alloc::<f64>(dev, 3 * c_n)? };
+        if c_n > 0 {
+            let f = l::function(dev, l::Module::Stats, "bn_moments_from_sums")?;
+            let stream = dev.cuda_stream();
+            let (c, eps) = (c_n as i64, self.eps);
+            let mut args = stream.launch_builder(&f);
+            l::push_storage(&mut args, storage)?;
+            args.arg(&sums).arg(&c).arg(&eps).arg(&mut out);
+            // SAFETY: matches bn_moments_from_sums(const void*, Mat2, long long,
+            // double, double*); `sums` describes `storage`.
+            unsafe { l::launch(args, l::grid(crate::cuda::plan::per_item_blocks(c_n))?)? };
+        }
+        Ok((
+            candle::CudaStorage::wrap_cuda_slice(out, dev.clone()),
+            Shape::from((3, c_n)),
+        ))
+    }
 }
 
 impl CustomOp2 for Moments {
@@ -85,5 +123,49 @@ impl CustomOp2 for Moments {
             out[c_n + c] = 1.0 / (var[c] + self.eps).sqrt();
         }
         Ok((CpuStorage::F64(out), Shape::from((3, c_n))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle::CudaStorage,
+        l1: &Layout,
+        s2: &candle::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle::CudaStorage, Shape)> {
+        use crate::cuda::launch as l;
+        use candle::backend::BackendStorage;
+        use candle::cuda_backend::cudarc::driver::PushKernelArg;
+        if l1.dims().len() != 1 || l1.dims() != l2.dims() {
+            candle::bail!(
+                "{}: expected running mean and variance of shape (C), got {:?} and {:?}",
+                CustomOp2::name(self),
+                l1.dims(),
+                l2.dims()
+            )
+        }
+        let c_n = l1.dims()[0];
+        let dev = s1.device();
+        let mean = l::vec1(l1, s1.dtype(), c_n, "running mean")?;
+        let var = l::vec1(l2, s2.dtype(), c_n, "running variance")?;
+        // SAFETY: the kernel writes all 3 * C values.
+        let mut out = unsafe { l::alloc::<f64>(dev, 3 * c_n)? };
+        if c_n > 0 {
+            let f = l::function(dev, l::Module::Stats, "bn_moments_from_running")?;
+            let stream = dev.cuda_stream();
+            let (c, eps) = (c_n as i64, self.eps);
+            let mut args = stream.launch_builder(&f);
+            l::push_storage(&mut args, s1)?;
+            args.arg(&mean);
+            l::push_storage(&mut args, s2)?;
+            args.arg(&var).arg(&c).arg(&eps).arg(&mut out);
+            // SAFETY: matches bn_moments_from_running(const void*, Vec1, const
+            // void*, Vec1, long long, double, double*).
+            unsafe { l::launch(args, l::grid(crate::cuda::plan::per_item_blocks(c_n))?)? };
+        }
+        Ok((
+            candle::CudaStorage::wrap_cuda_slice(out, dev.clone()),
+            Shape::from((3, c_n)),
+        ))
     }
 }

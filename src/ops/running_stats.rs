@@ -28,6 +28,32 @@ impl InplaceOp1 for CounterIncrement {
         }
         Ok(())
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, storage: &mut candle::CudaStorage, layout: &Layout) -> Result<()> {
+        use crate::cuda::launch as l;
+        use candle::cuda_backend::cudarc::driver::PushKernelArg;
+        use candle::DType;
+        let dtype = storage.dtype();
+        if !matches!(dtype, DType::I64 | DType::U32 | DType::F32 | DType::F64) {
+            candle::bail!("{}: unsupported counter dtype {dtype:?}", self.name())
+        }
+        let len = layout.shape().elem_count();
+        if len == 0 {
+            return Ok(());
+        }
+        let v = l::vec1(layout, dtype, len, "counter")?;
+        let dev = storage.device().clone();
+        let f = l::function(&dev, l::Module::Stats, "bn_counter_increment")?;
+        let stream = dev.cuda_stream();
+        let n = len as i64;
+        let mut args = stream.launch_builder(&f);
+        l::push_storage_mut(&mut args, storage)?;
+        args.arg(&v).arg(&n);
+        // SAFETY: matches bn_counter_increment(void*, Vec1, long long); `v`
+        // describes `len` elements of `storage`.
+        unsafe { l::launch(args, l::grid(crate::cuda::plan::per_item_blocks(len))?) }
+    }
 }
 
 /// Which running statistic a [`RunningStatsUpdate`] writes.
@@ -123,5 +149,70 @@ impl InplaceOp3 for RunningStatsUpdate {
             ),
         }
         Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        dst: &mut candle::CudaStorage,
+        dst_l: &Layout,
+        sums: &candle::CudaStorage,
+        sums_l: &Layout,
+        counter: &candle::CudaStorage,
+        counter_l: &Layout,
+    ) -> Result<()> {
+        use crate::cuda::launch as l;
+        use candle::cuda_backend::cudarc::driver::PushKernelArg;
+        use candle::DType;
+        let c_n = dst_l.dims().iter().product::<usize>();
+        if sums_l.dims() != [3, c_n] {
+            candle::bail!(
+                "{}: expected (3, {c_n}) sums, got {:?}",
+                self.name(),
+                sums_l.dims()
+            )
+        }
+        let dtype = dst.dtype();
+        if !matches!(dtype, DType::F32 | DType::F64 | DType::F16 | DType::BF16) {
+            candle::bail!("{}: unsupported running-stat dtype {dtype:?}", self.name())
+        }
+        if c_n == 0 {
+            return Ok(());
+        }
+        let d = l::vec1(dst_l, dtype, c_n, "running statistic")?;
+        let s = l::mat2(sums_l, sums.dtype(), 3, c_n, "sums")?;
+        // The factor is read from the counter on the device: no host copy.
+        let counter_len = counter_l.shape().elem_count();
+        let k = if counter_len == 0 {
+            l::Vec1::ABSENT
+        } else {
+            l::vec1(counter_l, counter.dtype(), counter_len, "counter")?
+        };
+        let dev = dst.device().clone();
+        let f = l::function(&dev, l::Module::Stats, "bn_running_update")?;
+        let stream = dev.cuda_stream();
+        let c = c_n as i64;
+        let (has_momentum, momentum) = match self.momentum {
+            Some(m) => (1i32, m),
+            None => (0i32, 0.0f64),
+        };
+        let stat: i32 = match self.stat {
+            RunningStat::Mean => 0,
+            RunningStat::Var => 1,
+        };
+        let mut args = stream.launch_builder(&f);
+        l::push_storage_mut(&mut args, dst)?;
+        args.arg(&d);
+        l::push_storage(&mut args, sums)?;
+        args.arg(&s);
+        l::push_storage(&mut args, counter)?;
+        args.arg(&k)
+            .arg(&c)
+            .arg(&has_momentum)
+            .arg(&momentum)
+            .arg(&stat);
+        // SAFETY: matches bn_running_update(void*, Vec1, const void*, Mat2,
+        // const void*, Vec1, long long, int, double, int).
+        unsafe { l::launch(args, l::grid(crate::cuda::plan::per_item_blocks(c_n))?) }
     }
 }

@@ -1,0 +1,171 @@
+// Element-wise passes of SyncBatchNorm: normalization (forward) and the input
+// gradient (backward), both of the form
+//     out = dy * a + ((x − hi) − lo) * b + k     (per channel; no dy term forward)
+// with per-channel coefficients prepared once by a small kernel in f64 and
+// rounded to the accumulator type. See src/ops/batch_norm.rs and input_grad.rs.
+#include "dtype.cuh"
+#include "tile.cuh"
+#include "view.cuh"
+
+using namespace syncbn;
+
+// Coefficients of one channel, COEF accumulator values: hi, lo, b, k, a, (pad).
+constexpr int COEF = 8;
+
+// ---------------------------------------------------------------------------
+// Coefficient kernels: one thread per channel, f64 with the CPU path's
+// operations (explicit _rn intrinsics: no contraction), rounded to A.
+// ---------------------------------------------------------------------------
+
+template <typename A>
+__device__ __forceinline__ void write_coef(A* __restrict__ coef, long long c, double mean, double b, double k,
+                                           double a) {
+    const A hi = static_cast<A>(mean);
+    A* p = coef + c * COEF;
+    p[0] = hi;
+    p[1] = static_cast<A>(mean - static_cast<double>(hi));
+    p[2] = static_cast<A>(b);
+    p[3] = static_cast<A>(k);
+    p[4] = static_cast<A>(a);
+    p[5] = A(0);
+    p[6] = A(0);
+    p[7] = A(0);
+}
+
+// Forward: b = invstd * weight, k = bias, a = 0 (weight 1 and bias 0 when absent).
+template <typename A>
+__device__ __forceinline__ void coef_normalize(const void* __restrict__ moments, const Mat2& m,
+                                               const void* __restrict__ w, const Vec1& wv,
+                                               const void* __restrict__ bias, const Vec1& bv,
+                                               const long long channels, A* __restrict__ coef) {
+    const long long c = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= channels) return;
+    const double mean = load_f64(moments, m.dtype, mat_index(m, 0, c));
+    const double invstd = load_f64(moments, m.dtype, mat_index(m, 1, c));
+    const double weight = wv.present ? load_f64(w, wv.dtype, wv.offset + c * wv.stride) : 1.0;
+    const double shift = bv.present ? load_f64(bias, bv.dtype, bv.offset + c * bv.stride) : 0.0;
+    write_coef<A>(coef, c, mean, __dmul_rn(invstd, weight), shift, 0.0);
+}
+
+// Backward: a = w·invstd; with the global sums g = [Σdy; Σdy·(x − mean)] over
+// n = max(count, 1): b = −w·invstd³·g1/n, k = −a·g0/n; without: b = k = 0.
+template <typename A>
+__device__ __forceinline__ void coef_input_grad(const void* __restrict__ moments, const Mat2& m,
+                                                const void* __restrict__ w, const Vec1& wv,
+                                                const void* __restrict__ g, const Mat2& gm,
+                                                const long long channels, A* __restrict__ coef) {
+    const long long c = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= channels) return;
+    const double mean = load_f64(moments, m.dtype, mat_index(m, 0, c));
+    const double invstd = load_f64(moments, m.dtype, mat_index(m, 1, c));
+    const double weight = wv.present ? load_f64(w, wv.dtype, wv.offset + c * wv.stride) : 1.0;
+    const double a = __dmul_rn(weight, invstd);
+    double b = 0.0, k = 0.0;
+    if (gm.present) {
+        const double n = fmax(load_f64(moments, m.dtype, mat_index(m, 2, c)), 1.0);
+        const double g0 = load_f64(g, gm.dtype, mat_index(gm, 0, c));
+        const double g1 = load_f64(g, gm.dtype, mat_index(gm, 1, c));
+        // -w * invstd * invstd * invstd * g1 / n, left to right as on the CPU.
+        b = __ddiv_rn(__dmul_rn(__dmul_rn(__dmul_rn(__dmul_rn(-weight, invstd), invstd), invstd), g1), n);
+        k = __ddiv_rn(__dmul_rn(-a, g0), n);
+    }
+    write_coef<A>(coef, c, mean, b, k, a);
+}
+
+#define COEF_KERNELS(A, SUFFIX)                                                                              \
+    extern "C" __global__ void __launch_bounds__(BLOCK)                                                      \
+        bn_coef_normalize_##SUFFIX(const void* __restrict__ moments, const Mat2 m, const void* __restrict__ w, \
+                                   const Vec1 wv, const void* __restrict__ bias, const Vec1 bv,               \
+                                   const long long channels, A* __restrict__ coef) {                         \
+        coef_normalize<A>(moments, m, w, wv, bias, bv, channels, coef);                                      \
+    }                                                                                                        \
+    extern "C" __global__ void __launch_bounds__(BLOCK) bn_coef_input_grad_##SUFFIX(                          \
+        const void* __restrict__ moments, const Mat2 m, const void* __restrict__ w, const Vec1 wv,           \
+        const void* __restrict__ g, const Mat2 gm, const long long channels, A* __restrict__ coef) {         \
+        coef_input_grad<A>(moments, m, w, wv, g, gm, channels, coef);                                        \
+    }
+
+COEF_KERNELS(float, f32)
+COEF_KERNELS(double, f64)
+
+// ---------------------------------------------------------------------------
+// Element-wise kernel.
+//
+// Work split: a grid-stride loop over the elements of the (outer, channels,
+// inner) view in row-major order, W elements per thread and step; the grid is
+// sized by the host to fill the GPU once (about 8 blocks per SM), whatever the
+// shape, so few-channel/large-spatial and many-channel/tiny-spatial inputs
+// alike keep every SM busy. The (o, c, i) position of a thread is computed once
+// and then advanced by the fixed grid stride with carries (no divisions in the
+// loop). `mode` (chosen by the host from strides, sizes and alignment):
+//   0: scalar (W = 1), any strides;
+//   1: W = VEC consecutive elements along `inner` (inner_stride == 1 for every
+//      view, inner % VEC == 0): one 128-bit load/store, one channel;
+//   2: W = VEC consecutive channels (channel-innermost: inner == 1,
+//      channel_stride == 1 for every view, channels % VEC == 0).
+// Outputs are written through their own view (contiguous in x's shape).
+// ---------------------------------------------------------------------------
+
+template <typename T, bool HAS_DY, int W, bool ALONG_C>
+__device__ __forceinline__ void elemt_body(const T* __restrict__ dy, const View& dv, const T* __restrict__ x,
+                                           const View& xv, T* __restrict__ out, const View& ov,
+                                           const typename Traits<T>::Acc* __restrict__ coef) {
+    using A = typename Traits<T>::Acc;
+    const long long channels = xv.channels, inner = xv.inner;
+    const long long total = xv.outer * channels * inner;
+    const long long step = (long long)gridDim.x * blockDim.x * W;
+    long long p = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * W;
+    if (p >= total) return;
+    TensorPos pos = tensor_pos(p, channels, inner);
+    const TensorPos st = tensor_pos(step, channels, inner);
+    for (; p < total; p += step) {
+        A xs[W], g[W], r[W];
+        load_acc<T, W>(x + view_index(xv, pos.o, pos.c, pos.i), xs);
+        if (HAS_DY) load_acc<T, W>(dy + view_index(dv, pos.o, pos.c, pos.i), g);
+#pragma unroll
+        for (int k = 0; k < W; ++k) {
+            const long long c = ALONG_C ? pos.c + k : pos.c;
+            const Pack<A, 4> cf = *reinterpret_cast<const Pack<A, 4>*>(coef + c * COEF);
+            const A centered = (xs[k] - cf.v[0]) - cf.v[1];
+            if (HAS_DY) {
+                const A a = coef[c * COEF + 4];
+                r[k] = g[k] * a + centered * cf.v[2] + cf.v[3];
+            } else {
+                r[k] = centered * cf.v[2] + cf.v[3];
+            }
+        }
+        store_acc<T, W>(out + view_index(ov, pos.o, pos.c, pos.i), r);
+        tensor_advance(pos, st, channels, inner);
+    }
+}
+
+template <typename T, bool HAS_DY>
+__device__ __forceinline__ void elemt(const T* __restrict__ dy, const View& dv, const T* __restrict__ x,
+                                      const View& xv, T* __restrict__ out, const View& ov,
+                                      const typename Traits<T>::Acc* __restrict__ coef, const int mode) {
+    constexpr int V = Traits<T>::VEC;
+    if (mode == 1)
+        elemt_body<T, HAS_DY, V, false>(dy, dv, x, xv, out, ov, coef);
+    else if (mode == 2)
+        elemt_body<T, HAS_DY, V, true>(dy, dv, x, xv, out, ov, coef);
+    else
+        elemt_body<T, HAS_DY, 1, false>(dy, dv, x, xv, out, ov, coef);
+}
+
+#define ELEMT_KERNELS(T, SUFFIX)                                                                               \
+    extern "C" __global__ void __launch_bounds__(BLOCK)                                                        \
+        bn_normalize_##SUFFIX(const T* __restrict__ x, const View xv, T* __restrict__ out, const View ov,      \
+                              const typename Traits<T>::Acc* __restrict__ coef, const int mode) {              \
+        elemt<T, false>(nullptr, xv, x, xv, out, ov, coef, mode);                                              \
+    }                                                                                                          \
+    extern "C" __global__ void __launch_bounds__(BLOCK)                                                        \
+        bn_input_grad_##SUFFIX(const T* __restrict__ dy, const View dv, const T* __restrict__ x, const View xv, \
+                               T* __restrict__ out, const View ov,                                             \
+                               const typename Traits<T>::Acc* __restrict__ coef, const int mode) {             \
+        elemt<T, true>(dy, dv, x, xv, out, ov, coef, mode);                                                    \
+    }
+
+ELEMT_KERNELS(float, f32)
+ELEMT_KERNELS(double, f64)
+ELEMT_KERNELS(__half, f16)
+ELEMT_KERNELS(__nv_bfloat16, bf16)

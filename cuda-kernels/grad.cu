@@ -1,0 +1,278 @@
+// Backward reductions of SyncBatchNorm: per-channel Σdy and Σdy·(x − mean)
+// (two levels, deterministic, like stats.cu) and the weight/bias gradients.
+// See src/ops/grad_stats.rs and affine_grads.rs for the Rust side.
+#include "dtype.cuh"
+#include "reduce.cuh"
+#include "tile.cuh"
+#include "view.cuh"
+
+using namespace syncbn;
+
+// The channel mean as an f64 split into hi + lo of the accumulator type, so
+// (x − hi) − lo keeps the precision of x − mean for large means (lo == 0 for f64).
+template <typename A> struct SplitMean {
+    A hi, lo;
+};
+
+template <typename A>
+__device__ __forceinline__ SplitMean<A> split_mean(const void* __restrict__ moments, const Mat2& m, long long c) {
+    const double mean = load_f64(moments, m.dtype, mat_index(m, 0, c));
+    const A hi = static_cast<A>(mean);
+    const A lo = static_cast<A>(mean - static_cast<double>(hi));
+    return SplitMean<A>{hi, lo};
+}
+
+// ---------------------------------------------------------------------------
+// Level 1, channel-major path: the same work split as bn_stats_major_* (see
+// stats.cu): tasks (channel, chunk) handled by a block or by a warp; dy and x
+// share sizes and are addressed through their own strides. Each thread sums a
+// register tile of UNROLL vectors, adds the tile sums to its f32 (f64 for f64)
+// sums, and the group adds its threads in a fixed tree. Task t writes
+// partial[t] = (Σdy, Σdy·(x − mean)).
+// ---------------------------------------------------------------------------
+
+template <typename T, int W>
+__device__ __forceinline__ void grad_major_thread(const T* __restrict__ dy, const View& dv, const T* __restrict__ x,
+                                                  const View& xv, long long c, long long j, const long long j1,
+                                                  const long long step, const SplitMean<typename Traits<T>::Acc> mu,
+                                                  typename Traits<T>::Acc& s, typename Traits<T>::Acc& q) {
+    using A = typename Traits<T>::Acc;
+    if (j >= j1) return;
+    const T* __restrict__ dbase = dy + dv.offset + c * dv.channel_stride;
+    const T* __restrict__ xbase = x + xv.offset + c * xv.channel_stride;
+    PlanePos pos{j / xv.inner, j % xv.inner};
+    const PlaneStep st = plane_step(step, xv.inner);
+    while (j < j1) {
+        A g[UNROLL][W], e[UNROLL][W];
+        int cnt = 0;
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            if (j < j1) {
+                load_acc<T, W>(dbase + pos.o * dv.outer_stride + pos.i * dv.inner_stride, g[u]);
+                load_acc<T, W>(xbase + pos.o * xv.outer_stride + pos.i * xv.inner_stride, e[u]);
+                cnt = u + 1;
+            }
+            j += step;
+            plane_advance(pos, st, xv.inner);
+        }
+        A ts = A(0), tq = A(0);
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            if (u < cnt) {
+#pragma unroll
+                for (int k = 0; k < W; ++k) {
+                    ts += g[u][k];
+                    tq += g[u][k] * ((e[u][k] - mu.hi) - mu.lo);
+                }
+            }
+        }
+        s += ts;
+        q += tq;
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ void grad_major(const T* __restrict__ dy, const View dv, const T* __restrict__ x,
+                                           const View xv, const void* __restrict__ moments, const Mat2 m,
+                                           const long long chunk_len, const long long chunks, const int group,
+                                           const int vec, double* __restrict__ partial) {
+    using A = typename Traits<T>::Acc;
+    constexpr int V = Traits<T>::VEC;
+    const int tasks_per_block = blockDim.x / group;
+    const long long task = (long long)blockIdx.x * tasks_per_block + threadIdx.x / group;
+    const int g = threadIdx.x % group;
+    const long long total = xv.channels * chunks;
+    const long long plane = xv.outer * xv.inner;
+    A s = A(0), q = A(0);
+    if (task < total) {
+        const long long c = task / chunks;
+        const long long k = task % chunks;
+        const long long j0 = k * chunk_len;
+        const long long j1 = min(plane, j0 + chunk_len);
+        const SplitMean<A> mu = split_mean<A>(moments, m, c);
+        if (vec)
+            grad_major_thread<T, V>(dy, dv, x, xv, c, j0 + (long long)g * V, j1, (long long)group * V, mu, s, q);
+        else
+            grad_major_thread<T, 1>(dy, dv, x, xv, c, j0 + g, j1, group, mu, s, q);
+    }
+    if (group == WARP) {
+        s = warp_sum(s);
+        q = warp_sum(q);
+    } else {
+        __shared__ A sh_s[WARP];
+        __shared__ A sh_q[WARP];
+        block_sum2(s, q, sh_s, sh_q);
+    }
+    if (g == 0 && task < total) {
+        partial[task * 2] = static_cast<double>(s);
+        partial[task * 2 + 1] = static_cast<double>(q);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Level 1, channel-innermost path: the work split of bn_stats_inner_* (see
+// stats.cu): 2-D blocks, CV channels per thread along x, rows along y, the BY
+// row-threads of a channel added in a fixed shared-memory tree. Partial
+// (channel c, row block rb) goes to partial[c * gridDim.y + rb].
+// ---------------------------------------------------------------------------
+
+template <typename T, int CV>
+__device__ __forceinline__ void grad_inner_body(const T* __restrict__ dy, const View& dv, const T* __restrict__ x,
+                                                const View& xv, const void* __restrict__ moments, const Mat2& m,
+                                                const long long rows_per_block, double* __restrict__ partial) {
+    using A = typename Traits<T>::Acc;
+    __shared__ A sh_s[BLOCK * CV];
+    __shared__ A sh_q[BLOCK * CV];
+    const int tx = threadIdx.x, ty = threadIdx.y;
+    const int bx = blockDim.x, by = blockDim.y;
+    const long long c0 = ((long long)blockIdx.x * bx + tx) * CV;
+    const bool active = c0 < xv.channels;
+    const long long rb = blockIdx.y;
+    const long long r_begin = rb * rows_per_block;
+    const long long r_end = min(xv.outer, r_begin + rows_per_block);
+    A s[CV], q[CV];
+#pragma unroll
+    for (int k = 0; k < CV; ++k) s[k] = q[k] = A(0);
+    if (active) {
+        SplitMean<A> mu[CV];
+#pragma unroll
+        for (int k = 0; k < CV; ++k)
+            mu[k] = c0 + k < xv.channels ? split_mean<A>(moments, m, c0 + k) : SplitMean<A>{A(0), A(0)};
+        const T* __restrict__ dbase = dy + dv.offset + c0 * dv.channel_stride;
+        const T* __restrict__ xbase = x + xv.offset + c0 * xv.channel_stride;
+        long long r = r_begin + ty;
+        while (r < r_end) {
+            A g[UNROLL][CV], e[UNROLL][CV];
+            int cnt = 0;
+#pragma unroll
+            for (int u = 0; u < UNROLL; ++u) {
+                if (r < r_end) {
+                    if (CV == 1) {
+                        // Scalar path: channel strides may differ (e.g. a broadcast dy).
+                        g[u][0] = Traits<T>::to_acc(dbase[r * dv.outer_stride]);
+                        e[u][0] = Traits<T>::to_acc(xbase[r * xv.outer_stride]);
+                    } else {
+                        load_acc<T, CV>(dbase + r * dv.outer_stride, g[u]);
+                        load_acc<T, CV>(xbase + r * xv.outer_stride, e[u]);
+                    }
+                    cnt = u + 1;
+                }
+                r += by;
+            }
+#pragma unroll
+            for (int k = 0; k < CV; ++k) {
+                A ts = A(0), tq = A(0);
+#pragma unroll
+                for (int u = 0; u < UNROLL; ++u) {
+                    if (u < cnt) {
+                        ts += g[u][k];
+                        tq += g[u][k] * ((e[u][k] - mu[k].hi) - mu[k].lo);
+                    }
+                }
+                s[k] += ts;
+                q[k] += tq;
+            }
+        }
+    }
+    const int slot = (ty * bx + tx) * CV;
+#pragma unroll
+    for (int k = 0; k < CV; ++k) {
+        sh_s[slot + k] = s[k];
+        sh_q[slot + k] = q[k];
+    }
+    __syncthreads();
+    for (int h = by / 2; h > 0; h >>= 1) {
+        if (ty < h) {
+            const int other = ((ty + h) * bx + tx) * CV;
+#pragma unroll
+            for (int k = 0; k < CV; ++k) {
+                sh_s[slot + k] += sh_s[other + k];
+                sh_q[slot + k] += sh_q[other + k];
+            }
+        }
+        __syncthreads();
+    }
+    if (ty == 0 && active) {
+        const long long rbs = gridDim.y;
+#pragma unroll
+        for (int k = 0; k < CV; ++k) {
+            const long long c = c0 + k;
+            if (c < xv.channels) {
+                partial[(c * rbs + rb) * 2] = static_cast<double>(sh_s[slot + k]);
+                partial[(c * rbs + rb) * 2 + 1] = static_cast<double>(sh_q[slot + k]);
+            }
+        }
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ void grad_inner(const T* __restrict__ dy, const View dv, const T* __restrict__ x,
+                                           const View xv, const void* __restrict__ moments, const Mat2 m,
+                                           const long long rows_per_block, const int vec,
+                                           double* __restrict__ partial) {
+    if (vec)
+        grad_inner_body<T, Traits<T>::VEC>(dy, dv, x, xv, moments, m, rows_per_block, partial);
+    else
+        grad_inner_body<T, 1>(dy, dv, x, xv, moments, m, rows_per_block, partial);
+}
+
+// (2, C) weight and bias gradients in T from the (2, C) sums and (3, C) moments:
+// [Σdy·(x − mean)·invstd; Σdy], contiguous. One thread per channel.
+template <typename T>
+__device__ __forceinline__ void affine_grads(const void* __restrict__ sums, const Mat2& s,
+                                             const void* __restrict__ moments, const Mat2& m,
+                                             const long long channels, T* __restrict__ out) {
+    const long long c = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= channels) return;
+    const double sum_dy = load_f64(sums, s.dtype, mat_index(s, 0, c));
+    const double sum_dyx = load_f64(sums, s.dtype, mat_index(s, 1, c));
+    const double invstd = load_f64(moments, m.dtype, mat_index(m, 1, c));
+    out[c] = Traits<T>::from_f64(__dmul_rn(sum_dyx, invstd));
+    out[channels + c] = Traits<T>::from_f64(sum_dy);
+}
+
+#define GRAD_KERNELS(T, SUFFIX)                                                                                \
+    extern "C" __global__ void __launch_bounds__(BLOCK)                                                        \
+        bn_grad_major_##SUFFIX(const T* __restrict__ dy, const View dv, const T* __restrict__ x, const View xv, \
+                               const void* __restrict__ moments, const Mat2 m, const long long chunk_len,      \
+                               const long long chunks, const int group, const int vec, double* partial) {      \
+        grad_major<T>(dy, dv, x, xv, moments, m, chunk_len, chunks, group, vec, partial);                      \
+    }                                                                                                          \
+    extern "C" __global__ void __launch_bounds__(BLOCK)                                                        \
+        bn_grad_inner_##SUFFIX(const T* __restrict__ dy, const View dv, const T* __restrict__ x, const View xv, \
+                               const void* __restrict__ moments, const Mat2 m, const long long rows_per_block, \
+                               const int vec, double* partial) {                                               \
+        grad_inner<T>(dy, dv, x, xv, moments, m, rows_per_block, vec, partial);                                \
+    }                                                                                                          \
+    extern "C" __global__ void __launch_bounds__(BLOCK)                                                        \
+        bn_affine_grads_##SUFFIX(const void* __restrict__ sums, const Mat2 s, const void* __restrict__ moments, \
+                                 const Mat2 m, const long long channels, T* __restrict__ out) {                \
+        affine_grads<T>(sums, s, moments, m, channels, out);                                                   \
+    }
+
+GRAD_KERNELS(float, f32)
+GRAD_KERNELS(double, f64)
+GRAD_KERNELS(__half, f16)
+GRAD_KERNELS(__nv_bfloat16, bf16)
+
+// Level 2: one warp per channel adds the channel's `parts` partials in f64 in a
+// fixed order (lane l takes l, l + 32, ..., then a shuffle tree) and writes the
+// (2, C) f64 output [Σdy; Σdy·(x − mean)], contiguous.
+extern "C" __global__ void __launch_bounds__(BLOCK)
+    bn_grad_combine(const double* __restrict__ partial, const long long channels, const long long parts,
+                    double* __restrict__ out) {
+    const long long c = (long long)blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP;
+    const int lane = threadIdx.x % WARP;
+    if (c >= channels) return;  // uniform per warp; no block barrier follows
+    double s = 0.0, q = 0.0;
+    for (long long k = lane; k < parts; k += WARP) {
+        s += partial[(c * parts + k) * 2];
+        q += partial[(c * parts + k) * 2 + 1];
+    }
+    s = warp_sum(s);
+    q = warp_sum(q);
+    if (lane == 0) {
+        out[c] = s;
+        out[channels + c] = q;
+    }
+}

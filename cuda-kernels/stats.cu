@@ -1,0 +1,325 @@
+// Forward statistics of SyncBatchNorm: per-rank count/mean/M2 per channel
+// (two levels: partials per work item, then a fixed-order combine in f64), the
+// moments (mean, invstd), the in-place running-statistics update and the
+// num_batches_tracked increment. See src/ops/batch_stats.rs, moments.rs and
+// running_stats.rs for the Rust side and the CPU reference.
+#include "dtype.cuh"
+#include "reduce.cuh"
+#include "tile.cuh"
+#include "view.cuh"
+
+using namespace syncbn;
+
+// ---------------------------------------------------------------------------
+// Level 1, channel-major path (elements of a channel form `outer` rows of
+// `inner` values; the common (N, C, H, W) contiguous case).
+//
+// Work split: the `outer * inner` values of each channel are cut into `chunks`
+// consecutive chunks of `chunk_len` values (a multiple of 16, so vectors never
+// straddle a chunk). One task = (channel, chunk), handled by a group of
+// `group` threads: a whole block (group == BLOCK) when channels are large, or a
+// single warp (group == 32, BLOCK / 32 tasks per block) when they are small
+// (many channels, tiny spatial size). The host picks `chunks` so that there are
+// enough groups to fill the GPU (few channels with a large spatial size get
+// many chunks per channel). Within a group, thread g reads the vectors
+// g, g + group, g + 2 group, ... of the chunk (coalesced), UNROLL of them per
+// register tile; each tile's moments come from a corrected two-pass over the
+// registers and are merged into the thread's Welford state (Chan), then the
+// group merges its threads in a fixed tree. Task t writes partial[t] =
+// (n, mean, M2), t = channel * chunks + chunk.
+//
+// With `vec` (inner_stride == 1, inner, strides and offset multiples of VEC and
+// a 16-byte aligned base: checked by the host) each load moves 16 bytes.
+// ---------------------------------------------------------------------------
+
+template <typename T, int W>
+__device__ __forceinline__ Welford<typename Traits<T>::Acc> stats_major_thread(
+    const T* __restrict__ x, const View& v, long long c, long long j, const long long j1, const long long step) {
+    using A = typename Traits<T>::Acc;
+    Welford<A> acc = welford_empty<A>();
+    if (j >= j1) return acc;
+    const T* __restrict__ base = x + v.offset + c * v.channel_stride;
+    PlanePos pos{j / v.inner, j % v.inner};
+    const PlaneStep st = plane_step(step, v.inner);
+    while (j < j1) {
+        A vals[UNROLL][W];
+        int cnt = 0;
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            if (j < j1) {
+                load_acc<T, W>(base + pos.o * v.outer_stride + pos.i * v.inner_stride, vals[u]);
+                cnt = u + 1;
+            }
+            j += step;
+            plane_advance(pos, st, v.inner);
+        }
+        tile_moments_all<A, W>(acc, vals, cnt);
+    }
+    return acc;
+}
+
+template <typename T>
+__device__ __forceinline__ void stats_major(const T* __restrict__ x, const View v, const long long chunk_len,
+                                            const long long chunks, const int group, const int vec,
+                                            double* __restrict__ partial) {
+    using A = typename Traits<T>::Acc;
+    constexpr int V = Traits<T>::VEC;
+    const int tasks_per_block = blockDim.x / group;
+    const long long task = (long long)blockIdx.x * tasks_per_block + threadIdx.x / group;
+    const int g = threadIdx.x % group;
+    const long long total = v.channels * chunks;
+    const long long plane = v.outer * v.inner;
+    Welford<A> w = welford_empty<A>();
+    if (task < total) {
+        const long long c = task / chunks;
+        const long long k = task % chunks;
+        const long long j0 = k * chunk_len;
+        const long long j1 = min(plane, j0 + chunk_len);
+        if (vec)
+            w = stats_major_thread<T, V>(x, v, c, j0 + (long long)g * V, j1, (long long)group * V);
+        else
+            w = stats_major_thread<T, 1>(x, v, c, j0 + g, j1, group);
+    }
+    if (group == WARP) {
+        // A warp is one task (or none, past the end): all its lanes take part.
+        w = warp_merge(w);
+    } else {
+        // One task per block: every thread of the block reaches the barriers.
+        __shared__ Welford<A> sh[WARP];
+        w = block_merge(w, sh);
+    }
+    if (g == 0 && task < total) {
+        double* p = partial + task * 3;
+        p[0] = static_cast<double>(w.n);
+        p[1] = static_cast<double>(w.mean);
+        p[2] = static_cast<double>(w.m2);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Level 1, channel-innermost path (inner == 1, channel_stride == 1: a permuted
+// NHWC tensor or a 2-D (N, C) batch): `outer` rows of C contiguous channels.
+//
+// Work split: a 2-D block (blockDim.x = BX threads along channels, blockDim.y =
+// BY threads along rows, BX * BY == BLOCK, BY a power of two). Thread (tx, ty)
+// owns CV consecutive channels (CV = VEC with `vec`, else 1), so a warp reads
+// BX * CV contiguous channels of 32 / BX rows: coalesced. blockIdx.x selects
+// the channel group, blockIdx.y a range of `rows_per_block` rows; thread ty
+// reads rows ty, ty + BY, ... of the range, UNROLL rows per register tile. The
+// BY threads of a channel are then merged through shared memory in a fixed
+// tree. Partial (channel c, row block rb) goes to partial[c * gridDim.y + rb].
+// ---------------------------------------------------------------------------
+
+template <typename T, int CV>
+__device__ __forceinline__ void stats_inner_body(const T* __restrict__ x, const View& v, const long long rows_per_block,
+                                                 double* __restrict__ partial) {
+    using A = typename Traits<T>::Acc;
+    __shared__ A sh_n[BLOCK * CV];
+    __shared__ A sh_mean[BLOCK * CV];
+    __shared__ A sh_m2[BLOCK * CV];
+    const int tx = threadIdx.x, ty = threadIdx.y;
+    const int bx = blockDim.x, by = blockDim.y;
+    const long long c0 = ((long long)blockIdx.x * bx + tx) * CV;
+    const bool active = c0 < v.channels;
+    const long long rb = blockIdx.y;
+    const long long r_begin = rb * rows_per_block;
+    const long long r_end = min(v.outer, r_begin + rows_per_block);
+    Welford<A> acc[CV];
+#pragma unroll
+    for (int k = 0; k < CV; ++k) acc[k] = welford_empty<A>();
+    if (active) {
+        const T* __restrict__ base = x + v.offset + c0 * v.channel_stride;
+        long long r = r_begin + ty;
+        while (r < r_end) {
+            A vals[UNROLL][CV];
+            int cnt = 0;
+#pragma unroll
+            for (int u = 0; u < UNROLL; ++u) {
+                if (r < r_end) {
+                    load_acc<T, CV>(base + r * v.outer_stride, vals[u]);
+                    cnt = u + 1;
+                }
+                r += by;
+            }
+#pragma unroll
+            for (int k = 0; k < CV; ++k) tile_moments<A, CV>(acc[k], vals, cnt, k);
+        }
+    }
+    const int slot = (ty * bx + tx) * CV;
+#pragma unroll
+    for (int k = 0; k < CV; ++k) {
+        sh_n[slot + k] = acc[k].n;
+        sh_mean[slot + k] = acc[k].mean;
+        sh_m2[slot + k] = acc[k].m2;
+    }
+    __syncthreads();
+    for (int s = by / 2; s > 0; s >>= 1) {
+        if (ty < s) {
+            const int other = ((ty + s) * bx + tx) * CV;
+#pragma unroll
+            for (int k = 0; k < CV; ++k) {
+                const Welford<A> a{sh_n[slot + k], sh_mean[slot + k], sh_m2[slot + k]};
+                const Welford<A> b{sh_n[other + k], sh_mean[other + k], sh_m2[other + k]};
+                const Welford<A> m = chan_merge(a, b);
+                sh_n[slot + k] = m.n;
+                sh_mean[slot + k] = m.mean;
+                sh_m2[slot + k] = m.m2;
+            }
+        }
+        __syncthreads();
+    }
+    if (ty == 0 && active) {
+        const long long rbs = gridDim.y;
+#pragma unroll
+        for (int k = 0; k < CV; ++k) {
+            const long long c = c0 + k;
+            if (c < v.channels) {
+                double* p = partial + (c * rbs + rb) * 3;
+                p[0] = static_cast<double>(sh_n[slot + k]);
+                p[1] = static_cast<double>(sh_mean[slot + k]);
+                p[2] = static_cast<double>(sh_m2[slot + k]);
+            }
+        }
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ void stats_inner(const T* __restrict__ x, const View v, const long long rows_per_block,
+                                            const int vec, double* __restrict__ partial) {
+    if (vec)
+        stats_inner_body<T, Traits<T>::VEC>(x, v, rows_per_block, partial);
+    else
+        stats_inner_body<T, 1>(x, v, rows_per_block, partial);
+}
+
+#define STATS_KERNELS(T, SUFFIX)                                                                              \
+    extern "C" __global__ void __launch_bounds__(BLOCK)                                                       \
+        bn_stats_major_##SUFFIX(const T* __restrict__ x, const View v, const long long chunk_len,             \
+                                const long long chunks, const int group, const int vec, double* partial) {    \
+        stats_major<T>(x, v, chunk_len, chunks, group, vec, partial);                                         \
+    }                                                                                                         \
+    extern "C" __global__ void __launch_bounds__(BLOCK)                                                       \
+        bn_stats_inner_##SUFFIX(const T* __restrict__ x, const View v, const long long rows_per_block,        \
+                                const int vec, double* partial) {                                             \
+        stats_inner<T>(x, v, rows_per_block, vec, partial);                                                   \
+    }
+
+STATS_KERNELS(float, f32)
+STATS_KERNELS(double, f64)
+STATS_KERNELS(__half, f16)
+STATS_KERNELS(__nv_bfloat16, bf16)
+
+// ---------------------------------------------------------------------------
+// Level 2: one warp per channel combines the channel's `parts` partials in f64
+// (lane l takes partials l, l + 32, ... in order, then a fixed shuffle tree) and
+// writes the (3, C) f64 output [count; n * mean; M2 + n * mean^2], contiguous.
+// ---------------------------------------------------------------------------
+
+extern "C" __global__ void __launch_bounds__(BLOCK)
+    bn_stats_combine(const double* __restrict__ partial, const long long channels, const long long parts,
+                     double* __restrict__ out) {
+    const long long c = (long long)blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP;
+    const int lane = threadIdx.x % WARP;
+    if (c >= channels) return;  // uniform per warp; no block barrier follows
+    Welford<double> w = welford_empty<double>();
+    for (long long k = lane; k < parts; k += WARP) {
+        const double* p = partial + (c * parts + k) * 3;
+        w = chan_merge(w, Welford<double>{p[0], p[1], p[2]});
+    }
+    w = warp_merge(w);
+    if (lane == 0) {
+        // Same roundings as the CPU path (no FMA contraction).
+        const double s1 = __dmul_rn(w.n, w.mean);
+        out[c] = w.n;
+        out[channels + c] = s1;
+        out[2 * channels + c] = __dadd_rn(w.m2, __dmul_rn(s1, w.mean));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Moments and running statistics: one thread per channel, f64, with the CPU
+// path's operations and roundings (explicit _rn intrinsics: no contraction).
+// ---------------------------------------------------------------------------
+
+// (3, C) sums [n; Σx; Σx²] (any float dtype and strides) -> (3, C) f64
+// [mean; invstd; n], contiguous.
+extern "C" __global__ void __launch_bounds__(BLOCK)
+    bn_moments_from_sums(const void* __restrict__ sums, const Mat2 s, const long long channels, const double eps,
+                         double* __restrict__ out) {
+    const long long c = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= channels) return;
+    const double n = load_f64(sums, s.dtype, mat_index(s, 0, c));
+    const double s1 = load_f64(sums, s.dtype, mat_index(s, 1, c));
+    const double s2 = load_f64(sums, s.dtype, mat_index(s, 2, c));
+    double mean = 0.0, invstd;
+    if (n <= 0.0) {
+        invstd = __ddiv_rn(1.0, __dsqrt_rn(eps));
+    } else {
+        mean = __ddiv_rn(s1, n);
+        const double var = fmax(__dsub_rn(__ddiv_rn(s2, n), __dmul_rn(mean, mean)), 0.0);
+        invstd = __ddiv_rn(1.0, __dsqrt_rn(__dadd_rn(var, eps)));
+    }
+    out[c] = mean;
+    out[channels + c] = invstd;
+    out[2 * channels + c] = n;
+}
+
+// (running_mean, running_var) (any float dtypes and strides) -> (3, C) f64
+// [mean; 1/sqrt(var + eps); 0], contiguous.
+extern "C" __global__ void __launch_bounds__(BLOCK)
+    bn_moments_from_running(const void* __restrict__ mean_p, const Vec1 m, const void* __restrict__ var_p,
+                            const Vec1 vv, const long long channels, const double eps, double* __restrict__ out) {
+    const long long c = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= channels) return;
+    const double mean = load_f64(mean_p, m.dtype, m.offset + c * m.stride);
+    const double var = load_f64(var_p, vv.dtype, vv.offset + c * vv.stride);
+    out[c] = mean;
+    out[channels + c] = __ddiv_rn(1.0, __dsqrt_rn(__dadd_rn(var, eps)));
+    out[2 * channels + c] = 0.0;
+}
+
+// In place: dst[c] = (1 - f) * dst[c] + f * batch[c], where batch is the mean
+// (stat == 0) or the unbiased variance (stat == 1) of the (3, C) sums and f is
+// `momentum`, or 1 / max(counter, 1) (read here on the device: no host read).
+extern "C" __global__ void __launch_bounds__(BLOCK)
+    bn_running_update(void* __restrict__ dst, const Vec1 d, const void* __restrict__ sums, const Mat2 s,
+                      const void* __restrict__ counter, const Vec1 k, const long long channels,
+                      const int has_momentum, const double momentum, const int stat) {
+    const long long c = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= channels) return;
+    double factor;
+    if (has_momentum) {
+        factor = momentum;
+    } else {
+        const double count = k.present ? load_f64(counter, k.dtype, k.offset) : 1.0;
+        factor = __ddiv_rn(1.0, fmax(count, 1.0));
+    }
+    const double n = load_f64(sums, s.dtype, mat_index(s, 0, c));
+    const double s1 = load_f64(sums, s.dtype, mat_index(s, 1, c));
+    const double s2 = load_f64(sums, s.dtype, mat_index(s, 2, c));
+    const double mean = __ddiv_rn(s1, n);
+    double batch = mean;
+    if (stat == 1) {
+        const double var = fmax(__dsub_rn(__ddiv_rn(s2, n), __dmul_rn(mean, mean)), 0.0);
+        batch = __ddiv_rn(__dmul_rn(var, n), __dsub_rn(n, 1.0));
+    }
+    const long long idx = d.offset + c * d.stride;
+    const double old = load_f64(dst, d.dtype, idx);
+    const double updated = __dadd_rn(__dmul_rn(__dsub_rn(1.0, factor), old), __dmul_rn(factor, batch));
+    store_f64(dst, d.dtype, idx, updated);
+}
+
+// In place: every element of the counter (i64, u32, f32 or f64) plus one.
+extern "C" __global__ void __launch_bounds__(BLOCK)
+    bn_counter_increment(void* __restrict__ p, const Vec1 v, const long long len) {
+    const long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= len) return;
+    const long long idx = v.offset + e * v.stride;
+    switch (v.dtype) {
+    case DT_I64: static_cast<long long*>(p)[idx] += 1; break;
+    case DT_U32: static_cast<unsigned int*>(p)[idx] += 1u; break;
+    case DT_F32: static_cast<float*>(p)[idx] += 1.0f; break;
+    case DT_F64: static_cast<double*>(p)[idx] += 1.0; break;
+    default: break;
+    }
+}

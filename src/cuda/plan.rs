@@ -1,0 +1,482 @@
+//! Host-side planning of the CUDA kernels: canonical views and work splits.
+//!
+//! Pure Rust (no CUDA calls), so it is unit-tested in every build. The kernels
+//! in `cuda-kernels/` rely on the invariants documented here.
+
+use crate::ops::layout::ChannelView;
+
+/// Threads per block of every kernel (`BLOCK` in `cuda-kernels/tile.cuh`).
+pub const BLOCK: usize = 256;
+/// Threads of a warp.
+pub const WARP: usize = 32;
+/// Most values one work item (a partial) covers, so that counts stay exact in
+/// f32 (< 2^24) and partials stay balanced.
+pub const MAX_TASK: usize = 1 << 22;
+/// Chunks of the channel-major reductions are multiples of this many values, so
+/// 128-bit vectors (at most 8 elements) never straddle two chunks.
+pub const CHUNK_ALIGN: usize = 16;
+/// Resident blocks per SM the grids aim for.
+pub const BLOCKS_PER_SM: usize = 8;
+/// Largest `gridDim.y`.
+pub const MAX_GRID_Y: usize = 65_535;
+/// Largest `gridDim.x`.
+pub const MAX_GRID_X: usize = (1 << 31) - 1;
+
+/// A view as the kernels see it (`struct View` in `cuda-kernels/view.cuh`).
+/// Strides of dims of size 1 are 0.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KView {
+    /// Size of the merged dims before the channel.
+    pub outer: i64,
+    /// Number of channels.
+    pub channels: i64,
+    /// Size of the merged dims after the channel.
+    pub inner: i64,
+    /// Stride of `outer` (elements).
+    pub outer_stride: i64,
+    /// Stride of the channel (elements).
+    pub channel_stride: i64,
+    /// Stride of `inner` (elements).
+    pub inner_stride: i64,
+    /// Storage offset of element (0, 0, 0).
+    pub offset: i64,
+}
+
+impl KView {
+    /// The kernel view of a [`ChannelView`].
+    pub fn new(v: &ChannelView) -> Self {
+        let stride = |size: usize, stride: usize| if size == 1 { 0 } else { stride as i64 };
+        Self {
+            outer: v.outer as i64,
+            channels: v.channels as i64,
+            inner: v.inner as i64,
+            outer_stride: stride(v.outer, v.outer_stride),
+            channel_stride: stride(v.channels, v.channel_stride),
+            inner_stride: stride(v.inner, v.inner_stride),
+            offset: v.offset as i64,
+        }
+    }
+}
+
+/// A contiguous row-major view of the same `(outer, channels, inner)` sizes as
+/// `v`: where the element-wise kernels write their outputs.
+pub fn contiguous_like(v: &ChannelView) -> ChannelView {
+    ChannelView {
+        outer_stride: v.channels * v.inner,
+        channel_stride: v.inner,
+        inner_stride: 1,
+        offset: 0,
+        ..*v
+    }
+}
+
+/// How a kernel walks its views.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Path {
+    /// Channel-major: each channel's values are `outer` rows of `inner` values.
+    Major,
+    /// Channel-innermost: `inner == 1` and the primary view has
+    /// `channel_stride == 1`; every row `o` holds one value of each channel.
+    Innermost,
+}
+
+/// Views of one kernel launch, brought into the form its path expects. All
+/// views share `outer`, `channels` and `inner`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Canon {
+    /// The path the kernels take.
+    pub path: Path,
+    /// The views, in the order given to [`canonicalize`].
+    pub views: Vec<KView>,
+}
+
+impl Canon {
+    /// The shared sizes (of the first view).
+    pub fn sizes(&self) -> (usize, usize, usize) {
+        let v = &self.views[0];
+        (v.outer as usize, v.channels as usize, v.inner as usize)
+    }
+}
+
+/// Merges `outer` and `inner` of every view into one run of rows (`inner` 1),
+/// when that is possible for all of them.
+fn merge_rows(views: &[KView]) -> Option<Vec<KView>> {
+    let v0 = views[0];
+    if v0.inner == 1 {
+        return Some(views.to_vec());
+    }
+    if v0.outer == 1 {
+        return Some(
+            views
+                .iter()
+                .map(|v| KView {
+                    outer: v.inner,
+                    inner: 1,
+                    outer_stride: v.inner_stride,
+                    inner_stride: 0,
+                    ..*v
+                })
+                .collect(),
+        );
+    }
+    let mergeable = views
+        .iter()
+        .all(|v| v.outer_stride == v.inner * v.inner_stride);
+    mergeable.then(|| {
+        views
+            .iter()
+            .map(|v| KView {
+                outer: v.outer * v.inner,
+                inner: 1,
+                outer_stride: v.inner_stride,
+                inner_stride: 0,
+                ..*v
+            })
+            .collect()
+    })
+}
+
+/// Brings views of equal sizes into the form of a kernel path. The first view
+/// is the primary input (x): when its channel stride is 1 (and C > 1) and every
+/// view's rows merge, the channel-innermost path reads it coalesced along the
+/// channels (a permuted NHWC tensor, a 2-D batch); otherwise the channel-major
+/// path runs along `inner` (after turning an `inner == 1` view into a single
+/// row per channel, e.g. a transposed 2-D batch).
+pub fn canonicalize(views: &[ChannelView]) -> Canon {
+    let kv: Vec<KView> = views.iter().map(KView::new).collect();
+    let x = kv[0];
+    if x.channels > 1 && x.channel_stride == 1 {
+        if let Some(rows) = merge_rows(&kv) {
+            return Canon {
+                path: Path::Innermost,
+                views: rows,
+            };
+        }
+    }
+    let views = if x.inner == 1 && x.outer > 1 {
+        kv.iter()
+            .map(|v| KView {
+                outer: 1,
+                inner: v.outer,
+                outer_stride: 0,
+                inner_stride: v.outer_stride,
+                ..*v
+            })
+            .collect()
+    } else {
+        kv
+    };
+    Canon {
+        path: Path::Major,
+        views,
+    }
+}
+
+/// Whether `vec`-element (16-byte) loads are valid for every view along the
+/// contiguous dim of the path: stride 1 there, sizes and other strides and the
+/// offsets multiples of `vec`, and 16-byte aligned base pointers
+/// (`base_aligned`, one per view).
+pub fn vectorizable(canon: &Canon, vec: usize, base_aligned: &[bool]) -> bool {
+    let vec = vec as i64;
+    if vec <= 1 || base_aligned.len() != canon.views.len() || !base_aligned.iter().all(|&a| a) {
+        return false;
+    }
+    let (_, c, i) = canon.sizes();
+    canon.views.iter().all(|v| {
+        let common = v.outer_stride % vec == 0 && v.offset % vec == 0;
+        match canon.path {
+            Path::Major => {
+                common && i as i64 % vec == 0 && v.inner_stride == 1 && v.channel_stride % vec == 0
+            }
+            Path::Innermost => {
+                common && c as i64 % vec == 0 && v.channel_stride == 1 && v.inner == 1
+            }
+        }
+    })
+}
+
+/// Work split of the channel-major reductions (`bn_stats_major_*`,
+/// `bn_grad_major_*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MajorSplit {
+    /// Values per chunk (a multiple of [`CHUNK_ALIGN`]).
+    pub chunk_len: usize,
+    /// Chunks per channel (partials per channel); every chunk is non-empty.
+    pub chunks: usize,
+    /// Threads per task: [`BLOCK`] (one task per block) or [`WARP`].
+    pub group: usize,
+    /// Blocks of the grid.
+    pub blocks: usize,
+}
+
+/// Splits `channels` channels of `plane` (> 0) values each for `sms`
+/// multiprocessors: a whole block per (channel, chunk) task when channels are
+/// large, a warp when they are small; enough chunks per channel that about
+/// [`BLOCKS_PER_SM`] blocks per SM have work.
+pub fn major_split(channels: usize, plane: usize, sms: usize) -> MajorSplit {
+    let plane = plane.max(1);
+    let group = if plane >= 8192 { BLOCK } else { WARP };
+    let tasks_per_block = BLOCK / group;
+    let target = BLOCKS_PER_SM * sms.max(1) * tasks_per_block;
+    // At least 16 values per thread, unless the whole channel is smaller.
+    let max_chunks = plane.div_ceil(group * 16).max(1);
+    let chunks = target
+        .div_ceil(channels.max(1))
+        .clamp(1, max_chunks)
+        .max(plane.div_ceil(MAX_TASK));
+    let chunk_len = plane.div_ceil(chunks).next_multiple_of(CHUNK_ALIGN);
+    let chunks = plane.div_ceil(chunk_len);
+    MajorSplit {
+        chunk_len,
+        chunks,
+        group,
+        blocks: (channels * chunks).div_ceil(tasks_per_block),
+    }
+}
+
+/// Work split of the channel-innermost reductions (`bn_stats_inner_*`,
+/// `bn_grad_inner_*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InnerSplit {
+    /// Threads along channels (`blockDim.x`, a power of two ≤ 32).
+    pub bx: usize,
+    /// Threads along rows (`blockDim.y = BLOCK / bx`).
+    pub by: usize,
+    /// Channel groups (`gridDim.x`): `bx * cv` channels each.
+    pub grid_x: usize,
+    /// Row blocks (`gridDim.y`), also the partials per channel; all non-empty.
+    pub row_blocks: usize,
+    /// Rows per row block.
+    pub rows_per_block: usize,
+}
+
+/// Splits `rows` (> 0) rows of `channels` channels, `cv` channels per thread.
+pub fn inner_split(channels: usize, rows: usize, cv: usize, sms: usize) -> InnerSplit {
+    let rows = rows.max(1);
+    let groups = channels.div_ceil(cv.max(1)).max(1);
+    let bx = groups.next_power_of_two().min(WARP);
+    let by = BLOCK / bx;
+    let grid_x = groups.div_ceil(bx);
+    let target = BLOCKS_PER_SM * sms.max(1);
+    let row_blocks = target
+        .div_ceil(grid_x)
+        .clamp(1, rows.div_ceil(by))
+        .max(rows.div_ceil(MAX_TASK))
+        .min(MAX_GRID_Y);
+    let rows_per_block = rows.div_ceil(row_blocks);
+    InnerSplit {
+        bx,
+        by,
+        grid_x,
+        row_blocks: rows.div_ceil(rows_per_block),
+        rows_per_block,
+    }
+}
+
+/// Blocks of a grid-stride element-wise kernel over `len` (> 0) elements,
+/// `w` per thread and step: enough to fill the GPU once, no more than needed.
+pub fn elementwise_blocks(len: usize, w: usize, sms: usize) -> usize {
+    len.div_ceil(BLOCK * w.max(1))
+        .clamp(1, BLOCKS_PER_SM * sms.max(1))
+}
+
+/// Blocks of a one-thread-per-item kernel.
+pub fn per_item_blocks(items: usize) -> usize {
+    items.div_ceil(BLOCK).max(1)
+}
+
+/// Blocks of a one-warp-per-channel combine kernel.
+pub fn per_warp_blocks(channels: usize) -> usize {
+    channels.div_ceil(BLOCK / WARP).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle::Layout;
+
+    fn view(l: &Layout, axis: usize) -> ChannelView {
+        ChannelView::new(l, axis).unwrap()
+    }
+
+    /// Storage indices of every (o, c, i) of a canonical view, in (c, o, i) order.
+    fn indices(v: &KView) -> Vec<i64> {
+        let mut out = Vec::new();
+        for c in 0..v.channels {
+            for o in 0..v.outer {
+                for i in 0..v.inner {
+                    out.push(
+                        v.offset + o * v.outer_stride + c * v.channel_stride + i * v.inner_stride,
+                    );
+                }
+            }
+        }
+        out
+    }
+
+    /// Canonicalization keeps, for each channel, the set of storage indices of
+    /// every view, and the element-to-element pairing between views.
+    fn check_same_elements(orig: &[ChannelView], canon: &Canon) {
+        let before: Vec<KView> = orig.iter().map(KView::new).collect();
+        let pairs = |views: &[KView]| {
+            let mut rows: Vec<Vec<i64>> = Vec::new();
+            let per: Vec<Vec<i64>> = views.iter().map(indices).collect();
+            for e in 0..per[0].len() {
+                rows.push(per.iter().map(|p| p[e]).collect());
+            }
+            let c = views[0].channels as usize;
+            let n = rows.len() / c.max(1);
+            let mut chunks: Vec<Vec<Vec<i64>>> =
+                rows.chunks(n.max(1)).map(|r| r.to_vec()).collect();
+            for ch in chunks.iter_mut() {
+                ch.sort();
+            }
+            chunks
+        };
+        assert_eq!(pairs(&before), pairs(&canon.views));
+    }
+
+    #[test]
+    fn contiguous_nchw_is_channel_major_and_vectorizable() {
+        let l = Layout::contiguous((2, 3, 8, 8));
+        let c = canonicalize(&[view(&l, 1)]);
+        assert_eq!(c.path, Path::Major);
+        assert!(vectorizable(&c, 4, &[true]));
+        assert!(!vectorizable(&c, 4, &[false]));
+        let l = Layout::contiguous((2, 3, 7, 7));
+        let c = canonicalize(&[view(&l, 1)]);
+        assert!(!vectorizable(&c, 4, &[true]));
+    }
+
+    #[test]
+    fn channels_last_is_innermost_with_any_axis() {
+        // The layer's form: (N, H, W, C) contiguous, axis 3.
+        let l = Layout::contiguous((2, 4, 5, 8));
+        let c = canonicalize(&[view(&l, 3)]);
+        assert_eq!(c.path, Path::Innermost);
+        assert_eq!(c.sizes(), (40, 8, 1));
+        assert!(vectorizable(&c, 4, &[true]));
+        // The same storage seen as (N, C, H, W), axis 1: rows merge.
+        let p = l.permute(&[0, 3, 1, 2]).unwrap();
+        let orig = [view(&p, 1)];
+        let c = canonicalize(&orig);
+        assert_eq!(c.path, Path::Innermost);
+        assert_eq!(c.sizes(), (40, 8, 1));
+        assert_eq!(c.views[0].outer_stride, 8);
+        check_same_elements(&orig, &c);
+        // With a contiguous NCHW output as second view the rows do not merge.
+        let out = Layout::contiguous((2, 8, 4, 5));
+        let orig = [view(&p, 1), view(&out, 1)];
+        let c = canonicalize(&orig);
+        assert_eq!(c.path, Path::Major);
+        check_same_elements(&orig, &c);
+        assert!(!vectorizable(&c, 4, &[true, true]));
+    }
+
+    #[test]
+    fn two_d_batches() {
+        let l = Layout::contiguous((64, 16));
+        let orig = [view(&l, 1), view(&l, 1)];
+        let c = canonicalize(&orig);
+        assert_eq!(c.path, Path::Innermost);
+        assert!(vectorizable(&c, 8, &[true, true]));
+        check_same_elements(&orig, &c);
+        // Transposed storage: one contiguous row per channel.
+        let t = Layout::contiguous((16, 64)).transpose(0, 1).unwrap();
+        let orig = [view(&t, 1)];
+        let c = canonicalize(&orig);
+        assert_eq!(c.path, Path::Major);
+        assert_eq!(c.sizes(), (1, 16, 64));
+        assert_eq!(c.views[0].inner_stride, 1);
+        assert!(vectorizable(&c, 4, &[true]));
+        check_same_elements(&orig, &c);
+        // One channel.
+        let l = Layout::contiguous((64, 1));
+        let c = canonicalize(&[view(&l, 1)]);
+        assert_eq!((c.path, c.sizes()), (Path::Major, (1, 1, 64)));
+    }
+
+    #[test]
+    fn broadcast_and_narrowed_views() {
+        let x = Layout::contiguous((4, 6, 3, 5));
+        let dy = Layout::new((4, 6, 3, 5).into(), vec![0, 0, 0, 0], 0);
+        let orig = [view(&x, 1), view(&dy, 1)];
+        let c = canonicalize(&orig);
+        assert_eq!(c.path, Path::Major);
+        assert!(!vectorizable(&c, 4, &[true, true]));
+        check_same_elements(&orig, &c);
+        let n = Layout::new((4, 6, 8).into(), vec![48, 8, 1], 2);
+        let c = canonicalize(&[view(&n, 1)]);
+        assert!(!vectorizable(&c, 4, &[true]), "offset 2 is not aligned");
+        let n = Layout::contiguous((4, 6, 3, 8)).narrow(2, 1, 2).unwrap();
+        let c = canonicalize(&[view(&n, 1)]);
+        assert_eq!(c.views[0].offset, 8);
+        assert!(vectorizable(&c, 4, &[true]));
+        let n = Layout::contiguous((4, 6, 3, 8)).narrow(0, 1, 2).unwrap();
+        let c = canonicalize(&[view(&n, 1)]);
+        assert!(vectorizable(&c, 4, &[true]));
+        assert!(!vectorizable(&c, 16, &[true]));
+    }
+
+    #[test]
+    fn major_splits_cover_every_value_once() {
+        for &(c, plane) in &[
+            (32usize, 8 * 512 * 512usize),
+            (2048, 32 * 49),
+            (1, 1),
+            (3, 17),
+            (1, 100_000_000),
+            (1000, 8192),
+            (7, 8191),
+        ] {
+            let s = major_split(c, plane, 132);
+            assert!(s.chunk_len.is_multiple_of(CHUNK_ALIGN));
+            assert!(s.chunks >= 1 && (s.chunks - 1) * s.chunk_len < plane);
+            assert!(s.chunks * s.chunk_len >= plane);
+            assert!(s.chunk_len <= MAX_TASK + CHUNK_ALIGN);
+            assert!(s.group == BLOCK || s.group == WARP);
+            assert_eq!(s.blocks, (c * s.chunks).div_ceil(BLOCK / s.group));
+            assert!(s.blocks <= MAX_GRID_X);
+        }
+        // Few large channels: many chunks per channel fill the GPU.
+        let s = major_split(32, 8 * 512 * 512, 132);
+        assert_eq!(s.group, BLOCK);
+        assert!(s.blocks >= 132 * 4, "{s:?}");
+        // Many tiny channels: a warp per task, several tasks per block.
+        let s = major_split(2048, 49 * 32, 132);
+        assert_eq!(s.group, WARP);
+        assert!(s.blocks >= 132 * 4, "{s:?}");
+    }
+
+    #[test]
+    fn inner_splits_cover_every_row_once() {
+        for &(c, rows, cv) in &[
+            (1024usize, 4096usize, 4usize),
+            (32, 8 * 512 * 512, 4),
+            (3, 10, 1),
+            (2048, 32 * 49, 8),
+            (2, 1, 1),
+            (5, 1 << 30, 1),
+        ] {
+            let s = inner_split(c, rows, cv, 132);
+            assert!(s.bx.is_power_of_two() && s.bx * s.by == BLOCK);
+            assert!(s.grid_x * s.bx * cv >= c);
+            assert!((s.grid_x - 1) * s.bx * cv < c);
+            assert!(s.row_blocks >= 1 && s.row_blocks <= MAX_GRID_Y);
+            assert!(s.row_blocks * s.rows_per_block >= rows);
+            assert!((s.row_blocks - 1) * s.rows_per_block < rows);
+            assert!(s.rows_per_block <= MAX_TASK);
+        }
+        let s = inner_split(1024, 4096, 4, 132);
+        assert!(s.grid_x * s.row_blocks >= 132 * 4, "{s:?}");
+    }
+
+    #[test]
+    fn elementwise_grids() {
+        assert_eq!(elementwise_blocks(1, 1, 132), 1);
+        assert_eq!(elementwise_blocks(1 << 30, 4, 132), 132 * BLOCKS_PER_SM);
+        assert_eq!(per_item_blocks(0), 1);
+        assert_eq!(per_warp_blocks(9), 2);
+    }
+}

@@ -1,0 +1,1068 @@
+//! The CUDA path against the CPU path: every op on the layout matrix, the whole
+//! layer on the configuration matrix, k in-process ranks on CUDA against one
+//! rank, and bitwise determinism.
+//!
+//! Every test first opens CUDA device 0; without one (no GPU, a stub driver, or
+//! a build without the `cuda` feature) it prints that it was skipped and passes.
+
+mod common;
+
+use candle::{DType, Device, Tensor, Var};
+use candle_nn::{ModuleT, VarBuilder, VarMap};
+use candle_syncbn::ops::{
+    AffineGrads, BatchNormOp, BatchStats, CounterIncrement, GradStats, InputGrad, Moments,
+    RunningStat, RunningStatsUpdate,
+};
+use candle_syncbn::{ProcessGroup, SyncBatchNorm, SyncBatchNormConfig};
+use common::*;
+use std::time::Duration;
+
+/// CUDA device 0, or return from the test after printing that it was skipped.
+macro_rules! cuda_or_skip {
+    ($name:expr) => {
+        match Device::new_cuda(0) {
+            Ok(d) => d,
+            Err(e) => {
+                println!("skipped {}: no CUDA device ({e})", $name);
+                return;
+            }
+        }
+    };
+}
+
+const FLOATS: [DType; 4] = [DType::F32, DType::F64, DType::F16, DType::BF16];
+
+/// Tolerance of op outputs of unit scale, CUDA vs CPU.
+fn tol(dtype: DType) -> (f64, f64) {
+    match dtype {
+        DType::F64 => (1e-10, 1e-10),
+        DType::F32 => (1e-5, 1e-5),
+        DType::F16 => (5e-3, 5e-3),
+        DType::BF16 => (3e-2, 3e-2),
+        _ => unreachable!(),
+    }
+}
+
+/// Tolerance of f64 sums accumulated in the input's accumulator, relative to
+/// the sums' scale.
+fn sum_tol(dtype: DType) -> f64 {
+    if dtype == DType::F64 {
+        1e-11
+    } else {
+        2e-6
+    }
+}
+
+/// Compares two tensors (any devices, dtypes, layouts) element-wise.
+fn close(what: &str, got: &Tensor, expected: &Tensor, atol: f64, rtol: f64) {
+    assert_eq!(got.dims(), expected.dims(), "{what}: shapes differ");
+    assert_close(what, &values(got), &values(expected), atol, rtol);
+}
+
+/// Compares `(rows, C)` sums row by row, each relative to its largest magnitude.
+fn close_sums(what: &str, got: &Tensor, expected: &Tensor, rel: f64) {
+    assert_eq!(got.dims(), expected.dims(), "{what}: shapes differ");
+    let (g, e) = (values(got), values(expected));
+    let c = got.dims()[1].max(1);
+    for (r, (gr, er)) in g.chunks(c).zip(e.chunks(c)).enumerate() {
+        let scale = er.iter().fold(1.0f64, |m, v| m.max(v.abs()));
+        assert_close(&format!("{what} row {r}"), gr, er, rel * scale, 0.0);
+    }
+}
+
+/// One input layout of the op matrix: the tensor (CPU) and its channel axis.
+struct Case {
+    name: String,
+    x: Tensor,
+    axis: usize,
+}
+
+/// Data of logical shape `shape` (`(N, C, *)`) in `dtype`, with per-channel
+/// means far from zero so that centering matters.
+fn data(shape: &[usize], dtype: DType, seed: u64) -> Tensor {
+    let mut rng = Rng::new(seed);
+    let n: usize = shape.iter().product();
+    let c = shape[1];
+    let inner: usize = shape[2..].iter().product();
+    let xs: Vec<f64> = (0..n)
+        .map(|i| {
+            let ch = (i / inner.max(1)) % c.max(1);
+            3.0 * ch as f64 - 4.0 + (1.0 + 0.25 * ch as f64) * rng.normal()
+        })
+        .collect();
+    tensor(&xs, shape, dtype)
+}
+
+/// The layout matrix for `dtype`: contiguous ranks 2 to 5, the sizes that pick
+/// each work split (few large channels, many tiny channels, 2-D batches),
+/// channels-last (as the layer passes it, and as a permuted NCHW view),
+/// narrowed and offset views, a transposed 2-D batch, odd sizes, an empty batch.
+fn cases(dtype: DType) -> Vec<Case> {
+    let mut out = Vec::new();
+    let mut push = |name: &str, x: Tensor, axis: usize| {
+        out.push(Case {
+            name: format!("{name} {dtype:?}"),
+            x,
+            axis,
+        })
+    };
+    push("rank 2", data(&[37, 5], dtype, 1), 1);
+    push("rank 3", data(&[4, 3, 33], dtype, 2), 1);
+    push("rank 4", data(&[3, 4, 8, 8], dtype, 3), 1);
+    push("rank 5", data(&[2, 3, 4, 5, 6], dtype, 4), 1);
+    push("few large channels", data(&[4, 3, 64, 64], dtype, 5), 1);
+    push("many tiny channels", data(&[8, 256, 7, 7], dtype, 6), 1);
+    push("2-D many channels", data(&[512, 96], dtype, 7), 1);
+    push("odd sizes", data(&[3, 5, 7], dtype, 8), 1);
+    let nchw = data(&[4, 16, 6, 10], dtype, 9);
+    let nhwc = nchw.permute((0, 2, 3, 1)).unwrap().contiguous().unwrap();
+    push("channels-last (N,H,W,C) axis 3", nhwc.clone(), 3);
+    push(
+        "channels-last permuted (N,C,H,W)",
+        nhwc.permute((0, 3, 1, 2)).unwrap(),
+        1,
+    );
+    let odd = data(&[3, 6, 5, 3], dtype, 10)
+        .permute((0, 2, 3, 1))
+        .unwrap()
+        .contiguous()
+        .unwrap();
+    push("channels-last odd sizes axis 3", odd, 3);
+    push(
+        "narrowed batch",
+        data(&[5, 4, 8, 8], dtype, 11).narrow(0, 1, 3).unwrap(),
+        1,
+    );
+    push(
+        "narrowed inner (offset 1)",
+        data(&[3, 4, 20], dtype, 12).narrow(2, 1, 17).unwrap(),
+        1,
+    );
+    push(
+        "narrowed channels",
+        data(&[3, 9, 16], dtype, 13).narrow(1, 2, 5).unwrap(),
+        1,
+    );
+    push("transposed 2-D", data(&[24, 40], dtype, 14).t().unwrap(), 1);
+    push("empty batch", data(&[0, 4, 3, 3], dtype, 15), 1);
+    out
+}
+
+/// The `(3, C)` moments of `x` (via the CPU ops) on `dev`.
+fn moments_of(x: &Tensor, axis: usize, dev: &Device) -> Tensor {
+    let sums = x.apply_op1_no_bwd(&BatchStats { axis }).unwrap();
+    sums.apply_op1_no_bwd(&Moments { eps: 1e-5 })
+        .unwrap()
+        .to_device(dev)
+        .unwrap()
+}
+
+#[test]
+fn batch_stats_match_cpu() {
+    let dev = cuda_or_skip!("batch_stats_match_cpu");
+    for dtype in FLOATS {
+        for case in cases(dtype) {
+            let op = BatchStats { axis: case.axis };
+            let cpu = case.x.apply_op1_no_bwd(&op).unwrap();
+            let gpu = case
+                .x
+                .to_device(&dev)
+                .unwrap()
+                .apply_op1_no_bwd(&op)
+                .unwrap();
+            assert!(gpu.device().is_cuda());
+            close_sums(&case.name, &gpu, &cpu, sum_tol(dtype));
+            // Counts are exact.
+            close(
+                &format!("{} counts", case.name),
+                &gpu.get(0).unwrap(),
+                &cpu.get(0).unwrap(),
+                0.0,
+                0.0,
+            );
+        }
+    }
+}
+
+#[test]
+fn batch_stats_keep_precision_for_large_means() {
+    let dev = cuda_or_skip!("batch_stats_keep_precision_for_large_means");
+    // |mean| / std = 1e4: f32 sums of squares would lose everything.
+    let mut rng = Rng::new(99);
+    let shape = [16, 3, 32, 32];
+    let n: usize = shape.iter().product();
+    let xs: Vec<f64> = (0..n).map(|_| 1e4 + rng.normal()).collect();
+    let x = tensor(&xs, &shape, DType::F32);
+    let cpu = x
+        .apply_op1_no_bwd(&BatchStats { axis: 1 })
+        .unwrap()
+        .apply_op1_no_bwd(&Moments { eps: 0.0 })
+        .unwrap();
+    let gpu = x
+        .to_device(&dev)
+        .unwrap()
+        .apply_op1_no_bwd(&BatchStats { axis: 1 })
+        .unwrap()
+        .apply_op1_no_bwd(&Moments { eps: 0.0 })
+        .unwrap();
+    // invstd agrees to a few f32 ulps of the data, relative.
+    close("large-mean moments", &gpu, &cpu, 0.0, 1e-4);
+}
+
+#[test]
+fn moments_match_cpu() {
+    let dev = cuda_or_skip!("moments_match_cpu");
+    // From sums, with an empty channel (count 0).
+    let sums = Tensor::new(
+        &[
+            [10.0f64, 0.0, 3.0, 1e6],
+            [25.0, 0.0, -1.5, 3e9],
+            [80.0, 0.0, 2.0, 9.0000001e12],
+        ],
+        &Device::Cpu,
+    )
+    .unwrap();
+    let op = Moments { eps: 1e-5 };
+    let cpu = sums.apply_op1_no_bwd(&op).unwrap();
+    let gpu = sums.to_device(&dev).unwrap().apply_op1_no_bwd(&op).unwrap();
+    close("moments from sums", &gpu, &cpu, 0.0, 1e-15);
+    // Transposed (strided) sums.
+    let st = sums.t().unwrap().contiguous().unwrap().t().unwrap();
+    let gpu = st.to_device(&dev).unwrap().apply_op1_no_bwd(&op).unwrap();
+    close("moments from strided sums", &gpu, &cpu, 0.0, 1e-15);
+    // From running statistics of every float dtype.
+    for dtype in FLOATS {
+        let m = tensor(&[0.5, -1.0, 2.0], &[3], dtype);
+        let v = tensor(&[1.0, 0.25, 4.0], &[3], dtype);
+        let cpu = m.apply_op2_no_bwd(&v, &op).unwrap();
+        let gpu = m
+            .to_device(&dev)
+            .unwrap()
+            .apply_op2_no_bwd(&v.to_device(&dev).unwrap(), &op)
+            .unwrap();
+        close(
+            &format!("running moments {dtype:?}"),
+            &gpu,
+            &cpu,
+            0.0,
+            1e-15,
+        );
+    }
+}
+
+#[test]
+fn running_stats_update_and_counter_match_cpu() {
+    let dev = cuda_or_skip!("running_stats_update_and_counter_match_cpu");
+    let sums = Tensor::new(
+        &[[10.0f64, 4.0, 7.0], [25.0, -2.0, 70.0], [80.0, 9.0, 720.0]],
+        &Device::Cpu,
+    )
+    .unwrap();
+    for dtype in FLOATS {
+        for momentum in [Some(0.1), None] {
+            for stat in [RunningStat::Mean, RunningStat::Var] {
+                for count in [1i64, 5] {
+                    let update = RunningStatsUpdate { momentum, stat };
+                    let start = tensor(&[0.5, 1.0, -2.0], &[3], dtype);
+                    let cpu = Var::from_tensor(&start).unwrap();
+                    let counter = Tensor::new(count, &Device::Cpu).unwrap();
+                    cpu.as_tensor()
+                        .inplace_op3(&sums, &counter, &update)
+                        .unwrap();
+                    let gpu = Var::from_tensor(&start.to_device(&dev).unwrap()).unwrap();
+                    gpu.as_tensor()
+                        .inplace_op3(
+                            &sums.to_device(&dev).unwrap(),
+                            &counter.to_device(&dev).unwrap(),
+                            &update,
+                        )
+                        .unwrap();
+                    let (atol, rtol) = tol(dtype);
+                    close(
+                        &format!(
+                            "running {stat:?} {dtype:?} momentum {momentum:?} counter {count}"
+                        ),
+                        gpu.as_tensor(),
+                        cpu.as_tensor(),
+                        atol.min(1e-12),
+                        rtol.min(1e-12),
+                    );
+                }
+            }
+        }
+    }
+    for dtype in [DType::I64, DType::U32, DType::F32, DType::F64] {
+        let t = Tensor::new(41u32, &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+            .to_device(&dev)
+            .unwrap();
+        let v = Var::from_tensor(&t).unwrap();
+        v.as_tensor().inplace_op1(&CounterIncrement).unwrap();
+        v.as_tensor().inplace_op1(&CounterIncrement).unwrap();
+        let got = values(v.as_tensor());
+        assert_eq!(got, vec![43.0], "counter {dtype:?}");
+    }
+}
+
+fn params(c: usize, dtype: DType) -> (Tensor, Tensor) {
+    let w: Vec<f64> = (0..c).map(|i| 0.75 + 0.1 * i as f64).collect();
+    let b: Vec<f64> = (0..c).map(|i| 0.2 - 0.05 * i as f64).collect();
+    (tensor(&w, &[c], dtype), tensor(&b, &[c], dtype))
+}
+
+fn norm_op(moments: Tensor, axis: usize) -> BatchNormOp {
+    BatchNormOp {
+        axis,
+        moments,
+        batch_stats: true,
+        group: ProcessGroup::single(),
+        layer: "test".to_string(),
+    }
+}
+
+#[test]
+fn batch_norm_op_matches_cpu() {
+    let dev = cuda_or_skip!("batch_norm_op_matches_cpu");
+    for dtype in FLOATS {
+        for case in cases(dtype) {
+            let c = case.x.dims()[case.axis];
+            let xg = case.x.to_device(&dev).unwrap();
+            let cpu_op = norm_op(moments_of(&case.x, case.axis, &Device::Cpu), case.axis);
+            let gpu_op = norm_op(moments_of(&case.x, case.axis, &dev), case.axis);
+            let (atol, rtol) = tol(dtype);
+            let cpu = case.x.apply_op1_no_bwd(&cpu_op).unwrap();
+            let gpu = xg.apply_op1_no_bwd(&gpu_op).unwrap();
+            assert!(gpu.is_contiguous());
+            close(&format!("{} plain", case.name), &gpu, &cpu, atol, rtol);
+            for pdtype in [dtype, DType::F32] {
+                let (w, b) = params(c, pdtype);
+                let cpu = case.x.apply_op3_no_bwd(&w, &b, &cpu_op).unwrap();
+                let gpu = xg
+                    .apply_op3_no_bwd(
+                        &w.to_device(&dev).unwrap(),
+                        &b.to_device(&dev).unwrap(),
+                        &gpu_op,
+                    )
+                    .unwrap();
+                assert_eq!(gpu.dtype(), dtype);
+                close(
+                    &format!("{} affine {pdtype:?}", case.name),
+                    &gpu,
+                    &cpu,
+                    atol,
+                    rtol,
+                );
+            }
+        }
+    }
+}
+
+/// Upstream gradients for a case: contiguous, and a broadcast of ones (the
+/// gradient of `y.sum()`), both in the case's logical shape.
+fn grads_for(case: &Case, seed: u64) -> Vec<(String, Tensor)> {
+    let dims = case.x.dims().to_vec();
+    let dtype = case.x.dtype();
+    let mut rng = Rng::new(seed);
+    let n: usize = dims.iter().product();
+    let g = tensor(&rng.normals(n, 0.1, 1.0), &dims, dtype);
+    let ones = Tensor::ones((), dtype, &Device::Cpu)
+        .unwrap()
+        .broadcast_as(dims.as_slice())
+        .unwrap();
+    vec![("dy".to_string(), g), ("broadcast dy".to_string(), ones)]
+}
+
+#[test]
+fn grad_stats_match_cpu() {
+    let dev = cuda_or_skip!("grad_stats_match_cpu");
+    for dtype in FLOATS {
+        for case in cases(dtype) {
+            let xg = case.x.to_device(&dev).unwrap();
+            for (gname, dy) in grads_for(&case, 21) {
+                let cpu_op = GradStats {
+                    axis: case.axis,
+                    moments: moments_of(&case.x, case.axis, &Device::Cpu),
+                };
+                let gpu_op = GradStats {
+                    axis: case.axis,
+                    moments: moments_of(&case.x, case.axis, &dev),
+                };
+                let cpu = dy.apply_op2_no_bwd(&case.x, &cpu_op).unwrap();
+                let gpu = dy
+                    .to_device(&dev)
+                    .unwrap()
+                    .apply_op2_no_bwd(&xg, &gpu_op)
+                    .unwrap();
+                // Relative to Σ|dy|·|x − μ| scale: use the larger of the rows
+                // and a count-based floor (sums of signed terms may cancel).
+                let n = (case.x.elem_count() / case.x.dims()[case.axis].max(1)).max(1) as f64;
+                let (g, e) = (values(&gpu), values(&cpu));
+                let floor = n * if dtype == DType::F64 { 1e-12 } else { 1e-5 };
+                assert_close(
+                    &format!("{} {gname}", case.name),
+                    &g,
+                    &e,
+                    floor,
+                    sum_tol(dtype) * 10.0,
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn input_grad_and_affine_grads_match_cpu() {
+    let dev = cuda_or_skip!("input_grad_and_affine_grads_match_cpu");
+    for dtype in FLOATS {
+        for case in cases(dtype) {
+            let c = case.x.dims()[case.axis];
+            let xg = case.x.to_device(&dev).unwrap();
+            let (atol, rtol) = tol(dtype);
+            for (gname, dy) in grads_for(&case, 31) {
+                let dyg = dy.to_device(&dev).unwrap();
+                let m_cpu = moments_of(&case.x, case.axis, &Device::Cpu);
+                let m_gpu = m_cpu.to_device(&dev).unwrap();
+                let sums = dy
+                    .apply_op2_no_bwd(
+                        &case.x,
+                        &GradStats {
+                            axis: case.axis,
+                            moments: m_cpu.clone(),
+                        },
+                    )
+                    .unwrap();
+                for pdtype in [dtype, DType::F32] {
+                    let cpu = sums
+                        .apply_op1_no_bwd(&AffineGrads {
+                            moments: m_cpu.clone(),
+                            dtype: pdtype,
+                        })
+                        .unwrap();
+                    let gpu = sums
+                        .to_device(&dev)
+                        .unwrap()
+                        .apply_op1_no_bwd(&AffineGrads {
+                            moments: m_gpu.clone(),
+                            dtype: pdtype,
+                        })
+                        .unwrap();
+                    assert_eq!(gpu.dtype(), pdtype);
+                    let (a, r) = tol(pdtype);
+                    close(
+                        &format!("{} {gname} affine grads {pdtype:?}", case.name),
+                        &gpu,
+                        &cpu,
+                        a,
+                        r,
+                    );
+                }
+                let (w, _) = params(c, dtype);
+                for with_sums in [true, false] {
+                    for weight in [None, Some(w.clone())] {
+                        let cpu_op = InputGrad {
+                            axis: case.axis,
+                            moments: m_cpu.clone(),
+                            grad_sums: with_sums.then(|| sums.clone()),
+                            weight: weight.clone(),
+                        };
+                        let gpu_op = InputGrad {
+                            axis: case.axis,
+                            moments: m_gpu.clone(),
+                            grad_sums: with_sums.then(|| sums.to_device(&dev).unwrap()),
+                            weight: weight.as_ref().map(|w| w.to_device(&dev).unwrap()),
+                        };
+                        let cpu = dy.apply_op2_no_bwd(&case.x, &cpu_op).unwrap();
+                        let gpu = dyg.apply_op2_no_bwd(&xg, &gpu_op).unwrap();
+                        assert!(gpu.is_contiguous());
+                        close(
+                            &format!(
+                                "{} {gname} input grad (sums {with_sums}, weight {})",
+                                case.name,
+                                weight.is_some()
+                            ),
+                            &gpu,
+                            &cpu,
+                            atol * 4.0,
+                            rtol * 4.0,
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn unsupported_dtypes_are_errors() {
+    let dev = cuda_or_skip!("unsupported_dtypes_are_errors");
+    let x = Tensor::zeros((2, 3, 4), DType::U32, &dev).unwrap();
+    assert!(x.apply_op1_no_bwd(&BatchStats { axis: 1 }).is_err());
+    let m = moments_of(&data(&[2, 3, 4], DType::F32, 1), 1, &dev);
+    assert!(x.apply_op1_no_bwd(&norm_op(m.clone(), 1)).is_err());
+    assert!(x
+        .apply_op2_no_bwd(
+            &x,
+            &GradStats {
+                axis: 1,
+                moments: m
+            }
+        )
+        .is_err());
+    let c = Var::from_tensor(&Tensor::zeros((), DType::U8, &dev).unwrap()).unwrap();
+    assert!(c.as_tensor().inplace_op1(&CounterIncrement).is_err());
+}
+
+/// What one rank observed over a few training steps and an eval forward.
+#[derive(Debug, Clone, Default)]
+struct RankRun {
+    outputs: Vec<Vec<f64>>,
+    input_grads: Vec<Vec<f64>>,
+    weight_grads: Vec<Vec<f64>>,
+    bias_grads: Vec<Vec<f64>>,
+    running_mean: Vec<f64>,
+    running_var: Vec<f64>,
+    batches: u64,
+    eval: Vec<f64>,
+}
+
+/// One rank's inputs: per step `(shape, x, dy)` in logical `(N, C, *)` order.
+type Steps = Vec<(Vec<usize>, Vec<f64>, Vec<f64>)>;
+
+/// Runs the layer on `dev`: training steps with upstream gradients, then an
+/// eval forward. `channels_last` feeds NHWC-strided inputs (rank ≥ 3).
+#[allow(clippy::too_many_arguments)]
+fn run_layer(
+    dev: &Device,
+    group: ProcessGroup,
+    cfg: SyncBatchNormConfig,
+    dtype: DType,
+    c_n: usize,
+    steps: &Steps,
+    eval: &(Vec<usize>, Vec<f64>),
+    channels_last: bool,
+) -> candle::Result<RankRun> {
+    let varmap = VarMap::new();
+    let param_dtype = if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    let vb = VarBuilder::from_varmap(&varmap, param_dtype, dev);
+    let bn = SyncBatchNorm::new(c_n, cfg, vb.pp("bn"), group)?;
+    if let Some((w, b)) = bn.weight_and_bias() {
+        let (wv, bv) = params(c_n, param_dtype);
+        Var::from_tensor(w)?.set(&wv.to_device(dev)?)?;
+        Var::from_tensor(b)?.set(&bv.to_device(dev)?)?;
+    }
+    // The input variable, the input in logical (N, C, *) order (a permuted view
+    // of NHWC storage for channels_last), and the permutation from the
+    // variable's layout back to the logical order.
+    let input =
+        |shape: &[usize], xs: &[f64]| -> candle::Result<(Var, Tensor, Option<Vec<usize>>)> {
+            let t = tensor(xs, shape, dtype).to_device(dev)?;
+            if channels_last && shape.len() >= 3 {
+                let rank = shape.len();
+                let to_last: Vec<usize> = std::iter::once(0)
+                    .chain(2..rank)
+                    .chain(std::iter::once(1))
+                    .collect();
+                let mut back = vec![0; rank];
+                for (i, &p) in to_last.iter().enumerate() {
+                    back[p] = i;
+                }
+                let v = Var::from_tensor(&t.permute(to_last)?.contiguous()?)?;
+                let x = v.as_tensor().permute(back.clone())?;
+                Ok((v, x, Some(back)))
+            } else {
+                let v = Var::from_tensor(&t)?;
+                let x = v.as_tensor().clone();
+                Ok((v, x, None))
+            }
+        };
+    let mut run = RankRun::default();
+    for (shape, xs, gs) in steps {
+        let (var, x, back) = input(shape, xs)?;
+        let g = tensor(gs, shape, DType::F64).to_device(dev)?;
+        let y = bn.forward_t(&x, true)?;
+        let loss = (y.to_dtype(DType::F64)? * g)?.sum_all()?;
+        let store = loss.backward()?;
+        run.outputs.push(values(&y));
+        let gx = store.get(var.as_tensor()).expect("input gradient");
+        let gx = match &back {
+            Some(back) => gx.permute(back.clone())?,
+            None => gx.clone(),
+        };
+        run.input_grads.push(values(&gx));
+        if let Some((w, b)) = bn.weight_and_bias() {
+            run.weight_grads
+                .push(values(store.get(w).expect("weight gradient")));
+            run.bias_grads
+                .push(values(store.get(b).expect("bias gradient")));
+        }
+    }
+    if let (Some(m), Some(v)) = (bn.running_mean(), bn.running_var()) {
+        run.running_mean = values(&m);
+        run.running_var = values(&v);
+    }
+    run.batches = bn.num_batches_tracked();
+    run.eval = values(&bn.forward_t(&input(&eval.0, &eval.1)?.1, false)?);
+    Ok(run)
+}
+
+/// `steps` random training steps of `shape` and an eval batch.
+fn make_steps(shape: &[usize], steps: usize, seed: u64) -> (Steps, (Vec<usize>, Vec<f64>)) {
+    let mut rng = Rng::new(seed);
+    let n: usize = shape.iter().product();
+    let s = (0..steps)
+        .map(|k| {
+            (
+                shape.to_vec(),
+                rng.normals(n, k as f64 - 1.0, 2.0),
+                rng.normals(n, 0.0, 1.0),
+            )
+        })
+        .collect();
+    let mut eval_shape = shape.to_vec();
+    eval_shape[0] = 2;
+    let e = rng.normals(eval_shape.iter().product(), 0.5, 1.0);
+    (s, (eval_shape, e))
+}
+
+fn compare_runs(label: &str, got: &RankRun, expected: &RankRun, dtype: DType) {
+    let (atol, rtol) = tol(dtype);
+    for s in 0..expected.outputs.len() {
+        assert_close(
+            &format!("{label}: output step {s}"),
+            &got.outputs[s],
+            &expected.outputs[s],
+            atol,
+            rtol,
+        );
+        assert_close(
+            &format!("{label}: input grad step {s}"),
+            &got.input_grads[s],
+            &expected.input_grads[s],
+            atol * 4.0,
+            rtol * 4.0,
+        );
+    }
+    let n = expected.outputs.first().map_or(1, |o| o.len().max(1)) as f64;
+    for (what, g, e) in [
+        ("weight grads", &got.weight_grads, &expected.weight_grads),
+        ("bias grads", &got.bias_grads, &expected.bias_grads),
+    ] {
+        assert_eq!(g.len(), e.len(), "{label}: {what} steps");
+        for (s, (gs, es)) in g.iter().zip(e).enumerate() {
+            assert_close(
+                &format!("{label}: {what} step {s}"),
+                gs,
+                es,
+                atol * n.sqrt() * 4.0,
+                rtol * 4.0,
+            );
+        }
+    }
+    assert_close(
+        &format!("{label}: running mean"),
+        &got.running_mean,
+        &expected.running_mean,
+        1e-6,
+        1e-6,
+    );
+    assert_close(
+        &format!("{label}: running var"),
+        &got.running_var,
+        &expected.running_var,
+        1e-6,
+        1e-6,
+    );
+    assert_eq!(
+        got.batches, expected.batches,
+        "{label}: num_batches_tracked"
+    );
+    assert_close(
+        &format!("{label}: eval"),
+        &got.eval,
+        &expected.eval,
+        atol,
+        rtol,
+    );
+}
+
+#[test]
+fn layer_matches_cpu_on_the_configuration_matrix() {
+    let dev = cuda_or_skip!("layer_matches_cpu_on_the_configuration_matrix");
+    let shapes: [&[usize]; 4] = [&[16, 6], &[4, 6, 9], &[3, 6, 5, 4], &[2, 6, 3, 4, 5]];
+    let mut seed = 100;
+    for dtype in FLOATS {
+        for shape in shapes {
+            for affine in [true, false] {
+                for momentum in [Some(0.1), None] {
+                    for track in [true, false] {
+                        for channels_last in [false, true] {
+                            if channels_last && shape.len() < 3 {
+                                continue;
+                            }
+                            seed += 1;
+                            let cfg = SyncBatchNormConfig {
+                                eps: 1e-5,
+                                momentum,
+                                affine,
+                                track_running_stats: track,
+                            };
+                            let (steps, eval) = make_steps(shape, 2, seed);
+                            let run = |d: &Device| {
+                                run_layer(
+                                    d,
+                                    ProcessGroup::single(),
+                                    cfg,
+                                    dtype,
+                                    shape[1],
+                                    &steps,
+                                    &eval,
+                                    channels_last,
+                                )
+                                .unwrap()
+                            };
+                            let cpu = run(&Device::Cpu);
+                            let gpu = run(&dev);
+                            compare_runs(
+                                &format!(
+                                    "{dtype:?} {shape:?} {cfg:?} channels_last {channels_last}"
+                                ),
+                                &gpu,
+                                &cpu,
+                                dtype,
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Splits a row-major `(N, …)` array into consecutive slices of `sizes[r]` samples.
+fn split(xs: &[f64], shape: &[usize], sizes: &[usize]) -> Vec<(Vec<usize>, Vec<f64>)> {
+    let per: usize = shape[1..].iter().product();
+    let mut at = 0;
+    sizes
+        .iter()
+        .map(|&n| {
+            let mut s = shape.to_vec();
+            s[0] = n;
+            let part = xs[at * per..(at + n) * per].to_vec();
+            at += n;
+            (s, part)
+        })
+        .collect()
+}
+
+#[test]
+fn k_cuda_ranks_match_one_rank() {
+    let dev = cuda_or_skip!("k_cuda_ranks_match_one_rank");
+    let cases: [(&[usize], &[usize], DType); 5] = [
+        (&[3, 2], &[4, 5, 5], DType::F32),
+        (&[4, 0, 1, 3], &[3, 4, 4], DType::F32),
+        (&[2, 3, 0], &[8, 3], DType::F64),
+        (&[5, 2, 0, 1, 2], &[4, 2, 3], DType::F16),
+        (&[3, 3], &[6, 4, 4], DType::BF16),
+    ];
+    for (i, (sizes, tail, dtype)) in cases.into_iter().enumerate() {
+        for channels_last in [false, true] {
+            if channels_last && tail.len() < 2 {
+                continue;
+            }
+            let cfg = SyncBatchNormConfig {
+                eps: 1e-5,
+                momentum: if i % 2 == 0 { Some(0.1) } else { None },
+                affine: true,
+                track_running_stats: true,
+            };
+            let total: usize = sizes.iter().sum();
+            let mut shape = vec![total];
+            shape.extend_from_slice(tail);
+            let (steps, eval) = make_steps(&shape, 3, 500 + i as u64);
+            let whole = run_layer(
+                &dev,
+                ProcessGroup::single(),
+                cfg,
+                dtype,
+                tail[0],
+                &steps,
+                &eval,
+                channels_last,
+            )
+            .unwrap();
+            let k = sizes.len();
+            let groups = ProcessGroup::threads_with_timeout(k, Duration::from_secs(120)).unwrap();
+            let handles: Vec<_> = groups
+                .into_iter()
+                .enumerate()
+                .map(|(r, group)| {
+                    let mine: Steps = steps
+                        .iter()
+                        .map(|(s, x, g)| {
+                            let (shape_r, xr) = split(x, s, sizes)[r].clone();
+                            (shape_r, xr, split(g, s, sizes)[r].1.clone())
+                        })
+                        .collect();
+                    let eval = eval.clone();
+                    let c_n = tail[0];
+                    std::thread::spawn(move || {
+                        // Each rank opens its own handle (its own stream): on GPU r
+                        // when the machine has one, else on GPU 0 beside the others.
+                        let dev = Device::new_cuda(r).or_else(|_| Device::new_cuda(0))?;
+                        run_layer(&dev, group, cfg, dtype, c_n, &mine, &eval, channels_last)
+                    })
+                })
+                .collect();
+            let ranks: Vec<RankRun> = handles
+                .into_iter()
+                .map(|h| h.join().unwrap().unwrap())
+                .collect();
+            let label = format!(
+                "{k} CUDA ranks {sizes:?} {dtype:?} {shape:?} channels_last {channels_last}"
+            );
+            let (atol, rtol) = tol(dtype);
+            for s in 0..steps.len() {
+                let cat = |f: &dyn Fn(&RankRun) -> &Vec<f64>| {
+                    ranks
+                        .iter()
+                        .flat_map(|r| f(r).clone())
+                        .collect::<Vec<f64>>()
+                };
+                assert_close(
+                    &format!("{label}: outputs step {s}"),
+                    &cat(&|r: &RankRun| &r.outputs[s]),
+                    &whole.outputs[s],
+                    atol,
+                    rtol,
+                );
+                assert_close(
+                    &format!("{label}: input grads step {s}"),
+                    &cat(&|r: &RankRun| &r.input_grads[s]),
+                    &whole.input_grads[s],
+                    atol * 4.0,
+                    rtol * 4.0,
+                );
+                for (what, pick) in [("weight", 0), ("bias", 1)] {
+                    let mut summed = vec![0.0; tail[0]];
+                    for r in &ranks {
+                        let g = if pick == 0 {
+                            &r.weight_grads[s]
+                        } else {
+                            &r.bias_grads[s]
+                        };
+                        for (acc, v) in summed.iter_mut().zip(g) {
+                            *acc += v;
+                        }
+                    }
+                    let expected = if pick == 0 {
+                        &whole.weight_grads[s]
+                    } else {
+                        &whole.bias_grads[s]
+                    };
+                    assert_close(
+                        &format!("{label}: summed {what} grads step {s}"),
+                        &summed,
+                        expected,
+                        atol * (total as f64).sqrt() * 4.0,
+                        rtol * 4.0,
+                    );
+                }
+                for (r, run) in ranks.iter().enumerate() {
+                    if sizes[r] == 0 {
+                        assert!(
+                            run.input_grads[s].is_empty(),
+                            "{label}: rank {r} input grad"
+                        );
+                        assert!(
+                            run.weight_grads[s]
+                                .iter()
+                                .chain(&run.bias_grads[s])
+                                .all(|&v| v == 0.0),
+                            "{label}: empty rank {r} must get zero weight/bias grads"
+                        );
+                    }
+                }
+            }
+            for (r, run) in ranks.iter().enumerate() {
+                assert_close(
+                    &format!("{label}: rank {r} running mean"),
+                    &run.running_mean,
+                    &whole.running_mean,
+                    1e-6,
+                    1e-6,
+                );
+                assert_close(
+                    &format!("{label}: rank {r} running var"),
+                    &run.running_var,
+                    &whole.running_var,
+                    1e-6,
+                    1e-6,
+                );
+                assert_eq!(
+                    run.batches, whole.batches,
+                    "{label}: rank {r} num_batches_tracked"
+                );
+                assert_close(
+                    &format!("{label}: rank {r} eval"),
+                    &run.eval,
+                    &whole.eval,
+                    atol,
+                    rtol,
+                );
+                assert_eq!(
+                    run.running_mean, ranks[0].running_mean,
+                    "{label}: ranks differ"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn cuda_results_are_bitwise_deterministic() {
+    let dev = cuda_or_skip!("cuda_results_are_bitwise_deterministic");
+    for dtype in FLOATS {
+        for case in cases(dtype) {
+            let xg = case.x.to_device(&dev).unwrap();
+            let stats = || {
+                values(
+                    &xg.apply_op1_no_bwd(&BatchStats { axis: case.axis })
+                        .unwrap(),
+                )
+            };
+            assert_eq!(stats(), stats(), "{}: batch stats", case.name);
+            let m = moments_of(&case.x, case.axis, &dev);
+            for (gname, dy) in grads_for(&case, 41) {
+                let dyg = dy.to_device(&dev).unwrap();
+                let op = GradStats {
+                    axis: case.axis,
+                    moments: m.clone(),
+                };
+                let sums = || values(&dyg.apply_op2_no_bwd(&xg, &op).unwrap());
+                assert_eq!(sums(), sums(), "{} {gname}: grad sums", case.name);
+            }
+        }
+    }
+    // The whole layer, twice.
+    let cfg = SyncBatchNormConfig {
+        eps: 1e-5,
+        momentum: Some(0.1),
+        affine: true,
+        track_running_stats: true,
+    };
+    let (steps, eval) = make_steps(&[8, 32, 16, 16], 2, 7);
+    let run = || {
+        run_layer(
+            &dev,
+            ProcessGroup::single(),
+            cfg,
+            DType::F32,
+            32,
+            &steps,
+            &eval,
+            false,
+        )
+        .unwrap()
+    };
+    let (a, b) = (run(), run());
+    assert_eq!(a.outputs, b.outputs);
+    assert_eq!(a.input_grads, b.input_grads);
+    assert_eq!(a.weight_grads, b.weight_grads);
+    assert_eq!(a.bias_grads, b.bias_grads);
+    assert_eq!(a.running_mean, b.running_mean);
+    assert_eq!(a.running_var, b.running_var);
+    assert_eq!(a.eval, b.eval);
+}
+
+#[test]
+fn large_shapes_use_every_work_split_and_match_cpu() {
+    let dev = cuda_or_skip!("large_shapes_use_every_work_split_and_match_cpu");
+    // (shape, channel axis): few large channels (many chunks per channel), many
+    // tiny channels (a warp per task), a 2-D batch and channels-last (both
+    // channel-innermost).
+    let shapes: [(&[usize], usize); 4] = [
+        (&[8, 32, 512, 512], 1),
+        (&[32, 2048, 7, 7], 1),
+        (&[4096, 1024], 1),
+        (&[8, 128, 128, 32], 3),
+    ];
+    for dtype in [DType::F32, DType::BF16] {
+        for (shape, axis) in shapes {
+            let c = shape[axis];
+            let mut offset_shape = vec![1; shape.len()];
+            offset_shape[axis] = c;
+            let offsets: Vec<f64> = (0..c).map(|i| (i % 7) as f64 - 3.0).collect();
+            let x = Tensor::randn(0f32, 1f32, shape, &Device::Cpu)
+                .unwrap()
+                .broadcast_add(&tensor(&offsets, &offset_shape, DType::F32))
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let dy = Tensor::randn(0f32, 1f32, shape, &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let (xg, dyg) = (x.to_device(&dev).unwrap(), dy.to_device(&dev).unwrap());
+            let label = format!("{shape:?} axis {axis} {dtype:?}");
+            let stats = BatchStats { axis };
+            let cpu = x.apply_op1_no_bwd(&stats).unwrap();
+            let gpu = xg.apply_op1_no_bwd(&stats).unwrap();
+            close_sums(&format!("{label} stats"), &gpu, &cpu, 1e-5);
+            let m_cpu = moments_of(&x, axis, &Device::Cpu);
+            let m_gpu = m_cpu.to_device(&dev).unwrap();
+            let (atol, rtol) = tol(dtype);
+            let y_cpu = x.apply_op1_no_bwd(&norm_op(m_cpu.clone(), axis)).unwrap();
+            let y_gpu = xg.apply_op1_no_bwd(&norm_op(m_gpu.clone(), axis)).unwrap();
+            close(&format!("{label} normalize"), &y_gpu, &y_cpu, atol, rtol);
+            let gs_cpu = dy
+                .apply_op2_no_bwd(
+                    &x,
+                    &GradStats {
+                        axis,
+                        moments: m_cpu.clone(),
+                    },
+                )
+                .unwrap();
+            let gs_gpu = dyg
+                .apply_op2_no_bwd(
+                    &xg,
+                    &GradStats {
+                        axis,
+                        moments: m_gpu.clone(),
+                    },
+                )
+                .unwrap();
+            let n = (x.elem_count() / c) as f64;
+            assert_close(
+                &format!("{label} grad sums"),
+                &values(&gs_gpu),
+                &values(&gs_cpu),
+                n.sqrt() * 1e-3,
+                1e-4,
+            );
+            let ig = |m: &Tensor, g: &Tensor| InputGrad {
+                axis,
+                moments: m.clone(),
+                grad_sums: Some(g.clone()),
+                weight: None,
+            };
+            let dx_cpu = dy.apply_op2_no_bwd(&x, &ig(&m_cpu, &gs_cpu)).unwrap();
+            let dx_gpu = dyg
+                .apply_op2_no_bwd(&xg, &ig(&m_gpu, &gs_cpu.to_device(&dev).unwrap()))
+                .unwrap();
+            close(
+                &format!("{label} input grad"),
+                &dx_gpu,
+                &dx_cpu,
+                atol * 4.0,
+                rtol * 4.0,
+            );
+        }
+    }
+}
