@@ -553,7 +553,9 @@ fn pytorch_loads_saved_checkpoint() {
         .map(|o| o.status.success())
         .unwrap_or(false);
     if !has_torch {
-        eprintln!("skipped: python3 with torch is not available");
+        common::report_skip(
+            "skipped pytorch_loads_saved_checkpoint: python3 with torch is not available",
+        );
         return;
     }
     let dir = test_dir("torch");

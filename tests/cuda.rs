@@ -23,7 +23,7 @@ macro_rules! cuda_or_skip {
         match Device::new_cuda(0) {
             Ok(d) => d,
             Err(e) => {
-                println!("skipped {}: no CUDA device ({e})", $name);
+                report_skip(&format!("skipped {}: no CUDA device ({e})", $name));
                 return;
             }
         }

@@ -187,6 +187,12 @@ fn mixed_devices_are_reported() {
             ));
             assert_mentions(&e, &["features.3", "Cpu", "Cuda"]);
         }
-        Err(_) => println!("skipped mixed_devices_are_reported: no CUDA device"),
+        Err(_) => {
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr().lock(),
+                "skipped mixed_devices_are_reported: no CUDA device"
+            );
+        }
     }
 }

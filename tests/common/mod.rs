@@ -183,3 +183,10 @@ pub fn tolerance(dtype: DType) -> (f64, f64) {
         _ => unreachable!(),
     }
 }
+
+/// Reports that a test was skipped (and why) on the process's stderr, past the
+/// test harness's output capture, so a plain `cargo test` shows it.
+pub fn report_skip(msg: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{msg}");
+}
