@@ -475,6 +475,15 @@ impl Star {
         let links = if rv.world_size == 1 {
             Links::Root(Vec::new())
         } else if rv.rank == 0 {
+            if token.is_empty() && !is_loopback(&rv.master_addr) {
+                use std::io::Write;
+                let _ = writeln!(
+                    std::io::stderr().lock(),
+                    "candle-syncbn warning: no job token (SYNCBN_TOKEN) is set, so any process that reaches {}:{} can join this group; set SYNCBN_TOKEN to the same secret on every rank",
+                    rv.master_addr,
+                    rv.master_port
+                );
+            }
             Links::Root(serve(rv, &token, &options)?)
         } else {
             Links::Leaf(Some(join(rv, &token, &options)?))
@@ -707,6 +716,16 @@ fn leaf_exchange(
 }
 
 /// Rank 0: accepts connections until every rank has joined (or the deadline).
+/// True when `addr` names this machine's loopback interface.
+fn is_loopback(addr: &str) -> bool {
+    let host = addr.trim().trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .map(|ip| ip.is_loopback())
+            .unwrap_or(false)
+}
+
 fn serve(rv: &Rendezvous, token: &[u8], options: &StoreOptions) -> Result<Vec<Option<TcpStream>>> {
     let deadline = Instant::now() + options.rendezvous_timeout;
     let addr = format!("{}:{}", rv.master_addr, rv.master_port);
@@ -958,6 +977,23 @@ fn join(rv: &Rendezvous, token: &[u8], options: &StoreOptions) -> Result<TcpStre
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn loopback_addresses() {
+        for a in [
+            "127.0.0.1",
+            "127.3.2.1",
+            "localhost",
+            "LOCALHOST",
+            "::1",
+            "[::1]",
+        ] {
+            assert!(is_loopback(a), "{a}");
+        }
+        for a in ["10.0.0.1", "192.168.1.2", "node07", "0.0.0.0", ""] {
+            assert!(!is_loopback(a), "{a}");
+        }
+    }
 
     #[test]
     fn header_roundtrip() {
