@@ -47,6 +47,32 @@ enum Row {
     Spatial { o: usize },
 }
 
+/// Asks the kernel to back a large, not yet touched output buffer with
+/// transparent huge pages where the system allows it (`madvise` mode), so
+/// that filling it takes one page fault per 2 MiB instead of one per 4 KiB.
+/// Fresh activations are page-faulted on every step with glibc's default
+/// allocator, and those faults cost more than the arithmetic of this pass.
+/// Only advice: nothing changes when huge pages are disabled.
+fn advise_huge_pages<T>(buf: &mut Vec<T>) {
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let bytes = buf.capacity() * std::mem::size_of::<T>();
+        if bytes < 4 * HUGE {
+            return;
+        }
+        let start = buf.as_mut_ptr() as usize;
+        let (lo, hi) = (start.next_multiple_of(HUGE), (start + bytes) / HUGE * HUGE);
+        if hi > lo {
+            // SAFETY: `lo..hi` lies inside the buffer's own allocation, and
+            // MADV_HUGEPAGE only changes how its pages are backed, not their contents.
+            unsafe { libc::madvise(lo as *mut libc::c_void, hi - lo, libc::MADV_HUGEPAGE) };
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = buf;
+}
+
 /// Allocates the output of `v`'s shape and fills it row by row in parallel.
 fn elementwise<T, S, I, F>(v: &ChannelView, init: I, fill: F) -> Vec<T>
 where
@@ -56,6 +82,7 @@ where
 {
     let len = v.len();
     let mut out: Vec<T> = Vec::with_capacity(len);
+    advise_huge_pages(&mut out);
     if len > 0 {
         let row_len = if v.channel_innermost() {
             v.channels
