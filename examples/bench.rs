@@ -7,13 +7,17 @@
 //! cargo run --release --features cuda --example bench -- --device cuda
 //! ```
 //!
-//! Each row: median time of a training forward, of the backward (through
-//! candle's autograd, seeded with ones), of the forward+backward step, of an
-//! eval forward, and the effective bandwidth of each against a device copy of
-//! the activation measured in the same run (bytes: forward reads x twice and
-//! writes y; backward reads dy and x twice and writes dx; eval reads x and
-//! writes y). "bwd ops" is our backward alone (gradient sums, collective,
-//! input gradient), without candle's gradient bookkeeping.
+//! Each row gives medians of: a training forward; our backward kernels alone
+//! ("bwd ops": gradient sums, collective, input gradient); an eval forward; the
+//! training step (forward, then `backward()` through candle's autograd); the
+//! part of that step that is candle's own gradient bookkeeping (the `ones_like`
+//! seed and the `zeros_like` + `add` with which candle accumulates every op
+//! input's gradient, timed alone on tensors of the same shape); and candle-nn's
+//! BatchNorm step. Bandwidth is given against a memory copy measured in the
+//! same run: on the CPU a parallel copy between two buffers that are already
+//! mapped (the memory's bandwidth, without page faults), on CUDA a device copy.
+//! Bytes moved: the forward reads x twice and writes y; the backward reads dy
+//! and x twice and writes dx; eval reads x and writes y.
 
 use anyhow::{bail, Result};
 use candle::{DType, Device, Tensor, Var};
@@ -21,6 +25,7 @@ use candle_nn::{ModuleT, VarBuilder, VarMap};
 use candle_syncbn::ops::{BatchStats, GradStats, InputGrad, Moments};
 use candle_syncbn::{ProcessGroup, SyncBatchNorm, SyncBatchNormConfig};
 use clap::Parser;
+use rayon::prelude::*;
 use std::time::Instant;
 
 #[derive(Parser, Debug)]
@@ -87,11 +92,26 @@ fn time<T>(dev: &Device, iters: usize, mut f: impl FnMut() -> Result<T>) -> Resu
     Ok(samples[samples.len() / 2])
 }
 
+/// Seconds to copy `bytes` bytes between two buffers that are already mapped,
+/// in parallel over rayon's pool: the CPU memory bandwidth baseline.
+fn cpu_copy_time(bytes: usize, iters: usize) -> Result<f64> {
+    const PIECE: usize = 1 << 20;
+    let src = vec![1u8; bytes];
+    let mut dst = vec![0u8; bytes];
+    time(&Device::Cpu, iters, || {
+        dst.par_chunks_mut(PIECE)
+            .zip(src.par_chunks(PIECE))
+            .for_each(|(d, s)| d.copy_from_slice(s));
+        Ok(())
+    })
+}
+
 struct Row {
     label: String,
     shape: Vec<usize>,
     dtype: DType,
     copy: f64,
+    bookkeeping: f64,
     fwd: f64,
     bwd: f64,
     bwd_ops: f64,
@@ -121,12 +141,27 @@ fn bench_one(dev: &Device, shape: &[usize], dtype: DType, args: &Args) -> Result
     )?;
     let iters = args.iters;
 
-    let copy = time(dev, iters, || Ok(xt.copy()?))?;
+    let bytes = xt.elem_count() * dtype.size_in_bytes();
+    let copy = if dev.is_cpu() {
+        cpu_copy_time(bytes, iters)?
+    } else {
+        time(dev, iters, || Ok(xt.copy()?))?
+    };
     let fwd = time(dev, iters, || Ok(bn.forward_t(xt, true)?))?;
     let y = bn.forward_t(xt, true)?;
     let bwd = time(dev, iters, || Ok(y.backward()?))?;
     let step = time(dev, iters, || Ok(bn.forward_t(xt, true)?.backward()?))?;
     let eval = time(dev, iters, || Ok(bn.forward_t(xt, false)?))?;
+
+    // candle's bookkeeping in that step, as `Tensor::backward` does it: the
+    // seed, and `zeros_like` + `add` to accumulate the input's gradient.
+    let dx_stand_in = xt.ones_like()?;
+    let bookkeeping = time(dev, iters, || {
+        let seed = xt.ones_like()?.contiguous()?;
+        let accumulated = xt.zeros_like()?.add(&dx_stand_in)?;
+        Ok((seed, accumulated))
+    })?;
+    drop(dx_stand_in);
 
     // Our backward alone: gradient sums, (world-size-1) collective, input gradient.
     let axis = 1;
@@ -191,6 +226,7 @@ fn bench_one(dev: &Device, shape: &[usize], dtype: DType, args: &Args) -> Result
         shape: shape.to_vec(),
         dtype,
         copy,
+        bookkeeping,
         fwd,
         bwd,
         bwd_ops,
@@ -198,7 +234,7 @@ fn bench_one(dev: &Device, shape: &[usize], dtype: DType, args: &Args) -> Result
         eval,
         nn_step,
         enqueue,
-        bytes: (xt.elem_count() * dtype.size_in_bytes()) as f64,
+        bytes: bytes as f64,
     })
 }
 
@@ -228,8 +264,25 @@ fn main() -> Result<()> {
         args.iters
     );
     println!(
-        "{:<26} {:>8} | {:>8} {:>6} {:>5} | {:>8} {:>6} {:>5} | {:>8} | {:>8} {:>5} | {:>8} {:>9} {:>7}",
-        "shape dtype", "copy ms", "fwd ms", "GB/s", "%cp", "bwd ms", "GB/s", "%cp", "bwd ops", "eval ms", "%cp", "step ms", "nn step", "speedup"
+        "{:<26} {:>7} | {:>7} {:>4} | {:>7} {:>4} | {:>7} {:>4} | {:>7} {:>7} | {:>7} {:>7} | {:>8} {:>7}",
+        "shape dtype",
+        "copy",
+        "fwd",
+        "%cp",
+        "bwd ops",
+        "%cp",
+        "eval",
+        "%cp",
+        "step",
+        "bwd",
+        "kernels",
+        "bookkp",
+        "nn step",
+        "speedup"
+    );
+    println!(
+        "{:<26} {:>7} | {:>12} | {:>12} | {:>12} | {:>15} | {:>15} | {:>16}",
+        "", "GB/s", "ms", "ms", "ms", "ms (autograd)", "ms", "ms"
     );
     let mut json_rows = Vec::new();
     for shape in &shapes {
@@ -238,11 +291,7 @@ fn main() -> Result<()> {
             json_rows.push(json_row(&r, &args.device));
             let gbs = |bytes: f64, t: f64| bytes / t / 1e9;
             let copy_bw = gbs(2.0 * r.bytes, r.copy);
-            let (fwd_bw, bwd_bw, eval_bw) = (
-                gbs(3.0 * r.bytes, r.fwd),
-                gbs(5.0 * r.bytes, r.bwd_ops),
-                gbs(2.0 * r.bytes, r.eval),
-            );
+            let pct = |passes: f64, t: f64| 100.0 * gbs(passes * r.bytes, t) / copy_bw;
             let nn = r
                 .nn_step
                 .map(|t| format!("{:.2}", t * 1e3))
@@ -252,19 +301,19 @@ fn main() -> Result<()> {
                 .map(|t| format!("{:.1}x", t / r.step))
                 .unwrap_or_else(|| "-".into());
             println!(
-                "{:<26} {:>8.3} | {:>8.3} {:>6.1} {:>4.0}% | {:>8.3} {:>6.1} {:>4.0}% | {:>8.3} | {:>8.3} {:>4.0}% | {:>8.3} {:>9} {:>7}",
+                "{:<26} {:>7.1} | {:>7.3} {:>3.0}% | {:>7.3} {:>3.0}% | {:>7.3} {:>3.0}% | {:>7.3} {:>7.3} | {:>7.3} {:>7.3} | {:>8} {:>7}",
                 r.label,
-                r.copy * 1e3,
+                copy_bw,
                 r.fwd * 1e3,
-                fwd_bw,
-                100.0 * fwd_bw / copy_bw,
-                r.bwd * 1e3,
-                bwd_bw,
-                100.0 * bwd_bw / copy_bw,
+                pct(3.0, r.fwd),
                 r.bwd_ops * 1e3,
+                pct(5.0, r.bwd_ops),
                 r.eval * 1e3,
-                100.0 * eval_bw / copy_bw,
+                pct(2.0, r.eval),
                 r.step * 1e3,
+                r.bwd * 1e3,
+                (r.fwd + r.bwd_ops) * 1e3,
+                r.bookkeeping * 1e3,
                 nn,
                 speedup
             );
@@ -278,7 +327,10 @@ fn main() -> Result<()> {
             }
         }
     }
-    println!("GB/s of bwd is for 'bwd ops' (our kernels); 'bwd ms' includes candle's autograd bookkeeping.");
+    println!(
+        "kernels = fwd + bwd ops (our ops alone); bookkp = candle's autograd bookkeeping \
+         for one op of this shape (ones_like seed, zeros_like + add), part of step and of nn step."
+    );
     if let Some(path) = &args.json {
         std::fs::write(path, format!("[\n{}\n]\n", json_rows.join(",\n")))?;
         println!("wrote {}", path.display());
@@ -291,10 +343,11 @@ fn json_row(r: &Row, device: &str) -> String {
     let shape: Vec<String> = r.shape.iter().map(|d| d.to_string()).collect();
     let ms = |t: f64| format!("{:.6}", t * 1e3);
     format!(
-        "  {{\"device\": \"{device}\", \"shape\": [{}], \"dtype\": \"{}\", \"copy_ms\": {}, \"fwd_ms\": {}, \"bwd_ms\": {}, \"bwd_ops_ms\": {}, \"step_ms\": {}, \"eval_ms\": {}, \"candle_nn_step_ms\": {}}}",
+        "  {{\"device\": \"{device}\", \"shape\": [{}], \"dtype\": \"{}\", \"copy_ms\": {}, \"bookkeeping_ms\": {}, \"fwd_ms\": {}, \"bwd_ms\": {}, \"bwd_ops_ms\": {}, \"step_ms\": {}, \"eval_ms\": {}, \"candle_nn_step_ms\": {}}}",
         shape.join(", "),
         format!("{:?}", r.dtype).to_lowercase(),
         ms(r.copy),
+        ms(r.bookkeeping),
         ms(r.fwd),
         ms(r.bwd),
         ms(r.bwd_ops),
