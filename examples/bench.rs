@@ -4,6 +4,7 @@
 //! ```text
 //! cargo run --release --example bench                       # CPU, ResNet-50 suite, f32 and bf16
 //! cargo run --release --example bench -- --shapes 32x64x56x56 --dtypes f32
+//! cargo run --release --example bench -- --keep-freed-memory   # glibc keeps freed memory
 //! cargo run --release --features cuda --example bench -- --device cuda
 //! ```
 //!
@@ -47,6 +48,10 @@ struct Args {
     /// Skip candle-nn's BatchNorm.
     #[arg(long)]
     no_candle_nn: bool,
+    /// Call `candle_syncbn::cpu::keep_freed_memory()` first (glibc keeps freed
+    /// memory instead of returning it to the system), for candle-nn's rows too.
+    #[arg(long)]
+    keep_freed_memory: bool,
     /// Also write the rows as JSON to this file (read by benches/pytorch_bench.py).
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -240,6 +245,11 @@ fn bench_one(dev: &Device, shape: &[usize], dtype: DType, args: &Args) -> Result
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    // Before any other thread starts (rayon's pool starts on first use).
+    let kept = args.keep_freed_memory && candle_syncbn::cpu::keep_freed_memory();
+    if args.keep_freed_memory && !kept {
+        bail!("--keep-freed-memory: not available with this C library (glibc only)")
+    }
     let dev = match args.device.as_str() {
         "cpu" => Device::Cpu,
         "cuda" => Device::new_cuda(0)?,
@@ -258,10 +268,11 @@ fn main() -> Result<()> {
         .map(parse_dtype)
         .collect::<Result<_>>()?;
     println!(
-        "device: {:?}, {} threads, median of {} runs",
+        "device: {:?}, {} threads, median of {} runs, allocator: {}",
         dev.location(),
         rayon::current_num_threads(),
-        args.iters
+        args.iters,
+        if kept { "keep_freed_memory" } else { "default" }
     );
     println!(
         "{:<26} {:>7} | {:>7} {:>4} | {:>7} {:>4} | {:>7} {:>4} | {:>7} {:>7} | {:>7} {:>7} | {:>8} {:>7}",

@@ -332,6 +332,11 @@ fn main() -> Result<()> {
 }
 
 fn run(args: &Args) -> Result<()> {
+    if args.device == "cpu" {
+        // candle frees and re-allocates every activation and gradient each
+        // step: keep that memory instead of page-faulting it in again.
+        candle_syncbn::cpu::keep_freed_memory();
+    }
     let rv = Rendezvous::from_env()?;
     let local_rank = rv.as_ref().map(|r| r.local_rank).unwrap_or(0);
     let device = match args.device.as_str() {

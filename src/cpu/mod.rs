@@ -1,10 +1,13 @@
 //! CPU kernels: parallel over channels and chunks (rayon), vectorizable inner
 //! loops with several accumulators, statistics combined in f64 in a fixed order
-//! (results do not depend on the number of threads).
+//! (results do not depend on the number of threads); and
+//! [`keep_freed_memory`], the allocator policy that CPU training with candle wants.
 
+mod allocator;
 mod elementwise;
 mod reductions;
 
+pub use allocator::keep_freed_memory;
 pub use elementwise::{backward_elemt, normalize, ChannelCoefficients};
 pub use reductions::{batch_stats, grad_sums};
 
