@@ -128,7 +128,7 @@ def main():
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--shapes", default=SUITE)
     ap.add_argument("--dtypes", default="f32,bf16")
-    ap.add_argument("--iters", type=int, default=7)
+    ap.add_argument("--iters", type=int, default=15)
     ap.add_argument("--ours", help="JSON written by `cargo run --release --example bench -- --json FILE`")
     args = ap.parse_args()
 

@@ -43,7 +43,7 @@ struct Args {
     #[arg(long, default_value = "f32,bf16")]
     dtypes: String,
     /// Timed repetitions per measurement (the median is reported).
-    #[arg(long, default_value_t = 7)]
+    #[arg(long, default_value_t = 15)]
     iters: usize,
     /// Skip candle-nn's BatchNorm.
     #[arg(long)]
@@ -82,7 +82,13 @@ fn parse_dtype(s: &str) -> Result<DType> {
 }
 
 /// Median seconds of `iters` runs of `f` after one warm-up run.
-fn time<T>(dev: &Device, iters: usize, mut f: impl FnMut() -> Result<T>) -> Result<f64> {
+fn time<T>(dev: &Device, iters: usize, f: impl FnMut() -> Result<T>) -> Result<f64> {
+    let samples = samples(dev, iters, f)?;
+    Ok(samples[samples.len() / 2])
+}
+
+/// Sorted seconds of `iters` runs of `f` after one warm-up run.
+fn samples<T>(dev: &Device, iters: usize, mut f: impl FnMut() -> Result<T>) -> Result<Vec<f64>> {
     drop(f()?);
     dev.synchronize()?;
     let mut samples = Vec::with_capacity(iters);
@@ -94,21 +100,23 @@ fn time<T>(dev: &Device, iters: usize, mut f: impl FnMut() -> Result<T>) -> Resu
         samples.push(t.elapsed().as_secs_f64());
     }
     samples.sort_by(f64::total_cmp);
-    Ok(samples[samples.len() / 2])
+    Ok(samples)
 }
 
 /// Seconds to copy `bytes` bytes between two buffers that are already mapped,
-/// in parallel over rayon's pool: the CPU memory bandwidth baseline.
+/// in parallel over rayon's pool: the CPU memory bandwidth baseline, the best
+/// of `3·iters` runs (a ceiling, so that a noisy run does not flatter the kernels).
 fn cpu_copy_time(bytes: usize, iters: usize) -> Result<f64> {
     const PIECE: usize = 1 << 20;
     let src = vec![1u8; bytes];
-    let mut dst = vec![0u8; bytes];
-    time(&Device::Cpu, iters, || {
+    let mut dst = vec![2u8; bytes];
+    let runs = samples(&Device::Cpu, 3 * iters, || {
         dst.par_chunks_mut(PIECE)
             .zip(src.par_chunks(PIECE))
             .for_each(|(d, s)| d.copy_from_slice(s));
         Ok(())
-    })
+    })?;
+    Ok(runs[0])
 }
 
 struct Row {

@@ -73,7 +73,10 @@
 //! - [`group`]: [`ProcessGroup`] handles over a [`Backend`]: single, in-process
 //!   threads, TCP, NCCL (feature `nccl`), or your own.
 //! - [`ops`]: the math as candle custom ops, CPU and CUDA paths side by side;
-//!   [`cpu`]: the CPU kernels.
+//!   [`cpu`]: the CPU kernels, and [`cpu::keep_freed_memory`], the allocator
+//!   policy to call at the start of a CPU training process (candle re-allocates
+//!   every activation and gradient each step; glibc's default returns that
+//!   memory to the system and page-faults it in again).
 //! - [`convert`]: drop-in [`batch_norm`], `SyncBatchNorm::from_batch_norm`, the
 //!   [`BatchNormRewriter`], and checkpoints to and from PyTorch and candle-nn.
 //! - [`launch`]: rendezvous from the environment and the self-spawning launcher;
