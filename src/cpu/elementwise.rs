@@ -118,7 +118,7 @@ where
 
 multiversion! {
     /// One channel-major row of the normalization.
-    fn normalize_run<T: Element>(dst: &mut [MaybeUninit<T>], src: &[T], mh: T::Acc, ml: T::Acc, b: T::Acc, s: T::Acc) -> () {
+    wide fn normalize_run<T: Element>(dst: &mut [MaybeUninit<T>], src: &[T], mh: T::Acc, ml: T::Acc, b: T::Acc, s: T::Acc) -> () {
         for (d, &e) in dst.iter_mut().zip(src) {
             d.write(T::from_acc(((e.to_acc() - mh) - ml) * b + s));
         }
@@ -127,7 +127,7 @@ multiversion! {
 
 multiversion! {
     /// One channel-innermost row of the normalization (every channel once).
-    fn normalize_spatial<T: Element>(dst: &mut [MaybeUninit<T>], src: &[T], k: &ChannelCoefficients<T::Acc>) -> () {
+    wide fn normalize_spatial<T: Element>(dst: &mut [MaybeUninit<T>], src: &[T], k: &ChannelCoefficients<T::Acc>) -> () {
         let it = dst.iter_mut().zip(src).zip(&k.mean_hi).zip(&k.mean_lo).zip(&k.x_scale).zip(&k.shift);
         for (((((d, &e), &mh), &ml), &b), &s) in it {
             d.write(T::from_acc(((e.to_acc() - mh) - ml) * b + s));
@@ -137,7 +137,7 @@ multiversion! {
 
 multiversion! {
     /// One channel-major row of the input gradient.
-    fn backward_run<T: Element>(dst: &mut [MaybeUninit<T>], g: &[T], src: &[T], k: &ChannelCoefficients<T::Acc>, c: usize) -> () {
+    wide fn backward_run<T: Element>(dst: &mut [MaybeUninit<T>], g: &[T], src: &[T], k: &ChannelCoefficients<T::Acc>, c: usize) -> () {
         let (mh, ml) = (k.mean_hi[c], k.mean_lo[c]);
         let (a, b, s) = (k.dy_scale[c], k.x_scale[c], k.shift[c]);
         for ((d, &ge), &e) in dst.iter_mut().zip(g).zip(src) {
@@ -148,7 +148,7 @@ multiversion! {
 
 multiversion! {
     /// One channel-innermost row of the input gradient.
-    fn backward_spatial<T: Element>(dst: &mut [MaybeUninit<T>], g: &[T], src: &[T], k: &ChannelCoefficients<T::Acc>) -> () {
+    wide fn backward_spatial<T: Element>(dst: &mut [MaybeUninit<T>], g: &[T], src: &[T], k: &ChannelCoefficients<T::Acc>) -> () {
         let coef = k.mean_hi.iter().zip(&k.mean_lo).zip(&k.dy_scale).zip(&k.x_scale).zip(&k.shift);
         for (((d, &ge), &e), ((((&mh, &ml), &a), &b), &s)) in dst.iter_mut().zip(g).zip(src).zip(coef) {
             d.write(T::from_acc(ge.to_acc() * a + ((e.to_acc() - mh) - ml) * b + s));
