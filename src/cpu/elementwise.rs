@@ -39,12 +39,13 @@ impl<A: Accum> ChannelCoefficients<A> {
     }
 }
 
-/// A row of the output: `(o, c)` holds `inner` elements, or, for
-/// channel-innermost views, `o` holds one element of every channel.
+/// Consecutive rows of the output, starting at row `first`: channel-major rows
+/// `(o, c)` of `inner` elements (row `r` is `o = r / C`, `c = r % C`), or, for
+/// channel-innermost views, rows `o` of one element of every channel.
 #[derive(Clone, Copy)]
-enum Row {
-    Channel { o: usize, c: usize },
-    Spatial { o: usize },
+enum Rows {
+    Channel { first: usize },
+    Spatial { first: usize },
 }
 
 /// Asks the kernel to back a large, not yet touched output buffer with
@@ -73,12 +74,13 @@ fn advise_huge_pages<T>(buf: &mut Vec<T>) {
     let _ = buf;
 }
 
-/// Allocates the output of `v`'s shape and fills it row by row in parallel.
+/// Allocates the output of `v`'s shape and fills it in parallel, a run of
+/// whole rows per task (`fill` gets the run and its part of the output).
 fn elementwise<T, S, I, F>(v: &ChannelView, init: I, fill: F) -> Vec<T>
 where
     T: Copy + Send + Sync,
     I: Fn() -> S + Sync + Send,
-    F: Fn(&mut S, Row, &mut [MaybeUninit<T>]) + Sync + Send,
+    F: Fn(&mut S, Rows, &mut [MaybeUninit<T>]) + Sync + Send,
 {
     let len = v.len();
     let mut out: Vec<T> = Vec::with_capacity(len);
@@ -90,87 +92,105 @@ where
             v.inner
         };
         let rows_per_task = (TASK / row_len).max(1);
-        let channels = v.channels;
         let innermost = v.channel_innermost();
         out.spare_capacity_mut()[..len]
             .par_chunks_mut(rows_per_task * row_len)
             .enumerate()
             .for_each_init(init, |state, (t, chunk)| {
-                for (k, dst) in chunk.chunks_mut(row_len).enumerate() {
-                    let r = t * rows_per_task + k;
-                    let row = if innermost {
-                        Row::Spatial { o: r }
-                    } else {
-                        Row::Channel {
-                            o: r / channels,
-                            c: r % channels,
-                        }
-                    };
-                    fill(state, row, dst);
-                }
+                let first = t * rows_per_task;
+                let rows = if innermost {
+                    Rows::Spatial { first }
+                } else {
+                    Rows::Channel { first }
+                };
+                fill(state, rows, chunk);
             });
-        // SAFETY: every one of the `len` elements was written by exactly one row above
-        // (the chunks tile `0..len` and every row writes its whole slice).
+        // SAFETY: every one of the `len` elements was written by exactly one task
+        // above (the chunks tile `0..len`, and each task writes all the rows of its chunk).
         unsafe { out.set_len(len) };
     }
     out
 }
 
 multiversion! {
-    /// One channel-major row of the normalization.
-    wide fn normalize_run<T: Element>(dst: &mut [MaybeUninit<T>], src: &[T], mh: T::Acc, ml: T::Acc, b: T::Acc, s: T::Acc) -> () {
-        for (d, &e) in dst.iter_mut().zip(src) {
-            d.write(T::from_acc(((e.to_acc() - mh) - ml) * b + s));
+    /// Channel-major rows `first..` of the normalization, filling `dst`.
+    wide fn normalize_rows<T: Element>(dst: &mut [MaybeUninit<T>], x: &[T], v: &ChannelView, first: usize, k: &ChannelCoefficients<T::Acc>, buf: &mut Vec<T>) -> () {
+        for (r, row) in (first..).zip(dst.chunks_mut(v.inner)) {
+            let (o, c) = (r / v.channels, r % v.channels);
+            let (mh, ml, b, s) = (k.mean_hi[c], k.mean_lo[c], k.x_scale[c], k.shift[c]);
+            for (d, &e) in row.iter_mut().zip(channel_row(x, v, o, c, buf)) {
+                d.write(T::from_acc(((e.to_acc() - mh) - ml) * b + s));
+            }
         }
     }
 }
 
 multiversion! {
-    /// One channel-innermost row of the normalization (every channel once).
-    wide fn normalize_spatial<T: Element>(dst: &mut [MaybeUninit<T>], src: &[T], k: &ChannelCoefficients<T::Acc>) -> () {
-        let it = dst.iter_mut().zip(src).zip(&k.mean_hi).zip(&k.mean_lo).zip(&k.x_scale).zip(&k.shift);
-        for (((((d, &e), &mh), &ml), &b), &s) in it {
-            d.write(T::from_acc(((e.to_acc() - mh) - ml) * b + s));
+    /// Channel-innermost rows `first..` of the normalization (every channel once
+    /// per row), filling `dst`.
+    wide fn normalize_spatial<T: Element>(dst: &mut [MaybeUninit<T>], x: &[T], v: &ChannelView, first: usize, k: &ChannelCoefficients<T::Acc>, buf: &mut Vec<T>) -> () {
+        for (o, row) in (first..).zip(dst.chunks_mut(v.channels)) {
+            let it = row.iter_mut().zip(spatial_row(x, v, o, buf)).zip(&k.mean_hi).zip(&k.mean_lo).zip(&k.x_scale).zip(&k.shift);
+            for (((((d, &e), &mh), &ml), &b), &s) in it {
+                d.write(T::from_acc(((e.to_acc() - mh) - ml) * b + s));
+            }
         }
     }
 }
 
 multiversion! {
-    /// One channel-major row of the input gradient.
-    wide fn backward_run<T: Element>(dst: &mut [MaybeUninit<T>], g: &[T], src: &[T], k: &ChannelCoefficients<T::Acc>, c: usize) -> () {
-        let (mh, ml) = (k.mean_hi[c], k.mean_lo[c]);
-        let (a, b, s) = (k.dy_scale[c], k.x_scale[c], k.shift[c]);
-        for ((d, &ge), &e) in dst.iter_mut().zip(g).zip(src) {
-            d.write(T::from_acc(ge.to_acc() * a + ((e.to_acc() - mh) - ml) * b + s));
+    /// Channel-major rows `first..` of the input gradient, filling `dst`.
+    wide fn backward_rows<T: Element>(
+        dst: &mut [MaybeUninit<T>],
+        dy: &[T],
+        dv: &ChannelView,
+        x: &[T],
+        xv: &ChannelView,
+        first: usize,
+        k: &ChannelCoefficients<T::Acc>,
+        bufs: &mut (Vec<T>, Vec<T>),
+    ) -> () {
+        for (r, row) in (first..).zip(dst.chunks_mut(xv.inner)) {
+            let (o, c) = (r / xv.channels, r % xv.channels);
+            let (mh, ml) = (k.mean_hi[c], k.mean_lo[c]);
+            let (a, b, s) = (k.dy_scale[c], k.x_scale[c], k.shift[c]);
+            let g = channel_row(dy, dv, o, c, &mut bufs.0);
+            let src = channel_row(x, xv, o, c, &mut bufs.1);
+            for ((d, &ge), &e) in row.iter_mut().zip(g).zip(src) {
+                d.write(T::from_acc(ge.to_acc() * a + ((e.to_acc() - mh) - ml) * b + s));
+            }
         }
     }
 }
 
 multiversion! {
-    /// One channel-innermost row of the input gradient.
-    wide fn backward_spatial<T: Element>(dst: &mut [MaybeUninit<T>], g: &[T], src: &[T], k: &ChannelCoefficients<T::Acc>) -> () {
-        let coef = k.mean_hi.iter().zip(&k.mean_lo).zip(&k.dy_scale).zip(&k.x_scale).zip(&k.shift);
-        for (((d, &ge), &e), ((((&mh, &ml), &a), &b), &s)) in dst.iter_mut().zip(g).zip(src).zip(coef) {
-            d.write(T::from_acc(ge.to_acc() * a + ((e.to_acc() - mh) - ml) * b + s));
+    /// Channel-innermost rows `first..` of the input gradient, filling `dst`.
+    wide fn backward_spatial<T: Element>(
+        dst: &mut [MaybeUninit<T>],
+        dy: &[T],
+        dv: &ChannelView,
+        x: &[T],
+        xv: &ChannelView,
+        first: usize,
+        k: &ChannelCoefficients<T::Acc>,
+        bufs: &mut (Vec<T>, Vec<T>),
+    ) -> () {
+        for (o, row) in (first..).zip(dst.chunks_mut(xv.channels)) {
+            let g = spatial_row(dy, dv, o, &mut bufs.0);
+            let src = spatial_row(x, xv, o, &mut bufs.1);
+            let coef = k.mean_hi.iter().zip(&k.mean_lo).zip(&k.dy_scale).zip(&k.x_scale).zip(&k.shift);
+            for (((d, &ge), &e), ((((&mh, &ml), &a), &b), &s)) in row.iter_mut().zip(g).zip(src).zip(coef) {
+                d.write(T::from_acc(ge.to_acc() * a + ((e.to_acc() - mh) - ml) * b + s));
+            }
         }
     }
 }
 
 /// `y = (x − mean)·x_scale + shift` per channel.
 pub fn normalize<T: Element>(x: &[T], v: &ChannelView, k: &ChannelCoefficients<T::Acc>) -> Vec<T> {
-    elementwise(v, Vec::new, |buf, row, dst| match row {
-        Row::Channel { o, c } => {
-            let src = channel_row(x, v, o, c, buf);
-            normalize_run(
-                dst,
-                src,
-                k.mean_hi[c],
-                k.mean_lo[c],
-                k.x_scale[c],
-                k.shift[c],
-            );
-        }
-        Row::Spatial { o } => normalize_spatial(dst, spatial_row(x, v, o, buf), k),
+    elementwise(v, Vec::new, |buf, rows, dst| match rows {
+        Rows::Channel { first } => normalize_rows(dst, x, v, first, k, buf),
+        Rows::Spatial { first } => normalize_spatial(dst, x, v, first, k, buf),
     })
 }
 
@@ -186,20 +206,9 @@ pub fn backward_elemt<T: Element>(
     elementwise(
         xv,
         || (Vec::new(), Vec::new()),
-        |(bd, bx), row, dst| match row {
-            Row::Channel { o, c } => backward_run(
-                dst,
-                channel_row(dy, dv, o, c, bd),
-                channel_row(x, xv, o, c, bx),
-                k,
-                c,
-            ),
-            Row::Spatial { o } => backward_spatial(
-                dst,
-                spatial_row(dy, dv, o, bd),
-                spatial_row(x, xv, o, bx),
-                k,
-            ),
+        |bufs, rows, dst| match rows {
+            Rows::Channel { first } => backward_rows(dst, dy, dv, x, xv, first, k, bufs),
+            Rows::Spatial { first } => backward_spatial(dst, dy, dv, x, xv, first, k, bufs),
         },
     )
 }
