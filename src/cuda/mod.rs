@@ -4,7 +4,9 @@
 //! of the small tensors they read, and the work splits of the reductions.
 #![cfg_attr(not(feature = "cuda"), allow(dead_code))]
 
+pub mod args;
 pub mod plan;
+
 
 #[cfg(feature = "cuda")]
 pub mod launch;

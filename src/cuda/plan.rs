@@ -4,6 +4,7 @@
 //! in `cuda-kernels/` rely on the invariants documented here.
 
 use crate::ops::layout::ChannelView;
+use candle::DType;
 
 /// Threads per block of every kernel (`BLOCK` in `cuda-kernels/tile.cuh`).
 pub const BLOCK: usize = 256;
@@ -289,6 +290,107 @@ pub fn per_item_blocks(items: usize) -> usize {
 /// Blocks of a one-warp-per-channel combine kernel.
 pub fn per_warp_blocks(channels: usize) -> usize {
     channels.div_ceil(BLOCK / WARP).max(1)
+}
+
+/// The 128-bit vector width of element type `T` (in elements).
+pub fn vec_width<T>() -> usize {
+    (16 / std::mem::size_of::<T>()).max(1)
+}
+
+/// Level 1 of a two-level per-channel reduction: the path, the split and
+/// whether loads are 128-bit.
+#[derive(Debug, Clone)]
+pub struct Reduction {
+    /// The canonical views (primary input first).
+    pub canon: Canon,
+    /// 128-bit loads.
+    pub vec: bool,
+    /// The work split of the path.
+    pub split: ReductionSplit,
+}
+
+/// The work split of a [`Reduction`].
+#[derive(Debug, Clone, Copy)]
+pub enum ReductionSplit {
+    /// Channel-major kernels (`*_major_*`).
+    Major(MajorSplit),
+    /// Channel-innermost kernels (`*_inner_*`).
+    Inner(InnerSplit),
+}
+
+impl Reduction {
+    /// Plans the reduction of non-empty views whose base allocations are
+    /// 16-byte aligned as given, for elements of `vec_width` per 128 bits.
+    pub fn new(canon: Canon, vec_width: usize, aligned: &[bool], sms: usize) -> Self {
+        let vec = vectorizable(&canon, vec_width, aligned);
+        let (outer, channels, inner) = canon.sizes();
+        let split = match canon.path {
+            Path::Major => ReductionSplit::Major(major_split(channels, outer * inner, sms)),
+            Path::Innermost => {
+                let cv = if vec { vec_width } else { 1 };
+                ReductionSplit::Inner(inner_split(channels, outer, cv, sms))
+            }
+        };
+        Self { canon, vec, split }
+    }
+
+    /// Partials per channel (written by level 1, read by level 2).
+    pub fn parts(&self) -> usize {
+        match self.split {
+            ReductionSplit::Major(s) => s.chunks,
+            ReductionSplit::Inner(s) => s.row_blocks,
+        }
+    }
+
+    /// Level 1's `(grid, block)` dimensions: `BLOCK`-thread 1-D blocks for
+    /// the channel-major path, `(bx, by)` blocks over `(channel groups, row
+    /// blocks)` for the channel-innermost path.
+    pub fn launch_dims(&self) -> ([usize; 3], [usize; 3]) {
+        match self.split {
+            ReductionSplit::Major(s) => ([s.blocks, 1, 1], [BLOCK, 1, 1]),
+            ReductionSplit::Inner(s) => ([s.grid_x, s.row_blocks, 1], [s.bx, s.by, 1]),
+        }
+    }
+
+    /// The kernel name for `prefix` (`bn_stats`, `bn_grad`) and dtype.
+    pub fn kernel(&self, prefix: &str, dtype: DType) -> String {
+        let path = match self.split {
+            ReductionSplit::Major(_) => "major",
+            ReductionSplit::Inner(_) => "inner",
+        };
+        format!("{prefix}_{path}_{}", dtype.as_str())
+    }
+
+    /// The `vec` kernel argument.
+    pub fn vec_arg(&self) -> i32 {
+        self.vec as i32
+    }
+}
+
+/// The element-wise `mode` argument (see cuda-kernels/elementwise.cu): 0
+/// scalar, 1 vectors along `inner`, 2 vectors along the channels.
+pub fn elementwise_mode(canon: &Canon, vec_width: usize, aligned: &[bool]) -> i32 {
+    match (vectorizable(canon, vec_width, aligned), canon.path) {
+        (false, _) => 0,
+        (true, Path::Major) => 1,
+        (true, Path::Innermost) => 2,
+    }
+}
+
+/// Bytes of the per-channel coefficients of the element-wise kernels (8
+/// accumulator values per channel; f64 for f64 inputs, else f32).
+pub fn coef_bytes(dtype: DType, channels: usize) -> usize {
+    let acc = if dtype == DType::F64 { 8 } else { 4 };
+    channels * 8 * acc
+}
+
+/// The accumulator suffix of the coefficient kernels for an input dtype.
+pub fn acc_suffix(dtype: DType) -> &'static str {
+    if dtype == DType::F64 {
+        "f64"
+    } else {
+        "f32"
+    }
 }
 
 #[cfg(test)]
