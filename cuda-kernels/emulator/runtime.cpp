@@ -1,0 +1,221 @@
+// Scheduler of the CUDA emulator (see cuda_emulator.h): runs a kernel launch
+// on the calling OS thread, one block after the other, each CUDA thread of a
+// block as a ucontext fiber with its own guarded stack. Fibers switch only at
+// barriers (`__syncthreads`, warp shuffles), so a run is deterministic.
+//
+// Exported (C ABI, called from Rust): syncbn_emu_launch, and for the
+// emulator's own tests syncbn_emu_sync_block and syncbn_emu_thread_x.
+#include "cuda_emulator.h"
+
+#include <sys/mman.h>
+#include <ucontext.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <string>
+#include <vector>
+
+namespace cuda_emulator {
+namespace {
+
+constexpr int WARP_SIZE = 32;
+constexpr std::size_t STACK_BYTES = 256 * 1024;
+
+// A counting barrier: the last of `expected` arrivals starts a new generation.
+struct Barrier {
+    int expected = 0;
+    int arrived = 0;
+    std::uint64_t generation = 0;
+};
+
+// What a fiber waits for, for the deadlock report.
+enum class Waiting { Nothing, Block, Warp };
+
+struct Fiber {
+    ucontext_t ctx;
+    void* stack = nullptr;  // mapping: guard page, then STACK_BYTES
+    uint3 idx{0, 0, 0};
+    int lane = 0, warp = 0;
+    bool done = false;
+    Waiting waiting = Waiting::Nothing;
+    unsigned shuffles = 0;  // shuffles completed (selects the exchange buffer)
+};
+
+struct Warp {
+    Barrier barrier;
+    unsigned char slots[2][WARP_SIZE][8];
+};
+
+struct Launch {
+    uint3 grid{1, 1, 1}, block{1, 1, 1}, block_idx{0, 0, 0};
+    void (*body)(void*) = nullptr;
+    void* data = nullptr;
+    std::vector<Fiber> fibers;
+    std::vector<Warp> warps;
+    Barrier block_barrier;
+    ucontext_t scheduler;
+    int current = -1;
+    std::uint64_t progress = 0;  // arrivals and exits; unchanged over a full pass = deadlock
+    std::string error;
+};
+
+thread_local Launch* active = nullptr;
+
+Fiber& me() { return active->fibers[active->current]; }
+
+void yield_to_scheduler() { swapcontext(&me().ctx, &active->scheduler); }
+
+void wait(Barrier& b, Waiting what) {
+    ++active->progress;
+    const std::uint64_t gen = b.generation;
+    if (++b.arrived == b.expected) {
+        b.arrived = 0;
+        ++b.generation;
+        return;
+    }
+    me().waiting = what;
+    while (b.generation == gen) yield_to_scheduler();
+    me().waiting = Waiting::Nothing;
+}
+
+void fiber_main() {
+    active->body(active->data);
+    me().done = true;
+    ++active->progress;
+    // Returning resumes uc_link, the scheduler.
+}
+
+std::string describe(const uint3& v) {
+    return "(" + std::to_string(v.x) + ", " + std::to_string(v.y) + ", " + std::to_string(v.z) + ")";
+}
+
+// Runs the threads of the current block to completion or deadlock.
+bool run_block(Launch& l) {
+    const int n = static_cast<int>(l.fibers.size());
+    for (int t = 0; t < n; ++t) {
+        Fiber& f = l.fibers[t];
+        f.done = false;
+        f.waiting = Waiting::Nothing;
+        f.shuffles = 0;
+        getcontext(&f.ctx);
+        f.ctx.uc_stack.ss_sp = static_cast<char*>(f.stack) + getpagesize();
+        f.ctx.uc_stack.ss_size = STACK_BYTES;
+        f.ctx.uc_link = &l.scheduler;
+        makecontext(&f.ctx, fiber_main, 0);
+    }
+    l.block_barrier = Barrier{n, 0, 0};
+    for (std::size_t w = 0; w < l.warps.size(); ++w) {
+        const int lanes = std::min(WARP_SIZE, n - static_cast<int>(w) * WARP_SIZE);
+        l.warps[w].barrier = Barrier{lanes, 0, 0};
+    }
+    int remaining = n;
+    while (remaining > 0) {
+        const std::uint64_t before = l.progress;
+        for (int t = 0; t < n; ++t) {
+            if (l.fibers[t].done) continue;
+            l.current = t;
+            swapcontext(&l.scheduler, &l.fibers[t].ctx);
+            if (!l.error.empty()) return false;
+            if (l.fibers[t].done) --remaining;
+        }
+        if (remaining > 0 && l.progress == before) {
+            int at_block = 0, at_warp = 0, exited = 0;
+            for (const Fiber& f : l.fibers) {
+                if (f.done) ++exited;
+                else if (f.waiting == Waiting::Block) ++at_block;
+                else if (f.waiting == Waiting::Warp) ++at_warp;
+            }
+            l.error = "deadlock in block " + describe(l.block_idx) + ": " + std::to_string(at_block) +
+                      " threads wait at __syncthreads, " + std::to_string(at_warp) +
+                      " at a warp shuffle, " + std::to_string(exited) + " have exited";
+            return false;
+        }
+    }
+    return true;
+}
+
+}  // namespace
+
+const uint3& thread_idx() { return me().idx; }
+const uint3& block_idx() { return active->block_idx; }
+const uint3& block_dim() { return active->block; }
+const uint3& grid_dim() { return active->grid; }
+
+void sync_block() { wait(active->block_barrier, Waiting::Block); }
+
+void shuffle_down(unsigned mask, const void* in, void* out, std::size_t bytes, unsigned delta) {
+    Fiber& f = me();
+    Warp& w = active->warps[f.warp];
+    if (mask != 0xffffffffu || w.barrier.expected != WARP_SIZE) {
+        active->error = "warp shuffle with a partial mask or a partial warp";
+        yield_to_scheduler();  // never resumed: the launch is abandoned
+    }
+    // Two buffers alternate: a lane can only write buffer b again after the
+    // next shuffle's barrier, which every lane passes after reading buffer b.
+    unsigned char(&slots)[WARP_SIZE][8] = w.slots[f.shuffles & 1];
+    std::memcpy(slots[f.lane], in, bytes);
+    wait(w.barrier, Waiting::Warp);
+    const unsigned src = f.lane + delta < static_cast<unsigned>(WARP_SIZE) ? f.lane + delta : f.lane;
+    std::memcpy(out, slots[src], bytes);
+    ++f.shuffles;
+}
+
+}  // namespace cuda_emulator
+
+using namespace cuda_emulator;
+
+// Runs `body(data)` as every thread of a grid of `grid[0..3]` blocks of
+// `block[0..3]` threads. Returns 0, or 1 with a message in `err` (at most
+// `err_len` bytes, NUL-terminated) after a deadlock or a misuse.
+extern "C" int syncbn_emu_launch(const unsigned* grid, const unsigned* block, void (*body)(void*), void* data,
+                                 char* err, std::size_t err_len) {
+    Launch l;
+    l.grid = uint3{grid[0], grid[1], grid[2]};
+    l.block = uint3{block[0], block[1], block[2]};
+    l.body = body;
+    l.data = data;
+    const long long threads = static_cast<long long>(block[0]) * block[1] * block[2];
+    auto fail = [&](const std::string& msg) {
+        if (err_len > 0) std::snprintf(err, err_len, "%s", msg.c_str());
+        return 1;
+    };
+    if (threads <= 0 || threads > 1024 || grid[0] == 0 || grid[1] == 0 || grid[2] == 0)
+        return fail("invalid launch: grid " + describe(l.grid) + ", block " + describe(l.block));
+    l.fibers.resize(threads);
+    l.warps.resize((threads + WARP_SIZE - 1) / WARP_SIZE);
+    const std::size_t page = getpagesize();
+    int t = 0;
+    for (unsigned z = 0; z < block[2]; ++z)
+        for (unsigned y = 0; y < block[1]; ++y)
+            for (unsigned x = 0; x < block[0]; ++x, ++t) {
+                Fiber& f = l.fibers[t];
+                f.idx = uint3{x, y, z};
+                f.lane = t % WARP_SIZE;
+                f.warp = t / WARP_SIZE;
+                void* m = mmap(nullptr, page + STACK_BYTES, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+                               -1, 0);
+                if (m == MAP_FAILED) {
+                    for (int k = 0; k < t; ++k) munmap(l.fibers[k].stack, page + STACK_BYTES);
+                    return fail("cannot map a fiber stack");
+                }
+                mprotect(m, page, PROT_NONE);  // overflow faults instead of corrupting
+                f.stack = m;
+            }
+    Launch* outer = active;
+    active = &l;
+    bool ok = true;
+    for (unsigned bz = 0; ok && bz < grid[2]; ++bz)
+        for (unsigned by = 0; ok && by < grid[1]; ++by)
+            for (unsigned bx = 0; ok && bx < grid[0]; ++bx) {
+                l.block_idx = uint3{bx, by, bz};
+                ok = run_block(l);
+                if (!ok) break;
+            }
+    active = outer;
+    for (Fiber& f : l.fibers) munmap(f.stack, page + STACK_BYTES);
+    return ok ? 0 : fail(l.error);
+}
+
+// `__syncthreads()` and `threadIdx.x`, for tests of the emulator itself.
+extern "C" void syncbn_emu_sync_block() { sync_block(); }
+extern "C" unsigned syncbn_emu_thread_x() { return thread_idx().x; }
