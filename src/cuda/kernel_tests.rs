@@ -262,10 +262,6 @@ fn f64_mat(rows: usize, c: usize) -> Mat2 {
     args::mat2(&Layout::contiguous((rows, c)), DType::F64, rows, c, "test").unwrap()
 }
 
-fn vec_width<T>() -> usize {
-    plan::vec_width::<T>()
-}
-
 /// Level 2 of a reduction (`bn_stats_combine` / `bn_grad_combine`).
 fn combine(
     emu: &Emulator,
@@ -296,7 +292,7 @@ fn emu_stats<T: WithDType>(
     let c = v.channels;
     let red = Reduction::new(
         plan::canonicalize(&[*v]),
-        vec_width::<T>(),
+        plan::vec_width::<T>(),
         &[x.aligned16()],
         SMS,
     );
@@ -338,7 +334,7 @@ fn emu_grad_sums<T: WithDType>(
     let c = xv.channels;
     let red = Reduction::new(
         plan::canonicalize(&[*xv, *dv]),
-        vec_width::<T>(),
+        plan::vec_width::<T>(),
         &[x.aligned16(), dy.aligned16()],
         SMS,
     );
@@ -426,8 +422,8 @@ fn per_item(emu: &Emulator, name: &str, items: usize, body: impl Fn()) {
 
 /// Element-wise launch shared by the forward and the backward.
 fn elementwise_dims<T>(canon: &plan::Canon, aligned: &[bool], len: usize) -> (i32, [usize; 3]) {
-    let mode = plan::elementwise_mode(canon, vec_width::<T>(), aligned);
-    let w = if mode == 0 { 1 } else { vec_width::<T>() };
+    let mode = plan::elementwise_mode(canon, plan::vec_width::<T>(), aligned);
+    let w = if mode == 0 { 1 } else { plan::vec_width::<T>() };
     (mode, [plan::elementwise_blocks(len, w, SMS), 1, 1])
 }
 
