@@ -46,7 +46,10 @@ pub fn tensor(values: &[f64], shape: &[usize], dtype: DType) -> Tensor {
 
 /// The values of a tensor (any dtype, any layout) as f64 in logical order.
 pub fn values(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64)
+    // Moved to the host first: the conversion then never needs a device kernel.
+    t.to_device(&Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F64)
         .unwrap()
         .flatten_all()
         .unwrap()
