@@ -4,7 +4,10 @@
 #   1. the CPU build: unit, integration and doc tests;
 #   2. the CUDA build (features `cuda,nccl`), with a pinned CUDA 13.0 toolchain from
 #      PyPI (scripts/cuda-toolchain.sh): the same tests plus the CUDA tests,
-#      which run on a GPU and print that they were skipped without one.
+#      which run on a GPU and print that they were skipped without one;
+#   3. without a GPU, the CUDA tests again on an emulated GPU
+#      (scripts/emulated-gpu.sh: the driver API in host memory, this crate's
+#      kernels compiled for the CPU), where the op tests run for real.
 # Set SYNCBN_SKIP_CUDA=1 to run only step 1.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -19,3 +22,10 @@ fi
 echo "== tests (CUDA build: GPU tests skip without a GPU)" >&2
 eval "$(bash scripts/cuda-toolchain.sh)"
 cargo test --features cuda,nccl
+
+if [[ -e /dev/nvidiactl ]]; then
+  exit 0  # a real GPU ran the GPU tests above
+fi
+echo "== GPU tests on the emulated GPU (this crate's kernels on the CPU; see scripts/emulated-gpu.sh)" >&2
+eval "$(bash scripts/emulated-gpu.sh)"
+cargo test --features cuda,nccl --test cuda

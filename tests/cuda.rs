@@ -4,6 +4,11 @@
 //!
 //! Every test first opens CUDA device 0; without one (no GPU, a stub driver, or
 //! a build without the `cuda` feature) it prints that it was skipped and passes.
+//!
+//! On the emulated GPU (`scripts/emulated-gpu.sh`, which sets
+//! `SYNCBN_EMULATED_GPU`) the op tests run for real; the layer tests need
+//! candle's own kernels (fills, casts, arithmetic), which it does not emulate,
+//! so they print that they were skipped.
 
 mod common;
 
@@ -28,6 +33,21 @@ macro_rules! cuda_or_skip {
             }
         }
     };
+}
+
+/// Like `cuda_or_skip!`, for tests that also run candle's own CUDA kernels:
+/// skipped on the emulated GPU, which only runs this crate's kernels.
+macro_rules! cuda_with_candle_kernels_or_skip {
+    ($name:expr) => {{
+        if std::env::var_os("SYNCBN_EMULATED_GPU").is_some() {
+            report_skip(&format!(
+                "skipped {} on the emulated GPU: it needs candle's own CUDA kernels",
+                $name
+            ));
+            return;
+        }
+        cuda_or_skip!($name)
+    }};
 }
 
 const FLOATS: [DType; 4] = [DType::F32, DType::F64, DType::F16, DType::BF16];
@@ -713,7 +733,7 @@ fn compare_runs(label: &str, got: &RankRun, expected: &RankRun, dtype: DType) {
 
 #[test]
 fn layer_matches_cpu_on_the_configuration_matrix() {
-    let dev = cuda_or_skip!("layer_matches_cpu_on_the_configuration_matrix");
+    let dev = cuda_with_candle_kernels_or_skip!("layer_matches_cpu_on_the_configuration_matrix");
     let shapes: [&[usize]; 4] = [&[16, 6], &[4, 6, 9], &[3, 6, 5, 4], &[2, 6, 3, 4, 5]];
     let mut seed = 100;
     for dtype in FLOATS {
@@ -782,7 +802,7 @@ fn split(xs: &[f64], shape: &[usize], sizes: &[usize]) -> Vec<(Vec<usize>, Vec<f
 
 #[test]
 fn k_cuda_ranks_match_one_rank() {
-    let dev = cuda_or_skip!("k_cuda_ranks_match_one_rank");
+    let dev = cuda_with_candle_kernels_or_skip!("k_cuda_ranks_match_one_rank");
     let cases: [(&[usize], &[usize], DType); 5] = [
         (&[3, 2], &[4, 5, 5], DType::F32),
         (&[4, 0, 1, 3], &[3, 4, 4], DType::F32),
@@ -946,7 +966,7 @@ fn k_cuda_ranks_match_one_rank() {
 
 #[test]
 fn cuda_results_are_bitwise_deterministic() {
-    let dev = cuda_or_skip!("cuda_results_are_bitwise_deterministic");
+    let dev = cuda_with_candle_kernels_or_skip!("cuda_results_are_bitwise_deterministic");
     for dtype in FLOATS {
         for case in cases(dtype) {
             let xg = case.x.to_device(&dev).unwrap();

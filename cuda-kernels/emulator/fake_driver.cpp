@@ -1,0 +1,285 @@
+// An emulated CUDA device for tests on machines without a GPU: the subset of
+// the CUDA driver API that candle, cudarc and this crate's ops use, with
+// device memory in host memory and kernel launches run by the emulator
+// (runtime.cpp) on this crate's kernels compiled for the host.
+//
+// Built by scripts/emulated-gpu.sh into libcuda.so.1 (this file, runtime.cpp
+// and the kernels), next to shells for libcublas, libcurand and libcudart
+// (fake_libs.cpp). With that folder first on LD_LIBRARY_PATH, an unmodified
+// CUDA build of the tests opens "GPU 0" and runs the ops' real launch code:
+// cudarc argument passing, plans, allocations, copies.
+//
+// Everything is synchronous: a launch or copy has finished when the call
+// returns, so streams and events only need to exist. Modules ignore their PTX
+// and resolve function names against the registry below; a kernel that is not
+// this crate's (candle's own kernels, cuBLAS, cuRAND) is reported as not found
+// or not supported, so tests that need one fail with an error.
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <utility>
+
+#include "stats.cu"
+#include "grad.cu"
+#include "elementwise.cu"
+
+extern "C" int syncbn_emu_launch(const unsigned* grid, const unsigned* block, void (*body)(void*), void* data,
+                                 char* err, std::size_t err_len);
+
+namespace {
+
+using CUresult = int;
+constexpr CUresult CUDA_SUCCESS = 0;
+constexpr CUresult CUDA_ERROR_INVALID_VALUE = 1;
+constexpr CUresult CUDA_ERROR_OUT_OF_MEMORY = 2;
+constexpr CUresult CUDA_ERROR_INVALID_DEVICE = 101;
+constexpr CUresult CUDA_ERROR_NOT_FOUND = 500;
+constexpr CUresult CUDA_ERROR_LAUNCH_FAILED = 719;
+
+// --- kernel registry ------------------------------------------------------
+
+using Invoker = void (*)(void* fn, void** params);
+
+struct Kernel {
+    void* fn;
+    Invoker invoke;
+};
+
+template <typename... A, std::size_t... I>
+void call_with(void (*f)(A...), void** params, std::index_sequence<I...>) {
+    f(*static_cast<A*>(params[I])...);
+}
+
+// Calls `fn` (of type void(A...)) with cuLaunchKernel-style parameters: one
+// pointer to each argument's value.
+template <typename... A> void invoker(void* fn, void** params) {
+    call_with(reinterpret_cast<void (*)(A...)>(fn), params, std::index_sequence_for<A...>{});
+}
+
+template <typename... A> Kernel kernel(void (*f)(A...)) {
+    return Kernel{reinterpret_cast<void*>(f), &invoker<A...>};
+}
+
+#define SYNCBN_KERNEL(name) {#name, kernel(&name)}
+#define SYNCBN_TYPED(prefix) \
+    SYNCBN_KERNEL(prefix##_f32), SYNCBN_KERNEL(prefix##_f64), SYNCBN_KERNEL(prefix##_f16), SYNCBN_KERNEL(prefix##_bf16)
+
+const std::unordered_map<std::string, Kernel>& registry() {
+    static const std::unordered_map<std::string, Kernel> r = {
+        SYNCBN_TYPED(bn_stats_major),
+        SYNCBN_TYPED(bn_stats_inner),
+        SYNCBN_KERNEL(bn_stats_combine),
+        SYNCBN_KERNEL(bn_moments_from_sums),
+        SYNCBN_KERNEL(bn_moments_from_running),
+        SYNCBN_KERNEL(bn_running_update),
+        SYNCBN_KERNEL(bn_counter_increment),
+        SYNCBN_TYPED(bn_grad_major),
+        SYNCBN_TYPED(bn_grad_inner),
+        SYNCBN_TYPED(bn_affine_grads),
+        SYNCBN_KERNEL(bn_grad_combine),
+        SYNCBN_KERNEL(bn_coef_normalize_f32),
+        SYNCBN_KERNEL(bn_coef_normalize_f64),
+        SYNCBN_KERNEL(bn_coef_input_grad_f32),
+        SYNCBN_KERNEL(bn_coef_input_grad_f64),
+        SYNCBN_TYPED(bn_normalize),
+        SYNCBN_TYPED(bn_input_grad),
+    };
+    return r;
+}
+
+// Live device allocations: the start handed out -> the mapping behind it.
+struct Mapping {
+    void* base;
+    std::size_t len;
+};
+std::mutex allocations_lock;
+std::unordered_map<void*, Mapping> allocations;
+
+// Handles are addresses of these markers (never dereferenced by callers).
+char the_context, the_module;
+thread_local void* current_context = nullptr;
+
+struct Launch {
+    const Kernel* k;
+    void** params;
+};
+
+void run_thread(void* data) {
+    const Launch* l = static_cast<const Launch*>(data);
+    l->k->invoke(l->k->fn, l->params);
+}
+
+bool trace() {
+    static const bool on = std::getenv("SYNCBN_EMU_TRACE") != nullptr;
+    return on;
+}
+
+}  // namespace
+
+extern "C" {
+
+CUresult cuInit(unsigned) { return CUDA_SUCCESS; }
+
+CUresult cuDeviceGet(int* dev, int ordinal) {
+    if (ordinal != 0) return CUDA_ERROR_INVALID_DEVICE;
+    *dev = 0;
+    return CUDA_SUCCESS;
+}
+
+// An H100-like device with 2 multiprocessors (small grids keep the emulation
+// fast while the plans still split work), no memory pools.
+CUresult cuDeviceGetAttribute(int* value, int attrib, int dev) {
+    if (dev != 0) return CUDA_ERROR_INVALID_DEVICE;
+    switch (attrib) {
+    case 16: *value = 2; break;   // MULTIPROCESSOR_COUNT
+    case 75: *value = 9; break;   // COMPUTE_CAPABILITY_MAJOR
+    case 76: *value = 0; break;   // COMPUTE_CAPABILITY_MINOR
+    case 1: *value = 1024; break; // MAX_THREADS_PER_BLOCK
+    case 10: *value = 32; break;  // WARP_SIZE
+    default: *value = 0; break;   // MEMORY_POOLS_SUPPORTED (115) and the rest
+    }
+    return CUDA_SUCCESS;
+}
+
+CUresult cuDevicePrimaryCtxRetain(void** ctx, int dev) {
+    if (dev != 0) return CUDA_ERROR_INVALID_DEVICE;
+    *ctx = &the_context;
+    return CUDA_SUCCESS;
+}
+CUresult cuDevicePrimaryCtxRelease_v2(int) { return CUDA_SUCCESS; }
+CUresult cuCtxSetCurrent(void* ctx) {
+    current_context = ctx;
+    return CUDA_SUCCESS;
+}
+CUresult cuCtxGetCurrent(void** ctx) {
+    *ctx = current_context;
+    return CUDA_SUCCESS;
+}
+CUresult cuCtxDestroy_v2(void*) { return CUDA_SUCCESS; }
+
+CUresult cuStreamDestroy_v2(void*) { return CUDA_SUCCESS; }
+CUresult cuStreamIsCapturing(void*, int* status) {
+    *status = 0;  // CU_STREAM_CAPTURE_STATUS_NONE
+    return CUDA_SUCCESS;
+}
+CUresult cuStreamSynchronize(void*) { return CUDA_SUCCESS; }
+CUresult cuStreamWaitEvent(void*, void*, unsigned) { return CUDA_SUCCESS; }
+
+CUresult cuEventCreate(void** ev, unsigned) {
+    *ev = std::malloc(1);
+    return *ev ? CUDA_SUCCESS : CUDA_ERROR_OUT_OF_MEMORY;
+}
+CUresult cuEventRecord(void*, void*) { return CUDA_SUCCESS; }
+CUresult cuEventDestroy_v2(void* ev) {
+    std::free(ev);
+    return CUDA_SUCCESS;
+}
+
+// Device memory is host memory: each allocation is 256-byte aligned like
+// cudaMalloc's and ends less than 256 bytes before an inaccessible page, so a
+// kernel that runs past the end of a buffer faults there instead of silently
+// corrupting the heap.
+CUresult cuMemAlloc_v2(std::uint64_t* dptr, std::size_t bytes) {
+    const std::size_t page = static_cast<std::size_t>(sysconf(_SC_PAGESIZE));
+    const std::size_t rounded = ((bytes == 0 ? 1 : bytes) + 255) / 256 * 256;
+    const std::size_t data = (rounded + page - 1) / page * page;
+    void* base = mmap(nullptr, data + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (base == MAP_FAILED) return CUDA_ERROR_OUT_OF_MEMORY;
+    mprotect(static_cast<char*>(base) + data, page, PROT_NONE);
+    char* p = static_cast<char*>(base) + (data - rounded);
+    {
+        std::lock_guard<std::mutex> g(allocations_lock);
+        allocations[p] = Mapping{base, data + page};
+    }
+    *dptr = reinterpret_cast<std::uintptr_t>(p);
+    return CUDA_SUCCESS;
+}
+CUresult cuMemAllocAsync(std::uint64_t* dptr, std::size_t bytes, void*) { return cuMemAlloc_v2(dptr, bytes); }
+CUresult cuMemFree_v2(std::uint64_t dptr) {
+    Mapping m{};
+    {
+        std::lock_guard<std::mutex> g(allocations_lock);
+        const auto it = allocations.find(reinterpret_cast<void*>(dptr));
+        if (it == allocations.end()) return CUDA_ERROR_INVALID_VALUE;
+        m = it->second;
+        allocations.erase(it);
+    }
+    munmap(m.base, m.len);
+    return CUDA_SUCCESS;
+}
+CUresult cuMemFreeAsync(std::uint64_t dptr, void*) { return cuMemFree_v2(dptr); }
+
+CUresult cuMemcpyHtoDAsync_v2(std::uint64_t dst, const void* src, std::size_t n, void*) {
+    std::memcpy(reinterpret_cast<void*>(dst), src, n);
+    return CUDA_SUCCESS;
+}
+CUresult cuMemcpyDtoHAsync_v2(void* dst, std::uint64_t src, std::size_t n, void*) {
+    std::memcpy(dst, reinterpret_cast<const void*>(src), n);
+    return CUDA_SUCCESS;
+}
+CUresult cuMemcpyDtoDAsync_v2(std::uint64_t dst, std::uint64_t src, std::size_t n, void*) {
+    std::memmove(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), n);
+    return CUDA_SUCCESS;
+}
+CUresult cuMemcpyPeerAsync(std::uint64_t dst, void*, std::uint64_t src, void*, std::size_t n, void*) {
+    return cuMemcpyDtoDAsync_v2(dst, src, n, nullptr);
+}
+CUresult cuMemsetD8Async(std::uint64_t dst, unsigned char v, std::size_t n, void*) {
+    std::memset(reinterpret_cast<void*>(dst), v, n);
+    return CUDA_SUCCESS;
+}
+
+// Modules: the PTX is not read; functions come from the registry.
+CUresult cuModuleLoadData(void** module, const void*) {
+    *module = &the_module;
+    return CUDA_SUCCESS;
+}
+CUresult cuModuleLoad(void** module, const char*) { return cuModuleLoadData(module, nullptr); }
+CUresult cuModuleUnload(void*) { return CUDA_SUCCESS; }
+
+CUresult cuModuleGetFunction(void** fn, void*, const char* name) {
+    const auto& r = registry();
+    const auto it = r.find(name);
+    if (it == r.end()) {
+        std::fprintf(stderr, "[emulated GPU] no kernel `%s` (only candle-syncbn's kernels are emulated)\n", name);
+        return CUDA_ERROR_NOT_FOUND;
+    }
+    *fn = const_cast<Kernel*>(&it->second);
+    return CUDA_SUCCESS;
+}
+
+CUresult cuLaunchKernel(void* fn, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
+                        unsigned shared_bytes, void*, void** params, void** extra) {
+    if (fn == nullptr || params == nullptr || extra != nullptr || shared_bytes != 0) return CUDA_ERROR_INVALID_VALUE;
+    const unsigned grid[3] = {gx, gy, gz};
+    const unsigned block[3] = {bx, by, bz};
+    Launch l{static_cast<const Kernel*>(fn), params};
+    if (trace()) {
+        for (const auto& [name, k] : registry())
+            if (&k == l.k) std::fprintf(stderr, "[emulated GPU] %s <<<(%u,%u,%u), (%u,%u,%u)>>>\n", name.c_str(), gx, gy, gz, bx, by, bz);
+    }
+    char err[512] = {0};
+    if (syncbn_emu_launch(grid, block, run_thread, &l, err, sizeof err) != 0) {
+        std::fprintf(stderr, "[emulated GPU] launch failed: %s\n", err);
+        return CUDA_ERROR_LAUNCH_FAILED;
+    }
+    return CUDA_SUCCESS;
+}
+
+CUresult cuGetErrorString(int e, const char** s) {
+    switch (e) {
+    case CUDA_ERROR_NOT_FOUND: *s = "named symbol not found (emulated GPU: not a candle-syncbn kernel)"; break;
+    case CUDA_ERROR_LAUNCH_FAILED: *s = "launch failed in the emulated GPU (see stderr)"; break;
+    default: *s = "emulated GPU: unsupported call"; break;
+    }
+    return CUDA_SUCCESS;
+}
+
+}  // extern "C"
