@@ -133,12 +133,23 @@ CUresult cuDeviceGet(int* dev, int ordinal) {
     return CUDA_SUCCESS;
 }
 
-// An H100-like device with 2 multiprocessors (small grids keep the emulation
-// fast while the plans still split work), no memory pools.
+// Multiprocessors the device reports: SYNCBN_EMU_SMS, default 132 (an H100),
+// so that the plans make the grids they make on the target GPU (more chunks
+// per channel, blocks that find no work); a small count runs faster.
+int sm_count() {
+    static const int n = [] {
+        const char* v = std::getenv("SYNCBN_EMU_SMS");
+        const int k = v ? std::atoi(v) : 0;
+        return k > 0 ? k : 132;
+    }();
+    return n;
+}
+
+// An H100-like device (sm_90) without memory pools.
 CUresult cuDeviceGetAttribute(int* value, int attrib, int dev) {
     if (dev != 0) return CUDA_ERROR_INVALID_DEVICE;
     switch (attrib) {
-    case 16: *value = 2; break;   // MULTIPROCESSOR_COUNT
+    case 16: *value = sm_count(); break;  // MULTIPROCESSOR_COUNT
     case 75: *value = 9; break;   // COMPUTE_CAPABILITY_MAJOR
     case 76: *value = 0; break;   // COMPUTE_CAPABILITY_MINOR
     case 1: *value = 1024; break; // MAX_THREADS_PER_BLOCK
