@@ -1,19 +1,23 @@
 // An emulated CUDA device for tests on machines without a GPU: the subset of
 // the CUDA driver API that candle, cudarc and this crate's ops use, with
 // device memory in host memory and kernel launches run by the emulator
-// (runtime.cpp) on this crate's kernels compiled for the host.
+// (runtime.cpp) on kernels compiled for the host: this crate's, and candle's
+// element-wise, cast, fill, reduction and indexing kernels.
 //
 // Built by scripts/emulated-gpu.sh into libcuda.so.1 (this file, runtime.cpp
 // and the kernels), next to shells for libcublas, libcurand and libcudart
 // (fake_libs.cpp). With that folder first on LD_LIBRARY_PATH, an unmodified
-// CUDA build of the tests opens "GPU 0" and runs the ops' real launch code:
-// cudarc argument passing, plans, allocations, copies.
+// CUDA build of the tests opens "GPU 0" and runs the real launch code:
+// cudarc argument passing, plans, allocations, copies, candle's tensor ops
+// and autograd.
 //
 // Everything is synchronous: a launch or copy has finished when the call
 // returns, so streams and events only need to exist. Modules ignore their PTX
-// and resolve function names against the registry below; a kernel that is not
-// this crate's (candle's own kernels, cuBLAS, cuRAND) is reported as not found
-// or not supported, so tests that need one fail with an error.
+// and resolve function names against the registry below; a kernel it does
+// not have (candle's convolutions, sorts and quantized kernels, cuBLAS,
+// cuRAND) is reported as not found or not supported, so tests that need one
+// fail with an error. What the device rejects, it rejects too: empty
+// allocations, empty or oversized launches.
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -29,6 +33,7 @@
 #include "stats.cu"
 #include "grad.cu"
 #include "elementwise.cu"
+#include "kernel_registry.h"
 
 extern "C" int syncbn_emu_launch(const unsigned* grid, const unsigned* block, void (*body)(void*), void* data,
                                  char* err, std::size_t err_len);
@@ -45,34 +50,15 @@ constexpr CUresult CUDA_ERROR_LAUNCH_FAILED = 719;
 
 // --- kernel registry ------------------------------------------------------
 
-using Invoker = void (*)(void* fn, void** params);
+using cuda_emulator::Kernel;
 
-struct Kernel {
-    void* fn;
-    Invoker invoke;
-};
-
-template <typename... A, std::size_t... I>
-void call_with(void (*f)(A...), void** params, std::index_sequence<I...>) {
-    f(*static_cast<A*>(params[I])...);
-}
-
-// Calls `fn` (of type void(A...)) with cuLaunchKernel-style parameters: one
-// pointer to each argument's value.
-template <typename... A> void invoker(void* fn, void** params) {
-    call_with(reinterpret_cast<void (*)(A...)>(fn), params, std::index_sequence_for<A...>{});
-}
-
-template <typename... A> Kernel kernel(void (*f)(A...)) {
-    return Kernel{reinterpret_cast<void*>(f), &invoker<A...>};
-}
-
-#define SYNCBN_KERNEL(name) {#name, kernel(&name)}
 #define SYNCBN_TYPED(prefix) \
     SYNCBN_KERNEL(prefix##_f32), SYNCBN_KERNEL(prefix##_f64), SYNCBN_KERNEL(prefix##_f16), SYNCBN_KERNEL(prefix##_bf16)
 
-const std::unordered_map<std::string, Kernel>& registry() {
-    static const std::unordered_map<std::string, Kernel> r = {
+// Every kernel by name: this crate's, then candle's (registered at load time
+// by the generated candle_*.cpp files, see scripts/emulated-gpu.sh).
+std::unordered_map<std::string, Kernel>& registry() {
+    static std::unordered_map<std::string, Kernel> r = {
         SYNCBN_TYPED(bn_stats_major),
         SYNCBN_TYPED(bn_stats_inner),
         SYNCBN_KERNEL(bn_stats_combine),
@@ -122,6 +108,12 @@ bool trace() {
 }
 
 }  // namespace
+
+bool cuda_emulator::register_kernels(std::initializer_list<std::pair<const char*, Kernel>> kernels) {
+    auto& r = registry();
+    for (const auto& [name, k] : kernels) r.emplace(name, k);
+    return true;
+}
 
 extern "C" {
 
@@ -196,10 +188,11 @@ CUresult cuEventDestroy_v2(void* ev) {
 // Device memory is host memory: each allocation is 256-byte aligned like
 // cudaMalloc's and ends less than 256 bytes before an inaccessible page, so a
 // kernel that runs past the end of a buffer faults there instead of silently
-// corrupting the heap.
+// corrupting the heap. As on the device, an empty allocation is an error.
 CUresult cuMemAlloc_v2(std::uint64_t* dptr, std::size_t bytes) {
+    if (bytes == 0) return CUDA_ERROR_INVALID_VALUE;
     const std::size_t page = static_cast<std::size_t>(sysconf(_SC_PAGESIZE));
-    const std::size_t rounded = ((bytes == 0 ? 1 : bytes) + 255) / 256 * 256;
+    const std::size_t rounded = (bytes + 255) / 256 * 256;
     const std::size_t data = (rounded + page - 1) / page * page;
     void* base = mmap(nullptr, data + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (base == MAP_FAILED) return CUDA_ERROR_OUT_OF_MEMORY;
@@ -259,7 +252,8 @@ CUresult cuModuleGetFunction(void** fn, void*, const char* name) {
     const auto& r = registry();
     const auto it = r.find(name);
     if (it == r.end()) {
-        std::fprintf(stderr, "[emulated GPU] no kernel `%s` (only candle-syncbn's kernels are emulated)\n", name);
+        std::fprintf(stderr, "[emulated GPU] no kernel `%s` (candle-syncbn's and candle's element-wise, "
+                     "reduction and indexing kernels are emulated)\n", name);
         return CUDA_ERROR_NOT_FOUND;
     }
     *fn = const_cast<Kernel*>(&it->second);
@@ -269,6 +263,14 @@ CUresult cuModuleGetFunction(void** fn, void*, const char* name) {
 CUresult cuLaunchKernel(void* fn, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
                         unsigned shared_bytes, void*, void** params, void** extra) {
     if (fn == nullptr || params == nullptr || extra != nullptr || shared_bytes != 0) return CUDA_ERROR_INVALID_VALUE;
+    // Like the device: an empty grid or block, or more than 1024 threads per
+    // block, is an invalid launch, not a no-op.
+    if (gx == 0 || gy == 0 || gz == 0 || bx == 0 || by == 0 || bz == 0 ||
+        static_cast<unsigned long long>(bx) * by * bz > 1024) {
+        std::fprintf(stderr, "[emulated GPU] invalid launch: grid (%u, %u, %u), block (%u, %u, %u)\n", gx, gy, gz, bx,
+                     by, bz);
+        return CUDA_ERROR_INVALID_VALUE;
+    }
     const unsigned grid[3] = {gx, gy, gz};
     const unsigned block[3] = {bx, by, bz};
     Launch l{static_cast<const Kernel*>(fn), params};
@@ -286,7 +288,8 @@ CUresult cuLaunchKernel(void* fn, unsigned gx, unsigned gy, unsigned gz, unsigne
 
 CUresult cuGetErrorString(int e, const char** s) {
     switch (e) {
-    case CUDA_ERROR_NOT_FOUND: *s = "named symbol not found (emulated GPU: not a candle-syncbn kernel)"; break;
+    case CUDA_ERROR_INVALID_VALUE: *s = "invalid argument"; break;
+    case CUDA_ERROR_NOT_FOUND: *s = "named symbol not found (emulated GPU: a kernel it does not emulate)"; break;
     case CUDA_ERROR_LAUNCH_FAILED: *s = "launch failed in the emulated GPU (see stderr)"; break;
     default: *s = "emulated GPU: unsupported call"; break;
     }

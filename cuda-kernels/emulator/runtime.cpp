@@ -4,7 +4,8 @@
 // barriers (`__syncthreads`, warp shuffles), so a run is deterministic.
 //
 // Exported (C ABI, called from Rust): syncbn_emu_launch, and for the
-// emulator's own tests syncbn_emu_sync_block and syncbn_emu_thread_x.
+// emulator's own tests syncbn_emu_sync_block, syncbn_emu_thread_x and
+// syncbn_emu_shuffle_u32.
 #include "cuda_emulator.h"
 
 #include <sys/mman.h>
@@ -33,7 +34,7 @@ enum class Waiting { Nothing, Block, Warp };
 
 struct Fiber {
     ucontext_t ctx;
-    void* stack = nullptr;  // mapping: guard page, then STACK_BYTES
+    void* stack = nullptr;  // mapping: guard page, then STACK_BYTES (see stack())
     uint3 idx{0, 0, 0};
     int lane = 0, warp = 0;
     bool done = false;
@@ -134,6 +135,28 @@ bool run_block(Launch& l) {
     return true;
 }
 
+// Fiber stacks, mapped once per OS thread and reused by its launches (mapping
+// 1024 stacks per launch dominated the run time): each is a guard page, so
+// that an overflow faults instead of corrupting, then STACK_BYTES.
+struct Stacks {
+    std::vector<void*> maps;
+    ~Stacks() {
+        for (void* m : maps) munmap(m, getpagesize() + STACK_BYTES);
+    }
+};
+
+void* stack(int t) {
+    thread_local Stacks stacks;
+    while (static_cast<int>(stacks.maps.size()) <= t) {
+        const std::size_t page = getpagesize();
+        void* m = mmap(nullptr, page + STACK_BYTES, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (m == MAP_FAILED) return nullptr;
+        mprotect(m, page, PROT_NONE);
+        stacks.maps.push_back(m);
+    }
+    return stacks.maps[t];
+}
+
 }  // namespace
 
 const uint3& thread_idx() { return me().idx; }
@@ -143,19 +166,36 @@ const uint3& grid_dim() { return active->grid; }
 
 void sync_block() { wait(active->block_barrier, Waiting::Block); }
 
-void shuffle_down(unsigned mask, const void* in, void* out, std::size_t bytes, unsigned delta) {
+void shuffle(unsigned mask, const void* in, void* out, std::size_t bytes, Shuffle mode, unsigned arg, unsigned width) {
     Fiber& f = me();
     Warp& w = active->warps[f.warp];
     if (mask != 0xffffffffu || w.barrier.expected != WARP_SIZE) {
         active->error = "warp shuffle with a partial mask or a partial warp";
         yield_to_scheduler();  // never resumed: the launch is abandoned
     }
+    if (width == 0 || width > static_cast<unsigned>(WARP_SIZE) || (width & (width - 1)) != 0) {
+        active->error = "warp shuffle with a width that is not a power of two up to 32";
+        yield_to_scheduler();
+    }
     // Two buffers alternate: a lane can only write buffer b again after the
     // next shuffle's barrier, which every lane passes after reading buffer b.
     unsigned char(&slots)[WARP_SIZE][8] = w.slots[f.shuffles & 1];
     std::memcpy(slots[f.lane], in, bytes);
     wait(w.barrier, Waiting::Warp);
-    const unsigned src = f.lane + delta < static_cast<unsigned>(WARP_SIZE) ? f.lane + delta : f.lane;
+    // PTX's shfl.sync: the caller's group spans [first, last]; down and xor
+    // may read up to `last` (xor also earlier groups), up down to `first`;
+    // any other source leaves the caller with its own value.
+    const unsigned lane = static_cast<unsigned>(f.lane);
+    const unsigned first = lane & ~(width - 1);
+    const unsigned last = first + width - 1;
+    const unsigned b = arg & 31u;
+    unsigned src = lane;
+    switch (mode) {
+    case Shuffle::Down: src = lane + b <= last ? lane + b : lane; break;
+    case Shuffle::Up: src = lane >= first + b ? lane - b : lane; break;
+    case Shuffle::Xor: src = (lane ^ b) <= last ? lane ^ b : lane; break;
+    case Shuffle::Index: src = first | (b & (width - 1)); break;
+    }
     std::memcpy(out, slots[src], bytes);
     ++f.shuffles;
 }
@@ -183,7 +223,6 @@ extern "C" int syncbn_emu_launch(const unsigned* grid, const unsigned* block, vo
         return fail("invalid launch: grid " + describe(l.grid) + ", block " + describe(l.block));
     l.fibers.resize(threads);
     l.warps.resize((threads + WARP_SIZE - 1) / WARP_SIZE);
-    const std::size_t page = getpagesize();
     int t = 0;
     for (unsigned z = 0; z < block[2]; ++z)
         for (unsigned y = 0; y < block[1]; ++y)
@@ -192,14 +231,8 @@ extern "C" int syncbn_emu_launch(const unsigned* grid, const unsigned* block, vo
                 f.idx = uint3{x, y, z};
                 f.lane = t % WARP_SIZE;
                 f.warp = t / WARP_SIZE;
-                void* m = mmap(nullptr, page + STACK_BYTES, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
-                               -1, 0);
-                if (m == MAP_FAILED) {
-                    for (int k = 0; k < t; ++k) munmap(l.fibers[k].stack, page + STACK_BYTES);
-                    return fail("cannot map a fiber stack");
-                }
-                mprotect(m, page, PROT_NONE);  // overflow faults instead of corrupting
-                f.stack = m;
+                f.stack = stack(t);
+                if (f.stack == nullptr) return fail("cannot map a fiber stack");
             }
     Launch* outer = active;
     active = &l;
@@ -212,10 +245,15 @@ extern "C" int syncbn_emu_launch(const unsigned* grid, const unsigned* block, vo
                 if (!ok) break;
             }
     active = outer;
-    for (Fiber& f : l.fibers) munmap(f.stack, page + STACK_BYTES);
     return ok ? 0 : fail(l.error);
 }
 
-// `__syncthreads()` and `threadIdx.x`, for tests of the emulator itself.
+// `__syncthreads()`, `threadIdx.x` and the warp shuffles (`mode` 0 to 3:
+// down, up, xor, index), for tests of the emulator itself.
 extern "C" void syncbn_emu_sync_block() { sync_block(); }
 extern "C" unsigned syncbn_emu_thread_x() { return thread_idx().x; }
+extern "C" unsigned syncbn_emu_shuffle_u32(unsigned mode, unsigned value, unsigned arg, unsigned width) {
+    unsigned out = 0;
+    shuffle(0xffffffffu, &value, &out, sizeof value, static_cast<Shuffle>(mode), arg, width);
+    return out;
+}

@@ -169,8 +169,10 @@ fn build() -> Result<Emulator, Unavailable> {
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "g++".to_string());
     probe(&cxx, &dir)?;
     let mut cmd = Command::new(&cxx);
+    // No FMA contraction (bitwise comparisons with the CPU path) and no
+    // strict aliasing (device code puns types, as nvcc allows).
     cmd.args(["-std=c++17", "-O2", "-fPIC", "-shared", "-ffp-contract=off"])
-        .args(["-Wall", "-Wno-unknown-pragmas"])
+        .args(["-fno-strict-aliasing", "-Wall", "-Wno-unknown-pragmas"])
         .arg("-I")
         .arg(emu.join("include"))
         .arg("-include")

@@ -747,6 +747,68 @@ fn emulator_runs_barriers_and_reports_deadlocks() {
     );
 }
 
+#[test]
+fn emulator_shuffles_pick_the_lanes_cuda_picks() {
+    let Some(emu) = Emulator::get() else { return };
+    // SAFETY: runtime.cpp's test hooks.
+    let tid: unsafe extern "C" fn() -> u32 = unsafe { emu.kernel("syncbn_emu_thread_x") };
+    let shfl: unsafe extern "C" fn(u32, u32, u32, u32) -> u32 =
+        unsafe { emu.kernel("syncbn_emu_shuffle_u32") };
+    // (mode, arg, width) -> the lane that lane `l` reads, from the PTX ISA's
+    // definition of shfl.sync with the clamp operand CUDA passes for `width`
+    // (c = (32 - width) << 8 | 31): j is the candidate source, and a
+    // candidate outside [min_lane, max_lane] leaves the caller its own value.
+    let expected = |mode: u32, arg: u32, width: u32, l: u32| -> u32 {
+        let segmask = (32 - width) & 31;
+        let max_lane = (l & segmask) | (31 & !segmask);
+        let min_lane = l & segmask;
+        let (j, ok) = match mode {
+            0 => (l + arg, l + arg <= max_lane),
+            1 => (l.wrapping_sub(arg), l >= arg && l - arg >= min_lane),
+            2 => (l ^ arg, (l ^ arg) <= max_lane),
+            _ => {
+                let j = min_lane | (arg & !segmask);
+                (j, j <= max_lane)
+            }
+        };
+        if ok {
+            j
+        } else {
+            l
+        }
+    };
+    for mode in 0..4 {
+        for (arg, width) in [
+            (1, 32),
+            (16, 32),
+            (3, 8),
+            (5, 8),
+            (12, 8),
+            (31, 32),
+            (2, 4),
+            (9, 16),
+        ] {
+            let got = std::cell::RefCell::new(vec![u32::MAX; 64]);
+            emu.launch([1, 1, 1], [64, 1, 1], || {
+                let t = unsafe { tid() };
+                // Each lane offers 1000 + its thread index.
+                let v = unsafe { shfl(mode, 1000 + t, arg, width) };
+                got.borrow_mut()[t as usize] = v;
+            })
+            .unwrap();
+            for (t, &v) in got.borrow().iter().enumerate() {
+                let (warp, lane) = (t as u32 / 32, t as u32 % 32);
+                let src = warp * 32 + expected(mode, arg, width, lane);
+                assert_eq!(
+                    v,
+                    1000 + src,
+                    "mode {mode} arg {arg} width {width} thread {t}"
+                );
+            }
+        }
+    }
+}
+
 /// Every case in one dtype.
 fn check_all_cases<T: WithDType>(seed: u64) {
     let Some(emu) = Emulator::get() else { return };
