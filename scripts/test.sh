@@ -7,7 +7,8 @@
 #      which run on a GPU and print that they were skipped without one;
 #   3. without a GPU, the CUDA tests again on an emulated GPU
 #      (scripts/emulated-gpu.sh: the driver API in host memory, this crate's
-#      kernels compiled for the CPU), where the op tests run for real.
+#      kernels and candle's element-wise, cast, fill and reduction kernels
+#      compiled for the CPU), where all of them run for real.
 # Set SYNCBN_SKIP_CUDA=1 to run only step 1.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -26,6 +27,6 @@ cargo test --features cuda,nccl
 if [[ -e /dev/nvidiactl ]]; then
   exit 0  # a real GPU ran the GPU tests above
 fi
-echo "== GPU tests on the emulated GPU (this crate's kernels on the CPU; see scripts/emulated-gpu.sh)" >&2
+echo "== GPU tests on the emulated GPU (the kernels on the CPU; see scripts/emulated-gpu.sh)" >&2
 eval "$(bash scripts/emulated-gpu.sh)"
 cargo test --features cuda,nccl --test cuda
