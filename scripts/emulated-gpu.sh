@@ -3,12 +3,14 @@
 # and prints the environment that makes CUDA builds use it:
 #
 #   eval "$(bash scripts/emulated-gpu.sh)"
-#   cargo test --features cuda,nccl --test cuda -- <test names>
+#   cargo test --features cuda,nccl --test cuda --test nccl -- <test names>
 #
 # The folder (${EMULATED_GPU_DIR:-target/emulated-gpu}) gets libcuda.so.1
-# (the driver subset, the emulator, this crate's kernels and candle's
-# element-wise, cast, fill, reduction and indexing kernels, all compiled for
-# the host) and shells of libcublas.so.13, libcurand.so.10 and
+# (the driver subset with 4 devices, SYNCBN_EMU_DEVICES to change; the
+# emulator; this crate's kernels and candle's element-wise, cast, fill,
+# reduction and indexing kernels, all compiled for the host), libnccl.so.2
+# (an emulated NCCL for ranks that are threads of one process, see
+# fake_nccl.cpp) and shells of libcublas.so.13, libcurand.so.10 and
 # libcudart.so.13. Matrix products (cuBLAS), random numbers (cuRAND) and
 # candle's convolution, sort and quantized kernels are not emulated: tests
 # that need them fail with "not found"/"not supported" errors under it.
@@ -73,6 +75,10 @@ for pid in "${pids[@]}"; do wait "$pid"; done
   -Wl,-soname,libcuda.so.1 -o "$DIR/libcuda.so.1" \
   -x c++ "$EMU/fake_driver.cpp" "$EMU/runtime.cpp" -x none "${objects[@]}" >&2
 ln -sf libcuda.so.1 "$DIR/libcuda.so"
+
+# The emulated NCCL, on the emulated driver (it defers collectives on its streams).
+"$CXX" "${common[@]}" -shared -I "$EMU/include" -I "$EMU" -include "$EMU/cuda_emulator.h" \
+  -Wl,-soname,libnccl.so.2 -o "$DIR/libnccl.so.2" "$EMU/fake_nccl.cpp" -L "$DIR" -l:libcuda.so.1 >&2
 
 # Each shell carries the real soname and a version node of the same name, as
 # the references of a CUDA build name them (e.g. cublasCreate_v2@libcublas.so.13).

@@ -8,8 +8,9 @@
 #   3. without a GPU, the CUDA tests again on an emulated GPU
 #      (scripts/emulated-gpu.sh: the driver API in host memory, this crate's
 #      kernels and candle's element-wise, cast, fill and reduction kernels
-#      compiled for the CPU), where all of them run for real, and a smoke run
-#      of the benchmark's CUDA path.
+#      compiled for the CPU, four devices and an emulated NCCL), where all of
+#      them and the NCCL group's tests run for real, and a smoke run of the
+#      benchmark's CUDA path.
 # Set SYNCBN_SKIP_CUDA=1 to run only step 1.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -30,6 +31,6 @@ if [[ -e /dev/nvidiactl ]]; then
 fi
 echo "== GPU tests on the emulated GPU (the kernels on the CPU; see scripts/emulated-gpu.sh)" >&2
 eval "$(bash scripts/emulated-gpu.sh)"
-cargo test --features cuda,nccl --test cuda
+cargo test --features cuda,nccl --test cuda --test nccl
 echo "== the benchmark's CUDA path on the emulated GPU (a smoke run: emulated timings mean nothing)" >&2
 cargo run --features cuda,nccl --example bench -- --device cuda --shapes 4x8x6x6,64x16 --dtypes f32,bf16 --iters 2

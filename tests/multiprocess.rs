@@ -5,14 +5,15 @@
 //! `SYNCBN_TEST_SCENARIO` is set. Rank 0 listens on a port chosen by the OS
 //! and publishes it in a per-test port file, so parallel tests never collide.
 
+mod common;
+
 use candle::{DType, Device, Tensor, Var};
 use candle_nn::{ModuleT, VarBuilder, VarMap};
 use candle_syncbn::launch::{launch, LaunchConfig};
 use candle_syncbn::{ProcessGroup, SyncBatchNorm, SyncBatchNormConfig};
+use common::scratch_dir;
 use std::ffi::OsString;
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 const SCENARIO: &str = "SYNCBN_TEST_SCENARIO";
@@ -226,18 +227,6 @@ fn worker_args() -> Vec<OsString> {
         .collect()
 }
 
-fn scratch() -> PathBuf {
-    static N: AtomicUsize = AtomicUsize::new(0);
-    let d = std::env::temp_dir().join(format!(
-        "syncbn-mp-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::SeqCst)
-    ));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
 struct Outcome {
     code: Option<i32>,
     output: String,
@@ -254,7 +243,7 @@ fn run_workers(
     wait_for: &[usize],
     limit: Duration,
 ) -> Vec<Outcome> {
-    let dir = scratch();
+    let dir = scratch_dir("mp");
     let exe = std::env::current_exe().unwrap();
     let start = Instant::now();
     let mut children: Vec<Child> = (0..world)

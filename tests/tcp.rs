@@ -2,29 +2,18 @@
 //! 127.0.0.1, rank 0 on a port chosen by the OS and published through a port
 //! file, so parallel tests never collide).
 
+mod common;
+
 use candle::{DType, Device, Tensor};
 use candle_syncbn::group::TcpOptions;
 use candle_syncbn::launch::Rendezvous;
 use candle_syncbn::ProcessGroup;
+use common::port_file;
 use std::io::Write;
 use std::net::TcpStream;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-
-fn port_file() -> PathBuf {
-    static N: AtomicUsize = AtomicUsize::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "syncbn-tcp-test-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::SeqCst)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    let p = dir.join("port");
-    let _ = std::fs::remove_file(&p);
-    p
-}
 
 fn opts(timeout_ms: u64) -> TcpOptions {
     TcpOptions {
@@ -47,7 +36,7 @@ fn run<T: Send + 'static>(
     timeout_ms: u64,
     f: impl Fn(ProcessGroup) -> T + Send + Sync + Clone + 'static,
 ) -> Vec<T> {
-    let pf = port_file();
+    let pf = port_file("tcp-test");
     let handles: Vec<JoinHandle<T>> = (0..world)
         .map(|r| {
             let (f, pf) = (f.clone(), pf.clone());
@@ -137,7 +126,7 @@ fn different_order_of_calls_fails() {
 
 #[test]
 fn wrong_token_is_refused() {
-    let pf = port_file();
+    let pf = port_file("tcp-test");
     let pf0 = pf.clone();
     let root = std::thread::spawn(move || {
         let mut o = opts(1000);
@@ -155,7 +144,7 @@ fn wrong_token_is_refused() {
 
 #[test]
 fn duplicate_rank_and_hostile_hello_are_refused() {
-    let pf = port_file();
+    let pf = port_file("tcp-test");
     let handles: Vec<_> = [0usize, 1, 2]
         .into_iter()
         .map(|r| {

@@ -11,8 +11,10 @@
 // cudarc argument passing, plans, allocations, copies, candle's tensor ops
 // and autograd.
 //
-// Everything is synchronous: a launch or copy has finished when the call
-// returns, so streams and events only need to exist. Modules ignore their PTX
+// Kernels and copies run when they are enqueued; the emulated NCCL's
+// collectives (fake_nccl.cpp) stay pending on their stream until every rank
+// has enqueued its part, and later work on that stream, its events and
+// cuMemFree wait for them, as on the device (emu_streams.h). Modules ignore their PTX
 // and resolve function names against the registry below; a kernel it does
 // not have (candle's convolutions, sorts and quantized kernels, cuBLAS,
 // cuRAND) is reported as not found or not supported, so tests that need one
@@ -25,14 +27,18 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <map>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <unordered_map>
 #include <utility>
+#include <vector>
 
 #include "stats.cu"
 #include "grad.cu"
 #include "elementwise.cu"
+#include "emu_streams.h"
 #include "kernel_registry.h"
 
 extern "C" int syncbn_emu_launch(const unsigned* grid, const unsigned* block, void (*body)(void*), void* data,
@@ -45,6 +51,8 @@ constexpr CUresult CUDA_SUCCESS = 0;
 constexpr CUresult CUDA_ERROR_INVALID_VALUE = 1;
 constexpr CUresult CUDA_ERROR_OUT_OF_MEMORY = 2;
 constexpr CUresult CUDA_ERROR_INVALID_DEVICE = 101;
+constexpr CUresult CUDA_ERROR_INVALID_CONTEXT = 201;
+constexpr CUresult CUDA_ERROR_NOT_READY = 600;
 constexpr CUresult CUDA_ERROR_NOT_FOUND = 500;
 constexpr CUresult CUDA_ERROR_LAUNCH_FAILED = 719;
 
@@ -88,9 +96,68 @@ struct Mapping {
 std::mutex allocations_lock;
 std::unordered_map<void*, Mapping> allocations;
 
+// Devices the emulated machine has: SYNCBN_EMU_DEVICES (1 to 8), default 4,
+// so that multi-GPU code (one rank per GPU) runs; they share host memory.
+constexpr int MAX_DEVICES = 8;
+int device_count() {
+    static const int n = [] {
+        const char* v = std::getenv("SYNCBN_EMU_DEVICES");
+        const int k = v ? std::atoi(v) : 0;
+        return k >= 1 && k <= MAX_DEVICES ? k : 4;
+    }();
+    return n;
+}
+
 // Handles are addresses of these markers (never dereferenced by callers).
-char the_context, the_module;
+char contexts[MAX_DEVICES], the_module;
 thread_local void* current_context = nullptr;
+
+// --- deferred work (see emu_streams.h) -------------------------------------
+
+using Work = std::shared_ptr<cuda_emulator::PendingWork>;
+
+// Pending work per (context, stream): every rank of a test may use the null
+// stream of its own device.
+std::mutex pending_lock;
+std::map<std::pair<void*, void*>, std::vector<Work>> pending;
+
+std::pair<void*, void*> stream_key(void* stream) { return {current_context, stream}; }
+
+// Waits for the pending work of `stream` (of the current context).
+void drain(void* stream) {
+    std::vector<Work> work;
+    {
+        std::lock_guard<std::mutex> g(pending_lock);
+        const auto it = pending.find(stream_key(stream));
+        if (it == pending.end()) return;
+        work.swap(it->second);
+        pending.erase(it);
+    }
+    for (const Work& w : work) w->wait();
+}
+
+// Waits for the pending work of every stream of the current context (the
+// implicit synchronization of cuMemFree and cuCtxSynchronize).
+void drain_context() {
+    std::vector<Work> work;
+    {
+        std::lock_guard<std::mutex> g(pending_lock);
+        for (auto it = pending.begin(); it != pending.end();) {
+            if (it->first.first == current_context) {
+                work.insert(work.end(), it->second.begin(), it->second.end());
+                it = pending.erase(it);
+            } else {
+                ++it;
+            }
+        }
+    }
+    for (const Work& w : work) w->wait();
+}
+
+// An event: the work pending on its stream when it was recorded.
+struct Event {
+    std::vector<Work> before;
+};
 
 struct Launch {
     const Kernel* k;
@@ -120,8 +187,13 @@ extern "C" {
 CUresult cuInit(unsigned) { return CUDA_SUCCESS; }
 
 CUresult cuDeviceGet(int* dev, int ordinal) {
-    if (ordinal != 0) return CUDA_ERROR_INVALID_DEVICE;
-    *dev = 0;
+    if (ordinal < 0 || ordinal >= device_count()) return CUDA_ERROR_INVALID_DEVICE;
+    *dev = ordinal;
+    return CUDA_SUCCESS;
+}
+
+CUresult cuDeviceGetCount(int* count) {
+    *count = device_count();
     return CUDA_SUCCESS;
 }
 
@@ -139,7 +211,7 @@ int sm_count() {
 
 // An H100-like device (sm_90) without memory pools.
 CUresult cuDeviceGetAttribute(int* value, int attrib, int dev) {
-    if (dev != 0) return CUDA_ERROR_INVALID_DEVICE;
+    if (dev < 0 || dev >= device_count()) return CUDA_ERROR_INVALID_DEVICE;
     switch (attrib) {
     case 16: *value = sm_count(); break;  // MULTIPROCESSOR_COUNT
     case 75: *value = 9; break;   // COMPUTE_CAPABILITY_MAJOR
@@ -152,8 +224,8 @@ CUresult cuDeviceGetAttribute(int* value, int attrib, int dev) {
 }
 
 CUresult cuDevicePrimaryCtxRetain(void** ctx, int dev) {
-    if (dev != 0) return CUDA_ERROR_INVALID_DEVICE;
-    *ctx = &the_context;
+    if (dev < 0 || dev >= device_count()) return CUDA_ERROR_INVALID_DEVICE;
+    *ctx = &contexts[dev];
     return CUDA_SUCCESS;
 }
 CUresult cuDevicePrimaryCtxRelease_v2(int) { return CUDA_SUCCESS; }
@@ -166,23 +238,62 @@ CUresult cuCtxGetCurrent(void** ctx) {
     return CUDA_SUCCESS;
 }
 CUresult cuCtxDestroy_v2(void*) { return CUDA_SUCCESS; }
+CUresult cuCtxSynchronize() {
+    drain_context();
+    return CUDA_SUCCESS;
+}
+CUresult cuCtxGetDevice(int* dev) {
+    if (current_context == nullptr) return CUDA_ERROR_INVALID_CONTEXT;
+    *dev = static_cast<int>(static_cast<char*>(current_context) - contexts);
+    return CUDA_SUCCESS;
+}
 
 CUresult cuStreamDestroy_v2(void*) { return CUDA_SUCCESS; }
 CUresult cuStreamIsCapturing(void*, int* status) {
     *status = 0;  // CU_STREAM_CAPTURE_STATUS_NONE
     return CUDA_SUCCESS;
 }
-CUresult cuStreamSynchronize(void*) { return CUDA_SUCCESS; }
-CUresult cuStreamWaitEvent(void*, void*, unsigned) { return CUDA_SUCCESS; }
+CUresult cuStreamSynchronize(void* stream) {
+    drain(stream);
+    return CUDA_SUCCESS;
+}
+CUresult cuStreamWaitEvent(void* stream, void* ev, unsigned) {
+    const Event* e = static_cast<const Event*>(ev);
+    if (e->before.empty()) return CUDA_SUCCESS;
+    std::lock_guard<std::mutex> g(pending_lock);
+    auto& list = pending[stream_key(stream)];
+    list.insert(list.end(), e->before.begin(), e->before.end());
+    return CUDA_SUCCESS;
+}
 
 CUresult cuEventCreate(void** ev, unsigned) {
-    *ev = std::malloc(1);
-    return *ev ? CUDA_SUCCESS : CUDA_ERROR_OUT_OF_MEMORY;
-}
-CUresult cuEventRecord(void*, void*) { return CUDA_SUCCESS; }
-CUresult cuEventDestroy_v2(void* ev) {
-    std::free(ev);
+    *ev = new Event();
     return CUDA_SUCCESS;
+}
+CUresult cuEventRecord(void* ev, void* stream) {
+    Event* e = static_cast<Event*>(ev);
+    std::lock_guard<std::mutex> g(pending_lock);
+    const auto it = pending.find(stream_key(stream));
+    e->before = it == pending.end() ? std::vector<Work>{} : it->second;
+    return CUDA_SUCCESS;
+}
+CUresult cuEventQuery(void* ev) {
+    for (const Work& w : static_cast<Event*>(ev)->before)
+        if (!w->done()) return CUDA_ERROR_NOT_READY;
+    return CUDA_SUCCESS;
+}
+CUresult cuEventSynchronize(void* ev) {
+    for (const Work& w : static_cast<Event*>(ev)->before) w->wait();
+    return CUDA_SUCCESS;
+}
+CUresult cuEventDestroy_v2(void* ev) {
+    delete static_cast<Event*>(ev);
+    return CUDA_SUCCESS;
+}
+
+void syncbn_emu_defer(void* stream, const Work* work) {
+    std::lock_guard<std::mutex> g(pending_lock);
+    pending[stream_key(stream)].push_back(*work);
 }
 
 // Device memory is host memory: each allocation is 256-byte aligned like
@@ -207,6 +318,7 @@ CUresult cuMemAlloc_v2(std::uint64_t* dptr, std::size_t bytes) {
 }
 CUresult cuMemAllocAsync(std::uint64_t* dptr, std::size_t bytes, void*) { return cuMemAlloc_v2(dptr, bytes); }
 CUresult cuMemFree_v2(std::uint64_t dptr) {
+    drain_context();  // like cuMemFree, which waits for the device
     Mapping m{};
     {
         std::lock_guard<std::mutex> g(allocations_lock);
@@ -220,22 +332,26 @@ CUresult cuMemFree_v2(std::uint64_t dptr) {
 }
 CUresult cuMemFreeAsync(std::uint64_t dptr, void*) { return cuMemFree_v2(dptr); }
 
-CUresult cuMemcpyHtoDAsync_v2(std::uint64_t dst, const void* src, std::size_t n, void*) {
+CUresult cuMemcpyHtoDAsync_v2(std::uint64_t dst, const void* src, std::size_t n, void* stream) {
+    drain(stream);
     std::memcpy(reinterpret_cast<void*>(dst), src, n);
     return CUDA_SUCCESS;
 }
-CUresult cuMemcpyDtoHAsync_v2(void* dst, std::uint64_t src, std::size_t n, void*) {
+CUresult cuMemcpyDtoHAsync_v2(void* dst, std::uint64_t src, std::size_t n, void* stream) {
+    drain(stream);
     std::memcpy(dst, reinterpret_cast<const void*>(src), n);
     return CUDA_SUCCESS;
 }
-CUresult cuMemcpyDtoDAsync_v2(std::uint64_t dst, std::uint64_t src, std::size_t n, void*) {
+CUresult cuMemcpyDtoDAsync_v2(std::uint64_t dst, std::uint64_t src, std::size_t n, void* stream) {
+    drain(stream);
     std::memmove(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), n);
     return CUDA_SUCCESS;
 }
-CUresult cuMemcpyPeerAsync(std::uint64_t dst, void*, std::uint64_t src, void*, std::size_t n, void*) {
-    return cuMemcpyDtoDAsync_v2(dst, src, n, nullptr);
+CUresult cuMemcpyPeerAsync(std::uint64_t dst, void*, std::uint64_t src, void*, std::size_t n, void* stream) {
+    return cuMemcpyDtoDAsync_v2(dst, src, n, stream);
 }
-CUresult cuMemsetD8Async(std::uint64_t dst, unsigned char v, std::size_t n, void*) {
+CUresult cuMemsetD8Async(std::uint64_t dst, unsigned char v, std::size_t n, void* stream) {
+    drain(stream);
     std::memset(reinterpret_cast<void*>(dst), v, n);
     return CUDA_SUCCESS;
 }
@@ -261,7 +377,7 @@ CUresult cuModuleGetFunction(void** fn, void*, const char* name) {
 }
 
 CUresult cuLaunchKernel(void* fn, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
-                        unsigned shared_bytes, void*, void** params, void** extra) {
+                        unsigned shared_bytes, void* stream, void** params, void** extra) {
     if (fn == nullptr || params == nullptr || extra != nullptr || shared_bytes != 0) return CUDA_ERROR_INVALID_VALUE;
     // Like the device: an empty grid or block, or more than 1024 threads per
     // block, is an invalid launch, not a no-op.
@@ -271,6 +387,7 @@ CUresult cuLaunchKernel(void* fn, unsigned gx, unsigned gy, unsigned gz, unsigne
                      by, bz);
         return CUDA_ERROR_INVALID_VALUE;
     }
+    drain(stream);
     const unsigned grid[3] = {gx, gy, gz};
     const unsigned block[3] = {bx, by, bz};
     Launch l{static_cast<const Kernel*>(fn), params};

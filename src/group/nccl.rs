@@ -14,9 +14,13 @@
 //!   (sequence number, operation, element count, dtype), else every rank gets
 //!   an error naming each rank's call. This costs a round trip per collective.
 //!
-//! Not yet run on a GPU: this backend is compiled and type-checked in CI; its
-//! CPU-testable parts (rendezvous, id exchange and the debug agreement check,
-//! which are the TCP store's) are tested there.
+//! Not yet run on real GPUs. In CI, tests/nccl.rs runs it on the emulated GPU
+//! (four devices, an emulated NCCL whose collectives stay pending on their
+//! streams until every rank has enqueued its part): exact collective
+//! results, the layer on k ranks against one, and a rank that leaves or
+//! stalls becoming an error on every rank within the timeout. The
+//! rendezvous, id exchange and debug agreement check are the TCP store's,
+//! tested on the CPU.
 
 use super::store::{dtype_code, Call, Op, Star, StoreOptions, FLAG_META_ONLY};
 use super::Backend;

@@ -3,6 +3,28 @@
 #![allow(dead_code)]
 
 use candle::{DType, Device, Tensor};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// A fresh empty directory `syncbn-<prefix>-<pid>-<n>` under the temp dir,
+/// unique per call (tests of one binary run in parallel).
+pub fn scratch_dir(prefix: &str) -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let d = std::env::temp_dir().join(format!(
+        "syncbn-{prefix}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    ));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A port file for a rendezvous on port 0 (rank 0 publishes its port there),
+/// in a fresh scratch directory.
+pub fn port_file(prefix: &str) -> PathBuf {
+    scratch_dir(prefix).join("port")
+}
 
 /// Deterministic pseudo-random numbers (SplitMix64 → uniform → Box–Muller).
 pub struct Rng(u64);

@@ -1,0 +1,26 @@
+// Deferred stream work of the emulated driver (fake_driver.cpp), for the
+// emulated NCCL (fake_nccl.cpp). Kernels and copies run when they are
+// enqueued, but a collective can only finish when every rank has enqueued
+// its part: until then it is pending on its stream. Like the device, the
+// driver makes later work on that stream (launches, copies, frees, stream
+// and event synchronization) wait for it, and events recorded after it are
+// not complete until it is.
+#pragma once
+
+#include <memory>
+
+namespace cuda_emulator {
+
+// Work that finishes later (a collective waiting for its peers).
+struct PendingWork {
+    virtual ~PendingWork() = default;
+    // Whether it has finished (completed or aborted); never blocks.
+    virtual bool done() = 0;
+    // Blocks until it has finished.
+    virtual void wait() = 0;
+};
+
+}  // namespace cuda_emulator
+
+// Defers `work` on `stream` of the calling thread's current context.
+extern "C" void syncbn_emu_defer(void* stream, const std::shared_ptr<cuda_emulator::PendingWork>* work);

@@ -1,0 +1,383 @@
+//! The NCCL group on the GPUs of one machine, its ranks as threads of this
+//! process (each on its own GPU; the rendezvous over TCP on 127.0.0.1): the
+//! collectives against their exact results, the layer on k NCCL ranks against
+//! one rank, and failures (a rank that leaves, a rank that stalls) that must
+//! become errors on the other ranks within the timeout instead of hangs.
+//!
+//! NCCL needs a GPU per rank: with fewer than two (or without the `nccl`
+//! feature) every test prints that it was skipped. On the emulated GPU
+//! (`scripts/emulated-gpu.sh`: four devices, and an emulated NCCL whose
+//! collectives stay pending on their streams until every rank has enqueued
+//! its part) they run for real.
+#![cfg(feature = "nccl")]
+
+mod common;
+
+use candle::cuda_backend::cudarc::driver::CudaContext;
+use candle::{DType, Device, Tensor, Var};
+use candle_nn::{ModuleT, VarBuilder, VarMap};
+use candle_syncbn::group::NcclOptions;
+use candle_syncbn::launch::Rendezvous;
+use candle_syncbn::{ProcessGroup, SyncBatchNorm, SyncBatchNormConfig};
+use common::*;
+use std::time::{Duration, Instant};
+
+/// The number of ranks to run (one per GPU, at most 3), or `None` after
+/// printing that `test` was skipped.
+fn world_or_skip(test: &str) -> Option<usize> {
+    match CudaContext::device_count() {
+        Ok(n) if n >= 2 => Some((n as usize).min(3)),
+        Ok(n) => {
+            report_skip(&format!(
+                "skipped {test}: NCCL needs two GPUs, this machine has {n}"
+            ));
+            None
+        }
+        Err(e) => {
+            report_skip(&format!("skipped {test}: no CUDA device ({e:?})"));
+            None
+        }
+    }
+}
+
+/// How long a test's ranks may take in all: past it the test fails (a hang)
+/// instead of blocking the test run.
+const TEST_LIMIT: Duration = Duration::from_secs(180);
+
+/// Runs `f(rank, device, group)` on `world` ranks, rank r on GPU r, with
+/// NCCL's `timeout`; fails if a rank panics or the ranks take longer than
+/// [`TEST_LIMIT`].
+fn run<T: Send + 'static>(
+    world: usize,
+    timeout: Duration,
+    f: impl Fn(usize, Device, ProcessGroup) -> T + Send + Sync + Clone + 'static,
+) -> Vec<T> {
+    let pf = port_file("nccl-test");
+    let (tx, rx) = std::sync::mpsc::channel();
+    for r in 0..world {
+        let (f, pf, tx) = (f.clone(), pf.clone(), tx.clone());
+        std::thread::spawn(move || {
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let dev = Device::new_cuda(r).unwrap();
+                let rv = Rendezvous::new(r, world, "127.0.0.1", 0)
+                    .unwrap()
+                    .with_port_file(&pf)
+                    .with_token("nccl-test");
+                let options = NcclOptions {
+                    timeout,
+                    ..NcclOptions::default()
+                };
+                let g = ProcessGroup::nccl(&rv, &dev, options).unwrap();
+                f(r, dev, g)
+            }));
+            let _ = tx.send((r, result));
+        });
+    }
+    let deadline = Instant::now() + TEST_LIMIT;
+    let mut out: Vec<Option<T>> = (0..world).map(|_| None).collect();
+    for _ in 0..world {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok((r, Ok(v))) => out[r] = Some(v),
+            Ok((r, Err(_))) => panic!("rank {r} failed (its panic is printed above)"),
+            Err(_) => panic!("the ranks did not finish within {TEST_LIMIT:?}: a hang"),
+        }
+    }
+    out.into_iter().map(Option::unwrap).collect()
+}
+
+/// Rank `r`'s values: small integers, exact in every dtype and in their sums.
+fn rank_values(r: usize, n: usize) -> Vec<f64> {
+    (0..n)
+        .map(|i| ((i * 7 + r * 3) % 11) as f64 - 5.0)
+        .collect()
+}
+
+#[test]
+fn collectives_give_exact_results() {
+    let Some(world) = world_or_skip("collectives_give_exact_results") else {
+        return;
+    };
+    let n = 37;
+    run(world, Duration::from_secs(60), move |r, dev, g| {
+        assert_eq!((g.rank(), g.world_size()), (r, world));
+        for dtype in [DType::F32, DType::F64, DType::F16, DType::BF16, DType::I64] {
+            let mine = rank_values(r, n);
+            let t = if dtype == DType::I64 {
+                tensor(&mine, &[n], DType::F64)
+                    .to_dtype(DType::I64)
+                    .unwrap()
+            } else {
+                tensor(&mine, &[n], dtype)
+            }
+            .to_device(&dev)
+            .unwrap();
+            let sum = g.all_reduce_sum(&t).unwrap();
+            assert_eq!(sum.dtype(), dtype);
+            assert!(sum.device().same_device(&dev));
+            let expected: Vec<f64> = (0..n)
+                .map(|i| (0..world).map(|q| rank_values(q, n)[i]).sum())
+                .collect();
+            assert_close(
+                &format!("rank {r} sum {dtype:?}"),
+                &values(&sum),
+                &expected,
+                0.0,
+                0.0,
+            );
+            let root = world - 1;
+            let b = g.broadcast(&t, root).unwrap();
+            assert_close(
+                &format!("rank {r} broadcast {dtype:?}"),
+                &values(&b),
+                &rank_values(root, n),
+                0.0,
+                0.0,
+            );
+        }
+        // A non-contiguous input (a transposed matrix) is summed in its logical order.
+        let m = tensor(&rank_values(r, 12), &[3, 4], DType::F32)
+            .to_device(&dev)
+            .unwrap()
+            .t()
+            .unwrap();
+        let s = g.all_reduce_sum(&m).unwrap();
+        let expected: Vec<f64> = (0..4)
+            .flat_map(|j| (0..3).map(move |i| (i, j)))
+            .map(|(i, j)| (0..world).map(|q| rank_values(q, 12)[i * 4 + j]).sum())
+            .collect();
+        assert_close(
+            &format!("rank {r} transposed"),
+            &values(&s),
+            &expected,
+            0.0,
+            0.0,
+        );
+        g.barrier().unwrap();
+        // A tensor on another device is an error, not a wrong result.
+        let cpu = Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap();
+        let err = g.all_reduce_sum(&cpu).unwrap_err().to_string();
+        assert!(err.contains("expected a tensor on"), "{err}");
+    });
+}
+
+/// One rank's results of a few training steps and an eval pass.
+#[derive(Default)]
+struct Run {
+    outputs: Vec<Vec<f64>>,
+    input_grads: Vec<Vec<f64>>,
+    weight_grads: Vec<Vec<f64>>,
+    running_mean: Vec<f64>,
+    running_var: Vec<f64>,
+    eval: Vec<f64>,
+}
+
+/// Trains a SyncBatchNorm of `c` channels for `xs.len()` steps on `dev`
+/// with `group` (loss: Σ y·g), then runs `eval` in eval mode.
+fn train(
+    dev: &Device,
+    group: ProcessGroup,
+    c: usize,
+    xs: &[(Vec<usize>, Vec<f64>, Vec<f64>)],
+    eval: &(Vec<usize>, Vec<f64>),
+) -> Run {
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, dev);
+    let cfg = SyncBatchNormConfig {
+        eps: 1e-5,
+        momentum: Some(0.1),
+        affine: true,
+        track_running_stats: true,
+    };
+    let bn = SyncBatchNorm::new(c, cfg, vb.pp("bn"), group).unwrap();
+    let mut run = Run::default();
+    for (shape, x, g) in xs {
+        let var = Var::from_tensor(&tensor(x, shape, DType::F32).to_device(dev).unwrap()).unwrap();
+        let g = tensor(g, shape, DType::F32).to_device(dev).unwrap();
+        let y = bn.forward_t(var.as_tensor(), true).unwrap();
+        let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        run.outputs.push(values(&y));
+        run.input_grads
+            .push(values(grads.get(var.as_tensor()).unwrap()));
+        let (w, _) = bn.weight_and_bias().unwrap();
+        run.weight_grads.push(values(grads.get(w).unwrap()));
+    }
+    run.running_mean = values(&bn.running_mean().unwrap());
+    run.running_var = values(&bn.running_var().unwrap());
+    let xe = tensor(&eval.1, &eval.0, DType::F32).to_device(dev).unwrap();
+    run.eval = values(&bn.forward_t(&xe, false).unwrap());
+    run
+}
+
+#[test]
+fn layer_on_nccl_ranks_matches_one_rank() {
+    let Some(world) = world_or_skip("layer_on_nccl_ranks_matches_one_rank") else {
+        return;
+    };
+    // Uneven per-rank batches of (n, 5, 3, 4), one of a single sample.
+    let sizes = [3usize, 1, 4][..world].to_vec();
+    let (c, h, w) = (5, 3, 4);
+    let per = c * h * w;
+    let total: usize = sizes.iter().sum();
+    let mut rng = Rng::new(77);
+    let steps: Vec<(Vec<f64>, Vec<f64>)> = (0..3)
+        .map(|_| {
+            let x = (0..total * per)
+                .map(|i| 2.0 * ((i / (h * w)) % c) as f64 - 3.0 + rng.normal())
+                .collect();
+            (x, rng.normals(total * per, 0.0, 1.0))
+        })
+        .collect();
+    let eval = (vec![2, c, h, w], rng.normals(2 * per, 0.5, 2.0));
+    let whole: Vec<_> = steps
+        .iter()
+        .map(|(x, g)| (vec![total, c, h, w], x.clone(), g.clone()))
+        .collect();
+    let reference = train(
+        &Device::new_cuda(0).unwrap(),
+        ProcessGroup::single(),
+        c,
+        &whole,
+        &eval,
+    );
+    let (steps2, eval2, sizes2) = (steps.clone(), eval.clone(), sizes.clone());
+    let ranks = run(world, Duration::from_secs(120), move |r, dev, g| {
+        let start: usize = sizes2[..r].iter().sum();
+        let mine: Vec<_> = steps2
+            .iter()
+            .map(|(x, gr)| {
+                let span = start * per..(start + sizes2[r]) * per;
+                (
+                    vec![sizes2[r], c, h, w],
+                    x[span.clone()].to_vec(),
+                    gr[span].to_vec(),
+                )
+            })
+            .collect();
+        train(&dev, g, c, &mine, &eval2)
+    });
+    for s in 0..steps.len() {
+        let cat = |f: &dyn Fn(&Run) -> &Vec<f64>| -> Vec<f64> {
+            ranks.iter().flat_map(|r| f(r).clone()).collect()
+        };
+        assert_close(
+            &format!("step {s} outputs"),
+            &cat(&|r| &r.outputs[s]),
+            &reference.outputs[s],
+            1e-5,
+            1e-5,
+        );
+        assert_close(
+            &format!("step {s} input grads"),
+            &cat(&|r| &r.input_grads[s]),
+            &reference.input_grads[s],
+            1e-4,
+            1e-4,
+        );
+        let mut summed = vec![0.0; c];
+        for r in &ranks {
+            for (a, v) in summed.iter_mut().zip(&r.weight_grads[s]) {
+                *a += v;
+            }
+        }
+        assert_close(
+            &format!("step {s} summed weight grads"),
+            &summed,
+            &reference.weight_grads[s],
+            1e-3,
+            1e-4,
+        );
+    }
+    for (r, run) in ranks.iter().enumerate() {
+        assert_close(
+            &format!("rank {r} running mean"),
+            &run.running_mean,
+            &reference.running_mean,
+            1e-6,
+            1e-6,
+        );
+        assert_close(
+            &format!("rank {r} running var"),
+            &run.running_var,
+            &reference.running_var,
+            1e-6,
+            1e-6,
+        );
+        assert_close(
+            &format!("rank {r} eval"),
+            &run.eval,
+            &reference.eval,
+            1e-5,
+            1e-5,
+        );
+    }
+}
+
+/// Calls all-reduce (and reads the result back) until it fails; returns the
+/// error and how long after the first call it came.
+fn collect_until_error(dev: &Device, g: &ProcessGroup, limit: Duration) -> (String, Duration) {
+    let t = Tensor::ones(16, DType::F32, dev).unwrap();
+    let start = Instant::now();
+    loop {
+        match g.all_reduce_sum(&t).and_then(|s| s.to_vec1::<f32>()) {
+            Err(e) => return (e.to_string(), start.elapsed()),
+            Ok(_) if start.elapsed() > limit => {
+                panic!("rank {}: no error after {limit:?}", g.rank())
+            }
+            Ok(_) => {}
+        }
+    }
+}
+
+#[test]
+fn a_rank_that_leaves_is_an_error_on_the_others() {
+    let Some(world) = world_or_skip("a_rank_that_leaves_is_an_error_on_the_others") else {
+        return;
+    };
+    let timeout = Duration::from_secs(3);
+    let results = run(world, timeout, move |r, dev, g| {
+        // One collective together, then the last rank drops its group.
+        let one = Tensor::ones(4, DType::F32, &dev).unwrap();
+        assert_eq!(
+            g.all_reduce_sum(&one).unwrap().to_vec1::<f32>().unwrap()[0],
+            world as f32
+        );
+        if r == world - 1 {
+            drop(g);
+            return None;
+        }
+        Some(collect_until_error(&dev, &g, Duration::from_secs(30)))
+    });
+    for (r, res) in results.into_iter().enumerate().take(world - 1) {
+        let (err, after) = res.unwrap();
+        assert!(err.contains("nccl group"), "rank {r}: {err}");
+        assert!(after < timeout * 3, "rank {r}: the error took {after:?}");
+    }
+}
+
+#[test]
+fn a_rank_that_stalls_past_the_timeout_is_an_error_on_every_rank() {
+    let Some(world) =
+        world_or_skip("a_rank_that_stalls_past_the_timeout_is_an_error_on_every_rank")
+    else {
+        return;
+    };
+    let timeout = Duration::from_secs(2);
+    let results = run(world, timeout, move |r, dev, g| {
+        if r == world - 1 {
+            // Late by twice the timeout: the others have given up by then.
+            std::thread::sleep(timeout * 2);
+        }
+        collect_until_error(&dev, &g, Duration::from_secs(30))
+    });
+    for (r, (err, after)) in results.into_iter().enumerate() {
+        assert!(err.contains("nccl group"), "rank {r}: {err}");
+        assert!(after < timeout * 4, "rank {r}: the error took {after:?}");
+        if r < world - 1 {
+            assert!(
+                err.contains("did not finish within") || err.contains("asynchronous NCCL error"),
+                "rank {r}: {err}"
+            );
+        }
+    }
+}
