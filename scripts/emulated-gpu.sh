@@ -8,12 +8,13 @@
 # The folder (${EMULATED_GPU_DIR:-target/emulated-gpu}) gets libcuda.so.1
 # (the driver subset with 4 devices, SYNCBN_EMU_DEVICES to change; the
 # emulator; this crate's kernels and candle's element-wise, cast, fill,
-# reduction and indexing kernels, all compiled for the host), libnccl.so.2
-# (an emulated NCCL for ranks that are threads of one process, see
-# fake_nccl.cpp) and shells of libcublas.so.13, libcurand.so.10 and
-# libcudart.so.13. Matrix products (cuBLAS), random numbers (cuRAND) and
-# candle's convolution, sort and quantized kernels are not emulated: tests
-# that need them fail with "not found"/"not supported" errors under it.
+# reduction, indexing and convolution kernels, all compiled for the host),
+# libnccl.so.2 (an emulated NCCL for ranks that are threads of one process,
+# see fake_nccl.cpp), libcublas.so.13 (the strided-batched GEMMs),
+# libcurand.so.10 (uniform and normal generators) and a shell of
+# libcudart.so.13 (fake_libs.cpp). candle's sort and quantized kernels and
+# cuDNN are not emulated: what needs them fails with "not found"/"not
+# supported" errors under it.
 #
 # candle's kernels are compiled from the candle-kernels sources that cargo
 # resolved for this project (or $CANDLE_KERNELS_SRC, its src/ folder); each
@@ -44,7 +45,7 @@ fi
 candle_flags=(-D__CUDA_ARCH__=900 -D__CUDACC_VER_MAJOR__=13 -D__CUDACC_VER_MINOR__=0 -Wno-sign-compare)
 objects=()
 pids=()
-for module in affine binary cast fill indexing reduce ternary unary; do
+for module in affine binary cast conv fill indexing reduce ternary unary; do
   src="$CANDLE_SRC/$module.cu"
   [ -f "$src" ] || { echo "[emulated-gpu] missing $src" >&2; exit 1; }
   # The kernels are the extern "C" functions (__global__ expands to nothing).
@@ -85,8 +86,8 @@ ln -sf libcuda.so.1 "$DIR/libcuda.so"
 shell() {
   local macro="$1" soname="$2"
   echo "$soname { global: *; };" >"$DIR/$soname.map"
-  "$CXX" "${common[@]}" -shared -D"$macro" -Wl,-soname,"$soname" -Wl,--version-script="$DIR/$soname.map" \
-    -o "$DIR/$soname" "$EMU/fake_libs.cpp" >&2
+  "$CXX" "${common[@]}" -shared -D"$macro" "${emulated[@]}" -Wl,-soname,"$soname" \
+    -Wl,--version-script="$DIR/$soname.map" -o "$DIR/$soname" "$EMU/fake_libs.cpp" -L "$DIR" -l:libcuda.so.1 >&2
 }
 shell FAKE_CUBLAS libcublas.so.13
 shell FAKE_CURAND libcurand.so.10

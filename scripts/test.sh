@@ -9,8 +9,8 @@
 #      (scripts/emulated-gpu.sh: the driver API in host memory, this crate's
 #      kernels and candle's element-wise, cast, fill and reduction kernels
 #      compiled for the CPU, four devices and an emulated NCCL), where all of
-#      them and the NCCL group's tests run for real, and a smoke run of the
-#      benchmark's CUDA path.
+#      them and the NCCL group's tests run for real, and smoke runs of the
+#      benchmark's and the training example's CUDA paths.
 # Set SYNCBN_SKIP_CUDA=1 to run only step 1.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -32,5 +32,8 @@ fi
 echo "== GPU tests on the emulated GPU (the kernels on the CPU; see scripts/emulated-gpu.sh)" >&2
 eval "$(bash scripts/emulated-gpu.sh)"
 cargo test --features cuda,nccl --test cuda --test nccl
-echo "== the benchmark's CUDA path on the emulated GPU (a smoke run: emulated timings mean nothing)" >&2
+echo "== the benchmark's and the training example's CUDA paths on the emulated GPU (smoke runs; emulated timings mean nothing)" >&2
 cargo run --features cuda,nccl --example bench -- --device cuda --shapes 4x8x6x6,64x16 --dtypes f32,bf16 --iters 2
+cargo run --features cuda,nccl --example train -- --device cuda --nproc-per-node 1 --epochs 1 \
+  --train-size 128 --test-size 64 --image-size 8 --batch-size 16 --max-steps 3 \
+  --checkpoint target/emulated-gpu/train-smoke.safetensors

@@ -22,5 +22,9 @@ struct PendingWork {
 
 }  // namespace cuda_emulator
 
+// Waits for the pending work of `stream` of the calling thread's current
+// context (for the emulated libraries that run work on a stream).
+extern "C" void syncbn_emu_drain(void* stream);
+
 // Defers `work` on `stream` of the calling thread's current context.
 extern "C" void syncbn_emu_defer(void* stream, const std::shared_ptr<cuda_emulator::PendingWork>* work);

@@ -2,24 +2,24 @@
 // the CUDA driver API that candle, cudarc and this crate's ops use, with
 // device memory in host memory and kernel launches run by the emulator
 // (runtime.cpp) on kernels compiled for the host: this crate's, and candle's
-// element-wise, cast, fill, reduction and indexing kernels.
+// element-wise, cast, fill, reduction, indexing and convolution kernels.
 //
 // Built by scripts/emulated-gpu.sh into libcuda.so.1 (this file, runtime.cpp
-// and the kernels), next to shells for libcublas, libcurand and libcudart
-// (fake_libs.cpp). With that folder first on LD_LIBRARY_PATH, an unmodified
+// and the kernels), next to libcublas, libcurand and libcudart (fake_libs.cpp:
+// cuBLAS's GEMMs, cuRAND's generators, a runtime shell) and the emulated NCCL
+// (fake_nccl.cpp). With that folder first on LD_LIBRARY_PATH, an unmodified
 // CUDA build of the tests opens "GPU 0" and runs the real launch code:
 // cudarc argument passing, plans, allocations, copies, candle's tensor ops
 // and autograd.
 //
 // Kernels and copies run when they are enqueued; the emulated NCCL's
-// collectives (fake_nccl.cpp) stay pending on their stream until every rank
-// has enqueued its part, and later work on that stream, its events and
-// cuMemFree wait for them, as on the device (emu_streams.h). Modules ignore their PTX
-// and resolve function names against the registry below; a kernel it does
-// not have (candle's convolutions, sorts and quantized kernels, cuBLAS,
-// cuRAND) is reported as not found or not supported, so tests that need one
-// fail with an error. What the device rejects, it rejects too: empty
-// allocations, empty or oversized launches.
+// collectives stay pending on their stream until every rank has enqueued its
+// part, and later work on that stream, its events and cuMemFree wait for
+// them, as on the device (emu_streams.h). Modules ignore their PTX and
+// resolve function names against the registry below; a kernel it does not
+// have (candle's sorts and quantized kernels) is reported as not found, so a
+// test that needs one fails with an error. What the device rejects, it
+// rejects too: empty allocations, empty or oversized launches.
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -290,6 +290,8 @@ CUresult cuEventDestroy_v2(void* ev) {
     delete static_cast<Event*>(ev);
     return CUDA_SUCCESS;
 }
+
+void syncbn_emu_drain(void* stream) { drain(stream); }
 
 void syncbn_emu_defer(void* stream, const Work* work) {
     std::lock_guard<std::mutex> g(pending_lock);
