@@ -1100,3 +1100,56 @@ fn large_shapes_use_every_work_split_and_match_cpu() {
         }
     }
 }
+
+/// The "no host synchronization in a step", checked call by call: on
+/// the emulated GPU, whose driver counts every call that makes the host wait
+/// for the device (synchronizations, device-to-host copies, synchronous
+/// frees), a training step (forward, the loss, backward through autograd,
+/// the running statistics) and an eval forward make none. On a real GPU the
+/// benchmark shows it by timing (the host time to enqueue a step).
+#[test]
+fn a_step_never_makes_the_host_wait_for_the_gpu() {
+    let dev = cuda_or_skip!("a_step_never_makes_the_host_wait_for_the_gpu");
+    if emulated_host_syncs().is_none() {
+        report_skip(
+            "skipped a_step_never_makes_the_host_wait_for_the_gpu: host waits are counted on the emulated GPU only",
+        );
+        return;
+    }
+    let syncs = || emulated_host_syncs().unwrap();
+    for dtype in [DType::F32, DType::BF16] {
+        for momentum in [Some(0.1), None] {
+            let varmap = VarMap::new();
+            let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+            let cfg = SyncBatchNormConfig {
+                eps: 1e-5,
+                momentum,
+                affine: true,
+                track_running_stats: true,
+            };
+            let bn = SyncBatchNorm::new(6, cfg, vb.pp("bn"), ProcessGroup::single()).unwrap();
+            let x =
+                Var::from_tensor(&data(&[4, 6, 5, 5], dtype, 3).to_device(&dev).unwrap()).unwrap();
+            let g = data(&[4, 6, 5, 5], dtype, 4).to_device(&dev).unwrap();
+            let step = || {
+                let y = bn.forward_t(x.as_tensor(), true).unwrap();
+                let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+                let eval = bn.forward_t(x.as_tensor(), false).unwrap();
+                (y, grads, eval)
+            };
+            drop(step()); // the first step loads the modules
+            let before = syncs();
+            let (y, grads, eval) = step();
+            let waits = syncs() - before;
+            assert_eq!(
+                waits, 0,
+                "{dtype:?} momentum {momentum:?}: a step made the host wait for the GPU {waits} time(s)"
+            );
+            // The step did compute: its results are finite (read after counting).
+            for t in [&y, grads.get(x.as_tensor()).unwrap(), &eval] {
+                assert!(values(t).iter().all(|v| v.is_finite()));
+            }
+            drop((y, grads, eval));
+        }
+    }
+}

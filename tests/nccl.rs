@@ -1,7 +1,8 @@
 //! The NCCL group on the GPUs of one machine, its ranks as threads of this
 //! process (each on its own GPU; the rendezvous over TCP on 127.0.0.1): the
 //! collectives against their exact results, the layer on k NCCL ranks against
-//! one rank, and failures (a rank that leaves, a rank that stalls) that must
+//! one rank (and, on the emulated GPU, without a host wait in any step), and
+//! failures (a rank that leaves, a rank that stalls) that must
 //! become errors on the other ranks within the timeout instead of hangs.
 //!
 //! NCCL needs a GPU per rank: with fewer than two (or without the `nccl`
@@ -170,6 +171,9 @@ struct Run {
     running_mean: Vec<f64>,
     running_var: Vec<f64>,
     eval: Vec<f64>,
+    /// Per step, the host's waits for the GPU during the step (forward,
+    /// loss, backward), when the emulated driver counts them.
+    host_waits: Vec<Option<u64>>,
 }
 
 /// Trains a SyncBatchNorm of `c` channels for `xs.len()` steps on `dev`
@@ -194,8 +198,11 @@ fn train(
     for (shape, x, g) in xs {
         let var = Var::from_tensor(&tensor(x, shape, DType::F32).to_device(dev).unwrap()).unwrap();
         let g = tensor(g, shape, DType::F32).to_device(dev).unwrap();
+        let before = emulated_host_syncs();
         let y = bn.forward_t(var.as_tensor(), true).unwrap();
         let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        run.host_waits
+            .push(before.map(|b| emulated_host_syncs().unwrap() - b));
         run.outputs.push(values(&y));
         run.input_grads
             .push(values(grads.get(var.as_tensor()).unwrap()));
@@ -289,6 +296,14 @@ fn layer_on_nccl_ranks_matches_one_rank() {
         );
     }
     for (r, run) in ranks.iter().enumerate() {
+        // No host synchronization in a step, NCCL collectives included (the
+        // first step loads the modules, which does not wait either).
+        for (s, w) in run.host_waits.iter().enumerate() {
+            assert!(
+                matches!(w, None | Some(0)),
+                "rank {r} step {s}: the host waited for the GPU {w:?} time(s)"
+            );
+        }
         assert_close(
             &format!("rank {r} running mean"),
             &run.running_mean,

@@ -26,5 +26,9 @@ struct PendingWork {
 // context (for the emulated libraries that run work on a stream).
 extern "C" void syncbn_emu_drain(void* stream);
 
+// How many calls of the calling OS thread made the host wait for the device
+// (synchronizations, device-to-host copies, synchronous frees).
+extern "C" unsigned long long syncbn_emu_host_syncs();
+
 // Defers `work` on `stream` of the calling thread's current context.
 extern "C" void syncbn_emu_defer(void* stream, const std::shared_ptr<cuda_emulator::PendingWork>* work);

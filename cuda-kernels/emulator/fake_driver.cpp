@@ -154,6 +154,12 @@ void drain_context() {
     for (const Work& w : work) w->wait();
 }
 
+// Calls of this OS thread that make the host wait for the device: stream,
+// context and event synchronization, device-to-host copies (into pageable
+// memory they return when the copy is done), synchronous frees. Read by the
+// tests through syncbn_emu_host_syncs.
+thread_local unsigned long long host_syncs = 0;
+
 // An event: the work pending on its stream when it was recorded.
 struct Event {
     std::vector<Work> before;
@@ -218,7 +224,8 @@ CUresult cuDeviceGetAttribute(int* value, int attrib, int dev) {
     case 76: *value = 0; break;   // COMPUTE_CAPABILITY_MINOR
     case 1: *value = 1024; break; // MAX_THREADS_PER_BLOCK
     case 10: *value = 32; break;  // WARP_SIZE
-    default: *value = 0; break;   // MEMORY_POOLS_SUPPORTED (115) and the rest
+    case 115: *value = 1; break;  // MEMORY_POOLS_SUPPORTED: stream-ordered alloc/free, as an H100
+    default: *value = 0; break;
     }
     return CUDA_SUCCESS;
 }
@@ -239,6 +246,7 @@ CUresult cuCtxGetCurrent(void** ctx) {
 }
 CUresult cuCtxDestroy_v2(void*) { return CUDA_SUCCESS; }
 CUresult cuCtxSynchronize() {
+    ++host_syncs;
     drain_context();
     return CUDA_SUCCESS;
 }
@@ -254,6 +262,7 @@ CUresult cuStreamIsCapturing(void*, int* status) {
     return CUDA_SUCCESS;
 }
 CUresult cuStreamSynchronize(void* stream) {
+    ++host_syncs;
     drain(stream);
     return CUDA_SUCCESS;
 }
@@ -283,6 +292,7 @@ CUresult cuEventQuery(void* ev) {
     return CUDA_SUCCESS;
 }
 CUresult cuEventSynchronize(void* ev) {
+    ++host_syncs;
     for (const Work& w : static_cast<Event*>(ev)->before) w->wait();
     return CUDA_SUCCESS;
 }
@@ -292,6 +302,8 @@ CUresult cuEventDestroy_v2(void* ev) {
 }
 
 void syncbn_emu_drain(void* stream) { drain(stream); }
+
+unsigned long long syncbn_emu_host_syncs() { return host_syncs; }
 
 void syncbn_emu_defer(void* stream, const Work* work) {
     std::lock_guard<std::mutex> g(pending_lock);
@@ -319,8 +331,8 @@ CUresult cuMemAlloc_v2(std::uint64_t* dptr, std::size_t bytes) {
     return CUDA_SUCCESS;
 }
 CUresult cuMemAllocAsync(std::uint64_t* dptr, std::size_t bytes, void*) { return cuMemAlloc_v2(dptr, bytes); }
-CUresult cuMemFree_v2(std::uint64_t dptr) {
-    drain_context();  // like cuMemFree, which waits for the device
+// Unmaps an allocation (its pending work is done).
+static CUresult release(std::uint64_t dptr) {
     Mapping m{};
     {
         std::lock_guard<std::mutex> g(allocations_lock);
@@ -332,7 +344,17 @@ CUresult cuMemFree_v2(std::uint64_t dptr) {
     munmap(m.base, m.len);
     return CUDA_SUCCESS;
 }
-CUresult cuMemFreeAsync(std::uint64_t dptr, void*) { return cuMemFree_v2(dptr); }
+CUresult cuMemFree_v2(std::uint64_t dptr) {
+    ++host_syncs;     // cuMemFree waits for the device
+    drain_context();
+    return release(dptr);
+}
+// Stream-ordered: the memory goes when the stream's earlier work is done (the
+// emulation waits for it here; the host does not wait on a device).
+CUresult cuMemFreeAsync(std::uint64_t dptr, void* stream) {
+    drain(stream);
+    return release(dptr);
+}
 
 CUresult cuMemcpyHtoDAsync_v2(std::uint64_t dst, const void* src, std::size_t n, void* stream) {
     drain(stream);
@@ -340,6 +362,7 @@ CUresult cuMemcpyHtoDAsync_v2(std::uint64_t dst, const void* src, std::size_t n,
     return CUDA_SUCCESS;
 }
 CUresult cuMemcpyDtoHAsync_v2(void* dst, std::uint64_t src, std::size_t n, void* stream) {
+    ++host_syncs;  // into pageable memory, it returns when the copy is done
     drain(stream);
     std::memcpy(dst, reinterpret_cast<const void*>(src), n);
     return CUDA_SUCCESS;

@@ -215,3 +215,21 @@ pub fn report_skip(msg: &str) {
     use std::io::Write;
     let _ = writeln!(std::io::stderr().lock(), "{msg}");
 }
+
+/// How many calls of this thread so far made the host wait for the GPU
+/// (synchronizations, device-to-host copies, synchronous frees), as the
+/// emulated GPU's driver counts them; `None` on a real driver, which does not
+/// count.
+#[cfg(target_os = "linux")]
+pub fn emulated_host_syncs() -> Option<u64> {
+    // SAFETY: dlsym with a NUL-terminated name; the symbol, when present, is
+    // the emulated driver's `unsigned long long syncbn_emu_host_syncs()`.
+    unsafe {
+        let f = libc::dlsym(libc::RTLD_DEFAULT, c"syncbn_emu_host_syncs".as_ptr());
+        if f.is_null() {
+            return None;
+        }
+        let f: extern "C" fn() -> u64 = std::mem::transmute(f);
+        Some(f())
+    }
+}
