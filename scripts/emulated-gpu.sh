@@ -9,8 +9,8 @@
 # (the driver subset with 4 devices, SYNCBN_EMU_DEVICES to change; the
 # emulator; this crate's kernels and candle's element-wise, cast, fill,
 # reduction, indexing and convolution kernels, all compiled for the host),
-# libnccl.so.2 (an emulated NCCL for ranks that are threads of one process,
-# see fake_nccl.cpp), libcublas.so.13 (the strided-batched GEMMs),
+# libnccl.so.2 (an emulated NCCL for ranks that are threads or processes of
+# one machine, in POSIX shared memory, see fake_nccl.cpp), libcublas.so.13 (the strided-batched GEMMs),
 # libcurand.so.10 (uniform and normal generators) and a shell of
 # libcudart.so.13 (fake_libs.cpp). candle's sort and quantized kernels and
 # cuDNN are not emulated: what needs them fails with "not found"/"not

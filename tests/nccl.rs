@@ -9,7 +9,9 @@
 //! feature) every test prints that it was skipped. On the emulated GPU
 //! (`scripts/emulated-gpu.sh`: four devices, and an emulated NCCL whose
 //! collectives stay pending on their streams until every rank has enqueued
-//! its part) they run for real.
+//! its part) they run for real. (The multi-process path, one process per GPU
+//! through the launcher, is smoke-run there by `scripts/test.sh` with the
+//! training example.)
 #![cfg(feature = "nccl")]
 
 mod common;

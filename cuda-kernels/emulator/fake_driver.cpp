@@ -123,35 +123,47 @@ std::map<std::pair<void*, void*>, std::vector<Work>> pending;
 
 std::pair<void*, void*> stream_key(void* stream) { return {current_context, stream}; }
 
+// Waits until the pending work of the streams that `pick` selects is done.
+// Work stays listed until it is done, so that every thread that drains a
+// stream waits for all of it (threads of several tests may share a device's
+// null stream, as on a GPU).
+template <typename Pick> void drain_where(Pick pick) {
+    for (;;) {
+        Work w;
+        {
+            std::lock_guard<std::mutex> g(pending_lock);
+            for (auto it = pending.begin(); it != pending.end() && !w;) {
+                if (it->second.empty()) {
+                    it = pending.erase(it);
+                } else {
+                    if (pick(it->first)) w = it->second.front();
+                    ++it;
+                }
+            }
+        }
+        if (!w) return;
+        w->wait();
+        std::lock_guard<std::mutex> g(pending_lock);
+        for (auto& [key, list] : pending)
+            for (auto it = list.begin(); it != list.end(); ++it)
+                if (*it == w) {
+                    list.erase(it);
+                    break;
+                }
+    }
+}
+
 // Waits for the pending work of `stream` (of the current context).
 void drain(void* stream) {
-    std::vector<Work> work;
-    {
-        std::lock_guard<std::mutex> g(pending_lock);
-        const auto it = pending.find(stream_key(stream));
-        if (it == pending.end()) return;
-        work.swap(it->second);
-        pending.erase(it);
-    }
-    for (const Work& w : work) w->wait();
+    const auto key = stream_key(stream);
+    drain_where([&](const std::pair<void*, void*>& k) { return k == key; });
 }
 
 // Waits for the pending work of every stream of the current context (the
 // implicit synchronization of cuMemFree and cuCtxSynchronize).
 void drain_context() {
-    std::vector<Work> work;
-    {
-        std::lock_guard<std::mutex> g(pending_lock);
-        for (auto it = pending.begin(); it != pending.end();) {
-            if (it->first.first == current_context) {
-                work.insert(work.end(), it->second.begin(), it->second.end());
-                it = pending.erase(it);
-            } else {
-                ++it;
-            }
-        }
-    }
-    for (const Work& w : work) w->wait();
+    void* const ctx = current_context;
+    drain_where([&](const std::pair<void*, void*>& k) { return k.first == ctx; });
 }
 
 // Calls of this OS thread that make the host wait for the device: stream,

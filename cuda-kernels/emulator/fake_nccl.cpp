@@ -1,6 +1,13 @@
 // An emulated NCCL (libnccl.so.2) for the emulated GPU (fake_driver.cpp):
-// communicators whose ranks are threads of one process, on the emulated
-// devices, which share host memory. Built by scripts/emulated-gpu.sh.
+// communicators of ranks on one machine, threads of one process or separate
+// processes (one per emulated GPU, as the launcher starts them). Built by
+// scripts/emulated-gpu.sh.
+//
+// The ranks meet in POSIX shared memory (/dev/shm): a clique's header (a
+// process-shared mutex and condition variable, who joined, and a ring of
+// RING collective slots), and one object per collective that holds every
+// rank's contribution and the result. Names are unlinked as soon as every
+// rank has opened them.
 //
 // What it models, as NCCL does it:
 // - ncclCommInitRank blocks until every rank of the clique has joined.
@@ -16,16 +23,21 @@
 // Sums are computed in f64 (f32 would do for the small counts of tests) and
 // rounded once; NCCL's ring sums in the element type, so half-precision sums
 // may differ in the last bits.
+#include <fcntl.h>
+#include <pthread.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cctype>
+#include <cerrno>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
-#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -95,77 +107,56 @@ void store(void* p, std::size_t i, int t, double v) {
     }
 }
 
-struct Clique;
+constexpr int MAX_RANKS = 64;
+constexpr int RING = 256;  // collectives a rank may run ahead of the slowest
 
-// One collective call of every rank (the seq-th call of each communicator).
-struct Collective {
-    std::mutex m;
-    std::condition_variable cv;
-    bool finished = false;        // computed for every rank
-    std::vector<bool> released;   // per rank: its communicator was aborted
+// A collective slot of the ring (the seq-th call of each communicator).
+struct Slot {
+    std::uint64_t seq;
+    int used;
     // What the first rank asked for; a rank asking for something else never
     // matches (the collective hangs, as mismatched NCCL calls do).
-    bool broadcast = false;
-    std::size_t count = 0;
-    int type = 0, op = 0, root = 0;
-    bool mismatch = false;
-    int arrived = 0;
-    std::vector<const void*> send;
-    std::vector<void*> recv;
-
-    void finish() {
-        {
-            std::lock_guard<std::mutex> g(m);
-            finished = true;
-        }
-        cv.notify_all();
-    }
-    void release(int rank) {
-        {
-            std::lock_guard<std::mutex> g(m);
-            released[rank] = true;
-        }
-        cv.notify_all();
-    }
+    int broadcast, type, op, root;
+    std::uint64_t count;
+    int mismatch;
+    int arrived;   // ranks whose contribution is in the data object
+    int finished;  // the result is in the data object
+    int consumed;  // ranks that copied the result out; at nranks the slot is free
 };
 
-// One rank's part of a collective: the work pending on that rank's stream.
-struct Part : cuda_emulator::PendingWork {
-    std::shared_ptr<Collective> c;
-    int rank;
-    Part(std::shared_ptr<Collective> c, int rank) : c(std::move(c)), rank(rank) {}
-    bool done() override {
-        std::lock_guard<std::mutex> g(c->m);
-        return c->finished || c->released[rank];
-    }
-    void wait() override {
-        std::unique_lock<std::mutex> g(c->m);
-        c->cv.wait(g, [&] { return c->finished || c->released[rank]; });
-    }
-};
-
-struct Clique {
+// A clique's header in shared memory.
+struct Shared {
+    std::atomic<int> ready;  // 1 once the creator has initialized the rest
+    pthread_mutex_t m;
+    pthread_cond_t cv;
     int nranks;
-    std::mutex m;
-    std::condition_variable cv;
-    int joined = 0;
-    std::vector<bool> taken;
-    std::atomic<bool> peer_aborted{false};
-    std::map<std::uint64_t, std::shared_ptr<Collective>> calls;  // by sequence number
+    int joined;
+    int taken[MAX_RANKS];
+    int aborted;  // some rank aborted its communicator
+    Slot slots[RING];
 };
 
 struct Comm {
-    std::shared_ptr<Clique> clique;
+    Shared* sh;
+    std::string name;  // the header's shared-memory name
     int rank;
     int device;
     std::uint64_t seq = 0;
     std::atomic<bool> aborted{false};
-    std::mutex mine_lock;
-    std::vector<std::shared_ptr<Part>> mine;  // this rank's unfinished calls
 };
 
-std::mutex cliques_lock;
-std::map<std::string, std::shared_ptr<Clique>> cliques;  // by unique id
+// Locks the clique's mutex; a process that died holding it leaves it
+// recoverable (robust mutex).
+struct Lock {
+    Shared* sh;
+    explicit Lock(Shared* s) : sh(s) {
+        if (pthread_mutex_lock(&sh->m) == EOWNERDEAD) pthread_mutex_consistent(&sh->m);
+    }
+    ~Lock() { pthread_mutex_unlock(&sh->m); }
+    void wait() {
+        if (pthread_cond_wait(&sh->cv, &sh->m) == EOWNERDEAD) pthread_mutex_consistent(&sh->m);
+    }
+};
 
 thread_local std::string last_error;
 
@@ -174,20 +165,102 @@ Result fail(Result r, const std::string& msg) {
     return r;
 }
 
-std::string id_key(const char* id) { return std::string(id, ID_BYTES); }
+// The shared-memory name of the clique with unique id `id`.
+std::string clique_name(const char* id) {
+    std::string n = "/syncbn-emu-nccl";
+    for (int i = 0; i < ID_BYTES && id[i] != '\0'; ++i) {
+        const char c = id[i];
+        n += (std::isalnum(static_cast<unsigned char>(c)) ? c : '-');
+    }
+    return n;
+}
 
-// Computes a complete collective into every rank's receive buffer.
-void compute(Collective& c, int nranks) {
-    const std::size_t n = c.count;
-    std::vector<double> out(n);
-    if (c.broadcast) {
-        for (std::size_t i = 0; i < n; ++i) out[i] = load(c.send[c.root], i, c.type);
-    } else {
-        for (std::size_t i = 0; i < n; ++i) {
-            double acc = load(c.send[0], i, c.type);
+std::string data_name(const Comm& c, std::uint64_t seq) { return c.name + "-" + std::to_string(seq); }
+
+// Maps `bytes` of the shared-memory object `name`, creating it (zeroed) when
+// `create`, else waiting until it exists with that size (giving up when
+// `*give_up` becomes non-zero, or after a minute).
+void* map_shared(const std::string& name, std::size_t bytes, bool create, const int* give_up = nullptr) {
+    int fd = -1;
+    for (int tries = 0; fd < 0; ++tries) {
+        fd = shm_open(name.c_str(), O_RDWR | (create ? O_CREAT : 0), 0600);
+        if (fd < 0) {
+            if (create || errno != ENOENT || tries > 60000) return nullptr;
+            if (give_up != nullptr && __atomic_load_n(give_up, __ATOMIC_ACQUIRE) != 0) return nullptr;
+            usleep(1000);
+        }
+    }
+    if (create && ftruncate(fd, static_cast<off_t>(bytes)) != 0) {
+        close(fd);
+        return nullptr;
+    }
+    struct stat st;
+    for (int tries = 0; fstat(fd, &st) == 0 && static_cast<std::size_t>(st.st_size) < bytes; ++tries) {
+        if (tries > 60000) {
+            close(fd);
+            return nullptr;
+        }
+        usleep(1000);
+    }
+    void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    close(fd);
+    return p == MAP_FAILED ? nullptr : p;
+}
+
+// One rank's part of a collective: the work pending on that rank's stream.
+// The result is copied into the rank's receive buffer when the rank waits.
+// A part with slot -1 never finishes (enqueued after a rank aborted: the
+// clique is dead, as the peers' ncclRemoteError says).
+struct Part : cuda_emulator::PendingWork {
+    Comm* comm;
+    int slot;
+    std::uint64_t seq;
+    unsigned char* data;  // the collective's data object: nranks contributions, then the result
+    std::size_t bytes;    // of one contribution
+    void* recv;
+    bool copied = false;
+
+    Part(Comm* c, int slot, std::uint64_t seq, unsigned char* data, std::size_t bytes, void* recv)
+        : comm(c), slot(slot), seq(seq), data(data), bytes(bytes), recv(recv) {}
+    ~Part() override {
+        if (data != nullptr) munmap(data, bytes * (comm->sh->nranks + 1));
+    }
+    bool finished() const {
+        if (slot < 0) return false;
+        const Slot& s = comm->sh->slots[slot];
+        return s.used && s.seq == seq && s.finished;
+    }
+    bool done() override {
+        Lock g(comm->sh);
+        return copied || finished() || comm->aborted;
+    }
+    void wait() override {
+        Lock g(comm->sh);
+        while (!copied && !finished() && !comm->aborted) g.wait();
+        if (copied || !finished()) return;  // released by an abort: the result is undefined
+        if (bytes > 0) std::memcpy(recv, data + bytes * comm->sh->nranks, bytes);
+        copied = true;
+        Slot& s = comm->sh->slots[slot];
+        if (++s.consumed == comm->sh->nranks) {
+            s.used = 0;
+            pthread_cond_broadcast(&comm->sh->cv);
+        }
+    }
+};
+
+// Computes a collective whose contributions are all in `data`.
+void compute(const Slot& s, unsigned char* data, std::size_t bytes, int nranks) {
+    const std::size_t n = s.count;
+    unsigned char* out = data + bytes * nranks;
+    for (std::size_t i = 0; i < n; ++i) {
+        double acc;
+        if (s.broadcast) {
+            acc = load(data + bytes * s.root, i, s.type);
+        } else {
+            acc = load(data, i, s.type);
             for (int r = 1; r < nranks; ++r) {
-                const double v = load(c.send[r], i, c.type);
-                switch (c.op) {
+                const double v = load(data + bytes * r, i, s.type);
+                switch (s.op) {
                 case Sum: case Avg: acc += v; break;
                 case Prod: acc *= v; break;
                 case Max: acc = std::isnan(acc) ? acc : (std::isnan(v) ? v : std::max(acc, v)); break;
@@ -195,11 +268,10 @@ void compute(Collective& c, int nranks) {
                 default: break;
                 }
             }
-            out[i] = c.op == Avg ? acc / nranks : acc;
+            if (s.op == Avg) acc /= nranks;
         }
+        store(out, i, s.type, acc);
     }
-    for (int r = 0; r < nranks; ++r)
-        for (std::size_t i = 0; i < n; ++i) store(c.recv[r], i, c.type, out[i]);
 }
 
 Result enqueue(Comm* comm, bool broadcast, const void* send, void* recv, std::size_t count, int type, int op,
@@ -208,46 +280,58 @@ Result enqueue(Comm* comm, bool broadcast, const void* send, void* recv, std::si
     if (comm->aborted) return fail(ncclInvalidUsage, "the communicator was aborted");
     if (type_size(type) == 0) return fail(ncclInvalidArgument, "unsupported data type " + std::to_string(type));
     if (!broadcast && (op < Sum || op > Avg)) return fail(ncclInvalidArgument, "unsupported reduction");
-    Clique& q = *comm->clique;
-    if (broadcast && (root < 0 || root >= q.nranks)) return fail(ncclInvalidArgument, "root out of range");
+    Shared* sh = comm->sh;
+    if (broadcast && (root < 0 || root >= sh->nranks)) return fail(ncclInvalidArgument, "root out of range");
     if (count > 0 && (send == nullptr || recv == nullptr)) return fail(ncclInvalidArgument, "null buffer");
-    std::shared_ptr<Collective> c;
-    bool last = false;
+    const std::uint64_t seq = comm->seq++;
+    const int k = static_cast<int>(seq % RING);
+    const std::size_t bytes = count * type_size(type);
+    const std::size_t total = bytes * (sh->nranks + 1);
+    bool first = false, matches = true;
+    const auto dead = [&] {
+        const std::shared_ptr<cuda_emulator::PendingWork> work =
+            std::make_shared<Part>(comm, -1, seq, nullptr, bytes, recv);
+        syncbn_emu_defer(stream, &work);
+        return ncclSuccess;
+    };
     {
-        std::lock_guard<std::mutex> g(q.m);
-        auto& slot = q.calls[comm->seq++];
-        if (!slot) {
-            slot = std::make_shared<Collective>();
-            slot->broadcast = broadcast;
-            slot->count = count;
-            slot->type = type;
-            slot->op = op;
-            slot->root = root;
-            slot->send.assign(q.nranks, nullptr);
-            slot->recv.assign(q.nranks, nullptr);
-            slot->released.assign(q.nranks, false);
-        } else if (slot->broadcast != broadcast || slot->count != count || slot->type != type ||
-                   (!broadcast && slot->op != op) || (broadcast && slot->root != root)) {
-            slot->mismatch = true;
+        Lock g(sh);
+        if (sh->aborted) return dead();
+        // Wait while an older collective still holds the slot (this rank is
+        // RING collectives ahead of another).
+        while (sh->slots[k].used && sh->slots[k].seq != seq && !comm->aborted) g.wait();
+        if (comm->aborted) return fail(ncclInvalidUsage, "the communicator was aborted");
+        Slot& s = sh->slots[k];
+        if (!s.used) {
+            s = Slot{seq, 1, broadcast, type, broadcast ? Sum : op, root, count, 0, 0, 0, 0};
+            first = true;
+        } else if (s.broadcast != static_cast<int>(broadcast) || s.count != count || s.type != type ||
+                   (!broadcast && s.op != op) || (broadcast && s.root != root)) {
+            s.mismatch = 1;
+            matches = false;
         }
-        c = slot;
-        c->send[comm->rank] = send;
-        c->recv[comm->rank] = recv;
-        last = ++c->arrived == q.nranks && !c->mismatch;
     }
-    if (last) {
-        compute(*c, q.nranks);
-        c->finish();
+    unsigned char* data = nullptr;
+    if (matches && total > 0) {
+        // The first rank creates the data object; the others wait for it.
+        data = static_cast<unsigned char*>(map_shared(data_name(*comm, seq), total, first, &sh->aborted));
+        if (data == nullptr) {
+            if (__atomic_load_n(&sh->aborted, __ATOMIC_ACQUIRE) != 0) return dead();
+            return fail(ncclSystemError, "cannot map the shared memory of a collective");
+        }
+        if (bytes > 0) std::memcpy(data + bytes * comm->rank, send, bytes);
     }
-    auto part = std::make_shared<Part>(c, comm->rank);
     {
-        std::lock_guard<std::mutex> g(comm->mine_lock);
-        comm->mine.erase(std::remove_if(comm->mine.begin(), comm->mine.end(),
-                                        [](const std::shared_ptr<Part>& x) { return x->done(); }),
-                         comm->mine.end());
-        comm->mine.push_back(part);
+        Lock g(sh);
+        Slot& s = sh->slots[k];
+        if (matches && ++s.arrived == sh->nranks && !s.mismatch) {
+            if (data != nullptr) compute(s, data, bytes, sh->nranks);
+            s.finished = 1;
+            shm_unlink(data_name(*comm, seq).c_str());  // every rank has it mapped
+            pthread_cond_broadcast(&sh->cv);
+        }
     }
-    const std::shared_ptr<cuda_emulator::PendingWork> work = part;
+    const std::shared_ptr<cuda_emulator::PendingWork> work = std::make_shared<Part>(comm, k, seq, data, bytes, recv);
     syncbn_emu_defer(stream, &work);
     return ncclSuccess;
 }
@@ -263,8 +347,11 @@ Result ncclGetVersion(int* version) {
 
 Result ncclGetUniqueId(char* id) {
     static std::atomic<std::uint64_t> counter{0};
+    struct timespec t;
+    clock_gettime(CLOCK_REALTIME, &t);
     std::memset(id, 0, ID_BYTES);
-    std::snprintf(id, ID_BYTES, "syncbn-emulated-nccl pid %ld id %llu", static_cast<long>(getpid()),
+    std::snprintf(id, ID_BYTES, "syncbn-emulated-nccl %ld %lld %ld %llu", static_cast<long>(getpid()),
+                  static_cast<long long>(t.tv_sec), static_cast<long>(t.tv_nsec),
                   static_cast<unsigned long long>(counter++));
     return ncclSuccess;
 }
@@ -275,36 +362,46 @@ struct UniqueId {
 };
 
 Result ncclCommInitRank(Comm** out, int nranks, UniqueId id, int rank) {
-    if (out == nullptr || nranks < 1 || rank < 0 || rank >= nranks)
+    if (out == nullptr || nranks < 1 || nranks > MAX_RANKS || rank < 0 || rank >= nranks)
         return fail(ncclInvalidArgument, "invalid rank " + std::to_string(rank) + " of " + std::to_string(nranks));
-    const std::string key = id_key(id.internal);
-    const std::string here = "syncbn-emulated-nccl pid " + std::to_string(getpid()) + " ";
-    if (key.compare(0, here.size(), here) != 0)
-        return fail(ncclInvalidUsage, "the ranks of a communicator must be threads of one process");
-    std::shared_ptr<Clique> q;
-    {
-        std::lock_guard<std::mutex> g(cliques_lock);
-        auto& slot = cliques[key];
-        if (!slot) {
-            slot = std::make_shared<Clique>();
-            slot->nranks = nranks;
-            slot->taken.assign(nranks, false);
-        }
-        q = slot;
-    }
     int device = 0;
     if (cuCtxGetDevice(&device) != 0) return fail(ncclUnhandledCudaError, "no current CUDA context");
+    const std::string name = clique_name(id.internal);
+    // The first rank to arrive creates and initializes the header.
+    Shared* sh = nullptr;
+    const int fd = shm_open(name.c_str(), O_RDWR | O_CREAT | O_EXCL, 0600);
+    if (fd >= 0) {
+        close(fd);
+        sh = static_cast<Shared*>(map_shared(name, sizeof(Shared), true));
+        if (sh == nullptr) return fail(ncclSystemError, "cannot map the clique's shared memory");
+        pthread_mutexattr_t ma;
+        pthread_mutexattr_init(&ma);
+        pthread_mutexattr_setpshared(&ma, PTHREAD_PROCESS_SHARED);
+        pthread_mutexattr_setrobust(&ma, PTHREAD_MUTEX_ROBUST);
+        pthread_mutex_init(&sh->m, &ma);
+        pthread_condattr_t ca;
+        pthread_condattr_init(&ca);
+        pthread_condattr_setpshared(&ca, PTHREAD_PROCESS_SHARED);
+        pthread_cond_init(&sh->cv, &ca);
+        sh->nranks = nranks;
+        sh->ready.store(1, std::memory_order_release);
+    } else {
+        sh = static_cast<Shared*>(map_shared(name, sizeof(Shared), false));
+        if (sh == nullptr) return fail(ncclSystemError, "cannot map the clique's shared memory");
+        while (sh->ready.load(std::memory_order_acquire) != 1) usleep(100);
+    }
     {
-        std::unique_lock<std::mutex> g(q->m);
-        if (q->nranks != nranks) return fail(ncclInvalidUsage, "ranks disagree on the number of ranks");
-        if (q->taken[rank]) return fail(ncclInvalidUsage, "rank " + std::to_string(rank) + " joined twice");
-        q->taken[rank] = true;
-        ++q->joined;
-        q->cv.notify_all();
-        q->cv.wait(g, [&] { return q->joined == q->nranks; });
+        Lock g(sh);
+        if (sh->nranks != nranks) return fail(ncclInvalidUsage, "ranks disagree on the number of ranks");
+        if (sh->taken[rank]) return fail(ncclInvalidUsage, "rank " + std::to_string(rank) + " joined twice");
+        sh->taken[rank] = 1;
+        if (++sh->joined == nranks) shm_unlink(name.c_str());  // every rank has it mapped
+        pthread_cond_broadcast(&sh->cv);
+        while (sh->joined < nranks) g.wait();
     }
     Comm* c = new Comm();
-    c->clique = q;
+    c->sh = sh;
+    c->name = name;
     c->rank = rank;
     c->device = device;
     *out = c;
@@ -323,19 +420,22 @@ Result ncclBroadcast(const void* send, void* recv, std::size_t count, int type, 
 
 Result ncclCommGetAsyncError(Comm* comm, Result* err) {
     if (comm == nullptr || err == nullptr) return fail(ncclInvalidArgument, "null argument");
-    *err = comm->clique->peer_aborted && !comm->aborted ? ncclRemoteError : ncclSuccess;
+    Lock g(comm->sh);
+    *err = comm->sh->aborted && !comm->aborted ? ncclRemoteError : ncclSuccess;
     return ncclSuccess;
 }
 
 // Releases this rank's pending collectives; the peers see ncclRemoteError.
-// The communicator object stays allocated (a late query on it stays safe).
+// The communicator and its mapping stay allocated (a late query stays safe).
 Result ncclCommAbort(Comm* comm) {
     if (comm == nullptr) return ncclSuccess;
     if (comm->aborted.exchange(true)) return ncclSuccess;
-    comm->clique->peer_aborted = true;
-    std::lock_guard<std::mutex> g(comm->mine_lock);
-    for (const auto& part : comm->mine) part->c->release(comm->rank);
-    comm->mine.clear();
+    Lock g(comm->sh);
+    __atomic_store_n(&comm->sh->aborted, 1, __ATOMIC_RELEASE);
+    // The unfinished collectives' data objects go (their names; mappings stay).
+    for (const Slot& s : comm->sh->slots)
+        if (s.used && !s.finished) shm_unlink(data_name(*comm, s.seq).c_str());
+    pthread_cond_broadcast(&comm->sh->cv);
     return ncclSuccess;
 }
 
@@ -343,7 +443,7 @@ Result ncclCommDestroy(Comm* comm) { return ncclCommAbort(comm); }
 Result ncclCommFinalize(Comm*) { return ncclSuccess; }
 
 Result ncclCommCount(const Comm* comm, int* count) {
-    *count = comm->clique->nranks;
+    *count = comm->sh->nranks;
     return ncclSuccess;
 }
 Result ncclCommUserRank(const Comm* comm, int* rank) {
@@ -363,6 +463,7 @@ const char* ncclGetErrorString(Result r) {
     case ncclSuccess: return "no error";
     case ncclInvalidArgument: return "invalid argument (emulated NCCL)";
     case ncclInvalidUsage: return "invalid usage (emulated NCCL)";
+    case ncclSystemError: return "system error (emulated NCCL)";
     case ncclRemoteError: return "remote process exited or there was a network error (emulated NCCL)";
     default: return "unhandled error (emulated NCCL)";
     }
