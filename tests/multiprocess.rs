@@ -294,7 +294,6 @@ fn run_workers(
             }
         })
         .collect();
-    let _ = std::fs::remove_dir_all(&dir);
     out
 }
 

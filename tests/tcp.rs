@@ -11,7 +11,7 @@ use candle_syncbn::ProcessGroup;
 use common::port_file;
 use std::io::Write;
 use std::net::TcpStream;
-use std::path::PathBuf;
+use std::path::Path;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -23,7 +23,7 @@ fn opts(timeout_ms: u64) -> TcpOptions {
     }
 }
 
-fn rv(rank: usize, world: usize, pf: &PathBuf, token: &str) -> Rendezvous {
+fn rv(rank: usize, world: usize, pf: &Path, token: &str) -> Rendezvous {
     Rendezvous::new(rank, world, "127.0.0.1", 0)
         .unwrap()
         .with_port_file(pf)

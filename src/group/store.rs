@@ -1058,7 +1058,9 @@ mod star_tests {
                 })
             })
             .collect();
-        hs.into_iter().map(|h| h.join().unwrap()).collect()
+        let out = hs.into_iter().map(|h| h.join().unwrap()).collect();
+        let _ = std::fs::remove_dir_all(&dir);
+        out
     }
 
     /// The NCCL debug mode's agreement check: a metadata-only exchange.

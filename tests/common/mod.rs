@@ -3,12 +3,30 @@
 #![allow(dead_code)]
 
 use candle::{DType, Device, Tensor};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+/// A scratch directory, removed with everything in it when dropped (also when
+/// a test panics), so test runs leave nothing in the temp dir.
+pub struct ScratchDir(PathBuf);
+
+impl std::ops::Deref for ScratchDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
 
 /// A fresh empty directory `syncbn-<prefix>-<pid>-<n>` under the temp dir,
 /// unique per call (tests of one binary run in parallel).
-pub fn scratch_dir(prefix: &str) -> PathBuf {
+pub fn scratch_dir(prefix: &str) -> ScratchDir {
     static N: AtomicUsize = AtomicUsize::new(0);
     let d = std::env::temp_dir().join(format!(
         "syncbn-{prefix}-{}-{}",
@@ -17,13 +35,43 @@ pub fn scratch_dir(prefix: &str) -> PathBuf {
     ));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
-    d
+    ScratchDir(d)
 }
 
 /// A port file for a rendezvous on port 0 (rank 0 publishes its port there),
-/// in a fresh scratch directory.
-pub fn port_file(prefix: &str) -> PathBuf {
-    scratch_dir(prefix).join("port")
+/// in a fresh scratch directory that goes when the last clone is dropped.
+#[derive(Clone)]
+pub struct PortFile {
+    path: PathBuf,
+    _dir: Arc<ScratchDir>,
+}
+
+impl std::ops::Deref for PortFile {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl AsRef<Path> for PortFile {
+    fn as_ref(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl AsRef<std::ffi::OsStr> for PortFile {
+    fn as_ref(&self) -> &std::ffi::OsStr {
+        self.path.as_os_str()
+    }
+}
+
+/// A [`PortFile`] in a fresh scratch directory.
+pub fn port_file(prefix: &str) -> PortFile {
+    let dir = scratch_dir(prefix);
+    PortFile {
+        path: dir.join("port"),
+        _dir: Arc::new(dir),
+    }
 }
 
 /// Deterministic pseudo-random numbers (SplitMix64 → uniform → Box–Muller).
