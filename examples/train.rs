@@ -68,7 +68,7 @@ struct Args {
     /// Only evaluate the checkpoint (no training).
     #[arg(long)]
     eval_only: bool,
-    /// Seed of the data order and the synthetic data.
+    /// Seed of the initial weights, the data order and the synthetic data.
     #[arg(long, default_value_t = 0)]
     seed: u64,
 }
@@ -148,6 +148,100 @@ impl Rng {
     fn normal(&mut self) -> f32 {
         let (u1, u2) = (self.uniform().max(1e-7), self.uniform());
         (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
+    }
+}
+
+/// A `VarBuilder` backend that creates the model's variables in a `VarMap`
+/// with candle-nn's initializations, drawn from a generator seeded by `--seed`
+/// and the variable's name (candle cannot seed its CPU random numbers), so a
+/// run is reproducible bit for bit: the same seed gives the same initial
+/// weights on every device, and the same losses for any number of ranks that
+/// split the same global batch.
+struct SeededInit {
+    varmap: VarMap,
+    seed: u64,
+}
+
+impl SeededInit {
+    fn values(&self, name: &str, shape: &candle::Shape, init: candle_nn::Init) -> Vec<f32> {
+        use candle_nn::init::{Init, NormalOrUniform};
+        // FNV-1a of the name: each variable gets its own stream.
+        let name_hash = name.bytes().fold(0xCBF2_9CE4_8422_2325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x0100_0000_01B3)
+        });
+        let mut rng = Rng(self.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ name_hash);
+        let n = shape.elem_count();
+        let uniform = |rng: &mut Rng, lo: f64, up: f64| -> Vec<f32> {
+            (0..n)
+                .map(|_| (lo + (up - lo) * rng.uniform() as f64) as f32)
+                .collect()
+        };
+        let normal = |rng: &mut Rng, mean: f64, std: f64| -> Vec<f32> {
+            (0..n)
+                .map(|_| (mean + std * rng.normal() as f64) as f32)
+                .collect()
+        };
+        match init {
+            Init::Const(c) => vec![c as f32; n],
+            Init::Uniform { lo, up } => uniform(&mut rng, lo, up),
+            Init::Randn { mean, stdev } => normal(&mut rng, mean, stdev),
+            Init::Kaiming {
+                dist,
+                fan,
+                non_linearity,
+            } => {
+                let std = non_linearity.gain() / (fan.for_shape(shape) as f64).sqrt();
+                match dist {
+                    NormalOrUniform::Uniform => {
+                        let bound = 3f64.sqrt() * std;
+                        uniform(&mut rng, -bound, bound)
+                    }
+                    NormalOrUniform::Normal => normal(&mut rng, 0.0, std),
+                }
+            }
+        }
+    }
+}
+
+impl candle_nn::var_builder::SimpleBackend for SeededInit {
+    fn get(
+        &self,
+        shape: candle::Shape,
+        name: &str,
+        init: candle_nn::Init,
+        dtype: DType,
+        device: &Device,
+    ) -> candle::Result<Tensor> {
+        let mut data = self
+            .varmap
+            .data()
+            .lock()
+            .map_err(|_| candle::Error::Msg("poisoned VarMap".into()))?;
+        if let Some(var) = data.get(name) {
+            if var.shape() != &shape {
+                candle::bail!("shape mismatch on {name}: {shape:?} <> {:?}", var.shape())
+            }
+            return Ok(var.as_tensor().clone());
+        }
+        let values = self.values(name, &shape, init);
+        let t = Tensor::from_vec(values, shape, &Device::Cpu)?
+            .to_dtype(dtype)?
+            .to_device(device)?;
+        let var = candle::Var::from_tensor(&t)?;
+        let t = var.as_tensor().clone();
+        data.insert(name.to_string(), var);
+        Ok(t)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle::Result<Tensor> {
+        candle::bail!("{name}: the seeded initializer creates variables, use `get`")
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.varmap
+            .data()
+            .lock()
+            .is_ok_and(|d| d.contains_key(name))
     }
 }
 
@@ -378,7 +472,11 @@ fn run(args: &Args) -> Result<()> {
     }
 
     let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
+    let init = SeededInit {
+        varmap: varmap.clone(),
+        seed: args.seed,
+    };
+    let vb = VarBuilder::from_backend(Box::new(init), DType::F32, device.clone());
     let net = Net::new(vb, size, &group)?;
     broadcast_varmap(&varmap, &group, 0)?;
     let trainable: Vec<candle::Var> = {

@@ -1,7 +1,7 @@
 //! The training example, end to end: 2 ranks launched by the example itself,
 //! a few steps on a small synthetic dataset, checkpoint saved and reloaded.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// `target/<profile>/examples/train`, built by `cargo test` with the tests.
@@ -13,16 +13,14 @@ fn example_binary() -> PathBuf {
         .join(format!("train{}", std::env::consts::EXE_SUFFIX))
 }
 
-#[test]
-fn train_example_runs_end_to_end() {
+/// Runs the example on 2 ranks for 4 steps, writing `ckpt`; returns whether
+/// it succeeded and its stdout and stderr.
+fn train(ckpt: &Path) -> (bool, String) {
     let bin = example_binary();
     assert!(
         bin.exists(),
         "{bin:?} is missing: run `cargo test` (it builds the examples)"
     );
-    let dir = std::env::temp_dir().join(format!("syncbn-train-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let ckpt = dir.join("ckpt.safetensors");
     let out = Command::new(&bin)
         .args(["--nproc-per-node", "2", "--epochs", "1", "--max-steps", "4"])
         .args([
@@ -34,13 +32,58 @@ fn train_example_runs_end_to_end() {
             "16",
         ])
         .arg("--checkpoint")
-        .arg(&ckpt)
+        .arg(ckpt)
         .env("SYNCBN_TIMEOUT", "60")
         .output()
         .unwrap();
     let text =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{text}");
+    (out.status.success(), text)
+}
+
+/// A scratch directory for one test, removed when dropped.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        let dir =
+            std::env::temp_dir().join(format!("syncbn-train-test-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `--seed` fixes everything, the initial weights included (drawn by the
+/// example, since candle cannot seed its CPU generator): two runs write the
+/// same checkpoint, byte for byte.
+#[test]
+fn train_example_is_reproducible() {
+    let dir = Scratch::new("repro");
+    let (a, b) = (dir.0.join("a.safetensors"), dir.0.join("b.safetensors"));
+    for ckpt in [&a, &b] {
+        let (ok, text) = train(ckpt);
+        assert!(ok, "{text}");
+    }
+    let (a, b) = (std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+    assert!(
+        !a.is_empty() && a == b,
+        "two runs with the same seed differ"
+    );
+}
+
+#[test]
+fn train_example_runs_end_to_end() {
+    let bin = example_binary();
+    let dir = Scratch::new("e2e");
+    let ckpt = dir.0.join("ckpt.safetensors");
+    let (ok, text) = train(&ckpt);
+    assert!(ok, "{text}");
     for needle in [
         "[rank 0] 2 rank(s)",
         "epoch 1/1: loss",
@@ -70,5 +113,4 @@ fn train_example_runs_end_to_end() {
         out.status.success() && text.contains("test accuracy"),
         "{text}"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
