@@ -14,7 +14,10 @@
 //! part of that step that is candle's own gradient bookkeeping (the `ones_like`
 //! seed and the `zeros_like` + `add` with which candle accumulates every op
 //! input's gradient, timed alone on tensors of the same shape); and candle-nn's
-//! BatchNorm step. Bandwidth is given against a memory copy measured in the
+//! BatchNorm step. The header says whether the candle-core of this build
+//! accumulates gradients by zeros + add (as released) or in place (the copy of
+//! `benches/candle_inplace_grads.py`, via `scripts/with-patched-candle.sh`).
+//! Bandwidth is given against a memory copy measured in the
 //! same run: on the CPU a parallel copy between two buffers that are already
 //! mapped (the memory's bandwidth, without page faults), on CUDA a device copy.
 //! Bytes moved: the forward reads x twice and writes y; the backward reads dy
@@ -280,12 +283,18 @@ fn main() -> Result<()> {
         .split(',')
         .map(parse_dtype)
         .collect::<Result<_>>()?;
+    let in_place = candle_accumulates_in_place()?;
     println!(
-        "device: {:?}, {} threads, median of {} runs, allocator: {}",
+        "device: {:?}, {} threads, median of {} runs, allocator: {}, candle's gradient accumulation: {}",
         dev.location(),
         rayon::current_num_threads(),
         args.iters,
-        if kept { "keep_freed_memory" } else { "default" }
+        if kept { "keep_freed_memory" } else { "default" },
+        if in_place {
+            "in place (patched candle-core, scripts/with-patched-candle.sh)"
+        } else {
+            "zeros + add (candle-core as released)"
+        }
     );
     println!(
         "{:<26} {:>7} | {:>7} {:>4} | {:>7} {:>4} | {:>7} {:>4} | {:>7} {:>7} | {:>7} {:>7} | {:>8} {:>7}",
@@ -351,15 +360,41 @@ fn main() -> Result<()> {
             }
         }
     }
-    println!(
-        "kernels = fwd + bwd ops (our ops alone); bookkp = candle's autograd bookkeeping \
-         for one op of this shape (ones_like seed, zeros_like + add), part of step and of nn step."
-    );
+    if in_place {
+        println!(
+            "kernels = fwd + bwd ops (our ops alone); bookkp = the autograd bookkeeping of candle-core \
+             as released for one op of this shape (ones_like seed, zeros_like + add); this build \
+             accumulates gradients in place, so step and nn step pay only the seed."
+        );
+    } else {
+        println!(
+            "kernels = fwd + bwd ops (our ops alone); bookkp = candle's autograd bookkeeping \
+             for one op of this shape (ones_like seed, zeros_like + add), part of step and of nn step."
+        );
+    }
     if let Some(path) = &args.json {
         std::fs::write(path, format!("[\n{}\n]\n", json_rows.join(",\n")))?;
         println!("wrote {}", path.display());
     }
     Ok(())
+}
+
+/// Whether the candle-core of this build stores an op's first gradient
+/// contribution as is (the copy written by `benches/candle_inplace_grads.py`)
+/// rather than adding it to zeros (candle-core as released). After `a + b`,
+/// both leaves then hold the one gradient buffer that `add`'s backward passes on.
+fn candle_accumulates_in_place() -> Result<bool> {
+    let a = Var::zeros(4, DType::F32, &Device::Cpu)?;
+    let b = Var::zeros(4, DType::F32, &Device::Cpu)?;
+    let grads = (a.as_tensor() + b.as_tensor())?.backward()?;
+    let buffer = |v: &Var| -> Result<usize> {
+        let g = grads
+            .get(v.as_tensor())
+            .ok_or_else(|| anyhow::anyhow!("no gradient for a leaf of `a + b`"))?;
+        let (storage, _) = g.storage_and_layout();
+        Ok(&*storage as *const candle::Storage as usize)
+    };
+    Ok(buffer(&a)? == buffer(&b)?)
 }
 
 /// One row as a JSON object (times in milliseconds).
