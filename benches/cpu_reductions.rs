@@ -1,0 +1,55 @@
+//! Criterion benchmark of the CPU reduction kernels on one thread with data in
+//! cache: the batch statistics of the forward and the gradient sums of the
+//! backward, f32 and bf16, over long rows (112×112 maps) and short ones
+//! (14×14 and 7×7). Out of cache these kernels share the memory's bandwidth with
+//! everything else on the machine, and the run-to-run swings of that
+//! bandwidth hide changes to the kernels; in cache their own speed shows.
+//!
+//! `cargo bench --bench cpu_reductions` (elements per second per row).
+
+use candle::{Layout, Shape};
+use candle_syncbn::cpu::{batch_stats, grad_sums};
+use candle_syncbn::ops::layout::ChannelView;
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use half::bf16;
+
+/// The benchmarked `(N, C, H·W)` inputs: 800k elements each (3.2 MB in f32),
+/// in L3.
+const SHAPES: [(usize, usize, usize); 3] =
+    [(1, 64, 112 * 112), (32, 128, 14 * 14), (32, 512, 7 * 7)];
+
+fn reductions(c: &mut Criterion) {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .expect("a one-thread pool");
+    let mut group = c.benchmark_group("cpu_reductions_1_thread");
+    for (n, channels, spatial) in SHAPES {
+        let len = n * channels * spatial;
+        let layout = Layout::contiguous(Shape::from((n, channels, spatial)));
+        let view = ChannelView::new(&layout, 1).expect("a channel view");
+        let xf: Vec<f32> = (0..len)
+            .map(|i| ((i * 7919) % 1000) as f32 * 0.01 - 3.0)
+            .collect();
+        let xb: Vec<bf16> = xf.iter().map(|&x| bf16::from_f32(x)).collect();
+        let mean = vec![1.5f64; channels];
+        let name = format!("{n}x{channels}x{spatial}");
+        group.throughput(Throughput::Elements(len as u64));
+        group.bench_function(BenchmarkId::new("batch_stats_f32", &name), |b| {
+            pool.install(|| b.iter(|| batch_stats(&xf, &view)))
+        });
+        group.bench_function(BenchmarkId::new("batch_stats_bf16", &name), |b| {
+            pool.install(|| b.iter(|| batch_stats(&xb, &view)))
+        });
+        group.bench_function(BenchmarkId::new("grad_sums_f32", &name), |b| {
+            pool.install(|| b.iter(|| grad_sums(&xf, &view, &xf, &view, &mean)))
+        });
+        group.bench_function(BenchmarkId::new("grad_sums_bf16", &name), |b| {
+            pool.install(|| b.iter(|| grad_sums(&xb, &view, &xb, &view, &mean)))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, reductions);
+criterion_main!(benches);
