@@ -1,7 +1,7 @@
 //! Criterion benchmark of the CPU reduction kernels on one thread with data in
 //! cache: the batch statistics of the forward and the gradient sums of the
 //! backward, f32 and bf16, over long rows (112×112 maps) and short ones
-//! (14×14 and 7×7). Out of cache these kernels share the memory's bandwidth with
+//! (14×14 and 7×7), and `(N, C)` inputs. Out of cache these kernels share the memory's bandwidth with
 //! everything else on the machine, and the run-to-run swings of that
 //! bandwidth hide changes to the kernels; in cache their own speed shows.
 //!
@@ -14,9 +14,13 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use half::bf16;
 
 /// The benchmarked `(N, C, H·W)` inputs: 800k elements each (3.2 MB in f32),
-/// in L3.
-const SHAPES: [(usize, usize, usize); 3] =
-    [(1, 64, 112 * 112), (32, 128, 14 * 14), (32, 512, 7 * 7)];
+/// in L3. The last one is `BatchNorm1d`'s `(N, C)`: channels innermost.
+const SHAPES: [(usize, usize, usize); 4] = [
+    (1, 64, 112 * 112),
+    (32, 128, 14 * 14),
+    (32, 512, 7 * 7),
+    (784, 1024, 1),
+];
 
 fn reductions(c: &mut Criterion) {
     let pool = rayon::ThreadPoolBuilder::new()
@@ -32,6 +36,11 @@ fn reductions(c: &mut Criterion) {
             .map(|i| ((i * 7919) % 1000) as f32 * 0.01 - 3.0)
             .collect();
         let xb: Vec<bf16> = xf.iter().map(|&x| bf16::from_f32(x)).collect();
+        // The gradient sums read dy and x: two buffers, as in a real backward.
+        let gf: Vec<f32> = (0..len)
+            .map(|i| ((i * 104_729) % 61) as f32 * 0.1 - 3.0)
+            .collect();
+        let gb: Vec<bf16> = gf.iter().map(|&g| bf16::from_f32(g)).collect();
         let mean = vec![1.5f64; channels];
         let name = format!("{n}x{channels}x{spatial}");
         group.throughput(Throughput::Elements(len as u64));
@@ -42,10 +51,10 @@ fn reductions(c: &mut Criterion) {
             pool.install(|| b.iter(|| batch_stats(&xb, &view)))
         });
         group.bench_function(BenchmarkId::new("grad_sums_f32", &name), |b| {
-            pool.install(|| b.iter(|| grad_sums(&xf, &view, &xf, &view, &mean)))
+            pool.install(|| b.iter(|| grad_sums(&gf, &view, &xf, &view, &mean)))
         });
         group.bench_function(BenchmarkId::new("grad_sums_bf16", &name), |b| {
-            pool.install(|| b.iter(|| grad_sums(&xb, &view, &xb, &view, &mean)))
+            pool.install(|| b.iter(|| grad_sums(&gb, &view, &xb, &view, &mean)))
         });
     }
     group.finish();
