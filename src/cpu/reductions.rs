@@ -286,15 +286,111 @@ multiversion! {
     }
 }
 
+/// Channels per register tile in the channel-innermost statistics: 4 AVX2
+/// vectors of f32 per array, so a tile's accumulators (and shifts) stay in
+/// the 16 vector registers while it takes a group of rows.
+const TILE: usize = 4 * LANES;
+/// Rows per group: each group takes every tile in turn, so the group's rows
+/// are read as that many sequential streams. One tile through all the rows
+/// jumps a whole row (4 KiB for 1024 f32 channels) at every load: the f32
+/// statistics of (784, 1024) ran at 6.5 Gelem/s on one core that way, and at
+/// 7.8 with groups of 8 (16: 7.2, 32: 6.3).
+const ROW_GROUP: usize = 8;
+
+/// Per-channel sums over rows `r0..r1` of a channel-innermost view, with the
+/// corrected two-pass scheme per channel: register tiles of [`TILE`] channels
+/// where the channels are contiguous, the rest vectorized across channels
+/// through memory. Both add the same values in the same order per channel, so
+/// the results do not depend on the split.
+fn innermost_block_sums<T: Element>(
+    x: &[T],
+    v: &ChannelView,
+    r0: usize,
+    r1: usize,
+    buf: &mut Vec<T>,
+) -> Vec<Sums> {
+    let tiled = if v.channel_stride == 1 {
+        v.channels / TILE * TILE
+    } else {
+        0
+    };
+    let mut out = Vec::with_capacity(v.channels);
+    if tiled > 0 {
+        let n = (r1 - r0) as f64;
+        let mut sum = vec![T::Acc::ZERO; tiled];
+        for g0 in (r0..r1).step_by(ROW_GROUP) {
+            tiles_add(x, v, g0, (g0 + ROW_GROUP).min(r1), &mut sum);
+        }
+        let shift: Vec<T::Acc> = sum
+            .iter()
+            .map(|s| T::Acc::from_f64(s.to_f64() / n))
+            .collect();
+        let (mut d, mut q) = (vec![T::Acc::ZERO; tiled], vec![T::Acc::ZERO; tiled]);
+        for g0 in (r0..r1).step_by(ROW_GROUP) {
+            tiles_add_deviations(x, v, g0, (g0 + ROW_GROUP).min(r1), &shift, &mut d, &mut q);
+        }
+        out.extend((0..tiled).map(|c| {
+            let (dc, qc) = (d[c].to_f64(), q[c].to_f64());
+            Sums::from_moments(n, shift[c].to_f64() + dc / n, (qc - dc * dc / n).max(0.0))
+        }));
+    }
+    if tiled < v.channels {
+        out.extend(innermost_channel_sums(x, v, r0, r1, tiled, buf));
+    }
+    out
+}
+
 multiversion! {
-    /// Per-channel sums over rows `r0..r1` of a channel-innermost view, with the
-    /// corrected two-pass scheme per channel (vectorized across channels).
-    fn innermost_block_sums<T: Element>(x: &[T], v: &ChannelView, r0: usize, r1: usize, buf: &mut Vec<T>) -> Vec<Sums> {
-        let c_n = v.channels;
+    /// Adds rows `o0..o1` of the channels `0..sum.len()` (whole tiles,
+    /// contiguous channels) into `sum`, tile by tile, each tile in registers.
+    fn tiles_add<T: Element>(x: &[T], v: &ChannelView, o0: usize, o1: usize, sum: &mut [T::Acc]) -> () {
+        for (t, acc) in sum.chunks_exact_mut(TILE).enumerate() {
+            let mut a: [T::Acc; TILE] = (&*acc).try_into().expect("a tile");
+            for o in o0..o1 {
+                let start = v.index(o, t * TILE, 0);
+                let row: &[T; TILE] = x[start..start + TILE].try_into().expect("a tile");
+                for l in 0..TILE {
+                    a[l] += row[l].to_acc();
+                }
+            }
+            acc.copy_from_slice(&a);
+        }
+    }
+}
+
+multiversion! {
+    /// Adds the deviations `x − shift` of rows `o0..o1` into `d` and their
+    /// squares into `q`, tile by tile as [`tiles_add`].
+    fn tiles_add_deviations<T: Element>(x: &[T], v: &ChannelView, o0: usize, o1: usize, shift: &[T::Acc], d: &mut [T::Acc], q: &mut [T::Acc]) -> () {
+        let tiles = d.chunks_exact_mut(TILE).zip(q.chunks_exact_mut(TILE));
+        for (t, (dt, qt)) in tiles.enumerate() {
+            let sh: &[T::Acc; TILE] = shift[t * TILE..(t + 1) * TILE].try_into().expect("a tile");
+            let mut da: [T::Acc; TILE] = (&*dt).try_into().expect("a tile");
+            let mut qa: [T::Acc; TILE] = (&*qt).try_into().expect("a tile");
+            for o in o0..o1 {
+                let start = v.index(o, t * TILE, 0);
+                let row: &[T; TILE] = x[start..start + TILE].try_into().expect("a tile");
+                for l in 0..TILE {
+                    let dev = row[l].to_acc() - sh[l];
+                    da[l] += dev;
+                    qa[l] += dev * dev;
+                }
+            }
+            dt.copy_from_slice(&da);
+            qt.copy_from_slice(&qa);
+        }
+    }
+}
+
+multiversion! {
+    /// Per-channel sums over rows `r0..r1` of the channels `c_from..` of a
+    /// channel-innermost view, vectorized across channels (any strides).
+    fn innermost_channel_sums<T: Element>(x: &[T], v: &ChannelView, r0: usize, r1: usize, c_from: usize, buf: &mut Vec<T>) -> Vec<Sums> {
+        let c_n = v.channels - c_from;
         let n = (r1 - r0) as f64;
         let mut sum = vec![T::Acc::ZERO; c_n];
         for o in r0..r1 {
-            for (s, &e) in sum.iter_mut().zip(spatial_row(x, v, o, buf)) {
+            for (s, &e) in sum.iter_mut().zip(&spatial_row(x, v, o, buf)[c_from..]) {
                 *s += e.to_acc();
             }
         }
@@ -302,7 +398,7 @@ multiversion! {
         let mut d = vec![T::Acc::ZERO; c_n];
         let mut q = vec![T::Acc::ZERO; c_n];
         for o in r0..r1 {
-            let row = spatial_row(x, v, o, buf);
+            let row = &spatial_row(x, v, o, buf)[c_from..];
             for (((dc, qc), &sh), &e) in d.iter_mut().zip(q.iter_mut()).zip(&shift).zip(row) {
                 let dev = e.to_acc() - sh;
                 *dc += dev;
@@ -594,6 +690,28 @@ mod tests {
         for (p, q) in a.iter().zip(b.iter()) {
             assert!((p - q).abs() < 1e-6 * scale, "{p} vs {q}");
         }
+    }
+
+    /// The register tiles of channel-innermost statistics add the same values
+    /// in the same order as the path through memory: identical results, for
+    /// channel counts with and without a partial tile, f32 and bf16.
+    #[test]
+    fn channel_tiles_give_the_untiled_results_bit_for_bit() {
+        fn check<T: Element>(to: impl Fn(f32) -> T) {
+            for &(rows, c) in &[(37usize, 75usize), (300, 64), (5, 16), (9, 31)] {
+                let x: Vec<T> = (0..rows * c)
+                    .map(|i| to(50.0 + ((i * 7919) % 1013) as f32 * 0.013))
+                    .collect();
+                let v = ChannelView::new(&Layout::contiguous((rows, c)), 1).unwrap();
+                assert!(v.channel_innermost() && v.channel_stride == 1);
+                let mut buf = Vec::new();
+                let tiled = innermost_block_sums(&x, &v, 0, rows, &mut buf);
+                let plain = innermost_channel_sums(&x, &v, 0, rows, 0, &mut buf);
+                assert_eq!(tiled, plain, "statistics, {rows}x{c}");
+            }
+        }
+        check(|v: f32| v);
+        check(half::bf16::from_f32);
     }
 
     /// Naive f64 `[n; Σx; Σx²]` and `[Σdy; Σdy·(x − mean)]` of channel `c`.
