@@ -73,6 +73,10 @@ fn run<T: Send + 'static>(
                 let g = ProcessGroup::nccl(&rv, &dev, options).unwrap();
                 f(r, dev, g)
             }));
+            // Before reporting: the test may return, and its process exit,
+            // as soon as the last rank reports; the port file's directory
+            // goes with the last clone.
+            drop(pf);
             let _ = tx.send((r, result));
         });
     }
