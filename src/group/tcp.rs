@@ -94,7 +94,9 @@ pub(crate) fn tensor_from_bytes(
 /// Sums the payloads (f32 or f64 little-endian values) in rank order, in f64.
 fn sum_in_rank_order(payloads: &[Vec<u8>], dtype: DType) -> std::result::Result<Vec<u8>, String> {
     let n = payloads[0].len() / dtype.size_in_bytes();
-    let mut acc = vec![0f64; n];
+    // -0.0 is the identity of IEEE addition (+0.0 is not: +0.0 + -0.0 = +0.0),
+    // so a sum of negative zeros stays -0.0, as a sum of the values alone.
+    let mut acc = vec![-0f64; n];
     for p in payloads {
         match dtype {
             DType::F32 => {
