@@ -71,7 +71,9 @@
 //! - [`SyncBatchNorm`] and [`SyncBatchNormConfig`]: the layer (a
 //!   [`candle_nn::ModuleT`]) and its arguments.
 //! - [`group`]: [`ProcessGroup`] handles over a [`Backend`]: single, in-process
-//!   threads, TCP, NCCL (feature `nccl`), or your own.
+//!   threads, TCP, NCCL (feature `nccl`), or your own; and subgroups
+//!   ([`ProcessGroup::subgroups`], [`ProcessGroup::split`]) to synchronize
+//!   the statistics within blocks of ranks (the GPUs of one node, say).
 //! - [`ops`]: the math as candle custom ops, CPU and CUDA paths side by side;
 //!   [`cpu`]: the CPU kernels, and [`cpu::keep_freed_memory`], the allocator
 //!   policy to call at the start of a CPU training process (candle re-allocates

@@ -182,13 +182,16 @@ struct Run {
     host_waits: Vec<Option<u64>>,
 }
 
+/// One training step's input: shape, x and the upstream gradient.
+type Step = (Vec<usize>, Vec<f64>, Vec<f64>);
+
 /// Trains a SyncBatchNorm of `c` channels for `xs.len()` steps on `dev`
 /// with `group` (loss: Σ y·g), then runs `eval` in eval mode.
 fn train(
     dev: &Device,
     group: ProcessGroup,
     c: usize,
-    xs: &[(Vec<usize>, Vec<f64>, Vec<f64>)],
+    xs: &[Step],
     eval: &(Vec<usize>, Vec<f64>),
 ) -> Run {
     let varmap = VarMap::new();
@@ -220,6 +223,62 @@ fn train(
     let xe = tensor(&eval.1, &eval.0, DType::F32).to_device(dev).unwrap();
     run.eval = values(&bn.forward_t(&xe, false).unwrap());
     run
+}
+
+/// Checks `ranks` (rank, run) of one group against `one`, a single rank that
+/// held all their batches: outputs and input gradients (the ranks' slices in
+/// rank order), summed weight gradients, running statistics, eval outputs,
+/// and no host wait in any step.
+fn check_against_one_rank(label: &str, ranks: &[(usize, &Run)], one: &Run) {
+    for s in 0..one.outputs.len() {
+        let cat = |f: &dyn Fn(&Run) -> &Vec<Vec<f64>>| -> Vec<f64> {
+            ranks.iter().flat_map(|(_, r)| f(r)[s].clone()).collect()
+        };
+        assert_close(
+            &format!("{label}step {s} outputs"),
+            &cat(&|r| &r.outputs),
+            &one.outputs[s],
+            1e-5,
+            1e-5,
+        );
+        assert_close(
+            &format!("{label}step {s} input grads"),
+            &cat(&|r| &r.input_grads),
+            &one.input_grads[s],
+            1e-4,
+            1e-4,
+        );
+        let mut summed = vec![0.0; one.weight_grads[s].len()];
+        for (_, r) in ranks {
+            for (a, v) in summed.iter_mut().zip(&r.weight_grads[s]) {
+                *a += v;
+            }
+        }
+        assert_close(
+            &format!("{label}step {s} summed weight grads"),
+            &summed,
+            &one.weight_grads[s],
+            1e-3,
+            1e-4,
+        );
+    }
+    for &(r, run) in ranks {
+        // No host synchronization in a step, NCCL collectives included (the
+        // first step loads the modules, which does not wait either).
+        for (s, w) in run.host_waits.iter().enumerate() {
+            assert!(
+                matches!(w, None | Some(0)),
+                "{label}rank {r} step {s}: the host waited for the GPU {w:?} time(s)"
+            );
+        }
+        for (what, got, want, tol) in [
+            ("running mean", &run.running_mean, &one.running_mean, 1e-6),
+            ("running var", &run.running_var, &one.running_var, 1e-6),
+            ("eval", &run.eval, &one.eval, 1e-5),
+        ] {
+            assert_close(&format!("{label}rank {r} {what}"), got, want, tol, tol);
+        }
+    }
 }
 
 #[test]
@@ -269,69 +328,11 @@ fn layer_on_nccl_ranks_matches_one_rank() {
             .collect();
         train(&dev, g, c, &mine, &eval2)
     });
-    for s in 0..steps.len() {
-        let cat = |f: &dyn Fn(&Run) -> &Vec<f64>| -> Vec<f64> {
-            ranks.iter().flat_map(|r| f(r).clone()).collect()
-        };
-        assert_close(
-            &format!("step {s} outputs"),
-            &cat(&|r| &r.outputs[s]),
-            &reference.outputs[s],
-            1e-5,
-            1e-5,
-        );
-        assert_close(
-            &format!("step {s} input grads"),
-            &cat(&|r| &r.input_grads[s]),
-            &reference.input_grads[s],
-            1e-4,
-            1e-4,
-        );
-        let mut summed = vec![0.0; c];
-        for r in &ranks {
-            for (a, v) in summed.iter_mut().zip(&r.weight_grads[s]) {
-                *a += v;
-            }
-        }
-        assert_close(
-            &format!("step {s} summed weight grads"),
-            &summed,
-            &reference.weight_grads[s],
-            1e-3,
-            1e-4,
-        );
-    }
-    for (r, run) in ranks.iter().enumerate() {
-        // No host synchronization in a step, NCCL collectives included (the
-        // first step loads the modules, which does not wait either).
-        for (s, w) in run.host_waits.iter().enumerate() {
-            assert!(
-                matches!(w, None | Some(0)),
-                "rank {r} step {s}: the host waited for the GPU {w:?} time(s)"
-            );
-        }
-        assert_close(
-            &format!("rank {r} running mean"),
-            &run.running_mean,
-            &reference.running_mean,
-            1e-6,
-            1e-6,
-        );
-        assert_close(
-            &format!("rank {r} running var"),
-            &run.running_var,
-            &reference.running_var,
-            1e-6,
-            1e-6,
-        );
-        assert_close(
-            &format!("rank {r} eval"),
-            &run.eval,
-            &reference.eval,
-            1e-5,
-            1e-5,
-        );
-    }
+    check_against_one_rank(
+        "",
+        &ranks.iter().enumerate().collect::<Vec<_>>(),
+        &reference,
+    );
 }
 
 /// Calls all-reduce (and reads the result back) until it fails; returns the
@@ -401,4 +402,75 @@ fn a_rank_that_stalls_past_the_timeout_is_an_error_on_every_rank() {
             );
         }
     }
+}
+
+/// Subgroups over NCCL (`ProcessGroup::subgroups`): on four GPUs in pairs,
+/// each pair's layers equal one rank holding the pair's batches, the pairs
+/// keep their own statistics, and no step waits on the host. Needs four GPUs
+/// (the emulated GPU has them).
+#[test]
+fn layer_on_nccl_subgroups_matches_one_rank_per_subgroup() {
+    let test = "layer_on_nccl_subgroups_matches_one_rank_per_subgroup";
+    match CudaContext::device_count() {
+        Ok(n) if n >= 4 => {}
+        Ok(n) => {
+            report_skip(&format!(
+                "skipped {test}: needs four GPUs, this machine has {n}"
+            ));
+            return;
+        }
+        Err(e) => {
+            report_skip(&format!("skipped {test}: no CUDA device ({e:?})"));
+            return;
+        }
+    }
+    let (c, h, w) = (4, 3, 5);
+    let per = c * h * w;
+    let sizes = [2usize, 3, 1, 4];
+    let mut rng = Rng::new(91);
+    // Per rank, two steps of (shape, x, upstream gradient); the pairs differ in mean.
+    let data: Vec<Vec<Step>> = sizes
+        .iter()
+        .enumerate()
+        .map(|(r, &n)| {
+            (0..2)
+                .map(|_| {
+                    let mean = if r < 2 { 2.0 } else { -3.0 };
+                    let x = rng.normals(n * per, mean, 1.5);
+                    (vec![n, c, h, w], x, rng.normals(n * per, 0.0, 1.0))
+                })
+                .collect()
+        })
+        .collect();
+    let eval = (vec![2, c, h, w], rng.normals(2 * per, 0.0, 2.0));
+    let (data2, eval2) = (data.clone(), eval.clone());
+    let ranks = run(4, Duration::from_secs(120), move |r, dev, g| {
+        let pair = g.subgroups(2).unwrap();
+        assert_eq!((pair.rank(), pair.world_size()), (r % 2, 2));
+        train(&dev, pair, c, &data2[r], &eval2)
+    });
+    for first in [0usize, 2] {
+        let union: Vec<_> = (0..2)
+            .map(|s| {
+                let (a, b) = (&data[first][s], &data[first + 1][s]);
+                let n = sizes[first] + sizes[first + 1];
+                (
+                    vec![n, c, h, w],
+                    [a.1.clone(), b.1.clone()].concat(),
+                    [a.2.clone(), b.2.clone()].concat(),
+                )
+            })
+            .collect();
+        let one = train(
+            &Device::new_cuda(0).unwrap(),
+            ProcessGroup::single(),
+            c,
+            &union,
+            &eval,
+        );
+        let pair = [(first, &ranks[first]), (first + 1, &ranks[first + 1])];
+        check_against_one_rank(&format!("pair {first}-{}: ", first + 1), &pair, &one);
+    }
+    let gap = (ranks[0].running_mean[0] - ranks[2].running_mean[0]).abs();
+    assert!(gap > 0.1, "the pairs' running means agree ({gap})");
 }

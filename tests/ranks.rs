@@ -2,85 +2,11 @@
 
 mod common;
 
-use candle::{DType, Device, Tensor, Var};
+use candle::{DType, Device, Tensor};
 use candle_nn::{ModuleT, VarBuilder, VarMap};
 use candle_syncbn::{ProcessGroup, SyncBatchNorm, SyncBatchNormConfig};
 use common::*;
 use std::time::Duration;
-
-/// What one rank observed over a few training steps and a final eval.
-#[derive(Debug, Clone)]
-struct RankRun {
-    outputs: Vec<Vec<f64>>,
-    input_grads: Vec<Vec<f64>>,
-    weight_grads: Vec<Vec<f64>>,
-    bias_grads: Vec<Vec<f64>>,
-    running_mean: Vec<f64>,
-    running_var: Vec<f64>,
-    batches: u64,
-    eval: Vec<f64>,
-}
-
-/// Runs `steps` training steps on `batches[s]` (this rank's slice of step `s`)
-/// with upstream gradient `grads[s]`, then an eval forward on `eval_x`.
-fn run_rank(
-    group: ProcessGroup,
-    cfg: SyncBatchNormConfig,
-    dtype: DType,
-    shapes: Vec<Vec<usize>>,
-    batches: Vec<Vec<f64>>,
-    grads: Vec<Vec<f64>>,
-    eval_x: (Vec<usize>, Vec<f64>),
-) -> candle::Result<RankRun> {
-    let c_n = shapes[0][1];
-    let varmap = VarMap::new();
-    let param_dtype = if dtype == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    };
-    let vb = VarBuilder::from_varmap(&varmap, param_dtype, &Device::Cpu);
-    let bn = SyncBatchNorm::new(c_n, cfg, vb.pp("bn"), group)?;
-    if let Some((w, b)) = bn.weight_and_bias() {
-        let wv: Vec<f64> = (0..c_n).map(|c| 0.75 + 0.1 * c as f64).collect();
-        let bv: Vec<f64> = (0..c_n).map(|c| 0.2 - 0.05 * c as f64).collect();
-        Var::from_tensor(w)?.set(&tensor(&wv, &[c_n], param_dtype))?;
-        Var::from_tensor(b)?.set(&tensor(&bv, &[c_n], param_dtype))?;
-    }
-    let mut run = RankRun {
-        outputs: vec![],
-        input_grads: vec![],
-        weight_grads: vec![],
-        bias_grads: vec![],
-        running_mean: vec![],
-        running_var: vec![],
-        batches: 0,
-        eval: vec![],
-    };
-    for ((shape, xs), gs) in shapes.iter().zip(&batches).zip(&grads) {
-        let x = Var::from_tensor(&tensor(xs, shape, dtype))?;
-        let g = tensor(gs, shape, dtype);
-        let y = bn.forward_t(x.as_tensor(), true)?;
-        let loss = (y.to_dtype(DType::F64)? * g.to_dtype(DType::F64)?)?.sum_all()?;
-        let store = loss.backward()?;
-        run.outputs.push(values(&y));
-        run.input_grads
-            .push(values(store.get(x.as_tensor()).expect("input gradient")));
-        if let Some((w, b)) = bn.weight_and_bias() {
-            run.weight_grads
-                .push(values(store.get(w).expect("weight gradient")));
-            run.bias_grads
-                .push(values(store.get(b).expect("bias gradient")));
-        }
-    }
-    if let (Some(m), Some(v)) = (bn.running_mean(), bn.running_var()) {
-        run.running_mean = values(&m);
-        run.running_var = values(&v);
-    }
-    run.batches = bn.num_batches_tracked();
-    run.eval = values(&bn.forward_t(&tensor(&eval_x.1, &eval_x.0, dtype), false)?);
-    Ok(run)
-}
 
 /// Splits a row-major `(N, …)` batch into consecutive slices of `sizes[r]` samples.
 fn split(xs: &[f64], shape: &[usize], sizes: &[usize]) -> Vec<(Vec<usize>, Vec<f64>)> {

@@ -87,6 +87,37 @@ fn all_reduce_broadcast_barrier() {
     assert!(out.iter().all(|o| o.0 == out[0].0 && o.1 == out[0].1));
 }
 
+/// Subgroups over TCP: each pair of ranks sums and broadcasts among itself
+/// (an i64 broadcast too), and the whole group still works afterwards.
+#[test]
+fn subgroups_reduce_within_each_pair() {
+    let out = run(4, 5000, |g| {
+        let r = g.rank();
+        let pair = g.subgroups(2).unwrap();
+        assert_eq!((pair.rank(), pair.world_size()), (r % 2, 2));
+        let x = Tensor::new(&[r as f32, 1.0, -0.0], &Device::Cpu).unwrap();
+        let s = pair.all_reduce_sum(&x).unwrap().to_vec1::<f32>().unwrap();
+        let b = pair
+            .broadcast(
+                &Tensor::new(&[r as i64 - (3 << 40), 7], &Device::Cpu).unwrap(),
+                1,
+            )
+            .unwrap()
+            .to_vec1::<i64>()
+            .unwrap();
+        pair.barrier().unwrap();
+        let all = g.all_reduce_sum(&x).unwrap().to_vec1::<f32>().unwrap();
+        (s, b, all)
+    });
+    for (r, (s, b, all)) in out.iter().enumerate() {
+        let first = (r - r % 2) as f32;
+        assert_eq!(&s[..2], &[2.0 * first + 1.0, 2.0], "rank {r}");
+        assert!(s[2] == 0.0 && s[2].is_sign_negative(), "rank {r}: {}", s[2]);
+        assert_eq!(b, &vec![(r - r % 2) as i64 + 1 - (3 << 40), 7], "rank {r}");
+        assert_eq!(&all[..2], &[6.0, 4.0], "rank {r}");
+    }
+}
+
 #[test]
 fn disagreeing_ranks_all_fail_then_fail_fast() {
     let out = run(3, 5000, |g| {

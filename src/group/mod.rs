@@ -7,12 +7,18 @@
 //! `nccl` feature, the NCCL group (`ProcessGroup::nccl`, one process per GPU).
 //! [`ProcessGroup::from_env`] picks one from the launcher's environment. Users can
 //! plug in their own collective library (MPI, gloo, …) by implementing [`Backend`].
+//!
+//! [`ProcessGroup::subgroups`] and [`ProcessGroup::split`] synchronize batch
+//! statistics within subsets of the ranks (one node's GPUs, say), like a
+//! `SyncBatchNorm` given a `process_group` from PyTorch's `new_subgroups`;
+//! see [`SubgroupBackend`] for how and what it costs.
 
 mod default;
 #[cfg(feature = "nccl")]
 mod nccl;
 mod single;
 mod store;
+mod subgroup;
 mod tcp;
 mod threads;
 
@@ -21,6 +27,7 @@ pub use default::{default_group, set_default_group, set_thread_default_group};
 pub use nccl::{NcclBackend, NcclOptions, DEBUG_VAR};
 pub use single::SingleBackend;
 pub use store::{StoreOptions, MAX_ERROR_BYTES, MAX_TOKEN_BYTES};
+pub use subgroup::SubgroupBackend;
 pub use tcp::{TcpBackend, TcpOptions};
 pub use threads::ThreadsBackend;
 
@@ -63,10 +70,19 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// A short name of the backend for messages ("single", "threads", "tcp", "nccl", …).
     fn name(&self) -> &str;
 
+    /// The device whose tensors this backend's collectives take, when they
+    /// take one device only (NCCL: the rank's GPU); `None` (the default) when
+    /// they take tensors on any device. Collectives the crate issues itself,
+    /// outside a layer (e.g. [`ProcessGroup::split`]), use it.
+    fn device(&self) -> Option<Device> {
+        None
+    }
+
     /// Returns when every rank has called it. The default implementation is an
     /// all-reduce of one value.
     fn barrier(&self) -> Result<()> {
-        self.all_reduce_sum(&Tensor::zeros(1, DType::F32, &Device::Cpu)?)?;
+        let device = self.device().unwrap_or(Device::Cpu);
+        self.all_reduce_sum(&Tensor::zeros(1, DType::F32, &device)?)?;
         Ok(())
     }
 }
@@ -79,6 +95,9 @@ pub trait Backend: Send + Sync + fmt::Debug {
 #[derive(Clone)]
 pub struct ProcessGroup {
     backend: Arc<dyn Backend>,
+    /// The same backend when it is a subgroup, so that splitting it again
+    /// splits its root.
+    subgroup: Option<Arc<SubgroupBackend>>,
 }
 
 impl ProcessGroup {
@@ -143,14 +162,22 @@ impl ProcessGroup {
 
     /// Wraps a user-provided backend.
     pub fn from_backend<B: Backend + 'static>(backend: B) -> Self {
-        Self {
-            backend: Arc::new(backend),
-        }
+        Self::from_arc(Arc::new(backend))
     }
 
     /// Wraps a shared user-provided backend.
     pub fn from_arc(backend: Arc<dyn Backend>) -> Self {
-        Self { backend }
+        Self {
+            backend,
+            subgroup: None,
+        }
+    }
+
+    fn from_subgroup(subgroup: Arc<SubgroupBackend>) -> Self {
+        Self {
+            backend: subgroup.clone(),
+            subgroup: Some(subgroup),
+        }
     }
 
     /// The rank of this handle in its group.
@@ -193,6 +220,62 @@ impl ProcessGroup {
 }
 
 impl ProcessGroup {
+    /// Splits the group: the ranks that pass the same `color` form a new group,
+    /// ranked in the order of their ranks here (`torch.distributed`'s
+    /// `split_group`, `ncclCommSplit`). Give the handle to the `SyncBatchNorm`
+    /// layers to synchronize their statistics within the subgroup only.
+    ///
+    /// A collective of this group: every rank must call it. Every rank gets an
+    /// error, the same one, when a subgroup would have one rank while others
+    /// have several (it would still have to join the others' collectives; give
+    /// every rank its own color instead, which returns
+    /// [`ProcessGroup::single`] handles). The subgroups' collectives run over
+    /// this group (see [`SubgroupBackend`]): keep using this group for the
+    /// gradients, and issue the subgroups' collectives in the same order on
+    /// every rank, as ranks running one model do.
+    pub fn split(&self, color: u32) -> Result<ProcessGroup> {
+        self.split_request(Ok(color))
+    }
+
+    fn split_request(&self, request: subgroup::Request) -> Result<ProcessGroup> {
+        match &self.subgroup {
+            Some(sub) => subgroup::split(self, Some(sub), request),
+            None if self.world_size() == 1 => {
+                request.map(|_| self.clone()).map_err(candle::Error::Msg)
+            }
+            None => subgroup::split(self, None, request),
+        }
+    }
+
+    /// Consecutive blocks of `group_size` ranks: ranks `0..group_size` form the
+    /// first subgroup, and so on (PyTorch's `new_subgroups(group_size)`; with
+    /// one process per GPU and ranks numbered node by node, `group_size` = GPUs
+    /// per node synchronizes within each node). Returns this rank's subgroup;
+    /// see [`ProcessGroup::split`]. `group_size` must divide the world size;
+    /// when it does not, every rank gets an error.
+    pub fn subgroups(&self, group_size: usize) -> Result<ProcessGroup> {
+        let world = self.world_size();
+        let request = if group_size == 0 || !world.is_multiple_of(group_size) {
+            Err(format!(
+                "ProcessGroup::subgroups: group size {group_size} does not divide the world size {world}"
+            ))
+        } else if u32::try_from(world / group_size - 1).is_err() {
+            Err(format!(
+                "ProcessGroup::subgroups: more than 2^32 subgroups of size {group_size}"
+            ))
+        } else {
+            Ok((self.rank() / group_size) as u32)
+        };
+        match (&self.subgroup, request) {
+            // Every rank of this group sees the same world size: all fail
+            // alike without a collective.
+            (None, Err(why)) => Err(candle::Error::Msg(why)),
+            (None, Ok(_)) if group_size == world => Ok(self.clone()),
+            // The subgroups of a split may differ in size: they decide together.
+            (_, request) => self.split_request(request),
+        }
+    }
+
     /// Returns when every rank of the group has called it.
     pub fn barrier(&self) -> Result<()> {
         if self.world_size() == 1 {

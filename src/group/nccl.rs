@@ -558,6 +558,10 @@ impl Backend for NcclBackend {
     fn name(&self) -> &str {
         "nccl"
     }
+
+    fn device(&self) -> Option<Device> {
+        Some(Device::Cuda(self.device.clone()))
+    }
 }
 
 impl Drop for NcclBackend {
