@@ -3,6 +3,7 @@
 //! ```text
 //! cargo run --release --example train                      # CPU, 2 ranks over loopback, synthetic data
 //! cargo run --release --example train -- --nproc-per-node 4 --epochs 5
+//! cargo run --release --example train -- --nproc-per-node 4 --bn-group-size 2   # BN synced in pairs
 //! cargo run --release --example train -- --data ~/mnist   # MNIST-format IDX files
 //! cargo run --release --features nccl --example train -- --device cuda --nproc-per-node 2
 //! torchrun-style: RANK=.. WORLD_SIZE=.. MASTER_ADDR=.. MASTER_PORT=.. SYNCBN_TOKEN=.. train
@@ -12,8 +13,9 @@
 //! launches itself as 2 ranks. Each rank trains on its slice of every global
 //! batch; gradients are averaged over the ranks in bucketed all-reduces and
 //! the batch statistics of the `SyncBatchNorm` layers are those of the global
-//! batch. At the end the test split is evaluated, the running statistics are
-//! checked to be identical on every rank, rank 0 saves a safetensors
+//! batch (or, with `--bn-group-size`, of each block of ranks). At the end the
+//! test split is evaluated, the running statistics are checked to be identical
+//! on every rank of a SyncBatchNorm group, rank 0 saves a safetensors
 //! checkpoint (atomically), and reloads it to evaluate again.
 
 use anyhow::{bail, Context, Result};
@@ -71,6 +73,11 @@ struct Args {
     /// Seed of the initial weights, the data order and the synthetic data.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Synchronize the batch statistics within consecutive blocks of this
+    /// many ranks (e.g. the GPUs of one node) instead of over all ranks;
+    /// gradients are still averaged over all ranks. Must divide the world size.
+    #[arg(long)]
+    bn_group_size: Option<usize>,
 }
 
 const CLASSES: usize = 10;
@@ -477,7 +484,19 @@ fn run(args: &Args) -> Result<()> {
         seed: args.seed,
     };
     let vb = VarBuilder::from_backend(Box::new(init), DType::F32, device.clone());
-    let net = Net::new(vb, size, &group)?;
+    // The SyncBatchNorm layers' group: all ranks, or this rank's block.
+    let bn_group = match args.bn_group_size {
+        Some(n) => group.subgroups(n)?,
+        None => group.clone(),
+    };
+    if main && bn_group.world_size() < world {
+        println!(
+            "batch statistics synchronized within {} blocks of {} ranks",
+            world / bn_group.world_size(),
+            bn_group.world_size()
+        );
+    }
+    let net = Net::new(vb, size, &bn_group)?;
     broadcast_varmap(&varmap, &group, 0)?;
     let trainable: Vec<candle::Var> = {
         let data = varmap
@@ -554,9 +573,10 @@ fn run(args: &Args) -> Result<()> {
         println!("test accuracy {:.2}% ({} images)", 100.0 * test_acc, s[1]);
     }
 
-    // The running statistics must be bitwise identical on every rank.
+    // The running statistics must be bitwise identical on every rank of a
+    // SyncBatchNorm group.
     let own = running_stats(&varmap)?;
-    let root = group.broadcast(&own, 0)?;
+    let root = bn_group.broadcast(&own, 0)?;
     let differ = own
         .ne(&root)?
         .to_dtype(DType::F64)?
@@ -564,14 +584,19 @@ fn run(args: &Args) -> Result<()> {
         .to_scalar::<f64>()?;
     let differ = sum_over(&group, &[differ], &device)?[0];
     if main {
+        let over = if bn_group.world_size() == world {
+            format!("on all {world} ranks")
+        } else {
+            format!("within each block of {} ranks", bn_group.world_size())
+        };
         println!(
-            "running statistics identical on all {world} ranks: {} ({} values, {differ} differing)",
+            "running statistics identical {over}: {} ({} values, {differ} differing)",
             if differ == 0.0 { "yes" } else { "NO" },
             own.elem_count()
         );
     }
     if differ != 0.0 {
-        bail!("the running statistics differ between ranks")
+        bail!("the running statistics differ between the ranks of a SyncBatchNorm group")
     }
 
     if main {

@@ -16,13 +16,19 @@ fn example_binary() -> PathBuf {
 /// Runs the example on 2 ranks for 4 steps, writing `ckpt`; returns whether
 /// it succeeded and its stdout and stderr.
 fn train(ckpt: &Path) -> (bool, String) {
+    train_with(ckpt, &["--nproc-per-node", "2"])
+}
+
+/// [`train`] with other arguments (`--nproc-per-node` among them).
+fn train_with(ckpt: &Path, extra: &[&str]) -> (bool, String) {
     let bin = example_binary();
     assert!(
         bin.exists(),
         "{bin:?} is missing: run `cargo test` (it builds the examples)"
     );
     let out = Command::new(&bin)
-        .args(["--nproc-per-node", "2", "--epochs", "1", "--max-steps", "4"])
+        .args(extra)
+        .args(["--epochs", "1", "--max-steps", "4"])
         .args([
             "--train-size",
             "256",
@@ -111,6 +117,32 @@ fn train_example_runs_end_to_end() {
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success() && text.contains("test accuracy"),
+        "{text}"
+    );
+}
+
+/// `--bn-group-size 2` on 4 ranks: the layers synchronize within pairs and
+/// the running statistics are identical within each pair (tests/subgroups.rs
+/// checks the numbers); a size that does not divide the world fails on every
+/// rank with a clear error, not a hang.
+#[test]
+fn train_example_synchronizes_within_blocks() {
+    let dir = Scratch::new("blocks");
+    let ckpt = dir.0.join("ckpt.safetensors");
+    let (ok, text) = train_with(&ckpt, &["--nproc-per-node", "4", "--bn-group-size", "2"]);
+    assert!(ok, "{text}");
+    for needle in [
+        "[rank 0] 4 rank(s)",
+        "batch statistics synchronized within 2 blocks of 2 ranks",
+        "running statistics identical within each block of 2 ranks: yes",
+        "same as before saving",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+    }
+    let (ok, text) = train_with(&ckpt, &["--nproc-per-node", "4", "--bn-group-size", "3"]);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("group size 3 does not divide the world size 4"),
         "{text}"
     );
 }
