@@ -447,6 +447,9 @@ fn layer_on_nccl_subgroups_matches_one_rank_per_subgroup() {
     let ranks = run(4, Duration::from_secs(120), move |r, dev, g| {
         let pair = g.subgroups(2).unwrap();
         assert_eq!((pair.rank(), pair.world_size()), (r % 2, 2));
+        // A communicator of its own (ncclCommSplit), not masked collectives
+        // of the whole group.
+        assert_eq!(pair.backend().name(), "nccl", "{pair:?}");
         train(&dev, pair, c, &data2[r], &eval2)
     });
     for first in [0usize, 2] {

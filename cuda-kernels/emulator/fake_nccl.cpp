@@ -11,6 +11,8 @@
 //
 // What it models, as NCCL does it:
 // - ncclCommInitRank blocks until every rank of the clique has joined.
+// - ncclCommSplit blocks until every rank of the communicator has called it,
+//   then each color's ranks join a clique of their own, ranked by key.
 // - A collective is enqueued, not run: it returns at once and is pending on
 //   the caller's stream (see emu_streams.h) until every rank has enqueued its
 //   part; the last to arrive computes it for all. Later work on a stream, its
@@ -134,6 +136,12 @@ struct Shared {
     int taken[MAX_RANKS];
     int aborted;  // some rank aborted its communicator
     Slot slots[RING];
+    // ncclCommSplit: every rank posts its color and key, then reads all.
+    int split_round;     // splits completed on this clique
+    int split_arrived;   // ranks that posted in the current round
+    int split_departed;  // ranks that read the current round
+    int split_color[MAX_RANKS];
+    int split_key[MAX_RANKS];
 };
 
 struct Comm {
@@ -361,12 +369,13 @@ struct UniqueId {
     char internal[ID_BYTES];
 };
 
-Result ncclCommInitRank(Comm** out, int nranks, UniqueId id, int rank) {
-    if (out == nullptr || nranks < 1 || nranks > MAX_RANKS || rank < 0 || rank >= nranks)
-        return fail(ncclInvalidArgument, "invalid rank " + std::to_string(rank) + " of " + std::to_string(nranks));
-    int device = 0;
-    if (cuCtxGetDevice(&device) != 0) return fail(ncclUnhandledCudaError, "no current CUDA context");
-    const std::string name = clique_name(id.internal);
+}  // extern "C"
+
+namespace {
+
+// Joins (creating it if first) the clique `name` of `nranks` ranks as `rank`;
+// returns when every rank has joined.
+Result join_clique(Comm** out, const std::string& name, int nranks, int rank, int device) {
     // The first rank to arrive creates and initializes the header.
     Shared* sh = nullptr;
     const int fd = shm_open(name.c_str(), O_RDWR | O_CREAT | O_EXCL, 0600);
@@ -406,6 +415,63 @@ Result ncclCommInitRank(Comm** out, int nranks, UniqueId id, int rank) {
     c->device = device;
     *out = c;
     return ncclSuccess;
+}
+
+}  // namespace
+
+extern "C" {
+
+Result ncclCommInitRank(Comm** out, int nranks, UniqueId id, int rank) {
+    if (out == nullptr || nranks < 1 || nranks > MAX_RANKS || rank < 0 || rank >= nranks)
+        return fail(ncclInvalidArgument, "invalid rank " + std::to_string(rank) + " of " + std::to_string(nranks));
+    int device = 0;
+    if (cuCtxGetDevice(&device) != 0) return fail(ncclUnhandledCudaError, "no current CUDA context");
+    return join_clique(out, clique_name(id.internal), nranks, rank, device);
+}
+
+// Blocks until every rank of `comm` has called it (as NCCL's blocking split
+// does); the ranks with one color form a new clique, ranked by (key, rank).
+// NCCL_SPLIT_NOCOLOR (-1) gets no communicator. The config is ignored.
+Result ncclCommSplit(Comm* comm, int color, int key, Comm** out, void* /*config*/) {
+    if (comm == nullptr || out == nullptr) return fail(ncclInvalidArgument, "null argument");
+    if (comm->aborted) return fail(ncclInvalidUsage, "the communicator was aborted");
+    Shared* sh = comm->sh;
+    std::vector<int> colors, keys;
+    int round = 0;
+    {
+        Lock g(sh);
+        // The previous round is still being read by some rank.
+        while (sh->split_arrived == sh->nranks && !sh->aborted) g.wait();
+        if (sh->aborted) return fail(ncclRemoteError, "a rank aborted during ncclCommSplit");
+        round = sh->split_round;
+        sh->split_color[comm->rank] = color;
+        sh->split_key[comm->rank] = key;
+        if (++sh->split_arrived == sh->nranks) pthread_cond_broadcast(&sh->cv);
+        while (sh->split_arrived < sh->nranks && !sh->aborted) g.wait();
+        if (sh->aborted) return fail(ncclRemoteError, "a rank aborted during ncclCommSplit");
+        colors.assign(sh->split_color, sh->split_color + sh->nranks);
+        keys.assign(sh->split_key, sh->split_key + sh->nranks);
+        if (++sh->split_departed == sh->nranks) {
+            sh->split_arrived = 0;
+            sh->split_departed = 0;
+            sh->split_round++;
+            pthread_cond_broadcast(&sh->cv);
+        }
+    }
+    if (color == -1) {
+        *out = nullptr;
+        return ncclSuccess;
+    }
+    if (color < 0) return fail(ncclInvalidArgument, "negative color " + std::to_string(color));
+    std::vector<std::pair<int, int>> members;  // (key, rank) of this color
+    for (int r = 0; r < static_cast<int>(colors.size()); ++r)
+        if (colors[r] == color) members.emplace_back(keys[r], r);
+    std::sort(members.begin(), members.end());
+    const int new_rank = static_cast<int>(
+        std::find(members.begin(), members.end(), std::make_pair(key, comm->rank)) - members.begin());
+    const std::string name =
+        comm->name + "-split" + std::to_string(round) + "-" + std::to_string(color);
+    return join_clique(out, name, static_cast<int>(members.size()), new_rank, comm->device);
 }
 
 Result ncclAllReduce(const void* send, void* recv, std::size_t count, int type, int op, Comm* comm,

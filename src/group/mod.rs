@@ -78,6 +78,22 @@ pub trait Backend: Send + Sync + fmt::Debug {
         None
     }
 
+    /// A backend of this rank's subgroup after a [`ProcessGroup::split`] of a
+    /// group on this backend, for backends that can make a communicator of
+    /// their own (NCCL: `ncclCommSplit`), whose collectives then involve the
+    /// subgroup's members only. `slot` numbers the subgroups from 0 (the same
+    /// on all members of one), `members` lists the group ranks of this rank's
+    /// subgroup, ascending; the returned backend's rank is this rank's index
+    /// in `members`. Called on every rank of the group, once the colors are
+    /// exchanged and checked, including ranks alone in their subgroup.
+    ///
+    /// The default, `None`, makes a [`SubgroupBackend`]: masked collectives of
+    /// this group, which work on any backend.
+    fn new_subgroup(&self, slot: usize, members: &[usize]) -> Option<Result<Arc<dyn Backend>>> {
+        let _ = (slot, members);
+        None
+    }
+
     /// Returns when every rank has called it. The default implementation is an
     /// all-reduce of one value.
     fn barrier(&self) -> Result<()> {
@@ -225,14 +241,22 @@ impl ProcessGroup {
     /// `split_group`, `ncclCommSplit`). Give the handle to the `SyncBatchNorm`
     /// layers to synchronize their statistics within the subgroup only.
     ///
-    /// A collective of this group: every rank must call it. Every rank gets an
-    /// error, the same one, when a subgroup would have one rank while others
-    /// have several (it would still have to join the others' collectives; give
-    /// every rank its own color instead, which returns
-    /// [`ProcessGroup::single`] handles). The subgroups' collectives run over
-    /// this group (see [`SubgroupBackend`]): keep using this group for the
-    /// gradients, and issue the subgroups' collectives in the same order on
-    /// every rank, as ranks running one model do.
+    /// A collective of this group: every rank must call it. How a subgroup
+    /// communicates depends on the backend:
+    ///
+    /// - NCCL splits its communicator (`ncclCommSplit`): each subgroup gets
+    ///   one of its own, whose collectives involve its members only (within a
+    ///   node, say) and need nothing from the other subgroups.
+    /// - Every other backend, users' own included unless they implement
+    ///   [`Backend::new_subgroup`], runs a subgroup's collectives as masked
+    ///   collectives of this group ([`SubgroupBackend`]): every rank takes part
+    ///   in every subgroup's collectives, so all ranks must issue them in the
+    ///   same order, as ranks running one model do. There, a subgroup of one
+    ///   rank beside larger ones is refused on every rank alike (give every
+    ///   rank its own color instead, which returns [`ProcessGroup::single`]
+    ///   handles).
+    ///
+    /// Either way, keep using this group for the gradients.
     pub fn split(&self, color: u32) -> Result<ProcessGroup> {
         self.split_request(Ok(color))
     }

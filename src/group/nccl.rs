@@ -13,6 +13,10 @@
 //!   checked over the TCP connections: all ranks must make the same call
 //!   (sequence number, operation, element count, dtype), else every rank gets
 //!   an error naming each rank's call. This costs a round trip per collective.
+//! - [`ProcessGroup::split`](super::ProcessGroup::split) and `subgroups` give
+//!   each subgroup a communicator of its own (`ncclCommSplit`) with its own
+//!   watchdog, so a subgroup's collectives involve its members only. The debug
+//!   checks need the rendezvous connections and stay with the root group.
 //!
 //! Not yet run on real GPUs. In CI, tests/nccl.rs runs it on the emulated GPU
 //! (four devices, an emulated NCCL whose collectives stay pending on their
@@ -261,7 +265,9 @@ pub struct NcclBackend {
     device: candle::CudaDevice,
     stream: Arc<CudaStream>,
     comm: Arc<Comm>,
-    star: Mutex<Star>,
+    /// The TCP connections of the rendezvous, for the debug checks and the
+    /// barrier; `None` for a communicator split off another.
+    star: Option<Mutex<Star>>,
     seq: AtomicU64,
     options: NcclOptions,
     watchdog: Watchdog,
@@ -357,15 +363,82 @@ impl NcclBackend {
             device: cuda.clone(),
             stream,
             comm,
-            star: Mutex::new(star),
+            star: Some(Mutex::new(star)),
             seq: AtomicU64::new(0),
             options,
             watchdog,
         })
     }
 
+    /// The communicator of this rank's subgroup (`slot`, with the group ranks
+    /// `members`), split off this one with `ncclCommSplit`, which every rank
+    /// of this group calls. It has its own watchdog and timeout; the debug
+    /// checks, which need the rendezvous connections, stay with this group.
+    fn split(&self, slot: usize, members: &[usize]) -> Result<NcclBackend> {
+        let key = members
+            .iter()
+            .position(|&r| r == self.rank)
+            .ok_or_else(|| {
+                candle::Error::Msg(format!(
+                    "nccl group: rank {} is not among the members {members:?} of its subgroup",
+                    self.rank
+                ))
+            })?;
+        let color = std::ffi::c_int::try_from(slot).map_err(|_| {
+            candle::Error::Msg(format!(
+                "nccl group: subgroup {slot} is out of NCCL's range"
+            ))
+        })?;
+        self.stream.context().bind_to_thread().map_err(|e| {
+            candle::Error::Msg(format!("nccl group: binding the CUDA context: {e:?}"))
+        })?;
+        let mut raw = std::mem::MaybeUninit::<sys::ncclComm_t>::uninit();
+        self.comm.enqueue("ncclCommSplit", |comm| {
+            // SAFETY: `comm` is live; `raw` is written on success; a null
+            // config asks for the parent's.
+            unsafe {
+                sys::ncclCommSplit(
+                    comm,
+                    color,
+                    key as std::ffi::c_int,
+                    raw.as_mut_ptr(),
+                    std::ptr::null_mut(),
+                )
+                .result()
+            }
+        })?;
+        // SAFETY: ncclCommSplit succeeded, so it wrote the communicator.
+        let raw = unsafe { raw.assume_init() };
+        let comm = Arc::new(Comm {
+            comm: raw,
+            aborted: AtomicBool::new(false),
+            failure: Mutex::new(None),
+            enqueue: Mutex::new(()),
+        });
+        let watchdog = Watchdog::start(
+            comm.clone(),
+            self.stream.clone(),
+            self.rank,
+            self.options.timeout,
+        );
+        Ok(Self {
+            rank: key,
+            world_size: members.len(),
+            device: self.device.clone(),
+            stream: self.stream.clone(),
+            comm,
+            star: None,
+            seq: AtomicU64::new(0),
+            options: self.options,
+            watchdog,
+        })
+    }
+
     /// The debug check: all ranks agree on the call (through the TCP store).
     fn check(&self, call: Call) -> Result<()> {
+        let Some(star) = &self.star else {
+            return Ok(());
+        };
         if !self.options.debug_checks || self.world_size == 1 {
             return Ok(());
         }
@@ -373,8 +446,7 @@ impl NcclBackend {
             flags: FLAG_META_ONLY,
             ..call
         };
-        self.star
-            .lock()
+        star.lock()
             .unwrap_or_else(|e| e.into_inner())
             .exchange(call, &[], &|_| Ok(Vec::new()))
             .map(|_| ())
@@ -541,6 +613,12 @@ impl Backend for NcclBackend {
     }
 
     fn barrier(&self) -> Result<()> {
+        let Some(star) = &self.star else {
+            // A split communicator: an all-reduce, and the host waits for it.
+            let one = Tensor::zeros(1, DType::F32, &Device::Cuda(self.device.clone()))?;
+            self.all_reduce_sum(&one)?.to_vec1::<f32>()?;
+            return Ok(());
+        };
         let call = Call {
             op: Op::Barrier,
             dtype: 0,
@@ -548,11 +626,19 @@ impl Backend for NcclBackend {
             root: 0,
             flags: 0,
         };
-        self.star
-            .lock()
+        star.lock()
             .unwrap_or_else(|e| e.into_inner())
             .exchange(call, &[], &|_| Ok(Vec::new()))?;
         Ok(())
+    }
+
+    /// `ncclCommSplit`: this rank's subgroup gets a communicator of its own,
+    /// so its collectives involve its members only.
+    fn new_subgroup(&self, slot: usize, members: &[usize]) -> Option<Result<Arc<dyn Backend>>> {
+        Some(
+            self.split(slot, members)
+                .map(|b| Arc::new(b) as Arc<dyn Backend>),
+        )
     }
 
     fn name(&self) -> &str {

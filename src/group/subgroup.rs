@@ -3,10 +3,11 @@
 //! Large jobs often synchronize batch norm over groups of a few GPUs (one node,
 //! say) rather than over all of them: PyTorch passes a `process_group` made by
 //! `torch.distributed.new_subgroups` to `SyncBatchNorm`. Here
-//! [`ProcessGroup::split`] and [`ProcessGroup::subgroups`] make such handles on
-//! top of any [`Backend`], the user's own included.
-//!
-//! How they work, and what they cost: [`SubgroupBackend`].
+//! [`ProcessGroup::split`] and [`ProcessGroup::subgroups`] make such handles:
+//! with a communicator of their own where the backend makes one
+//! ([`Backend::new_subgroup`]; NCCL does, with `ncclCommSplit`), and otherwise
+//! on top of any [`Backend`], the user's own included, as a
+//! [`SubgroupBackend`] (how it works and what it costs is there).
 
 use super::{Backend, ProcessGroup};
 use candle::{DType, Device, Result, Tensor};
@@ -14,7 +15,8 @@ use std::fmt;
 use std::sync::Arc;
 
 /// The backend of a handle made by [`ProcessGroup::split`] or
-/// [`ProcessGroup::subgroups`]: a subset of the ranks of a root group.
+/// [`ProcessGroup::subgroups`] on a backend that does not make subgroups of
+/// its own ([`Backend::new_subgroup`]): a subset of the ranks of a root group.
 ///
 /// A subgroup collective is one collective of the root group. Every rank
 /// packs its tensor into its subgroup's slot of a `[subgroups × len]` buffer
@@ -260,6 +262,24 @@ pub(super) fn split(
         // Nobody synchronizes with anybody: no collectives at all.
         return Ok(ProcessGroup::single());
     }
+    // `paths[rank]` is this rank's own path, as it sent it.
+    let slot = partition.paths.binary_search(&paths[rank]).map_err(|_| {
+        candle::Error::Msg(
+            "ProcessGroup::split: this rank's colors were lost in the exchange".into(),
+        )
+    })?;
+    if within.is_none() {
+        // A backend of its own for the subgroup, where the backend makes one.
+        if let Some(native) = root.backend().new_subgroup(slot, &partition.members[slot]) {
+            let native = native.map_err(|e| {
+                candle::Error::Msg(format!(
+                    "ProcessGroup::split: making the subgroup's {} communicator failed: {e}",
+                    root.backend().name()
+                ))
+            })?;
+            return Ok(ProcessGroup::from_arc(native));
+        }
+    }
     if let Some(alone) = partition.members.iter().find(|m| m.len() == 1) {
         let r = alone[0];
         // Name the rank as the caller numbers it: in the group being split.
@@ -277,11 +297,6 @@ pub(super) fn split(
         )
     }
     path.push(paths[rank][depth - 1]);
-    let slot = partition.paths.binary_search(&path).map_err(|_| {
-        candle::Error::Msg(
-            "ProcessGroup::split: this rank's colors were lost in the exchange".into(),
-        )
-    })?;
     let members = partition.members[slot].clone();
     let sub_rank = members.iter().position(|&r| r == rank).unwrap_or(0);
     let name = format!("{}/split", root.backend().name());
