@@ -477,3 +477,58 @@ fn layer_on_nccl_subgroups_matches_one_rank_per_subgroup() {
     let gap = (ranks[0].running_mean[0] - ranks[2].running_mean[0]).abs();
     assert!(gap > 0.1, "the pairs' running means agree ({gap})");
 }
+
+/// NCCL subgroups are independent communicators: ranks 0 and 1 pair up and
+/// run collectives that rank 2, alone in its subgroup, never joins (masked
+/// subgroups would need it in every one); rank 2's handle has world size 1.
+#[test]
+fn split_communicators_are_independent() {
+    let test = "split_communicators_are_independent";
+    let Some(world) = world_or_skip(test) else {
+        return;
+    };
+    if world < 3 {
+        report_skip(&format!(
+            "skipped {test}: needs three GPUs, this machine has {world}"
+        ));
+        return;
+    }
+    let out = run(3, Duration::from_secs(60), move |r, dev, g| {
+        let sub = g.split((r == 2) as u32).unwrap();
+        let t = tensor(&rank_values(r, 9), &[9], DType::F32)
+            .to_device(&dev)
+            .unwrap();
+        let mut sums = Vec::new();
+        if r < 2 {
+            assert_eq!(
+                (sub.rank(), sub.world_size(), sub.backend().name()),
+                (r, 2, "nccl")
+            );
+            for _ in 0..3 {
+                sums.push(values(&sub.all_reduce_sum(&t).unwrap()));
+            }
+            let b = sub.broadcast(&t, 1).unwrap();
+            assert_eq!(values(&b), rank_values(1, 9), "rank {r}");
+            sub.barrier().unwrap();
+        } else {
+            assert_eq!((sub.rank(), sub.world_size()), (0, 1));
+            sums.push(values(&sub.all_reduce_sum(&t).unwrap()));
+        }
+        // The whole group still works afterwards.
+        let all = values(&g.all_reduce_sum(&t).unwrap());
+        (sums, all)
+    });
+    let pair: Vec<f64> = (0..9)
+        .map(|i| rank_values(0, 9)[i] + rank_values(1, 9)[i])
+        .collect();
+    let all: Vec<f64> = (0..9)
+        .map(|i| (0..3).map(|q| rank_values(q, 9)[i]).sum())
+        .collect();
+    for (r, (sums, total)) in out.iter().enumerate() {
+        let expected = if r < 2 { &pair } else { &rank_values(2, 9) };
+        for s in sums {
+            assert_eq!(s, expected, "rank {r}");
+        }
+        assert_eq!(total, &all, "rank {r}");
+    }
+}
