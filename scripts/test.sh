@@ -37,3 +37,7 @@ cargo run --features cuda,nccl --example bench -- --device cuda --shapes 4x8x6x6
 cargo run --features cuda,nccl --example train -- --device cuda --nproc-per-node 2 --epochs 1 \
   --train-size 128 --test-size 64 --image-size 8 --batch-size 16 --max-steps 3 \
   --checkpoint target/emulated-gpu/train-smoke.safetensors
+# 4 processes whose layers synchronize in pairs, on split NCCL communicators
+cargo run --features cuda,nccl --example train -- --device cuda --nproc-per-node 4 --bn-group-size 2 \
+  --epochs 1 --train-size 128 --test-size 64 --image-size 8 --batch-size 16 --max-steps 3 \
+  --checkpoint target/emulated-gpu/train-smoke-pairs.safetensors
