@@ -562,19 +562,6 @@ fn unsupported_dtypes_are_errors() {
     assert!(c.as_tensor().inplace_op1(&CounterIncrement).is_err());
 }
 
-/// What one rank observed over a few training steps and an eval forward.
-#[derive(Debug, Clone, Default)]
-struct RankRun {
-    outputs: Vec<Vec<f64>>,
-    input_grads: Vec<Vec<f64>>,
-    weight_grads: Vec<Vec<f64>>,
-    bias_grads: Vec<Vec<f64>>,
-    running_mean: Vec<f64>,
-    running_var: Vec<f64>,
-    batches: u64,
-    eval: Vec<f64>,
-}
-
 /// One rank's inputs: per step `(shape, x, dy)` in logical `(N, C, *)` order.
 type Steps = Vec<(Vec<usize>, Vec<f64>, Vec<f64>)>;
 
@@ -875,85 +862,7 @@ fn k_cuda_ranks_match_one_rank() {
             let label = format!(
                 "{k} CUDA ranks {sizes:?} {dtype:?} {shape:?} channels_last {channels_last}"
             );
-            let (atol, rtol) = tol(dtype);
-            for s in 0..steps.len() {
-                let cat = |f: &dyn Fn(&RankRun) -> &Vec<f64>| {
-                    ranks
-                        .iter()
-                        .flat_map(|r| f(r).clone())
-                        .collect::<Vec<f64>>()
-                };
-                assert_close(
-                    &format!("{label}: outputs step {s}"),
-                    &cat(&|r: &RankRun| &r.outputs[s]),
-                    &whole.outputs[s],
-                    atol,
-                    rtol,
-                );
-                assert_close(
-                    &format!("{label}: input grads step {s}"),
-                    &cat(&|r: &RankRun| &r.input_grads[s]),
-                    &whole.input_grads[s],
-                    atol * 4.0,
-                    rtol * 4.0,
-                );
-                for (what, pick) in [("weight", 0), ("bias", 1)] {
-                    let mut summed = vec![0.0; tail[0]];
-                    for r in &ranks {
-                        let g = if pick == 0 {
-                            &r.weight_grads[s]
-                        } else {
-                            &r.bias_grads[s]
-                        };
-                        for (acc, v) in summed.iter_mut().zip(g) {
-                            *acc += v;
-                        }
-                    }
-                    let expected = if pick == 0 {
-                        &whole.weight_grads[s]
-                    } else {
-                        &whole.bias_grads[s]
-                    };
-                    assert_close(
-                        &format!("{label}: summed {what} grads step {s}"),
-                        &summed,
-                        expected,
-                        atol * (total as f64).sqrt() * 4.0,
-                        rtol * 4.0,
-                    );
-                }
-            }
-            for (r, run) in ranks.iter().enumerate() {
-                assert_close(
-                    &format!("{label}: rank {r} running mean"),
-                    &run.running_mean,
-                    &whole.running_mean,
-                    1e-6,
-                    1e-6,
-                );
-                assert_close(
-                    &format!("{label}: rank {r} running var"),
-                    &run.running_var,
-                    &whole.running_var,
-                    1e-6,
-                    1e-6,
-                );
-                assert_eq!(
-                    run.batches, whole.batches,
-                    "{label}: rank {r} num_batches_tracked"
-                );
-                assert_close(
-                    &format!("{label}: rank {r} eval"),
-                    &run.eval,
-                    &whole.eval,
-                    atol,
-                    rtol,
-                );
-                assert_eq!(
-                    run.running_mean, ranks[0].running_mean,
-                    "{label}: ranks differ"
-                );
-            }
+            check_ranks_against_whole(&label, &ranks, &whole, tol(dtype), total);
         }
     }
 }
@@ -1151,5 +1060,79 @@ fn a_step_never_makes_the_host_wait_for_the_gpu() {
             }
             drop((y, grads, eval));
         }
+    }
+}
+
+/// Subgroups of the in-process group with CUDA tensors: the masked
+/// collectives run on the device (`-0.0` padding, concatenation, the sum read
+/// back through a view at an offset), and each pair of ranks equals one rank
+/// holding the pair's batches.
+#[test]
+fn cuda_subgroups_match_one_rank_per_pair() {
+    let dev = cuda_or_skip!("cuda_subgroups_match_one_rank_per_pair");
+    let sizes = [2usize, 3, 1, 4];
+    let tail = [3usize, 4, 5];
+    let cfg = SyncBatchNormConfig::default();
+    for (i, dtype) in [DType::F32, DType::BF16].into_iter().enumerate() {
+        let mut shape = vec![sizes.iter().sum::<usize>()];
+        shape.extend_from_slice(&tail);
+        let (steps, eval) = make_steps(&shape, 2, 900 + i as u64);
+        // Step inputs of the given ranks' slices of the batch, concatenated.
+        let slice = |ranks: std::ops::Range<usize>| -> Steps {
+            steps
+                .iter()
+                .map(|(s, x, g)| {
+                    let (xs, gs) = (split(x, s, &sizes), split(g, s, &sizes));
+                    let n: usize = sizes[ranks.clone()].iter().sum();
+                    let mut shape_r = s.clone();
+                    shape_r[0] = n;
+                    let cat = |parts: &[(Vec<usize>, Vec<f64>)]| -> Vec<f64> {
+                        parts[ranks.clone()]
+                            .iter()
+                            .flat_map(|p| p.1.clone())
+                            .collect()
+                    };
+                    (shape_r, cat(&xs), cat(&gs))
+                })
+                .collect()
+        };
+        let groups = ProcessGroup::threads_with_timeout(4, Duration::from_secs(120)).unwrap();
+        let handles: Vec<_> = groups
+            .into_iter()
+            .enumerate()
+            .map(|(r, group)| {
+                let (mine, eval) = (slice(r..r + 1), eval.clone());
+                std::thread::spawn(move || {
+                    let pair = group.subgroups(2)?;
+                    let dev = Device::new_cuda(r).or_else(|_| Device::new_cuda(0))?;
+                    run_layer(&dev, pair, cfg, dtype, tail[0], &mine, &eval, false)
+                })
+            })
+            .collect();
+        let ranks: Vec<RankRun> = handles
+            .into_iter()
+            .map(|h| h.join().unwrap().unwrap())
+            .collect();
+        for first in [0usize, 2] {
+            let union = slice(first..first + 2);
+            let whole = run_layer(
+                &dev,
+                ProcessGroup::single(),
+                cfg,
+                dtype,
+                tail[0],
+                &union,
+                &eval,
+                false,
+            )
+            .unwrap();
+            let label = format!("CUDA pair {first}-{} {dtype:?}", first + 1);
+            let n = union[0].0[0];
+            check_ranks_against_whole(&label, &ranks[first..first + 2], &whole, tol(dtype), n);
+        }
+        assert_ne!(
+            ranks[0].running_mean, ranks[2].running_mean,
+            "{dtype:?}: the pairs agree"
+        );
     }
 }

@@ -84,112 +84,25 @@ fn check_split(
         .collect();
 
     let label = format!("{k} ranks {sizes:?} {dtype:?} {shape:?} {cfg:?}");
-    let (atol, rtol) = tolerance(dtype);
-    for s in 0..steps {
-        let cat = |f: &dyn Fn(&RankRun) -> &Vec<f64>| {
-            ranks
-                .iter()
-                .flat_map(|r| f(r).clone())
-                .collect::<Vec<f64>>()
-        };
-        let out = cat(&|r: &RankRun| &r.outputs[s]);
-        assert_close(
-            &format!("{label}: outputs step {s}"),
-            &out,
-            &whole.outputs[s],
-            atol,
-            rtol,
-        );
-        let gx = cat(&|r: &RankRun| &r.input_grads[s]);
-        assert_close(
-            &format!("{label}: input grads step {s}"),
-            &gx,
-            &whole.input_grads[s],
-            atol * 4.0,
-            rtol * 4.0,
-        );
-        if cfg.affine {
-            let c_n = shape[1];
-            for (what, pick) in [("weight", 0), ("bias", 1)] {
-                let mut summed = vec![0.0; c_n];
-                for r in &ranks {
-                    let g = if pick == 0 {
-                        &r.weight_grads[s]
-                    } else {
-                        &r.bias_grads[s]
-                    };
-                    for (acc, v) in summed.iter_mut().zip(g) {
-                        *acc += v;
-                    }
-                }
-                let expected = if pick == 0 {
-                    &whole.weight_grads[s]
-                } else {
-                    &whole.bias_grads[s]
-                };
-                let scale = (total as f64).sqrt() * 4.0;
-                assert_close(
-                    &format!("{label}: summed {what} grads step {s}"),
-                    &summed,
-                    expected,
-                    atol * scale,
-                    rtol * 4.0,
+    check_ranks_against_whole(&label, &ranks, &whole, tolerance(dtype), total);
+    for (r, run) in ranks.iter().enumerate() {
+        if sizes[r] == 0 {
+            for s in 0..steps {
+                assert!(
+                    run.weight_grads
+                        .get(s)
+                        .into_iter()
+                        .chain(run.bias_grads.get(s))
+                        .flatten()
+                        .all(|&v| v == 0.0),
+                    "{label}: empty rank {r} must get zero weight/bias grads"
+                );
+                assert!(
+                    run.input_grads[s].is_empty(),
+                    "{label}: empty rank {r} must get an empty input grad"
                 );
             }
-            for (r, run) in ranks.iter().enumerate() {
-                if sizes[r] == 0 {
-                    assert!(
-                        run.weight_grads[s]
-                            .iter()
-                            .chain(&run.bias_grads[s])
-                            .all(|&v| v == 0.0),
-                        "{label}: empty rank {r} must get zero weight/bias grads"
-                    );
-                    assert!(
-                        run.input_grads[s].is_empty(),
-                        "{label}: empty rank {r} must get an empty input grad"
-                    );
-                }
-            }
         }
-    }
-    for (r, run) in ranks.iter().enumerate() {
-        assert_close(
-            &format!("{label}: rank {r} running mean"),
-            &run.running_mean,
-            &whole.running_mean,
-            1e-6,
-            1e-6,
-        );
-        assert_close(
-            &format!("{label}: rank {r} running var"),
-            &run.running_var,
-            &whole.running_var,
-            1e-6,
-            1e-6,
-        );
-        assert_eq!(
-            run.batches, whole.batches,
-            "{label}: rank {r} num_batches_tracked"
-        );
-        assert_close(
-            &format!("{label}: rank {r} eval"),
-            &run.eval,
-            &whole.eval,
-            atol,
-            rtol,
-        );
-    }
-    // Every rank holds bitwise the same running statistics.
-    for run in &ranks[1..] {
-        assert_eq!(
-            run.running_mean, ranks[0].running_mean,
-            "{label}: running mean differs between ranks"
-        );
-        assert_eq!(
-            run.running_var, ranks[0].running_var,
-            "{label}: running var differs between ranks"
-        );
     }
 }
 

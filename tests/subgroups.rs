@@ -88,66 +88,7 @@ fn a_layer_on_a_subgroup_equals_one_rank_on_the_subgroups_batches() {
                 eval.clone(),
             )
             .unwrap();
-            let (a, b) = (&ranks[first], &ranks[first + 1]);
-            for s in 0..steps {
-                let what = |x: &str| format!("{label} step {s}: {x}");
-                let cat =
-                    |f: fn(&RankRun) -> &Vec<Vec<f64>>| [f(a)[s].clone(), f(b)[s].clone()].concat();
-                let sum = |f: fn(&RankRun) -> &Vec<Vec<f64>>| -> Vec<f64> {
-                    f(a)[s].iter().zip(&f(b)[s]).map(|(x, y)| x + y).collect()
-                };
-                assert_close(
-                    &what("outputs"),
-                    &cat(|r| &r.outputs),
-                    &one.outputs[s],
-                    atol,
-                    rtol,
-                );
-                assert_close(
-                    &what("input gradients"),
-                    &cat(|r| &r.input_grads),
-                    &one.input_grads[s],
-                    atol,
-                    rtol,
-                );
-                let wg = sum(|r| &r.weight_grads);
-                assert_close(
-                    &what("weight gradients"),
-                    &wg,
-                    &one.weight_grads[s],
-                    50.0 * atol,
-                    rtol,
-                );
-                let bg = sum(|r| &r.bias_grads);
-                assert_close(
-                    &what("bias gradients"),
-                    &bg,
-                    &one.bias_grads[s],
-                    50.0 * atol,
-                    rtol,
-                );
-            }
-            for run in [a, b] {
-                assert_close(
-                    &format!("{label} running mean"),
-                    &run.running_mean,
-                    &one.running_mean,
-                    atol,
-                    rtol,
-                );
-                assert_close(
-                    &format!("{label} running var"),
-                    &run.running_var,
-                    &one.running_var,
-                    atol,
-                    rtol,
-                );
-                assert_close(&format!("{label} eval"), &run.eval, &one.eval, atol, rtol);
-                assert_eq!(run.batches, one.batches, "{label}");
-            }
-            // Members of a subgroup hold the same statistics, bit for bit.
-            assert_eq!(a.running_mean, b.running_mean, "{label}");
-            assert_eq!(a.running_var, b.running_var, "{label}");
+            check_ranks_against_whole(&label, &ranks[first..first + 2], &one, (atol, rtol), n);
         }
         // The subgroups saw different data and did not synchronize.
         let gap = (ranks[0].running_mean[0] - ranks[2].running_mean[0]).abs();

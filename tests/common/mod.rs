@@ -285,7 +285,7 @@ pub fn emulated_host_syncs() -> Option<u64> {
 }
 
 /// What one rank observed over a few training steps and a final eval.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct RankRun {
     pub outputs: Vec<Vec<f64>>,
     pub input_grads: Vec<Vec<f64>>,
@@ -356,4 +356,103 @@ pub fn run_rank(
     run.batches = bn.num_batches_tracked();
     run.eval = values(&bn.forward_t(&tensor(&eval_x.1, &eval_x.0, dtype), false)?);
     Ok(run)
+}
+
+/// Checks the runs of the ranks of one group against `whole`, one rank that
+/// held all their batches (`total` samples): outputs and input gradients (the
+/// ranks' slices in rank order; input gradients within 4× the tolerances),
+/// summed weight and bias gradients (when the layer is affine; `atol` scaled
+/// by 4·√total), running statistics (1e-6) and counter, eval outputs, and
+/// bitwise equal running statistics on every rank.
+pub fn check_ranks_against_whole(
+    label: &str,
+    ranks: &[RankRun],
+    whole: &RankRun,
+    (atol, rtol): (f64, f64),
+    total: usize,
+) {
+    let cat = |f: &dyn Fn(&RankRun) -> &Vec<f64>| -> Vec<f64> {
+        ranks.iter().flat_map(|r| f(r).clone()).collect()
+    };
+    let sum = |f: &dyn Fn(&RankRun) -> &Vec<f64>| -> Vec<f64> {
+        let mut acc = vec![0.0; f(whole).len()];
+        for r in ranks {
+            for (a, v) in acc.iter_mut().zip(f(r)) {
+                *a += v;
+            }
+        }
+        acc
+    };
+    for s in 0..whole.outputs.len() {
+        let what = |x: &str| format!("{label}: {x} step {s}");
+        assert_close(
+            &what("outputs"),
+            &cat(&|r| &r.outputs[s]),
+            &whole.outputs[s],
+            atol,
+            rtol,
+        );
+        assert_close(
+            &what("input grads"),
+            &cat(&|r| &r.input_grads[s]),
+            &whole.input_grads[s],
+            atol * 4.0,
+            rtol * 4.0,
+        );
+        if !whole.weight_grads.is_empty() {
+            let scale = (total as f64).sqrt() * 4.0;
+            let (w, b) = (sum(&|r| &r.weight_grads[s]), sum(&|r| &r.bias_grads[s]));
+            assert_close(
+                &what("summed weight grads"),
+                &w,
+                &whole.weight_grads[s],
+                atol * scale,
+                rtol * 4.0,
+            );
+            assert_close(
+                &what("summed bias grads"),
+                &b,
+                &whole.bias_grads[s],
+                atol * scale,
+                rtol * 4.0,
+            );
+        }
+    }
+    for (r, run) in ranks.iter().enumerate() {
+        let what = |x: &str| format!("{label}: rank {r} {x}");
+        assert_close(
+            &what("running mean"),
+            &run.running_mean,
+            &whole.running_mean,
+            1e-6,
+            1e-6,
+        );
+        assert_close(
+            &what("running var"),
+            &run.running_var,
+            &whole.running_var,
+            1e-6,
+            1e-6,
+        );
+        assert_eq!(
+            run.batches,
+            whole.batches,
+            "{}",
+            what("num_batches_tracked")
+        );
+        assert_close(&what("eval"), &run.eval, &whole.eval, atol, rtol);
+        // Bitwise the same running statistics on every rank.
+        assert_eq!(
+            run.running_mean,
+            ranks[0].running_mean,
+            "{}",
+            what("running mean differs")
+        );
+        assert_eq!(
+            run.running_var,
+            ranks[0].running_var,
+            "{}",
+            what("running var differs")
+        );
+    }
 }
