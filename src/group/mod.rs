@@ -10,8 +10,9 @@
 //!
 //! [`ProcessGroup::subgroups`] and [`ProcessGroup::split`] synchronize batch
 //! statistics within subsets of the ranks (one node's GPUs, say), like a
-//! `SyncBatchNorm` given a `process_group` from PyTorch's `new_subgroups`;
-//! see [`SubgroupBackend`] for how and what it costs.
+//! `SyncBatchNorm` given a `process_group` from PyTorch's `new_subgroups`:
+//! NCCL splits its communicator, the other backends run masked collectives
+//! ([`SubgroupBackend`], where what that costs is described).
 
 mod default;
 #[cfg(feature = "nccl")]
