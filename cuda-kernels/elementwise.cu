@@ -1,8 +1,10 @@
-// Element-wise passes of SyncBatchNorm: normalization (forward) and the input
-// gradient (backward), both of the form
+// Element-wise passes of SyncBatchNorm: normalization (forward, optionally
+// followed by a fused ReLU) and the input gradient (backward), both of the form
 //     out = dy * a + ((x − hi) − lo) * b + k     (per channel; no dy term forward)
 // with per-channel coefficients prepared once by a small kernel in f64 and
-// rounded to the accumulator type. See src/ops/batch_norm.rs and input_grad.rs.
+// rounded to the accumulator type; and the gradient mask of the fused ReLU,
+//     out = y <= 0 ? 0 : dy.
+// See src/ops/batch_norm.rs, input_grad.rs and relu_grad.rs.
 #include "dtype.cuh"
 #include "tile.cuh"
 #include "view.cuh"
@@ -104,12 +106,17 @@ COEF_KERNELS(double, f64)
 //   2: W = VEC consecutive channels (channel-innermost: inner == 1,
 //      channel_stride == 1 for every view, channels % VEC == 0).
 // Outputs are written through their own view (contiguous in x's shape).
+// KIND picks the pass: the normalization (no dy; with `relu`, max(·, 0) in the
+// accumulator type before rounding; NaN stays NaN), the input gradient, or the
+// ReLU mask (x is then the forward's output y; no coefficients).
 // ---------------------------------------------------------------------------
 
-template <typename T, bool HAS_DY, int W, bool ALONG_C>
+enum Kind { NORMALIZE = 0, INPUT_GRAD = 1, RELU_GRAD = 2 };
+
+template <typename T, int KIND, int W, bool ALONG_C>
 __device__ __forceinline__ void elemt_body(const T* __restrict__ dy, const View& dv, const T* __restrict__ x,
                                            const View& xv, T* __restrict__ out, const View& ov,
-                                           const typename Traits<T>::Acc* __restrict__ coef) {
+                                           const typename Traits<T>::Acc* __restrict__ coef, const int relu) {
     using A = typename Traits<T>::Acc;
     const long long channels = xv.channels, inner = xv.inner;
     const long long total = xv.outer * channels * inner;
@@ -121,17 +128,22 @@ __device__ __forceinline__ void elemt_body(const T* __restrict__ dy, const View&
     for (; p < total; p += step) {
         A xs[W], g[W], r[W];
         load_acc<T, W>(x + view_index(xv, pos.o, pos.c, pos.i), xs);
-        if (HAS_DY) load_acc<T, W>(dy + view_index(dv, pos.o, pos.c, pos.i), g);
+        if (KIND != NORMALIZE) load_acc<T, W>(dy + view_index(dv, pos.o, pos.c, pos.i), g);
 #pragma unroll
         for (int k = 0; k < W; ++k) {
+            if (KIND == RELU_GRAD) {
+                r[k] = xs[k] <= A(0) ? A(0) : g[k];
+                continue;
+            }
             const long long c = ALONG_C ? pos.c + k : pos.c;
             const Pack<A, 4> cf = *reinterpret_cast<const Pack<A, 4>*>(coef + c * COEF);
             const A centered = (xs[k] - cf.v[0]) - cf.v[1];
-            if (HAS_DY) {
+            if (KIND == INPUT_GRAD) {
                 const A a = coef[c * COEF + 4];
                 r[k] = g[k] * a + centered * cf.v[2] + cf.v[3];
             } else {
                 r[k] = centered * cf.v[2] + cf.v[3];
+                if (relu && r[k] < A(0)) r[k] = A(0);
             }
         }
         store_acc<T, W>(out + view_index(ov, pos.o, pos.c, pos.i), r);
@@ -139,30 +151,37 @@ __device__ __forceinline__ void elemt_body(const T* __restrict__ dy, const View&
     }
 }
 
-template <typename T, bool HAS_DY>
+template <typename T, int KIND>
 __device__ __forceinline__ void elemt(const T* __restrict__ dy, const View& dv, const T* __restrict__ x,
                                       const View& xv, T* __restrict__ out, const View& ov,
-                                      const typename Traits<T>::Acc* __restrict__ coef, const int mode) {
+                                      const typename Traits<T>::Acc* __restrict__ coef, const int mode,
+                                      const int relu) {
     constexpr int V = Traits<T>::VEC;
     if (mode == 1)
-        elemt_body<T, HAS_DY, V, false>(dy, dv, x, xv, out, ov, coef);
+        elemt_body<T, KIND, V, false>(dy, dv, x, xv, out, ov, coef, relu);
     else if (mode == 2)
-        elemt_body<T, HAS_DY, V, true>(dy, dv, x, xv, out, ov, coef);
+        elemt_body<T, KIND, V, true>(dy, dv, x, xv, out, ov, coef, relu);
     else
-        elemt_body<T, HAS_DY, 1, false>(dy, dv, x, xv, out, ov, coef);
+        elemt_body<T, KIND, 1, false>(dy, dv, x, xv, out, ov, coef, relu);
 }
 
 #define ELEMT_KERNELS(T, SUFFIX)                                                                               \
     extern "C" __global__ void __launch_bounds__(BLOCK)                                                        \
         bn_normalize_##SUFFIX(const T* __restrict__ x, const View xv, T* __restrict__ out, const View ov,      \
-                              const typename Traits<T>::Acc* __restrict__ coef, const int mode) {              \
-        elemt<T, false>(nullptr, xv, x, xv, out, ov, coef, mode);                                              \
+                              const typename Traits<T>::Acc* __restrict__ coef, const int mode,                \
+                              const int relu) {                                                                \
+        elemt<T, NORMALIZE>(nullptr, xv, x, xv, out, ov, coef, mode, relu);                                    \
     }                                                                                                          \
     extern "C" __global__ void __launch_bounds__(BLOCK)                                                        \
         bn_input_grad_##SUFFIX(const T* __restrict__ dy, const View dv, const T* __restrict__ x, const View xv, \
                                T* __restrict__ out, const View ov,                                             \
                                const typename Traits<T>::Acc* __restrict__ coef, const int mode) {             \
-        elemt<T, true>(dy, dv, x, xv, out, ov, coef, mode);                                                    \
+        elemt<T, INPUT_GRAD>(dy, dv, x, xv, out, ov, coef, mode, 0);                                           \
+    }                                                                                                          \
+    extern "C" __global__ void __launch_bounds__(BLOCK)                                                        \
+        bn_relu_grad_##SUFFIX(const T* __restrict__ dy, const View dv, const T* __restrict__ y, const View yv,  \
+                              T* __restrict__ out, const View ov, const int mode) {                            \
+        elemt<T, RELU_GRAD>(dy, dv, y, yv, out, ov, nullptr, mode, 0);                                         \
     }
 
 ELEMT_KERNELS(float, f32)

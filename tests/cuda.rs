@@ -335,6 +335,7 @@ fn norm_op(moments: Tensor, axis: usize) -> BatchNormOp {
         moments,
         batch_stats: true,
         group: ProcessGroup::single(),
+        relu: false,
         layer: "test".to_string(),
     }
 }
@@ -578,6 +579,32 @@ fn run_layer(
     eval: &(Vec<usize>, Vec<f64>),
     channels_last: bool,
 ) -> candle::Result<RankRun> {
+    run_layer_with(
+        dev,
+        group,
+        cfg,
+        dtype,
+        c_n,
+        steps,
+        eval,
+        channels_last,
+        false,
+    )
+}
+
+/// [`run_layer`] through `forward_relu_t` (the fused ReLU) when `relu`.
+#[allow(clippy::too_many_arguments)]
+fn run_layer_with(
+    dev: &Device,
+    group: ProcessGroup,
+    cfg: SyncBatchNormConfig,
+    dtype: DType,
+    c_n: usize,
+    steps: &Steps,
+    eval: &(Vec<usize>, Vec<f64>),
+    channels_last: bool,
+    relu: bool,
+) -> candle::Result<RankRun> {
     let varmap = VarMap::new();
     let param_dtype = if dtype == DType::F64 {
         DType::F64
@@ -620,7 +647,7 @@ fn run_layer(
     for (shape, xs, gs) in steps {
         let (var, x, back) = input(shape, xs)?;
         let g = tensor(gs, shape, DType::F64).to_device(dev)?;
-        let y = bn.forward_t(&x, true)?;
+        let y = forward_maybe_relu(&bn, &x, true, relu)?;
         let loss = (y.to_dtype(DType::F64)? * g)?.sum_all()?;
         let store = loss.backward()?;
         run.outputs.push(values(&y));
@@ -642,7 +669,12 @@ fn run_layer(
         run.running_var = values(&v);
     }
     run.batches = bn.num_batches_tracked();
-    run.eval = values(&bn.forward_t(&input(&eval.0, &eval.1)?.1, false)?);
+    run.eval = values(&forward_maybe_relu(
+        &bn,
+        &input(&eval.0, &eval.1)?.1,
+        false,
+        relu,
+    )?);
     Ok(run)
 }
 
@@ -773,6 +805,55 @@ fn layer_matches_cpu_on_the_configuration_matrix() {
                             );
                         }
                     }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn fused_relu_layer_matches_cpu() {
+    let dev = cuda_or_skip!("fused_relu_layer_matches_cpu");
+    let shapes: [&[usize]; 3] = [&[16, 6], &[3, 6, 5, 4], &[2, 6, 3, 4, 5]];
+    let mut seed = 500;
+    for dtype in FLOATS {
+        for shape in shapes {
+            for (affine, track) in [(true, true), (false, false)] {
+                for channels_last in [false, true] {
+                    if channels_last && shape.len() < 3 {
+                        continue;
+                    }
+                    seed += 1;
+                    let cfg = SyncBatchNormConfig {
+                        affine,
+                        track_running_stats: track,
+                        ..Default::default()
+                    };
+                    let (steps, eval) = make_steps(shape, 2, seed);
+                    let run = |d: &Device| {
+                        run_layer_with(
+                            d,
+                            ProcessGroup::single(),
+                            cfg,
+                            dtype,
+                            shape[1],
+                            &steps,
+                            &eval,
+                            channels_last,
+                            true,
+                        )
+                        .unwrap()
+                    };
+                    let (cpu, gpu) = (run(&Device::Cpu), run(&dev));
+                    let label =
+                        format!("relu {dtype:?} {shape:?} {cfg:?} channels_last {channels_last}");
+                    // Not vacuous: the ReLU clamps some outputs and passes others.
+                    let zeros = cpu.outputs[0].iter().filter(|&&v| v == 0.0).count();
+                    assert!(
+                        zeros > 0 && zeros < cpu.outputs[0].len(),
+                        "{label}: {zeros} zeros"
+                    );
+                    compare_runs(&label, &gpu, &cpu, dtype);
                 }
             }
         }

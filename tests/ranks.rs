@@ -31,6 +31,18 @@ fn check_split(
     cfg: SyncBatchNormConfig,
     seed: u64,
 ) {
+    check_split_with(sizes, shape_tail, dtype, cfg, seed, false)
+}
+
+/// [`check_split`] through the fused ReLU when `relu`.
+fn check_split_with(
+    sizes: &[usize],
+    shape_tail: &[usize],
+    dtype: DType,
+    cfg: SyncBatchNormConfig,
+    seed: u64,
+    relu: bool,
+) {
     let k = sizes.len();
     let total: usize = sizes.iter().sum();
     let mut shape = vec![total];
@@ -46,7 +58,7 @@ fn check_split(
     eval_shape[0] = 2;
     let eval_x = rng.normals(eval_shape.iter().product(), 0.5, 1.0);
 
-    let whole = run_rank(
+    let whole = run_rank_with(
         ProcessGroup::single(),
         cfg,
         dtype,
@@ -54,6 +66,7 @@ fn check_split(
         xs.clone(),
         gs.clone(),
         (eval_shape.clone(), eval_x.clone()),
+        relu,
     )
     .unwrap();
 
@@ -74,7 +87,7 @@ fn check_split(
             std::thread::spawn(move || {
                 let shapes = parts_x.iter().map(|p| p.0.clone()).collect();
                 let batches = parts_x.into_iter().map(|p| p.1).collect();
-                run_rank(group, cfg, dtype, shapes, batches, parts_g, eval)
+                run_rank_with(group, cfg, dtype, shapes, batches, parts_g, eval, relu)
             })
         })
         .collect();
@@ -83,7 +96,7 @@ fn check_split(
         .map(|h| h.join().unwrap().unwrap())
         .collect();
 
-    let label = format!("{k} ranks {sizes:?} {dtype:?} {shape:?} {cfg:?}");
+    let label = format!("{k} ranks {sizes:?} {dtype:?} {shape:?} {cfg:?} relu {relu}");
     check_ranks_against_whole(&label, &ranks, &whole, tolerance(dtype), total);
     for (r, run) in ranks.iter().enumerate() {
         if sizes[r] == 0 {
@@ -149,6 +162,31 @@ fn half_precision_ranks_match_one_rank() {
             SyncBatchNormConfig::default(),
             7,
         );
+    }
+}
+
+#[test]
+fn k_ranks_with_fused_relu_equal_one_rank() {
+    let cfgs = [
+        SyncBatchNormConfig::default(),
+        SyncBatchNormConfig {
+            affine: false,
+            momentum: None,
+            ..Default::default()
+        },
+    ];
+    let mut seed = 300;
+    for sizes in [&[3usize, 4][..], &[2, 0, 5], &[1, 3, 0, 4]] {
+        for cfg in cfgs {
+            for (tail, dtype) in [
+                (vec![3usize, 4, 5], DType::F32),
+                (vec![5], DType::F64),
+                (vec![4, 6], DType::BF16),
+            ] {
+                check_split_with(sizes, &tail, dtype, cfg, seed, true);
+                seed += 1;
+            }
+        }
     }
 }
 

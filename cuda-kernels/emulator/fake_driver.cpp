@@ -84,6 +84,7 @@ std::unordered_map<std::string, Kernel>& registry() {
         SYNCBN_KERNEL(bn_coef_input_grad_f64),
         SYNCBN_TYPED(bn_normalize),
         SYNCBN_TYPED(bn_input_grad),
+        SYNCBN_TYPED(bn_relu_grad),
     };
     return r;
 }

@@ -1,5 +1,7 @@
-//! Per-channel affine element-wise passes: normalization (forward) and the input
-//! gradient (backward). Outputs are contiguous in the shape of the input view.
+//! Per-channel affine element-wise passes: normalization (forward, optionally
+//! followed by a fused ReLU) and the input gradient (backward), and the
+//! gradient mask of the fused ReLU. Outputs are contiguous in the shape of the
+//! input view.
 
 use super::{channel_row, multiversion, spatial_row, TASK};
 use crate::ops::element::{Accum, Element};
@@ -36,6 +38,29 @@ impl<A: Accum> ChannelCoefficients<A> {
             x_scale: cast(x_scale),
             shift: cast(shift),
         }
+    }
+}
+
+/// The fused activation: `max(v, 0)` with `relu` (NaN stays NaN, as in
+/// PyTorch's `relu`), else `v`. `relu` is loop-invariant wherever this is
+/// called, so the compiler hoists the test out of the vectorized loops.
+#[inline(always)]
+fn activate<A: Accum>(v: A, relu: bool) -> A {
+    if relu && v < A::ZERO {
+        A::ZERO
+    } else {
+        v
+    }
+}
+
+/// The gradient of the fused ReLU at output `y`: `dy` where `y > 0`, else 0
+/// (PyTorch's `threshold_backward(dy, y, 0)`: NaN outputs pass `dy`).
+#[inline(always)]
+fn relu_pass<T: Element>(dy: T, y: T) -> T {
+    if y.to_acc() <= <T::Acc as Accum>::ZERO {
+        T::from_acc(<T::Acc as Accum>::ZERO)
+    } else {
+        dy
     }
 }
 
@@ -114,12 +139,12 @@ where
 
 multiversion! {
     /// Channel-major rows `first..` of the normalization, filling `dst`.
-    wide fn normalize_rows<T: Element>(dst: &mut [MaybeUninit<T>], x: &[T], v: &ChannelView, first: usize, k: &ChannelCoefficients<T::Acc>, buf: &mut Vec<T>) -> () {
+    wide fn normalize_rows<T: Element>(dst: &mut [MaybeUninit<T>], x: &[T], v: &ChannelView, first: usize, k: &ChannelCoefficients<T::Acc>, relu: bool, buf: &mut Vec<T>) -> () {
         for (r, row) in (first..).zip(dst.chunks_mut(v.inner)) {
             let (o, c) = (r / v.channels, r % v.channels);
             let (mh, ml, b, s) = (k.mean_hi[c], k.mean_lo[c], k.x_scale[c], k.shift[c]);
             for (d, &e) in row.iter_mut().zip(channel_row(x, v, o, c, buf)) {
-                d.write(T::from_acc(((e.to_acc() - mh) - ml) * b + s));
+                d.write(T::from_acc(activate(((e.to_acc() - mh) - ml) * b + s, relu)));
             }
         }
     }
@@ -128,11 +153,11 @@ multiversion! {
 multiversion! {
     /// Channel-innermost rows `first..` of the normalization (every channel once
     /// per row), filling `dst`.
-    wide fn normalize_spatial<T: Element>(dst: &mut [MaybeUninit<T>], x: &[T], v: &ChannelView, first: usize, k: &ChannelCoefficients<T::Acc>, buf: &mut Vec<T>) -> () {
+    wide fn normalize_spatial<T: Element>(dst: &mut [MaybeUninit<T>], x: &[T], v: &ChannelView, first: usize, k: &ChannelCoefficients<T::Acc>, relu: bool, buf: &mut Vec<T>) -> () {
         for (o, row) in (first..).zip(dst.chunks_mut(v.channels)) {
             let it = row.iter_mut().zip(spatial_row(x, v, o, buf)).zip(&k.mean_hi).zip(&k.mean_lo).zip(&k.x_scale).zip(&k.shift);
             for (((((d, &e), &mh), &ml), &b), &s) in it {
-                d.write(T::from_acc(((e.to_acc() - mh) - ml) * b + s));
+                d.write(T::from_acc(activate(((e.to_acc() - mh) - ml) * b + s, relu)));
             }
         }
     }
@@ -186,11 +211,17 @@ multiversion! {
     }
 }
 
-/// `y = (x − mean)·x_scale + shift` per channel.
-pub fn normalize<T: Element>(x: &[T], v: &ChannelView, k: &ChannelCoefficients<T::Acc>) -> Vec<T> {
+/// `y = (x − mean)·x_scale + shift` per channel, then `max(y, 0)` with `relu`
+/// (applied in the accumulator type, before rounding to `T`).
+pub fn normalize<T: Element>(
+    x: &[T],
+    v: &ChannelView,
+    k: &ChannelCoefficients<T::Acc>,
+    relu: bool,
+) -> Vec<T> {
     elementwise(v, Vec::new, |buf, rows, dst| match rows {
-        Rows::Channel { first } => normalize_rows(dst, x, v, first, k, buf),
-        Rows::Spatial { first } => normalize_spatial(dst, x, v, first, k, buf),
+        Rows::Channel { first } => normalize_rows(dst, x, v, first, k, relu, buf),
+        Rows::Spatial { first } => normalize_spatial(dst, x, v, first, k, relu, buf),
     })
 }
 
@@ -209,6 +240,63 @@ pub fn backward_elemt<T: Element>(
         |bufs, rows, dst| match rows {
             Rows::Channel { first } => backward_rows(dst, dy, dv, x, xv, first, k, bufs),
             Rows::Spatial { first } => backward_spatial(dst, dy, dv, x, xv, first, k, bufs),
+        },
+    )
+}
+
+multiversion! {
+    /// Channel-major rows `first..` of the fused ReLU's gradient mask.
+    wide fn relu_grad_rows<T: Element>(
+        dst: &mut [MaybeUninit<T>],
+        dy: &[T],
+        dv: &ChannelView,
+        y: &[T],
+        yv: &ChannelView,
+        first: usize,
+        bufs: &mut (Vec<T>, Vec<T>),
+    ) -> () {
+        for (r, row) in (first..).zip(dst.chunks_mut(yv.inner)) {
+            let (o, c) = (r / yv.channels, r % yv.channels);
+            let g = channel_row(dy, dv, o, c, &mut bufs.0);
+            let out = channel_row(y, yv, o, c, &mut bufs.1);
+            for ((d, &ge), &e) in row.iter_mut().zip(g).zip(out) {
+                d.write(relu_pass(ge, e));
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// Channel-innermost rows `first..` of the fused ReLU's gradient mask.
+    wide fn relu_grad_spatial<T: Element>(
+        dst: &mut [MaybeUninit<T>],
+        dy: &[T],
+        dv: &ChannelView,
+        y: &[T],
+        yv: &ChannelView,
+        first: usize,
+        bufs: &mut (Vec<T>, Vec<T>),
+    ) -> () {
+        for (o, row) in (first..).zip(dst.chunks_mut(yv.channels)) {
+            let g = spatial_row(dy, dv, o, &mut bufs.0);
+            let out = spatial_row(y, yv, o, &mut bufs.1);
+            for ((d, &ge), &e) in row.iter_mut().zip(g).zip(out) {
+                d.write(relu_pass(ge, e));
+            }
+        }
+    }
+}
+
+/// The gradient through a fused ReLU: `dy` where the output `y > 0`, else 0;
+/// `dy` and `y` have the same shape, possibly different strides; the result
+/// is contiguous in `y`'s shape.
+pub fn relu_grad<T: Element>(dy: &[T], dv: &ChannelView, y: &[T], yv: &ChannelView) -> Vec<T> {
+    elementwise(
+        yv,
+        || (Vec::new(), Vec::new()),
+        |bufs, rows, dst| match rows {
+            Rows::Channel { first } => relu_grad_rows(dst, dy, dv, y, yv, first, bufs),
+            Rows::Spatial { first } => relu_grad_spatial(dst, dy, dv, y, yv, first, bufs),
         },
     )
 }

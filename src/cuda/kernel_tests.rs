@@ -21,7 +21,7 @@ use super::plan::{self, KView, Reduction, ReductionSplit};
 use crate::ops::layout::ChannelView;
 use crate::ops::{
     AffineGrads, BatchNormOp, BatchStats, CounterIncrement, GradStats, InputGrad, Moments,
-    RunningStat, RunningStatsUpdate,
+    ReluGrad, RunningStat, RunningStatsUpdate,
 };
 use crate::ProcessGroup;
 use candle::{DType, Device, Layout, Storage, Tensor, WithDType};
@@ -70,7 +70,8 @@ type CoefInputGrad = unsafe extern "C" fn(
     i64,
     *mut c_void,
 );
-type Normalize<T> = unsafe extern "C" fn(*const T, KView, *mut T, KView, *const c_void, i32);
+type Normalize<T> = unsafe extern "C" fn(*const T, KView, *mut T, KView, *const c_void, i32, i32);
+type ReluGradK<T> = unsafe extern "C" fn(*const T, KView, *const T, KView, *mut T, KView, i32);
 type InputGradK<T> =
     unsafe extern "C" fn(*const T, KView, *const T, KView, *mut T, KView, *const c_void, i32);
 
@@ -434,6 +435,7 @@ fn emu_normalize<T: WithDType>(
     v: &ChannelView,
     moments: &DevBuf<f64>,
     affine: Option<(&Param, &Param)>,
+    relu: bool,
 ) -> Vec<T> {
     let (c, len) = (v.channels, v.len());
     let coef = DevBuf::<u8>::filled(plan::coef_bytes(T::DTYPE, c), 0xff);
@@ -466,8 +468,34 @@ fn emu_normalize<T: WithDType>(
     let f: Normalize<T> = unsafe { emu.kernel(&name) };
     let (xk, ok) = (canon.views[0], canon.views[1]);
     let (xp, op, cp) = (x.ptr(), out.ptr_mut(), coef.ptr() as *const c_void);
+    let relu = i32::from(relu);
     emu.launch(grid, [plan::BLOCK, 1, 1], || unsafe {
-        f(xp, xk, op, ok, cp, mode)
+        f(xp, xk, op, ok, cp, mode, relu)
+    })
+    .unwrap_or_else(|e| panic!("{name}: {e}"));
+    out.to_vec()
+}
+
+/// `ReluGrad::cuda_fwd`: the fused ReLU's gradient mask.
+fn emu_relu_grad<T: WithDType>(
+    emu: &Emulator,
+    dy: &DevBuf<T>,
+    dv: &ChannelView,
+    y: &DevBuf<T>,
+    yv: &ChannelView,
+) -> Vec<T> {
+    let len = yv.len();
+    let out = DevBuf::<T>::filled(len, T::from_f64(f64::NAN));
+    let canon = plan::canonicalize(&[*yv, *dv, plan::contiguous_like(yv)]);
+    let aligned = [y.aligned16(), dy.aligned16(), out.aligned16()];
+    let (mode, grid) = elementwise_dims::<T>(&canon, &aligned, len);
+    let name = format!("bn_relu_grad_{}", T::DTYPE.as_str());
+    // SAFETY: the signature of bn_relu_grad_*.
+    let f: ReluGradK<T> = unsafe { emu.kernel(&name) };
+    let (yk, dk, ok) = (canon.views[0], canon.views[1], canon.views[2]);
+    let (dp, yp, op) = (dy.ptr(), y.ptr(), out.ptr_mut());
+    emu.launch(grid, [plan::BLOCK, 1, 1], || unsafe {
+        f(dp, dk, yp, yk, op, ok, mode)
     })
     .unwrap_or_else(|e| panic!("{name}: {e}"));
     out.to_vec()
@@ -666,20 +694,46 @@ fn check_case<T: WithDType>(emu: &Emulator, case: &Case, rng: &mut Rng) {
         moments: moments.clone(),
         batch_stats: true,
         group: ProcessGroup::single(),
+        relu: false,
         layer: "emulated".into(),
     };
     let want = values(&x.apply_op3_no_bwd(&weight, &bias, &op).unwrap());
-    let got: Vec<f64> = emu_normalize(emu, &xb, &xv, &mb, Some((&wp, &bp)))
+    let got: Vec<f64> = emu_normalize(emu, &xb, &xv, &mb, Some((&wp, &bp)), false)
         .iter()
         .map(|v| v.to_f64())
         .collect();
     assert_bitwise(&what("normalize (affine)"), &got, &want);
     let want = values(&x.apply_op1_no_bwd(&op).unwrap());
-    let got: Vec<f64> = emu_normalize(emu, &xb, &xv, &mb, None)
+    let got: Vec<f64> = emu_normalize(emu, &xb, &xv, &mb, None, false)
         .iter()
         .map(|v| v.to_f64())
         .collect();
     assert_bitwise(&what("normalize"), &got, &want);
+
+    // Normalization with the fused ReLU (about half the outputs are zeros),
+    // then its gradient mask of the (strided) dy by that output.
+    let op = BatchNormOp { relu: true, ..op };
+    let y = x.apply_op3_no_bwd(&weight, &bias, &op).unwrap();
+    let want = values(&y);
+    let y_dev = emu_normalize(emu, &xb, &xv, &mb, Some((&wp, &bp)), true);
+    let got: Vec<f64> = y_dev.iter().map(|v| v.to_f64()).collect();
+    assert_bitwise(&what("normalize + relu"), &got, &want);
+    // Not vacuous: with several channels (random weights and biases) some
+    // outputs are clamped and some pass.
+    let zeros = want.iter().filter(|&&v| v == 0.0).count();
+    assert!(
+        c == 1 || (zeros > 0 && zeros < n),
+        "{}: {zeros} of {n} outputs are zero",
+        what("normalize + relu")
+    );
+    let want = values(&dy.apply_op2_no_bwd(&y, &ReluGrad { axis: 1 }).unwrap());
+    let yb = DevBuf::from_slice(&y_dev, false);
+    let yv = plan::contiguous_like(&xv);
+    let got: Vec<f64> = emu_relu_grad(emu, &dyb, &dv, &yb, &yv)
+        .iter()
+        .map(|v| v.to_f64())
+        .collect();
+    assert_bitwise(&what("relu grad"), &got, &want);
 
     // Input gradient: batch statistics with a weight, fixed statistics without.
     let ig = InputGrad {

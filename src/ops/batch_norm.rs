@@ -3,21 +3,23 @@
 use super::element::{with_float_type, Element};
 use super::{
     channel_view, cpu_values_f64, host_f64, unsupported_dtype, viewable, AffineGrads, GradStats,
-    InputGrad,
+    InputGrad, ReluGrad,
 };
 use crate::cpu::{self, ChannelCoefficients};
 use crate::ProcessGroup;
 use candle::backend::BackendStorage;
 use candle::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 
-/// `y = (x − mean)·invstd·weight + bias` per channel, with candle autograd.
+/// `y = (x − mean)·invstd·weight + bias` per channel (then `max(y, 0)` with
+/// `relu`), with candle autograd.
 ///
 /// Applied as `x.apply_op3(&weight, &bias, op)` (affine) or `x.apply_op1(op)`.
 /// The statistics come in as the `(3, C)` f64 `moments` tensor (mean, invstd,
 /// count) and are constants for autograd; the backward pass adds their
 /// gradient itself when they are batch statistics: it computes the local
 /// `[Σdy; Σdy·(x−mean)]`, all-reduces it over `group` (one collective),
-/// then `dx` element-wise; `dweight`/`dbias` are the local sums.
+/// then `dx` element-wise; `dweight`/`dbias` are the local sums. With `relu`,
+/// the incoming gradient is first masked by the output ([`ReluGrad`]).
 #[derive(Debug, Clone)]
 pub struct BatchNormOp {
     /// The channel axis of the input.
@@ -29,6 +31,8 @@ pub struct BatchNormOp {
     pub batch_stats: bool,
     /// The ranks that share the batch statistics.
     pub group: ProcessGroup,
+    /// Apply a ReLU to the output (in the accumulator type, before rounding).
+    pub relu: bool,
     /// The layer's name, for error messages.
     pub layer: String,
 }
@@ -56,7 +60,7 @@ impl BatchNormOp {
         let zeros = vec![0.0; c_n];
         let out = with_float_type!(x.dtype(), T => {
             let coef = ChannelCoefficients::<<T as Element>::Acc>::new(&m[..c_n], &zeros, &scale, &b);
-            candle::WithDType::to_cpu_storage_owned(cpu::normalize(x.as_slice::<T>()?, &v, &coef))
+            candle::WithDType::to_cpu_storage_owned(cpu::normalize(x.as_slice::<T>()?, &v, &coef, self.relu))
         }, _ => return Err(unsupported_dtype("sync-batch-norm", "input", x.dtype())));
         Ok((out, xl.shape().clone()))
     }
@@ -73,20 +77,27 @@ impl BatchNormOp {
         let v = channel_view(xl, self.axis, "sync-batch-norm")?;
         let dev = x.device();
         let out = with_float_type!(x.dtype(), T => {
-            let out = cuda::normalize::<T>(dev, x.as_cuda_slice::<T>()?, &v, &self.moments, affine)?;
+            let out = cuda::normalize::<T>(dev, x.as_cuda_slice::<T>()?, &v, &self.moments, affine, self.relu)?;
             candle::CudaStorage::wrap_cuda_slice(out, dev.clone())
         }, _ => return Err(unsupported_dtype("sync-batch-norm", "input", x.dtype())));
         Ok((out, xl.shape().clone()))
     }
 
-    /// The gradients of the input and, with `weight`, of weight and bias.
+    /// The gradients of the input and, with `weight`, of weight and bias;
+    /// `res` is the op's output (the mask of a fused ReLU).
     fn backward(
         &self,
         x: &Tensor,
         weight: Option<&Tensor>,
+        res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
         let dy = viewable(grad, self.axis)?;
+        let dy = if self.relu {
+            dy.apply_op2_no_bwd(res, &ReluGrad { axis: self.axis })?
+        } else {
+            dy
+        };
         let local = dy.apply_op2_no_bwd(
             x,
             &GradStats {
@@ -146,8 +157,8 @@ impl CustomOp1 for BatchNormOp {
         self.forward_cuda(x, xl, None)
     }
 
-    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(self.backward(x, None, grad)?.0))
+    fn bwd(&self, x: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(self.backward(x, None, res, grad)?.0))
     }
 }
 
@@ -188,10 +199,10 @@ impl CustomOp3 for BatchNormOp {
         x: &Tensor,
         w: &Tensor,
         b: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dx, affine) = self.backward(x, Some(w), grad)?;
+        let (dx, affine) = self.backward(x, Some(w), res, grad)?;
         let Some((dw, db)) = affine else {
             candle::bail!("sync-batch-norm: internal error, no affine gradients for an affine op")
         };
@@ -216,13 +227,15 @@ mod cuda {
     /// Weight and bias storages with their layouts.
     pub(super) type Affine<'a> = ((&'a CudaStorage, &'a Layout), (&'a CudaStorage, &'a Layout));
 
-    /// `y = ((x − hi) − lo)·(invstd·w) + b`, contiguous in `x`'s shape.
+    /// `y = ((x − hi) − lo)·(invstd·w) + b` (then `max(y, 0)` with `relu`),
+    /// contiguous in `x`'s shape.
     pub(super) fn normalize<T: WithDType + DeviceRepr>(
         dev: &CudaDevice,
         x: &CudaSlice<T>,
         v: &ChannelView,
         moments: &Tensor,
         affine: Option<Affine<'_>>,
+        relu: bool,
     ) -> Result<CudaSlice<T>> {
         let c = v.channels;
         let len = v.len();
@@ -272,6 +285,7 @@ mod cuda {
         let w = if mode == 0 { 1 } else { l::vec_width::<T>() };
         let blocks = plan::elementwise_blocks(len, w, l::sm_count(dev)?);
         let (xv, ov): (KView, KView) = (canon.views[0], canon.views[1]);
+        let relu = i32::from(relu);
         let f = l::function(
             dev,
             Module::Elementwise,
@@ -283,9 +297,10 @@ mod cuda {
             .arg(&mut out)
             .arg(&ov)
             .arg(&coef)
-            .arg(&mode);
+            .arg(&mode)
+            .arg(&relu);
         // SAFETY: matches bn_normalize_*(const T*, View, T*, View, const A*,
-        // int); both views lie inside their buffers.
+        // int, int); both views lie inside their buffers.
         unsafe { l::launch(args, l::grid(blocks)?)? };
         Ok(out)
     }

@@ -6,6 +6,8 @@
 //! [`Moments`] (mean, invstd) → [`BatchNormOp`] (normalize, with autograd).
 //! Backward of [`BatchNormOp`]: [`GradStats`] (local `[Σdy; Σdy·(x−μ)]`) → one
 //! all-reduce → [`InputGrad`] (dx) and [`AffineGrads`] (local dweight, dbias).
+//! With a fused ReLU, [`ReluGrad`] first masks the incoming gradient by the
+//! op's output.
 
 pub mod element;
 pub mod layout;
@@ -16,6 +18,7 @@ mod batch_stats;
 mod grad_stats;
 mod input_grad;
 mod moments;
+mod relu_grad;
 mod running_stats;
 
 pub use affine_grads::AffineGrads;
@@ -24,6 +27,7 @@ pub use batch_stats::BatchStats;
 pub use grad_stats::GradStats;
 pub use input_grad::InputGrad;
 pub use moments::Moments;
+pub use relu_grad::ReluGrad;
 pub use running_stats::{CounterIncrement, RunningStat, RunningStatsUpdate};
 
 use candle::backend::BackendStorage;

@@ -297,6 +297,20 @@ pub struct RankRun {
     pub eval: Vec<f64>,
 }
 
+/// `bn.forward_relu_t` (the fused ReLU) when `relu`, else `bn.forward_t`.
+pub fn forward_maybe_relu(
+    bn: &SyncBatchNorm,
+    x: &Tensor,
+    train: bool,
+    relu: bool,
+) -> candle::Result<Tensor> {
+    if relu {
+        bn.forward_relu_t(x, train)
+    } else {
+        bn.forward_t(x, train)
+    }
+}
+
 /// Runs `steps` training steps on `batches[s]` (this rank's slice of step `s`)
 /// with upstream gradient `grads[s]`, then an eval forward on `eval_x`.
 pub fn run_rank(
@@ -307,6 +321,21 @@ pub fn run_rank(
     batches: Vec<Vec<f64>>,
     grads: Vec<Vec<f64>>,
     eval_x: (Vec<usize>, Vec<f64>),
+) -> candle::Result<RankRun> {
+    run_rank_with(group, cfg, dtype, shapes, batches, grads, eval_x, false)
+}
+
+/// [`run_rank`] through `forward_relu_t` (the fused ReLU) when `relu`.
+#[allow(clippy::too_many_arguments)]
+pub fn run_rank_with(
+    group: ProcessGroup,
+    cfg: SyncBatchNormConfig,
+    dtype: DType,
+    shapes: Vec<Vec<usize>>,
+    batches: Vec<Vec<f64>>,
+    grads: Vec<Vec<f64>>,
+    eval_x: (Vec<usize>, Vec<f64>),
+    relu: bool,
 ) -> candle::Result<RankRun> {
     let c_n = shapes[0][1];
     let varmap = VarMap::new();
@@ -336,7 +365,7 @@ pub fn run_rank(
     for ((shape, xs), gs) in shapes.iter().zip(&batches).zip(&grads) {
         let x = Var::from_tensor(&tensor(xs, shape, dtype))?;
         let g = tensor(gs, shape, dtype);
-        let y = bn.forward_t(x.as_tensor(), true)?;
+        let y = forward_maybe_relu(&bn, x.as_tensor(), true, relu)?;
         let loss = (y.to_dtype(DType::F64)? * g.to_dtype(DType::F64)?)?.sum_all()?;
         let store = loss.backward()?;
         run.outputs.push(values(&y));
@@ -354,7 +383,8 @@ pub fn run_rank(
         run.running_var = values(&v);
     }
     run.batches = bn.num_batches_tracked();
-    run.eval = values(&bn.forward_t(&tensor(&eval_x.1, &eval_x.0, dtype), false)?);
+    let eval = tensor(&eval_x.1, &eval_x.0, dtype);
+    run.eval = values(&forward_maybe_relu(&bn, &eval, false, relu)?);
     Ok(run)
 }
 

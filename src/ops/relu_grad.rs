@@ -1,0 +1,130 @@
+//! The gradient mask of the ReLU fused into the normalization.
+
+use super::element::with_float_type;
+use super::{channel_view, unsupported_dtype};
+use crate::cpu;
+use candle::backend::BackendStorage;
+use candle::{CpuStorage, CustomOp2, Layout, Result, Shape};
+
+/// `dy` where the fused op's output `y > 0`, else 0, applied as
+/// `dy.apply_op2_no_bwd(&y, &ReluGrad { axis })`; the output is contiguous in
+/// `y`'s shape.
+///
+/// The mask is read from the output, as PyTorch's `threshold_backward` does:
+/// an output rounded to zero (f16 underflow) passes no gradient, and a NaN
+/// output passes it.
+#[derive(Debug, Clone, Copy)]
+pub struct ReluGrad {
+    /// The channel axis of `dy` and `y` (it only picks the traversal order).
+    pub axis: usize,
+}
+
+impl ReluGrad {
+    fn check(&self, dy: candle::DType, dl: &Layout, y: candle::DType, yl: &Layout) -> Result<()> {
+        if dl.dims() != yl.dims() || dy != y {
+            candle::bail!(
+                "{}: gradient {dy:?} {:?} does not match output {y:?} {:?}",
+                self.name(),
+                dl.dims(),
+                yl.dims()
+            )
+        }
+        Ok(())
+    }
+}
+
+impl CustomOp2 for ReluGrad {
+    fn name(&self) -> &'static str {
+        "sync-batch-norm-relu-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dy: &CpuStorage,
+        dl: &Layout,
+        y: &CpuStorage,
+        yl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.check(dy.dtype(), dl, y.dtype(), yl)?;
+        let dv = channel_view(dl, self.axis, self.name())?;
+        let yv = channel_view(yl, self.axis, self.name())?;
+        let out = with_float_type!(y.dtype(), T => {
+            candle::WithDType::to_cpu_storage_owned(cpu::relu_grad(dy.as_slice::<T>()?, &dv, y.as_slice::<T>()?, &yv))
+        }, _ => return Err(unsupported_dtype(self.name(), "output", y.dtype())));
+        Ok((out, yl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        dy: &candle::CudaStorage,
+        dl: &Layout,
+        y: &candle::CudaStorage,
+        yl: &Layout,
+    ) -> Result<(candle::CudaStorage, Shape)> {
+        self.check(dy.dtype(), dl, y.dtype(), yl)?;
+        let dv = channel_view(dl, self.axis, self.name())?;
+        let yv = channel_view(yl, self.axis, self.name())?;
+        let dev = y.device();
+        let out = with_float_type!(y.dtype(), T => {
+            let out = cuda::relu_grad::<T>(dev, dy.as_cuda_slice::<T>()?, &dv, y.as_cuda_slice::<T>()?, &yv)?;
+            candle::CudaStorage::wrap_cuda_slice(out, dev.clone())
+        }, _ => return Err(unsupported_dtype(self.name(), "output", y.dtype())));
+        Ok((out, yl.shape().clone()))
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use crate::cuda::launch::{self as l, Module};
+    use crate::cuda::plan;
+    use crate::ops::layout::ChannelView;
+    use candle::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, PushKernelArg};
+    use candle::{CudaDevice, Result, WithDType};
+
+    /// The element-wise pass `bn_relu_grad_*` into a contiguous output of
+    /// `y`'s shape.
+    pub(super) fn relu_grad<T: WithDType + DeviceRepr>(
+        dev: &CudaDevice,
+        dy: &CudaSlice<T>,
+        dv: &ChannelView,
+        y: &CudaSlice<T>,
+        yv: &ChannelView,
+    ) -> Result<CudaSlice<T>> {
+        let len = yv.len();
+        // SAFETY: the element-wise kernel writes all `len` elements.
+        let mut out = unsafe { l::alloc::<T>(dev, len)? };
+        if len == 0 {
+            return Ok(out);
+        }
+        // y is the primary view (it picks the path); dy and the output follow.
+        let canon = plan::canonicalize(&[*yv, *dv, plan::contiguous_like(yv)]);
+        let aligned = [
+            l::aligned16(dev, y),
+            l::aligned16(dev, dy),
+            l::aligned16(dev, &out),
+        ];
+        let mode = l::elementwise_mode(&canon, l::vec_width::<T>(), &aligned);
+        let w = if mode == 0 { 1 } else { l::vec_width::<T>() };
+        let blocks = plan::elementwise_blocks(len, w, l::sm_count(dev)?);
+        let (yk, dk, ok) = (canon.views[0], canon.views[1], canon.views[2]);
+        let f = l::function(
+            dev,
+            Module::Elementwise,
+            &format!("bn_relu_grad_{}", T::DTYPE.as_str()),
+        )?;
+        let stream = dev.cuda_stream();
+        let mut args = stream.launch_builder(&f);
+        args.arg(dy)
+            .arg(&dk)
+            .arg(y)
+            .arg(&yk)
+            .arg(&mut out)
+            .arg(&ok)
+            .arg(&mode);
+        // SAFETY: matches bn_relu_grad_*(const T*, View, const T*, View, T*,
+        // View, int); every view lies inside its buffer.
+        unsafe { l::launch(args, l::grid(blocks)?)? };
+        Ok(out)
+    }
+}
