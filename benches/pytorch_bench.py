@@ -23,6 +23,11 @@ bookkeeping), and PyTorch's whole step against our kernels alone (`fwd` +
 it: the part of our step that no kernel of ours can remove. CUDA compares the
 kernels (our `fwd` + `bwd ops`).
 
+With `--relu` (and our JSON from `bench -- --relu`), a second table times
+batch norm followed by a ReLU, `relu(bn(x))`, as a whole training step
+through autograd (on CUDA with cuDNN's BatchNorm), against our fused
+`forward_relu_t` step.
+
 Set the same allocator environment for both runs when comparing (glibc's
 `MALLOC_*` variables apply to the Python process as they do to ours).
 """
@@ -82,6 +87,21 @@ def cpu_row(shape, dtype, iters):
     return {"step_ms": t_step * 1e3, "fwd_ms": t_fwd * 1e3, "eval_ms": t_eval * 1e3}
 
 
+def relu_step(shape, dtype, device, iters):
+    """Seconds of a training step of relu(bn(x)) through autograd (cuDNN on CUDA)."""
+    x = torch.randn(shape, device=device, dtype=torch.float32).to(dtype).requires_grad_(True)
+    bn = bn_module(shape, dtype, device)
+    if device == "cpu" and dtype in (torch.float16, torch.bfloat16):
+        bn = bn.to(dtype)
+    bn.train()
+
+    def step():
+        y = torch.relu(bn(x))
+        y.backward(torch.ones_like(y))
+
+    return timed(step, device, iters)
+
+
 def cuda_row(shape, dtype, iters):
     dev = "cuda"
     x = torch.randn(shape, device=dev, dtype=torch.float32).to(dtype)
@@ -130,6 +150,7 @@ def main():
     ap.add_argument("--dtypes", default="f32,bf16")
     ap.add_argument("--iters", type=int, default=15)
     ap.add_argument("--ours", help="JSON written by `cargo run --release --example bench -- --json FILE`")
+    ap.add_argument("--relu", action="store_true", help="also time relu(bn(x)) steps against our fused ones")
     args = ap.parse_args()
 
     ours = {}
@@ -144,6 +165,8 @@ def main():
         print(f"{'shape dtype':<26} {'sync fwd':>9} {'sync bwd':>9} {'ours f+b':>9} {'ratio':>6} | {'cudnn f+b':>9} {'ratio':>6}")
     ratios = []
     kernel_ratios = []
+    relu_lines = []
+    relu_ratios = []
     for s in args.shapes.split(","):
         shape = [int(d) for d in s.split("x")]
         for name in args.dtypes.split(","):
@@ -175,6 +198,14 @@ def main():
                     print(f"{label:<26} {r['fwd_ms']:>9.3f} {r['bwd_ms']:>9.3f} {our_fb:>9.3f} {ratio:>5.2f}x | {r['cudnn_step_ms']:>9.3f} {r['cudnn_step_ms'] / our_fb:>5.2f}x")
                 else:
                     print(f"{label:<26} {r['fwd_ms']:>9.3f} {r['bwd_ms']:>9.3f} {'-':>9} {'-':>6} | {r['cudnn_step_ms']:>9.3f} {'-':>6}")
+            if args.relu:
+                t = relu_step(shape, dtype, args.device, args.iters) * 1e3
+                fused = mine.get("relu_step_ms") if mine else None
+                if fused:
+                    relu_ratios.append(t / fused)
+                    relu_lines.append(f"{label:<26} {t:>12.3f} {fused:>12.3f} {t / fused:>5.2f}x")
+                else:
+                    relu_lines.append(f"{label:<26} {t:>12.3f} {'-':>12} {'-':>6}")
     def summary(name, rs):
         geo = math.exp(sum(math.log(r) for r in rs) / len(rs))
         print(f"{name}: geometric mean of PyTorch / ours {geo:.2f}x, worst {min(rs):.2f}x")
@@ -183,6 +214,13 @@ def main():
         summary("whole step" if args.device == "cpu" else "kernels", ratios)
     if kernel_ratios:
         summary("PyTorch's step / our kernels", kernel_ratios)
+    if relu_lines:
+        print()
+        print(f"{'shape dtype':<26} {'torch bn+relu':>12} {'ours fused':>12} {'ratio':>6}   (training step, ms)")
+        for line in relu_lines:
+            print(line)
+    if relu_ratios:
+        summary("batch norm + ReLU step", relu_ratios)
 
 
 if __name__ == "__main__":

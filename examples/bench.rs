@@ -5,6 +5,7 @@
 //! cargo run --release --example bench                       # CPU, ResNet-50 suite, f32 and bf16
 //! cargo run --release --example bench -- --shapes 32x64x56x56 --dtypes f32
 //! cargo run --release --example bench -- --keep-freed-memory   # glibc keeps freed memory
+//! cargo run --release --example bench -- --relu    # also batch norm + ReLU steps
 //! cargo run --release --features cuda --example bench -- --device cuda
 //! ```
 //!
@@ -22,6 +23,11 @@
 //! mapped (the memory's bandwidth, without page faults), on CUDA a device copy.
 //! Bytes moved: the forward reads x twice and writes y; the backward reads dy
 //! and x twice and writes dx; eval reads x and writes y.
+//!
+//! With `--relu`, a second table times the training step of batch norm
+//! followed by a ReLU three ways: `forward_relu_t` (the ReLU fused into our
+//! normalization), `forward_t` then candle's `relu`, and candle-nn's BatchNorm
+//! then `relu`.
 
 use anyhow::{bail, Result};
 use candle::{DType, Device, Tensor, Var};
@@ -55,6 +61,9 @@ struct Args {
     /// memory instead of returning it to the system), for candle-nn's rows too.
     #[arg(long)]
     keep_freed_memory: bool,
+    /// Also time batch norm + ReLU steps (fused, and as two ops).
+    #[arg(long)]
+    relu: bool,
     /// Also write the rows as JSON to this file (read by benches/pytorch_bench.py).
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -135,7 +144,18 @@ struct Row {
     eval: f64,
     nn_step: Option<f64>,
     enqueue: Option<f64>,
+    relu: Option<ReluRow>,
     bytes: f64,
+}
+
+/// Training steps of batch norm followed by a ReLU (`--relu`).
+struct ReluRow {
+    /// `forward_relu_t` + `backward()`.
+    fused: f64,
+    /// `forward_t`, candle's `relu`, `backward()`.
+    two_ops: f64,
+    /// candle-nn's BatchNorm, `relu`, `backward()`.
+    nn: Option<f64>,
 }
 
 fn bench_one(dev: &Device, shape: &[usize], dtype: DType, args: &Args) -> Result<Row> {
@@ -225,21 +245,38 @@ fn bench_one(dev: &Device, shape: &[usize], dtype: DType, args: &Args) -> Result
         None
     };
 
+    let nn_map = VarMap::new();
+    let nn_bn = candle_nn::batch_norm(c, 1e-5, VarBuilder::from_varmap(&nn_map, param_dtype, dev))?;
+    let nn_x = if param_dtype == dtype {
+        xt.clone()
+    } else {
+        xt.to_dtype(param_dtype)?
+    };
+    let nn_iters = iters.min(3);
     let nn_step = if args.no_candle_nn {
         None
     } else {
-        let nn_map = VarMap::new();
-        let nn_bn =
-            candle_nn::batch_norm(c, 1e-5, VarBuilder::from_varmap(&nn_map, param_dtype, dev))?;
-        let nn_x = if param_dtype == dtype {
-            xt.clone()
-        } else {
-            xt.to_dtype(param_dtype)?
-        };
-        let nn_iters = iters.min(3);
         Some(time(dev, nn_iters, || {
             Ok(nn_bn.forward_t(&nn_x, true)?.backward()?)
         })?)
+    };
+    let relu = if args.relu {
+        let fused = time(dev, iters, || {
+            Ok(bn.forward_relu_t(xt, true)?.backward()?)
+        })?;
+        let two_ops = time(dev, iters, || {
+            Ok(bn.forward_t(xt, true)?.relu()?.backward()?)
+        })?;
+        let nn = if args.no_candle_nn {
+            None
+        } else {
+            Some(time(dev, nn_iters, || {
+                Ok(nn_bn.forward_t(&nn_x, true)?.relu()?.backward()?)
+            })?)
+        };
+        Some(ReluRow { fused, two_ops, nn })
+    } else {
+        None
     };
     let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
     Ok(Row {
@@ -255,6 +292,7 @@ fn bench_one(dev: &Device, shape: &[usize], dtype: DType, args: &Args) -> Result
         eval,
         nn_step,
         enqueue,
+        relu,
         bytes: bytes as f64,
     })
 }
@@ -318,10 +356,14 @@ fn main() -> Result<()> {
         "", "GB/s", "ms", "ms", "ms", "ms (autograd)", "ms", "ms"
     );
     let mut json_rows = Vec::new();
+    let mut relu_rows = Vec::new();
     for shape in &shapes {
         for &dtype in &dtypes {
             let r = bench_one(&dev, shape, dtype, &args)?;
             json_rows.push(json_row(&r, &args.device));
+            if let Some(relu) = &r.relu {
+                relu_rows.push(relu_line(&r.label, relu));
+            }
             let gbs = |bytes: f64, t: f64| bytes / t / 1e9;
             let copy_bw = gbs(2.0 * r.bytes, r.copy);
             let pct = |passes: f64, t: f64| 100.0 * gbs(passes * r.bytes, t) / copy_bw;
@@ -372,6 +414,19 @@ fn main() -> Result<()> {
              for one op of this shape (ones_like seed, zeros_like + add), part of step and of nn step."
         );
     }
+    if !relu_rows.is_empty() {
+        println!();
+        println!(
+            "batch norm + ReLU, training step (forward, then backward() through autograd), ms; ratios: that step / fused"
+        );
+        println!(
+            "{:<26} {:>9} | {:>14} {:>6} | {:>14} {:>6}",
+            "shape dtype", "fused", "bn, then relu", "ratio", "nn bn, relu", "ratio"
+        );
+        for line in relu_rows {
+            println!("{line}");
+        }
+    }
     if let Some(path) = &args.json {
         std::fs::write(path, format!("[\n{}\n]\n", json_rows.join(",\n")))?;
         println!("wrote {}", path.display());
@@ -397,12 +452,26 @@ fn candle_accumulates_in_place() -> Result<bool> {
     Ok(buffer(&a)? == buffer(&b)?)
 }
 
+/// One line of the batch norm + ReLU table.
+fn relu_line(label: &str, r: &ReluRow) -> String {
+    let nn = match r.nn {
+        Some(t) => format!("{:>14.3} {:>5.1}x", t * 1e3, t / r.fused),
+        None => format!("{:>14} {:>6}", "-", "-"),
+    };
+    format!(
+        "{label:<26} {:>9.3} | {:>14.3} {:>5.2}x | {nn}",
+        r.fused * 1e3,
+        r.two_ops * 1e3,
+        r.two_ops / r.fused
+    )
+}
+
 /// One row as a JSON object (times in milliseconds).
 fn json_row(r: &Row, device: &str) -> String {
     let shape: Vec<String> = r.shape.iter().map(|d| d.to_string()).collect();
     let ms = |t: f64| format!("{:.6}", t * 1e3);
     format!(
-        "  {{\"device\": \"{device}\", \"shape\": [{}], \"dtype\": \"{}\", \"copy_ms\": {}, \"bookkeeping_ms\": {}, \"fwd_ms\": {}, \"bwd_ms\": {}, \"bwd_ops_ms\": {}, \"step_ms\": {}, \"eval_ms\": {}, \"candle_nn_step_ms\": {}}}",
+        "  {{\"device\": \"{device}\", \"shape\": [{}], \"dtype\": \"{}\", \"copy_ms\": {}, \"bookkeeping_ms\": {}, \"fwd_ms\": {}, \"bwd_ms\": {}, \"bwd_ops_ms\": {}, \"step_ms\": {}, \"eval_ms\": {}, \"candle_nn_step_ms\": {}{}}}",
         shape.join(", "),
         format!("{:?}", r.dtype).to_lowercase(),
         ms(r.copy),
@@ -412,6 +481,21 @@ fn json_row(r: &Row, device: &str) -> String {
         ms(r.bwd_ops),
         ms(r.step),
         ms(r.eval),
-        r.nn_step.map(ms).unwrap_or_else(|| "null".into())
+        r.nn_step.map(ms).unwrap_or_else(|| "null".into()),
+        relu_json(r.relu.as_ref())
+    )
+}
+
+/// The `--relu` fields of a JSON row (empty without `--relu`).
+fn relu_json(r: Option<&ReluRow>) -> String {
+    let Some(r) = r else {
+        return String::new();
+    };
+    let ms = |t: f64| format!("{:.6}", t * 1e3);
+    format!(
+        ", \"relu_step_ms\": {}, \"bn_then_relu_step_ms\": {}, \"candle_nn_relu_step_ms\": {}",
+        ms(r.fused),
+        ms(r.two_ops),
+        r.nn.map(ms).unwrap_or_else(|| "null".into())
     )
 }
