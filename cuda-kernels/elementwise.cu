@@ -1,5 +1,5 @@
 // Element-wise passes of SyncBatchNorm: normalization (forward, optionally
-// followed by a fused ReLU) and the input gradient (backward), both of the form
+// plus a residual z and followed by a fused ReLU) and the input gradient (backward), both of the form
 //     out = dy * a + ((x − hi) − lo) * b + k     (per channel; no dy term forward)
 // with per-channel coefficients prepared once by a small kernel in f64 and
 // rounded to the accumulator type; and the gradient mask of the fused ReLU,
@@ -107,11 +107,13 @@ COEF_KERNELS(double, f64)
 //      channel_stride == 1 for every view, channels % VEC == 0).
 // Outputs are written through their own view (contiguous in x's shape).
 // KIND picks the pass: the normalization (no dy; with `relu`, max(·, 0) in the
-// accumulator type before rounding; NaN stays NaN), the input gradient, or the
-// ReLU mask (x is then the forward's output y; no coefficients).
+// accumulator type before rounding; NaN stays NaN), the normalization plus a
+// residual (read through the dy slot and added after the affine transform),
+// the input gradient, or the ReLU mask (x is then the forward's output y; no
+// coefficients).
 // ---------------------------------------------------------------------------
 
-enum Kind { NORMALIZE = 0, INPUT_GRAD = 1, RELU_GRAD = 2 };
+enum Kind { NORMALIZE = 0, INPUT_GRAD = 1, RELU_GRAD = 2, NORMALIZE_ADD = 3 };
 
 template <typename T, int KIND, int W, bool ALONG_C>
 __device__ __forceinline__ void elemt_body(const T* __restrict__ dy, const View& dv, const T* __restrict__ x,
@@ -143,6 +145,7 @@ __device__ __forceinline__ void elemt_body(const T* __restrict__ dy, const View&
                 r[k] = g[k] * a + centered * cf.v[2] + cf.v[3];
             } else {
                 r[k] = centered * cf.v[2] + cf.v[3];
+                if (KIND == NORMALIZE_ADD) r[k] = r[k] + g[k];
                 if (relu && r[k] < A(0)) r[k] = A(0);
             }
         }
@@ -171,6 +174,13 @@ __device__ __forceinline__ void elemt(const T* __restrict__ dy, const View& dv, 
                               const typename Traits<T>::Acc* __restrict__ coef, const int mode,                \
                               const int relu) {                                                                \
         elemt<T, NORMALIZE>(nullptr, xv, x, xv, out, ov, coef, mode, relu);                                    \
+    }                                                                                                          \
+    extern "C" __global__ void __launch_bounds__(BLOCK)                                                        \
+        bn_normalize_add_##SUFFIX(const T* __restrict__ z, const View zv, const T* __restrict__ x, const View xv, \
+                                  T* __restrict__ out, const View ov,                                          \
+                                  const typename Traits<T>::Acc* __restrict__ coef, const int mode,            \
+                                  const int relu) {                                                            \
+        elemt<T, NORMALIZE_ADD>(z, zv, x, xv, out, ov, coef, mode, relu);                                      \
     }                                                                                                          \
     extern "C" __global__ void __launch_bounds__(BLOCK)                                                        \
         bn_input_grad_##SUFFIX(const T* __restrict__ dy, const View dv, const T* __restrict__ x, const View xv, \

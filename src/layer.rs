@@ -1,7 +1,8 @@
 //! The `SyncBatchNorm` layer.
 
 use crate::ops::{
-    BatchNormOp, BatchStats, CounterIncrement, Moments, RunningStat, RunningStatsUpdate,
+    BatchNormAddOp, BatchNormOp, BatchStats, CounterIncrement, Moments, RunningStat,
+    RunningStatsUpdate,
 };
 use crate::{ProcessGroup, SyncBatchNormConfig};
 use candle::{DType, Result, Tensor, Var};
@@ -308,7 +309,9 @@ impl SyncBatchNorm {
         Ok((crate::ops::viewable(x, 1)?, 1, None))
     }
 
-    /// Normalizes `x` with the given moments (see [`BatchNormOp`]).
+    /// Normalizes `x` with the given moments (see [`BatchNormOp`]), adding
+    /// `residual` (see [`BatchNormAddOp`]).
+    #[allow(clippy::too_many_arguments)]
     fn normalize(
         &self,
         x: &Tensor,
@@ -316,6 +319,7 @@ impl SyncBatchNorm {
         moments: Tensor,
         batch_stats: bool,
         group: ProcessGroup,
+        residual: Option<&Tensor>,
         relu: bool,
     ) -> Result<Tensor> {
         let op = BatchNormOp {
@@ -326,10 +330,60 @@ impl SyncBatchNorm {
             relu,
             layer: self.name.clone(),
         };
-        match &self.weight_and_bias {
-            Some((w, b)) => x.apply_op3(w, b, op),
-            None => x.apply_op1(op),
+        match (&self.weight_and_bias, residual) {
+            (Some((w, b)), None) => x.apply_op3(w, b, op),
+            (None, None) => x.apply_op1(op),
+            (Some((w, b)), Some(z)) => {
+                // One (2, C) input for both (custom ops take three inputs).
+                let wb = if w.dtype() == b.dtype() {
+                    Tensor::stack(&[w, b], 0)?
+                } else {
+                    Tensor::stack(&[w.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?], 0)?
+                };
+                x.apply_op3(z, &wb, BatchNormAddOp { norm: op })
+            }
+            (None, Some(z)) => x.apply_op2(z, BatchNormAddOp { norm: op }),
         }
+    }
+
+    /// Checks a residual against the input `x` (before any permutation) and
+    /// returns it in the layout the ops take: permuted like `x` for a
+    /// channels-last input (`restore` is the inverse permutation).
+    fn prepare_residual(
+        &self,
+        x: &Tensor,
+        z: &Tensor,
+        axis: usize,
+        restore: Option<&[usize]>,
+    ) -> Result<Tensor> {
+        let name = &self.name;
+        if z.dims() != x.dims() || z.dtype() != x.dtype() {
+            candle::bail!(
+                "SyncBatchNorm '{name}': expected a residual of the input's shape {:?} and dtype {:?}, got shape {:?} and dtype {:?}",
+                x.dims(),
+                x.dtype(),
+                z.dims(),
+                z.dtype()
+            )
+        }
+        if !z.device().same_device(x.device()) {
+            candle::bail!(
+                "SyncBatchNorm '{name}': input is on {:?} but the residual is on {:?}",
+                x.device().location(),
+                z.device().location()
+            )
+        }
+        let z = match restore {
+            Some(inverse) => {
+                let mut perm = vec![0; inverse.len()];
+                for (i, &p) in inverse.iter().enumerate() {
+                    perm[p] = i;
+                }
+                z.permute(perm.as_slice())?
+            }
+            None => z.clone(),
+        };
+        crate::ops::viewable(&z, axis)
     }
 
     /// Training forward (or eval without running statistics, `sync = false`).
@@ -338,6 +392,7 @@ impl SyncBatchNorm {
         x: &Tensor,
         axis: usize,
         sync: bool,
+        residual: Option<&Tensor>,
         relu: bool,
     ) -> Result<Tensor> {
         let name = &self.name;
@@ -386,15 +441,26 @@ impl SyncBatchNorm {
         let moments = sums.apply_op1_no_bwd(&Moments {
             eps: self.config.eps,
         })?;
-        self.normalize(x, axis, moments, true, group, relu)
+        self.normalize(x, axis, moments, true, group, residual, relu)
     }
 
-    /// The forward pass, with the ReLU fused in or not.
-    fn forward_impl(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
+    /// The forward pass, with a residual added and the ReLU fused in or not.
+    fn forward_impl(
+        &self,
+        x: &Tensor,
+        residual: Option<&Tensor>,
+        train: bool,
+        relu: bool,
+    ) -> Result<Tensor> {
         let (xv, axis, restore) = self.prepare_input(x)?;
+        let z = match residual {
+            Some(z) => Some(self.prepare_residual(x, z, axis, restore.as_deref())?),
+            None => None,
+        };
+        let z = z.as_ref();
         let y = match (&self.running, train) {
-            (_, true) => self.forward_batch_stats(&xv, axis, true, relu)?,
-            (None, false) => self.forward_batch_stats(&xv, axis, false, relu)?,
+            (_, true) => self.forward_batch_stats(&xv, axis, true, z, relu)?,
+            (None, false) => self.forward_batch_stats(&xv, axis, false, z, relu)?,
             (Some(r), false) => {
                 let moments = r.mean.apply_op2_no_bwd(
                     &r.var,
@@ -402,7 +468,8 @@ impl SyncBatchNorm {
                         eps: self.config.eps,
                     },
                 )?;
-                self.normalize(&xv, axis, moments, false, ProcessGroup::single(), relu)?
+                let single = ProcessGroup::single();
+                self.normalize(&xv, axis, moments, false, single, z, relu)?
             }
         };
         match restore {
@@ -436,13 +503,42 @@ impl SyncBatchNorm {
     /// # Ok::<(), candle::Error>(())
     /// ```
     pub fn forward_relu_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        self.forward_impl(x, train, true)
+        self.forward_impl(x, None, train, true)
+    }
+
+    /// `relu(self.forward_t(x, train) + residual)` in one op: the end of a
+    /// ResNet block, where the block's last batch norm meets the shortcut
+    /// (apex's `SyncBatchNorm` with `z`). `residual` has `x`'s shape and
+    /// dtype, any strides.
+    ///
+    /// The normalization pass reads the residual, adds it and clamps, in f32
+    /// for half inputs, rounding once; backward, the masked incoming gradient
+    /// is the residual's gradient as it is, so the addition costs no pass of
+    /// its own in either direction (three element-wise ops and their
+    /// gradient bookkeeping fewer than `forward_t`, `+` and `relu`).
+    ///
+    /// ```
+    /// use candle::{DType, Device, Tensor};
+    /// use candle_nn::{VarBuilder, VarMap};
+    /// use candle_syncbn::{ProcessGroup, SyncBatchNorm, SyncBatchNormConfig};
+    ///
+    /// let varmap = VarMap::new();
+    /// let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    /// let bn3 = SyncBatchNorm::new(8, SyncBatchNormConfig::default(), vb.pp("bn3"), ProcessGroup::single())?;
+    /// let identity = Tensor::randn(0f32, 1.0, (2, 8, 4, 4), &Device::Cpu)?;
+    /// let branch = Tensor::randn(0f32, 1.0, (2, 8, 4, 4), &Device::Cpu)?; // conv3's output
+    /// let out = bn3.forward_add_relu_t(&branch, &identity, true)?;
+    /// assert_eq!(out.dims(), identity.dims());
+    /// # Ok::<(), candle::Error>(())
+    /// ```
+    pub fn forward_add_relu_t(&self, x: &Tensor, residual: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_impl(x, Some(residual), train, true)
     }
 }
 
 impl candle_nn::ModuleT for SyncBatchNorm {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        self.forward_impl(x, train, false)
+        self.forward_impl(x, None, train, false)
     }
 }
 

@@ -39,8 +39,10 @@
 //!         // This rank's slice of the global batch (random here).
 //!         let x = Tensor::randn(0f32, 1.0, (4, 3, 8, 8), &dev)?;
 //!         let labels = Tensor::new(&[0u32, 1, 0, 1], &dev)?;
-//!         // Forward: the SyncBatchNorm all-reduces the batch statistics.
-//!         let h = bn.forward_t(&conv.forward(&x)?, true)?.relu()?;
+//!         // Forward: the SyncBatchNorm all-reduces the batch statistics
+//!         // (`forward_relu_t`: batch norm and ReLU in one op; `forward_t`
+//!         // without the ReLU).
+//!         let h = bn.forward_relu_t(&conv.forward(&x)?, true)?;
 //!         let logits = head.forward(&h.mean((2, 3))?)?;
 //!         let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
 //!         // Backward: one more all-reduce per SyncBatchNorm layer.

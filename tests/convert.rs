@@ -357,11 +357,9 @@ impl Net {
     }
 
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let x = self
-            .stem_bn
-            .forward_t(&self.stem.forward(x)?, train)?
-            .relu()?;
-        let x = (self.block_bn.forward_t(&x, train)? + &x)?;
+        // Fused when converted, candle-nn's layer then `relu` when local.
+        let x = self.stem_bn.forward_relu_t(&self.stem.forward(x)?, train)?;
+        let x = self.block_bn.forward_add_relu_t(&x, &x, train)?;
         self.head_bn.forward_t(&x, train)
     }
 

@@ -625,15 +625,7 @@ fn run_layer_with(
         |shape: &[usize], xs: &[f64]| -> candle::Result<(Var, Tensor, Option<Vec<usize>>)> {
             let t = tensor(xs, shape, dtype).to_device(dev)?;
             if channels_last && shape.len() >= 3 {
-                let rank = shape.len();
-                let to_last: Vec<usize> = std::iter::once(0)
-                    .chain(2..rank)
-                    .chain(std::iter::once(1))
-                    .collect();
-                let mut back = vec![0; rank];
-                for (i, &p) in to_last.iter().enumerate() {
-                    back[p] = i;
-                }
+                let (to_last, back) = channels_last_perm(shape.len());
                 let v = Var::from_tensor(&t.permute(to_last)?.contiguous()?)?;
                 let x = v.as_tensor().permute(back.clone())?;
                 Ok((v, x, Some(back)))
@@ -855,6 +847,156 @@ fn fused_relu_layer_matches_cpu() {
                     );
                     compare_runs(&label, &gpu, &cpu, dtype);
                 }
+            }
+        }
+    }
+}
+
+/// `forward_add_relu_t` (normalization, residual, ReLU in one op) on the GPU
+/// against the CPU: outputs and the gradients of input, residual, weight and
+/// bias, training then eval, with the input channels-last or the residual
+/// transposed.
+#[test]
+fn fused_add_relu_layer_matches_cpu() {
+    let dev = cuda_or_skip!("fused_add_relu_layer_matches_cpu");
+    let mut seed = 700;
+    for dtype in FLOATS {
+        for (shape, x_last, z_transposed) in [
+            (vec![16usize, 6], false, false),
+            (vec![3, 6, 5, 4], true, false),
+            (vec![3, 6, 5, 4], false, true),
+            (vec![2, 6, 3, 4, 5], false, false),
+        ] {
+            seed += 1;
+            let label =
+                format!("add+relu {dtype:?} {shape:?} x_last {x_last} z_transposed {z_transposed}");
+            let mut rng = Rng::new(seed);
+            let n: usize = shape.iter().product();
+            let (xs, zs, gs) = (
+                rng.normals(n, 0.5, 2.0),
+                rng.normals(n, 0.0, 1.0),
+                rng.normals(n, 0.0, 1.0),
+            );
+            let rank = shape.len();
+            let (to_last, back) = channels_last_perm(rank);
+            let run = |d: &Device| -> Vec<Vec<f64>> {
+                let varmap = VarMap::new();
+                let pdt = if dtype == DType::F64 {
+                    DType::F64
+                } else {
+                    DType::F32
+                };
+                let vb = VarBuilder::from_varmap(&varmap, pdt, d);
+                let bn = SyncBatchNorm::new(
+                    6,
+                    SyncBatchNormConfig::default(),
+                    vb.pp("bn"),
+                    ProcessGroup::single(),
+                )
+                .unwrap();
+                let (w, b) = bn.weight_and_bias().unwrap();
+                let (wv, bv) = params(6, pdt);
+                Var::from_tensor(w)
+                    .unwrap()
+                    .set(&wv.to_device(d).unwrap())
+                    .unwrap();
+                Var::from_tensor(b)
+                    .unwrap()
+                    .set(&bv.to_device(d).unwrap())
+                    .unwrap();
+                let t = |v: &[f64]| tensor(v, &shape, dtype).to_device(d).unwrap();
+                // x: a variable stored (N, *, C) seen as (N, C, *) when x_last.
+                let (xvar, x) = if x_last {
+                    let v = Var::from_tensor(
+                        &t(&xs)
+                            .permute(to_last.as_slice())
+                            .unwrap()
+                            .contiguous()
+                            .unwrap(),
+                    )
+                    .unwrap();
+                    let x = v.as_tensor().permute(back.as_slice()).unwrap();
+                    (v, x)
+                } else {
+                    let v = Var::from_tensor(&t(&xs)).unwrap();
+                    let x = v.as_tensor().clone();
+                    (v, x)
+                };
+                // z: the last two dims stored swapped when z_transposed.
+                let (zvar, z) = if z_transposed {
+                    let v = Var::from_tensor(
+                        &t(&zs)
+                            .transpose(rank - 2, rank - 1)
+                            .unwrap()
+                            .contiguous()
+                            .unwrap(),
+                    )
+                    .unwrap();
+                    let z = v.as_tensor().transpose(rank - 2, rank - 1).unwrap();
+                    (v, z)
+                } else {
+                    let v = Var::from_tensor(&t(&zs)).unwrap();
+                    let z = v.as_tensor().clone();
+                    (v, z)
+                };
+                let y = bn.forward_add_relu_t(&x, &z, true).unwrap();
+                let g = tensor(&gs, &shape, DType::F64).to_device(d).unwrap();
+                let store = (y.to_dtype(DType::F64).unwrap() * g)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                // Gradients in logical order (seen through the same views).
+                let gx = store.get(xvar.as_tensor()).unwrap();
+                let gx = if x_last {
+                    gx.permute(back.as_slice()).unwrap()
+                } else {
+                    gx.clone()
+                };
+                let gz = store.get(zvar.as_tensor()).unwrap();
+                let gz = if z_transposed {
+                    gz.transpose(rank - 2, rank - 1).unwrap()
+                } else {
+                    gz.clone()
+                };
+                let eval = bn.forward_add_relu_t(&x, &z, false).unwrap();
+                vec![
+                    values(&y),
+                    values(&gx),
+                    values(&gz),
+                    values(store.get(w).unwrap()),
+                    values(store.get(b).unwrap()),
+                    values(&eval),
+                ]
+            };
+            let (cpu, gpu) = (run(&Device::Cpu), run(&dev));
+            let zeros = cpu[0].iter().filter(|&&v| v == 0.0).count();
+            assert!(zeros > 0 && zeros < n, "{label}: {zeros} zeros");
+            let (atol, rtol) = tol(dtype);
+            let scale = (n as f64 / 6.0).sqrt() * 4.0;
+            for (i, (what, a, r)) in [
+                ("output", atol, rtol),
+                ("input grad", atol * 4.0, rtol * 4.0),
+                ("residual grad", 0.0, 0.0),
+                ("weight grad", atol * scale, rtol * 4.0),
+                ("bias grad", atol * scale, rtol * 4.0),
+                ("eval output", atol, rtol),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                if what == "residual grad" {
+                    // The masked upstream gradient: exact wherever both sides
+                    // agree on the mask, i.e. wherever the outputs agree on it.
+                    for (k, ((g, c), y)) in gpu[i].iter().zip(&cpu[i]).zip(&gpu[0]).enumerate() {
+                        if (*y > 0.0) == (cpu[0][k] > 0.0) {
+                            assert_eq!(g, c, "{label}: {what} element {k}");
+                        }
+                    }
+                    continue;
+                }
+                assert_close(&format!("{label}: {what}"), &gpu[i], &cpu[i], a, r);
             }
         }
     }
@@ -1121,25 +1263,34 @@ fn a_step_never_makes_the_host_wait_for_the_gpu() {
             let x =
                 Var::from_tensor(&data(&[4, 6, 5, 5], dtype, 3).to_device(&dev).unwrap()).unwrap();
             let g = data(&[4, 6, 5, 5], dtype, 4).to_device(&dev).unwrap();
+            // A step through forward_t, then one through forward_relu_t (the
+            // ReLU's gradient mask is one more kernel), then an eval forward.
             let step = || {
                 let y = bn.forward_t(x.as_tensor(), true).unwrap();
                 let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+                let r = bn.forward_relu_t(x.as_tensor(), true).unwrap();
+                let relu_grads = (&r * &g).unwrap().sum_all().unwrap().backward().unwrap();
                 let eval = bn.forward_t(x.as_tensor(), false).unwrap();
-                (y, grads, eval)
+                (y, grads, relu_grads, eval)
             };
             drop(step()); // the first step loads the modules
             let before = syncs();
-            let (y, grads, eval) = step();
+            let (y, grads, relu_grads, eval) = step();
             let waits = syncs() - before;
             assert_eq!(
                 waits, 0,
                 "{dtype:?} momentum {momentum:?}: a step made the host wait for the GPU {waits} time(s)"
             );
             // The step did compute: its results are finite (read after counting).
-            for t in [&y, grads.get(x.as_tensor()).unwrap(), &eval] {
+            for t in [
+                &y,
+                grads.get(x.as_tensor()).unwrap(),
+                relu_grads.get(x.as_tensor()).unwrap(),
+                &eval,
+            ] {
                 assert!(values(t).iter().all(|v| v.is_finite()));
             }
-            drop((y, grads, eval));
+            drop((y, grads, relu_grads, eval));
         }
     }
 }

@@ -50,21 +50,66 @@ type Grads = (Vec<f64>, Option<(Vec<f64>, Vec<f64>)>);
 
 /// `Σ g·y` in f64 and its gradients with respect to `x` and the layer's
 /// weight and bias.
-fn grads(bn: &SyncBatchNorm, x: &Var, y: &Tensor, g: &Tensor) -> Grads {
+fn grads(bn: &SyncBatchNorm, x: &Leaf, y: &Tensor, g: &Tensor) -> Grads {
     let loss = (y.to_dtype(DType::F64).unwrap() * g.to_dtype(DType::F64).unwrap())
         .unwrap()
         .sum_all()
         .unwrap();
     let store = loss.backward().unwrap();
-    let gx = store.get(x.as_tensor()).expect("input gradient");
-    assert_eq!(gx.dtype(), x.dtype());
+    let gx = x.grad(&store);
     let affine = bn.weight_and_bias().map(|(w, b)| {
         (
             values(store.get(w).expect("weight gradient")),
             values(store.get(b).expect("bias gradient")),
         )
     });
-    (values(gx), affine)
+    (gx, affine)
+}
+
+/// A leaf variable holding `values` of logical shape `shape` (N, C, *),
+/// stored channels-last `(N, *, C)` when `channels_last` (rank ≥ 3). `x` is
+/// the logical view the layer gets (a permuted view of the variable, so the
+/// layout survives: `Var::from_tensor` itself would copy to contiguous).
+struct Leaf {
+    var: Var,
+    x: Tensor,
+    to_logical: Option<Vec<usize>>,
+}
+
+impl Leaf {
+    fn new(values: &[f64], shape: &[usize], dtype: DType, channels_last: bool) -> Self {
+        let t = tensor(values, shape, dtype);
+        let rank = shape.len();
+        if !channels_last || rank < 3 {
+            let var = Var::from_tensor(&t).unwrap();
+            let x = var.as_tensor().clone();
+            return Self {
+                var,
+                x,
+                to_logical: None,
+            };
+        }
+        let (perm, inverse) = channels_last_perm(rank);
+        let var =
+            Var::from_tensor(&t.permute(perm.as_slice()).unwrap().contiguous().unwrap()).unwrap();
+        let x = var.as_tensor().permute(inverse.as_slice()).unwrap();
+        assert!(!x.is_contiguous());
+        Self {
+            var,
+            x,
+            to_logical: Some(inverse),
+        }
+    }
+
+    /// The variable's gradient in logical order.
+    fn grad(&self, store: &candle::backprop::GradStore) -> Vec<f64> {
+        let g = store.get(self.var.as_tensor()).expect("gradient of a leaf");
+        assert_eq!(g.dtype(), self.x.dtype(), "gradient dtype");
+        match &self.to_logical {
+            Some(p) => values(&g.permute(p.as_slice()).unwrap()),
+            None => values(g),
+        }
+    }
 }
 
 /// `dy` where the layer's output is positive, else 0: the defined gradient of
@@ -76,91 +121,147 @@ fn masked(dy: &[f64], y: &[f64]) -> Vec<f64> {
         .collect()
 }
 
+/// One case of the fused op against the f64 reference: `forward_relu_t`
+/// without a residual, `forward_add_relu_t` with one (stored channels-last
+/// when `Some(true)`): output, the gradients of input, residual (exactly the
+/// masked upstream gradient), weight and bias in training, then the eval
+/// output with the running statistics.
+fn check_fused(
+    dtype: DType,
+    shape: &[usize],
+    affine: bool,
+    x_last: bool,
+    residual: Option<bool>,
+    seed: u64,
+) {
+    let label =
+        format!("{dtype:?} {shape:?} affine={affine} x_last={x_last} residual={residual:?}");
+    let mut rng = Rng::new(seed);
+    let cfg = SyncBatchNormConfig {
+        affine,
+        ..Default::default()
+    };
+    let (bn, w, b) = layer(shape[1], cfg, dtype, &mut rng);
+    let elems: usize = shape.iter().product();
+    let (atol, rtol) = tolerance(dtype);
+    let round = |v: Vec<f64>| values(&tensor(&v, shape, dtype));
+    let xs = round(rng.normals(elems, 1.0, 2.0));
+    let zs = round(rng.normals(elems, 0.0, 1.0));
+    let gs = round(rng.normals(elems, 0.0, 1.0));
+    let xv = Leaf::new(&xs, shape, dtype, x_last);
+    let zv = residual.map(|z_last| Leaf::new(&zs, shape, dtype, z_last));
+    let forward = |train: bool| match &zv {
+        Some(z) => bn.forward_add_relu_t(&xv.x, &z.x, train).unwrap(),
+        None => bn.forward_relu_t(&xv.x, train).unwrap(),
+    };
+    // relu(y + z) of the reference's normalized values (z = 0 without one).
+    let expected = |normalized: &[f64]| -> Vec<f64> {
+        let z = |i: usize| if zv.is_some() { zs[i] } else { 0.0 };
+        normalized
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (v + z(i)).max(0.0))
+            .collect()
+    };
+
+    let y = forward(true);
+    assert_eq!(y.dims(), shape, "{label}: output shape");
+    assert_eq!(y.dtype(), dtype, "{label}: output dtype");
+    let ys = values(&y);
+    let r = reference_forward(&xs, shape, &w, &b, 1e-5);
+    assert_close(
+        &format!("{label}: output"),
+        &ys,
+        &expected(&r.y),
+        atol,
+        rtol,
+    );
+    assert!(ys.iter().all(|&v| v >= 0.0), "{label}: negative output");
+    let zeros = ys.iter().filter(|&&v| v == 0.0).count();
+    assert!(
+        zeros > 0 && zeros < elems,
+        "{label}: {zeros} of {elems} outputs are zero"
+    );
+
+    let loss = (y.to_dtype(DType::F64).unwrap() * tensor(&gs, shape, DType::F64))
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let store = loss.backward().unwrap();
+    let dy = masked(&gs, &ys);
+    if let Some(z) = &zv {
+        assert_eq!(z.grad(&store), dy, "{label}: residual gradient");
+    }
+    let (dx, dw, db) = reference_backward(&xs, &dy, shape, &w, 1e-5);
+    assert_close(
+        &format!("{label}: input gradient"),
+        &xv.grad(&store),
+        &dx,
+        atol * 4.0,
+        rtol * 4.0,
+    );
+    if let Some((wt, bt)) = bn.weight_and_bias() {
+        let scale = (r.count as f64).sqrt() * 4.0;
+        let gw = values(store.get(wt).expect("weight gradient"));
+        let gb = values(store.get(bt).expect("bias gradient"));
+        assert_close(
+            &format!("{label}: weight gradient"),
+            &gw,
+            &dw,
+            atol * scale,
+            rtol * 4.0,
+        );
+        assert_close(
+            &format!("{label}: bias gradient"),
+            &gb,
+            &db,
+            atol * scale,
+            rtol * 4.0,
+        );
+    }
+
+    let (mean, var) = (
+        values(&bn.running_mean().unwrap()),
+        values(&bn.running_var().unwrap()),
+    );
+    let want = expected(&reference_eval(&xs, shape, &mean, &var, &w, &b, 1e-5));
+    assert_close(
+        &format!("{label}: eval output"),
+        &values(&forward(false)),
+        &want,
+        atol,
+        rtol,
+    );
+}
+
 #[test]
-fn fused_relu_matches_f64_reference_in_training() {
+fn fused_relu_matches_f64_reference() {
     let mut seed = 1;
     for dtype in [DType::F32, DType::F64, DType::F16, DType::BF16] {
         for shape in SHAPES {
             for affine in [true, false] {
-                for channels_last in [false, true] {
-                    if channels_last && shape.len() < 3 {
-                        continue;
+                for x_last in [false, true] {
+                    if !x_last || shape.len() >= 3 {
+                        check_fused(dtype, shape, affine, x_last, None, seed);
+                        seed += 1;
                     }
-                    let label = format!(
-                        "{dtype:?} {shape:?} affine={affine} channels_last={channels_last}"
-                    );
-                    let mut rng = Rng::new(seed);
-                    seed += 1;
-                    let cfg = SyncBatchNormConfig {
-                        affine,
-                        ..Default::default()
-                    };
-                    let c_n = shape[1];
-                    let (bn, w, b) = layer(c_n, cfg, dtype, &mut rng);
-                    let elems: usize = shape.iter().product();
-                    let xs = values(&tensor(&rng.normals(elems, 1.0, 2.0), shape, dtype));
-                    let gs = values(&tensor(&rng.normals(elems, 0.0, 1.0), shape, dtype));
-                    let x = if channels_last {
-                        // The same logical values, stored (N, *, C).
-                        let rank = shape.len();
-                        let mut perm: Vec<usize> = vec![0];
-                        perm.extend(2..rank);
-                        perm.push(1);
-                        let t = tensor(&xs, shape, dtype)
-                            .permute(perm.as_slice())
-                            .unwrap()
-                            .contiguous()
-                            .unwrap();
-                        let mut inverse = vec![0; rank];
-                        for (i, &p) in perm.iter().enumerate() {
-                            inverse[p] = i;
-                        }
-                        t.permute(inverse.as_slice()).unwrap()
-                    } else {
-                        tensor(&xs, shape, dtype)
-                    };
-                    assert_eq!(channels_last, !x.is_contiguous(), "{label}");
-                    let xv = Var::from_tensor(&x).unwrap();
-                    let y = bn.forward_relu_t(xv.as_tensor(), true).unwrap();
-                    assert_eq!(y.dims(), shape, "{label}: output shape");
-                    assert_eq!(y.dtype(), dtype, "{label}: output dtype");
-                    let ys = values(&y);
-                    let r = reference_forward(&xs, shape, &w, &b, 1e-5);
-                    let want: Vec<f64> = r.y.iter().map(|v| v.max(0.0)).collect();
-                    let (atol, rtol) = tolerance(dtype);
-                    assert_close(&format!("{label}: output"), &ys, &want, atol, rtol);
-                    assert!(ys.iter().all(|&v| v >= 0.0), "{label}: negative output");
-                    let zeros = ys.iter().filter(|&&v| v == 0.0).count();
-                    assert!(
-                        zeros > 0 && zeros < elems,
-                        "{label}: {zeros} of {elems} outputs are zero"
-                    );
+                }
+            }
+        }
+    }
+}
 
-                    let (gx, affine_grads) = grads(&bn, &xv, &y, &tensor(&gs, shape, dtype));
-                    let (dx, dw, db) = reference_backward(&xs, &masked(&gs, &ys), shape, &w, 1e-5);
-                    assert_close(
-                        &format!("{label}: input gradient"),
-                        &gx,
-                        &dx,
-                        atol * 4.0,
-                        rtol * 4.0,
-                    );
-                    if let Some((gw, gb)) = affine_grads {
-                        let scale = (r.count as f64).sqrt() * 4.0;
-                        assert_close(
-                            &format!("{label}: weight gradient"),
-                            &gw,
-                            &dw,
-                            atol * scale,
-                            rtol * 4.0,
-                        );
-                        assert_close(
-                            &format!("{label}: bias gradient"),
-                            &gb,
-                            &db,
-                            atol * scale,
-                            rtol * 4.0,
-                        );
+#[test]
+fn fused_add_relu_matches_f64_reference() {
+    let mut seed = 1000;
+    for dtype in [DType::F32, DType::F64, DType::F16, DType::BF16] {
+        for shape in SHAPES {
+            for affine in [true, false] {
+                // The residual may have its own layout, unlike the input's.
+                for (x_last, z_last) in [(false, false), (true, false), (false, true)] {
+                    if !(x_last || z_last) || shape.len() >= 3 {
+                        check_fused(dtype, shape, affine, x_last, Some(z_last), seed);
+                        seed += 1;
                     }
                 }
             }
@@ -189,8 +290,8 @@ fn fused_relu_in_eval_uses_running_statistics() {
         );
         let xs = values(&tensor(&rng.normals(elems, 3.0, 2.0), &shape, dtype));
         let gs = values(&tensor(&rng.normals(elems, 0.0, 1.0), &shape, dtype));
-        let xv = Var::from_tensor(&tensor(&xs, &shape, dtype)).unwrap();
-        let y = bn.forward_relu_t(xv.as_tensor(), false).unwrap();
+        let xv = Leaf::new(&xs, &shape, dtype, false);
+        let y = bn.forward_relu_t(&xv.x, false).unwrap();
         let ys = values(&y);
         let want: Vec<f64> = reference_eval(&xs, &shape, &mean, &var, &w, &b, 1e-5)
             .iter()
@@ -247,12 +348,11 @@ fn fused_relu_equals_batch_norm_then_relu() {
         let mut rng = Rng::new(seed);
         let (bn, _, _) = layer(shape[1], SyncBatchNormConfig::default(), dtype, &mut rng);
         let elems: usize = shape.iter().product();
-        let x = tensor(&rng.normals(elems, -1.0, 3.0), &shape, dtype);
+        let xv = Leaf::new(&rng.normals(elems, -1.0, 3.0), &shape, dtype, false);
         let g = tensor(&rng.normals(elems, 0.0, 1.0), &shape, dtype);
-        let xv = Var::from_tensor(&x).unwrap();
-        let fused = bn.forward_relu_t(xv.as_tensor(), true).unwrap();
+        let fused = bn.forward_relu_t(&xv.x, true).unwrap();
         let fused_grads = grads(&bn, &xv, &fused, &g);
-        let two_ops = bn.forward_t(xv.as_tensor(), true).unwrap().relu().unwrap();
+        let two_ops = bn.forward_t(&xv.x, true).unwrap().relu().unwrap();
         let two_ops_grads = grads(&bn, &xv, &two_ops, &g);
         let label = format!("{dtype:?}");
         // The same arithmetic in the same precision: the outputs are equal.
@@ -306,4 +406,79 @@ fn fused_relu_keeps_nan() {
             assert!(*v >= 0.0, "element {i}: {v}");
         }
     }
+}
+
+#[test]
+fn fused_add_relu_equals_three_ops() {
+    for (seed, dtype) in [(1100, DType::F32), (1101, DType::F64)] {
+        let shape = [6usize, 4, 7, 5];
+        let mut rng = Rng::new(seed);
+        let (bn, _, _) = layer(shape[1], SyncBatchNormConfig::default(), dtype, &mut rng);
+        let elems: usize = shape.iter().product();
+        let x = Var::from_tensor(&tensor(&rng.normals(elems, -1.0, 3.0), &shape, dtype)).unwrap();
+        let z = Var::from_tensor(&tensor(&rng.normals(elems, 0.0, 1.0), &shape, dtype)).unwrap();
+        let g = tensor(&rng.normals(elems, 0.0, 1.0), &shape, dtype);
+        let run = |fused: bool| {
+            let y = if fused {
+                bn.forward_add_relu_t(x.as_tensor(), z.as_tensor(), true)
+                    .unwrap()
+            } else {
+                (bn.forward_t(x.as_tensor(), true).unwrap() + z.as_tensor())
+                    .unwrap()
+                    .relu()
+                    .unwrap()
+            };
+            let store = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            let (wt, bt) = bn.weight_and_bias().unwrap();
+            let grad = |t: &Tensor| values(store.get(t).unwrap());
+            (
+                values(&y),
+                [grad(x.as_tensor()), grad(z.as_tensor()), grad(wt), grad(bt)],
+            )
+        };
+        let (y_fused, g_fused) = run(true);
+        let (y_ops, g_ops) = run(false);
+        let label = format!("{dtype:?}");
+        // The same operations in the same precision and order.
+        assert_eq!(y_fused, y_ops, "{label}: outputs");
+        let (atol, rtol) = tolerance(dtype);
+        for (i, what) in ["input", "residual", "weight", "bias"].iter().enumerate() {
+            let scale = if i >= 2 { 10.0 } else { 1.0 };
+            assert_close(
+                &format!("{label}: {what} gradient"),
+                &g_fused[i],
+                &g_ops[i],
+                atol * scale,
+                rtol,
+            );
+        }
+    }
+}
+
+#[test]
+fn a_mismatched_residual_is_an_error_naming_the_layer() {
+    let mut rng = Rng::new(1200);
+    let (bn, _, _) = layer(3, SyncBatchNormConfig::default(), DType::F32, &mut rng);
+    let x = tensor(&rng.normals(24, 0.0, 1.0), &[2, 3, 4], DType::F32);
+    let cases = [
+        (
+            tensor(&rng.normals(18, 0.0, 1.0), &[2, 3, 3], DType::F32),
+            "shape",
+        ),
+        (
+            tensor(&rng.normals(24, 0.0, 1.0), &[2, 3, 4], DType::F64),
+            "dtype",
+        ),
+    ];
+    for (z, what) in cases {
+        let err = bn.forward_add_relu_t(&x, &z, true).unwrap_err().to_string();
+        assert!(
+            err.contains("SyncBatchNorm 'bn'")
+                && err.contains("residual")
+                && err.contains("[2, 3, 4]"),
+            "{what}: {err}"
+        );
+    }
+    // Nothing was counted: the check comes before the statistics.
+    assert_eq!(bn.num_batches_tracked(), 0);
 }

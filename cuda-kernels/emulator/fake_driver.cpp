@@ -83,6 +83,7 @@ std::unordered_map<std::string, Kernel>& registry() {
         SYNCBN_KERNEL(bn_coef_input_grad_f32),
         SYNCBN_KERNEL(bn_coef_input_grad_f64),
         SYNCBN_TYPED(bn_normalize),
+        SYNCBN_TYPED(bn_normalize_add),
         SYNCBN_TYPED(bn_input_grad),
         SYNCBN_TYPED(bn_relu_grad),
     };

@@ -307,6 +307,26 @@ impl BatchNormLayer {
             Self::Sync(l) => l.num_batches_tracked(),
         }
     }
+
+    /// Batch norm followed by a ReLU: fused into one op when converted
+    /// ([`SyncBatchNorm::forward_relu_t`]), candle-nn's layer then `relu`
+    /// when kept local.
+    pub fn forward_relu_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        match self {
+            Self::Local(l) => l.forward_t(x, train)?.relu(),
+            Self::Sync(l) => l.forward_relu_t(x, train),
+        }
+    }
+
+    /// `relu(batch_norm(x) + residual)`: fused into one op when converted
+    /// ([`SyncBatchNorm::forward_add_relu_t`]), candle-nn's layer, `+` and
+    /// `relu` when kept local.
+    pub fn forward_add_relu_t(&self, x: &Tensor, residual: &Tensor, train: bool) -> Result<Tensor> {
+        match self {
+            Self::Local(l) => (l.forward_t(x, train)? + residual)?.relu(),
+            Self::Sync(l) => l.forward_add_relu_t(x, residual, train),
+        }
+    }
 }
 
 impl ModuleT for BatchNormLayer {

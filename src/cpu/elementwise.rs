@@ -1,5 +1,5 @@
 //! Per-channel affine element-wise passes: normalization (forward, optionally
-//! followed by a fused ReLU) and the input gradient (backward), and the
+//! plus a residual and followed by a fused ReLU) and the input gradient (backward), and the
 //! gradient mask of the fused ReLU. Outputs are contiguous in the shape of the
 //! input view.
 
@@ -211,18 +211,83 @@ multiversion! {
     }
 }
 
-/// `y = (x − mean)·x_scale + shift` per channel, then `max(y, 0)` with `relu`
-/// (applied in the accumulator type, before rounding to `T`).
+multiversion! {
+    /// Channel-major rows `first..` of the normalization plus a residual `z`.
+    wide fn normalize_add_rows<T: Element>(
+        dst: &mut [MaybeUninit<T>],
+        x: &[T],
+        v: &ChannelView,
+        z: &[T],
+        zv: &ChannelView,
+        first: usize,
+        k: &ChannelCoefficients<T::Acc>,
+        relu: bool,
+        bufs: &mut (Vec<T>, Vec<T>),
+    ) -> () {
+        for (r, row) in (first..).zip(dst.chunks_mut(v.inner)) {
+            let (o, c) = (r / v.channels, r % v.channels);
+            let (mh, ml, b, s) = (k.mean_hi[c], k.mean_lo[c], k.x_scale[c], k.shift[c]);
+            let src = channel_row(x, v, o, c, &mut bufs.0);
+            let res = channel_row(z, zv, o, c, &mut bufs.1);
+            for ((d, &e), &q) in row.iter_mut().zip(src).zip(res) {
+                d.write(T::from_acc(activate((((e.to_acc() - mh) - ml) * b + s) + q.to_acc(), relu)));
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// Channel-innermost rows `first..` of the normalization plus a residual `z`.
+    wide fn normalize_add_spatial<T: Element>(
+        dst: &mut [MaybeUninit<T>],
+        x: &[T],
+        v: &ChannelView,
+        z: &[T],
+        zv: &ChannelView,
+        first: usize,
+        k: &ChannelCoefficients<T::Acc>,
+        relu: bool,
+        bufs: &mut (Vec<T>, Vec<T>),
+    ) -> () {
+        for (o, row) in (first..).zip(dst.chunks_mut(v.channels)) {
+            let src = spatial_row(x, v, o, &mut bufs.0);
+            let res = spatial_row(z, zv, o, &mut bufs.1);
+            let coef = k.mean_hi.iter().zip(&k.mean_lo).zip(&k.x_scale).zip(&k.shift);
+            for (((d, &e), &q), (((&mh, &ml), &b), &s)) in row.iter_mut().zip(src).zip(res).zip(coef) {
+                d.write(T::from_acc(activate((((e.to_acc() - mh) - ml) * b + s) + q.to_acc(), relu)));
+            }
+        }
+    }
+}
+
+/// `y = (x − mean)·x_scale + shift` per channel, plus `residual` (a tensor of
+/// `x`'s shape with its own strides) when given, then `max(y, 0)` with `relu`;
+/// all in the accumulator type, rounded to `T` once.
 pub fn normalize<T: Element>(
     x: &[T],
     v: &ChannelView,
     k: &ChannelCoefficients<T::Acc>,
+    residual: Option<(&[T], &ChannelView)>,
     relu: bool,
 ) -> Vec<T> {
-    elementwise(v, Vec::new, |buf, rows, dst| match rows {
-        Rows::Channel { first } => normalize_rows(dst, x, v, first, k, relu, buf),
-        Rows::Spatial { first } => normalize_spatial(dst, x, v, first, k, relu, buf),
-    })
+    match residual {
+        None => elementwise(v, Vec::new, |buf, rows, dst| match rows {
+            Rows::Channel { first } => normalize_rows(dst, x, v, first, k, relu, buf),
+            Rows::Spatial { first } => normalize_spatial(dst, x, v, first, k, relu, buf),
+        }),
+        Some((z, zv)) => elementwise(
+            v,
+            || (Vec::new(), Vec::new()),
+            |bufs, rows, dst| match rows {
+                Rows::Channel { first } => {
+                    normalize_add_rows(dst, x, v, z, zv, first, k, relu, bufs)
+                }
+                Rows::Spatial { first } => {
+                    normalize_add_spatial(dst, x, v, z, zv, first, k, relu, bufs)
+                }
+            },
+        ),
+    }
 }
 
 /// `dx = dy·dy_scale + (x − mean)·x_scale + shift` per channel; `dy` and `x`

@@ -20,8 +20,8 @@ use super::emulator::{DevBuf, Emulator};
 use super::plan::{self, KView, Reduction, ReductionSplit};
 use crate::ops::layout::ChannelView;
 use crate::ops::{
-    AffineGrads, BatchNormOp, BatchStats, CounterIncrement, GradStats, InputGrad, Moments,
-    ReluGrad, RunningStat, RunningStatsUpdate,
+    AffineGrads, BatchNormAddOp, BatchNormOp, BatchStats, CounterIncrement, GradStats, InputGrad,
+    Moments, ReluGrad, RunningStat, RunningStatsUpdate,
 };
 use crate::ProcessGroup;
 use candle::{DType, Device, Layout, Storage, Tensor, WithDType};
@@ -71,6 +71,8 @@ type CoefInputGrad = unsafe extern "C" fn(
     *mut c_void,
 );
 type Normalize<T> = unsafe extern "C" fn(*const T, KView, *mut T, KView, *const c_void, i32, i32);
+type NormalizeAdd<T> =
+    unsafe extern "C" fn(*const T, KView, *const T, KView, *mut T, KView, *const c_void, i32, i32);
 type ReluGradK<T> = unsafe extern "C" fn(*const T, KView, *const T, KView, *mut T, KView, i32);
 type InputGradK<T> =
     unsafe extern "C" fn(*const T, KView, *const T, KView, *mut T, KView, *const c_void, i32);
@@ -437,6 +439,20 @@ fn emu_normalize<T: WithDType>(
     affine: Option<(&Param, &Param)>,
     relu: bool,
 ) -> Vec<T> {
+    emu_normalize_add(emu, x, v, None, moments, affine, relu)
+}
+
+/// `BatchNormOp::forward_cuda` with an optional residual: coefficients, then
+/// `bn_normalize_*` or `bn_normalize_add_*`.
+fn emu_normalize_add<T: WithDType>(
+    emu: &Emulator,
+    x: &DevBuf<T>,
+    v: &ChannelView,
+    residual: Option<(&DevBuf<T>, &ChannelView)>,
+    moments: &DevBuf<f64>,
+    affine: Option<(&Param, &Param)>,
+    relu: bool,
+) -> Vec<T> {
     let (c, len) = (v.channels, v.len());
     let coef = DevBuf::<u8>::filled(plan::coef_bytes(T::DTYPE, c), 0xff);
     let name = format!("bn_coef_normalize_{}", plan::acc_suffix(T::DTYPE));
@@ -461,6 +477,23 @@ fn emu_normalize<T: WithDType>(
     });
 
     let out = DevBuf::<T>::filled(len, T::from_f64(f64::NAN));
+    let relu = i32::from(relu);
+    if let Some((z, zv)) = residual {
+        let canon = plan::canonicalize(&[*v, *zv, plan::contiguous_like(v)]);
+        let aligned = [x.aligned16(), z.aligned16(), out.aligned16()];
+        let (mode, grid) = elementwise_dims::<T>(&canon, &aligned, len);
+        let name = format!("bn_normalize_add_{}", T::DTYPE.as_str());
+        // SAFETY: the signature of bn_normalize_add_*.
+        let f: NormalizeAdd<T> = unsafe { emu.kernel(&name) };
+        let (xk, zk, ok) = (canon.views[0], canon.views[1], canon.views[2]);
+        let (xp, zp, op) = (x.ptr(), z.ptr(), out.ptr_mut());
+        let cp = coef.ptr() as *const c_void;
+        emu.launch(grid, [plan::BLOCK, 1, 1], || unsafe {
+            f(zp, zk, xp, xk, op, ok, cp, mode, relu)
+        })
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+        return out.to_vec();
+    }
     let canon = plan::canonicalize(&[*v, plan::contiguous_like(v)]);
     let (mode, grid) = elementwise_dims::<T>(&canon, &[x.aligned16(), out.aligned16()], len);
     let name = format!("bn_normalize_{}", T::DTYPE.as_str());
@@ -468,7 +501,6 @@ fn emu_normalize<T: WithDType>(
     let f: Normalize<T> = unsafe { emu.kernel(&name) };
     let (xk, ok) = (canon.views[0], canon.views[1]);
     let (xp, op, cp) = (x.ptr(), out.ptr_mut(), coef.ptr() as *const c_void);
-    let relu = i32::from(relu);
     emu.launch(grid, [plan::BLOCK, 1, 1], || unsafe {
         f(xp, xk, op, ok, cp, mode, relu)
     })
@@ -734,6 +766,32 @@ fn check_case<T: WithDType>(emu: &Emulator, case: &Case, rng: &mut Rng) {
         .map(|v| v.to_f64())
         .collect();
     assert_bitwise(&what("relu grad"), &got, &want);
+
+    // Normalization plus a residual (dy's buffer, with its own strides), then
+    // the ReLU, with and without the affine transform (the op takes weight
+    // and bias as one (2, C) stack).
+    let add = BatchNormAddOp { norm: op };
+    let wb = Tensor::stack(&[&weight, &bias], 0).unwrap();
+    let want = values(&x.apply_op3_no_bwd(&dy, &wb, &add).unwrap());
+    let got: Vec<f64> = emu_normalize_add(
+        emu,
+        &xb,
+        &xv,
+        Some((&dyb, &dv)),
+        &mb,
+        Some((&wp, &bp)),
+        true,
+    )
+    .iter()
+    .map(|v| v.to_f64())
+    .collect();
+    assert_bitwise(&what("normalize + residual + relu (affine)"), &got, &want);
+    let want = values(&x.apply_op2_no_bwd(&dy, &add).unwrap());
+    let got: Vec<f64> = emu_normalize_add(emu, &xb, &xv, Some((&dyb, &dv)), &mb, None, true)
+        .iter()
+        .map(|v| v.to_f64())
+        .collect();
+    assert_bitwise(&what("normalize + residual + relu"), &got, &want);
 
     // Input gradient: batch statistics with a weight, fixed statistics without.
     let ig = InputGrad {

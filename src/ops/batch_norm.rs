@@ -8,7 +8,7 @@ use super::{
 use crate::cpu::{self, ChannelCoefficients};
 use crate::ProcessGroup;
 use candle::backend::BackendStorage;
-use candle::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
+use candle::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 /// `y = (x − mean)·invstd·weight + bias` per channel (then `max(y, 0)` with
 /// `relu`), with candle autograd.
@@ -38,12 +38,14 @@ pub struct BatchNormOp {
 }
 
 impl BatchNormOp {
-    fn forward_cpu(
+    /// The CPU forward, plus `residual` (a tensor of `x`'s shape) when given.
+    pub(super) fn forward_cpu(
         &self,
         x: &CpuStorage,
         xl: &Layout,
         w: Option<Vec<f64>>,
         b: Option<Vec<f64>>,
+        residual: Option<(&CpuStorage, &Layout)>,
     ) -> Result<(CpuStorage, Shape)> {
         let v = channel_view(xl, self.axis, "sync-batch-norm")?;
         let m = host_f64(&self.moments)?;
@@ -58,29 +60,64 @@ impl BatchNormOp {
         let b = b.unwrap_or_else(|| vec![0.0; c_n]);
         let scale: Vec<f64> = (0..c_n).map(|c| m[c_n + c] * w[c]).collect();
         let zeros = vec![0.0; c_n];
+        let residual = match residual {
+            Some((z, zl)) => {
+                check_residual(z.dtype(), zl, x.dtype(), xl)?;
+                Some((z, channel_view(zl, self.axis, "sync-batch-norm")?))
+            }
+            None => None,
+        };
         let out = with_float_type!(x.dtype(), T => {
             let coef = ChannelCoefficients::<<T as Element>::Acc>::new(&m[..c_n], &zeros, &scale, &b);
-            candle::WithDType::to_cpu_storage_owned(cpu::normalize(x.as_slice::<T>()?, &v, &coef, self.relu))
+            let residual = match &residual {
+                Some((z, zv)) => Some((z.as_slice::<T>()?, zv)),
+                None => None,
+            };
+            candle::WithDType::to_cpu_storage_owned(cpu::normalize(x.as_slice::<T>()?, &v, &coef, residual, self.relu))
         }, _ => return Err(unsupported_dtype("sync-batch-norm", "input", x.dtype())));
         Ok((out, xl.shape().clone()))
     }
 
     /// The CUDA forward: per-channel coefficients (`bn_coef_normalize_*`), then
-    /// the element-wise pass (`bn_normalize_*`) into a contiguous output.
+    /// the element-wise pass (`bn_normalize_*`, or `bn_normalize_add_*` with a
+    /// residual) into a contiguous output.
     #[cfg(feature = "cuda")]
-    fn forward_cuda(
+    pub(super) fn forward_cuda(
         &self,
         x: &candle::CudaStorage,
         xl: &Layout,
         affine: Option<cuda::Affine<'_>>,
+        residual: Option<(&candle::CudaStorage, &Layout)>,
     ) -> Result<(candle::CudaStorage, Shape)> {
         let v = channel_view(xl, self.axis, "sync-batch-norm")?;
+        let residual = match residual {
+            Some((z, zl)) => {
+                check_residual(z.dtype(), zl, x.dtype(), xl)?;
+                Some((z, channel_view(zl, self.axis, "sync-batch-norm")?))
+            }
+            None => None,
+        };
         let dev = x.device();
         let out = with_float_type!(x.dtype(), T => {
-            let out = cuda::normalize::<T>(dev, x.as_cuda_slice::<T>()?, &v, &self.moments, affine, self.relu)?;
+            let residual = match &residual {
+                Some((z, zv)) => Some((z.as_cuda_slice::<T>()?, zv)),
+                None => None,
+            };
+            let out = cuda::normalize::<T>(dev, x.as_cuda_slice::<T>()?, &v, &self.moments, affine, residual, self.relu)?;
             candle::CudaStorage::wrap_cuda_slice(out, dev.clone())
         }, _ => return Err(unsupported_dtype("sync-batch-norm", "input", x.dtype())));
         Ok((out, xl.shape().clone()))
+    }
+
+    /// The gradient of the output before the fused ReLU: `grad` masked by
+    /// the op's output `res` with `relu`, else `grad` (as a viewable tensor).
+    pub(super) fn pre_activation_grad(&self, res: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        let dy = viewable(grad, self.axis)?;
+        if self.relu {
+            dy.apply_op2_no_bwd(res, &ReluGrad { axis: self.axis })
+        } else {
+            Ok(dy)
+        }
     }
 
     /// The gradients of the input and, with `weight`, of weight and bias;
@@ -92,12 +129,24 @@ impl BatchNormOp {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
-        let dy = viewable(grad, self.axis)?;
-        let dy = if self.relu {
-            dy.apply_op2_no_bwd(res, &ReluGrad { axis: self.axis })?
-        } else {
-            dy
+        let dy = self.pre_activation_grad(res, grad)?;
+        let (dx, affine) = self.backward_normalization(x, weight, &dy)?;
+        let affine = match affine {
+            Some(g) => Some((g.get(0)?, g.get(1)?)),
+            None => None,
         };
+        Ok((dx, affine))
+    }
+
+    /// [`Self::backward`] from the gradient of the normalization's output `dy`:
+    /// `dx` and, with `weight`, `[dweight; dbias]` as one `(2, C)` tensor in
+    /// the weight's dtype.
+    pub(super) fn backward_normalization(
+        &self,
+        x: &Tensor,
+        weight: Option<&Tensor>,
+        dy: &Tensor,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let local = dy.apply_op2_no_bwd(
             x,
             &GradStats {
@@ -111,7 +160,7 @@ impl BatchNormOp {
                     moments: self.moments.clone(),
                     dtype: w.dtype(),
                 })?;
-                Some((g.get(0)?, g.get(1)?))
+                Some(g)
             }
             None => None,
         };
@@ -145,7 +194,7 @@ impl CustomOp1 for BatchNormOp {
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.forward_cpu(x, xl, None, None)
+        self.forward_cpu(x, xl, None, None, None)
     }
 
     #[cfg(feature = "cuda")]
@@ -154,7 +203,7 @@ impl CustomOp1 for BatchNormOp {
         x: &candle::CudaStorage,
         xl: &Layout,
     ) -> Result<(candle::CudaStorage, Shape)> {
-        self.forward_cuda(x, xl, None)
+        self.forward_cuda(x, xl, None, None)
     }
 
     fn bwd(&self, x: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -178,7 +227,7 @@ impl CustomOp3 for BatchNormOp {
     ) -> Result<(CpuStorage, Shape)> {
         let w = cpu_values_f64(w, wl, CustomOp3::name(self))?;
         let b = cpu_values_f64(b, bl, CustomOp3::name(self))?;
-        self.forward_cpu(x, xl, Some(w), Some(b))
+        self.forward_cpu(x, xl, Some(w), Some(b), None)
     }
 
     #[cfg(feature = "cuda")]
@@ -191,7 +240,7 @@ impl CustomOp3 for BatchNormOp {
         b: &candle::CudaStorage,
         bl: &Layout,
     ) -> Result<(candle::CudaStorage, Shape)> {
-        self.forward_cuda(x, xl, Some(((w, wl), (b, bl))))
+        self.forward_cuda(x, xl, Some(((w, wl), (b, bl))), None)
     }
 
     fn bwd(
@@ -215,6 +264,19 @@ impl CustomOp3 for BatchNormOp {
     }
 }
 
+/// The residual must match the input's shape and dtype (the layer checks this
+/// first with its own message; this guards direct users of the ops).
+fn check_residual(z: DType, zl: &Layout, x: DType, xl: &Layout) -> Result<()> {
+    if zl.dims() != xl.dims() || z != x {
+        candle::bail!(
+            "sync-batch-norm: residual {z:?} {:?} does not match input {x:?} {:?}",
+            zl.dims(),
+            xl.dims()
+        )
+    }
+    Ok(())
+}
+
 #[cfg(feature = "cuda")]
 mod cuda {
     use crate::cuda::launch::{self as l, Module, Small};
@@ -227,14 +289,15 @@ mod cuda {
     /// Weight and bias storages with their layouts.
     pub(super) type Affine<'a> = ((&'a CudaStorage, &'a Layout), (&'a CudaStorage, &'a Layout));
 
-    /// `y = ((x − hi) − lo)·(invstd·w) + b` (then `max(y, 0)` with `relu`),
-    /// contiguous in `x`'s shape.
+    /// `y = ((x − hi) − lo)·(invstd·w) + b` (plus `residual`, then
+    /// `max(y, 0)` with `relu`), contiguous in `x`'s shape.
     pub(super) fn normalize<T: WithDType + DeviceRepr>(
         dev: &CudaDevice,
         x: &CudaSlice<T>,
         v: &ChannelView,
         moments: &Tensor,
         affine: Option<Affine<'_>>,
+        residual: Option<(&CudaSlice<T>, &ChannelView)>,
         relu: bool,
     ) -> Result<CudaSlice<T>> {
         let c = v.channels;
@@ -279,13 +342,46 @@ mod cuda {
             // Vec1, const void*, Vec1, long long, A*); `coef` holds C * 8 values.
             unsafe { l::launch(args, l::grid(plan::per_item_blocks(c))?)? };
         }
+        let relu = i32::from(relu);
+        if let Some((z, zv)) = residual {
+            // x is the primary view (it picks the path); z and the output follow.
+            let canon = plan::canonicalize(&[*v, *zv, plan::contiguous_like(v)]);
+            let aligned = [
+                l::aligned16(dev, x),
+                l::aligned16(dev, z),
+                l::aligned16(dev, &out),
+            ];
+            let mode = l::elementwise_mode(&canon, l::vec_width::<T>(), &aligned);
+            let w = if mode == 0 { 1 } else { l::vec_width::<T>() };
+            let blocks = plan::elementwise_blocks(len, w, l::sm_count(dev)?);
+            let (xk, zk, ok): (KView, KView, KView) =
+                (canon.views[0], canon.views[1], canon.views[2]);
+            let f = l::function(
+                dev,
+                Module::Elementwise,
+                &format!("bn_normalize_add_{}", T::DTYPE.as_str()),
+            )?;
+            let mut args = stream.launch_builder(&f);
+            args.arg(z)
+                .arg(&zk)
+                .arg(x)
+                .arg(&xk)
+                .arg(&mut out)
+                .arg(&ok)
+                .arg(&coef)
+                .arg(&mode)
+                .arg(&relu);
+            // SAFETY: matches bn_normalize_add_*(const T*, View, const T*, View,
+            // T*, View, const A*, int, int); every view lies inside its buffer.
+            unsafe { l::launch(args, l::grid(blocks)?)? };
+            return Ok(out);
+        }
         let canon = plan::canonicalize(&[*v, plan::contiguous_like(v)]);
         let aligned = [l::aligned16(dev, x), l::aligned16(dev, &out)];
         let mode = l::elementwise_mode(&canon, l::vec_width::<T>(), &aligned);
         let w = if mode == 0 { 1 } else { l::vec_width::<T>() };
         let blocks = plan::elementwise_blocks(len, w, l::sm_count(dev)?);
         let (xv, ov): (KView, KView) = (canon.views[0], canon.views[1]);
-        let relu = i32::from(relu);
         let f = l::function(
             dev,
             Module::Elementwise,

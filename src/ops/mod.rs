@@ -7,13 +7,15 @@
 //! Backward of [`BatchNormOp`]: [`GradStats`] (local `[Σdy; Σdy·(x−μ)]`) → one
 //! all-reduce → [`InputGrad`] (dx) and [`AffineGrads`] (local dweight, dbias).
 //! With a fused ReLU, [`ReluGrad`] first masks the incoming gradient by the
-//! op's output.
+//! op's output. [`BatchNormAddOp`] adds a residual before the ReLU (its
+//! gradient is that masked gradient).
 
 pub mod element;
 pub mod layout;
 
 mod affine_grads;
 mod batch_norm;
+mod batch_norm_add;
 mod batch_stats;
 mod grad_stats;
 mod input_grad;
@@ -23,6 +25,7 @@ mod running_stats;
 
 pub use affine_grads::AffineGrads;
 pub use batch_norm::BatchNormOp;
+pub use batch_norm_add::BatchNormAddOp;
 pub use batch_stats::BatchStats;
 pub use grad_stats::GradStats;
 pub use input_grad::InputGrad;

@@ -297,6 +297,20 @@ pub struct RankRun {
     pub eval: Vec<f64>,
 }
 
+/// The permutation from `(N, C, *)` to channels-last `(N, *, C)` for a tensor
+/// of `rank` dims, and its inverse.
+pub fn channels_last_perm(rank: usize) -> (Vec<usize>, Vec<usize>) {
+    let to_last: Vec<usize> = std::iter::once(0)
+        .chain(2..rank)
+        .chain(std::iter::once(1))
+        .collect();
+    let mut back = vec![0; rank];
+    for (i, &p) in to_last.iter().enumerate() {
+        back[p] = i;
+    }
+    (to_last, back)
+}
+
 /// `bn.forward_relu_t` (the fused ReLU) when `relu`, else `bn.forward_t`.
 pub fn forward_maybe_relu(
     bn: &SyncBatchNorm,
