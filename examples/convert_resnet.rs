@@ -23,7 +23,10 @@ use candle_syncbn::{BatchNormLayer, BatchNormRewriter, ProcessGroup};
 // Written like any candle-nn model. The conversion changed three things:
 // the constructors take `bn: &BatchNormRewriter`, `candle_nn::batch_norm(..)`
 // became `bn.batch_norm(..)` (same arguments), and the BatchNorm fields have
-// the type `BatchNormLayer` instead of `candle_nn::BatchNorm`.
+// the type `BatchNormLayer` instead of `candle_nn::BatchNorm`. Optionally (a
+// fourth change, made here), `bn(..)` followed by `relu` or by `+ shortcut`
+// and `relu` became `forward_relu_t` / `forward_add_relu_t`: one op each on
+// the synchronized layers, the same ops as before on those kept local.
 
 struct BasicBlock {
     conv1: Conv2d,
@@ -71,13 +74,15 @@ impl BasicBlock {
     }
 
     fn forward_t(&self, x: &Tensor, train: bool) -> candle::Result<Tensor> {
-        let y = self.bn1.forward_t(&self.conv1.forward(x)?, train)?.relu()?;
-        let y = self.bn2.forward_t(&self.conv2.forward(&y)?, train)?;
+        // was: self.bn1.forward_t(..)?.relu()?
+        let y = self.bn1.forward_relu_t(&self.conv1.forward(x)?, train)?;
         let shortcut = match &self.downsample {
             Some((conv, bn)) => bn.forward_t(&conv.forward(x)?, train)?,
             None => x.clone(),
         };
-        (y + shortcut)?.relu()
+        // was: (self.bn2.forward_t(..)? + shortcut)?.relu()
+        self.bn2
+            .forward_add_relu_t(&self.conv2.forward(&y)?, &shortcut, train)
     }
 }
 
@@ -104,10 +109,7 @@ impl ResNet {
     }
 
     fn forward_t(&self, x: &Tensor, train: bool) -> candle::Result<Tensor> {
-        let mut x = self
-            .stem_bn
-            .forward_t(&self.stem.forward(x)?, train)?
-            .relu()?;
+        let mut x = self.stem_bn.forward_relu_t(&self.stem.forward(x)?, train)?;
         for block in &self.blocks {
             x = block.forward_t(&x, train)?;
         }

@@ -19,7 +19,7 @@
 //! checkpoint (atomically), and reloads it to evaluate again.
 
 use anyhow::{bail, Context, Result};
-use candle::{DType, Device, Module, ModuleT, Tensor, D};
+use candle::{DType, Device, Module, Tensor, D};
 use candle_nn::{Optimizer, VarBuilder, VarMap};
 use candle_syncbn::data_parallel::{average_gradients, broadcast_varmap, save_varmap_atomic};
 use candle_syncbn::launch::{launch_if_requested, Rendezvous};
@@ -112,15 +112,14 @@ impl Net {
     }
 
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        // Batch norm and ReLU in one op (`forward_relu_t`).
         let x = self
             .b1
-            .forward_t(&self.c1.forward(x)?, train)?
-            .relu()?
+            .forward_relu_t(&self.c1.forward(x)?, train)?
             .max_pool2d(2)?;
         let x = self
             .b2
-            .forward_t(&self.c2.forward(&x)?, train)?
-            .relu()?
+            .forward_relu_t(&self.c2.forward(&x)?, train)?
             .max_pool2d(2)?;
         Ok(self.fc.forward(&x.flatten_from(1)?)?)
     }
