@@ -24,9 +24,9 @@ it: the part of our step that no kernel of ours can remove. CUDA compares the
 kernels (our `fwd` + `bwd ops`).
 
 With `--relu` (and our JSON from `bench -- --relu`), a second table times
-batch norm followed by a ReLU, `relu(bn(x))`, as a whole training step
-through autograd (on CUDA with cuDNN's BatchNorm), against our fused
-`forward_relu_t` step.
+`relu(bn(x))` and `relu(bn(x) + z)` as whole training steps through autograd
+(on CUDA with cuDNN's BatchNorm), against our fused `forward_relu_t` and
+`forward_add_relu_t` steps.
 
 Set the same allocator environment for both runs when comparing (glibc's
 `MALLOC_*` variables apply to the Python process as they do to ours).
@@ -87,9 +87,11 @@ def cpu_row(shape, dtype, iters):
     return {"step_ms": t_step * 1e3, "fwd_ms": t_fwd * 1e3, "eval_ms": t_eval * 1e3}
 
 
-def relu_step(shape, dtype, device, iters):
-    """Seconds of a training step of relu(bn(x)) through autograd (cuDNN on CUDA)."""
+def relu_steps(shape, dtype, device, iters):
+    """Seconds of training steps through autograd (cuDNN on CUDA) of
+    relu(bn(x)) and of relu(bn(x) + z), z trained too."""
     x = torch.randn(shape, device=device, dtype=torch.float32).to(dtype).requires_grad_(True)
+    z = torch.randn(shape, device=device, dtype=torch.float32).to(dtype).requires_grad_(True)
     bn = bn_module(shape, dtype, device)
     if device == "cpu" and dtype in (torch.float16, torch.bfloat16):
         bn = bn.to(dtype)
@@ -99,7 +101,11 @@ def relu_step(shape, dtype, device, iters):
         y = torch.relu(bn(x))
         y.backward(torch.ones_like(y))
 
-    return timed(step, device, iters)
+    def add_step():
+        y = torch.relu(bn(x) + z)
+        y.backward(torch.ones_like(y))
+
+    return timed(step, device, iters), timed(add_step, device, iters)
 
 
 def cuda_row(shape, dtype, iters):
@@ -167,6 +173,7 @@ def main():
     kernel_ratios = []
     relu_lines = []
     relu_ratios = []
+    add_relu_ratios = []
     for s in args.shapes.split(","):
         shape = [int(d) for d in s.split("x")]
         for name in args.dtypes.split(","):
@@ -199,13 +206,18 @@ def main():
                 else:
                     print(f"{label:<26} {r['fwd_ms']:>9.3f} {r['bwd_ms']:>9.3f} {'-':>9} {'-':>6} | {r['cudnn_step_ms']:>9.3f} {'-':>6}")
             if args.relu:
-                t = relu_step(shape, dtype, args.device, args.iters) * 1e3
+                t, t_add = (v * 1e3 for v in relu_steps(shape, dtype, args.device, args.iters))
                 fused = mine.get("relu_step_ms") if mine else None
-                if fused:
+                add_fused = mine.get("add_relu_step_ms") if mine else None
+                if fused and add_fused:
                     relu_ratios.append(t / fused)
-                    relu_lines.append(f"{label:<26} {t:>12.3f} {fused:>12.3f} {t / fused:>5.2f}x")
+                    add_relu_ratios.append(t_add / add_fused)
+                    relu_lines.append(
+                        f"{label:<26} {t:>12.3f} {fused:>12.3f} {t / fused:>5.2f}x | "
+                        f"{t_add:>14.3f} {add_fused:>12.3f} {t_add / add_fused:>5.2f}x"
+                    )
                 else:
-                    relu_lines.append(f"{label:<26} {t:>12.3f} {'-':>12} {'-':>6}")
+                    relu_lines.append(f"{label:<26} {t:>12.3f} {'-':>12} {'-':>6} | {t_add:>14.3f} {'-':>12} {'-':>6}")
     def summary(name, rs):
         geo = math.exp(sum(math.log(r) for r in rs) / len(rs))
         print(f"{name}: geometric mean of PyTorch / ours {geo:.2f}x, worst {min(rs):.2f}x")
@@ -216,11 +228,16 @@ def main():
         summary("PyTorch's step / our kernels", kernel_ratios)
     if relu_lines:
         print()
-        print(f"{'shape dtype':<26} {'torch bn+relu':>12} {'ours fused':>12} {'ratio':>6}   (training step, ms)")
+        print("training steps, ms:")
+        print(
+            f"{'shape dtype':<26} {'relu(bn(x))':>12} {'ours fused':>12} {'ratio':>6} | "
+            f"{'relu(bn(x)+z)':>14} {'ours fused':>12} {'ratio':>6}"
+        )
         for line in relu_lines:
             print(line)
     if relu_ratios:
-        summary("batch norm + ReLU step", relu_ratios)
+        summary("relu(bn(x)) step", relu_ratios)
+        summary("relu(bn(x) + z) step", add_relu_ratios)
 
 
 if __name__ == "__main__":

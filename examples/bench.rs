@@ -27,7 +27,8 @@
 //! With `--relu`, a second table times the training step of batch norm
 //! followed by a ReLU three ways: `forward_relu_t` (the ReLU fused into our
 //! normalization), `forward_t` then candle's `relu`, and candle-nn's BatchNorm
-//! then `relu`.
+//! then `relu`; and likewise `relu(bn(x) + z)`, the end of a ResNet block
+//! (`forward_add_relu_t`, and the same as three ops).
 
 use anyhow::{bail, Result};
 use candle::{DType, Device, Tensor, Var};
@@ -148,7 +149,8 @@ struct Row {
     bytes: f64,
 }
 
-/// Training steps of batch norm followed by a ReLU (`--relu`).
+/// Training steps of batch norm followed by a ReLU, and of batch norm plus a
+/// residual followed by a ReLU (`--relu`).
 struct ReluRow {
     /// `forward_relu_t` + `backward()`.
     fused: f64,
@@ -156,6 +158,12 @@ struct ReluRow {
     two_ops: f64,
     /// candle-nn's BatchNorm, `relu`, `backward()`.
     nn: Option<f64>,
+    /// `forward_add_relu_t(x, z)` + `backward()` (z a variable too).
+    add_fused: f64,
+    /// `forward_t`, `+ z`, `relu`, `backward()`.
+    add_ops: f64,
+    /// candle-nn's BatchNorm, `+ z`, `relu`, `backward()`.
+    add_nn: Option<f64>,
 }
 
 fn bench_one(dev: &Device, shape: &[usize], dtype: DType, args: &Args) -> Result<Row> {
@@ -274,7 +282,37 @@ fn bench_one(dev: &Device, shape: &[usize], dtype: DType, args: &Args) -> Result
                 Ok(nn_bn.forward_t(&nn_x, true)?.relu()?.backward()?)
             })?)
         };
-        Some(ReluRow { fused, two_ops, nn })
+        // The residual: another activation of the same shape, trained too.
+        let z = Var::from_tensor(
+            &Tensor::randn(0f32, 1.0, shape, &Device::Cpu)?
+                .to_dtype(dtype)?
+                .to_device(dev)?,
+        )?;
+        let zt = z.as_tensor();
+        let add_fused = time(dev, iters, || {
+            Ok(bn.forward_add_relu_t(xt, zt, true)?.backward()?)
+        })?;
+        let add_ops = time(dev, iters, || {
+            Ok((bn.forward_t(xt, true)? + zt)?.relu()?.backward()?)
+        })?;
+        let add_nn = if args.no_candle_nn {
+            None
+        } else {
+            let nn_z = zt.to_dtype(param_dtype)?;
+            Some(time(dev, nn_iters, || {
+                Ok((nn_bn.forward_t(&nn_x, true)? + &nn_z)?
+                    .relu()?
+                    .backward()?)
+            })?)
+        };
+        Some(ReluRow {
+            fused,
+            two_ops,
+            nn,
+            add_fused,
+            add_ops,
+            add_nn,
+        })
     } else {
         None
     };
@@ -417,11 +455,21 @@ fn main() -> Result<()> {
     if !relu_rows.is_empty() {
         println!();
         println!(
-            "batch norm + ReLU, training step (forward, then backward() through autograd), ms; ratios: that step / fused"
+            "training steps (forward, then backward() through autograd), ms; ratios: that step / ours fused"
         );
         println!(
-            "{:<26} {:>9} | {:>14} {:>6} | {:>14} {:>6}",
-            "shape dtype", "fused", "bn, then relu", "ratio", "nn bn, relu", "ratio"
+            "{:<26} {:>9} | {:>14} {:>6} | {:>14} {:>6} || {:>9} | {:>14} {:>6} | {:>14} {:>6}",
+            "shape dtype",
+            "relu(bn)",
+            "bn, relu",
+            "ratio",
+            "nn bn, relu",
+            "ratio",
+            "+z fused",
+            "bn, +z, relu",
+            "ratio",
+            "nn, +z, relu",
+            "ratio"
         );
         for line in relu_rows {
             println!("{line}");
@@ -454,15 +502,18 @@ fn candle_accumulates_in_place() -> Result<bool> {
 
 /// One line of the batch norm + ReLU table.
 fn relu_line(label: &str, r: &ReluRow) -> String {
-    let nn = match r.nn {
-        Some(t) => format!("{:>14.3} {:>5.1}x", t * 1e3, t / r.fused),
+    let other = |t: Option<f64>, fused: f64| match t {
+        Some(t) => format!("{:>14.3} {:>5.2}x", t * 1e3, t / fused),
         None => format!("{:>14} {:>6}", "-", "-"),
     };
     format!(
-        "{label:<26} {:>9.3} | {:>14.3} {:>5.2}x | {nn}",
+        "{label:<26} {:>9.3} | {} | {} || {:>9.3} | {} | {}",
         r.fused * 1e3,
-        r.two_ops * 1e3,
-        r.two_ops / r.fused
+        other(Some(r.two_ops), r.fused),
+        other(r.nn, r.fused),
+        r.add_fused * 1e3,
+        other(Some(r.add_ops), r.add_fused),
+        other(r.add_nn, r.add_fused),
     )
 }
 
@@ -493,9 +544,12 @@ fn relu_json(r: Option<&ReluRow>) -> String {
     };
     let ms = |t: f64| format!("{:.6}", t * 1e3);
     format!(
-        ", \"relu_step_ms\": {}, \"bn_then_relu_step_ms\": {}, \"candle_nn_relu_step_ms\": {}",
+        ", \"relu_step_ms\": {}, \"bn_then_relu_step_ms\": {}, \"candle_nn_relu_step_ms\": {}, \"add_relu_step_ms\": {}, \"bn_add_relu_ops_step_ms\": {}, \"candle_nn_add_relu_step_ms\": {}",
         ms(r.fused),
         ms(r.two_ops),
-        r.nn.map(ms).unwrap_or_else(|| "null".into())
+        r.nn.map(ms).unwrap_or_else(|| "null".into()),
+        ms(r.add_fused),
+        ms(r.add_ops),
+        r.add_nn.map(ms).unwrap_or_else(|| "null".into())
     )
 }

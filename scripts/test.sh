@@ -33,7 +33,7 @@ echo "== GPU tests on the emulated GPU (the kernels on the CPU; see scripts/emul
 eval "$(bash scripts/emulated-gpu.sh)"
 cargo test --features cuda,nccl --test cuda --test nccl
 echo "== the benchmark's and the training example's CUDA paths on the emulated GPU (smoke runs; emulated timings mean nothing)" >&2
-cargo run --features cuda,nccl --example bench -- --device cuda --shapes 4x8x6x6,64x16 --dtypes f32,bf16 --iters 2
+cargo run --features cuda,nccl --example bench -- --device cuda --shapes 4x8x6x6,64x16 --dtypes f32,bf16 --iters 2 --relu
 cargo run --features cuda,nccl --example train -- --device cuda --nproc-per-node 2 --epochs 1 \
   --train-size 128 --test-size 64 --image-size 8 --batch-size 16 --max-steps 3 \
   --checkpoint target/emulated-gpu/train-smoke.safetensors
