@@ -1263,12 +1263,13 @@ fn a_step_never_makes_the_host_wait_for_the_gpu() {
             let x =
                 Var::from_tensor(&data(&[4, 6, 5, 5], dtype, 3).to_device(&dev).unwrap()).unwrap();
             let g = data(&[4, 6, 5, 5], dtype, 4).to_device(&dev).unwrap();
-            // A step through forward_t, then one through forward_relu_t (the
-            // ReLU's gradient mask is one more kernel), then an eval forward.
+            // A step through forward_t, then one through forward_add_relu_t
+            // (the residual and the ReLU's gradient mask: one more kernel,
+            // the (2, C) weight-bias stack), then an eval forward.
             let step = || {
                 let y = bn.forward_t(x.as_tensor(), true).unwrap();
                 let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
-                let r = bn.forward_relu_t(x.as_tensor(), true).unwrap();
+                let r = bn.forward_add_relu_t(x.as_tensor(), &g, true).unwrap();
                 let relu_grads = (&r * &g).unwrap().sum_all().unwrap().backward().unwrap();
                 let eval = bn.forward_t(x.as_tensor(), false).unwrap();
                 (y, grads, relu_grads, eval)
