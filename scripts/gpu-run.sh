@@ -65,10 +65,10 @@ for step in "${STEPS[@]}"; do
       run_step tests "$BIN/cuda" --test-threads=1
       ;;
     bench)
-      run_step bench "$BIN/bench" --device cuda --json "$OUT/bench-cuda.json"
+      run_step bench "$BIN/bench" --device cuda --relu --json "$OUT/bench-cuda.json"
       ;;
     pytorch)
-      run_step pytorch python3 "$HERE/pytorch_bench.py" --device cuda --ours "$OUT/bench-cuda.json"
+      run_step pytorch python3 "$HERE/pytorch_bench.py" --device cuda --relu --ours "$OUT/bench-cuda.json"
       ;;
     train)
       # World size 1 over NCCL on the one GPU: the whole data-parallel path.
