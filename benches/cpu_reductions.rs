@@ -1,6 +1,6 @@
 //! Criterion benchmark of the CPU reduction kernels on one thread with data in
 //! cache: the batch statistics of the forward and the gradient sums of the
-//! backward, f32 and bf16, over long rows (112×112 maps) and short ones
+//! backward (also with a fused ReLU's mask recomputed from x), f32 and bf16, over long rows (112×112 maps) and short ones
 //! (14×14 and 7×7), and `(N, C)` inputs. Out of cache these kernels share the memory's bandwidth with
 //! everything else on the machine, and the run-to-run swings of that
 //! bandwidth hide changes to the kernels; in cache their own speed shows.
@@ -8,7 +8,7 @@
 //! `cargo bench --bench cpu_reductions` (elements per second per row).
 
 use candle::{Layout, Shape};
-use candle_syncbn::cpu::{batch_stats, grad_sums};
+use candle_syncbn::cpu::{batch_stats, grad_sums, ReluMask};
 use candle_syncbn::ops::layout::ChannelView;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use half::bf16;
@@ -42,6 +42,8 @@ fn reductions(c: &mut Criterion) {
             .collect();
         let gb: Vec<bf16> = gf.iter().map(|&g| bf16::from_f32(g)).collect();
         let mean = vec![1.5f64; channels];
+        // About half of the outputs positive.
+        let relu = ReluMask::<f32>::new(&vec![0.7; channels], &vec![0.05; channels]);
         let name = format!("{n}x{channels}x{spatial}");
         group.throughput(Throughput::Elements(len as u64));
         group.bench_function(BenchmarkId::new("batch_stats_f32", &name), |b| {
@@ -51,10 +53,16 @@ fn reductions(c: &mut Criterion) {
             pool.install(|| b.iter(|| batch_stats(&xb, &view)))
         });
         group.bench_function(BenchmarkId::new("grad_sums_f32", &name), |b| {
-            pool.install(|| b.iter(|| grad_sums(&gf, &view, &xf, &view, &mean)))
+            pool.install(|| b.iter(|| grad_sums(&gf, &view, &xf, &view, &mean, None)))
         });
         group.bench_function(BenchmarkId::new("grad_sums_bf16", &name), |b| {
-            pool.install(|| b.iter(|| grad_sums(&gb, &view, &xb, &view, &mean)))
+            pool.install(|| b.iter(|| grad_sums(&gb, &view, &xb, &view, &mean, None)))
+        });
+        group.bench_function(BenchmarkId::new("grad_sums_relu_f32", &name), |b| {
+            pool.install(|| b.iter(|| grad_sums(&gf, &view, &xf, &view, &mean, Some(&relu))))
+        });
+        group.bench_function(BenchmarkId::new("grad_sums_relu_bf16", &name), |b| {
+            pool.install(|| b.iter(|| grad_sums(&gb, &view, &xb, &view, &mean, Some(&relu))))
         });
     }
     group.finish();

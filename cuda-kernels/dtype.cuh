@@ -71,6 +71,30 @@ __device__ __forceinline__ void store_acc(T* __restrict__ p, const typename Trai
     *reinterpret_cast<Pack<T, W>*>(p) = pk;
 }
 
+// Per-channel coefficients of the element-wise passes, COEF accumulator values
+// per channel (see elementwise.cu): hi, lo (the mean split so that
+// (x − hi) − lo keeps the precision of x − mean), b, k, a, and for the input
+// gradient of a fused ReLU the forward's b and k again (mask scale, shift).
+constexpr int COEF = 8;
+
+// The normalization's affine step `centered·b + k` with the product rounded
+// on its own, never contracted into an FMA: the forward and the backward's
+// recomputation of a fused ReLU's mask then agree bit for bit, and both agree
+// with the CPU path.
+__device__ __forceinline__ float affine_rn(float centered, float b, float k) {
+    return __fadd_rn(__fmul_rn(centered, b), k);
+}
+__device__ __forceinline__ double affine_rn(double centered, double b, double k) {
+    return __dadd_rn(__dmul_rn(centered, b), k);
+}
+
+// Whether a fused ReLU passes the gradient where the normalization gave `v`
+// before rounding: v rounded to T is > 0, or NaN (PyTorch's
+// threshold_backward on the output).
+template <typename T> __device__ __forceinline__ bool relu_passes(typename Traits<T>::Acc v) {
+    return !(Traits<T>::to_acc(Traits<T>::from_acc(v)) <= typename Traits<T>::Acc(0));
+}
+
 // Run-time dtype codes of small tensors (must match `DtypeCode` in src/cuda/mod.rs).
 enum DtypeCode : int { DT_F32 = 0, DT_F64 = 1, DT_F16 = 2, DT_BF16 = 3, DT_I64 = 4, DT_U32 = 5 };
 

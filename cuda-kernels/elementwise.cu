@@ -4,6 +4,8 @@
 // with per-channel coefficients prepared once by a small kernel in f64 and
 // rounded to the accumulator type; and the gradient mask of the fused ReLU,
 //     out = y <= 0 ? 0 : dy.
+// The input gradient of a fused ReLU (without residual) masks dy itself,
+// recomputing the forward's output from x (see relu_passes in dtype.cuh).
 // See src/ops/batch_norm.rs, input_grad.rs and relu_grad.rs.
 #include "dtype.cuh"
 #include "tile.cuh"
@@ -11,17 +13,16 @@
 
 using namespace syncbn;
 
-// Coefficients of one channel, COEF accumulator values: hi, lo, b, k, a, (pad).
-constexpr int COEF = 8;
-
 // ---------------------------------------------------------------------------
 // Coefficient kernels: one thread per channel, f64 with the CPU path's
 // operations (explicit _rn intrinsics: no contraction), rounded to A.
 // ---------------------------------------------------------------------------
 
+// One channel's COEF values (see dtype.cuh): hi, lo, b, k, a, then the
+// forward's b and k of a fused ReLU's mask (mb, mk; 0 without), (pad).
 template <typename A>
 __device__ __forceinline__ void write_coef(A* __restrict__ coef, long long c, double mean, double b, double k,
-                                           double a) {
+                                           double a, double mb = 0.0, double mk = 0.0) {
     const A hi = static_cast<A>(mean);
     A* p = coef + c * COEF;
     p[0] = hi;
@@ -29,8 +30,8 @@ __device__ __forceinline__ void write_coef(A* __restrict__ coef, long long c, do
     p[2] = static_cast<A>(b);
     p[3] = static_cast<A>(k);
     p[4] = static_cast<A>(a);
-    p[5] = A(0);
-    p[6] = A(0);
+    p[5] = static_cast<A>(mb);
+    p[6] = static_cast<A>(mk);
     p[7] = A(0);
 }
 
@@ -51,10 +52,15 @@ __device__ __forceinline__ void coef_normalize(const void* __restrict__ moments,
 
 // Backward: a = w·invstd; with the global sums g = [Σdy; Σdy·(x − mean)] over
 // n = max(count, 1): b = −w·invstd³·g1/n, k = −a·g0/n; without: b = k = 0.
+// With `relu`, the forward's coefficients invstd·rw and rbias (the fused
+// ReLU's weight and bias, computed as coef_normalize computes them) follow,
+// for its mask.
 template <typename A>
 __device__ __forceinline__ void coef_input_grad(const void* __restrict__ moments, const Mat2& m,
                                                 const void* __restrict__ w, const Vec1& wv,
                                                 const void* __restrict__ g, const Mat2& gm,
+                                                const void* __restrict__ rw, const Vec1& rwv,
+                                                const void* __restrict__ rbias, const Vec1& rbv, const int relu,
                                                 const long long channels, A* __restrict__ coef) {
     const long long c = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= channels) return;
@@ -71,7 +77,13 @@ __device__ __forceinline__ void coef_input_grad(const void* __restrict__ moments
         b = __ddiv_rn(__dmul_rn(__dmul_rn(__dmul_rn(__dmul_rn(-weight, invstd), invstd), invstd), g1), n);
         k = __ddiv_rn(__dmul_rn(-a, g0), n);
     }
-    write_coef<A>(coef, c, mean, b, k, a);
+    if (relu) {
+        const double mw = rwv.present ? load_f64(rw, rwv.dtype, rwv.offset + c * rwv.stride) : 1.0;
+        const double shift = rbv.present ? load_f64(rbias, rbv.dtype, rbv.offset + c * rbv.stride) : 0.0;
+        write_coef<A>(coef, c, mean, b, k, a, __dmul_rn(invstd, mw), shift);
+    } else {
+        write_coef<A>(coef, c, mean, b, k, a);
+    }
 }
 
 #define COEF_KERNELS(A, SUFFIX)                                                                              \
@@ -83,8 +95,10 @@ __device__ __forceinline__ void coef_input_grad(const void* __restrict__ moments
     }                                                                                                        \
     extern "C" __global__ void __launch_bounds__(BLOCK) bn_coef_input_grad_##SUFFIX(                          \
         const void* __restrict__ moments, const Mat2 m, const void* __restrict__ w, const Vec1 wv,           \
-        const void* __restrict__ g, const Mat2 gm, const long long channels, A* __restrict__ coef) {         \
-        coef_input_grad<A>(moments, m, w, wv, g, gm, channels, coef);                                        \
+        const void* __restrict__ g, const Mat2 gm, const void* __restrict__ rw, const Vec1 rwv,              \
+        const void* __restrict__ rbias, const Vec1 rbv, const int relu, const long long channels,            \
+        A* __restrict__ coef) {                                                                              \
+        coef_input_grad<A>(moments, m, w, wv, g, gm, rw, rwv, rbias, rbv, relu, channels, coef);             \
     }
 
 COEF_KERNELS(float, f32)
@@ -109,7 +123,9 @@ COEF_KERNELS(double, f64)
 // KIND picks the pass: the normalization (no dy; with `relu`, max(·, 0) in the
 // accumulator type before rounding; NaN stays NaN), the normalization plus a
 // residual (read through the dy slot and added after the affine transform),
-// the input gradient, or the ReLU mask (x is then the forward's output y; no
+// the input gradient (with `relu`, dy is first masked where the forward's
+// output, recomputed from x with the coefficients' mb and mk, was not
+// positive), or the ReLU mask (x is then the forward's output y; no
 // coefficients).
 // ---------------------------------------------------------------------------
 
@@ -142,9 +158,11 @@ __device__ __forceinline__ void elemt_body(const T* __restrict__ dy, const View&
             const A centered = (xs[k] - cf.v[0]) - cf.v[1];
             if (KIND == INPUT_GRAD) {
                 const A a = coef[c * COEF + 4];
-                r[k] = g[k] * a + centered * cf.v[2] + cf.v[3];
+                A gv = g[k];
+                if (relu && !relu_passes<T>(affine_rn(centered, coef[c * COEF + 5], coef[c * COEF + 6]))) gv = A(0);
+                r[k] = gv * a + centered * cf.v[2] + cf.v[3];
             } else {
-                r[k] = centered * cf.v[2] + cf.v[3];
+                r[k] = affine_rn(centered, cf.v[2], cf.v[3]);
                 if (KIND == NORMALIZE_ADD) r[k] = r[k] + g[k];
                 if (relu && r[k] < A(0)) r[k] = A(0);
             }
@@ -185,8 +203,9 @@ __device__ __forceinline__ void elemt(const T* __restrict__ dy, const View& dv, 
     extern "C" __global__ void __launch_bounds__(BLOCK)                                                        \
         bn_input_grad_##SUFFIX(const T* __restrict__ dy, const View dv, const T* __restrict__ x, const View xv, \
                                T* __restrict__ out, const View ov,                                             \
-                               const typename Traits<T>::Acc* __restrict__ coef, const int mode) {             \
-        elemt<T, INPUT_GRAD>(dy, dv, x, xv, out, ov, coef, mode, 0);                                           \
+                               const typename Traits<T>::Acc* __restrict__ coef, const int mode,               \
+                               const int relu) {                                                               \
+        elemt<T, INPUT_GRAD>(dy, dv, x, xv, out, ov, coef, mode, relu);                                        \
     }                                                                                                          \
     extern "C" __global__ void __launch_bounds__(BLOCK)                                                        \
         bn_relu_grad_##SUFFIX(const T* __restrict__ dy, const View dv, const T* __restrict__ y, const View yv,  \

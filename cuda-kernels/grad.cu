@@ -1,5 +1,11 @@
 // Backward reductions of SyncBatchNorm: per-channel Σdy and Σdy·(x − mean)
 // (two levels, deterministic, like stats.cu) and the weight/bias gradients.
+// After a fused ReLU, the *_relu_* kernels take the forward's coefficients
+// (bn_coef_normalize_*, COEF per channel) and mask dy where the forward's
+// output, recomputed from x, was not positive. They are entry points of their
+// own so that the plain kernels keep their register use (one kernel with both
+// paths takes the registers of the larger: 127 -> 150 for bn_grad_inner_bf16
+// on sm_90, one block per SM instead of two).
 // See src/ops/grad_stats.rs and affine_grads.rs for the Rust side.
 #include "dtype.cuh"
 #include "reduce.cuh"
@@ -31,10 +37,22 @@ __device__ __forceinline__ SplitMean<A> split_mean(const void* __restrict__ mome
 // partial[t] = (Σdy, Σdy·(x − mean)).
 // ---------------------------------------------------------------------------
 
-template <typename T, int W>
+// dy of one element, masked by a fused ReLU when RELU (mb, mk: the forward's
+// scale and shift of the centered input `xc`).
+template <typename T, bool RELU>
+__device__ __forceinline__ typename Traits<T>::Acc masked_grad(typename Traits<T>::Acc g, typename Traits<T>::Acc xc,
+                                                               typename Traits<T>::Acc mb,
+                                                               typename Traits<T>::Acc mk) {
+    using A = typename Traits<T>::Acc;
+    if (RELU && !relu_passes<T>(affine_rn(xc, mb, mk))) return A(0);
+    return g;
+}
+
+template <typename T, int W, bool RELU>
 __device__ __forceinline__ void grad_major_thread(const T* __restrict__ dy, const View& dv, const T* __restrict__ x,
                                                   const View& xv, long long c, long long j, const long long j1,
                                                   const long long step, const SplitMean<typename Traits<T>::Acc> mu,
+                                                  const typename Traits<T>::Acc mb, const typename Traits<T>::Acc mk,
                                                   typename Traits<T>::Acc& s, typename Traits<T>::Acc& q) {
     using A = typename Traits<T>::Acc;
     if (j >= j1) return;
@@ -61,8 +79,10 @@ __device__ __forceinline__ void grad_major_thread(const T* __restrict__ dy, cons
             if (u < cnt) {
 #pragma unroll
                 for (int k = 0; k < W; ++k) {
-                    ts += g[u][k];
-                    tq += g[u][k] * ((e[u][k] - mu.hi) - mu.lo);
+                    const A xc = (e[u][k] - mu.hi) - mu.lo;
+                    const A gv = masked_grad<T, RELU>(g[u][k], xc, mb, mk);
+                    ts += gv;
+                    tq += gv * xc;
                 }
             }
         }
@@ -71,9 +91,10 @@ __device__ __forceinline__ void grad_major_thread(const T* __restrict__ dy, cons
     }
 }
 
-template <typename T>
+template <typename T, bool RELU>
 __device__ __forceinline__ void grad_major(const T* __restrict__ dy, const View dv, const T* __restrict__ x,
                                            const View xv, const void* __restrict__ moments, const Mat2 m,
+                                           const typename Traits<T>::Acc* __restrict__ relu,
                                            const long long chunk_len, const long long chunks, const int group,
                                            const int vec, double* __restrict__ partial) {
     using A = typename Traits<T>::Acc;
@@ -90,10 +111,12 @@ __device__ __forceinline__ void grad_major(const T* __restrict__ dy, const View 
         const long long j0 = k * chunk_len;
         const long long j1 = min(plane, j0 + chunk_len);
         const SplitMean<A> mu = split_mean<A>(moments, m, c);
+        const long long jv = j0 + (long long)g * V, sv = (long long)group * V;
+        const A mb = RELU ? relu[c * COEF + 2] : A(0), mk = RELU ? relu[c * COEF + 3] : A(0);
         if (vec)
-            grad_major_thread<T, V>(dy, dv, x, xv, c, j0 + (long long)g * V, j1, (long long)group * V, mu, s, q);
+            grad_major_thread<T, V, RELU>(dy, dv, x, xv, c, jv, j1, sv, mu, mb, mk, s, q);
         else
-            grad_major_thread<T, 1>(dy, dv, x, xv, c, j0 + g, j1, group, mu, s, q);
+            grad_major_thread<T, 1, RELU>(dy, dv, x, xv, c, j0 + g, j1, group, mu, mb, mk, s, q);
     }
     if (group == WARP) {
         s = warp_sum(s);
@@ -116,9 +139,10 @@ __device__ __forceinline__ void grad_major(const T* __restrict__ dy, const View 
 // (channel c, row block rb) goes to partial[c * gridDim.y + rb].
 // ---------------------------------------------------------------------------
 
-template <typename T, int CV>
+template <typename T, int CV, bool RELU>
 __device__ __forceinline__ void grad_inner_body(const T* __restrict__ dy, const View& dv, const T* __restrict__ x,
                                                 const View& xv, const void* __restrict__ moments, const Mat2& m,
+                                                const typename Traits<T>::Acc* __restrict__ relu,
                                                 const long long rows_per_block, double* __restrict__ partial) {
     using A = typename Traits<T>::Acc;
     __shared__ A sh_s[BLOCK * CV];
@@ -135,9 +159,14 @@ __device__ __forceinline__ void grad_inner_body(const T* __restrict__ dy, const 
     for (int k = 0; k < CV; ++k) s[k] = q[k] = A(0);
     if (active) {
         SplitMean<A> mu[CV];
+        A mb[CV], mk[CV];
 #pragma unroll
-        for (int k = 0; k < CV; ++k)
-            mu[k] = c0 + k < xv.channels ? split_mean<A>(moments, m, c0 + k) : SplitMean<A>{A(0), A(0)};
+        for (int k = 0; k < CV; ++k) {
+            const bool in = c0 + k < xv.channels;
+            mu[k] = in ? split_mean<A>(moments, m, c0 + k) : SplitMean<A>{A(0), A(0)};
+            mb[k] = RELU && in ? relu[(c0 + k) * COEF + 2] : A(0);
+            mk[k] = RELU && in ? relu[(c0 + k) * COEF + 3] : A(0);
+        }
         const T* __restrict__ dbase = dy + dv.offset + c0 * dv.channel_stride;
         const T* __restrict__ xbase = x + xv.offset + c0 * xv.channel_stride;
         long long r = r_begin + ty;
@@ -165,8 +194,10 @@ __device__ __forceinline__ void grad_inner_body(const T* __restrict__ dy, const 
 #pragma unroll
                 for (int u = 0; u < UNROLL; ++u) {
                     if (u < cnt) {
-                        ts += g[u][k];
-                        tq += g[u][k] * ((e[u][k] - mu[k].hi) - mu[k].lo);
+                        const A xc = (e[u][k] - mu[k].hi) - mu[k].lo;
+                        const A gv = masked_grad<T, RELU>(g[u][k], xc, mb[k], mk[k]);
+                        ts += gv;
+                        tq += gv * xc;
                     }
                 }
                 s[k] += ts;
@@ -205,15 +236,16 @@ __device__ __forceinline__ void grad_inner_body(const T* __restrict__ dy, const 
     }
 }
 
-template <typename T>
+template <typename T, bool RELU>
 __device__ __forceinline__ void grad_inner(const T* __restrict__ dy, const View dv, const T* __restrict__ x,
                                            const View xv, const void* __restrict__ moments, const Mat2 m,
+                                           const typename Traits<T>::Acc* __restrict__ relu,
                                            const long long rows_per_block, const int vec,
                                            double* __restrict__ partial) {
     if (vec)
-        grad_inner_body<T, Traits<T>::VEC>(dy, dv, x, xv, moments, m, rows_per_block, partial);
+        grad_inner_body<T, Traits<T>::VEC, RELU>(dy, dv, x, xv, moments, m, relu, rows_per_block, partial);
     else
-        grad_inner_body<T, 1>(dy, dv, x, xv, moments, m, rows_per_block, partial);
+        grad_inner_body<T, 1, RELU>(dy, dv, x, xv, moments, m, relu, rows_per_block, partial);
 }
 
 // (2, C) weight and bias gradients in T from the (2, C) sums and (3, C) moments:
@@ -236,13 +268,25 @@ __device__ __forceinline__ void affine_grads(const void* __restrict__ sums, cons
         bn_grad_major_##SUFFIX(const T* __restrict__ dy, const View dv, const T* __restrict__ x, const View xv, \
                                const void* __restrict__ moments, const Mat2 m, const long long chunk_len,      \
                                const long long chunks, const int group, const int vec, double* partial) {      \
-        grad_major<T>(dy, dv, x, xv, moments, m, chunk_len, chunks, group, vec, partial);                      \
+        grad_major<T, false>(dy, dv, x, xv, moments, m, nullptr, chunk_len, chunks, group, vec, partial);      \
+    }                                                                                                          \
+    extern "C" __global__ void __launch_bounds__(BLOCK) bn_grad_relu_major_##SUFFIX(                           \
+        const T* __restrict__ dy, const View dv, const T* __restrict__ x, const View xv,                      \
+        const void* __restrict__ moments, const Mat2 m, const typename Traits<T>::Acc* __restrict__ relu,     \
+        const long long chunk_len, const long long chunks, const int group, const int vec, double* partial) { \
+        grad_major<T, true>(dy, dv, x, xv, moments, m, relu, chunk_len, chunks, group, vec, partial);          \
     }                                                                                                          \
     extern "C" __global__ void __launch_bounds__(BLOCK)                                                        \
         bn_grad_inner_##SUFFIX(const T* __restrict__ dy, const View dv, const T* __restrict__ x, const View xv, \
                                const void* __restrict__ moments, const Mat2 m, const long long rows_per_block, \
                                const int vec, double* partial) {                                               \
-        grad_inner<T>(dy, dv, x, xv, moments, m, rows_per_block, vec, partial);                                \
+        grad_inner<T, false>(dy, dv, x, xv, moments, m, nullptr, rows_per_block, vec, partial);                \
+    }                                                                                                          \
+    extern "C" __global__ void __launch_bounds__(BLOCK) bn_grad_relu_inner_##SUFFIX(                           \
+        const T* __restrict__ dy, const View dv, const T* __restrict__ x, const View xv,                      \
+        const void* __restrict__ moments, const Mat2 m, const typename Traits<T>::Acc* __restrict__ relu,     \
+        const long long rows_per_block, const int vec, double* partial) {                                     \
+        grad_inner<T, true>(dy, dv, x, xv, moments, m, relu, rows_per_block, vec, partial);                    \
     }                                                                                                          \
     extern "C" __global__ void __launch_bounds__(BLOCK)                                                        \
         bn_affine_grads_##SUFFIX(const void* __restrict__ sums, const Mat2 s, const void* __restrict__ moments, \

@@ -224,6 +224,7 @@ fn bench_one(dev: &Device, shape: &[usize], dtype: DType, args: &Args) -> Result
             &GradStats {
                 axis,
                 moments: moments.clone(),
+                relu: None,
             },
         )?;
         let global = group.all_reduce_sum(&local)?;
@@ -232,6 +233,7 @@ fn bench_one(dev: &Device, shape: &[usize], dtype: DType, args: &Args) -> Result
             moments: moments.clone(),
             grad_sums: Some(global),
             weight: None,
+            relu: None,
         };
         Ok(dy.apply_op2_no_bwd(xt, &op)?)
     })?;

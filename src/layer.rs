@@ -479,10 +479,11 @@ impl SyncBatchNorm {
     }
 
     /// `relu(self.forward_t(x, train))` in one op: the ReLU is applied by the
-    /// normalization pass itself, and its gradient is a mask of the incoming
-    /// gradient by the output, so the pair costs one element-wise pass
-    /// forward (none for the ReLU) and one short one backward, and candle
-    /// keeps one activation for both instead of two (apex's `fuse_relu`).
+    /// normalization pass itself, and backward both passes mask the incoming
+    /// gradient where the output was not positive, recomputing it from `x`
+    /// with the forward's arithmetic. The pair moves the bytes of
+    /// `forward_t` alone in both directions, and candle keeps one activation
+    /// for both instead of two (apex's `fuse_relu`).
     ///
     /// Same numbers as the two ops apart from ties at zero: the ReLU is
     /// applied before the output is rounded to a half dtype, and the gradient

@@ -21,8 +21,8 @@ mod common;
 use candle::{DType, Device, Tensor, Var};
 use candle_nn::{ModuleT, VarBuilder, VarMap};
 use candle_syncbn::ops::{
-    AffineGrads, BatchNormOp, BatchStats, CounterIncrement, GradStats, InputGrad, Moments,
-    RunningStat, RunningStatsUpdate,
+    AffineGrads, BatchNormOp, BatchStats, CounterIncrement, FusedRelu, GradStats, InputGrad,
+    Moments, RunningStat, RunningStatsUpdate,
 };
 use candle_syncbn::{ProcessGroup, SyncBatchNorm, SyncBatchNormConfig};
 use common::*;
@@ -423,14 +423,38 @@ fn grad_stats_match_cpu() {
     for dtype in FLOATS {
         for case in cases(dtype) {
             let xg = case.x.to_device(&dev).unwrap();
-            for (gname, dy) in grads_for(&case, 21) {
+            let c = case.x.dims()[case.axis];
+            let (w, b) = params(c, dtype);
+            // Without a ReLU, then after a fused one (its mask recomputed from
+            // x), with and without an affine transform.
+            let relus = [
+                None,
+                Some(FusedRelu::default()),
+                Some(FusedRelu {
+                    weight: Some(w),
+                    bias: Some(b),
+                }),
+            ];
+            for ((gname, dy), relu) in grads_for(&case, 21)
+                .into_iter()
+                .flat_map(|g| relus.iter().map(move |r| (g.clone(), r.clone())))
+            {
+                let gname = format!(
+                    "{gname}, relu {:?}",
+                    relu.as_ref().map(|r| r.weight.is_some())
+                );
                 let cpu_op = GradStats {
                     axis: case.axis,
                     moments: moments_of(&case.x, case.axis, &Device::Cpu),
+                    relu: relu.clone(),
                 };
                 let gpu_op = GradStats {
                     axis: case.axis,
                     moments: moments_of(&case.x, case.axis, &dev),
+                    relu: relu.map(|r| FusedRelu {
+                        weight: r.weight.map(|t| t.to_device(&dev).unwrap()),
+                        bias: r.bias.map(|t| t.to_device(&dev).unwrap()),
+                    }),
                 };
                 let cpu = dy.apply_op2_no_bwd(&case.x, &cpu_op).unwrap();
                 let gpu = dy
@@ -479,6 +503,7 @@ fn input_grad_and_affine_grads_match_cpu() {
                         &GradStats {
                             axis: case.axis,
                             moments: m_cpu.clone(),
+                            relu: None,
                         },
                     )
                     .unwrap();
@@ -507,27 +532,43 @@ fn input_grad_and_affine_grads_match_cpu() {
                         r,
                     );
                 }
-                let (w, _) = params(c, dtype);
+                let (w, b) = params(c, dtype);
+                let on_dev = |t: &Option<Tensor>| t.as_ref().map(|t| t.to_device(&dev).unwrap());
                 for with_sums in [true, false] {
-                    for weight in [None, Some(w.clone())] {
+                    for (weight, relu) in [
+                        (None, false),
+                        (Some(w.clone()), false),
+                        (None, true),
+                        (Some(w.clone()), true),
+                    ] {
+                        // A fused ReLU's mask uses the forward's weight and bias.
+                        let fused = relu.then(|| FusedRelu {
+                            weight: weight.clone(),
+                            bias: weight.as_ref().map(|_| b.clone()),
+                        });
                         let cpu_op = InputGrad {
                             axis: case.axis,
                             moments: m_cpu.clone(),
                             grad_sums: with_sums.then(|| sums.clone()),
                             weight: weight.clone(),
+                            relu: fused.clone(),
                         };
                         let gpu_op = InputGrad {
                             axis: case.axis,
                             moments: m_gpu.clone(),
                             grad_sums: with_sums.then(|| sums.to_device(&dev).unwrap()),
-                            weight: weight.as_ref().map(|w| w.to_device(&dev).unwrap()),
+                            weight: on_dev(&weight),
+                            relu: fused.map(|r| FusedRelu {
+                                weight: on_dev(&r.weight),
+                                bias: on_dev(&r.bias),
+                            }),
                         };
                         let cpu = dy.apply_op2_no_bwd(&case.x, &cpu_op).unwrap();
                         let gpu = dyg.apply_op2_no_bwd(&xg, &gpu_op).unwrap();
                         assert!(gpu.is_contiguous());
                         close(
                             &format!(
-                                "{} {gname} input grad (sums {with_sums}, weight {})",
+                                "{} {gname} input grad (sums {with_sums}, weight {}, relu {relu})",
                                 case.name,
                                 weight.is_some()
                             ),
@@ -555,7 +596,8 @@ fn unsupported_dtypes_are_errors() {
             &x,
             &GradStats {
                 axis: 1,
-                moments: m
+                moments: m,
+                relu: None,
             }
         )
         .is_err());
@@ -1109,6 +1151,7 @@ fn cuda_results_are_bitwise_deterministic() {
                 let op = GradStats {
                     axis: case.axis,
                     moments: m.clone(),
+                    relu: None,
                 };
                 let sums = || values(&dyg.apply_op2_no_bwd(&xg, &op).unwrap());
                 assert_eq!(sums(), sums(), "{} {gname}: grad sums", case.name);
@@ -1192,6 +1235,7 @@ fn large_shapes_use_every_work_split_and_match_cpu() {
                     &GradStats {
                         axis,
                         moments: m_cpu.clone(),
+                        relu: None,
                     },
                 )
                 .unwrap();
@@ -1201,6 +1245,7 @@ fn large_shapes_use_every_work_split_and_match_cpu() {
                     &GradStats {
                         axis,
                         moments: m_gpu.clone(),
+                        relu: None,
                     },
                 )
                 .unwrap();
@@ -1217,6 +1262,7 @@ fn large_shapes_use_every_work_split_and_match_cpu() {
                 moments: m.clone(),
                 grad_sums: Some(g.clone()),
                 weight: None,
+                relu: None,
             };
             let dx_cpu = dy.apply_op2_no_bwd(&x, &ig(&m_cpu, &gs_cpu)).unwrap();
             let dx_gpu = dyg
@@ -1263,20 +1309,24 @@ fn a_step_never_makes_the_host_wait_for_the_gpu() {
             let x =
                 Var::from_tensor(&data(&[4, 6, 5, 5], dtype, 3).to_device(&dev).unwrap()).unwrap();
             let g = data(&[4, 6, 5, 5], dtype, 4).to_device(&dev).unwrap();
-            // A step through forward_t, then one through forward_add_relu_t
-            // (the residual and the ReLU's gradient mask: one more kernel,
-            // the (2, C) weight-bias stack), then an eval forward.
+            // A step through forward_t, one through forward_relu_t (the
+            // backward recomputes the ReLU's mask from the forward's
+            // coefficients), one through forward_add_relu_t (the residual and
+            // the ReLU's gradient mask: one more kernel, the (2, C)
+            // weight-bias stack), then an eval forward.
             let step = || {
                 let y = bn.forward_t(x.as_tensor(), true).unwrap();
                 let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+                let f = bn.forward_relu_t(x.as_tensor(), true).unwrap();
+                let fused_grads = (&f * &g).unwrap().sum_all().unwrap().backward().unwrap();
                 let r = bn.forward_add_relu_t(x.as_tensor(), &g, true).unwrap();
                 let relu_grads = (&r * &g).unwrap().sum_all().unwrap().backward().unwrap();
                 let eval = bn.forward_t(x.as_tensor(), false).unwrap();
-                (y, grads, relu_grads, eval)
+                (y, grads, fused_grads, relu_grads, eval)
             };
             drop(step()); // the first step loads the modules
             let before = syncs();
-            let (y, grads, relu_grads, eval) = step();
+            let (y, grads, fused_grads, relu_grads, eval) = step();
             let waits = syncs() - before;
             assert_eq!(
                 waits, 0,
@@ -1286,12 +1336,13 @@ fn a_step_never_makes_the_host_wait_for_the_gpu() {
             for t in [
                 &y,
                 grads.get(x.as_tensor()).unwrap(),
+                fused_grads.get(x.as_tensor()).unwrap(),
                 relu_grads.get(x.as_tensor()).unwrap(),
                 &eval,
             ] {
                 assert!(values(t).iter().all(|v| v.is_finite()));
             }
-            drop((y, grads, relu_grads, eval));
+            drop((y, grads, fused_grads, relu_grads, eval));
         }
     }
 }

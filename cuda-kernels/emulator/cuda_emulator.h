@@ -174,8 +174,10 @@ inline float __expf(float v) { return std::exp(v); }
 inline float __logf(float v) { return std::log(v); }
 inline float __fdividef(float a, float b) { return a / b; }
 
-// Correctly rounded f64 arithmetic, as on the device (the emulator is built
+// Correctly rounded f32 and f64 arithmetic, as on the device (the emulator is built
 // with -ffp-contract=off, so nothing is fused).
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
 inline double __dadd_rn(double a, double b) { return a + b; }
 inline double __dsub_rn(double a, double b) { return a - b; }
 inline double __dmul_rn(double a, double b) { return a * b; }

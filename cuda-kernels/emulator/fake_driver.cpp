@@ -76,6 +76,8 @@ std::unordered_map<std::string, Kernel>& registry() {
         SYNCBN_KERNEL(bn_counter_increment),
         SYNCBN_TYPED(bn_grad_major),
         SYNCBN_TYPED(bn_grad_inner),
+        SYNCBN_TYPED(bn_grad_relu_major),
+        SYNCBN_TYPED(bn_grad_relu_inner),
         SYNCBN_TYPED(bn_affine_grads),
         SYNCBN_KERNEL(bn_grad_combine),
         SYNCBN_KERNEL(bn_coef_normalize_f32),

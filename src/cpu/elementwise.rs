@@ -41,6 +41,42 @@ impl<A: Accum> ChannelCoefficients<A> {
     }
 }
 
+/// The forward's per-channel affine `(x − mean)·scale + shift` of a fused
+/// ReLU, from which the backward passes recompute the ReLU's gradient mask
+/// (`dy` where the output is > 0, or NaN) instead of reading the output.
+/// Built from the same f64 values as the forward's [`ChannelCoefficients`]
+/// (and the same mean), it repeats the forward's arithmetic bit for bit.
+#[derive(Debug, Clone)]
+pub struct ReluMask<A> {
+    /// Factor of the centered input (`invstd·weight`).
+    pub scale: Vec<A>,
+    /// Constant term (the bias).
+    pub shift: Vec<A>,
+}
+
+impl<A: Accum> ReluMask<A> {
+    /// Rounds the f64 coefficients to the accumulator type.
+    pub fn new(scale: &[f64], shift: &[f64]) -> Self {
+        let cast = |v: &[f64]| v.iter().map(|&e| A::from_f64(e)).collect::<Vec<A>>();
+        Self {
+            scale: cast(scale),
+            shift: cast(shift),
+        }
+    }
+}
+
+/// The gradient through the fused ReLU at the unrounded output `v` (the
+/// forward's `centered·scale + shift`): `g` where `v` rounds to a positive
+/// `T` or is NaN, else 0 — the mask [`relu_pass`] reads from the output.
+#[inline(always)]
+pub(super) fn relu_masked<T: Element>(g: T::Acc, v: T::Acc) -> T::Acc {
+    if v <= T::RELU_BOUND {
+        <T::Acc as Accum>::ZERO
+    } else {
+        g
+    }
+}
+
 /// The fused activation: `max(v, 0)` with `relu` (NaN stays NaN, as in
 /// PyTorch's `relu`), else `v`. `relu` is loop-invariant wherever this is
 /// called, so the compiler hoists the test out of the vectorized loops.
@@ -173,6 +209,7 @@ multiversion! {
         xv: &ChannelView,
         first: usize,
         k: &ChannelCoefficients<T::Acc>,
+        relu: Option<&ReluMask<T::Acc>>,
         bufs: &mut (Vec<T>, Vec<T>),
     ) -> () {
         for (r, row) in (first..).zip(dst.chunks_mut(xv.inner)) {
@@ -181,8 +218,21 @@ multiversion! {
             let (a, b, s) = (k.dy_scale[c], k.x_scale[c], k.shift[c]);
             let g = channel_row(dy, dv, o, c, &mut bufs.0);
             let src = channel_row(x, xv, o, c, &mut bufs.1);
-            for ((d, &ge), &e) in row.iter_mut().zip(g).zip(src) {
-                d.write(T::from_acc(ge.to_acc() * a + ((e.to_acc() - mh) - ml) * b + s));
+            let it = row.iter_mut().zip(g).zip(src);
+            match relu {
+                Some(m) => {
+                    let (ms, mb) = (m.scale[c], m.shift[c]);
+                    for ((d, &ge), &e) in it {
+                        let xc = (e.to_acc() - mh) - ml;
+                        let gv = relu_masked::<T>(ge.to_acc(), xc * ms + mb);
+                        d.write(T::from_acc(gv * a + xc * b + s));
+                    }
+                }
+                None => {
+                    for ((d, &ge), &e) in it {
+                        d.write(T::from_acc(ge.to_acc() * a + ((e.to_acc() - mh) - ml) * b + s));
+                    }
+                }
             }
         }
     }
@@ -198,14 +248,27 @@ multiversion! {
         xv: &ChannelView,
         first: usize,
         k: &ChannelCoefficients<T::Acc>,
+        relu: Option<&ReluMask<T::Acc>>,
         bufs: &mut (Vec<T>, Vec<T>),
     ) -> () {
         for (o, row) in (first..).zip(dst.chunks_mut(xv.channels)) {
             let g = spatial_row(dy, dv, o, &mut bufs.0);
             let src = spatial_row(x, xv, o, &mut bufs.1);
             let coef = k.mean_hi.iter().zip(&k.mean_lo).zip(&k.dy_scale).zip(&k.x_scale).zip(&k.shift);
-            for (((d, &ge), &e), ((((&mh, &ml), &a), &b), &s)) in row.iter_mut().zip(g).zip(src).zip(coef) {
-                d.write(T::from_acc(ge.to_acc() * a + ((e.to_acc() - mh) - ml) * b + s));
+            let it = row.iter_mut().zip(g).zip(src).zip(coef);
+            match relu {
+                Some(m) => {
+                    for ((((d, &ge), &e), ((((&mh, &ml), &a), &b), &s)), (&ms, &mb)) in it.zip(m.scale.iter().zip(&m.shift)) {
+                        let xc = (e.to_acc() - mh) - ml;
+                        let gv = relu_masked::<T>(ge.to_acc(), xc * ms + mb);
+                        d.write(T::from_acc(gv * a + xc * b + s));
+                    }
+                }
+                None => {
+                    for (((d, &ge), &e), ((((&mh, &ml), &a), &b), &s)) in it {
+                        d.write(T::from_acc(ge.to_acc() * a + ((e.to_acc() - mh) - ml) * b + s));
+                    }
+                }
             }
         }
     }
@@ -291,20 +354,23 @@ pub fn normalize<T: Element>(
 }
 
 /// `dx = dy·dy_scale + (x − mean)·x_scale + shift` per channel; `dy` and `x`
-/// have the same shape, possibly different strides.
+/// have the same shape, possibly different strides. With `relu`, `dy` is the
+/// gradient of a fused ReLU's output and is first masked where the forward's
+/// output (recomputed from `x`) was not positive.
 pub fn backward_elemt<T: Element>(
     dy: &[T],
     dv: &ChannelView,
     x: &[T],
     xv: &ChannelView,
     k: &ChannelCoefficients<T::Acc>,
+    relu: Option<&ReluMask<T::Acc>>,
 ) -> Vec<T> {
     elementwise(
         xv,
         || (Vec::new(), Vec::new()),
         |bufs, rows, dst| match rows {
-            Rows::Channel { first } => backward_rows(dst, dy, dv, x, xv, first, k, bufs),
-            Rows::Spatial { first } => backward_spatial(dst, dy, dv, x, xv, first, k, bufs),
+            Rows::Channel { first } => backward_rows(dst, dy, dv, x, xv, first, k, relu, bufs),
+            Rows::Spatial { first } => backward_spatial(dst, dy, dv, x, xv, first, k, relu, bufs),
         },
     )
 }

@@ -8,7 +8,7 @@ mod elementwise;
 mod reductions;
 
 pub use allocator::keep_freed_memory;
-pub use elementwise::{backward_elemt, normalize, relu_grad, ChannelCoefficients};
+pub use elementwise::{backward_elemt, normalize, relu_grad, ChannelCoefficients, ReluMask};
 pub use reductions::{batch_stats, grad_sums};
 
 use crate::ops::layout::ChannelView;

@@ -1,5 +1,6 @@
 //! Per-channel reductions: batch statistics (forward) and gradient sums (backward).
 
+use super::elementwise::{relu_masked, ReluMask};
 use super::{channel_row, multiversion, spatial_row, BLOCK, TASK};
 use crate::ops::element::{Accum, Element};
 use crate::ops::layout::ChannelView;
@@ -155,16 +156,47 @@ fn lanes_add_deviations_wide<T: Element>(
     lanes_add_deviations(d, q, rem, shift);
 }
 
-/// Adds `dy` into `s` and `dy·((x − hi) − lo)` into `q` over two runs of equal length.
+/// One channel's mean split as `(hi, lo)` and, for a fused ReLU, the
+/// forward's `(scale, shift)` from which the gradient mask is recomputed.
+#[derive(Clone, Copy)]
+struct GradChannel<A> {
+    hi: A,
+    lo: A,
+    relu: Option<(A, A)>,
+}
+
+/// `(dy, x − mean)` of one element in the accumulator type, `dy` masked by
+/// the fused ReLU when `RELU` (`scale`, `shift`: the forward's affine).
 #[inline(always)]
-fn lanes_add_centered_dot<T: Element>(
+fn grad_terms<T: Element, const RELU: bool>(
+    g: T,
+    x: T,
+    hi: T::Acc,
+    lo: T::Acc,
+    scale: T::Acc,
+    shift: T::Acc,
+) -> (T::Acc, T::Acc) {
+    let xc = (x.to_acc() - hi) - lo;
+    let gv = g.to_acc();
+    if RELU {
+        (relu_masked::<T>(gv, xc * scale + shift), xc)
+    } else {
+        (gv, xc)
+    }
+}
+
+/// Adds `dy` into `s` and `dy·((x − hi) − lo)` into `q` over two runs of
+/// equal length (`dy` masked by the fused ReLU when `RELU`).
+#[inline(always)]
+fn lanes_add_centered_dot<T: Element, const RELU: bool>(
     s: &mut [T::Acc; LANES],
     q: &mut [T::Acc; LANES],
     dy: &[T],
     x: &[T],
-    hi: T::Acc,
-    lo: T::Acc,
+    ch: GradChannel<T::Acc>,
 ) {
+    let (hi, lo) = (ch.hi, ch.lo);
+    let (ms, mb) = ch.relu.unwrap_or((T::Acc::ZERO, T::Acc::ZERO));
     let gs = dy.chunks_exact(LANES);
     let xs = x.chunks_exact(LANES);
     let (g_rem, x_rem) = (gs.remainder(), xs.remainder());
@@ -173,16 +205,16 @@ fn lanes_add_centered_dot<T: Element>(
         let g: &[T; LANES] = g.try_into().expect("chunk of LANES");
         let xv: &[T; LANES] = xv.try_into().expect("chunk of LANES");
         for l in 0..LANES {
-            let gv = g[l].to_acc();
+            let (gv, xc) = grad_terms::<T, RELU>(g[l], xv[l], hi, lo, ms, mb);
             sl[l] += gv;
-            ql[l] += gv * ((xv[l].to_acc() - hi) - lo);
+            ql[l] += gv * xc;
         }
     }
     let (mut sl, mut ql) = lane_barrier((sl, ql));
-    for (l, (g, xv)) in g_rem.iter().zip(x_rem).enumerate() {
-        let gv = g.to_acc();
+    for (l, (&g, &xv)) in g_rem.iter().zip(x_rem).enumerate() {
+        let (gv, xc) = grad_terms::<T, RELU>(g, xv, hi, lo, ms, mb);
         sl[l] += gv;
-        ql[l] += gv * ((xv.to_acc() - hi) - lo);
+        ql[l] += gv * xc;
     }
     add_lanes(s, sl);
     add_lanes(q, ql);
@@ -255,9 +287,13 @@ multiversion! {
 
 multiversion! {
     /// `Σdy` and `Σdy·((x − hi) − lo)` over two runs of equal length.
-    fn centered_dot<T: Element>(dy: &[T], x: &[T], hi: T::Acc, lo: T::Acc) -> (f64, f64) {
+    fn centered_dot<T: Element>(dy: &[T], x: &[T], ch: GradChannel<T::Acc>) -> (f64, f64) {
         let (mut s, mut q) = ([T::Acc::ZERO; LANES], [T::Acc::ZERO; LANES]);
-        lanes_add_centered_dot(&mut s, &mut q, dy, x, hi, lo);
+        if ch.relu.is_some() {
+            lanes_add_centered_dot::<T, true>(&mut s, &mut q, dy, x, ch);
+        } else {
+            lanes_add_centered_dot::<T, false>(&mut s, &mut q, dy, x, ch);
+        }
         (fold_lanes(s).to_f64(), fold_lanes(q).to_f64())
     }
 }
@@ -273,14 +309,18 @@ multiversion! {
         c: usize,
         o0: usize,
         o1: usize,
-        mean: (T::Acc, T::Acc),
+        ch: GradChannel<T::Acc>,
         bufs: &mut (Vec<T>, Vec<T>),
     ) -> (f64, f64) {
         let (mut s, mut q) = ([T::Acc::ZERO; LANES], [T::Acc::ZERO; LANES]);
         for o in o0..o1 {
             let drow = channel_row(dy, dv, o, c, &mut bufs.0);
             let xrow = channel_row(x, xv, o, c, &mut bufs.1);
-            lanes_add_centered_dot(&mut s, &mut q, drow, xrow, mean.0, mean.1);
+            if ch.relu.is_some() {
+                lanes_add_centered_dot::<T, true>(&mut s, &mut q, drow, xrow, ch);
+            } else {
+                lanes_add_centered_dot::<T, false>(&mut s, &mut q, drow, xrow, ch);
+            }
         }
         (fold_lanes(s).to_f64(), fold_lanes(q).to_f64())
     }
@@ -423,6 +463,7 @@ multiversion! {
         xv: &ChannelView,
         hi: &[T::Acc],
         lo: &[T::Acc],
+        relu: Option<&ReluMask<T::Acc>>,
         r0: usize,
         r1: usize,
         bufs: &mut (Vec<T>, Vec<T>),
@@ -434,10 +475,21 @@ multiversion! {
             let drow = spatial_row(dy, dv, o, &mut bufs.0);
             let xrow = spatial_row(x, xv, o, &mut bufs.1);
             let it = s.iter_mut().zip(q.iter_mut()).zip(drow).zip(xrow).zip(hi).zip(lo);
-            for (((((sc, qc), &g), &e), &h), &l) in it {
-                let gv = g.to_acc();
-                *sc += gv;
-                *qc += gv * ((e.to_acc() - h) - l);
+            match relu {
+                Some(m) => {
+                    for ((((((sc, qc), &g), &e), &h), &l), (&ms, &mb)) in it.zip(m.scale.iter().zip(&m.shift)) {
+                        let (gv, xc) = grad_terms::<T, true>(g, e, h, l, ms, mb);
+                        *sc += gv;
+                        *qc += gv * xc;
+                    }
+                }
+                None => {
+                    for (((((sc, qc), &g), &e), &h), &l) in it {
+                        let (gv, xc) = grad_terms::<T, false>(g, e, h, l, T::Acc::ZERO, T::Acc::ZERO);
+                        *sc += gv;
+                        *qc += gv * xc;
+                    }
+                }
             }
         }
         s.iter().zip(q.iter()).map(|(a, b)| (a.to_f64(), b.to_f64())).collect()
@@ -538,12 +590,15 @@ fn outer_tasks(outer: usize, elems_per_outer: usize) -> Vec<(usize, usize)> {
 /// Per-channel `[Σ dy; Σ dy·(x − mean)]` as `2 × C` f64, row-major. `mean` is
 /// given per channel as an f64 split into a high and a low part of the
 /// accumulator type, so `x − mean` keeps its precision for large means.
+/// With `relu`, `dy` is the gradient of a fused ReLU's output and is masked
+/// where the forward's output (recomputed from `x`) was not positive.
 pub fn grad_sums<T: Element>(
     dy: &[T],
     dv: &ChannelView,
     x: &[T],
     xv: &ChannelView,
     mean: &[f64],
+    relu: Option<&ReluMask<T::Acc>>,
 ) -> Vec<f64> {
     let c_n = xv.channels;
     let (hi, lo) = split_means::<T::Acc>(mean);
@@ -563,6 +618,7 @@ pub fn grad_sums<T: Element>(
                         xv,
                         &hi,
                         &lo,
+                        relu,
                         b * rows,
                         ((b + 1) * rows).min(xv.outer),
                         bufs,
@@ -588,6 +644,11 @@ pub fn grad_sums<T: Element>(
             .map_init(
                 || (Vec::new(), Vec::new()),
                 |bufs, &(c, o0, o1)| {
+                    let ch = GradChannel {
+                        hi: hi[c],
+                        lo: lo[c],
+                        relu: relu.map(|m| (m.scale[c], m.shift[c])),
+                    };
                     let mut acc = (0.0, 0.0);
                     let mut add = |(s, q): (f64, f64)| {
                         acc.0 += s;
@@ -599,23 +660,13 @@ pub fn grad_sums<T: Element>(
                                 let drow = channel_row(dy, dv, o, c, &mut bufs.0);
                                 let xrow = channel_row(x, xv, o, c, &mut bufs.1);
                                 for (db, xb) in drow.chunks(BLOCK).zip(xrow.chunks(BLOCK)) {
-                                    add(centered_dot(db, xb, hi[c], lo[c]));
+                                    add(centered_dot(db, xb, ch));
                                 }
                             }
                         }
                         rows => {
                             for (r0, r1) in row_blocks(o0, o1, rows) {
-                                add(row_block_dot(
-                                    dy,
-                                    dv,
-                                    x,
-                                    xv,
-                                    c,
-                                    r0,
-                                    r1,
-                                    (hi[c], lo[c]),
-                                    bufs,
-                                ));
+                                add(row_block_dot(dy, dv, x, xv, c, r0, r1, ch, bufs));
                             }
                         }
                     }
@@ -754,7 +805,7 @@ mod tests {
                 let v = ChannelView::new(layout, 1).unwrap();
                 let stats = batch_stats(&x, &v);
                 let means: Vec<f64> = (0..c).map(|ch| stats[c + ch] / stats[ch]).collect();
-                let grads = grad_sums(&dy, &v, &x, &v, &means);
+                let grads = grad_sums(&dy, &v, &x, &v, &means, None);
                 for ch in 0..c {
                     let want = naive(&x, &dy, &v, ch, means[ch]);
                     let got = [
@@ -787,5 +838,79 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The fused ReLU's mask recomputed from x in the backward passes gives
+    /// bit for bit what the same passes give on the gradient masked first by
+    /// the forward's output (`relu_grad`): masked terms add exact zeros, in
+    /// the same order. Long rows, short rows, channels innermost; f32 and
+    /// bf16; about half of the outputs clamped, some exactly 0.
+    #[test]
+    fn fused_relu_mask_equals_masking_the_gradient_first() {
+        use crate::cpu::{backward_elemt, normalize, relu_grad, ChannelCoefficients, ReluMask};
+        fn check<T: Element>(to: impl Fn(f32) -> T) {
+            for &(n, c, s, channels_last) in &[
+                (3usize, 4usize, 5000usize, false),
+                (40, 3, 49, false),
+                (50, 24, 1, false),
+                (6, 8, 9, true),
+            ] {
+                let len = n * c * s;
+                let layout = if channels_last {
+                    Layout::contiguous((n, s, c)).permute(&[0, 2, 1]).unwrap()
+                } else {
+                    Layout::contiguous((n, c, s))
+                };
+                let v = ChannelView::new(&layout, 1).unwrap();
+                // Every 7th x is its channel's mean, so channels with a zero
+                // shift have outputs of exactly 0 (no gradient passes there).
+                let mean: Vec<f64> = (0..c).map(|k| 0.25 * k as f64 - 0.5).collect();
+                let channel = |i: usize| if channels_last { i % c } else { (i / s) % c };
+                let x: Vec<T> = (0..len)
+                    .map(|i| match i % 7 {
+                        0 => to(mean[channel(i)] as f32),
+                        _ => to(((i * 7919) % 1013) as f32 * 0.004 - 2.0),
+                    })
+                    .collect();
+                let dy: Vec<T> = (0..len)
+                    .map(|i| to(((i * 104_729) % 61) as f32 * 0.1 - 3.0))
+                    .collect();
+                let scale: Vec<f64> = (0..c).map(|k| 1.3 - 0.2 * k as f64).collect();
+                let shift: Vec<f64> = (0..c).map(|k| 0.3 * (k % 3) as f64 - 0.3).collect();
+                let zeros = vec![0.0; c];
+                let fwd = ChannelCoefficients::<T::Acc>::new(&mean, &zeros, &scale, &shift);
+                let y = normalize(&x, &v, &fwd, None, true);
+                let yv = ChannelView::new(&Layout::contiguous((n, c, s)), 1).unwrap();
+                let masked = relu_grad(&dy, &v, &y, &yv);
+                let mask = ReluMask::<T::Acc>::new(&scale, &shift);
+                let clamped = y.iter().filter(|e| e.to_acc() <= T::Acc::ZERO).count();
+                assert!(
+                    clamped > len / 5 && clamped < len * 4 / 5,
+                    "{clamped} of {len}"
+                );
+                let label = format!(
+                    "{} {:?} last {channels_last}",
+                    std::any::type_name::<T>(),
+                    (n, c, s)
+                );
+                // `masked` is contiguous and dy is read through `v`: the path and
+                // the order of the additions follow x's view either way.
+                let want = grad_sums(&masked, &yv, &x, &v, &mean, None);
+                let got = grad_sums(&dy, &v, &x, &v, &mean, Some(&mask));
+                assert_eq!(got, want, "{label}: grad sums");
+                let ones = vec![1.0; c];
+                let bwd = ChannelCoefficients::<T::Acc>::new(&mean, &scale, &ones, &shift);
+                let want = backward_elemt(&masked, &yv, &x, &v, &bwd, None);
+                let got = backward_elemt(&dy, &v, &x, &v, &bwd, Some(&mask));
+                let bits = |t: &[T]| {
+                    t.iter()
+                        .map(|e| e.to_acc().to_f64().to_bits())
+                        .collect::<Vec<_>>()
+                };
+                assert_eq!(bits(&got), bits(&want), "{label}: input grad");
+            }
+        }
+        check(|v| v);
+        check(half::bf16::from_f32);
     }
 }

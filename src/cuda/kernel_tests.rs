@@ -20,8 +20,8 @@ use super::emulator::{DevBuf, Emulator};
 use super::plan::{self, KView, Reduction, ReductionSplit};
 use crate::ops::layout::ChannelView;
 use crate::ops::{
-    AffineGrads, BatchNormAddOp, BatchNormOp, BatchStats, CounterIncrement, GradStats, InputGrad,
-    Moments, ReluGrad, RunningStat, RunningStatsUpdate,
+    AffineGrads, BatchNormAddOp, BatchNormOp, BatchStats, CounterIncrement, FusedRelu, GradStats,
+    InputGrad, Moments, ReluGrad, RunningStat, RunningStatsUpdate,
 };
 use crate::ProcessGroup;
 use candle::{DType, Device, Layout, Storage, Tensor, WithDType};
@@ -49,6 +49,32 @@ type GradMajor<T> = unsafe extern "C" fn(
 );
 type GradInner<T> =
     unsafe extern "C" fn(*const T, KView, *const T, KView, *const c_void, Mat2, i64, i32, *mut f64);
+type GradReluMajor<T> = unsafe extern "C" fn(
+    *const T,
+    KView,
+    *const T,
+    KView,
+    *const c_void,
+    Mat2,
+    *const c_void,
+    i64,
+    i64,
+    i32,
+    i32,
+    *mut f64,
+);
+type GradReluInner<T> = unsafe extern "C" fn(
+    *const T,
+    KView,
+    *const T,
+    KView,
+    *const c_void,
+    Mat2,
+    *const c_void,
+    i64,
+    i32,
+    *mut f64,
+);
 type Combine = unsafe extern "C" fn(*const f64, i64, i64, *mut f64);
 type CoefNormalize = unsafe extern "C" fn(
     *const c_void,
@@ -67,6 +93,11 @@ type CoefInputGrad = unsafe extern "C" fn(
     Vec1,
     *const c_void,
     Mat2,
+    *const c_void,
+    Vec1,
+    *const c_void,
+    Vec1,
+    i32,
     i64,
     *mut c_void,
 );
@@ -75,7 +106,7 @@ type NormalizeAdd<T> =
     unsafe extern "C" fn(*const T, KView, *const T, KView, *mut T, KView, *const c_void, i32, i32);
 type ReluGradK<T> = unsafe extern "C" fn(*const T, KView, *const T, KView, *mut T, KView, i32);
 type InputGradK<T> =
-    unsafe extern "C" fn(*const T, KView, *const T, KView, *mut T, KView, *const c_void, i32);
+    unsafe extern "C" fn(*const T, KView, *const T, KView, *mut T, KView, *const c_void, i32, i32);
 
 /// A deterministic normal generator (xorshift + Box-Muller).
 struct Rng(u64);
@@ -333,6 +364,7 @@ fn emu_grad_sums<T: WithDType>(
     x: &DevBuf<T>,
     xv: &ChannelView,
     moments: &DevBuf<f64>,
+    relu: Option<&DevBuf<u8>>,
 ) -> (Vec<f64>, Reduction) {
     let c = xv.channels;
     let red = Reduction::new(
@@ -343,7 +375,14 @@ fn emu_grad_sums<T: WithDType>(
     );
     let parts = red.parts();
     let partial = DevBuf::<f64>::filled(c * parts * 2, f64::NAN);
-    let name = red.kernel("bn_grad", T::DTYPE);
+    let name = red.kernel(
+        if relu.is_some() {
+            "bn_grad_relu"
+        } else {
+            "bn_grad"
+        },
+        T::DTYPE,
+    );
     let (grid, block) = red.launch_dims();
     let (xk, dk, vec) = (red.canon.views[0], red.canon.views[1], red.vec_arg());
     let m = f64_mat(3, c);
@@ -353,8 +392,8 @@ fn emu_grad_sums<T: WithDType>(
         moments.ptr() as *const c_void,
         partial.ptr_mut(),
     );
-    let res = match red.split {
-        ReductionSplit::Major(s) => {
+    let res = match (red.split, relu) {
+        (ReductionSplit::Major(s), None) => {
             // SAFETY: the signature of bn_grad_major_*.
             let f: GradMajor<T> = unsafe { emu.kernel(&name) };
             let (len, chunks, group) = (s.chunk_len as i64, s.chunks as i64, s.group as i32);
@@ -362,12 +401,30 @@ fn emu_grad_sums<T: WithDType>(
                 f(dp, dk, xp, xk, mp, m, len, chunks, group, vec, pp)
             })
         }
-        ReductionSplit::Inner(s) => {
+        (ReductionSplit::Major(s), Some(r)) => {
+            // SAFETY: the signature of bn_grad_relu_major_*.
+            let f: GradReluMajor<T> = unsafe { emu.kernel(&name) };
+            let (len, chunks, group) = (s.chunk_len as i64, s.chunks as i64, s.group as i32);
+            let rp = r.ptr() as *const c_void;
+            emu.launch(grid, block, || unsafe {
+                f(dp, dk, xp, xk, mp, m, rp, len, chunks, group, vec, pp)
+            })
+        }
+        (ReductionSplit::Inner(s), None) => {
             // SAFETY: the signature of bn_grad_inner_*.
             let f: GradInner<T> = unsafe { emu.kernel(&name) };
             let rows = s.rows_per_block as i64;
             emu.launch(grid, block, || unsafe {
                 f(dp, dk, xp, xk, mp, m, rows, vec, pp)
+            })
+        }
+        (ReductionSplit::Inner(s), Some(r)) => {
+            // SAFETY: the signature of bn_grad_relu_inner_*.
+            let f: GradReluInner<T> = unsafe { emu.kernel(&name) };
+            let rows = s.rows_per_block as i64;
+            let rp = r.ptr() as *const c_void;
+            emu.launch(grid, block, || unsafe {
+                f(dp, dk, xp, xk, mp, m, rp, rows, vec, pp)
             })
         }
     };
@@ -442,18 +499,14 @@ fn emu_normalize<T: WithDType>(
     emu_normalize_add(emu, x, v, None, moments, affine, relu)
 }
 
-/// `BatchNormOp::forward_cuda` with an optional residual: coefficients, then
-/// `bn_normalize_*` or `bn_normalize_add_*`.
-fn emu_normalize_add<T: WithDType>(
+/// `bn_coef_normalize_*`: the forward's per-channel coefficients (also those
+/// of a fused ReLU's mask in the backward).
+fn emu_coef_normalize<T: WithDType>(
     emu: &Emulator,
-    x: &DevBuf<T>,
-    v: &ChannelView,
-    residual: Option<(&DevBuf<T>, &ChannelView)>,
+    c: usize,
     moments: &DevBuf<f64>,
     affine: Option<(&Param, &Param)>,
-    relu: bool,
-) -> Vec<T> {
-    let (c, len) = (v.channels, v.len());
+) -> DevBuf<u8> {
     let coef = DevBuf::<u8>::filled(plan::coef_bytes(T::DTYPE, c), 0xff);
     let name = format!("bn_coef_normalize_{}", plan::acc_suffix(T::DTYPE));
     // SAFETY: the signature of bn_coef_normalize_*.
@@ -475,7 +528,22 @@ fn emu_normalize_add<T: WithDType>(
     per_item(emu, &name, c, || unsafe {
         f(mp, m, wp, wv, bp, bv, c as i64, cp)
     });
+    coef
+}
 
+/// `BatchNormOp::forward_cuda` with an optional residual: coefficients, then
+/// `bn_normalize_*` or `bn_normalize_add_*`.
+fn emu_normalize_add<T: WithDType>(
+    emu: &Emulator,
+    x: &DevBuf<T>,
+    v: &ChannelView,
+    residual: Option<(&DevBuf<T>, &ChannelView)>,
+    moments: &DevBuf<f64>,
+    affine: Option<(&Param, &Param)>,
+    relu: bool,
+) -> Vec<T> {
+    let (c, len) = (v.channels, v.len());
+    let coef = emu_coef_normalize::<T>(emu, c, moments, affine);
     let out = DevBuf::<T>::filled(len, T::from_f64(f64::NAN));
     let relu = i32::from(relu);
     if let Some((z, zv)) = residual {
@@ -544,6 +612,7 @@ fn emu_input_grad<T: WithDType>(
     moments: &DevBuf<f64>,
     weight: Option<&Param>,
     grad_sums: Option<&DevBuf<f64>>,
+    relu: Option<(Option<&Param>, Option<&Param>)>,
 ) -> Vec<T> {
     let (c, len) = (xv.channels, xv.len());
     let coef = DevBuf::<u8>::filled(plan::coef_bytes(T::DTYPE, c), 0xff);
@@ -563,8 +632,15 @@ fn emu_input_grad<T: WithDType>(
         f64_mat(3, c),
         coef.ptr_mut() as *mut c_void,
     );
+    let param =
+        |p: Option<&Param>| p.map_or((std::ptr::null(), Vec1::ABSENT), |p| (p.ptr(), p.desc));
+    let ((rwp, rwv), (rbp, rbv)) = match relu {
+        Some((w, b)) => (param(w), param(b)),
+        None => (param(None), param(None)),
+    };
+    let r = i32::from(relu.is_some());
     per_item(emu, &name, c, || unsafe {
-        f(mp, m, wp, wv, gp, gm, c as i64, cp)
+        f(mp, m, wp, wv, gp, gm, rwp, rwv, rbp, rbv, r, c as i64, cp)
     });
 
     let out = DevBuf::<T>::filled(len, T::from_f64(f64::NAN));
@@ -582,7 +658,7 @@ fn emu_input_grad<T: WithDType>(
         coef.ptr() as *const c_void,
     );
     emu.launch(grid, [plan::BLOCK, 1, 1], || unsafe {
-        f(dp, dk, xp, xk, op, ok, cp, mode)
+        f(dp, dk, xp, xk, op, ok, cp, mode, r)
     })
     .unwrap_or_else(|e| panic!("{name}: {e}"));
     out.to_vec()
@@ -681,9 +757,10 @@ fn check_case<T: WithDType>(emu: &Emulator, case: &Case, rng: &mut Rng) {
     let gs_op = GradStats {
         axis: 1,
         moments: moments.clone(),
+        relu: None,
     };
     let want = values(&dy.apply_op2_no_bwd(&x, &gs_op).unwrap());
-    let (got, red) = emu_grad_sums(emu, &dyb, &dv, &xb, &xv, &mb);
+    let (got, red) = emu_grad_sums(emu, &dyb, &dv, &xb, &xv, &mb, None);
     let xs = values(&x);
     let dys = values(&dy);
     let mean = &values(&moments)[..c];
@@ -767,6 +844,85 @@ fn check_case<T: WithDType>(emu: &Emulator, case: &Case, rng: &mut Rng) {
         .collect();
     assert_bitwise(&what("relu grad"), &got, &want);
 
+    // The backward of the fused ReLU recomputes the mask from x in both
+    // passes. Against the same passes on the masked gradient (laid out like
+    // dy, so the reductions take the same path): the same additions with the
+    // masked terms exactly zero, so bitwise equal, on the CPU and on the
+    // device; and the device's input gradient bitwise equal to the CPU's.
+    // (A broadcast dy masked is no broadcast: contiguous then, and the sums
+    // are compared within the tolerance of the unmasked ones.)
+    let same_path = !matches!(case.dy, Form::Broadcast);
+    let dym_form = if same_path { case.dy } else { Form::Contiguous };
+    for affine in [true, false] {
+        let y = if affine {
+            x.apply_op3_no_bwd(&weight, &bias, &op).unwrap()
+        } else {
+            x.apply_op1_no_bwd(&op).unwrap()
+        };
+        let masked = values(&dy.apply_op2_no_bwd(&y, &ReluGrad { axis: 1 }).unwrap());
+        let dym = make(&masked, shape, dym_form, dtype);
+        let (dymb, dyml) = upload::<T>(&dym, false);
+        let dmv = view(&dyml);
+        let fused = if affine {
+            FusedRelu {
+                weight: Some(weight.clone()),
+                bias: Some(bias.clone()),
+            }
+        } else {
+            FusedRelu::default()
+        };
+        let params = affine.then_some((&wp, &bp));
+        let tag = |k: &str| what(&format!("{k}, fused relu (affine {affine})"));
+        let sums_of = |g: &Tensor, relu: Option<FusedRelu>| {
+            let op = GradStats {
+                axis: 1,
+                moments: moments.clone(),
+                relu,
+            };
+            values(&g.apply_op2_no_bwd(&x, &op).unwrap())
+        };
+        let cpu_fused = sums_of(&dy, Some(fused.clone()));
+        let cpu_sep = sums_of(&dym, None);
+        let relu_coef = emu_coef_normalize::<T>(emu, c, &mb, params);
+        let (got, _) = emu_grad_sums(emu, &dyb, &dv, &xb, &xv, &mb, Some(&relu_coef));
+        let (sep, _) = emu_grad_sums(emu, &dymb, &dmv, &xb, &xv, &mb, None);
+        if same_path {
+            assert_bitwise(&tag("cpu grad sums"), &cpu_fused, &cpu_sep);
+            assert_bitwise(&tag("grad sums"), &got, &sep);
+        } else {
+            assert_within(&tag("cpu grad sums"), &cpu_fused, &cpu_sep, &tol, c);
+            assert_within(&tag("grad sums"), &got, &sep, &tol, c);
+        }
+        assert_within(&tag("grad sums against the cpu"), &got, &cpu_fused, &tol, c);
+        let igrad = |g: &Tensor, relu: Option<FusedRelu>| {
+            let op = InputGrad {
+                axis: 1,
+                moments: moments.clone(),
+                grad_sums: Some(grad_sums.clone()),
+                weight: affine.then(|| weight.clone()),
+                relu,
+            };
+            values(&g.apply_op2_no_bwd(&x, &op).unwrap())
+        };
+        let want = igrad(&dy, Some(fused));
+        assert_bitwise(&tag("cpu input grad"), &want, &igrad(&dym, None));
+        let got: Vec<f64> = emu_input_grad(
+            emu,
+            &dyb,
+            &dv,
+            &xb,
+            &xv,
+            &mb,
+            affine.then_some(&wp),
+            Some(&gsb),
+            Some((affine.then_some(&wp), affine.then_some(&bp))),
+        )
+        .iter()
+        .map(|v| v.to_f64())
+        .collect();
+        assert_bitwise(&tag("input grad"), &got, &want);
+    }
+
     // Normalization plus a residual (dy's buffer, with its own strides), then
     // the ReLU, with and without the affine transform (the op takes weight
     // and bias as one (2, C) stack).
@@ -799,9 +955,10 @@ fn check_case<T: WithDType>(emu: &Emulator, case: &Case, rng: &mut Rng) {
         moments: moments.clone(),
         grad_sums: Some(grad_sums),
         weight: Some(weight.clone()),
+        relu: None,
     };
     let want = values(&dy.apply_op2_no_bwd(&x, &ig).unwrap());
-    let got: Vec<f64> = emu_input_grad(emu, &dyb, &dv, &xb, &xv, &mb, Some(&wp), Some(&gsb))
+    let got: Vec<f64> = emu_input_grad(emu, &dyb, &dv, &xb, &xv, &mb, Some(&wp), Some(&gsb), None)
         .iter()
         .map(|v| v.to_f64())
         .collect();
@@ -812,7 +969,7 @@ fn check_case<T: WithDType>(emu: &Emulator, case: &Case, rng: &mut Rng) {
         ..ig
     };
     let want = values(&dy.apply_op2_no_bwd(&x, &ig).unwrap());
-    let got: Vec<f64> = emu_input_grad(emu, &dyb, &dv, &xb, &xv, &mb, None, None)
+    let got: Vec<f64> = emu_input_grad(emu, &dyb, &dv, &xb, &xv, &mb, None, None, None)
         .iter()
         .map(|v| v.to_f64())
         .collect();

@@ -2,8 +2,8 @@
 
 use super::element::{with_float_type, Element};
 use super::{
-    channel_view, cpu_values_f64, host_f64, unsupported_dtype, viewable, AffineGrads, GradStats,
-    InputGrad, ReluGrad,
+    channel_view, cpu_values_f64, host_f64, unsupported_dtype, viewable, AffineGrads, FusedRelu,
+    GradStats, InputGrad, ReluGrad,
 };
 use crate::cpu::{self, ChannelCoefficients};
 use crate::ProcessGroup;
@@ -19,7 +19,8 @@ use candle::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Ten
 /// gradient itself when they are batch statistics: it computes the local
 /// `[Σdy; Σdy·(x−mean)]`, all-reduces it over `group` (one collective),
 /// then `dx` element-wise; `dweight`/`dbias` are the local sums. With `relu`,
-/// the incoming gradient is first masked by the output ([`ReluGrad`]).
+/// both passes mask the incoming gradient where the output was not positive,
+/// recomputing the output from `x` ([`FusedRelu`]).
 #[derive(Debug, Clone)]
 pub struct BatchNormOp {
     /// The channel axis of the input.
@@ -111,6 +112,8 @@ impl BatchNormOp {
 
     /// The gradient of the output before the fused ReLU: `grad` masked by
     /// the op's output `res` with `relu`, else `grad` (as a viewable tensor).
+    /// For [`BatchNormAddOp`](super::BatchNormAddOp), whose residual's
+    /// gradient is that masked gradient.
     pub(super) fn pre_activation_grad(&self, res: &Tensor, grad: &Tensor) -> Result<Tensor> {
         let dy = viewable(grad, self.axis)?;
         if self.relu {
@@ -120,17 +123,21 @@ impl BatchNormOp {
         }
     }
 
-    /// The gradients of the input and, with `weight`, of weight and bias;
-    /// `res` is the op's output (the mask of a fused ReLU).
+    /// The gradients of the input and, with `affine` (weight, bias), of
+    /// weight and bias. A fused ReLU's mask is recomputed from `x` inside
+    /// both backward passes ([`FusedRelu`]).
     fn backward(
         &self,
         x: &Tensor,
-        weight: Option<&Tensor>,
-        res: &Tensor,
+        affine: Option<(&Tensor, &Tensor)>,
         grad: &Tensor,
     ) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
-        let dy = self.pre_activation_grad(res, grad)?;
-        let (dx, affine) = self.backward_normalization(x, weight, &dy)?;
+        let dy = viewable(grad, self.axis)?;
+        let relu = self.relu.then(|| FusedRelu {
+            weight: affine.map(|(w, _)| w.detach()),
+            bias: affine.map(|(_, b)| b.detach()),
+        });
+        let (dx, affine) = self.backward_normalization(x, affine.map(|(w, _)| w), &dy, relu)?;
         let affine = match affine {
             Some(g) => Some((g.get(0)?, g.get(1)?)),
             None => None,
@@ -138,20 +145,23 @@ impl BatchNormOp {
         Ok((dx, affine))
     }
 
-    /// [`Self::backward`] from the gradient of the normalization's output `dy`:
-    /// `dx` and, with `weight`, `[dweight; dbias]` as one `(2, C)` tensor in
-    /// the weight's dtype.
+    /// [`Self::backward`] from the gradient `dy` of the normalization's
+    /// output, or with `relu` of the fused ReLU's output: `dx` and, with
+    /// `weight`, `[dweight; dbias]` as one `(2, C)` tensor in the weight's
+    /// dtype.
     pub(super) fn backward_normalization(
         &self,
         x: &Tensor,
         weight: Option<&Tensor>,
         dy: &Tensor,
+        relu: Option<FusedRelu>,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let local = dy.apply_op2_no_bwd(
             x,
             &GradStats {
                 axis: self.axis,
                 moments: self.moments.clone(),
+                relu: relu.clone(),
             },
         )?;
         let affine = match weight {
@@ -182,6 +192,7 @@ impl BatchNormOp {
                 moments: self.moments.clone(),
                 grad_sums,
                 weight: weight.map(|w| w.detach()),
+                relu,
             },
         )?;
         Ok((dx, affine))
@@ -206,8 +217,8 @@ impl CustomOp1 for BatchNormOp {
         self.forward_cuda(x, xl, None, None)
     }
 
-    fn bwd(&self, x: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(self.backward(x, None, res, grad)?.0))
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(self.backward(x, None, grad)?.0))
     }
 }
 
@@ -248,10 +259,10 @@ impl CustomOp3 for BatchNormOp {
         x: &Tensor,
         w: &Tensor,
         b: &Tensor,
-        res: &Tensor,
+        _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dx, affine) = self.backward(x, Some(w), res, grad)?;
+        let (dx, affine) = self.backward(x, Some((w, b)), grad)?;
         let Some((dw, db)) = affine else {
             candle::bail!("sync-batch-norm: internal error, no affine gradients for an affine op")
         };
@@ -278,7 +289,7 @@ fn check_residual(z: DType, zl: &Layout, x: DType, xl: &Layout) -> Result<()> {
 }
 
 #[cfg(feature = "cuda")]
-mod cuda {
+pub(super) mod cuda {
     use crate::cuda::launch::{self as l, Module, Small};
     use crate::cuda::plan::{self, KView};
     use crate::ops::layout::ChannelView;
@@ -288,6 +299,48 @@ mod cuda {
 
     /// Weight and bias storages with their layouts.
     pub(super) type Affine<'a> = ((&'a CudaStorage, &'a Layout), (&'a CudaStorage, &'a Layout));
+
+    /// The forward's per-channel coefficients (`bn_coef_normalize_*`, COEF
+    /// accumulator values per channel: hi, lo, invstd·w, b, ...) for inputs
+    /// of `dtype`; weight and bias as storages with their views (absent: 1,
+    /// 0). The backward of a fused ReLU launches the same kernel on the
+    /// same values to recompute the forward's output.
+    pub(crate) fn normalize_coefficients(
+        dev: &CudaDevice,
+        dtype: candle::DType,
+        moments: &Small<'_>,
+        c: usize,
+        weight: Option<(&CudaStorage, l::Vec1)>,
+        bias: Option<(&CudaStorage, l::Vec1)>,
+    ) -> Result<CudaSlice<u8>> {
+        let m = moments.mat2(3, c, "moments")?;
+        let stream = dev.cuda_stream();
+        // SAFETY: the coefficient kernel writes all C entries.
+        let mut coef = unsafe { l::alloc::<u8>(dev, l::coef_bytes(dtype, c))? };
+        let name = format!("bn_coef_normalize_{}", l::acc_suffix(dtype));
+        let f = l::function(dev, Module::Elementwise, &name)?;
+        let cn = c as i64;
+        let mut args = stream.launch_builder(&f);
+        l::push_storage(&mut args, moments.storage())?;
+        args.arg(&m);
+        let absent = l::Vec1::ABSENT;
+        for p in [&weight, &bias] {
+            match p {
+                Some((t, v)) => {
+                    l::push_storage(&mut args, t)?;
+                    args.arg(v);
+                }
+                None => {
+                    args.arg(&l::NULL).arg(&absent);
+                }
+            }
+        }
+        args.arg(&cn).arg(&mut coef);
+        // SAFETY: matches bn_coef_normalize_*(const void*, Mat2, const void*,
+        // Vec1, const void*, Vec1, long long, A*); `coef` holds C * 8 values.
+        unsafe { l::launch(args, l::grid(plan::per_item_blocks(c))?)? };
+        Ok(coef)
+    }
 
     /// `y = ((x − hi) − lo)·(invstd·w) + b` (plus `residual`, then
     /// `max(y, 0)` with `relu`), contiguous in `x`'s shape.
@@ -308,40 +361,15 @@ mod cuda {
             return Ok(out);
         }
         let moments = Small::new(moments, dev, "moments")?;
-        let m = moments.mat2(3, c, "moments")?;
-        let (wv, bv) = match affine {
+        let (weight, bias) = match affine {
             Some(((w, wl), (b, bl))) => (
-                l::vec1(wl, w.dtype(), c, "weight")?,
-                l::vec1(bl, b.dtype(), c, "bias")?,
+                Some((w, l::vec1(wl, w.dtype(), c, "weight")?)),
+                Some((b, l::vec1(bl, b.dtype(), c, "bias")?)),
             ),
-            None => (l::Vec1::ABSENT, l::Vec1::ABSENT),
+            None => (None, None),
         };
+        let coef = normalize_coefficients(dev, T::DTYPE, &moments, c, weight, bias)?;
         let stream = dev.cuda_stream();
-        // SAFETY: the coefficient kernel writes all C entries.
-        let mut coef = unsafe { l::alloc::<u8>(dev, l::coef_bytes(T::DTYPE, c))? };
-        {
-            let name = format!("bn_coef_normalize_{}", l::acc_suffix(T::DTYPE));
-            let f = l::function(dev, Module::Elementwise, &name)?;
-            let cn = c as i64;
-            let mut args = stream.launch_builder(&f);
-            l::push_storage(&mut args, moments.storage())?;
-            args.arg(&m);
-            match affine {
-                Some(((w, _), (b, _))) => {
-                    l::push_storage(&mut args, w)?;
-                    args.arg(&wv);
-                    l::push_storage(&mut args, b)?;
-                    args.arg(&bv);
-                }
-                None => {
-                    args.arg(&l::NULL).arg(&wv).arg(&l::NULL).arg(&bv);
-                }
-            }
-            args.arg(&cn).arg(&mut coef);
-            // SAFETY: matches bn_coef_normalize_*(const void*, Mat2, const void*,
-            // Vec1, const void*, Vec1, long long, A*); `coef` holds C * 8 values.
-            unsafe { l::launch(args, l::grid(plan::per_item_blocks(c))?)? };
-        }
         let relu = i32::from(relu);
         if let Some((z, zv)) = residual {
             // x is the primary view (it picks the path); z and the output follow.

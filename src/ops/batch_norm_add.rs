@@ -33,7 +33,9 @@ impl BatchNormAddOp {
             Some(wb) => Some(wb.get(0)?),
             None => None,
         };
-        let (dx, dwb) = self.norm.backward_normalization(x, weight.as_ref(), &dy)?;
+        let (dx, dwb) = self
+            .norm
+            .backward_normalization(x, weight.as_ref(), &dy, None)?;
         Ok((dx, dy, dwb))
     }
 }

@@ -57,10 +57,17 @@ pub trait Element: WithDType + Copy + Send + Sync {
     fn to_acc(self) -> Self::Acc;
     /// Rounds an accumulator value to the element type.
     fn from_acc(v: Self::Acc) -> Self;
+    /// The largest accumulator value that rounds to a value `<= 0` of this
+    /// type: 0 for f32 and f64, half the smallest subnormal for f16 (2⁻²⁵)
+    /// and bf16 (2⁻¹³⁴), which round to +0 (ties to even). So
+    /// `Self::from_acc(v).to_acc() <= 0` exactly when `v <= RELU_BOUND`,
+    /// and the fused ReLU's gradient mask needs no rounding.
+    const RELU_BOUND: Self::Acc;
 }
 
 impl Element for f32 {
     type Acc = f32;
+    const RELU_BOUND: f32 = 0.0;
     #[inline(always)]
     fn to_acc(self) -> f32 {
         self
@@ -73,6 +80,7 @@ impl Element for f32 {
 
 impl Element for f64 {
     type Acc = f64;
+    const RELU_BOUND: f64 = 0.0;
     #[inline(always)]
     fn to_acc(self) -> f64 {
         self
@@ -85,6 +93,8 @@ impl Element for f64 {
 
 impl Element for f16 {
     type Acc = f32;
+    /// 2⁻²⁵.
+    const RELU_BOUND: f32 = f32::from_bits(0x3300_0000);
     #[inline(always)]
     fn to_acc(self) -> f32 {
         self.to_f32()
@@ -97,6 +107,8 @@ impl Element for f16 {
 
 impl Element for bf16 {
     type Acc = f32;
+    /// 2⁻¹³⁴ (an f32 subnormal).
+    const RELU_BOUND: f32 = f32::from_bits(0x0000_8000);
     /// Exact: a bf16 is the high half of an f32.
     #[inline(always)]
     fn to_acc(self) -> f32 {
@@ -197,5 +209,42 @@ mod tests {
                 theirs.to_f32().to_bits()
             );
         }
+    }
+
+    /// `RELU_BOUND` is where rounding to the element type crosses zero: every
+    /// f32 at and around it, and a sweep of all f32 bit patterns.
+    #[test]
+    fn relu_bound_is_where_rounding_crosses_zero() {
+        fn check<T: Element<Acc = f32>>() {
+            let b = T::RELU_BOUND.to_bits();
+            let mut vals: Vec<f32> = (b.saturating_sub(4)..=b + 4).map(f32::from_bits).collect();
+            vals.extend([
+                0.0,
+                -0.0,
+                f32::NAN,
+                -f32::NAN,
+                f32::INFINITY,
+                f32::NEG_INFINITY,
+                -1e-45,
+            ]);
+            vals.extend(
+                (0..1u64 << 32)
+                    .step_by(65_537)
+                    .map(|b| f32::from_bits(b as u32)),
+            );
+            for v in vals {
+                let rounded_not_positive = T::from_acc(v).to_acc() <= 0.0;
+                assert_eq!(
+                    rounded_not_positive,
+                    v <= T::RELU_BOUND,
+                    "{}: {v:e} (bits {:#x})",
+                    std::any::type_name::<T>(),
+                    v.to_bits()
+                );
+            }
+        }
+        check::<f32>();
+        check::<f16>();
+        check::<bf16>();
     }
 }

@@ -1,7 +1,7 @@
 //! Local per-channel gradient sums of the backward pass.
 
-use super::element::with_float_type;
-use super::{channel_view, host_f64, unsupported_dtype};
+use super::element::{with_float_type, Element};
+use super::{channel_view, host_f64, unsupported_dtype, FusedRelu};
 use crate::cpu;
 use candle::backend::BackendStorage;
 use candle::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
@@ -17,6 +17,9 @@ pub struct GradStats {
     pub axis: usize,
     /// The `(3, C)` f64 moments (mean, invstd, count) used in the forward.
     pub moments: Tensor,
+    /// The forward's fused ReLU: `dy` is then the gradient of its output
+    /// and is masked first.
+    pub relu: Option<FusedRelu>,
 }
 
 impl CustomOp2 for GradStats {
@@ -50,9 +53,21 @@ impl CustomOp2 for GradStats {
         let dv = channel_view(dl, self.axis, self.name())?;
         let xv = channel_view(xl, self.axis, self.name())?;
         let moments = host_f64(&self.moments)?;
+        if moments.len() != 3 * xv.channels {
+            candle::bail!(
+                "{}: moments for {} channels, input has {}",
+                self.name(),
+                moments.len() / 3,
+                xv.channels
+            )
+        }
         let mean = &moments[..xv.channels];
         let out = with_float_type!(x.dtype(), T => {
-            cpu::grad_sums(dy.as_slice::<T>()?, &dv, x.as_slice::<T>()?, &xv, mean)
+            let mask = match &self.relu {
+                Some(r) => Some(r.cpu_mask::<<T as Element>::Acc>(&moments, self.name())?),
+                None => None,
+            };
+            cpu::grad_sums(dy.as_slice::<T>()?, &dv, x.as_slice::<T>()?, &xv, mean, mask.as_ref())
         }, _ => return Err(unsupported_dtype(self.name(), "input", x.dtype())));
         Ok((CpuStorage::F64(out), Shape::from((2, xv.channels))))
     }
@@ -85,7 +100,7 @@ impl CustomOp2 for GradStats {
         let xv = channel_view(xl, self.axis, self.name())?;
         let dev = x.device();
         let out = with_float_type!(x.dtype(), T => {
-            cuda::grad_sums::<T>(dev, dy.as_cuda_slice::<T>()?, &dv, x.as_cuda_slice::<T>()?, &xv, &self.moments)?
+            cuda::grad_sums::<T>(dev, dy.as_cuda_slice::<T>()?, &dv, x.as_cuda_slice::<T>()?, &xv, &self.moments, self.relu.as_ref())?
         }, _ => return Err(unsupported_dtype(self.name(), "input", x.dtype())));
         Ok((
             candle::CudaStorage::wrap_cuda_slice(out, dev.clone()),
@@ -99,11 +114,15 @@ mod cuda {
     use crate::cuda::launch::{self as l, Module, Reduction, ReductionSplit, Small};
     use crate::cuda::plan;
     use crate::ops::layout::ChannelView;
+    use crate::ops::FusedRelu;
     use candle::cuda_backend::cudarc::driver::{CudaSlice, PushKernelArg};
     use candle::{CudaDevice, Result, Tensor, WithDType};
 
     /// Level 1 (`bn_grad_major_*` or `bn_grad_inner_*`) then level 2
     /// (`bn_grad_combine`): the `(2, C)` f64 sums `[Σdy; Σdy·(x − mean)]`.
+    /// With `relu`, the forward's coefficients (`bn_coef_normalize_*`) come
+    /// first, and level 1 is `bn_grad_relu_major_*` / `bn_grad_relu_inner_*`,
+    /// which recompute the ReLU's mask from them.
     pub(super) fn grad_sums<T: WithDType>(
         dev: &CudaDevice,
         dy: &CudaSlice<T>,
@@ -111,6 +130,7 @@ mod cuda {
         x: &CudaSlice<T>,
         xv: &ChannelView,
         moments: &Tensor,
+        relu: Option<&FusedRelu>,
     ) -> Result<CudaSlice<f64>> {
         let c = xv.channels;
         let moments = Small::new(moments, dev, "moments")?;
@@ -118,6 +138,10 @@ mod cuda {
         if xv.is_empty() {
             return l::zeros::<f64>(dev, 2 * c);
         }
+        let relu_coef = match relu {
+            Some(r) => Some(r.cuda_coefficients(dev, T::DTYPE, &moments, c)?),
+            None => None,
+        };
         // x is the primary view (it picks the path); dy follows its structure.
         let red = Reduction::new(
             plan::canonicalize(&[*xv, *dv]),
@@ -128,7 +152,13 @@ mod cuda {
         let parts = red.parts();
         // SAFETY: level 1 writes every (channel, part) entry (all parts are non-empty).
         let mut partial = unsafe { l::alloc::<f64>(dev, c * parts * 2)? };
-        let f = l::function(dev, Module::Grad, &red.kernel("bn_grad", T::DTYPE))?;
+        // After a fused ReLU: the bn_grad_relu_* kernels, with the coefficients.
+        let prefix = if relu_coef.is_some() {
+            "bn_grad_relu"
+        } else {
+            "bn_grad"
+        };
+        let f = l::function(dev, Module::Grad, &red.kernel(prefix, T::DTYPE))?;
         let stream = dev.cuda_stream();
         let (xk, dk) = (red.canon.views[0], red.canon.views[1]);
         let vec = red.vec_arg();
@@ -139,14 +169,19 @@ mod cuda {
                 let mut args = stream.launch_builder(&f);
                 args.arg(dy).arg(&dk).arg(x).arg(&xk);
                 l::push_storage(&mut args, moments.storage())?;
-                args.arg(&m)
-                    .arg(&len)
+                args.arg(&m);
+                if let Some(coef) = &relu_coef {
+                    args.arg(coef);
+                }
+                args.arg(&len)
                     .arg(&chunks)
                     .arg(&group)
                     .arg(&vec)
                     .arg(&mut partial);
                 // SAFETY: matches bn_grad_major_*(const T*, View, const T*, View,
-                // const void*, Mat2, long long, long long, int, int, double*).
+                // const void*, Mat2, long long, long long, int, int, double*),
+                // or bn_grad_relu_major_* with `const A* relu` (C * 8 values)
+                // after the Mat2.
                 unsafe { l::launch(args, cfg)? };
             }
             ReductionSplit::Inner(s) => {
@@ -154,9 +189,15 @@ mod cuda {
                 let mut args = stream.launch_builder(&f);
                 args.arg(dy).arg(&dk).arg(x).arg(&xk);
                 l::push_storage(&mut args, moments.storage())?;
-                args.arg(&m).arg(&rows).arg(&vec).arg(&mut partial);
+                args.arg(&m);
+                if let Some(coef) = &relu_coef {
+                    args.arg(coef);
+                }
+                args.arg(&rows).arg(&vec).arg(&mut partial);
                 // SAFETY: matches bn_grad_inner_*(const T*, View, const T*, View,
-                // const void*, Mat2, long long, int, double*).
+                // const void*, Mat2, long long, int, double*), or
+                // bn_grad_relu_inner_* with `const A* relu` (C * 8 values) after
+                // the Mat2.
                 unsafe { l::launch(args, cfg)? };
             }
         }

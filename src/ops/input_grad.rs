@@ -1,7 +1,7 @@
 //! The input gradient of the backward pass.
 
 use super::element::with_float_type;
-use super::{channel_view, host_f64, unsupported_dtype};
+use super::{channel_view, host_f64, unsupported_dtype, FusedRelu};
 use crate::cpu::{self, ChannelCoefficients};
 use candle::backend::BackendStorage;
 use candle::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
@@ -12,6 +12,8 @@ use candle::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 /// With batch statistics (`grad_sums` = the all-reduced `[Σdy; Σdy·(x−mean)]`
 /// over the global count `n`): `A = w·invstd`, `B = −w·invstd³·Σdy(x−mean)/n`,
 /// `C = −A·Σdy/n`. With fixed (running) statistics: `A = w·invstd`, `B = C = 0`.
+/// With `relu`, `dy` is the gradient of a fused ReLU's output and is first
+/// masked where the forward's output, recomputed from `x`, was not positive.
 #[derive(Debug, Clone)]
 pub struct InputGrad {
     /// The channel axis of `x` and `dy`.
@@ -22,6 +24,9 @@ pub struct InputGrad {
     pub grad_sums: Option<Tensor>,
     /// The weight (`None`: no affine transform, weight 1).
     pub weight: Option<Tensor>,
+    /// The forward's fused ReLU: `dy` is then the gradient of its output
+    /// and is masked first.
+    pub relu: Option<FusedRelu>,
 }
 
 impl InputGrad {
@@ -78,8 +83,13 @@ impl CustomOp2 for InputGrad {
         let xv = channel_view(xl, self.axis, self.name())?;
         let [mean, a, b, k] = self.coefficients(xv.channels)?;
         let out = with_float_type!(x.dtype(), T => {
-            let coef = ChannelCoefficients::<<T as crate::ops::element::Element>::Acc>::new(&mean, &a, &b, &k);
-            candle::WithDType::to_cpu_storage_owned(cpu::backward_elemt(dy.as_slice::<T>()?, &dv, x.as_slice::<T>()?, &xv, &coef))
+            type A = <T as crate::ops::element::Element>::Acc;
+            let coef = ChannelCoefficients::<A>::new(&mean, &a, &b, &k);
+            let mask = match &self.relu {
+                Some(r) => Some(r.cpu_mask::<A>(&host_f64(&self.moments)?, self.name())?),
+                None => None,
+            };
+            candle::WithDType::to_cpu_storage_owned(cpu::backward_elemt(dy.as_slice::<T>()?, &dv, x.as_slice::<T>()?, &xv, &coef, mask.as_ref()))
         }, _ => return Err(unsupported_dtype(self.name(), "input", x.dtype())));
         Ok((out, xl.shape().clone()))
     }
@@ -122,8 +132,9 @@ mod cuda {
     use candle::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, PushKernelArg};
     use candle::{CudaDevice, Result, WithDType};
 
-    /// Per-channel coefficients (`bn_coef_input_grad_*`), then the element-wise
-    /// pass (`bn_input_grad_*`) into a contiguous output of `x`'s shape.
+    /// Per-channel coefficients (`bn_coef_input_grad_*`, with a fused ReLU's
+    /// mask coefficients), then the element-wise pass (`bn_input_grad_*`)
+    /// into a contiguous output of `x`'s shape.
     pub(super) fn input_grad<T: WithDType + DeviceRepr>(
         dev: &CudaDevice,
         dy: &CudaSlice<T>,
@@ -149,6 +160,22 @@ mod cuda {
             Some(w) => w.vec1(c, "weight")?,
             None => l::Vec1::ABSENT,
         };
+        // The fused ReLU's weight and bias, for its mask.
+        let relu_params = [
+            op.relu.as_ref().and_then(|r| r.weight.as_ref()),
+            op.relu.as_ref().and_then(|r| r.bias.as_ref()),
+        ];
+        let mut relu_smalls = Vec::with_capacity(2);
+        for (p, what) in relu_params.into_iter().zip(["ReLU weight", "ReLU bias"]) {
+            relu_smalls.push(match p {
+                Some(t) => {
+                    let s = Small::new(t, dev, what)?;
+                    let v = s.vec1(c, what)?;
+                    Some((s, v))
+                }
+                None => None,
+            });
+        }
         let sums = match &op.grad_sums {
             Some(g) => Some(Small::new(g, dev, "gradient sums")?),
             None => None,
@@ -157,6 +184,7 @@ mod cuda {
             Some(g) => g.mat2(2, c, "gradient sums")?,
             None => l::Mat2::ABSENT,
         };
+        let relu = i32::from(op.relu.is_some());
         let stream = dev.cuda_stream();
         // SAFETY: the coefficient kernel writes all C entries.
         let mut coef = unsafe { l::alloc::<u8>(dev, l::coef_bytes(T::DTYPE, c))? };
@@ -180,9 +208,23 @@ mod cuda {
                     args.arg(&l::NULL);
                 }
             }
-            args.arg(&gm).arg(&cn).arg(&mut coef);
+            args.arg(&gm);
+            let absent = l::Vec1::ABSENT;
+            for p in &relu_smalls {
+                match p {
+                    Some((s, v)) => {
+                        l::push_storage(&mut args, s.storage())?;
+                        args.arg(v);
+                    }
+                    None => {
+                        args.arg(&l::NULL).arg(&absent);
+                    }
+                }
+            }
+            args.arg(&relu).arg(&cn).arg(&mut coef);
             // SAFETY: matches bn_coef_input_grad_*(const void*, Mat2, const void*,
-            // Vec1, const void*, Mat2, long long, A*); `coef` holds C * 8 values.
+            // Vec1, const void*, Mat2, const void*, Vec1, const void*, Vec1, int,
+            // long long, A*); `coef` holds C * 8 values.
             unsafe { l::launch(args, l::grid(plan::per_item_blocks(c))?)? };
         }
         // x is the primary view (it picks the path); dy and the output follow.
@@ -209,9 +251,10 @@ mod cuda {
             .arg(&mut out)
             .arg(&ok)
             .arg(&coef)
-            .arg(&mode);
+            .arg(&mode)
+            .arg(&relu);
         // SAFETY: matches bn_input_grad_*(const T*, View, const T*, View, T*,
-        // View, const A*, int); every view lies inside its buffer.
+        // View, const A*, int, int); every view lies inside its buffer.
         unsafe { l::launch(args, l::grid(blocks)?)? };
         Ok(out)
     }

@@ -6,9 +6,11 @@
 //! [`Moments`] (mean, invstd) → [`BatchNormOp`] (normalize, with autograd).
 //! Backward of [`BatchNormOp`]: [`GradStats`] (local `[Σdy; Σdy·(x−μ)]`) → one
 //! all-reduce → [`InputGrad`] (dx) and [`AffineGrads`] (local dweight, dbias).
-//! With a fused ReLU, [`ReluGrad`] first masks the incoming gradient by the
-//! op's output. [`BatchNormAddOp`] adds a residual before the ReLU (its
-//! gradient is that masked gradient).
+//! With a fused ReLU ([`FusedRelu`]), both passes mask the incoming gradient
+//! where the forward's output, recomputed from the input, was not positive.
+//! [`BatchNormAddOp`] adds a residual before the ReLU: [`ReluGrad`] masks the
+//! incoming gradient by its output first (that masked gradient is the
+//! residual's gradient).
 
 pub mod element;
 pub mod layout;
@@ -30,7 +32,7 @@ pub use batch_stats::BatchStats;
 pub use grad_stats::GradStats;
 pub use input_grad::InputGrad;
 pub use moments::Moments;
-pub use relu_grad::ReluGrad;
+pub use relu_grad::{FusedRelu, ReluGrad};
 pub use running_stats::{CounterIncrement, RunningStat, RunningStatsUpdate};
 
 use candle::backend::BackendStorage;

@@ -1,10 +1,80 @@
 //! The gradient mask of the ReLU fused into the normalization.
 
-use super::element::with_float_type;
-use super::{channel_view, unsupported_dtype};
-use crate::cpu;
+use super::element::{with_float_type, Accum};
+use super::{channel_view, host_f64, unsupported_dtype};
+use crate::cpu::{self, ReluMask};
 use candle::backend::BackendStorage;
-use candle::{CpuStorage, CustomOp2, Layout, Result, Shape};
+use candle::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+
+/// A ReLU fused into the normalization, as the backward passes of
+/// [`BatchNormOp`](super::BatchNormOp) see it: [`GradStats`](super::GradStats)
+/// and [`InputGrad`](super::InputGrad) recompute its gradient mask (`dy`
+/// where the output is > 0, or NaN) from the input with the forward's
+/// arithmetic, so the mask costs no pass over memory of its own.
+#[derive(Debug, Clone, Default)]
+pub struct FusedRelu {
+    /// The forward's weight (`None`: 1).
+    pub weight: Option<Tensor>,
+    /// The forward's bias (`None`: 0).
+    pub bias: Option<Tensor>,
+}
+
+impl FusedRelu {
+    /// The mask coefficients of the CPU kernels: `invstd·weight` and `bias`,
+    /// from the `(3, C)` f64 `moments`, computed and rounded as the forward
+    /// computes them.
+    pub(crate) fn cpu_mask<A: Accum>(&self, moments: &[f64], op: &str) -> Result<ReluMask<A>> {
+        let c_n = moments.len() / 3;
+        let values = |t: &Option<Tensor>, absent: f64, what: &str| -> Result<Vec<f64>> {
+            let v = match t {
+                Some(t) => host_f64(t)?,
+                None => vec![absent; c_n],
+            };
+            if v.len() != c_n {
+                candle::bail!(
+                    "{op}: fused ReLU {what} has {} values for {c_n} channels",
+                    v.len()
+                )
+            }
+            Ok(v)
+        };
+        let w = values(&self.weight, 1.0, "weight")?;
+        let b = values(&self.bias, 0.0, "bias")?;
+        let scale: Vec<f64> = (0..c_n).map(|c| moments[c_n + c] * w[c]).collect();
+        Ok(ReluMask::new(&scale, &b))
+    }
+
+    /// The forward's coefficients on the GPU, for inputs of `dtype` with `c`
+    /// channels: the forward's own kernel (`bn_coef_normalize_*`) on the same
+    /// moments, weight and bias.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn cuda_coefficients(
+        &self,
+        dev: &candle::CudaDevice,
+        dtype: candle::DType,
+        moments: &crate::cuda::launch::Small<'_>,
+        c: usize,
+    ) -> Result<candle::cuda_backend::cudarc::driver::CudaSlice<u8>> {
+        use crate::cuda::launch::Small;
+        let w = match &self.weight {
+            Some(w) => Some(Small::new(w, dev, "weight")?),
+            None => None,
+        };
+        let b = match &self.bias {
+            Some(b) => Some(Small::new(b, dev, "bias")?),
+            None => None,
+        };
+        let weight = match &w {
+            Some(w) => Some((w.storage(), w.vec1(c, "weight")?)),
+            None => None,
+        };
+        let bias = match &b {
+            Some(b) => Some((b.storage(), b.vec1(c, "bias")?)),
+            None => None,
+        };
+        super::batch_norm::cuda::normalize_coefficients(dev, dtype, moments, c, weight, bias)
+    }
+}
 
 /// `dy` where the fused op's output `y > 0`, else 0, applied as
 /// `dy.apply_op2_no_bwd(&y, &ReluGrad { axis })`; the output is contiguous in
