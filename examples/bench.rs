@@ -28,12 +28,15 @@
 //! followed by a ReLU three ways: `forward_relu_t` (the ReLU fused into our
 //! normalization), `forward_t` then candle's `relu`, and candle-nn's BatchNorm
 //! then `relu`; and likewise `relu(bn(x) + z)`, the end of a ResNet block
-//! (`forward_add_relu_t`, and the same as three ops).
+//! (`forward_add_relu_t`, and the same as three ops). It also times our
+//! backward kernels alone after the fused ReLU two ways: with the mask
+//! recomputed from `x` inside both passes (what `forward_relu_t` does), and
+//! with a mask pass first (`ReluGrad`, what `forward_add_relu_t` does).
 
 use anyhow::{bail, Result};
 use candle::{DType, Device, Tensor, Var};
 use candle_nn::{ModuleT, VarBuilder, VarMap};
-use candle_syncbn::ops::{BatchStats, GradStats, InputGrad, Moments};
+use candle_syncbn::ops::{BatchStats, FusedRelu, GradStats, InputGrad, Moments, ReluGrad};
 use candle_syncbn::{ProcessGroup, SyncBatchNorm, SyncBatchNormConfig};
 use clap::Parser;
 use rayon::prelude::*;
@@ -154,6 +157,13 @@ struct Row {
 struct ReluRow {
     /// `forward_relu_t` + `backward()`.
     fused: f64,
+    /// Our backward kernels alone after the fused ReLU, as `forward_relu_t`
+    /// runs them: the mask recomputed inside the gradient sums and the input
+    /// gradient.
+    bwd_ops: f64,
+    /// The same with the mask as a pass of its own first (`ReluGrad`, reading
+    /// the output), as `forward_add_relu_t` runs them.
+    bwd_ops_mask_pass: f64,
     /// `forward_t`, candle's `relu`, `backward()`.
     two_ops: f64,
     /// candle-nn's BatchNorm, `relu`, `backward()`.
@@ -274,6 +284,31 @@ fn bench_one(dev: &Device, shape: &[usize], dtype: DType, args: &Args) -> Result
         let fused = time(dev, iters, || {
             Ok(bn.forward_relu_t(xt, true)?.backward()?)
         })?;
+        // The backward kernels alone, as for "bwd ops": the mask recomputed
+        // in both passes, or read from the output by a pass of its own.
+        let relu_bwd = |relu: Option<FusedRelu>, dy: &Tensor| -> Result<Tensor> {
+            let op = GradStats {
+                axis,
+                moments: moments.clone(),
+                relu: relu.clone(),
+            };
+            let global = group.all_reduce_sum(&dy.apply_op2_no_bwd(xt, &op)?)?;
+            let op = InputGrad {
+                axis,
+                moments: moments.clone(),
+                grad_sums: Some(global),
+                weight: None,
+                relu,
+            };
+            Ok(dy.apply_op2_no_bwd(xt, &op)?)
+        };
+        let relu_bwd_ops = time(dev, iters, || relu_bwd(Some(FusedRelu::default()), &dy))?;
+        let y_relu = bn.forward_relu_t(xt, true)?.detach();
+        let bwd_ops_mask_pass = time(dev, iters, || {
+            let masked = dy.apply_op2_no_bwd(&y_relu, &ReluGrad { axis })?;
+            relu_bwd(None, &masked)
+        })?;
+        drop(y_relu);
         let two_ops = time(dev, iters, || {
             Ok(bn.forward_t(xt, true)?.relu()?.backward()?)
         })?;
@@ -309,6 +344,8 @@ fn bench_one(dev: &Device, shape: &[usize], dtype: DType, args: &Args) -> Result
         };
         Some(ReluRow {
             fused,
+            bwd_ops: relu_bwd_ops,
+            bwd_ops_mask_pass,
             two_ops,
             nn,
             add_fused,
@@ -460,9 +497,14 @@ fn main() -> Result<()> {
             "training steps (forward, then backward() through autograd), ms; ratios: that step / ours fused"
         );
         println!(
-            "{:<26} {:>9} | {:>14} {:>6} | {:>14} {:>6} || {:>9} | {:>14} {:>6} | {:>14} {:>6}",
+            "bwd ops: our backward kernels after the fused ReLU, the mask recomputed in both passes; mask 1st: the same after a mask pass (ReluGrad)"
+        );
+        println!(
+            "{:<26} {:>9} {:>8} {:>8} | {:>14} {:>6} | {:>14} {:>6} || {:>9} | {:>14} {:>6} | {:>14} {:>6}",
             "shape dtype",
             "relu(bn)",
+            "bwd ops",
+            "mask 1st",
             "bn, relu",
             "ratio",
             "nn bn, relu",
@@ -509,8 +551,10 @@ fn relu_line(label: &str, r: &ReluRow) -> String {
         None => format!("{:>14} {:>6}", "-", "-"),
     };
     format!(
-        "{label:<26} {:>9.3} | {} | {} || {:>9.3} | {} | {}",
+        "{label:<26} {:>9.3} {:>8.3} {:>8.3} | {} | {} || {:>9.3} | {} | {}",
         r.fused * 1e3,
+        r.bwd_ops * 1e3,
+        r.bwd_ops_mask_pass * 1e3,
         other(Some(r.two_ops), r.fused),
         other(r.nn, r.fused),
         r.add_fused * 1e3,
@@ -546,8 +590,10 @@ fn relu_json(r: Option<&ReluRow>) -> String {
     };
     let ms = |t: f64| format!("{:.6}", t * 1e3);
     format!(
-        ", \"relu_step_ms\": {}, \"bn_then_relu_step_ms\": {}, \"candle_nn_relu_step_ms\": {}, \"add_relu_step_ms\": {}, \"bn_add_relu_ops_step_ms\": {}, \"candle_nn_add_relu_step_ms\": {}",
+        ", \"relu_step_ms\": {}, \"relu_bwd_ops_ms\": {}, \"relu_bwd_ops_mask_pass_ms\": {}, \"bn_then_relu_step_ms\": {}, \"candle_nn_relu_step_ms\": {}, \"add_relu_step_ms\": {}, \"bn_add_relu_ops_step_ms\": {}, \"candle_nn_add_relu_step_ms\": {}",
         ms(r.fused),
+        ms(r.bwd_ops),
+        ms(r.bwd_ops_mask_pass),
         ms(r.two_ops),
         r.nn.map(ms).unwrap_or_else(|| "null".into()),
         ms(r.add_fused),
