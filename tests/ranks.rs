@@ -31,17 +31,17 @@ fn check_split(
     cfg: SyncBatchNormConfig,
     seed: u64,
 ) {
-    check_split_with(sizes, shape_tail, dtype, cfg, seed, false)
+    check_split_with(sizes, shape_tail, dtype, cfg, seed, Fusion::None)
 }
 
-/// [`check_split`] through the fused ReLU when `relu`.
+/// [`check_split`] through the forward of `fusion`.
 fn check_split_with(
     sizes: &[usize],
     shape_tail: &[usize],
     dtype: DType,
     cfg: SyncBatchNormConfig,
     seed: u64,
-    relu: bool,
+    fusion: Fusion,
 ) {
     let k = sizes.len();
     let total: usize = sizes.iter().sum();
@@ -66,7 +66,7 @@ fn check_split_with(
         xs.clone(),
         gs.clone(),
         (eval_shape.clone(), eval_x.clone()),
-        relu,
+        fusion,
     )
     .unwrap();
 
@@ -87,7 +87,7 @@ fn check_split_with(
             std::thread::spawn(move || {
                 let shapes = parts_x.iter().map(|p| p.0.clone()).collect();
                 let batches = parts_x.into_iter().map(|p| p.1).collect();
-                run_rank_with(group, cfg, dtype, shapes, batches, parts_g, eval, relu)
+                run_rank_with(group, cfg, dtype, shapes, batches, parts_g, eval, fusion)
             })
         })
         .collect();
@@ -96,8 +96,26 @@ fn check_split_with(
         .map(|h| h.join().unwrap().unwrap())
         .collect();
 
-    let label = format!("{k} ranks {sizes:?} {dtype:?} {shape:?} {cfg:?} relu {relu}");
+    let label = format!("{k} ranks {sizes:?} {dtype:?} {shape:?} {cfg:?} {fusion:?}");
     check_ranks_against_whole(&label, &ranks, &whole, tolerance(dtype), total);
+    if fusion == Fusion::AddRelu {
+        // The residual's gradient is the masked upstream gradient: each
+        // rank's slice of the whole batch's, as exactly as the outputs.
+        let (atol, rtol) = tolerance(dtype);
+        for s in 0..steps {
+            let got: Vec<f64> = ranks
+                .iter()
+                .flat_map(|r| r.residual_grads[s].clone())
+                .collect();
+            assert_close(
+                &format!("{label}: residual grads, step {s}"),
+                &got,
+                &whole.residual_grads[s],
+                atol,
+                rtol,
+            );
+        }
+    }
     for (r, run) in ranks.iter().enumerate() {
         if sizes[r] == 0 {
             for s in 0..steps {
@@ -166,7 +184,7 @@ fn half_precision_ranks_match_one_rank() {
 }
 
 #[test]
-fn k_ranks_with_fused_relu_equal_one_rank() {
+fn k_ranks_with_fused_relu_and_residual_equal_one_rank() {
     let cfgs = [
         SyncBatchNormConfig::default(),
         SyncBatchNormConfig {
@@ -183,8 +201,10 @@ fn k_ranks_with_fused_relu_equal_one_rank() {
                 (vec![5], DType::F64),
                 (vec![4, 6], DType::BF16),
             ] {
-                check_split_with(sizes, &tail, dtype, cfg, seed, true);
-                seed += 1;
+                for fusion in [Fusion::Relu, Fusion::AddRelu] {
+                    check_split_with(sizes, &tail, dtype, cfg, seed, fusion);
+                    seed += 1;
+                }
             }
         }
     }

@@ -295,6 +295,21 @@ pub struct RankRun {
     pub running_var: Vec<f64>,
     pub batches: u64,
     pub eval: Vec<f64>,
+    /// The residual's gradients ([`Fusion::AddRelu`] only).
+    pub residual_grads: Vec<Vec<f64>>,
+}
+
+/// Which forward [`run_rank_with`] trains through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fusion {
+    /// `forward_t`.
+    None,
+    /// `forward_relu_t`.
+    Relu,
+    /// `forward_add_relu_t` with a residual of the batch's shape, trained
+    /// too: `0.5·g + 0.25` element-wise (`g` the upstream gradient), so that
+    /// slicing the batch slices the residual alike.
+    AddRelu,
 }
 
 /// The permutation from `(N, C, *)` to channels-last `(N, *, C)` for a tensor
@@ -336,10 +351,19 @@ pub fn run_rank(
     grads: Vec<Vec<f64>>,
     eval_x: (Vec<usize>, Vec<f64>),
 ) -> candle::Result<RankRun> {
-    run_rank_with(group, cfg, dtype, shapes, batches, grads, eval_x, false)
+    run_rank_with(
+        group,
+        cfg,
+        dtype,
+        shapes,
+        batches,
+        grads,
+        eval_x,
+        Fusion::None,
+    )
 }
 
-/// [`run_rank`] through `forward_relu_t` (the fused ReLU) when `relu`.
+/// [`run_rank`] through the forward of `fusion`.
 #[allow(clippy::too_many_arguments)]
 pub fn run_rank_with(
     group: ProcessGroup,
@@ -349,9 +373,10 @@ pub fn run_rank_with(
     batches: Vec<Vec<f64>>,
     grads: Vec<Vec<f64>>,
     eval_x: (Vec<usize>, Vec<f64>),
-    relu: bool,
+    fusion: Fusion,
 ) -> candle::Result<RankRun> {
     let c_n = shapes[0][1];
+    let relu = fusion != Fusion::None;
     let varmap = VarMap::new();
     let param_dtype = if dtype == DType::F64 {
         DType::F64
@@ -375,13 +400,29 @@ pub fn run_rank_with(
         running_var: vec![],
         batches: 0,
         eval: vec![],
+        residual_grads: vec![],
+    };
+    let residual = |gs: &[f64], shape: &[usize]| {
+        let zs: Vec<f64> = gs.iter().map(|g| 0.5 * g + 0.25).collect();
+        Var::from_tensor(&tensor(&zs, shape, dtype))
     };
     for ((shape, xs), gs) in shapes.iter().zip(&batches).zip(&grads) {
         let x = Var::from_tensor(&tensor(xs, shape, dtype))?;
         let g = tensor(gs, shape, dtype);
-        let y = forward_maybe_relu(&bn, x.as_tensor(), true, relu)?;
+        let z = match fusion {
+            Fusion::AddRelu => Some(residual(gs, shape)?),
+            _ => None,
+        };
+        let y = match &z {
+            Some(z) => bn.forward_add_relu_t(x.as_tensor(), z.as_tensor(), true)?,
+            None => forward_maybe_relu(&bn, x.as_tensor(), true, relu)?,
+        };
         let loss = (y.to_dtype(DType::F64)? * g.to_dtype(DType::F64)?)?.sum_all()?;
         let store = loss.backward()?;
+        if let Some(z) = &z {
+            run.residual_grads
+                .push(values(store.get(z.as_tensor()).expect("residual gradient")));
+        }
         run.outputs.push(values(&y));
         run.input_grads
             .push(values(store.get(x.as_tensor()).expect("input gradient")));
@@ -398,7 +439,13 @@ pub fn run_rank_with(
     }
     run.batches = bn.num_batches_tracked();
     let eval = tensor(&eval_x.1, &eval_x.0, dtype);
-    run.eval = values(&forward_maybe_relu(&bn, &eval, false, relu)?);
+    run.eval = match fusion {
+        Fusion::AddRelu => {
+            let z = residual(&eval_x.1, &eval_x.0)?;
+            values(&bn.forward_add_relu_t(&eval, z.as_tensor(), false)?)
+        }
+        _ => values(&forward_maybe_relu(&bn, &eval, false, relu)?),
+    };
     Ok(run)
 }
 
