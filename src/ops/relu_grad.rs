@@ -1,4 +1,6 @@
-//! The gradient mask of the ReLU fused into the normalization.
+//! The gradient mask of the ReLU fused into the normalization: recomputed
+//! inside the backward passes ([`FusedRelu`]), or as a pass of its own over
+//! the output ([`ReluGrad`], for the residual op).
 
 use super::element::{with_float_type, Accum};
 use super::{channel_view, host_f64, unsupported_dtype};
@@ -82,7 +84,9 @@ impl FusedRelu {
 ///
 /// The mask is read from the output, as PyTorch's `threshold_backward` does:
 /// an output rounded to zero (f16 underflow) passes no gradient, and a NaN
-/// output passes it.
+/// output passes it. [`BatchNormAddOp`](super::BatchNormAddOp) runs it, since
+/// the masked gradient is its residual's gradient; [`FusedRelu`] gives the
+/// same mask without this pass.
 #[derive(Debug, Clone, Copy)]
 pub struct ReluGrad {
     /// The channel axis of `dy` and `y` (it only picks the traversal order).
