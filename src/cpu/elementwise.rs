@@ -135,6 +135,97 @@ fn advise_huge_pages<T>(buf: &mut Vec<T>) {
     let _ = buf;
 }
 
+/// Lanes of the element-wise row loops: a row is processed in runs of `LANES`
+/// elements, and its tail (fewer than `LANES`) as one more run padded with
+/// copies of its first element, whose results are dropped. Rows of short maps
+/// (7×7 = 49 elements, 14×14 = 196) are shorter than the unrolled vector
+/// loops the compiler makes of a plain loop, so their elements would
+/// otherwise run one by one (the f32 → bf16 rounding at scalar speed).
+const LANES: usize = 16;
+
+/// The run of [`LANES`] elements at `i`: `dst[i + k] = f(a[i + k], b[i + k])`,
+/// on arrays of a fixed length, so the compiler unrolls and vectorizes it
+/// whole. A function, not a closure, so that it inlines into the caller's
+/// instruction-set tier.
+#[inline(always)]
+fn run_lanes<A: Copy, B: Copy, U: Copy>(
+    dst: &mut [MaybeUninit<U>],
+    a: &[A],
+    b: &[B],
+    i: usize,
+    f: &impl Fn(A, B) -> U,
+) {
+    // Loaded whole before anything is stored: the compiler cannot tell that
+    // `dst` does not alias the inputs, and would otherwise keep every load
+    // behind the store before it, one element at a time.
+    let a: [A; LANES] = a[i..i + LANES].try_into().expect("a run");
+    let b: [B; LANES] = b[i..i + LANES].try_into().expect("a run");
+    let mut out = [const { MaybeUninit::<U>::uninit() }; LANES];
+    for k in 0..LANES {
+        out[k].write(f(a[k], b[k]));
+    }
+    dst[i..i + LANES].copy_from_slice(&out);
+}
+
+/// Writes `f(a[i], b[i])` to `dst[i]` for every `i` (`a` and `b` at least as
+/// long as `dst`). With `runs`, rows of [`LANES`] to `4·LANES` elements (the
+/// short rows of 7×7 and smaller maps) run in runs of [`LANES`], the last one
+/// ending at the row's end and overlapping the one before it, whose elements
+/// it writes again with the same values. Other rows run as one plain loop,
+/// which the compiler vectorizes with unrolled runs of `4·LANES` and a scalar
+/// remainder: cheap for f32, but for half types (`runs`, see
+/// [`rounds_each_element`]) the remainder of a short row costs more than
+/// its vector part.
+#[inline(always)]
+fn map2_lanes<A: Copy, B: Copy, U: Copy>(
+    dst: &mut [MaybeUninit<U>],
+    a: &[A],
+    b: &[B],
+    runs: bool,
+    f: impl Fn(A, B) -> U,
+) {
+    let n = dst.len();
+    let (a, b) = (&a[..n], &b[..n]);
+    if !runs || !(LANES..4 * LANES).contains(&n) {
+        for ((d, &e), &g) in dst.iter_mut().zip(a).zip(b) {
+            d.write(f(e, g));
+        }
+        return;
+    }
+    // At most three whole runs and the tail, written out: as a loop over runs,
+    // the compiler vectorizes across runs, with gathers.
+    run_lanes(dst, a, b, 0, &f);
+    if n >= 2 * LANES {
+        run_lanes(dst, a, b, LANES, &f);
+    }
+    if n >= 3 * LANES {
+        run_lanes(dst, a, b, 2 * LANES, &f);
+    }
+    if !n.is_multiple_of(LANES) {
+        run_lanes(dst, a, b, n - LANES, &f);
+    }
+}
+
+/// Writes `f(a[i])` to `dst[i]` for every `i` (`a` at least as long as
+/// `dst`), in runs of [`LANES`], the tail padded.
+#[inline(always)]
+fn map_lanes<A: Copy, U: Copy>(
+    dst: &mut [MaybeUninit<U>],
+    a: &[A],
+    runs: bool,
+    f: impl Fn(A) -> U,
+) {
+    map2_lanes(dst, a, a, runs, |e, _| f(e))
+}
+
+/// Whether `T` is stored narrower than its accumulator (f16, bf16), so that
+/// every output element is rounded (a dozen integer operations, at scalar
+/// speed in a loop's remainder).
+#[inline(always)]
+fn rounds_each_element<T: Element>() -> bool {
+    std::mem::size_of::<T>() < std::mem::size_of::<T::Acc>()
+}
+
 /// Allocates the output of `v`'s shape and fills it in parallel, a run of
 /// whole rows per task (`fill` gets the run and its part of the output).
 fn elementwise<T, S, I, F>(v: &ChannelView, init: I, fill: F) -> Vec<T>
@@ -179,8 +270,11 @@ multiversion! {
         for (r, row) in (first..).zip(dst.chunks_mut(v.inner)) {
             let (o, c) = (r / v.channels, r % v.channels);
             let (mh, ml, b, s) = (k.mean_hi[c], k.mean_lo[c], k.x_scale[c], k.shift[c]);
-            for (d, &e) in row.iter_mut().zip(channel_row(x, v, o, c, buf)) {
-                d.write(T::from_acc(activate(((e.to_acc() - mh) - ml) * b + s, relu)));
+            let src = channel_row(x, v, o, c, buf);
+            if relu {
+                map_lanes(row, src, rounds_each_element::<T>(), |e: T| T::from_acc(activate(((e.to_acc() - mh) - ml) * b + s, true)));
+            } else {
+                map_lanes(row, src, rounds_each_element::<T>(), |e: T| T::from_acc(((e.to_acc() - mh) - ml) * b + s));
             }
         }
     }
@@ -218,21 +312,18 @@ multiversion! {
             let (a, b, s) = (k.dy_scale[c], k.x_scale[c], k.shift[c]);
             let g = channel_row(dy, dv, o, c, &mut bufs.0);
             let src = channel_row(x, xv, o, c, &mut bufs.1);
-            let it = row.iter_mut().zip(g).zip(src);
             match relu {
                 Some(m) => {
                     let (ms, mb) = (m.scale[c], m.shift[c]);
-                    for ((d, &ge), &e) in it {
+                    map2_lanes(row, g, src, rounds_each_element::<T>(), |ge: T, e: T| {
                         let xc = (e.to_acc() - mh) - ml;
                         let gv = relu_masked::<T>(ge.to_acc(), xc * ms + mb);
-                        d.write(T::from_acc(gv * a + xc * b + s));
-                    }
+                        T::from_acc(gv * a + xc * b + s)
+                    });
                 }
-                None => {
-                    for ((d, &ge), &e) in it {
-                        d.write(T::from_acc(ge.to_acc() * a + ((e.to_acc() - mh) - ml) * b + s));
-                    }
-                }
+                None => map2_lanes(row, g, src, rounds_each_element::<T>(), |ge: T, e: T| {
+                    T::from_acc(ge.to_acc() * a + ((e.to_acc() - mh) - ml) * b + s)
+                }),
             }
         }
     }
@@ -292,9 +383,9 @@ multiversion! {
             let (mh, ml, b, s) = (k.mean_hi[c], k.mean_lo[c], k.x_scale[c], k.shift[c]);
             let src = channel_row(x, v, o, c, &mut bufs.0);
             let res = channel_row(z, zv, o, c, &mut bufs.1);
-            for ((d, &e), &q) in row.iter_mut().zip(src).zip(res) {
-                d.write(T::from_acc(activate((((e.to_acc() - mh) - ml) * b + s) + q.to_acc(), relu)));
-            }
+            map2_lanes(row, src, res, rounds_each_element::<T>(), |e: T, q: T| {
+                T::from_acc(activate((((e.to_acc() - mh) - ml) * b + s) + q.to_acc(), relu))
+            });
         }
     }
 }
@@ -390,9 +481,7 @@ multiversion! {
             let (o, c) = (r / yv.channels, r % yv.channels);
             let g = channel_row(dy, dv, o, c, &mut bufs.0);
             let out = channel_row(y, yv, o, c, &mut bufs.1);
-            for ((d, &ge), &e) in row.iter_mut().zip(g).zip(out) {
-                d.write(relu_pass(ge, e));
-            }
+            map2_lanes(row, g, out, false, relu_pass);
         }
     }
 }
@@ -430,4 +519,94 @@ pub fn relu_grad<T: Element>(dy: &[T], dv: &ChannelView, y: &[T], yv: &ChannelVi
             Rows::Spatial { first } => relu_grad_spatial(dst, dy, dv, y, yv, first, bufs),
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle::Layout;
+    use half::bf16;
+
+    /// The runs of short rows (overlapping last run, rows under [`LANES`],
+    /// rows past `4·LANES`) write every element once with the value of the
+    /// per-element formula, bit for bit: row lengths 1 to 70, a batch of 3,
+    /// f32 and bf16, the normalization (with and without ReLU, with a
+    /// residual), the input gradient (with and without the fused mask) and the
+    /// ReLU mask pass.
+    #[test]
+    fn row_runs_give_the_per_element_formula_bit_for_bit() {
+        fn check<T: Element>(to: impl Fn(f32) -> T) {
+            let (n, c) = (3usize, 3usize);
+            for inner in 1..=70usize {
+                let len = n * c * inner;
+                let v = ChannelView::new(&Layout::contiguous((n, c, inner)), 1).unwrap();
+                let x: Vec<T> = (0..len)
+                    .map(|i| to(((i * 7919) % 1000) as f32 * 0.013 - 5.0))
+                    .collect();
+                let g: Vec<T> = (0..len)
+                    .map(|i| to(((i * 104_729) % 61) as f32 * 0.1 - 3.0))
+                    .collect();
+                let f = |ch: &[f64]| ch.to_vec();
+                let mean = f(&[0.4, -1.25, 2.0]);
+                let k = ChannelCoefficients::<T::Acc>::new(
+                    &mean,
+                    &f(&[-0.01, 0.02, -0.03]),
+                    &f(&[0.7, 1.3, -0.9]),
+                    &f(&[0.05, -0.4, 0.3]),
+                );
+                let m = ReluMask::<T::Acc>::new(&f(&[0.6, -1.1, 0.8]), &f(&[0.1, 0.2, -0.3]));
+                let at = |i: usize| ((i / inner) % c, i);
+                let xc = |i: usize| {
+                    let (ch, i) = at(i);
+                    (x[i].to_acc() - k.mean_hi[ch]) - k.mean_lo[ch]
+                };
+                let same = |got: &[T], want: &dyn Fn(usize) -> T, what: &str| {
+                    assert_eq!(got.len(), len);
+                    for (i, &e) in got.iter().enumerate() {
+                        // Exact in f64 (NaN never occurs here); the sign
+                        // bit separates -0 from +0.
+                        let (e, w) = (e.to_acc().to_f64(), want(i).to_acc().to_f64());
+                        assert!(
+                            e.to_bits() == w.to_bits(),
+                            "{what}, rows of {inner}, element {i}: {e} vs {w}"
+                        );
+                    }
+                };
+                for relu in [false, true] {
+                    let y = normalize(&x, &v, &k, None, relu);
+                    let want = |i: usize| {
+                        let ch = at(i).0;
+                        T::from_acc(activate(xc(i) * k.x_scale[ch] + k.shift[ch], relu))
+                    };
+                    same(&y, &want, "normalize");
+                    let y = normalize(&x, &v, &k, Some((&g, &v)), relu);
+                    let want = |i: usize| {
+                        let ch = at(i).0;
+                        let r = xc(i) * k.x_scale[ch] + k.shift[ch] + g[i].to_acc();
+                        T::from_acc(activate(r, relu))
+                    };
+                    same(&y, &want, "normalize + residual");
+                }
+                let dx = backward_elemt(&g, &v, &x, &v, &k, None);
+                let want = |i: usize| {
+                    let ch = at(i).0;
+                    T::from_acc(
+                        g[i].to_acc() * k.dy_scale[ch] + xc(i) * k.x_scale[ch] + k.shift[ch],
+                    )
+                };
+                same(&dx, &want, "input gradient");
+                let dx = backward_elemt(&g, &v, &x, &v, &k, Some(&m));
+                let want = |i: usize| {
+                    let ch = at(i).0;
+                    let gv = relu_masked::<T>(g[i].to_acc(), xc(i) * m.scale[ch] + m.shift[ch]);
+                    T::from_acc(gv * k.dy_scale[ch] + xc(i) * k.x_scale[ch] + k.shift[ch])
+                };
+                same(&dx, &want, "input gradient after the fused ReLU");
+                let dz = relu_grad(&g, &v, &x, &v);
+                same(&dz, &|i| relu_pass(g[i], x[i]), "ReLU mask");
+            }
+        }
+        check::<f32>(|v| v);
+        check::<bf16>(bf16::from_f32);
+    }
 }
