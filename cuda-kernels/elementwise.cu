@@ -118,7 +118,12 @@ COEF_KERNELS(double, f64)
 //   1: W = VEC consecutive elements along `inner` (inner_stride == 1 for every
 //      view, inner % VEC == 0): one 128-bit load/store, one channel;
 //   2: W = VEC consecutive channels (channel-innermost: inner == 1,
-//      channel_stride == 1 for every view, channels % VEC == 0).
+//      channel_stride == 1 for every view, channels % VEC == 0);
+//   3: W = VEC consecutive elements in memory order, across rows: every view
+//      dense in (outer, channels, inner) order, inner >= VEC and the element
+//      count a multiple of VEC (rows of 7x7 maps, whose length is no multiple
+//      of VEC). A vector then spans at most two channels: the coefficients of
+//      both are loaded once per vector and each element takes its own.
 // Outputs are written through their own view (contiguous in x's shape).
 // KIND picks the pass: the normalization (no dy; with `relu`, max(·, 0) in the
 // accumulator type before rounding; NaN stays NaN), the normalization plus a
@@ -131,7 +136,20 @@ COEF_KERNELS(double, f64)
 
 enum Kind { NORMALIZE = 0, INPUT_GRAD = 1, RELU_GRAD = 2, NORMALIZE_ADD = 3 };
 
-template <typename T, int KIND, int W, bool ALONG_C>
+// Vector layouts of elemt_body (the `mode` values above).
+enum Along { SCALAR = 0, ALONG_INNER = 1, ALONG_CHANNELS = 2, ACROSS_ROWS = 3 };
+
+// One channel's coefficients as two packs: hi, lo, b, k and a, mb, mk, (pad).
+template <typename A> struct Coef {
+    Pack<A, 4> n, g;
+};
+
+template <typename A> __device__ __forceinline__ Coef<A> load_coef(const A* __restrict__ coef, long long c) {
+    const Pack<A, 4>* p = reinterpret_cast<const Pack<A, 4>*>(coef + c * COEF);
+    return Coef<A>{p[0], p[1]};
+}
+
+template <typename T, int KIND, int W, int ALONG>
 __device__ __forceinline__ void elemt_body(const T* __restrict__ dy, const View& dv, const T* __restrict__ x,
                                            const View& xv, T* __restrict__ out, const View& ov,
                                            const typename Traits<T>::Acc* __restrict__ coef, const int relu) {
@@ -147,22 +165,31 @@ __device__ __forceinline__ void elemt_body(const T* __restrict__ dy, const View&
         A xs[W], g[W], r[W];
         load_acc<T, W>(x + view_index(xv, pos.o, pos.c, pos.i), xs);
         if (KIND != NORMALIZE) load_acc<T, W>(dy + view_index(dv, pos.o, pos.c, pos.i), g);
+        // ACROSS_ROWS: the vector's first channel and the next one (the first
+        // channel again after the last: the next row of the batch).
+        Coef<A> first, next;
+        if (ALONG == ACROSS_ROWS && KIND != RELU_GRAD) {
+            first = load_coef(coef, pos.c);
+            next = load_coef(coef, pos.c + 1 == channels ? 0 : pos.c + 1);
+        }
 #pragma unroll
         for (int k = 0; k < W; ++k) {
             if (KIND == RELU_GRAD) {
                 r[k] = xs[k] <= A(0) ? A(0) : g[k];
                 continue;
             }
-            const long long c = ALONG_C ? pos.c + k : pos.c;
-            const Pack<A, 4> cf = *reinterpret_cast<const Pack<A, 4>*>(coef + c * COEF);
-            const A centered = (xs[k] - cf.v[0]) - cf.v[1];
+            Coef<A> cf;
+            if (ALONG == ACROSS_ROWS)
+                cf = pos.i + k < inner ? first : next;
+            else
+                cf = load_coef(coef, ALONG == ALONG_CHANNELS ? pos.c + k : pos.c);
+            const A centered = (xs[k] - cf.n.v[0]) - cf.n.v[1];
             if (KIND == INPUT_GRAD) {
-                const A a = coef[c * COEF + 4];
                 A gv = g[k];
-                if (relu && !relu_passes<T>(affine_rn(centered, coef[c * COEF + 5], coef[c * COEF + 6]))) gv = A(0);
-                r[k] = gv * a + centered * cf.v[2] + cf.v[3];
+                if (relu && !relu_passes<T>(affine_rn(centered, cf.g.v[1], cf.g.v[2]))) gv = A(0);
+                r[k] = gv * cf.g.v[0] + centered * cf.n.v[2] + cf.n.v[3];
             } else {
-                r[k] = affine_rn(centered, cf.v[2], cf.v[3]);
+                r[k] = affine_rn(centered, cf.n.v[2], cf.n.v[3]);
                 if (KIND == NORMALIZE_ADD) r[k] = r[k] + g[k];
                 if (relu && r[k] < A(0)) r[k] = A(0);
             }
@@ -178,12 +205,14 @@ __device__ __forceinline__ void elemt(const T* __restrict__ dy, const View& dv, 
                                       const typename Traits<T>::Acc* __restrict__ coef, const int mode,
                                       const int relu) {
     constexpr int V = Traits<T>::VEC;
-    if (mode == 1)
-        elemt_body<T, KIND, V, false>(dy, dv, x, xv, out, ov, coef, relu);
-    else if (mode == 2)
-        elemt_body<T, KIND, V, true>(dy, dv, x, xv, out, ov, coef, relu);
+    if (mode == ALONG_INNER)
+        elemt_body<T, KIND, V, ALONG_INNER>(dy, dv, x, xv, out, ov, coef, relu);
+    else if (mode == ALONG_CHANNELS)
+        elemt_body<T, KIND, V, ALONG_CHANNELS>(dy, dv, x, xv, out, ov, coef, relu);
+    else if (mode == ACROSS_ROWS)
+        elemt_body<T, KIND, V, ACROSS_ROWS>(dy, dv, x, xv, out, ov, coef, relu);
     else
-        elemt_body<T, KIND, 1, false>(dy, dv, x, xv, out, ov, coef, relu);
+        elemt_body<T, KIND, 1, SCALAR>(dy, dv, x, xv, out, ov, coef, relu);
 }
 
 #define ELEMT_KERNELS(T, SUFFIX)                                                                               \

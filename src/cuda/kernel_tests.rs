@@ -195,6 +195,9 @@ const CASES: &[Case] = &[
     case("nchw misaligned", &[2, 3, 8, 8], Cont, Cont, true),
     // 7x7 maps: scalar loads; x and dy in different layouts.
     case("nchw 7x7", &[3, 5, 7, 7], Cont, Nhwc, false),
+    // 7x7 maps, every view dense: vectors in memory order across rows, each
+    // spanning two channels at row ends (and the last channel to the first).
+    case("nchw 7x7 dense", &[4, 6, 7, 7], Cont, Cont, false),
     // Planes of >= 8192 values: a block per task, several chunks per channel.
     case("nchw large planes", &[2, 3, 64, 80], Cont, Cont, false),
     // Many channels with tiny maps; a broadcast gradient.
@@ -1108,8 +1111,8 @@ fn kernels_match_the_cpu_path_bf16() {
 }
 
 /// The cases cover every path of the plans: both reduction paths, a block
-/// and a warp per task, several chunks and row blocks, vector and scalar
-/// element-wise modes.
+/// and a warp per task, several chunks and row blocks, vector (along the
+/// rows, along the channels, across rows) and scalar element-wise modes.
 #[test]
 fn cases_cover_every_path() {
     let mut seen = std::collections::BTreeSet::new();
@@ -1153,6 +1156,7 @@ fn cases_cover_every_path() {
         "mode 0",
         "mode 1",
         "mode 2",
+        "mode 3",
         "vec false",
         "vec true",
     ];

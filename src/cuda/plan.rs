@@ -367,13 +367,43 @@ impl Reduction {
     }
 }
 
+/// Whether the element-wise kernels can take `vec`-element (16-byte) vectors
+/// in memory order across row boundaries (mode 3): every view of a
+/// channel-major launch contiguous in `(outer, channels, inner)` order (the
+/// rows back to back), offsets multiples of `vec`, base pointers 16-byte
+/// aligned, the element count a multiple of `vec`, and rows of at least `vec`
+/// elements, so that a vector spans at most two channels. This is how rows
+/// whose length is no multiple of the vector width (7×7 maps in f32, 7×7 and
+/// 14×14 maps in f16/bf16) still get 128-bit loads.
+pub fn flat_vectorizable(canon: &Canon, vec: usize, base_aligned: &[bool]) -> bool {
+    if vec <= 1 || base_aligned.len() != canon.views.len() || !base_aligned.iter().all(|&a| a) {
+        return false;
+    }
+    let (o, c, i) = canon.sizes();
+    let vec = vec as i64;
+    let (o, c, i) = (o as i64, c as i64, i as i64);
+    canon.path == Path::Major
+        && i >= vec
+        && (o * c * i) % vec == 0
+        && canon.views.iter().all(|v| {
+            // Strides of dims of size 1 are 0 (KView::new).
+            let dense = |size: i64, stride: i64, want: i64| size == 1 || stride == want;
+            v.offset % vec == 0
+                && dense(i, v.inner_stride, 1)
+                && dense(c, v.channel_stride, i)
+                && dense(o, v.outer_stride, c * i)
+        })
+}
+
 /// The element-wise `mode` argument (see cuda-kernels/elementwise.cu): 0
-/// scalar, 1 vectors along `inner`, 2 vectors along the channels.
+/// scalar, 1 vectors along `inner`, 2 vectors along the channels, 3 vectors
+/// in memory order across rows ([`flat_vectorizable`]).
 pub fn elementwise_mode(canon: &Canon, vec_width: usize, aligned: &[bool]) -> i32 {
     match (vectorizable(canon, vec_width, aligned), canon.path) {
-        (false, _) => 0,
         (true, Path::Major) => 1,
         (true, Path::Innermost) => 2,
+        (false, _) if flat_vectorizable(canon, vec_width, aligned) => 3,
+        (false, _) => 0,
     }
 }
 
@@ -449,6 +479,53 @@ mod tests {
         let l = Layout::contiguous((2, 3, 7, 7));
         let c = canonicalize(&[view(&l, 1)]);
         assert!(!vectorizable(&c, 4, &[true]));
+    }
+
+    #[test]
+    fn rows_of_any_length_take_vectors_in_memory_order_when_dense() {
+        let mode = |views: &[ChannelView], vec: usize, aligned: bool| {
+            let c = canonicalize(views);
+            elementwise_mode(&c, vec, &vec![aligned; views.len()])
+        };
+        // 7x7 maps: no vectors along the rows, but the tensor is dense.
+        let l = Layout::contiguous((2, 4, 7, 7));
+        let x = view(&l, 1);
+        let out = contiguous_like(&x);
+        assert_eq!(mode(&[x, out], 4, true), 3);
+        assert_eq!(mode(&[x, out], 8, true), 3, "392 elements, rows of 49 >= 8");
+        assert_eq!(mode(&[x, out], 4, false), 0, "misaligned base");
+        // 8x8 maps keep the vectors along the rows.
+        let l8 = Layout::contiguous((2, 4, 8, 8));
+        let x8 = view(&l8, 1);
+        assert_eq!(mode(&[x8, contiguous_like(&x8)], 8, true), 1);
+        // Rows shorter than a vector (2x2 maps in bf16), an element count
+        // that is no multiple of the vector, a gap between rows, a
+        // broadcast view: scalar.
+        let l = Layout::contiguous((4, 6, 2, 2));
+        let v = view(&l, 1);
+        assert_eq!(mode(&[v, contiguous_like(&v)], 8, true), 0);
+        assert_eq!(mode(&[v, contiguous_like(&v)], 4, true), 1);
+        let l = Layout::contiguous((1, 3, 7, 7));
+        let v = view(&l, 1);
+        assert_eq!(mode(&[v, contiguous_like(&v)], 4, true), 0, "147 elements");
+        let n = Layout::contiguous((2, 4, 50)).narrow(2, 0, 48).unwrap();
+        let v = view(&n, 1);
+        assert_eq!(mode(&[v, contiguous_like(&v)], 4, true), 0);
+        let b = Layout::new((2, 4, 7, 7).into(), vec![0, 1, 0, 0], 0);
+        assert_eq!(mode(&[x, view(&b, 1), out], 4, true), 0);
+        // A batch narrowed at a multiple of the vector stays dense.
+        let n = Layout::contiguous((5, 4, 7, 7)).narrow(0, 2, 2).unwrap();
+        let v = view(&n, 1);
+        assert_eq!(mode(&[v, contiguous_like(&v)], 4, true), 3);
+        // A transposed 2-D batch: one row per channel, back to back.
+        let t = Layout::contiguous((3, 50)).transpose(0, 1).unwrap();
+        let v = view(&t, 1);
+        assert_eq!(mode(&[v, contiguous_like(&v)], 4, true), 0, "150 elements");
+        let t = Layout::contiguous((4, 50)).transpose(0, 1).unwrap();
+        let v = view(&t, 1);
+        let c = canonicalize(&[v]);
+        assert_eq!(c.sizes(), (1, 4, 50));
+        assert_eq!(mode(&[v, v], 4, true), 3);
     }
 
     #[test]
