@@ -5,7 +5,10 @@
 #   bash gpu-bundle/run.sh OUT [STEP...]
 #
 # STEP is any of: info, tests, bench, pytorch, train (default: all of them, in
-# that order). Each step's output goes to OUT/<step>.txt (and the benchmark's
+# that order), and sanitize (not in the default list: the CUDA op tests under
+# compute-sanitizer's memcheck, then racecheck on the shared-memory
+# reductions; minutes, and the sanitizer runs on some of the lent machines
+# only, see the device tool's KINDS.md). Each step's output goes to OUT/<step>.txt (and the benchmark's
 # JSON to OUT/bench-cuda.json); a failing step is recorded in OUT/status.txt
 # and the next step still runs. That is 7 files at most: the device tool
 # brings back 8 (the training checkpoint stays on the machine).
@@ -38,6 +41,7 @@ step_cap() {
   fi
   case "$1" in
     info) echo 30 ;;
+    sanitize) echo 300 ;;
     tests) echo 240 ;;
     bench) echo 180 ;;
     pytorch) echo 150 ;;
@@ -109,8 +113,19 @@ for step in "${STEPS[@]}"; do
       run_step train "$BIN/train" --device cuda --nproc-per-node 1 --epochs 1 \
         --checkpoint "${TMPDIR:-/tmp}/candle-syncbn-train.safetensors"
       ;;
+    sanitize)
+      # The op tests (every kernel, small shapes) under memcheck, then the
+      # block reductions' shared memory under racecheck.
+      run_step sanitize bash -c '
+        ops="batch_stats_match_cpu grad_stats_match_cpu batch_norm_op_matches_cpu"
+        ops="$ops input_grad_and_affine_grads_match_cpu fused_relu_layer_matches_cpu"
+        compute-sanitizer --tool memcheck --error-exitcode 9 "$0" --test-threads=1 $ops || exit
+        compute-sanitizer --tool racecheck --error-exitcode 9 "$0" --test-threads=1 \
+          batch_stats_match_cpu grad_stats_match_cpu
+      ' "$BIN/cuda"
+      ;;
     *)
-      echo "unknown step $step (info, tests, bench, pytorch, train)" >&2
+      echo "unknown step $step (info, tests, bench, pytorch, train, sanitize)" >&2
       exit 2
       ;;
   esac
