@@ -33,7 +33,8 @@ __device__ __forceinline__ SplitMean<A> split_mean(const void* __restrict__ mome
 // stats.cu): tasks (channel, chunk) handled by a block or by a warp; dy and x
 // share sizes and are addressed through their own strides. Each thread sums a
 // register tile of UNROLL vectors, adds the tile sums to its f32 (f64 for f64)
-// sums, and the group adds its threads in a fixed tree. Task t writes
+// sums (a tile of VEC times as many scalars without vectors: TileDepth), and
+// the group adds its threads in a fixed tree. Task t writes
 // partial[t] = (Σdy, Σdy·(x − mean)).
 // ---------------------------------------------------------------------------
 
@@ -60,11 +61,12 @@ __device__ __forceinline__ void grad_major_thread(const T* __restrict__ dy, cons
     const T* __restrict__ xbase = x + xv.offset + c * xv.channel_stride;
     PlanePos pos{j / xv.inner, j % xv.inner};
     const PlaneStep st = plane_step(step, xv.inner);
+    constexpr int U = TileDepth<T, W>::value;
     while (j < j1) {
-        A g[UNROLL][W], e[UNROLL][W];
+        A g[U][W], e[U][W];
         int cnt = 0;
 #pragma unroll
-        for (int u = 0; u < UNROLL; ++u) {
+        for (int u = 0; u < U; ++u) {
             if (j < j1) {
                 load_acc<T, W>(dbase + pos.o * dv.outer_stride + pos.i * dv.inner_stride, g[u]);
                 load_acc<T, W>(xbase + pos.o * xv.outer_stride + pos.i * xv.inner_stride, e[u]);
@@ -75,7 +77,7 @@ __device__ __forceinline__ void grad_major_thread(const T* __restrict__ dy, cons
         }
         A ts = A(0), tq = A(0);
 #pragma unroll
-        for (int u = 0; u < UNROLL; ++u) {
+        for (int u = 0; u < U; ++u) {
             if (u < cnt) {
 #pragma unroll
                 for (int k = 0; k < W; ++k) {
@@ -91,12 +93,14 @@ __device__ __forceinline__ void grad_major_thread(const T* __restrict__ dy, cons
     }
 }
 
-template <typename T, bool RELU>
+// VECTORS: 128-bit loads (bn_grad_major_*, bn_grad_relu_major_*), else single
+// elements (the *_major_scalar_* entry points; see bn_stats_major_scalar_*).
+template <typename T, bool RELU, bool VECTORS>
 __device__ __forceinline__ void grad_major(const T* __restrict__ dy, const View dv, const T* __restrict__ x,
                                            const View xv, const void* __restrict__ moments, const Mat2 m,
                                            const typename Traits<T>::Acc* __restrict__ relu,
                                            const long long chunk_len, const long long chunks, const int group,
-                                           const int vec, double* __restrict__ partial) {
+                                           double* __restrict__ partial) {
     using A = typename Traits<T>::Acc;
     constexpr int V = Traits<T>::VEC;
     const int tasks_per_block = blockDim.x / group;
@@ -113,7 +117,7 @@ __device__ __forceinline__ void grad_major(const T* __restrict__ dy, const View 
         const SplitMean<A> mu = split_mean<A>(moments, m, c);
         const long long jv = j0 + (long long)g * V, sv = (long long)group * V;
         const A mb = RELU ? relu[c * COEF + 2] : A(0), mk = RELU ? relu[c * COEF + 3] : A(0);
-        if (vec)
+        if (VECTORS)
             grad_major_thread<T, V, RELU>(dy, dv, x, xv, c, jv, j1, sv, mu, mb, mk, s, q);
         else
             grad_major_thread<T, 1, RELU>(dy, dv, x, xv, c, j0 + g, j1, group, mu, mb, mk, s, q);
@@ -263,19 +267,23 @@ __device__ __forceinline__ void affine_grads(const void* __restrict__ sums, cons
     out[channels + c] = Traits<T>::from_f64(sum_dy);
 }
 
-#define GRAD_KERNELS(T, SUFFIX)                                                                                \
+#define GRAD_MAJOR_KERNELS(T, SUFFIX, NAME, VECTORS)                                                           \
     extern "C" __global__ void __launch_bounds__(BLOCK)                                                        \
-        bn_grad_major_##SUFFIX(const T* __restrict__ dy, const View dv, const T* __restrict__ x, const View xv, \
+        bn_grad_##NAME##SUFFIX(const T* __restrict__ dy, const View dv, const T* __restrict__ x, const View xv, \
                                const void* __restrict__ moments, const Mat2 m, const long long chunk_len,      \
-                               const long long chunks, const int group, const int vec, double* partial) {      \
-        grad_major<T, false>(dy, dv, x, xv, moments, m, nullptr, chunk_len, chunks, group, vec, partial);      \
+                               const long long chunks, const int group, double* partial) {                     \
+        grad_major<T, false, VECTORS>(dy, dv, x, xv, moments, m, nullptr, chunk_len, chunks, group, partial);  \
     }                                                                                                          \
-    extern "C" __global__ void __launch_bounds__(BLOCK) bn_grad_relu_major_##SUFFIX(                           \
+    extern "C" __global__ void __launch_bounds__(BLOCK) bn_grad_relu_##NAME##SUFFIX(                           \
         const T* __restrict__ dy, const View dv, const T* __restrict__ x, const View xv,                      \
         const void* __restrict__ moments, const Mat2 m, const typename Traits<T>::Acc* __restrict__ relu,     \
-        const long long chunk_len, const long long chunks, const int group, const int vec, double* partial) { \
-        grad_major<T, true>(dy, dv, x, xv, moments, m, relu, chunk_len, chunks, group, vec, partial);          \
-    }                                                                                                          \
+        const long long chunk_len, const long long chunks, const int group, double* partial) {                \
+        grad_major<T, true, VECTORS>(dy, dv, x, xv, moments, m, relu, chunk_len, chunks, group, partial);      \
+    }
+
+#define GRAD_KERNELS(T, SUFFIX)                                                                                \
+    GRAD_MAJOR_KERNELS(T, SUFFIX, major_, true)                                                                \
+    GRAD_MAJOR_KERNELS(T, SUFFIX, major_scalar_, false)                                                        \
     extern "C" __global__ void __launch_bounds__(BLOCK)                                                        \
         bn_grad_inner_##SUFFIX(const T* __restrict__ dy, const View dv, const T* __restrict__ x, const View xv, \
                                const void* __restrict__ moments, const Mat2 m, const long long rows_per_block, \

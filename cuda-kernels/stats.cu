@@ -28,8 +28,11 @@ using namespace syncbn;
 // group merges its threads in a fixed tree. Task t writes partial[t] =
 // (n, mean, M2), t = channel * chunks + chunk.
 //
-// With `vec` (inner_stride == 1, inner, strides and offset multiples of VEC and
-// a 16-byte aligned base: checked by the host) each load moves 16 bytes.
+// bn_stats_major_* loads 16 bytes at a time (inner_stride == 1, inner, strides
+// and offset multiples of VEC and a 16-byte aligned base: checked by the host);
+// bn_stats_major_scalar_* loads single elements, VEC times as many per tile
+// (TileDepth). Entry points of their own, so that each gets the registers of
+// its own path only.
 // ---------------------------------------------------------------------------
 
 template <typename T, int W>
@@ -41,11 +44,12 @@ __device__ __forceinline__ Welford<typename Traits<T>::Acc> stats_major_thread(
     const T* __restrict__ base = x + v.offset + c * v.channel_stride;
     PlanePos pos{j / v.inner, j % v.inner};
     const PlaneStep st = plane_step(step, v.inner);
+    constexpr int U = TileDepth<T, W>::value;
     while (j < j1) {
-        A vals[UNROLL][W];
+        A vals[U][W];
         int cnt = 0;
 #pragma unroll
-        for (int u = 0; u < UNROLL; ++u) {
+        for (int u = 0; u < U; ++u) {
             if (j < j1) {
                 load_acc<T, W>(base + pos.o * v.outer_stride + pos.i * v.inner_stride, vals[u]);
                 cnt = u + 1;
@@ -53,14 +57,14 @@ __device__ __forceinline__ Welford<typename Traits<T>::Acc> stats_major_thread(
             j += step;
             plane_advance(pos, st, v.inner);
         }
-        tile_moments_all<A, W>(acc, vals, cnt);
+        tile_moments_all<A, U, W>(acc, vals, cnt);
     }
     return acc;
 }
 
-template <typename T>
+template <typename T, bool VECTORS>
 __device__ __forceinline__ void stats_major(const T* __restrict__ x, const View v, const long long chunk_len,
-                                            const long long chunks, const int group, const int vec,
+                                            const long long chunks, const int group,
                                             double* __restrict__ partial) {
     using A = typename Traits<T>::Acc;
     constexpr int V = Traits<T>::VEC;
@@ -75,7 +79,7 @@ __device__ __forceinline__ void stats_major(const T* __restrict__ x, const View 
         const long long k = task % chunks;
         const long long j0 = k * chunk_len;
         const long long j1 = min(plane, j0 + chunk_len);
-        if (vec)
+        if (VECTORS)
             w = stats_major_thread<T, V>(x, v, c, j0 + (long long)g * V, j1, (long long)group * V);
         else
             w = stats_major_thread<T, 1>(x, v, c, j0 + g, j1, group);
@@ -195,8 +199,13 @@ __device__ __forceinline__ void stats_inner(const T* __restrict__ x, const View 
 #define STATS_KERNELS(T, SUFFIX)                                                                              \
     extern "C" __global__ void __launch_bounds__(BLOCK)                                                       \
         bn_stats_major_##SUFFIX(const T* __restrict__ x, const View v, const long long chunk_len,             \
-                                const long long chunks, const int group, const int vec, double* partial) {    \
-        stats_major<T>(x, v, chunk_len, chunks, group, vec, partial);                                         \
+                                const long long chunks, const int group, double* partial) {                   \
+        stats_major<T, true>(x, v, chunk_len, chunks, group, partial);                                        \
+    }                                                                                                         \
+    extern "C" __global__ void __launch_bounds__(BLOCK)                                                       \
+        bn_stats_major_scalar_##SUFFIX(const T* __restrict__ x, const View v, const long long chunk_len,      \
+                                       const long long chunks, const int group, double* partial) {            \
+        stats_major<T, false>(x, v, chunk_len, chunks, group, partial);                                       \
     }                                                                                                         \
     extern "C" __global__ void __launch_bounds__(BLOCK)                                                       \
         bn_stats_inner_##SUFFIX(const T* __restrict__ x, const View v, const long long rows_per_block,        \

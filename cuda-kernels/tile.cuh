@@ -1,6 +1,7 @@
 // Per-thread accumulation helpers shared by the reduction kernels.
 #pragma once
 
+#include "dtype.cuh"
 #include "reduce.cuh"
 
 namespace syncbn {
@@ -8,6 +9,15 @@ namespace syncbn {
 // Rows or vectors a thread loads before it reduces them: UNROLL independent
 // 128-bit loads in flight per thread.
 constexpr int UNROLL = 4;
+
+// Tile depth of a channel-major reduction that loads W elements at a time:
+// UNROLL 128-bit vectors (W = VEC), or as many scalars as they hold (W = 1,
+// when rows or strides rule out vectors: 7x7 maps, odd map sizes such as
+// 65x65), so that the scalar path keeps as many bytes in flight per thread as
+// the vector path, in as many registers (TileDepth).
+template <typename T, int W> struct TileDepth {
+    static constexpr int value = W == 1 ? UNROLL * Traits<T>::VEC : UNROLL;
+};
 // Threads per block of every kernel (a multiple of 32).
 constexpr int BLOCK = 256;
 
@@ -38,25 +48,25 @@ __device__ __forceinline__ void tile_moments(Welford<A>& acc, const A (&vals)[UN
     welford_add(acc, n, shift + d * inv, m2);
 }
 
-// Same for a tile whose every loaded vector holds W values of the same channel:
-// all cnt * W values form one set.
-template <typename A, int W>
-__device__ __forceinline__ void tile_moments_all(Welford<A>& acc, const A (&vals)[UNROLL][W], int cnt) {
+// Same for a tile of U loads whose every loaded vector holds W values of the
+// same channel: all cnt * W values form one set.
+template <typename A, int U, int W>
+__device__ __forceinline__ void tile_moments_all(Welford<A>& acc, const A (&vals)[U][W], int cnt) {
     if (cnt == 0) return;
     A sum = A(0);
 #pragma unroll
-    for (int u = 0; u < UNROLL; ++u)
+    for (int u = 0; u < U; ++u)
         if (u < cnt) {
 #pragma unroll
             for (int k = 0; k < W; ++k) sum += vals[u][k];
         }
     const A n = A(cnt * W);
-    // UNROLL * W is a power of two, so for a full tile the reciprocal is exact.
-    const A inv = cnt == UNROLL ? A(1) / A(UNROLL * W) : A(1) / n;
+    // U * W is a power of two, so for a full tile the reciprocal is exact.
+    const A inv = cnt == U ? A(1) / A(U * W) : A(1) / n;
     const A shift = sum * inv;
     A d = A(0), q = A(0);
 #pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
+    for (int u = 0; u < U; ++u) {
         if (u < cnt) {
 #pragma unroll
             for (int k = 0; k < W; ++k) {

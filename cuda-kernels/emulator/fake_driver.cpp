@@ -68,6 +68,7 @@ using cuda_emulator::Kernel;
 std::unordered_map<std::string, Kernel>& registry() {
     static std::unordered_map<std::string, Kernel> r = {
         SYNCBN_TYPED(bn_stats_major),
+        SYNCBN_TYPED(bn_stats_major_scalar),
         SYNCBN_TYPED(bn_stats_inner),
         SYNCBN_KERNEL(bn_stats_combine),
         SYNCBN_KERNEL(bn_moments_from_sums),
@@ -75,8 +76,10 @@ std::unordered_map<std::string, Kernel>& registry() {
         SYNCBN_KERNEL(bn_running_update),
         SYNCBN_KERNEL(bn_counter_increment),
         SYNCBN_TYPED(bn_grad_major),
+        SYNCBN_TYPED(bn_grad_major_scalar),
         SYNCBN_TYPED(bn_grad_inner),
         SYNCBN_TYPED(bn_grad_relu_major),
+        SYNCBN_TYPED(bn_grad_relu_major_scalar),
         SYNCBN_TYPED(bn_grad_relu_inner),
         SYNCBN_TYPED(bn_affine_grads),
         SYNCBN_KERNEL(bn_grad_combine),

@@ -32,7 +32,7 @@ use std::ffi::c_void;
 /// while splits still cut channels into several chunks).
 const SMS: usize = 2;
 
-type Major<T> = unsafe extern "C" fn(*const T, KView, i64, i64, i32, i32, *mut f64);
+type Major<T> = unsafe extern "C" fn(*const T, KView, i64, i64, i32, *mut f64);
 type Inner<T> = unsafe extern "C" fn(*const T, KView, i64, i32, *mut f64);
 type GradMajor<T> = unsafe extern "C" fn(
     *const T,
@@ -43,7 +43,6 @@ type GradMajor<T> = unsafe extern "C" fn(
     Mat2,
     i64,
     i64,
-    i32,
     i32,
     *mut f64,
 );
@@ -59,7 +58,6 @@ type GradReluMajor<T> = unsafe extern "C" fn(
     *const c_void,
     i64,
     i64,
-    i32,
     i32,
     *mut f64,
 );
@@ -344,9 +342,7 @@ fn emu_stats<T: WithDType>(
             // SAFETY: the signature of bn_stats_major_*.
             let f: Major<T> = unsafe { emu.kernel(&name) };
             let (len, chunks, group) = (s.chunk_len as i64, s.chunks as i64, s.group as i32);
-            emu.launch(grid, block, || unsafe {
-                f(xp, kv, len, chunks, group, vec, pp)
-            })
+            emu.launch(grid, block, || unsafe { f(xp, kv, len, chunks, group, pp) })
         }
         ReductionSplit::Inner(s) => {
             // SAFETY: the signature of bn_stats_inner_*.
@@ -401,7 +397,7 @@ fn emu_grad_sums<T: WithDType>(
             let f: GradMajor<T> = unsafe { emu.kernel(&name) };
             let (len, chunks, group) = (s.chunk_len as i64, s.chunks as i64, s.group as i32);
             emu.launch(grid, block, || unsafe {
-                f(dp, dk, xp, xk, mp, m, len, chunks, group, vec, pp)
+                f(dp, dk, xp, xk, mp, m, len, chunks, group, pp)
             })
         }
         (ReductionSplit::Major(s), Some(r)) => {
@@ -410,7 +406,7 @@ fn emu_grad_sums<T: WithDType>(
             let (len, chunks, group) = (s.chunk_len as i64, s.chunks as i64, s.group as i32);
             let rp = r.ptr() as *const c_void;
             emu.launch(grid, block, || unsafe {
-                f(dp, dk, xp, xk, mp, m, rp, len, chunks, group, vec, pp)
+                f(dp, dk, xp, xk, mp, m, rp, len, chunks, group, pp)
             })
         }
         (ReductionSplit::Inner(s), None) => {

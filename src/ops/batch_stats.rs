@@ -96,10 +96,10 @@ mod cuda {
                     .arg(&len)
                     .arg(&chunks)
                     .arg(&group)
-                    .arg(&vec)
                     .arg(&mut partial);
                 // SAFETY: matches bn_stats_major_*(const T*, View, long long,
-                // long long, int, int, double*); the view lies inside `x`.
+                // long long, int, double*) and bn_stats_major_scalar_*; the
+                // view lies inside `x`.
                 unsafe { l::launch(args, cfg)? };
             }
             ReductionSplit::Inner(s) => {

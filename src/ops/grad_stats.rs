@@ -173,15 +173,12 @@ mod cuda {
                 if let Some(coef) = &relu_coef {
                     args.arg(coef);
                 }
-                args.arg(&len)
-                    .arg(&chunks)
-                    .arg(&group)
-                    .arg(&vec)
-                    .arg(&mut partial);
+                args.arg(&len).arg(&chunks).arg(&group).arg(&mut partial);
                 // SAFETY: matches bn_grad_major_*(const T*, View, const T*, View,
-                // const void*, Mat2, long long, long long, int, int, double*),
-                // or bn_grad_relu_major_* with `const A* relu` (C * 8 values)
-                // after the Mat2.
+                // const void*, Mat2, long long, long long, int, double*) and
+                // bn_grad_major_scalar_*, or bn_grad_relu_major_* and
+                // bn_grad_relu_major_scalar_* with `const A* relu` (C * 8
+                // values) after the Mat2.
                 unsafe { l::launch(args, cfg)? };
             }
             ReductionSplit::Inner(s) => {
