@@ -103,7 +103,14 @@ for step in "${STEPS[@]}"; do
       run_step tests "$BIN/cuda" --test-threads=1
       ;;
     bench)
-      run_step bench "$BIN/bench" --device cuda --relu --json "$OUT/bench-cuda.json"
+      # The issue's suite (read by the PyTorch step), then maps whose rows
+      # rule out 128-bit loads along them (65x65 as in DeepLab's 513 crops,
+      # 33x33; 7x7 is in the suite): the element-wise passes' vectors across
+      # rows and the reductions' scalar kernels.
+      run_step bench bash -c '
+        "$0" --device cuda --relu --json "$1" || exit
+        "$0" --device cuda --no-candle-nn --shapes 8x256x65x65,16x512x33x33
+      ' "$BIN/bench" "$OUT/bench-cuda.json"
       ;;
     pytorch)
       run_step pytorch python3 "$HERE/pytorch_bench.py" --device cuda --relu --ours "$OUT/bench-cuda.json"
