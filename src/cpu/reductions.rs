@@ -97,6 +97,66 @@ fn lanes_add_deviations<T: Element>(
     add_lanes(q, ql);
 }
 
+/// Splits a short row into its whole chunks of [`LANES`] and the rest.
+#[inline(always)]
+fn whole_chunks<T>(xs: &[T]) -> (&[T], &[T]) {
+    xs.split_at(xs.len() - xs.len() % LANES)
+}
+
+/// As [`lanes_add`] for the whole chunks of a row, and the rest (fewer than
+/// [`LANES`] elements) into the scalar `rest`: for rows of short maps taken
+/// one after another, whose rests (one element of each 7×7 row) would
+/// otherwise cost a scalar loop on the lanes and a [`lane_barrier`] per row.
+#[inline(always)]
+fn lanes_add_row<T: Copy, A: Accum>(
+    acc: &mut [A; LANES],
+    rest: &mut A,
+    xs: &[T],
+    f: impl Fn(T) -> A,
+) {
+    let (body, tail) = whole_chunks(xs);
+    let mut a = [A::ZERO; LANES];
+    for ch in body.chunks_exact(LANES) {
+        let ch: &[T; LANES] = ch.try_into().expect("chunk of LANES");
+        for l in 0..LANES {
+            a[l] += f(ch[l]);
+        }
+    }
+    add_lanes(acc, a);
+    for &x in tail {
+        *rest += f(x);
+    }
+}
+
+/// As [`lanes_add_deviations`] for the whole chunks of a row, and the rest
+/// into the scalars `rest` (see [`lanes_add_row`]).
+#[inline(always)]
+fn lanes_add_deviations_row<T: Element>(
+    d: &mut [T::Acc; LANES],
+    q: &mut [T::Acc; LANES],
+    rest: &mut (T::Acc, T::Acc),
+    xs: &[T],
+    shift: T::Acc,
+) {
+    let (body, tail) = whole_chunks(xs);
+    let (mut dl, mut ql) = ([T::Acc::ZERO; LANES], [T::Acc::ZERO; LANES]);
+    for ch in body.chunks_exact(LANES) {
+        let ch: &[T; LANES] = ch.try_into().expect("chunk of LANES");
+        for l in 0..LANES {
+            let v = ch[l].to_acc() - shift;
+            dl[l] += v;
+            ql[l] += v * v;
+        }
+    }
+    add_lanes(d, dl);
+    add_lanes(q, ql);
+    for &e in tail {
+        let v = e.to_acc() - shift;
+        rest.0 += v;
+        rest.1 += v * v;
+    }
+}
+
 /// Sets of lanes in [`lanes_add_wide`] and [`lanes_add_deviations_wide`]. With
 /// 2, the statistics of long rows run 1.5× (f32) and 1.2× (bf16) faster on one
 /// core than with 1 (`cargo bench --bench cpu_reductions`); with 4, LLVM stops
@@ -220,6 +280,39 @@ fn lanes_add_centered_dot<T: Element, const RELU: bool>(
     add_lanes(q, ql);
 }
 
+/// As [`lanes_add_centered_dot`] for the whole chunks of two rows of equal
+/// length, and their rests into the scalars `rest` (see [`lanes_add_row`]).
+#[inline(always)]
+fn lanes_add_centered_dot_row<T: Element, const RELU: bool>(
+    s: &mut [T::Acc; LANES],
+    q: &mut [T::Acc; LANES],
+    rest: &mut (T::Acc, T::Acc),
+    dy: &[T],
+    x: &[T],
+    ch: GradChannel<T::Acc>,
+) {
+    let (hi, lo) = (ch.hi, ch.lo);
+    let (ms, mb) = ch.relu.unwrap_or((T::Acc::ZERO, T::Acc::ZERO));
+    let ((gb, gt), (xb, xt)) = (whole_chunks(dy), whole_chunks(x));
+    let (mut sl, mut ql) = ([T::Acc::ZERO; LANES], [T::Acc::ZERO; LANES]);
+    for (g, xv) in gb.chunks_exact(LANES).zip(xb.chunks_exact(LANES)) {
+        let g: &[T; LANES] = g.try_into().expect("chunk of LANES");
+        let xv: &[T; LANES] = xv.try_into().expect("chunk of LANES");
+        for l in 0..LANES {
+            let (gv, xc) = grad_terms::<T, RELU>(g[l], xv[l], hi, lo, ms, mb);
+            sl[l] += gv;
+            ql[l] += gv * xc;
+        }
+    }
+    add_lanes(s, sl);
+    add_lanes(q, ql);
+    for (&g, &xv) in gt.iter().zip(xt) {
+        let (gv, xc) = grad_terms::<T, RELU>(g, xv, hi, lo, ms, mb);
+        rest.0 += gv;
+        rest.1 += gv * xc;
+    }
+}
+
 /// The sums of a block of `n` values from its shift and the lane sums of the
 /// deviations from it (`d`) and of their squares (`q`).
 #[inline(always)]
@@ -269,18 +362,24 @@ multiversion! {
 multiversion! {
     /// Sums of the short rows `o0..o1` of channel `c` taken as one block, with
     /// the scheme of [`block_sums`] and the lanes carried from row to row, so
-    /// a row costs no fold and no f64 work of its own (7×7 or 14×14 maps).
+    /// a row costs no fold and no f64 work of its own (7×7 or 14×14 maps);
+    /// the rows' rests (past their whole chunks) are summed apart.
     fn row_block_sums<T: Element>(x: &[T], v: &ChannelView, c: usize, o0: usize, o1: usize, buf: &mut Vec<T>) -> Sums {
         let n = ((o1 - o0) * v.inner) as f64;
-        let mut sum = [T::Acc::ZERO; LANES];
+        let (mut sum, mut rest) = ([T::Acc::ZERO; LANES], T::Acc::ZERO);
         for o in o0..o1 {
-            lanes_add(&mut sum, channel_row(x, v, o, c, buf), |x: T| x.to_acc());
+            lanes_add_row(&mut sum, &mut rest, channel_row(x, v, o, c, buf), |x: T| x.to_acc());
         }
-        let shift = T::Acc::from_f64(fold_lanes(sum).to_f64() / n);
+        let shift = T::Acc::from_f64((fold_lanes(sum) + rest).to_f64() / n);
         let (mut d, mut q) = ([T::Acc::ZERO; LANES], [T::Acc::ZERO; LANES]);
+        let mut rest = (T::Acc::ZERO, T::Acc::ZERO);
         for o in o0..o1 {
-            lanes_add_deviations(&mut d, &mut q, channel_row(x, v, o, c, buf), shift);
+            let row = channel_row(x, v, o, c, buf);
+            lanes_add_deviations_row(&mut d, &mut q, &mut rest, row, shift);
         }
+        // The rests join lane 0 (any fixed lane: the fold adds them all).
+        d[0] += rest.0;
+        q[0] += rest.1;
         shifted_sums(n, shift, d, q)
     }
 }
@@ -300,7 +399,7 @@ multiversion! {
 
 multiversion! {
     /// [`centered_dot`] over the short rows `o0..o1` of channel `c`, with the
-    /// lanes carried from row to row.
+    /// lanes carried from row to row and the rows' rests summed apart.
     fn row_block_dot<T: Element>(
         dy: &[T],
         dv: &ChannelView,
@@ -313,15 +412,18 @@ multiversion! {
         bufs: &mut (Vec<T>, Vec<T>),
     ) -> (f64, f64) {
         let (mut s, mut q) = ([T::Acc::ZERO; LANES], [T::Acc::ZERO; LANES]);
+        let mut rest = (T::Acc::ZERO, T::Acc::ZERO);
         for o in o0..o1 {
             let drow = channel_row(dy, dv, o, c, &mut bufs.0);
             let xrow = channel_row(x, xv, o, c, &mut bufs.1);
             if ch.relu.is_some() {
-                lanes_add_centered_dot::<T, true>(&mut s, &mut q, drow, xrow, ch);
+                lanes_add_centered_dot_row::<T, true>(&mut s, &mut q, &mut rest, drow, xrow, ch);
             } else {
-                lanes_add_centered_dot::<T, false>(&mut s, &mut q, drow, xrow, ch);
+                lanes_add_centered_dot_row::<T, false>(&mut s, &mut q, &mut rest, drow, xrow, ch);
             }
         }
+        s[0] += rest.0;
+        q[0] += rest.1;
         (fold_lanes(s).to_f64(), fold_lanes(q).to_f64())
     }
 }
