@@ -532,6 +532,37 @@ mod tests {
         assert_eq!(mode(&[v, v], 4, true), 3);
     }
 
+    /// What the benchmark suite's dense inputs take on the GPU, per dtype:
+    /// the element-wise mode and whether the reductions load 128-bit vectors
+    /// (the `*_major_scalar_*` kernels otherwise).
+    #[test]
+    fn suite_shapes_take_vectors_where_their_rows_allow() {
+        let plan = |shape: &[usize], vec: usize| {
+            let l = Layout::contiguous(shape);
+            let x = view(&l, 1);
+            let canon = canonicalize(&[x, contiguous_like(&x)]);
+            let red = Reduction::new(canonicalize(&[x]), vec, &[true], 132);
+            (elementwise_mode(&canon, vec, &[true, true]), red.vec)
+        };
+        // (shape, (mode, vectors) for f32, then for bf16)
+        type Plan = (i32, bool);
+        let want: [(&[usize], Plan, Plan); 8] = [
+            (&[32, 64, 112, 112], (1, true), (1, true)),
+            (&[32, 256, 56, 56], (1, true), (1, true)),
+            (&[32, 512, 28, 28], (1, true), (1, true)),
+            (&[32, 1024, 14, 14], (1, true), (3, false)),
+            (&[32, 2048, 7, 7], (3, false), (3, false)),
+            (&[4096, 1024], (2, true), (2, true)),
+            (&[2, 64, 16, 56, 56], (1, true), (1, true)),
+            // DeepLab's 513-pixel crops at output stride 8.
+            (&[8, 256, 65, 65], (3, false), (3, false)),
+        ];
+        for (shape, f32_plan, bf16_plan) in want {
+            assert_eq!(plan(shape, 4), f32_plan, "{shape:?} f32");
+            assert_eq!(plan(shape, 8), bf16_plan, "{shape:?} bf16");
+        }
+    }
+
     #[test]
     fn channels_last_is_innermost_with_any_axis() {
         // The layer's form: (N, H, W, C) contiguous, axis 3.
