@@ -138,9 +138,11 @@ __device__ __forceinline__ void grad_major(const T* __restrict__ dy, const View 
 
 // ---------------------------------------------------------------------------
 // Level 1, channel-innermost path: the work split of bn_stats_inner_* (see
-// stats.cu): 2-D blocks, CV channels per thread along x, rows along y, the BY
-// row-threads of a channel added in a fixed shared-memory tree. Partial
-// (channel c, row block rb) goes to partial[c * gridDim.y + rb].
+// stats.cu): 2-D blocks, CV channels per thread along x (VEC in
+// bn_grad_inner_*, 1 in bn_grad_inner_scalar_*, with tiles TileDepth rows
+// deep), rows along y, the BY row-threads of a channel added in a fixed
+// shared-memory tree. Partial (channel c, row block rb) goes to
+// partial[c * gridDim.y + rb].
 // ---------------------------------------------------------------------------
 
 template <typename T, int CV, bool RELU>
@@ -174,11 +176,12 @@ __device__ __forceinline__ void grad_inner_body(const T* __restrict__ dy, const 
         const T* __restrict__ dbase = dy + dv.offset + c0 * dv.channel_stride;
         const T* __restrict__ xbase = x + xv.offset + c0 * xv.channel_stride;
         long long r = r_begin + ty;
+        constexpr int U = TileDepth<T, CV>::value;
         while (r < r_end) {
-            A g[UNROLL][CV], e[UNROLL][CV];
+            A g[U][CV], e[U][CV];
             int cnt = 0;
 #pragma unroll
-            for (int u = 0; u < UNROLL; ++u) {
+            for (int u = 0; u < U; ++u) {
                 if (r < r_end) {
                     if (CV == 1) {
                         // Scalar path: channel strides may differ (e.g. a broadcast dy).
@@ -196,7 +199,7 @@ __device__ __forceinline__ void grad_inner_body(const T* __restrict__ dy, const 
             for (int k = 0; k < CV; ++k) {
                 A ts = A(0), tq = A(0);
 #pragma unroll
-                for (int u = 0; u < UNROLL; ++u) {
+                for (int u = 0; u < U; ++u) {
                     if (u < cnt) {
                         const A xc = (e[u][k] - mu[k].hi) - mu[k].lo;
                         const A gv = masked_grad<T, RELU>(g[u][k], xc, mb[k], mk[k]);
@@ -240,18 +243,6 @@ __device__ __forceinline__ void grad_inner_body(const T* __restrict__ dy, const 
     }
 }
 
-template <typename T, bool RELU>
-__device__ __forceinline__ void grad_inner(const T* __restrict__ dy, const View dv, const T* __restrict__ x,
-                                           const View xv, const void* __restrict__ moments, const Mat2 m,
-                                           const typename Traits<T>::Acc* __restrict__ relu,
-                                           const long long rows_per_block, const int vec,
-                                           double* __restrict__ partial) {
-    if (vec)
-        grad_inner_body<T, Traits<T>::VEC, RELU>(dy, dv, x, xv, moments, m, relu, rows_per_block, partial);
-    else
-        grad_inner_body<T, 1, RELU>(dy, dv, x, xv, moments, m, relu, rows_per_block, partial);
-}
-
 // (2, C) weight and bias gradients in T from the (2, C) sums and (3, C) moments:
 // [Σdy·(x − mean)·invstd; Σdy], contiguous. One thread per channel.
 template <typename T>
@@ -281,21 +272,25 @@ __device__ __forceinline__ void affine_grads(const void* __restrict__ sums, cons
         grad_major<T, true, VECTORS>(dy, dv, x, xv, moments, m, relu, chunk_len, chunks, group, partial);      \
     }
 
+#define GRAD_INNER_KERNELS(T, SUFFIX, NAME, CV)                                                                \
+    extern "C" __global__ void __launch_bounds__(BLOCK)                                                        \
+        bn_grad_##NAME##SUFFIX(const T* __restrict__ dy, const View dv, const T* __restrict__ x, const View xv, \
+                               const void* __restrict__ moments, const Mat2 m, const long long rows_per_block, \
+                               double* partial) {                                                              \
+        grad_inner_body<T, CV, false>(dy, dv, x, xv, moments, m, nullptr, rows_per_block, partial);            \
+    }                                                                                                          \
+    extern "C" __global__ void __launch_bounds__(BLOCK) bn_grad_relu_##NAME##SUFFIX(                           \
+        const T* __restrict__ dy, const View dv, const T* __restrict__ x, const View xv,                      \
+        const void* __restrict__ moments, const Mat2 m, const typename Traits<T>::Acc* __restrict__ relu,     \
+        const long long rows_per_block, double* partial) {                                                    \
+        grad_inner_body<T, CV, true>(dy, dv, x, xv, moments, m, relu, rows_per_block, partial);                \
+    }
+
 #define GRAD_KERNELS(T, SUFFIX)                                                                                \
     GRAD_MAJOR_KERNELS(T, SUFFIX, major_, true)                                                                \
     GRAD_MAJOR_KERNELS(T, SUFFIX, major_scalar_, false)                                                        \
-    extern "C" __global__ void __launch_bounds__(BLOCK)                                                        \
-        bn_grad_inner_##SUFFIX(const T* __restrict__ dy, const View dv, const T* __restrict__ x, const View xv, \
-                               const void* __restrict__ moments, const Mat2 m, const long long rows_per_block, \
-                               const int vec, double* partial) {                                               \
-        grad_inner<T, false>(dy, dv, x, xv, moments, m, nullptr, rows_per_block, vec, partial);                \
-    }                                                                                                          \
-    extern "C" __global__ void __launch_bounds__(BLOCK) bn_grad_relu_inner_##SUFFIX(                           \
-        const T* __restrict__ dy, const View dv, const T* __restrict__ x, const View xv,                      \
-        const void* __restrict__ moments, const Mat2 m, const typename Traits<T>::Acc* __restrict__ relu,     \
-        const long long rows_per_block, const int vec, double* partial) {                                     \
-        grad_inner<T, true>(dy, dv, x, xv, moments, m, relu, rows_per_block, vec, partial);                    \
-    }                                                                                                          \
+    GRAD_INNER_KERNELS(T, SUFFIX, inner_, Traits<T>::VEC)                                                      \
+    GRAD_INNER_KERNELS(T, SUFFIX, inner_scalar_, 1)                                                            \
     extern "C" __global__ void __launch_bounds__(BLOCK)                                                        \
         bn_affine_grads_##SUFFIX(const void* __restrict__ sums, const Mat2 s, const void* __restrict__ moments, \
                                  const Mat2 m, const long long channels, T* __restrict__ out) {                \

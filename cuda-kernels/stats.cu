@@ -106,10 +106,11 @@ __device__ __forceinline__ void stats_major(const T* __restrict__ x, const View 
 //
 // Work split: a 2-D block (blockDim.x = BX threads along channels, blockDim.y =
 // BY threads along rows, BX * BY == BLOCK, BY a power of two). Thread (tx, ty)
-// owns CV consecutive channels (CV = VEC with `vec`, else 1), so a warp reads
-// BX * CV contiguous channels of 32 / BX rows: coalesced. blockIdx.x selects
-// the channel group, blockIdx.y a range of `rows_per_block` rows; thread ty
-// reads rows ty, ty + BY, ... of the range, UNROLL rows per register tile. The
+// owns CV consecutive channels (CV = VEC in bn_stats_inner_*, 1 in
+// bn_stats_inner_scalar_*), so a warp reads BX * CV contiguous channels of
+// 32 / BX rows: coalesced. blockIdx.x selects the channel group, blockIdx.y a
+// range of `rows_per_block` rows; thread ty reads rows ty, ty + BY, ... of the
+// range, a register tile of UNROLL rows (UNROLL * VEC with CV = 1: TileDepth). The
 // BY threads of a channel are then merged through shared memory in a fixed
 // tree. Partial (channel c, row block rb) goes to partial[c * gridDim.y + rb].
 // ---------------------------------------------------------------------------
@@ -128,6 +129,7 @@ __device__ __forceinline__ void stats_inner_body(const T* __restrict__ x, const 
     const long long rb = blockIdx.y;
     const long long r_begin = rb * rows_per_block;
     const long long r_end = min(v.outer, r_begin + rows_per_block);
+    constexpr int U = TileDepth<T, CV>::value;
     Welford<A> acc[CV];
 #pragma unroll
     for (int k = 0; k < CV; ++k) acc[k] = welford_empty<A>();
@@ -135,10 +137,10 @@ __device__ __forceinline__ void stats_inner_body(const T* __restrict__ x, const 
         const T* __restrict__ base = x + v.offset + c0 * v.channel_stride;
         long long r = r_begin + ty;
         while (r < r_end) {
-            A vals[UNROLL][CV];
+            A vals[U][CV];
             int cnt = 0;
 #pragma unroll
-            for (int u = 0; u < UNROLL; ++u) {
+            for (int u = 0; u < U; ++u) {
                 if (r < r_end) {
                     load_acc<T, CV>(base + r * v.outer_stride, vals[u]);
                     cnt = u + 1;
@@ -146,7 +148,7 @@ __device__ __forceinline__ void stats_inner_body(const T* __restrict__ x, const 
                 r += by;
             }
 #pragma unroll
-            for (int k = 0; k < CV; ++k) tile_moments<A, CV>(acc[k], vals, cnt, k);
+            for (int k = 0; k < CV; ++k) tile_moments<A, U, CV>(acc[k], vals, cnt, k);
         }
     }
     const int slot = (ty * bx + tx) * CV;
@@ -187,14 +189,6 @@ __device__ __forceinline__ void stats_inner_body(const T* __restrict__ x, const 
     }
 }
 
-template <typename T>
-__device__ __forceinline__ void stats_inner(const T* __restrict__ x, const View v, const long long rows_per_block,
-                                            const int vec, double* __restrict__ partial) {
-    if (vec)
-        stats_inner_body<T, Traits<T>::VEC>(x, v, rows_per_block, partial);
-    else
-        stats_inner_body<T, 1>(x, v, rows_per_block, partial);
-}
 
 #define STATS_KERNELS(T, SUFFIX)                                                                              \
     extern "C" __global__ void __launch_bounds__(BLOCK)                                                       \
@@ -209,8 +203,13 @@ __device__ __forceinline__ void stats_inner(const T* __restrict__ x, const View 
     }                                                                                                         \
     extern "C" __global__ void __launch_bounds__(BLOCK)                                                       \
         bn_stats_inner_##SUFFIX(const T* __restrict__ x, const View v, const long long rows_per_block,        \
-                                const int vec, double* partial) {                                             \
-        stats_inner<T>(x, v, rows_per_block, vec, partial);                                                   \
+                                double* partial) {                                                            \
+        stats_inner_body<T, Traits<T>::VEC>(x, v, rows_per_block, partial);                                   \
+    }                                                                                                         \
+    extern "C" __global__ void __launch_bounds__(BLOCK)                                                       \
+        bn_stats_inner_scalar_##SUFFIX(const T* __restrict__ x, const View v, const long long rows_per_block, \
+                                       double* partial) {                                                     \
+        stats_inner_body<T, 1>(x, v, rows_per_block, partial);                                                \
     }
 
 STATS_KERNELS(float, f32)

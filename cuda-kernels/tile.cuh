@@ -10,7 +10,7 @@ namespace syncbn {
 // 128-bit loads in flight per thread.
 constexpr int UNROLL = 4;
 
-// Tile depth of a channel-major reduction that loads W elements at a time:
+// Tile depth of a reduction that loads W elements at a time:
 // UNROLL 128-bit vectors (W = VEC), or as many scalars as they hold (W = 1,
 // when rows or strides rule out vectors: 7x7 maps, odd map sizes such as
 // 65x65), so that the scalar path keeps as many bytes in flight per thread as
@@ -21,22 +21,22 @@ template <typename T, int W> struct TileDepth {
 // Threads per block of every kernel (a multiple of 32).
 constexpr int BLOCK = 256;
 
-// Corrected two-pass moments of a register tile (the values vals[u][k] with
-// u < cnt, k == lane), merged into `acc`. `cnt` may be 0 (no-op).
-template <typename A, int W>
-__device__ __forceinline__ void tile_moments(Welford<A>& acc, const A (&vals)[UNROLL][W], int cnt, int k) {
+// Corrected two-pass moments of a register tile of U loads (the values
+// vals[u][k] with u < cnt, k == lane), merged into `acc`. `cnt` may be 0 (no-op).
+template <typename A, int U, int W>
+__device__ __forceinline__ void tile_moments(Welford<A>& acc, const A (&vals)[U][W], int cnt, int k) {
     if (cnt == 0) return;
     A sum = A(0);
 #pragma unroll
-    for (int u = 0; u < UNROLL; ++u)
+    for (int u = 0; u < U; ++u)
         if (u < cnt) sum += vals[u][k];
     const A n = A(cnt);
-    // UNROLL is a power of two, so for a full tile the reciprocal is exact.
-    const A inv = cnt == UNROLL ? A(1) / A(UNROLL) : A(1) / n;
+    // U is a power of two, so for a full tile the reciprocal is exact.
+    const A inv = cnt == U ? A(1) / A(U) : A(1) / n;
     const A shift = sum * inv;
     A d = A(0), q = A(0);
 #pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
+    for (int u = 0; u < U; ++u) {
         if (u < cnt) {
             const A e = vals[u][k] - shift;
             d += e;

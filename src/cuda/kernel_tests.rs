@@ -33,7 +33,7 @@ use std::ffi::c_void;
 const SMS: usize = 2;
 
 type Major<T> = unsafe extern "C" fn(*const T, KView, i64, i64, i32, *mut f64);
-type Inner<T> = unsafe extern "C" fn(*const T, KView, i64, i32, *mut f64);
+type Inner<T> = unsafe extern "C" fn(*const T, KView, i64, *mut f64);
 type GradMajor<T> = unsafe extern "C" fn(
     *const T,
     KView,
@@ -47,7 +47,7 @@ type GradMajor<T> = unsafe extern "C" fn(
     *mut f64,
 );
 type GradInner<T> =
-    unsafe extern "C" fn(*const T, KView, *const T, KView, *const c_void, Mat2, i64, i32, *mut f64);
+    unsafe extern "C" fn(*const T, KView, *const T, KView, *const c_void, Mat2, i64, *mut f64);
 type GradReluMajor<T> = unsafe extern "C" fn(
     *const T,
     KView,
@@ -70,7 +70,6 @@ type GradReluInner<T> = unsafe extern "C" fn(
     Mat2,
     *const c_void,
     i64,
-    i32,
     *mut f64,
 );
 type Combine = unsafe extern "C" fn(*const f64, i64, i64, *mut f64);
@@ -335,7 +334,7 @@ fn emu_stats<T: WithDType>(
     let partial = DevBuf::<f64>::filled(c * parts * 3, f64::NAN);
     let name = red.kernel("bn_stats", T::DTYPE);
     let (grid, block) = red.launch_dims();
-    let (kv, vec) = (red.canon.views[0], red.vec_arg());
+    let kv = red.canon.views[0];
     let (xp, pp) = (x.ptr(), partial.ptr_mut());
     let res = match red.split {
         ReductionSplit::Major(s) => {
@@ -348,7 +347,7 @@ fn emu_stats<T: WithDType>(
             // SAFETY: the signature of bn_stats_inner_*.
             let f: Inner<T> = unsafe { emu.kernel(&name) };
             let rows = s.rows_per_block as i64;
-            emu.launch(grid, block, || unsafe { f(xp, kv, rows, vec, pp) })
+            emu.launch(grid, block, || unsafe { f(xp, kv, rows, pp) })
         }
     };
     res.unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -383,7 +382,7 @@ fn emu_grad_sums<T: WithDType>(
         T::DTYPE,
     );
     let (grid, block) = red.launch_dims();
-    let (xk, dk, vec) = (red.canon.views[0], red.canon.views[1], red.vec_arg());
+    let (xk, dk) = (red.canon.views[0], red.canon.views[1]);
     let m = f64_mat(3, c);
     let (dp, xp, mp, pp) = (
         dy.ptr(),
@@ -414,7 +413,7 @@ fn emu_grad_sums<T: WithDType>(
             let f: GradInner<T> = unsafe { emu.kernel(&name) };
             let rows = s.rows_per_block as i64;
             emu.launch(grid, block, || unsafe {
-                f(dp, dk, xp, xk, mp, m, rows, vec, pp)
+                f(dp, dk, xp, xk, mp, m, rows, pp)
             })
         }
         (ReductionSplit::Inner(s), Some(r)) => {
@@ -423,7 +422,7 @@ fn emu_grad_sums<T: WithDType>(
             let rows = s.rows_per_block as i64;
             let rp = r.ptr() as *const c_void;
             emu.launch(grid, block, || unsafe {
-                f(dp, dk, xp, xk, mp, m, rp, rows, vec, pp)
+                f(dp, dk, xp, xk, mp, m, rp, rows, pp)
             })
         }
     };

@@ -353,21 +353,16 @@ impl Reduction {
     }
 
     /// The kernel name for `prefix` (`bn_stats`, `bn_grad`, `bn_grad_relu`)
-    /// and dtype: `*_major_*` (128-bit loads), `*_major_scalar_*` (single
-    /// elements, entry points of their own so that the vector kernels keep
-    /// their registers), or `*_inner_*` (either, by the `vec` argument).
+    /// and dtype: `*_major_*` or `*_inner_*` with 128-bit loads, and
+    /// `*_major_scalar_*` or `*_inner_scalar_*` with single elements (entry
+    /// points of their own, so that the vector kernels keep their registers).
     pub fn kernel(&self, prefix: &str, dtype: DType) -> String {
-        let path = match (self.split, self.vec) {
-            (ReductionSplit::Major(_), true) => "major",
-            (ReductionSplit::Major(_), false) => "major_scalar",
-            (ReductionSplit::Inner(_), _) => "inner",
+        let path = match self.split {
+            ReductionSplit::Major(_) => "major",
+            ReductionSplit::Inner(_) => "inner",
         };
-        format!("{prefix}_{path}_{}", dtype.as_str())
-    }
-
-    /// The `vec` kernel argument of the channel-innermost kernels.
-    pub fn vec_arg(&self) -> i32 {
-        self.vec as i32
+        let scalar = if self.vec { "" } else { "_scalar" };
+        format!("{prefix}_{path}{scalar}_{}", dtype.as_str())
     }
 }
 

@@ -85,7 +85,6 @@ mod cuda {
         let f = l::function(dev, Module::Stats, &red.kernel("bn_stats", T::DTYPE))?;
         let stream = dev.cuda_stream();
         let kv = red.canon.views[0];
-        let vec = red.vec_arg();
         let cfg = red.config()?;
         match red.split {
             ReductionSplit::Major(s) => {
@@ -105,9 +104,9 @@ mod cuda {
             ReductionSplit::Inner(s) => {
                 let rows = s.rows_per_block as i64;
                 let mut args = stream.launch_builder(&f);
-                args.arg(x).arg(&kv).arg(&rows).arg(&vec).arg(&mut partial);
+                args.arg(x).arg(&kv).arg(&rows).arg(&mut partial);
                 // SAFETY: matches bn_stats_inner_*(const T*, View, long long,
-                // int, double*); the view lies inside `x`.
+                // double*) and bn_stats_inner_scalar_*; the view lies inside `x`.
                 unsafe { l::launch(args, cfg)? };
             }
         }

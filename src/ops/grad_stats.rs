@@ -161,7 +161,6 @@ mod cuda {
         let f = l::function(dev, Module::Grad, &red.kernel(prefix, T::DTYPE))?;
         let stream = dev.cuda_stream();
         let (xk, dk) = (red.canon.views[0], red.canon.views[1]);
-        let vec = red.vec_arg();
         let cfg = red.config()?;
         match red.split {
             ReductionSplit::Major(s) => {
@@ -190,11 +189,12 @@ mod cuda {
                 if let Some(coef) = &relu_coef {
                     args.arg(coef);
                 }
-                args.arg(&rows).arg(&vec).arg(&mut partial);
+                args.arg(&rows).arg(&mut partial);
                 // SAFETY: matches bn_grad_inner_*(const T*, View, const T*, View,
-                // const void*, Mat2, long long, int, double*), or
-                // bn_grad_relu_inner_* with `const A* relu` (C * 8 values) after
-                // the Mat2.
+                // const void*, Mat2, long long, double*) and
+                // bn_grad_inner_scalar_*, or bn_grad_relu_inner_* and
+                // bn_grad_relu_inner_scalar_* with `const A* relu` (C * 8
+                // values) after the Mat2.
                 unsafe { l::launch(args, cfg)? };
             }
         }
