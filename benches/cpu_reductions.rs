@@ -14,12 +14,14 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use half::bf16;
 
 /// The benchmarked `(N, C, H·W)` inputs: 800k elements each (3.2 MB in f32),
-/// in L3. The last one is `BatchNorm1d`'s `(N, C)`: channels innermost.
-const SHAPES: [(usize, usize, usize); 4] = [
+/// in L3. The last two are `BatchNorm1d`'s `(N, C)`: channels innermost,
+/// 1024 and 32 of them.
+const SHAPES: [(usize, usize, usize); 5] = [
     (1, 64, 112 * 112),
     (32, 128, 14 * 14),
     (32, 512, 7 * 7),
     (784, 1024, 1),
+    (25_000, 32, 1),
 ];
 
 fn reductions(c: &mut Criterion) {

@@ -3,7 +3,7 @@
 //! gradient mask of the fused ReLU. Outputs are contiguous in the shape of the
 //! input view.
 
-use super::{channel_row, multiversion, spatial_row, TASK};
+use super::{channel_row, dense_rows, multiversion, spatial_rows, TASK};
 use crate::ops::element::{Accum, Element};
 use crate::ops::layout::ChannelView;
 use rayon::prelude::*;
@@ -39,6 +39,18 @@ impl<A: Accum> ChannelCoefficients<A> {
             shift: cast(shift),
         }
     }
+
+    /// The coefficients of `times` consecutive channel-innermost rows taken as
+    /// one row: every vector repeated `times` times.
+    fn repeated(&self, times: usize) -> Self {
+        Self {
+            mean_hi: self.mean_hi.repeat(times),
+            mean_lo: self.mean_lo.repeat(times),
+            dy_scale: self.dy_scale.repeat(times),
+            x_scale: self.x_scale.repeat(times),
+            shift: self.shift.repeat(times),
+        }
+    }
 }
 
 /// The forward's per-channel affine `(x − mean)·scale + shift` of a fused
@@ -61,6 +73,15 @@ impl<A: Accum> ReluMask<A> {
         Self {
             scale: cast(scale),
             shift: cast(shift),
+        }
+    }
+
+    /// The mask of `times` consecutive channel-innermost rows taken as one
+    /// row: both vectors repeated `times` times.
+    fn repeated(&self, times: usize) -> Self {
+        Self {
+            scale: self.scale.repeat(times),
+            shift: self.shift.repeat(times),
         }
     }
 }
@@ -97,6 +118,31 @@ fn relu_pass<T: Element>(dy: T, y: T) -> T {
         T::from_acc(<T::Acc as Accum>::ZERO)
     } else {
         dy
+    }
+}
+
+/// Elements that the channel-innermost passes take as one row when rows are
+/// short. The rows of `BatchNorm1d`'s `(N, C)` inputs are `C` elements: with
+/// few channels (32, say) a row is shorter than the vector loop the compiler
+/// unrolls, and the per-row loop setup costs as much as the arithmetic. When
+/// the rows are dense, [`rows_per_group`] consecutive rows (about `GROUP`
+/// elements) run as one row against coefficients repeated as many times.
+const GROUP: usize = 256;
+
+/// How many consecutive rows of a channel-innermost pass over `views` (the
+/// output's view first) run as one row: enough for about [`GROUP`] elements
+/// when the rows are at most `GROUP / 2` channels and dense in every view,
+/// else 1.
+fn rows_per_group(views: &[&ChannelView]) -> usize {
+    let c = views[0].channels;
+    if views[0].channel_innermost()
+        && c > 0
+        && 2 * c <= GROUP
+        && views.iter().all(|v| dense_rows(v))
+    {
+        GROUP.div_ceil(c)
+    } else {
+        1
     }
 }
 
@@ -282,10 +328,12 @@ multiversion! {
 
 multiversion! {
     /// Channel-innermost rows `first..` of the normalization (every channel once
-    /// per row), filling `dst`.
-    wide fn normalize_spatial<T: Element>(dst: &mut [MaybeUninit<T>], x: &[T], v: &ChannelView, first: usize, k: &ChannelCoefficients<T::Acc>, relu: bool, buf: &mut Vec<T>) -> () {
-        for (o, row) in (first..).zip(dst.chunks_mut(v.channels)) {
-            let it = row.iter_mut().zip(spatial_row(x, v, o, buf)).zip(&k.mean_hi).zip(&k.mean_lo).zip(&k.x_scale).zip(&k.shift);
+    /// per row), filling `dst`; `rows` consecutive rows at a time, `k` repeated
+    /// as many times.
+    wide fn normalize_spatial<T: Element>(dst: &mut [MaybeUninit<T>], x: &[T], v: &ChannelView, first: usize, rows: usize, k: &ChannelCoefficients<T::Acc>, relu: bool, buf: &mut Vec<T>) -> () {
+        for (o, row) in (first..).step_by(rows).zip(dst.chunks_mut(rows * v.channels)) {
+            let src = spatial_rows(x, v, o, row.len() / v.channels, buf);
+            let it = row.iter_mut().zip(src).zip(&k.mean_hi).zip(&k.mean_lo).zip(&k.x_scale).zip(&k.shift);
             for (((((d, &e), &mh), &ml), &b), &s) in it {
                 d.write(T::from_acc(activate(((e.to_acc() - mh) - ml) * b + s, relu)));
             }
@@ -330,7 +378,8 @@ multiversion! {
 }
 
 multiversion! {
-    /// Channel-innermost rows `first..` of the input gradient, filling `dst`.
+    /// Channel-innermost rows `first..` of the input gradient, filling `dst`;
+    /// `rows` consecutive rows at a time, `k` and `relu` repeated as many times.
     wide fn backward_spatial<T: Element>(
         dst: &mut [MaybeUninit<T>],
         dy: &[T],
@@ -338,13 +387,15 @@ multiversion! {
         x: &[T],
         xv: &ChannelView,
         first: usize,
+        rows: usize,
         k: &ChannelCoefficients<T::Acc>,
         relu: Option<&ReluMask<T::Acc>>,
         bufs: &mut (Vec<T>, Vec<T>),
     ) -> () {
-        for (o, row) in (first..).zip(dst.chunks_mut(xv.channels)) {
-            let g = spatial_row(dy, dv, o, &mut bufs.0);
-            let src = spatial_row(x, xv, o, &mut bufs.1);
+        for (o, row) in (first..).step_by(rows).zip(dst.chunks_mut(rows * xv.channels)) {
+            let count = row.len() / xv.channels;
+            let g = spatial_rows(dy, dv, o, count, &mut bufs.0);
+            let src = spatial_rows(x, xv, o, count, &mut bufs.1);
             let coef = k.mean_hi.iter().zip(&k.mean_lo).zip(&k.dy_scale).zip(&k.x_scale).zip(&k.shift);
             let it = row.iter_mut().zip(g).zip(src).zip(coef);
             match relu {
@@ -391,7 +442,8 @@ multiversion! {
 }
 
 multiversion! {
-    /// Channel-innermost rows `first..` of the normalization plus a residual `z`.
+    /// Channel-innermost rows `first..` of the normalization plus a residual
+    /// `z`; `rows` consecutive rows at a time, `k` repeated as many times.
     wide fn normalize_add_spatial<T: Element>(
         dst: &mut [MaybeUninit<T>],
         x: &[T],
@@ -399,13 +451,15 @@ multiversion! {
         z: &[T],
         zv: &ChannelView,
         first: usize,
+        rows: usize,
         k: &ChannelCoefficients<T::Acc>,
         relu: bool,
         bufs: &mut (Vec<T>, Vec<T>),
     ) -> () {
-        for (o, row) in (first..).zip(dst.chunks_mut(v.channels)) {
-            let src = spatial_row(x, v, o, &mut bufs.0);
-            let res = spatial_row(z, zv, o, &mut bufs.1);
+        for (o, row) in (first..).step_by(rows).zip(dst.chunks_mut(rows * v.channels)) {
+            let count = row.len() / v.channels;
+            let src = spatial_rows(x, v, o, count, &mut bufs.0);
+            let res = spatial_rows(z, zv, o, count, &mut bufs.1);
             let coef = k.mean_hi.iter().zip(&k.mean_lo).zip(&k.x_scale).zip(&k.shift);
             for (((d, &e), &q), (((&mh, &ml), &b), &s)) in row.iter_mut().zip(src).zip(res).zip(coef) {
                 d.write(T::from_acc(activate((((e.to_acc() - mh) - ml) * b + s) + q.to_acc(), relu)));
@@ -424,10 +478,21 @@ pub fn normalize<T: Element>(
     residual: Option<(&[T], &ChannelView)>,
     relu: bool,
 ) -> Vec<T> {
+    let group = match residual {
+        None => rows_per_group(&[v]),
+        Some((_, zv)) => rows_per_group(&[v, zv]),
+    };
+    let repeated;
+    let kg = if group > 1 {
+        repeated = k.repeated(group);
+        &repeated
+    } else {
+        k
+    };
     match residual {
         None => elementwise(v, Vec::new, |buf, rows, dst| match rows {
             Rows::Channel { first } => normalize_rows(dst, x, v, first, k, relu, buf),
-            Rows::Spatial { first } => normalize_spatial(dst, x, v, first, k, relu, buf),
+            Rows::Spatial { first } => normalize_spatial(dst, x, v, first, group, kg, relu, buf),
         }),
         Some((z, zv)) => elementwise(
             v,
@@ -437,7 +502,7 @@ pub fn normalize<T: Element>(
                     normalize_add_rows(dst, x, v, z, zv, first, k, relu, bufs)
                 }
                 Rows::Spatial { first } => {
-                    normalize_add_spatial(dst, x, v, z, zv, first, k, relu, bufs)
+                    normalize_add_spatial(dst, x, v, z, zv, first, group, kg, relu, bufs)
                 }
             },
         ),
@@ -456,12 +521,22 @@ pub fn backward_elemt<T: Element>(
     k: &ChannelCoefficients<T::Acc>,
     relu: Option<&ReluMask<T::Acc>>,
 ) -> Vec<T> {
+    let group = rows_per_group(&[xv, dv]);
+    let repeated;
+    let (kg, mg) = if group > 1 {
+        repeated = (k.repeated(group), relu.map(|m| m.repeated(group)));
+        (&repeated.0, repeated.1.as_ref())
+    } else {
+        (k, relu)
+    };
     elementwise(
         xv,
         || (Vec::new(), Vec::new()),
         |bufs, rows, dst| match rows {
             Rows::Channel { first } => backward_rows(dst, dy, dv, x, xv, first, k, relu, bufs),
-            Rows::Spatial { first } => backward_spatial(dst, dy, dv, x, xv, first, k, relu, bufs),
+            Rows::Spatial { first } => {
+                backward_spatial(dst, dy, dv, x, xv, first, group, kg, mg, bufs)
+            }
         },
     )
 }
@@ -487,7 +562,8 @@ multiversion! {
 }
 
 multiversion! {
-    /// Channel-innermost rows `first..` of the fused ReLU's gradient mask.
+    /// Channel-innermost rows `first..` of the fused ReLU's gradient mask,
+    /// `rows` consecutive rows at a time.
     wide fn relu_grad_spatial<T: Element>(
         dst: &mut [MaybeUninit<T>],
         dy: &[T],
@@ -495,11 +571,13 @@ multiversion! {
         y: &[T],
         yv: &ChannelView,
         first: usize,
+        rows: usize,
         bufs: &mut (Vec<T>, Vec<T>),
     ) -> () {
-        for (o, row) in (first..).zip(dst.chunks_mut(yv.channels)) {
-            let g = spatial_row(dy, dv, o, &mut bufs.0);
-            let out = spatial_row(y, yv, o, &mut bufs.1);
+        for (o, row) in (first..).step_by(rows).zip(dst.chunks_mut(rows * yv.channels)) {
+            let count = row.len() / yv.channels;
+            let g = spatial_rows(dy, dv, o, count, &mut bufs.0);
+            let out = spatial_rows(y, yv, o, count, &mut bufs.1);
             for ((d, &ge), &e) in row.iter_mut().zip(g).zip(out) {
                 d.write(relu_pass(ge, e));
             }
@@ -516,7 +594,9 @@ pub fn relu_grad<T: Element>(dy: &[T], dv: &ChannelView, y: &[T], yv: &ChannelVi
         || (Vec::new(), Vec::new()),
         |bufs, rows, dst| match rows {
             Rows::Channel { first } => relu_grad_rows(dst, dy, dv, y, yv, first, bufs),
-            Rows::Spatial { first } => relu_grad_spatial(dst, dy, dv, y, yv, first, bufs),
+            Rows::Spatial { first } => {
+                relu_grad_spatial(dst, dy, dv, y, yv, first, rows_per_group(&[yv, dv]), bufs)
+            }
         },
     )
 }
@@ -526,6 +606,20 @@ mod tests {
     use super::*;
     use candle::Layout;
     use half::bf16;
+
+    /// `got` has `len` elements, each `want(i)` bit for bit (compared in f64,
+    /// where both are exact; NaN never occurs here; the sign bit separates -0
+    /// from +0).
+    fn assert_same_bits<T: Element>(got: &[T], len: usize, want: &dyn Fn(usize) -> T, what: &str) {
+        assert_eq!(got.len(), len, "{what}");
+        for (i, &e) in got.iter().enumerate() {
+            let (e, w) = (e.to_acc().to_f64(), want(i).to_acc().to_f64());
+            assert!(
+                e.to_bits() == w.to_bits(),
+                "{what}, element {i}: {e} vs {w}"
+            );
+        }
+    }
 
     /// The runs of short rows (overlapping last run, rows under [`LANES`],
     /// rows past `4·LANES`) write every element once with the value of the
@@ -561,16 +655,7 @@ mod tests {
                     (x[i].to_acc() - k.mean_hi[ch]) - k.mean_lo[ch]
                 };
                 let same = |got: &[T], want: &dyn Fn(usize) -> T, what: &str| {
-                    assert_eq!(got.len(), len);
-                    for (i, &e) in got.iter().enumerate() {
-                        // Exact in f64 (NaN never occurs here); the sign
-                        // bit separates -0 from +0.
-                        let (e, w) = (e.to_acc().to_f64(), want(i).to_acc().to_f64());
-                        assert!(
-                            e.to_bits() == w.to_bits(),
-                            "{what}, rows of {inner}, element {i}: {e} vs {w}"
-                        );
-                    }
+                    assert_same_bits(got, len, want, &format!("{what}, rows of {inner}"))
                 };
                 for relu in [false, true] {
                     let y = normalize(&x, &v, &k, None, relu);
@@ -604,6 +689,87 @@ mod tests {
                 same(&dx, &want, "input gradient after the fused ReLU");
                 let dz = relu_grad(&g, &v, &x, &v);
                 same(&dz, &|i| relu_pass(g[i], x[i]), "ReLU mask");
+            }
+        }
+        check::<f32>(|v| v);
+        check::<bf16>(bf16::from_f32);
+    }
+
+    /// Channel-innermost `(N, C)` inputs, whose short dense rows run in groups
+    /// of consecutive rows against repeated coefficients: every pass gives the
+    /// per-element formula bit for bit, for channel counts around the group
+    /// sizes (1 to 129), row counts that end groups and parallel tasks part-way,
+    /// f32 and bf16, with dense views, with a residual and a gradient whose
+    /// rows have gaps (no grouping), and with all of them gapped.
+    #[test]
+    fn grouped_short_rows_give_the_per_element_formula_bit_for_bit() {
+        fn check<T: Element>(to: impl Fn(f32) -> T) {
+            for c in [1usize, 2, 3, 5, 31, 32, 33, 64, 100, 128, 129] {
+                let n = (2 * TASK) / c + 7;
+                let dense = Layout::contiguous((n, c));
+                let gapped = Layout::contiguous((n, c + 3)).narrow(1, 2, c).unwrap();
+                let storage = n * (c + 3);
+                let x: Vec<T> = (0..storage)
+                    .map(|i| to(((i * 7919) % 1000) as f32 * 0.013 - 5.0))
+                    .collect();
+                let g: Vec<T> = (0..storage)
+                    .map(|i| to(((i * 104_729) % 61) as f32 * 0.1 - 3.0))
+                    .collect();
+                let per_channel = |f: &dyn Fn(usize) -> f64| (0..c).map(f).collect::<Vec<f64>>();
+                let k = ChannelCoefficients::<T::Acc>::new(
+                    &per_channel(&|ch| 0.4 - 0.3 * ch as f64),
+                    &per_channel(&|ch| -0.01 + 0.002 * ch as f64),
+                    &per_channel(&|ch| 0.7 + 0.05 * ch as f64),
+                    &per_channel(&|ch| 0.05 - 0.01 * ch as f64),
+                );
+                let m = ReluMask::<T::Acc>::new(
+                    &per_channel(&|ch| 0.6 - 0.04 * ch as f64),
+                    &per_channel(&|ch| 0.1 - 0.02 * ch as f64),
+                );
+                let view = |l: &Layout| ChannelView::new(l, 1).unwrap();
+                for (xl, gl) in [(&dense, &dense), (&dense, &gapped), (&gapped, &gapped)] {
+                    let (xv, gv) = (view(xl), view(gl));
+                    assert!(xv.channel_innermost());
+                    let xe = |i: usize| x[xv.index(i / c, i % c, 0)].to_acc();
+                    let ge = |i: usize| g[gv.index(i / c, i % c, 0)].to_acc();
+                    let xc = |i: usize| (xe(i) - k.mean_hi[i % c]) - k.mean_lo[i % c];
+                    let same = |got: &[T], want: &dyn Fn(usize) -> T, what: &str| {
+                        assert_same_bits(got, n * c, want, &format!("{what}, ({n}, {c})"))
+                    };
+                    for relu in [false, true] {
+                        let y = normalize(&x, &xv, &k, None, relu);
+                        let want = |i: usize| {
+                            let ch = i % c;
+                            T::from_acc(activate(xc(i) * k.x_scale[ch] + k.shift[ch], relu))
+                        };
+                        same(&y, &want, "normalize");
+                        let y = normalize(&x, &xv, &k, Some((&g, &gv)), relu);
+                        let want = |i: usize| {
+                            let ch = i % c;
+                            let r = xc(i) * k.x_scale[ch] + k.shift[ch] + ge(i);
+                            T::from_acc(activate(r, relu))
+                        };
+                        same(&y, &want, "normalize + residual");
+                    }
+                    let dx = backward_elemt(&g, &gv, &x, &xv, &k, None);
+                    let want = |i: usize| {
+                        let ch = i % c;
+                        T::from_acc(ge(i) * k.dy_scale[ch] + xc(i) * k.x_scale[ch] + k.shift[ch])
+                    };
+                    same(&dx, &want, "input gradient");
+                    let dx = backward_elemt(&g, &gv, &x, &xv, &k, Some(&m));
+                    let want = |i: usize| {
+                        let ch = i % c;
+                        let masked = relu_masked::<T>(ge(i), xc(i) * m.scale[ch] + m.shift[ch]);
+                        T::from_acc(masked * k.dy_scale[ch] + xc(i) * k.x_scale[ch] + k.shift[ch])
+                    };
+                    same(&dx, &want, "input gradient after the fused ReLU");
+                    let dz = relu_grad(&g, &gv, &x, &xv);
+                    let want = |i: usize| {
+                        relu_pass(g[gv.index(i / c, i % c, 0)], x[xv.index(i / c, i % c, 0)])
+                    };
+                    same(&dz, &want, "ReLU mask");
+                }
             }
         }
         check::<f32>(|v| v);

@@ -103,3 +103,66 @@ fn spatial_row<'a, T: Copy>(x: &'a [T], v: &ChannelView, o: usize, buf: &'a mut 
         buf
     }
 }
+
+/// Whether the rows of a channel-innermost `v` follow each other without a
+/// gap, so that consecutive rows form one contiguous slice.
+#[inline(always)]
+fn dense_rows(v: &ChannelView) -> bool {
+    (v.channel_stride == 1 || v.channels <= 1) && (v.outer_stride == v.channels || v.outer <= 1)
+}
+
+/// Rows `o..o + count` of a channel-innermost `x`, one after the other
+/// (`count · channels` elements), borrowed when the rows are dense, else
+/// gathered into `buf`.
+#[inline(always)]
+fn spatial_rows<'a, T: Copy>(
+    x: &'a [T],
+    v: &ChannelView,
+    o: usize,
+    count: usize,
+    buf: &'a mut Vec<T>,
+) -> &'a [T] {
+    if count == 1 {
+        return spatial_row(x, v, o, buf);
+    }
+    let start = v.index(o, 0, 0);
+    if dense_rows(v) {
+        &x[start..start + count * v.channels]
+    } else {
+        buf.clear();
+        for r in o..o + count {
+            let start = v.index(r, 0, 0);
+            buf.extend((0..v.channels).map(|c| x[start + c * v.channel_stride]));
+        }
+        buf
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle::Layout;
+
+    /// Runs of consecutive channel-innermost rows: borrowed from dense rows,
+    /// gathered from rows with gaps (and from a channel stride other than 1),
+    /// the same elements either way.
+    #[test]
+    fn spatial_rows_borrow_dense_rows_and_gather_the_others() {
+        let x: Vec<u32> = (0..200).collect();
+        let dense = Layout::contiguous((10, 4));
+        let gapped = Layout::contiguous((10, 7)).narrow(1, 2, 4).unwrap();
+        let strided = Layout::contiguous((4, 10)).transpose(0, 1).unwrap();
+        for (layout, is_dense) in [(&dense, true), (&gapped, false), (&strided, false)] {
+            let v = ChannelView::new(layout, 1).unwrap();
+            assert_eq!(dense_rows(&v), is_dense);
+            let mut buf = Vec::new();
+            let got = spatial_rows(&x, &v, 3, 5, &mut buf).to_vec();
+            let want: Vec<u32> = (3..8)
+                .flat_map(|o| (0..4).map(move |c| (o, c)))
+                .map(|(o, c)| x[v.index(o, c, 0)])
+                .collect();
+            assert_eq!(got, want, "{layout:?}");
+            assert_eq!(buf.is_empty(), is_dense);
+        }
+    }
+}
