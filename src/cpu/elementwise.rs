@@ -129,20 +129,45 @@ fn relu_pass<T: Element>(dy: T, y: T) -> T {
 /// elements) run as one row against coefficients repeated as many times.
 const GROUP: usize = 256;
 
+/// Output size up to which f32/f64 passes group rows. Those passes are
+/// bound by memory once their data leaves the cache, and there the grouped
+/// rows measured slower: on the 2-core EPYC of this project's CI (32 MiB
+/// L3), the eval pass of (262144, 32) f32 (33.5 MB) took 1.29–1.31 ms
+/// grouped against 1.11–1.18 row by row, and of (131072, 32) 0.53–0.55
+/// against 0.47, while (65536, 32) and smaller ran faster grouped. Half
+/// types round every output, cost more arithmetic than memory, and group at
+/// any size.
+const GROUP_MAX_BYTES: usize = 8 << 20;
+
 /// How many consecutive rows of a channel-innermost pass over `views` (the
-/// output's view first) run as one row: enough for about [`GROUP`] elements
-/// when the rows are at most `GROUP / 2` channels and dense in every view,
+/// output's view first) of `T` run as one row: enough for about [`GROUP`]
+/// elements when the rows are at most `GROUP / 2` channels and dense in
+/// every view (and, for f32/f64, the output at most [`GROUP_MAX_BYTES`]),
 /// else 1.
-fn rows_per_group(views: &[&ChannelView]) -> usize {
+fn rows_per_group<T: Element>(views: &[&ChannelView]) -> usize {
     let c = views[0].channels;
+    let bytes = views[0].len() * std::mem::size_of::<T>();
     if views[0].channel_innermost()
         && c > 0
         && 2 * c <= GROUP
+        && (rounds_each_element::<T>() || bytes <= GROUP_MAX_BYTES)
         && views.iter().all(|v| dense_rows(v))
     {
         GROUP.div_ceil(c)
     } else {
         1
+    }
+}
+
+/// How many rows of `channels` elements the part `out` of a group of `rows`
+/// rows holds (the last group of a task can be shorter); without a division
+/// when rows are not grouped, where it would cost more than a short row.
+#[inline(always)]
+fn rows_in<U>(out: &[U], rows: usize, channels: usize) -> usize {
+    if rows == 1 {
+        1
+    } else {
+        out.len() / channels
     }
 }
 
@@ -332,7 +357,7 @@ multiversion! {
     /// as many times.
     wide fn normalize_spatial<T: Element>(dst: &mut [MaybeUninit<T>], x: &[T], v: &ChannelView, first: usize, rows: usize, k: &ChannelCoefficients<T::Acc>, relu: bool, buf: &mut Vec<T>) -> () {
         for (o, row) in (first..).step_by(rows).zip(dst.chunks_mut(rows * v.channels)) {
-            let src = spatial_rows(x, v, o, row.len() / v.channels, buf);
+            let src = spatial_rows(x, v, o, rows_in(row, rows, v.channels), buf);
             let it = row.iter_mut().zip(src).zip(&k.mean_hi).zip(&k.mean_lo).zip(&k.x_scale).zip(&k.shift);
             for (((((d, &e), &mh), &ml), &b), &s) in it {
                 d.write(T::from_acc(activate(((e.to_acc() - mh) - ml) * b + s, relu)));
@@ -393,7 +418,7 @@ multiversion! {
         bufs: &mut (Vec<T>, Vec<T>),
     ) -> () {
         for (o, row) in (first..).step_by(rows).zip(dst.chunks_mut(rows * xv.channels)) {
-            let count = row.len() / xv.channels;
+            let count = rows_in(row, rows, xv.channels);
             let g = spatial_rows(dy, dv, o, count, &mut bufs.0);
             let src = spatial_rows(x, xv, o, count, &mut bufs.1);
             let coef = k.mean_hi.iter().zip(&k.mean_lo).zip(&k.dy_scale).zip(&k.x_scale).zip(&k.shift);
@@ -457,7 +482,7 @@ multiversion! {
         bufs: &mut (Vec<T>, Vec<T>),
     ) -> () {
         for (o, row) in (first..).step_by(rows).zip(dst.chunks_mut(rows * v.channels)) {
-            let count = row.len() / v.channels;
+            let count = rows_in(row, rows, v.channels);
             let src = spatial_rows(x, v, o, count, &mut bufs.0);
             let res = spatial_rows(z, zv, o, count, &mut bufs.1);
             let coef = k.mean_hi.iter().zip(&k.mean_lo).zip(&k.x_scale).zip(&k.shift);
@@ -479,8 +504,8 @@ pub fn normalize<T: Element>(
     relu: bool,
 ) -> Vec<T> {
     let group = match residual {
-        None => rows_per_group(&[v]),
-        Some((_, zv)) => rows_per_group(&[v, zv]),
+        None => rows_per_group::<T>(&[v]),
+        Some((_, zv)) => rows_per_group::<T>(&[v, zv]),
     };
     let repeated;
     let kg = if group > 1 {
@@ -521,7 +546,7 @@ pub fn backward_elemt<T: Element>(
     k: &ChannelCoefficients<T::Acc>,
     relu: Option<&ReluMask<T::Acc>>,
 ) -> Vec<T> {
-    let group = rows_per_group(&[xv, dv]);
+    let group = rows_per_group::<T>(&[xv, dv]);
     let repeated;
     let (kg, mg) = if group > 1 {
         repeated = (k.repeated(group), relu.map(|m| m.repeated(group)));
@@ -575,7 +600,7 @@ multiversion! {
         bufs: &mut (Vec<T>, Vec<T>),
     ) -> () {
         for (o, row) in (first..).step_by(rows).zip(dst.chunks_mut(rows * yv.channels)) {
-            let count = row.len() / yv.channels;
+            let count = rows_in(row, rows, yv.channels);
             let g = spatial_rows(dy, dv, o, count, &mut bufs.0);
             let out = spatial_rows(y, yv, o, count, &mut bufs.1);
             for ((d, &ge), &e) in row.iter_mut().zip(g).zip(out) {
@@ -594,9 +619,16 @@ pub fn relu_grad<T: Element>(dy: &[T], dv: &ChannelView, y: &[T], yv: &ChannelVi
         || (Vec::new(), Vec::new()),
         |bufs, rows, dst| match rows {
             Rows::Channel { first } => relu_grad_rows(dst, dy, dv, y, yv, first, bufs),
-            Rows::Spatial { first } => {
-                relu_grad_spatial(dst, dy, dv, y, yv, first, rows_per_group(&[yv, dv]), bufs)
-            }
+            Rows::Spatial { first } => relu_grad_spatial(
+                dst,
+                dy,
+                dv,
+                y,
+                yv,
+                first,
+                rows_per_group::<T>(&[yv, dv]),
+                bufs,
+            ),
         },
     )
 }

@@ -451,7 +451,10 @@ const GRAD_GROUP: usize = 1024;
 /// sequence. Groups of longer rows interleave that many streams per input
 /// and are slower on tensors larger than the cache: (4096, 1024) f32
 /// took 1.5–1.7 ms for its backward row by row, and 2.1–2.4 ms with tiles over
-/// groups of 2 to 8 rows (though faster in cache).
+/// groups of 2 to 8 rows (though faster in cache); with groups of 1024
+/// elements for rows of up to 512 channels, the backward of (131072, 128)
+/// f32 took 9.2–10.2 ms against 7.6–8.8, and of (65536, 256) bf16 5.9–7.0
+/// against 3.4–3.6.
 fn grad_rows_per_group(channels: usize) -> Option<usize> {
     (TILE..=2 * TILE)
         .contains(&channels)
