@@ -284,6 +284,12 @@ pub fn emulated_host_syncs() -> Option<u64> {
     }
 }
 
+/// The emulated GPU runs on Linux only: elsewhere nothing counts host waits.
+#[cfg(not(target_os = "linux"))]
+pub fn emulated_host_syncs() -> Option<u64> {
+    None
+}
+
 /// What one rank observed over a few training steps and a final eval.
 #[derive(Debug, Clone, Default)]
 pub struct RankRun {
