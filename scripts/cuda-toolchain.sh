@@ -160,7 +160,7 @@ has_real_libcuda() {
   local d cache
   cache="$({ ldconfig -p || /sbin/ldconfig -p; } 2>/dev/null || true)"
   [[ "$cache" == *"libcuda.so.1 "* ]] && return 0
-  for d in /usr/lib/x86_64-linux-gnu /usr/lib64 /usr/lib/wsl/lib /usr/local/nvidia/lib64; do
+  for d in /usr/lib/x86_64-linux-gnu /usr/lib/aarch64-linux-gnu /usr/lib64 /usr/lib/wsl/lib /usr/local/nvidia/lib64; do
     [[ -e "$d/libcuda.so.1" ]] && return 0
   done
   return 1

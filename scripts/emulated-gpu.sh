@@ -21,7 +21,8 @@
 # file goes into its own namespace, and its kernels are registered under
 # their names by a generated registry (candle_<file>.cpp).
 #
-# Needs g++ 12+ (or $CXX). stdout carries only `export` lines.
+# Needs a C++ compiler with _Float16 ($CXX, default g++): GCC 12+ on x86-64,
+# GCC 13+ on AArch64, or Clang 15+. stdout carries only `export` lines.
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 DIR="${EMULATED_GPU_DIR:-$REPO/target/emulated-gpu}"

@@ -128,8 +128,9 @@ impl Emulator {
 }
 
 /// Checks that `cxx` exists and has what the emulator needs beyond C++17
-/// (`_Float16`: GCC 12+ or Clang 15+; ucontext), so that an old or missing
-/// compiler skips the tests while a kernel that does not compile fails them.
+/// (`_Float16` in C++: GCC 12+ on x86-64, GCC 13+ on AArch64, Clang 15+;
+/// ucontext), so that an old or missing compiler skips the tests while a
+/// kernel that does not compile fails them.
 fn probe(cxx: &str, dir: &Path) -> Result<(), Unavailable> {
     let src = dir.join("probe.cpp");
     let code = "#include <ucontext.h>\nint main() { ucontext_t c; _Float16 h = (_Float16)1.5; \
@@ -143,7 +144,7 @@ fn probe(cxx: &str, dir: &Path) -> Result<(), Unavailable> {
     {
         Ok(out) if out.status.success() => Ok(()),
         Ok(_) => Err(Unavailable::NoCompiler(format!(
-            "`{cxx}` lacks _Float16 or ucontext (GCC 12+ or Clang 15+ on Linux needed)"
+            "`{cxx}` lacks _Float16 or ucontext (on Linux: GCC 12+ on x86-64, GCC 13+ on AArch64, or Clang 15+; set CXX to choose)"
         ))),
         Err(e) => Err(Unavailable::NoCompiler(format!(
             "no C++ compiler `{cxx}` ({e})"
