@@ -14,6 +14,7 @@
 #   bin/bench.xz    the benchmark table (examples/bench.rs)
 #   bin/train.xz    the data-parallel training example (examples/train.rs)
 #   run.sh          runs them on GPU 0, and the PyTorch script beside them
+#   ncu_table.py    summarizes Nsight Compute's counters (run.sh's profile step)
 # The binaries need the CUDA 13 runtime libraries (cuBLAS, cuRAND, NVRTC,
 # cudart, NCCL) at run time; run.sh finds them in the nvidia-* wheels of the
 # python3 on the GPU machine, and the driver provides libcuda.
@@ -57,7 +58,7 @@ strip "$OUTDIR"/bin/*
 # bundle well under the device tool's 64 MiB carry limit.
 xz -T0 -6 "$OUTDIR"/bin/*
 cp scripts/gpu-run.sh "$OUTDIR/run.sh"
-cp benches/pytorch_bench.py "$OUTDIR/"
+cp benches/pytorch_bench.py benches/ncu_table.py "$OUTDIR/"
 git rev-parse HEAD >"$OUTDIR/COMMIT" 2>/dev/null || true
 du -sh "$OUTDIR" >&2
 echo "[gpu-bundle] ready: $OUTDIR (carry it; run: bash $OUTDIR/run.sh \"\$OUT\")" >&2

@@ -4,14 +4,18 @@
 #
 #   bash gpu-bundle/run.sh OUT [STEP...]
 #
-# STEP is any of: info, tests, bench, pytorch, train (default: all of them, in
-# that order), and sanitize (not in the default list: the CUDA op tests under
-# compute-sanitizer's memcheck, then racecheck on the shared-memory
-# reductions; minutes, and the sanitizer runs on some of the lent machines
-# only, see the device tool's KINDS.md). Each step's output goes to OUT/<step>.txt (and the benchmark's
-# JSON to OUT/bench-cuda.json); a failing step is recorded in OUT/status.txt
-# and the next step still runs. That is 7 files at most: the device tool
-# brings back 8 (the training checkpoint stays on the machine).
+# STEP is any of: info, tests, bench, pytorch, train, profile (default: all of
+# them, in that order; profile, last, takes what is left of the budget: Nsight
+# Compute's counters for the kernels of five suite cases, through
+# ncu_table.py), and sanitize (not in the default list: the CUDA op tests
+# under compute-sanitizer's memcheck, then racecheck on the shared-memory
+# reductions; minutes, and the sanitizer and ncu's counters work on some of
+# the lent machines only, see the device tool's KINDS.md). Each step's output
+# goes to OUT/<step>.txt (and the benchmark's JSON to OUT/bench-cuda.json); a
+# failing step is recorded in OUT/status.txt and the next step still runs.
+# The default run writes 8 files, what the device tool brings back (the
+# training checkpoint and ncu's reports stay on the machine): run sanitize
+# in a call of its own.
 #
 # Time: the whole run keeps within BUDGET seconds (default 540, so that it
 # ends inside the device tool's 600-second command limit, whose session
@@ -24,10 +28,10 @@
 # (PyTorch's dependencies), found through its site-packages.
 set -uo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-OUT="${1:?usage: run.sh OUT [info|tests|bench|pytorch|train ...]}"
+OUT="${1:?usage: run.sh OUT [info|tests|bench|pytorch|train|profile|sanitize ...]}"
 shift
 STEPS=("$@")
-[[ ${#STEPS[@]} -eq 0 ]] && STEPS=(info tests bench pytorch train)
+[[ ${#STEPS[@]} -eq 0 ]] && STEPS=(info tests bench pytorch train profile)
 BUDGET="${BUDGET:-540}"
 START=$SECONDS
 mkdir -p "$OUT"
@@ -46,6 +50,7 @@ step_cap() {
     bench) echo 180 ;;
     pytorch) echo 150 ;;
     train) echo 120 ;;
+    profile) echo 180 ;;
   esac
 }
 
@@ -120,6 +125,31 @@ for step in "${STEPS[@]}"; do
       run_step train "$BIN/train" --device cuda --nproc-per-node 1 --epochs 1 \
         --checkpoint "${TMPDIR:-/tmp}/candle-syncbn-train.safetensors"
       ;;
+    profile)
+      # Nsight Compute on the kernels of one training forward and backward
+      # (and more) per case: duration, DRAM traffic and rate, DRAM and SM
+      # throughput against the GPU's peak, occupancy, registers; one table per
+      # case (benches/ncu_table.py). Hardware counters were readable on the
+      # Firecracker machines only (the device tool's KINDS.md).
+      run_step profile bash -c '
+        bench="$0"; here="$1"; rep="${TMPDIR:-/tmp}/candle-syncbn-ncu"
+        ncu="$(command -v ncu || ls -d /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | tail -n 1)"
+        [[ -x "$ncu" ]] || { echo "ncu not found"; exit 3; }
+        metrics="$(python3 "$here/ncu_table.py" --print-metrics)" || exit
+        rc=0
+        for case in 32x256x56x56:f32 32x256x56x56:bf16 32x64x112x112:bf16 32x2048x7x7:f32 4096x1024:f32; do
+          shape="${case%%:*}"; dtype="${case##*:}"
+          if ! "$ncu" --clock-control none --metrics "$metrics" --kernel-name regex:^bn_ --launch-count 40 \
+              -o "$rep" --force-overwrite "$bench" --device cuda --no-candle-nn --iters 1 \
+              --shapes "$shape" --dtypes "$dtype" >"$rep.log" 2>&1; then
+            echo "ncu failed on $shape $dtype:"; tail -n 15 "$rep.log"; rc=1; continue
+          fi
+          "$ncu" --import "$rep.ncu-rep" --page raw --csv --print-units base >"$rep.csv" || { rc=1; continue; }
+          python3 "$here/ncu_table.py" "$rep.csv" --label "$shape $dtype" || rc=1
+        done
+        exit $rc
+      ' "$BIN/bench" "$HERE"
+      ;;
     sanitize)
       # The op tests (every kernel, small shapes) under memcheck, then the
       # block reductions' shared memory under racecheck.
@@ -132,7 +162,7 @@ for step in "${STEPS[@]}"; do
       ' "$BIN/cuda"
       ;;
     *)
-      echo "unknown step $step (info, tests, bench, pytorch, train, sanitize)" >&2
+      echo "unknown step $step (info, tests, bench, pytorch, train, profile, sanitize)" >&2
       exit 2
       ;;
   esac
