@@ -204,6 +204,9 @@ fn temp_path(path: &Path) -> std::path::PathBuf {
     path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
 }
 
+/// Flushes the folder holding `path`, so that the rename is on disk too
+/// (best effort: Windows opens no folder as a file, and there the rename
+/// needs no such flush).
 fn sync_parent(path: &Path) {
     if let Some(dir) = path.parent() {
         let dir = if dir.as_os_str().is_empty() {
@@ -223,7 +226,12 @@ pub fn save_varmap_atomic(varmap: &VarMap, path: impl AsRef<Path>) -> Result<()>
     let tmp = temp_path(path);
     let result = (|| -> Result<()> {
         varmap.save(&tmp)?;
-        std::fs::File::open(&tmp)?.sync_all()?;
+        // Opened for writing: Windows flushes only handles with write access
+        // (a read-only handle's sync fails with "Access denied").
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&tmp)?
+            .sync_all()?;
         std::fs::rename(&tmp, path)?;
         Ok(())
     })();
