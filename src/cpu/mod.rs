@@ -28,6 +28,10 @@ macro_rules! multiversion {
             #[inline(always)]
             #[allow(clippy::too_many_arguments)]
             fn generic<T: Element>($($arg: $ty),*) -> $ret $body
+            #[cfg(test)]
+            if crate::cpu::BASELINE_ONLY.with(|b| b.get()) {
+                return generic::<T>($($arg),*);
+            }
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
@@ -64,6 +68,14 @@ macro_rules! multiversion {
     };
 }
 pub(crate) use multiversion;
+
+#[cfg(test)]
+thread_local! {
+    /// Test hook: on this thread, every [`multiversion!`] kernel runs its
+    /// baseline body (what AArch64 and CPUs without AVX2 run), whatever the
+    /// CPU has.
+    static BASELINE_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
 
 /// Elements per two-pass block: small enough to stay in L1 for the second pass.
 const BLOCK: usize = 4096;
@@ -141,7 +153,117 @@ fn spatial_rows<'a, T: Copy>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::element::{Accum, Element};
     use candle::Layout;
+    use half::{bf16, f16};
+
+    /// Every kernel gives the same bits on the widest path the CPU has
+    /// (AVX-512 or AVX2, detected at run time) as on the baseline path that
+    /// AArch64 and x86-64 CPUs without AVX2 run: the lanes are explicit and
+    /// nothing is contracted into FMAs, so the compiler's choice of vectors
+    /// changes no result. Statistics and gradient sums (with and without the
+    /// fused ReLU's mask), normalization (with ReLU, with a residual), input
+    /// gradient (with and without the mask) and the ReLU mask pass; short,
+    /// long, gathered and channel-innermost rows (register tiles, grouped
+    /// short rows); f32, f64, f16 and bf16.
+    #[test]
+    fn widest_and_baseline_paths_give_the_same_bits() {
+        fn outputs<T: Element>(x: &[T], g: &[T], v: &ChannelView) -> Vec<Vec<u64>> {
+            let bits = |out: &[T]| -> Vec<u64> {
+                out.iter().map(|e| e.to_acc().to_f64().to_bits()).collect()
+            };
+            let c = v.channels;
+            let per = |a: f64, b: f64| -> Vec<f64> {
+                (0..c).map(|ch| a + b * ((ch * 37) % 11) as f64).collect()
+            };
+            let stats = batch_stats(x, v);
+            let mean: Vec<f64> = (0..c).map(|ch| stats[c + ch] / stats[ch]).collect();
+            let mask = ReluMask::<T::Acc>::new(&per(0.7, -0.13), &per(-0.2, 0.05));
+            let k = ChannelCoefficients::<T::Acc>::new(
+                &mean,
+                &per(-0.01, 0.003),
+                &per(1.1, -0.07),
+                &per(0.3, -0.06),
+            );
+            let mut out = vec![
+                stats.iter().map(|s| s.to_bits()).collect(),
+                grad_sums(g, v, x, v, &mean, None)
+                    .iter()
+                    .map(|s| s.to_bits())
+                    .collect(),
+                grad_sums(g, v, x, v, &mean, Some(&mask))
+                    .iter()
+                    .map(|s| s.to_bits())
+                    .collect(),
+            ];
+            for relu in [false, true] {
+                out.push(bits(&normalize(x, v, &k, None, relu)));
+            }
+            out.push(bits(&normalize(x, v, &k, Some((g, v)), true)));
+            out.push(bits(&backward_elemt(g, v, x, v, &k, None)));
+            out.push(bits(&backward_elemt(g, v, x, v, &k, Some(&mask))));
+            out.push(bits(&relu_grad(g, v, x, v)));
+            out
+        }
+        fn check<T: Element>(to: impl Fn(f32) -> T, pool: &rayon::ThreadPool) {
+            let mut layouts: Vec<Layout> = [1usize, 7, 49, 196, 300, 1000, 4099]
+                .iter()
+                .map(|&s| Layout::contiguous((3, 5, s)))
+                .collect();
+            for &(rows, c) in &[
+                (301usize, 16usize),
+                (301, 32),
+                (150, 48),
+                (301, 64),
+                (97, 100),
+                (37, 1024),
+            ] {
+                layouts.push(Layout::contiguous((rows, c)));
+            }
+            // Channels-last storage read through the channel axis (gathered rows).
+            layouts.push(Layout::contiguous((3, 49, 24)).permute(&[0, 2, 1]).unwrap());
+            for layout in &layouts {
+                let v = ChannelView::new(layout, 1).unwrap();
+                let len = layout.shape().elem_count();
+                let x: Vec<T> = (0..len)
+                    .map(|i| to(((i * 7919) % 1013) as f32 * 0.011 - 4.0))
+                    .collect();
+                let g: Vec<T> = (0..len)
+                    .map(|i| to(((i * 104_729) % 61) as f32 * 0.1 - 3.0))
+                    .collect();
+                // One thread, so that the thread-local switch covers every task.
+                let run = |baseline: bool| {
+                    pool.install(|| {
+                        BASELINE_ONLY.with(|b| b.set(baseline));
+                        let out = outputs(&x, &g, &v);
+                        BASELINE_ONLY.with(|b| b.set(false));
+                        out
+                    })
+                };
+                let (widest, baseline) = (run(false), run(true));
+                for (i, (w, b)) in widest.iter().zip(&baseline).enumerate() {
+                    assert!(
+                        w == b,
+                        "{:?} {:?}: output {i} differs between the widest and the baseline path",
+                        T::DTYPE,
+                        layout.shape()
+                    );
+                }
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        if !std::is_x86_feature_detected!("avx2") {
+            eprintln!("this CPU has no AVX2: both runs take the baseline path");
+        }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        check::<f32>(|v| v, &pool);
+        check::<f64>(f64::from, &pool);
+        check::<f16>(f16::from_f32, &pool);
+        check::<bf16>(bf16::from_f32, &pool);
+    }
 
     /// Runs of consecutive channel-innermost rows: borrowed from dense rows,
     /// gathered from rows with gaps (and from a channel stride other than 1),
