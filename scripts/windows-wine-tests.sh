@@ -42,6 +42,18 @@ if [[ ! -e "$sys32/bcryptprimitives.dll" ]]; then
 fi
 
 log "cargo test --target $TARGET under $("$WINE" --version 2>/dev/null || echo Wine)"
-CARGO_TARGET_X86_64_PC_WINDOWS_GNU_RUNNER="$WINE" cargo test --target "$TARGET" "$@"
+export CARGO_TARGET_X86_64_PC_WINDOWS_GNU_RUNNER="$WINE"
+out="target/wine-tests.log"
+if ! cargo test --target "$TARGET" "$@" 2>&1 | tee "$out"; then
+  # Wine itself sometimes fails to start a child process (CreateProcess:
+  # "Internal error", os error 1359; seen once in CI, not reproduced in 20
+  # runs by hand). Only that failure earns a second run; any other fails.
+  if grep -q 'code: 1359' "$out"; then
+    log "Wine failed to start a process (os error 1359, above): running the tests once more"
+    cargo test --target "$TARGET" "$@"
+  else
+    exit 1
+  fi
+fi
 # The build is only for this check (about 2 GB).
 rm -rf "target/$TARGET"
