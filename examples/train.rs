@@ -6,6 +6,7 @@
 //! cargo run --release --example train -- --nproc-per-node 4 --bn-group-size 2   # BN synced in pairs
 //! cargo run --release --example train -- --data ~/mnist   # MNIST-format IDX files
 //! cargo run --release --features nccl --example train -- --device cuda --nproc-per-node 2
+//! cargo run --release --features metal --example train -- --device metal --nproc-per-node 1
 //! torchrun-style: RANK=.. WORLD_SIZE=.. MASTER_ADDR=.. MASTER_PORT=.. SYNCBN_TOKEN=.. train
 //! ```
 //!
@@ -35,7 +36,8 @@ struct Args {
     /// launcher environment is set).
     #[arg(long)]
     nproc_per_node: Option<usize>,
-    /// `cpu` (TCP group) or `cuda` (NCCL group; GPU = LOCAL_RANK).
+    /// `cpu` (TCP group), `cuda` (NCCL group; GPU = LOCAL_RANK) or `metal`
+    /// (an Apple GPU, TCP group; build with `--features metal`).
     #[arg(long, default_value = "cpu")]
     device: String,
     /// A folder with MNIST-format IDX files (train-images-idx3-ubyte,
@@ -373,19 +375,29 @@ fn evaluate(
         let x = split.images.index_select(&i, 0)?.to_device(device)?;
         let y = split.labels.index_select(&i, 0)?.to_device(device)?;
         let pred = net.forward_t(&x, false)?.argmax(D::Minus1)?;
-        correct += pred
-            .eq(&y)?
-            .to_dtype(DType::F64)?
-            .sum_all()?
-            .to_scalar::<f64>()?;
+        correct += host_scalar(&pred.eq(&y)?.to_dtype(DType::F32)?.sum_all()?)?;
     }
     Ok((correct, idx.len() as f64))
 }
 
-/// Sums `values` over the ranks.
-fn sum_over(group: &ProcessGroup, values: &[f64], device: &Device) -> Result<Vec<f64>> {
-    let t = Tensor::new(values, device)?;
+/// Sums `values` over the ranks, in f64 on the device the group's
+/// collectives take (NCCL: the GPU), else on the host (not every device has
+/// f64: Metal).
+fn sum_over(group: &ProcessGroup, values: &[f64]) -> Result<Vec<f64>> {
+    let t = Tensor::new(values, &collective_device(group))?;
     Ok(group.all_reduce_sum(&t)?.to_vec1::<f64>()?)
+}
+
+/// The device of `group`'s collectives, or the host when they take any.
+fn collective_device(group: &ProcessGroup) -> Device {
+    group.backend().device().unwrap_or(Device::Cpu)
+}
+
+/// A scalar tensor's value, converted to f64 on the host.
+fn host_scalar(t: &Tensor) -> Result<f64> {
+    Ok(t.to_device(&Device::Cpu)?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?)
 }
 
 /// The running statistics of the model, flattened in name order (f64).
@@ -405,7 +417,13 @@ fn running_stats(varmap: &VarMap) -> Result<Tensor> {
     names.sort();
     let parts: Vec<Tensor> = names
         .iter()
-        .map(|k| data[*k].as_tensor().to_dtype(DType::F64)?.flatten_all())
+        .map(|k| {
+            data[*k]
+                .as_tensor()
+                .to_device(&Device::Cpu)?
+                .to_dtype(DType::F64)?
+                .flatten_all()
+        })
         .collect::<candle::Result<_>>()?;
     Ok(Tensor::cat(&parts, 0)?)
 }
@@ -444,7 +462,8 @@ fn run(args: &Args) -> Result<()> {
         "cuda" => {
             Device::new_cuda(local_rank).context("--device cuda: opening the GPU of LOCAL_RANK")?
         }
-        d => bail!("--device: expected cpu or cuda, got {d:?}"),
+        "metal" => Device::new_metal(0).context("--device metal: opening the GPU")?,
+        d => bail!("--device: expected cpu, cuda or metal, got {d:?}"),
     };
     let t0 = Instant::now();
     let group = ProcessGroup::from_env(&device)?;
@@ -542,15 +561,16 @@ fn run(args: &Args) -> Result<()> {
             let mut grads = loss.backward()?;
             average_gradients(&varmap, &mut grads, &group)?;
             opt.step(&grads)?;
-            loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()? * b as f64;
-            correct += logits
-                .argmax(D::Minus1)?
-                .eq(&y)?
-                .to_dtype(DType::F64)?
-                .sum_all()?
-                .to_scalar::<f64>()?;
+            loss_sum += host_scalar(&loss)? * b as f64;
+            correct += host_scalar(
+                &logits
+                    .argmax(D::Minus1)?
+                    .eq(&y)?
+                    .to_dtype(DType::F32)?
+                    .sum_all()?,
+            )?;
         }
-        let s = sum_over(&group, &[loss_sum, correct, (steps * b) as f64], &device)?;
+        let s = sum_over(&group, &[loss_sum, correct, (steps * b) as f64])?;
         let secs = start.elapsed().as_secs_f64();
         if main {
             println!(
@@ -566,7 +586,7 @@ fn run(args: &Args) -> Result<()> {
     }
 
     let (c, n) = evaluate(&net, &test, &device, rank, world)?;
-    let s = sum_over(&group, &[c, n], &device)?;
+    let s = sum_over(&group, &[c, n])?;
     let test_acc = s[0] / s[1];
     if main {
         println!("test accuracy {:.2}% ({} images)", 100.0 * test_acc, s[1]);
@@ -574,14 +594,10 @@ fn run(args: &Args) -> Result<()> {
 
     // The running statistics must be bitwise identical on every rank of a
     // SyncBatchNorm group.
-    let own = running_stats(&varmap)?;
+    let own = running_stats(&varmap)?.to_device(&collective_device(&bn_group))?;
     let root = bn_group.broadcast(&own, 0)?;
-    let differ = own
-        .ne(&root)?
-        .to_dtype(DType::F64)?
-        .sum_all()?
-        .to_scalar::<f64>()?;
-    let differ = sum_over(&group, &[differ], &device)?[0];
+    let differ = host_scalar(&own.ne(&root)?.to_dtype(DType::F32)?.sum_all()?)?;
+    let differ = sum_over(&group, &[differ])?[0];
     if main {
         let over = if bn_group.world_size() == world {
             format!("on all {world} ranks")

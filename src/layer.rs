@@ -1,12 +1,13 @@
 //! The `SyncBatchNorm` layer.
 
 use crate::ops::{
-    BatchNormAddOp, BatchNormOp, BatchStats, CounterIncrement, Moments, RunningStat,
-    RunningStatsUpdate,
+    BatchNormAddOp, BatchNormOp, BatchStats, Moments, RunningStat, RunningStatsUpdate,
 };
 use crate::{ProcessGroup, SyncBatchNormConfig};
 use candle::{DType, Result, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
+
+mod composite;
 
 /// Running statistics kept by a layer with `track_running_stats`.
 #[derive(Debug, Clone)]
@@ -228,9 +229,7 @@ impl SyncBatchNorm {
     pub fn num_batches_tracked(&self) -> u64 {
         self.running
             .as_ref()
-            .and_then(|r| r.num_batches_tracked.to_dtype(DType::F64).ok())
-            .and_then(|t| t.to_scalar::<f64>().ok())
-            .map(|v| v.max(0.0) as u64)
+            .map(|r| crate::ops::counter_value(&r.num_batches_tracked))
             .unwrap_or(0)
     }
 
@@ -428,7 +427,7 @@ impl SyncBatchNorm {
         }
         if sync {
             if let Some(r) = &self.running {
-                r.num_batches_tracked.inplace_op1(&CounterIncrement)?;
+                crate::ops::increment_counter(&r.num_batches_tracked)?;
                 for (t, stat) in [(&r.mean, RunningStat::Mean), (&r.var, RunningStat::Var)] {
                     let update = RunningStatsUpdate {
                         momentum: self.config.momentum,
@@ -457,6 +456,9 @@ impl SyncBatchNorm {
             Some(z) => Some(self.prepare_residual(x, z, axis, restore.as_deref())?),
             None => None,
         };
+        if !crate::ops::has_kernels(x.device()) {
+            return self.forward_composite(x, residual, train, relu);
+        }
         let z = z.as_ref();
         let y = match (&self.running, train) {
             (_, true) => self.forward_batch_stats(&xv, axis, true, z, relu)?,
@@ -534,6 +536,53 @@ impl SyncBatchNorm {
     /// ```
     pub fn forward_add_relu_t(&self, x: &Tensor, residual: &Tensor, train: bool) -> Result<Tensor> {
         self.forward_impl(x, Some(residual), train, true)
+    }
+
+    /// The layer computed with candle's own tensor ops instead of this
+    /// crate's kernels: `relu(forward_t(x) + residual)`, without the ReLU
+    /// when `relu` is false and without the sum when `residual` is `None`.
+    ///
+    /// This is what every forward method runs on devices this crate has no
+    /// kernels for (Metal, …), so the layer works wherever candle does. It
+    /// has the same semantics: batch statistics over the group in training,
+    /// the same running-statistics update, eval with running statistics, and
+    /// a synchronized backward through candle's autograd (the all-reduces are
+    /// [`all_reduce_sum_with_grad`](crate::ops::all_reduce_sum_with_grad)).
+    /// It is slower: about ten passes over the input forward and more
+    /// backward, two all-reduces per pass instead of one, through the host
+    /// when the world size is above 1, and candle's gradient bookkeeping for
+    /// each op. Statistics are computed in f32 (f64 for f64 inputs) in two
+    /// passes, the second on centered values.
+    ///
+    /// On the CPU and CUDA it serves as an independent reference for the
+    /// kernels (the tests compare the two).
+    ///
+    /// ```
+    /// use candle::{DType, Device, Tensor};
+    /// use candle_nn::{ModuleT, VarBuilder, VarMap};
+    /// use candle_syncbn::{ProcessGroup, SyncBatchNorm, SyncBatchNormConfig};
+    ///
+    /// let vb = VarBuilder::zeros(DType::F32, &Device::Cpu);
+    /// let bn = SyncBatchNorm::new(3, SyncBatchNormConfig::default(), vb, ProcessGroup::single())?;
+    /// let x = Tensor::randn(0f32, 1.0, (4, 3, 5, 5), &Device::Cpu)?;
+    /// let kernels = bn.forward_t(&x, false)?;
+    /// let composed = bn.forward_composite_t(&x, None, false, false)?;
+    /// let diff = (kernels - composed)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+    /// assert!(diff < 1e-5);
+    /// # Ok::<(), candle::Error>(())
+    /// ```
+    pub fn forward_composite_t(
+        &self,
+        x: &Tensor,
+        residual: Option<&Tensor>,
+        relu: bool,
+        train: bool,
+    ) -> Result<Tensor> {
+        let (_, axis, restore) = self.prepare_input(x)?;
+        if let Some(z) = residual {
+            self.prepare_residual(x, z, axis, restore.as_deref())?;
+        }
+        self.forward_composite(x, residual, train, relu)
     }
 }
 

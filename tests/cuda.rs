@@ -1044,22 +1044,6 @@ fn fused_add_relu_layer_matches_cpu() {
     }
 }
 
-/// Splits a row-major `(N, …)` array into consecutive slices of `sizes[r]` samples.
-fn split(xs: &[f64], shape: &[usize], sizes: &[usize]) -> Vec<(Vec<usize>, Vec<f64>)> {
-    let per: usize = shape[1..].iter().product();
-    let mut at = 0;
-    sizes
-        .iter()
-        .map(|&n| {
-            let mut s = shape.to_vec();
-            s[0] = n;
-            let part = xs[at * per..(at + n) * per].to_vec();
-            at += n;
-            (s, part)
-        })
-        .collect()
-}
-
 #[test]
 fn k_cuda_ranks_match_one_rank() {
     let dev = cuda_or_skip!("k_cuda_ranks_match_one_rank");
@@ -1106,8 +1090,8 @@ fn k_cuda_ranks_match_one_rank() {
                     let mine: Steps = steps
                         .iter()
                         .map(|(s, x, g)| {
-                            let (shape_r, xr) = split(x, s, sizes)[r].clone();
-                            (shape_r, xr, split(g, s, sizes)[r].1.clone())
+                            let (shape_r, xr) = split_batch(x, s, sizes)[r].clone();
+                            (shape_r, xr, split_batch(g, s, sizes)[r].1.clone())
                         })
                         .collect();
                     let eval = eval.clone();
@@ -1366,7 +1350,7 @@ fn cuda_subgroups_match_one_rank_per_pair() {
             steps
                 .iter()
                 .map(|(s, x, g)| {
-                    let (xs, gs) = (split(x, s, &sizes), split(g, s, &sizes));
+                    let (xs, gs) = (split_batch(x, s, &sizes), split_batch(g, s, &sizes));
                     let n: usize = sizes[ranks.clone()].iter().sum();
                     let mut shape_r = s.clone();
                     shape_r[0] = n;

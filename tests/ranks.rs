@@ -8,22 +8,6 @@ use candle_syncbn::{ProcessGroup, SyncBatchNorm, SyncBatchNormConfig};
 use common::*;
 use std::time::Duration;
 
-/// Splits a row-major `(N, …)` batch into consecutive slices of `sizes[r]` samples.
-fn split(xs: &[f64], shape: &[usize], sizes: &[usize]) -> Vec<(Vec<usize>, Vec<f64>)> {
-    let per: usize = shape[1..].iter().product();
-    let mut at = 0;
-    sizes
-        .iter()
-        .map(|&n| {
-            let mut s = shape.to_vec();
-            s[0] = n;
-            let part = xs[at * per..(at + n) * per].to_vec();
-            at += n;
-            (s, part)
-        })
-        .collect()
-}
-
 fn check_split(
     sizes: &[usize],
     shape_tail: &[usize],
@@ -67,34 +51,12 @@ fn check_split_with(
         gs.clone(),
         (eval_shape.clone(), eval_x.clone()),
         fusion,
+        false,
     )
     .unwrap();
 
-    let groups = ProcessGroup::threads_with_timeout(k, Duration::from_secs(60)).unwrap();
-    let handles: Vec<_> = groups
-        .into_iter()
-        .enumerate()
-        .map(|(r, group)| {
-            let parts_x: Vec<(Vec<usize>, Vec<f64>)> = xs
-                .iter()
-                .map(|x| split(x, &shape, sizes)[r].clone())
-                .collect();
-            let parts_g: Vec<Vec<f64>> = gs
-                .iter()
-                .map(|g| split(g, &shape, sizes)[r].1.clone())
-                .collect();
-            let eval = (eval_shape.clone(), eval_x.clone());
-            std::thread::spawn(move || {
-                let shapes = parts_x.iter().map(|p| p.0.clone()).collect();
-                let batches = parts_x.into_iter().map(|p| p.1).collect();
-                run_rank_with(group, cfg, dtype, shapes, batches, parts_g, eval, fusion)
-            })
-        })
-        .collect();
-    let ranks: Vec<RankRun> = handles
-        .into_iter()
-        .map(|h| h.join().unwrap().unwrap())
-        .collect();
+    let eval = (eval_shape.clone(), eval_x.clone());
+    let ranks = run_thread_ranks(sizes, &shape, &xs, &gs, &eval, cfg, dtype, fusion, false);
 
     let label = format!("{k} ranks {sizes:?} {dtype:?} {shape:?} {cfg:?} {fusion:?}");
     check_ranks_against_whole(&label, &ranks, &whole, tolerance(dtype), total);

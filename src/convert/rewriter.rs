@@ -2,7 +2,7 @@
 //! every site a model builds one, chosen by a filter on the variable path.
 
 use super::{display_path, sync_config};
-use crate::ops::CounterIncrement;
+use crate::ops::{counter_value, increment_counter};
 use crate::{ProcessGroup, SyncBatchNorm};
 use candle::{DType, Result, Tensor, Var};
 use candle_nn::{BatchNormConfig, Init, ModuleT, VarBuilder};
@@ -222,18 +222,10 @@ impl ModuleT for LocalBatchNorm {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let y = self.inner.forward_t(x, train)?;
         if train {
-            self.num_batches_tracked.inplace_op1(&CounterIncrement)?;
+            increment_counter(&self.num_batches_tracked)?;
         }
         Ok(y)
     }
-}
-
-/// The value of an integer counter scalar (0 if it cannot be read).
-fn counter_value(t: &Tensor) -> u64 {
-    t.to_dtype(DType::F64)
-        .and_then(|t| t.to_scalar::<f64>())
-        .map(|v| v.max(0.0) as u64)
-        .unwrap_or(0)
 }
 
 /// The layer the [`BatchNormRewriter`] builds at each site: one type for model

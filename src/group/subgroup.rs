@@ -138,23 +138,27 @@ impl Backend for SubgroupBackend {
         }
         // Integers (counters): as two 32-bit halves in f64, which every backend
         // sums and which a sum with zeros leaves exact for every i64. Staged
-        // through the host; a training step broadcasts nothing.
+        // through the host; a training step broadcasts nothing. The halves
+        // go to the backend's device, else the host (not every device has
+        // f64: Metal).
         let ints = tensor
             .flatten_all()?
+            .to_device(&Device::Cpu)?
             .to_dtype(DType::I64)?
             .to_vec1::<i64>()?;
         let halves: Vec<f64> = ints
             .iter()
             .flat_map(|&v| [(v >> 32) as f64, (v & 0xffff_ffff) as f64])
             .collect();
-        let halves = Tensor::new(halves, tensor.device())?;
+        let halves = Tensor::new(halves, &self.device().unwrap_or(Device::Cpu))?;
         let got = self.masked_sum(&halves, contribute)?.to_vec1::<f64>()?;
         let ints: Vec<i64> = got
             .chunks(2)
             .map(|h| ((h[0] as i64) << 32) | h[1] as i64)
             .collect();
-        Tensor::new(ints, tensor.device())?
+        Tensor::new(ints, &Device::Cpu)?
             .to_dtype(dtype)?
+            .to_device(tensor.device())?
             .reshape(tensor.shape())
     }
 

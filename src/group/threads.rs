@@ -9,7 +9,7 @@
 //! rank with the same message instead of hanging.
 
 use super::Backend;
-use candle::{DType, Result, Shape, Tensor};
+use candle::{DType, Device, Result, Shape, Tensor};
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -115,8 +115,10 @@ impl ThreadsBackend {
         let seq = self.next_seq.fetch_add(1, Ordering::SeqCst);
         let dtype = tensor.dtype();
         let shape = tensor.shape().clone();
+        // Converted on the host: not every device has f64 (Metal).
         let data = tensor
             .flatten_all()?
+            .to_device(&Device::Cpu)?
             .to_dtype(DType::F64)?
             .to_vec1::<f64>()?;
         let world = self.shared.world_size;
@@ -154,8 +156,9 @@ impl ThreadsBackend {
                 }
                 drop(state);
                 return match result {
-                    Ok(values) => Tensor::from_slice(values.as_slice(), shape, tensor.device())?
-                        .to_dtype(dtype),
+                    Ok(values) => Tensor::from_slice(values.as_slice(), shape, &Device::Cpu)?
+                        .to_dtype(dtype)?
+                        .to_device(tensor.device()),
                     Err(msg) => Err(candle::Error::Msg(msg)),
                 };
             }

@@ -11,11 +11,17 @@
 //! [`BatchNormAddOp`] adds a residual before the ReLU: [`ReluGrad`] masks the
 //! incoming gradient by its output first (that masked gradient is the
 //! residual's gradient).
+//!
+//! On devices without these kernels (Metal, …) the layer is composed of
+//! candle ops instead; [`all_reduce_sum_with_grad`] (a sum over the ranks
+//! whose gradient is summed over the ranks) gives it the synchronized
+//! backward, and [`increment_counter`] the counter update on any device.
 
 pub mod element;
 pub mod layout;
 
 mod affine_grads;
+mod all_reduce;
 mod batch_norm;
 mod batch_norm_add;
 mod batch_stats;
@@ -26,6 +32,7 @@ mod relu_grad;
 mod running_stats;
 
 pub use affine_grads::AffineGrads;
+pub use all_reduce::all_reduce_sum_with_grad;
 pub use batch_norm::BatchNormOp;
 pub use batch_norm_add::BatchNormAddOp;
 pub use batch_stats::BatchStats;
@@ -33,11 +40,19 @@ pub use grad_stats::GradStats;
 pub use input_grad::InputGrad;
 pub use moments::Moments;
 pub use relu_grad::{FusedRelu, ReluGrad};
-pub use running_stats::{CounterIncrement, RunningStat, RunningStatsUpdate};
+pub(crate) use running_stats::counter_value;
+pub use running_stats::{increment_counter, CounterIncrement, RunningStat, RunningStatsUpdate};
 
 use candle::backend::BackendStorage;
 use candle::{CpuStorage, DType, Layout, Result, Tensor};
 use layout::ChannelView;
+
+/// Whether this crate has kernels for tensors on `device` (CPU, CUDA);
+/// elsewhere (Metal, …) the layer is composed of candle ops
+/// ([`SyncBatchNorm::forward_composite_t`](crate::SyncBatchNorm::forward_composite_t)).
+pub(crate) fn has_kernels(device: &candle::Device) -> bool {
+    device.is_cpu() || device.is_cuda()
+}
 
 /// The view of `layout` around `axis`, or an error naming the op.
 pub(crate) fn channel_view(layout: &Layout, axis: usize, op: &str) -> Result<ChannelView> {

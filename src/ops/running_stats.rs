@@ -2,7 +2,38 @@
 
 use super::{cpu_values_f64, strided_offsets};
 use candle::backend::BackendStorage;
-use candle::{CpuStorage, InplaceOp1, InplaceOp3, Layout, Result};
+use candle::{CpuStorage, DType, Device, InplaceOp1, InplaceOp3, Layout, Result, Tensor};
+
+/// Adds one to a `num_batches_tracked` counter in place, on any device:
+/// [`CounterIncrement`] where this crate has kernels (CPU, CUDA), else
+/// candle's own ops (`slice_set` of the counter plus one).
+pub fn increment_counter(counter: &Tensor) -> Result<()> {
+    if super::has_kernels(counter.device()) {
+        return counter.inplace_op1(&CounterIncrement);
+    }
+    increment_counter_composite(counter)
+}
+
+/// [`increment_counter`] through candle's own ops, on any device.
+fn increment_counter_composite(counter: &Tensor) -> Result<()> {
+    let flat = counter.flatten_all()?;
+    let one = Tensor::new(&[1i64], &Device::Cpu)?
+        .to_dtype(counter.dtype())?
+        .to_device(counter.device())?;
+    flat.slice_set(&flat.broadcast_add(&one)?, 0, 0)
+}
+
+/// The value of a counter scalar, read on the host (not every device has
+/// f64), or 0 when it cannot be read.
+pub(crate) fn counter_value(counter: &Tensor) -> u64 {
+    counter
+        .to_device(&Device::Cpu)
+        .and_then(|t| t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>())
+        .ok()
+        .and_then(|v| v.first().copied())
+        .map(|v| v.max(0.0) as u64)
+        .unwrap_or(0)
+}
 
 /// Adds one to the `num_batches_tracked` counter (an integer or float scalar), in place.
 #[derive(Debug, Clone, Copy, Default)]
@@ -214,5 +245,29 @@ impl InplaceOp3 for RunningStatsUpdate {
         // SAFETY: matches bn_running_update(void*, Vec1, const void*, Mat2,
         // const void*, Vec1, long long, int, double, int).
         unsafe { l::launch(args, l::grid(crate::cuda::plan::per_item_blocks(c_n))?) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn composite_counter_increment_adds_one_in_place_for_every_counter_dtype() {
+        for dtype in [DType::I64, DType::U32, DType::F32, DType::F64] {
+            let counter = Tensor::new(41i64, &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let alias = counter.clone();
+            increment_counter_composite(&counter).unwrap();
+            increment_counter_composite(&counter).unwrap();
+            assert_eq!(counter.dims(), [0usize; 0], "{dtype:?}");
+            // The storage itself changed: every handle sees 43.
+            assert_eq!(counter_value(&alias), 43, "{dtype:?}");
+        }
+        let big = Tensor::new((1i64 << 40) + 5, &Device::Cpu).unwrap();
+        increment_counter_composite(&big).unwrap();
+        assert_eq!(big.to_scalar::<i64>().unwrap(), (1i64 << 40) + 6);
     }
 }

@@ -366,10 +366,13 @@ pub fn run_rank(
         grads,
         eval_x,
         Fusion::None,
+        false,
     )
 }
 
-/// [`run_rank`] through the forward of `fusion`.
+/// [`run_rank`] through the forward of `fusion`, on the layer's kernels, or
+/// with `composite` through [`SyncBatchNorm::forward_composite_t`] (candle's
+/// own ops).
 #[allow(clippy::too_many_arguments)]
 pub fn run_rank_with(
     group: ProcessGroup,
@@ -380,6 +383,7 @@ pub fn run_rank_with(
     grads: Vec<Vec<f64>>,
     eval_x: (Vec<usize>, Vec<f64>),
     fusion: Fusion,
+    composite: bool,
 ) -> candle::Result<RankRun> {
     let c_n = shapes[0][1];
     let relu = fusion != Fusion::None;
@@ -419,9 +423,15 @@ pub fn run_rank_with(
             Fusion::AddRelu => Some(residual(gs, shape)?),
             _ => None,
         };
-        let y = match &z {
-            Some(z) => bn.forward_add_relu_t(x.as_tensor(), z.as_tensor(), true)?,
-            None => forward_maybe_relu(&bn, x.as_tensor(), true, relu)?,
+        let y = match (&z, composite) {
+            (z, true) => bn.forward_composite_t(
+                x.as_tensor(),
+                z.as_ref().map(|z| z.as_tensor()),
+                relu,
+                true,
+            )?,
+            (Some(z), false) => bn.forward_add_relu_t(x.as_tensor(), z.as_tensor(), true)?,
+            (None, false) => forward_maybe_relu(&bn, x.as_tensor(), true, relu)?,
         };
         let loss = (y.to_dtype(DType::F64)? * g.to_dtype(DType::F64)?)?.sum_all()?;
         let store = loss.backward()?;
@@ -445,14 +455,85 @@ pub fn run_rank_with(
     }
     run.batches = bn.num_batches_tracked();
     let eval = tensor(&eval_x.1, &eval_x.0, dtype);
-    run.eval = match fusion {
-        Fusion::AddRelu => {
-            let z = residual(&eval_x.1, &eval_x.0)?;
-            values(&bn.forward_add_relu_t(&eval, z.as_tensor(), false)?)
-        }
-        _ => values(&forward_maybe_relu(&bn, &eval, false, relu)?),
+    let z = match fusion {
+        Fusion::AddRelu => Some(residual(&eval_x.1, &eval_x.0)?),
+        _ => None,
+    };
+    run.eval = match (&z, composite) {
+        (z, true) => values(&bn.forward_composite_t(
+            &eval,
+            z.as_ref().map(|z| z.as_tensor()),
+            relu,
+            false,
+        )?),
+        (Some(z), false) => values(&bn.forward_add_relu_t(&eval, z.as_tensor(), false)?),
+        (None, false) => values(&forward_maybe_relu(&bn, &eval, false, relu)?),
     };
     Ok(run)
+}
+
+/// Splits a row-major `(N, …)` array into consecutive slices of `sizes[r]`
+/// samples, with their shapes.
+pub fn split_batch(xs: &[f64], shape: &[usize], sizes: &[usize]) -> Vec<(Vec<usize>, Vec<f64>)> {
+    let per: usize = shape[1..].iter().product();
+    let mut at = 0;
+    sizes
+        .iter()
+        .map(|&n| {
+            let mut s = shape.to_vec();
+            s[0] = n;
+            let part = xs[at * per..(at + n) * per].to_vec();
+            at += n;
+            (s, part)
+        })
+        .collect()
+}
+
+/// Runs one thread rank per entry of `sizes` in a group (60 s timeout):
+/// rank `r` trains on its slice of `sizes[r]` samples of each batch of `xs`
+/// (row-major, of `shape`) with the same slice of `gs`, then evaluates
+/// `eval` ([`run_rank_with`]).
+#[allow(clippy::too_many_arguments)]
+pub fn run_thread_ranks(
+    sizes: &[usize],
+    shape: &[usize],
+    xs: &[Vec<f64>],
+    gs: &[Vec<f64>],
+    eval: &(Vec<usize>, Vec<f64>),
+    cfg: SyncBatchNormConfig,
+    dtype: DType,
+    fusion: Fusion,
+    composite: bool,
+) -> Vec<RankRun> {
+    let groups =
+        ProcessGroup::threads_with_timeout(sizes.len(), std::time::Duration::from_secs(60))
+            .unwrap();
+    let handles: Vec<_> = groups
+        .into_iter()
+        .enumerate()
+        .map(|(r, group)| {
+            let parts_x: Vec<(Vec<usize>, Vec<f64>)> = xs
+                .iter()
+                .map(|x| split_batch(x, shape, sizes)[r].clone())
+                .collect();
+            let parts_g: Vec<Vec<f64>> = gs
+                .iter()
+                .map(|g| split_batch(g, shape, sizes)[r].1.clone())
+                .collect();
+            let eval = eval.clone();
+            std::thread::spawn(move || {
+                let shapes = parts_x.iter().map(|p| p.0.clone()).collect();
+                let batches = parts_x.into_iter().map(|p| p.1).collect();
+                run_rank_with(
+                    group, cfg, dtype, shapes, batches, parts_g, eval, fusion, composite,
+                )
+            })
+        })
+        .collect();
+    handles
+        .into_iter()
+        .map(|h| h.join().unwrap().unwrap())
+        .collect()
 }
 
 /// Checks the runs of the ranks of one group against `whole`, one rank that
