@@ -249,13 +249,11 @@ extern "C" __global__ void __launch_bounds__(BLOCK)
 // path's operations and roundings (explicit _rn intrinsics: no contraction).
 // ---------------------------------------------------------------------------
 
-// (3, C) sums [n; Σx; Σx²] (any float dtype and strides) -> (3, C) f64
-// [mean; invstd; n], contiguous.
-extern "C" __global__ void __launch_bounds__(BLOCK)
-    bn_moments_from_sums(const void* __restrict__ sums, const Mat2 s, const long long channels, const double eps,
-                         double* __restrict__ out) {
-    const long long c = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= channels) return;
+// One channel's moments from its (3, C) sums [n; Σx; Σx²] (any float dtype
+// and strides), written to the (3, C) f64 [mean; invstd; n], contiguous.
+__device__ __forceinline__ void moments_from_sums(const void* __restrict__ sums, const Mat2& s,
+                                                  const long long channels, const long long c, const double eps,
+                                                  double* __restrict__ out) {
     const double n = load_f64(sums, s.dtype, mat_index(s, 0, c));
     const double s1 = load_f64(sums, s.dtype, mat_index(s, 1, c));
     const double s2 = load_f64(sums, s.dtype, mat_index(s, 2, c));
@@ -270,6 +268,16 @@ extern "C" __global__ void __launch_bounds__(BLOCK)
     out[c] = mean;
     out[channels + c] = invstd;
     out[2 * channels + c] = n;
+}
+
+// (3, C) sums [n; Σx; Σx²] (any float dtype and strides) -> (3, C) f64
+// [mean; invstd; n], contiguous.
+extern "C" __global__ void __launch_bounds__(BLOCK)
+    bn_moments_from_sums(const void* __restrict__ sums, const Mat2 s, const long long channels, const double eps,
+                         double* __restrict__ out) {
+    const long long c = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= channels) return;
+    moments_from_sums(sums, s, channels, c, eps, out);
 }
 
 // (running_mean, running_var) (any float dtypes and strides) -> (3, C) f64
@@ -287,21 +295,10 @@ extern "C" __global__ void __launch_bounds__(BLOCK)
 }
 
 // In place: dst[c] = (1 - f) * dst[c] + f * batch[c], where batch is the mean
-// (stat == 0) or the unbiased variance (stat == 1) of the (3, C) sums and f is
-// `momentum`, or 1 / max(counter, 1) (read here on the device: no host read).
-extern "C" __global__ void __launch_bounds__(BLOCK)
-    bn_running_update(void* __restrict__ dst, const Vec1 d, const void* __restrict__ sums, const Mat2 s,
-                      const void* __restrict__ counter, const Vec1 k, const long long channels,
-                      const int has_momentum, const double momentum, const int stat) {
-    const long long c = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= channels) return;
-    double factor;
-    if (has_momentum) {
-        factor = momentum;
-    } else {
-        const double count = k.present ? load_f64(counter, k.dtype, k.offset) : 1.0;
-        factor = __ddiv_rn(1.0, fmax(count, 1.0));
-    }
+// (stat == 0) or the unbiased variance (stat == 1) of the (3, C) sums.
+__device__ __forceinline__ void running_update(void* __restrict__ dst, const Vec1& d, const void* __restrict__ sums,
+                                               const Mat2& s, const long long c, const double factor,
+                                               const int stat) {
     const double n = load_f64(sums, s.dtype, mat_index(s, 0, c));
     const double s1 = load_f64(sums, s.dtype, mat_index(s, 1, c));
     const double s2 = load_f64(sums, s.dtype, mat_index(s, 2, c));
@@ -315,6 +312,82 @@ extern "C" __global__ void __launch_bounds__(BLOCK)
     const double old = load_f64(dst, d.dtype, idx);
     const double updated = __dadd_rn(__dmul_rn(__dsub_rn(1.0, factor), old), __dmul_rn(factor, batch));
     store_f64(dst, d.dtype, idx, updated);
+}
+
+// The update factor f: `momentum`, or 1 / max(count, 1) for the counter's
+// value `count` after its increment (1 without a counter).
+__device__ __forceinline__ double running_factor(const int has_momentum, const double momentum,
+                                                 const double count) {
+    return has_momentum ? momentum : __ddiv_rn(1.0, fmax(count, 1.0));
+}
+
+// running_update of every channel, with the factor of the counter as it is
+// (already incremented; read here on the device: no host read).
+extern "C" __global__ void __launch_bounds__(BLOCK)
+    bn_running_update(void* __restrict__ dst, const Vec1 d, const void* __restrict__ sums, const Mat2 s,
+                      const void* __restrict__ counter, const Vec1 k, const long long channels,
+                      const int has_momentum, const double momentum, const int stat) {
+    const long long c = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= channels) return;
+    const double count = k.present ? load_f64(counter, k.dtype, k.offset) : 1.0;
+    running_update(dst, d, sums, s, c, running_factor(has_momentum, momentum, count), stat);
+}
+
+// Element `e` of the counter plus one, computed in the counter's dtype (i64,
+// u32, f32 or f64) as bn_counter_increment computes it, returned as f64 and
+// written when `write`.
+__device__ __forceinline__ double counter_plus_one(void* __restrict__ p, const Vec1& v, const long long e,
+                                                   const bool write) {
+    const long long idx = v.offset + e * v.stride;
+    switch (v.dtype) {
+    case DT_I64: {
+        const long long x = static_cast<long long*>(p)[idx] + 1;
+        if (write) static_cast<long long*>(p)[idx] = x;
+        return static_cast<double>(x);
+    }
+    case DT_U32: {
+        const unsigned int x = static_cast<unsigned int*>(p)[idx] + 1u;
+        if (write) static_cast<unsigned int*>(p)[idx] = x;
+        return static_cast<double>(x);
+    }
+    case DT_F32: {
+        const float x = static_cast<float*>(p)[idx] + 1.0f;
+        if (write) static_cast<float*>(p)[idx] = x;
+        return static_cast<double>(x);
+    }
+    case DT_F64: {
+        const double x = static_cast<double*>(p)[idx] + 1.0;
+        if (write) static_cast<double*>(p)[idx] = x;
+        return x;
+    }
+    default: return 1.0;
+    }
+}
+
+// The training forward's per-channel step in one launch of ONE block, so
+// that every thread reads the counter before it is written: the counter's
+// `counter_len` elements plus one, the (3, C) f64 moments of the sums (as
+// bn_moments_from_sums), and both running statistics updated in place (as
+// bn_running_update, with the factor of the incremented counter). Without
+// running statistics (`mean_p` null) the moments alone; without a counter
+// (k.present 0) the factor of a count of 1.
+extern "C" __global__ void __launch_bounds__(BLOCK)
+    bn_batch_moments(const void* __restrict__ sums, const Mat2 s, void* __restrict__ mean_p, const Vec1 m,
+                     void* __restrict__ var_p, const Vec1 vv, void* __restrict__ counter, const Vec1 k,
+                     const long long counter_len, const long long channels, const int has_momentum,
+                     const double momentum, const double eps, double* __restrict__ out) {
+    const double count = k.present ? counter_plus_one(counter, k, 0, false) : 1.0;
+    __syncthreads();  // every read of the counter comes before its write
+    if (k.present)
+        for (long long e = threadIdx.x; e < counter_len; e += blockDim.x) counter_plus_one(counter, k, e, true);
+    const double factor = running_factor(has_momentum, momentum, count);
+    for (long long c = threadIdx.x; c < channels; c += blockDim.x) {
+        moments_from_sums(sums, s, channels, c, eps, out);
+        if (mean_p != nullptr) {
+            running_update(mean_p, m, sums, s, c, factor, 0);
+            running_update(var_p, vv, sums, s, c, factor, 1);
+        }
+    }
 }
 
 // In place: every element of the counter (i64, u32, f32 or f64) plus one.

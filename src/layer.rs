@@ -1,8 +1,6 @@
 //! The `SyncBatchNorm` layer.
 
-use crate::ops::{
-    BatchNormAddOp, BatchNormOp, BatchStats, Moments, RunningStat, RunningStatsUpdate,
-};
+use crate::ops::{BatchMoments, BatchNormAddOp, BatchNormOp, BatchStats, Moments, RunningTensors};
 use crate::{ProcessGroup, SyncBatchNormConfig};
 use candle::{DType, Result, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
@@ -425,21 +423,18 @@ impl SyncBatchNorm {
                 )
             }
         }
-        if sync {
-            if let Some(r) = &self.running {
-                crate::ops::increment_counter(&r.num_batches_tracked)?;
-                for (t, stat) in [(&r.mean, RunningStat::Mean), (&r.var, RunningStat::Var)] {
-                    let update = RunningStatsUpdate {
-                        momentum: self.config.momentum,
-                        stat,
-                    };
-                    t.inplace_op3(&sums, &r.num_batches_tracked, &update)?;
-                }
-            }
-        }
-        let moments = sums.apply_op1_no_bwd(&Moments {
-            eps: self.config.eps,
-        })?;
+        // Training updates the running statistics (and the counter) in the
+        // pass that computes the moments: one launch on a GPU.
+        let running = match (&self.running, sync) {
+            (Some(r), true) => Some(RunningTensors {
+                mean: r.mean.clone(),
+                var: r.var.clone(),
+                num_batches_tracked: r.num_batches_tracked.clone(),
+                momentum: self.config.momentum,
+            }),
+            _ => None,
+        };
+        let moments = BatchMoments::apply(&sums, self.config.eps, running.as_ref())?;
         self.normalize(x, axis, moments, true, group, residual, relu)
     }
 

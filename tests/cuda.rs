@@ -21,8 +21,8 @@ mod common;
 use candle::{DType, Device, Tensor, Var};
 use candle_nn::{ModuleT, VarBuilder, VarMap};
 use candle_syncbn::ops::{
-    AffineGrads, BatchNormOp, BatchStats, CounterIncrement, FusedRelu, GradStats, InputGrad,
-    Moments, RunningStat, RunningStatsUpdate,
+    AffineGrads, BatchMoments, BatchNormOp, BatchStats, CounterIncrement, FusedRelu, GradStats,
+    InputGrad, Moments, RunningStat, RunningStatsUpdate, RunningTensors,
 };
 use candle_syncbn::{ProcessGroup, SyncBatchNorm, SyncBatchNormConfig};
 use common::*;
@@ -320,6 +320,64 @@ fn running_stats_update_and_counter_match_cpu() {
         v.as_tensor().inplace_op1(&CounterIncrement).unwrap();
         let got = values(v.as_tensor());
         assert_eq!(got, vec![43.0], "counter {dtype:?}");
+    }
+}
+
+/// The training step's moments, running statistics and counter in one
+/// launch (`bn_batch_moments`), bit for bit the CPU's.
+#[test]
+fn batch_moments_match_cpu() {
+    let dev = cuda_or_skip!("batch_moments_match_cpu");
+    let sums = Tensor::new(
+        &[[10.0f64, 4.0, 7.0], [25.0, -2.0, 70.0], [80.0, 9.0, 720.0]],
+        &Device::Cpu,
+    )
+    .unwrap();
+    // 300 channels: more than one block's threads.
+    let wide = Tensor::rand(1.0f64, 3.0, (3, 300), &Device::Cpu).unwrap();
+    for sums in [sums, wide] {
+        let c = sums.dims()[1];
+        let start: Vec<f64> = (0..c).map(|i| 0.5 + 0.01 * i as f64).collect();
+        for dtype in FLOATS {
+            for counter in [DType::I64, DType::U32, DType::F32, DType::F64] {
+                for momentum in [Some(0.1), None] {
+                    let make = |d: &Device| {
+                        let var = |t: Tensor| {
+                            Var::from_tensor(&t.to_device(d).unwrap())
+                                .unwrap()
+                                .as_tensor()
+                                .clone()
+                        };
+                        RunningTensors {
+                            mean: var(tensor(&start, &[c], dtype)),
+                            var: var(tensor(&start, &[c], dtype).affine(2.0, 0.0).unwrap()),
+                            num_batches_tracked: var(Tensor::new(4i64, &Device::Cpu)
+                                .unwrap()
+                                .to_dtype(counter)
+                                .unwrap()),
+                            momentum,
+                        }
+                    };
+                    let (cpu, gpu) = (make(&Device::Cpu), make(&dev));
+                    let gpu_sums = sums.to_device(&dev).unwrap();
+                    for step in 0..2 {
+                        let want = BatchMoments::apply(&sums, 1e-5, Some(&cpu)).unwrap();
+                        let got = BatchMoments::apply(&gpu_sums, 1e-5, Some(&gpu)).unwrap();
+                        let what =
+                            format!("C {c} {dtype:?} counter {counter:?} {momentum:?} step {step}");
+                        assert_eq!(values(&got), values(&want), "moments {what}");
+                        assert_eq!(values(&gpu.mean), values(&cpu.mean), "running mean {what}");
+                        assert_eq!(values(&gpu.var), values(&cpu.var), "running var {what}");
+                        assert_eq!(
+                            values(&gpu.num_batches_tracked),
+                            values(&cpu.num_batches_tracked),
+                            "counter {what}"
+                        );
+                    }
+                    assert_eq!(values(&gpu.num_batches_tracked), [6.0]);
+                }
+            }
+        }
     }
 }
 

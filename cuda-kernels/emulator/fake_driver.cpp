@@ -76,6 +76,7 @@ std::unordered_map<std::string, Kernel>& registry() {
         SYNCBN_KERNEL(bn_moments_from_running),
         SYNCBN_KERNEL(bn_running_update),
         SYNCBN_KERNEL(bn_counter_increment),
+        SYNCBN_KERNEL(bn_batch_moments),
         SYNCBN_TYPED(bn_grad_major),
         SYNCBN_TYPED(bn_grad_major_scalar),
         SYNCBN_TYPED(bn_grad_inner),

@@ -2,8 +2,11 @@
 //! CPU path (and, with the `cuda` feature, its CUDA path) side by side.
 //!
 //! Training forward: [`BatchStats`] (local `[n; Σx; Σx²]` per channel) → one
-//! all-reduce → [`RunningStatsUpdate`] / [`CounterIncrement`] (in place) →
-//! [`Moments`] (mean, invstd) → [`BatchNormOp`] (normalize, with autograd).
+//! all-reduce → [`BatchMoments`] (mean, invstd, and in the same pass the
+//! running statistics and the counter, in place: what [`CounterIncrement`],
+//! [`RunningStatsUpdate`] and [`Moments`] do one at a time) →
+//! [`BatchNormOp`] (normalize, with autograd). Eval: [`Moments`] of the
+//! running statistics → [`BatchNormOp`].
 //! Backward of [`BatchNormOp`]: [`GradStats`] (local `[Σdy; Σdy·(x−μ)]`) → one
 //! all-reduce → [`InputGrad`] (dx) and [`AffineGrads`] (local dweight, dbias).
 //! With a fused ReLU ([`FusedRelu`]), both passes mask the incoming gradient
@@ -22,6 +25,7 @@ pub mod layout;
 
 mod affine_grads;
 mod all_reduce;
+mod batch_moments;
 mod batch_norm;
 mod batch_norm_add;
 mod batch_stats;
@@ -33,6 +37,7 @@ mod running_stats;
 
 pub use affine_grads::AffineGrads;
 pub use all_reduce::all_reduce_sum_with_grad;
+pub use batch_moments::{BatchMoments, RunningTensors};
 pub use batch_norm::BatchNormOp;
 pub use batch_norm_add::BatchNormAddOp;
 pub use batch_stats::BatchStats;

@@ -119,6 +119,45 @@ impl RunningStatsUpdate {
         (1.0 - factor) * old + factor * batch
     }
 
+    /// Updates the running statistic `dst` (a float CPU storage) of every
+    /// channel from the `(3, C)` sums (row-major f64) with `factor`.
+    pub(crate) fn update_cpu(
+        &self,
+        dst: &mut CpuStorage,
+        dst_l: &Layout,
+        sums: &[f64],
+        factor: f64,
+    ) -> Result<()> {
+        let c_n = dst_l.dims().iter().product::<usize>();
+        let idx = strided_offsets(dst_l);
+        macro_rules! update {
+            ($v:expr, $to:expr, $from:expr) => {
+                for (c, &i) in idx.iter().enumerate() {
+                    let new = self.updated(
+                        $to($v[i]),
+                        sums[c],
+                        sums[c_n + c],
+                        sums[2 * c_n + c],
+                        factor,
+                    );
+                    $v[i] = $from(new);
+                }
+            };
+        }
+        match dst {
+            CpuStorage::F32(v) => update!(v, |x: f32| x as f64, |x: f64| x as f32),
+            CpuStorage::F64(v) => update!(v, |x: f64| x, |x: f64| x),
+            CpuStorage::F16(v) => update!(v, |x: half::f16| x.to_f64(), half::f16::from_f64),
+            CpuStorage::BF16(v) => update!(v, |x: half::bf16| x.to_f64(), half::bf16::from_f64),
+            other => candle::bail!(
+                "{}: unsupported running-stat dtype {:?}",
+                self.name(),
+                other.dtype()
+            ),
+        }
+        Ok(())
+    }
+
     /// The update factor for a counter value (after its increment).
     pub fn factor(&self, num_batches_tracked: f64) -> f64 {
         match self.momentum {
@@ -153,33 +192,7 @@ impl InplaceOp3 for RunningStatsUpdate {
         let sums = cpu_values_f64(sums, sums_l, self.name())?;
         let counter = cpu_values_f64(counter, counter_l, self.name())?;
         let factor = self.factor(counter.first().copied().unwrap_or(1.0));
-        let idx = strided_offsets(dst_l);
-        macro_rules! update {
-            ($v:expr, $to:expr, $from:expr) => {
-                for (c, &i) in idx.iter().enumerate() {
-                    let new = self.updated(
-                        $to($v[i]),
-                        sums[c],
-                        sums[c_n + c],
-                        sums[2 * c_n + c],
-                        factor,
-                    );
-                    $v[i] = $from(new);
-                }
-            };
-        }
-        match dst {
-            CpuStorage::F32(v) => update!(v, |x: f32| x as f64, |x: f64| x as f32),
-            CpuStorage::F64(v) => update!(v, |x: f64| x, |x: f64| x),
-            CpuStorage::F16(v) => update!(v, |x: half::f16| x.to_f64(), half::f16::from_f64),
-            CpuStorage::BF16(v) => update!(v, |x: half::bf16| x.to_f64(), half::bf16::from_f64),
-            other => candle::bail!(
-                "{}: unsupported running-stat dtype {:?}",
-                self.name(),
-                other.dtype()
-            ),
-        }
-        Ok(())
+        self.update_cpu(dst, dst_l, &sums, factor)
     }
 
     #[cfg(feature = "cuda")]

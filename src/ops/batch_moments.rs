@@ -1,0 +1,458 @@
+//! The training forward's per-channel step in one op: the moments of the
+//! all-reduced batch sums and, in the same pass, the running statistics.
+
+use super::{cpu_values_f64, host_f64, CounterIncrement, Moments, RunningStat, RunningStatsUpdate};
+use candle::{CpuStorage, CustomOp1, DType, InplaceOp1, Layout, Result, Shape, Tensor};
+
+/// The running statistics a [`BatchMoments`] updates in place.
+#[derive(Debug, Clone)]
+pub struct RunningTensors {
+    /// `running_mean`, `(C)`, a float dtype.
+    pub mean: Tensor,
+    /// `running_var`, `(C)`, a float dtype.
+    pub var: Tensor,
+    /// `num_batches_tracked`: i64, u32, f32 or f64, usually a scalar.
+    pub num_batches_tracked: Tensor,
+    /// `Some(m)`: exponential moving average; `None`: cumulative average.
+    pub momentum: Option<f64>,
+}
+
+/// The `(3, C)` f64 moments of `(3, C)` all-reduced sums `[n; Σx; Σx²]` (as
+/// [`Moments`]) and, with running statistics, the training step's update of
+/// them: the counter plus one, then the mean and the variance as
+/// [`RunningStatsUpdate`] with the incremented counter's factor.
+///
+/// Bit for bit what [`CounterIncrement`], two [`RunningStatsUpdate`]s and
+/// [`Moments`] compute one after the other, in one CUDA launch instead of
+/// four (a training step of a small layer is bound by its launches: see
+/// the README). Built and applied by [`BatchMoments::apply`], which checks
+/// that the four tensors are distinct; the running tensors are written
+/// under candle's write locks, taken one inside the other (mean, variance,
+/// counter) while the sums are read-locked.
+#[derive(Debug, Clone)]
+pub struct BatchMoments {
+    eps: f64,
+    running: Option<RunningTensors>,
+}
+
+impl BatchMoments {
+    /// The moments of `sums`, updating `running` (if any) in place.
+    pub fn apply(sums: &Tensor, eps: f64, running: Option<&RunningTensors>) -> Result<Tensor> {
+        let name = "sync-batch-norm-batch-moments";
+        let dims = sums.dims();
+        if dims.len() != 2 || dims[0] != 3 {
+            candle::bail!("{name}: expected (3, C) sums, got {dims:?}")
+        }
+        if let Some(r) = running {
+            let c_n = dims[1];
+            let tensors = [
+                ("sums", sums),
+                ("running mean", &r.mean),
+                ("running variance", &r.var),
+                ("counter", &r.num_batches_tracked),
+            ];
+            for (i, (what, t)) in tensors.iter().enumerate() {
+                if !t.device().same_device(sums.device()) {
+                    candle::bail!(
+                        "{name}: the sums are on {:?} but the {what} is on {:?}",
+                        sums.device().location(),
+                        t.device().location()
+                    )
+                }
+                for (other, u) in &tensors[..i] {
+                    if storage_id(t) == storage_id(u) {
+                        candle::bail!("{name}: the {what} and the {other} share their storage")
+                    }
+                }
+            }
+            for (what, t) in [("running mean", &r.mean), ("running variance", &r.var)] {
+                if t.elem_count() != c_n || !t.dtype().is_float() {
+                    candle::bail!(
+                        "{name}: expected a float {what} of {c_n} elements, got {:?} {:?}",
+                        t.dtype(),
+                        t.dims()
+                    )
+                }
+            }
+            let k = r.num_batches_tracked.dtype();
+            if !matches!(k, DType::I64 | DType::U32 | DType::F32 | DType::F64) {
+                candle::bail!("{name}: unsupported counter dtype {k:?}")
+            }
+        }
+        sums.apply_op1_no_bwd(&BatchMoments {
+            eps,
+            running: running.cloned(),
+        })
+    }
+
+    fn update(&self, stat: RunningStat) -> RunningStatsUpdate {
+        RunningStatsUpdate {
+            momentum: self.running.as_ref().and_then(|r| r.momentum),
+            stat,
+        }
+    }
+}
+
+/// The address of a tensor's storage: equal for tensors that share it (the
+/// nested locks of [`BatchMoments`] would wait for themselves).
+fn storage_id(t: &Tensor) -> usize {
+    let (storage, _) = t.storage_and_layout();
+    &*storage as *const candle::Storage as usize
+}
+
+/// Updates a running statistic on the CPU from sums already read.
+struct UpdateFrom<'a> {
+    update: RunningStatsUpdate,
+    sums: &'a [f64],
+    factor: f64,
+}
+
+impl InplaceOp1 for UpdateFrom<'_> {
+    fn name(&self) -> &'static str {
+        "sync-batch-norm-batch-moments"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
+        self.update
+            .update_cpu(storage, layout, self.sums, self.factor)
+    }
+}
+
+impl CustomOp1 for BatchMoments {
+    fn name(&self) -> &'static str {
+        "sync-batch-norm-batch-moments"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let out = Moments { eps: self.eps }.cpu_fwd(storage, layout)?;
+        if let Some(r) = &self.running {
+            // Each tensor is locked on its own: the sums are read once.
+            let sums = cpu_values_f64(storage, layout, self.name())?;
+            r.num_batches_tracked.inplace_op1(&CounterIncrement)?;
+            let count = host_f64(&r.num_batches_tracked)?;
+            let factor = self
+                .update(RunningStat::Mean)
+                .factor(count.first().copied().unwrap_or(1.0));
+            for (t, stat) in [(&r.mean, RunningStat::Mean), (&r.var, RunningStat::Var)] {
+                t.inplace_op1(&UpdateFrom {
+                    update: self.update(stat),
+                    sums: &sums,
+                    factor,
+                })?;
+            }
+        }
+        Ok(out)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle::CudaStorage,
+        layout: &Layout,
+    ) -> Result<(candle::CudaStorage, Shape)> {
+        let Some(r) = &self.running else {
+            return Moments { eps: self.eps }.cuda_fwd(storage, layout);
+        };
+        cuda::apply(self, r, storage, layout)
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    //! One launch of `bn_batch_moments` with the write locks of the three
+    //! running tensors held: three in-place ops nested one inside the other,
+    //! each lending its storage to the next.
+
+    use super::{BatchMoments, RunningTensors};
+    use crate::cuda::launch as l;
+    use candle::backend::BackendStorage;
+    use candle::cuda_backend::cudarc::driver::{CudaSlice, PushKernelArg};
+    use candle::{CpuStorage, CudaStorage, InplaceOp1, Layout, Result, Shape};
+    use std::cell::RefCell;
+
+    /// What the innermost level needs besides the running storages.
+    struct Ctx<'a> {
+        op: &'a BatchMoments,
+        running: &'a RunningTensors,
+        sums: &'a CudaStorage,
+        sums_l: &'a Layout,
+        out: RefCell<CudaSlice<f64>>,
+    }
+
+    pub(super) fn apply(
+        op: &BatchMoments,
+        running: &RunningTensors,
+        sums: &CudaStorage,
+        sums_l: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let c_n = sums_l.dims()[1];
+        let dev = sums.device().clone();
+        // SAFETY: the kernel writes all 3 * C values.
+        let out = unsafe { l::alloc::<f64>(&dev, 3 * c_n)? };
+        let ctx = Ctx {
+            op,
+            running,
+            sums,
+            sums_l,
+            out: RefCell::new(out),
+        };
+        running.mean.inplace_op1(&OnMean { ctx: &ctx })?;
+        let out = ctx.out.into_inner();
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, dev),
+            Shape::from((3, c_n)),
+        ))
+    }
+
+    /// The error of a level reached with CPU storage (the caller checked the devices).
+    fn not_cuda() -> candle::Error {
+        candle::Error::Msg(
+            "sync-batch-norm-batch-moments: internal error, a running tensor is not on the GPU of the sums"
+                .into(),
+        )
+    }
+
+    struct OnMean<'a> {
+        ctx: &'a Ctx<'a>,
+    }
+
+    impl InplaceOp1 for OnMean<'_> {
+        fn name(&self) -> &'static str {
+            "sync-batch-norm-batch-moments"
+        }
+
+        fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout) -> Result<()> {
+            Err(not_cuda())
+        }
+
+        fn cuda_fwd(&self, mean: &mut CudaStorage, mean_l: &Layout) -> Result<()> {
+            self.ctx.running.var.inplace_op1(&OnVar {
+                ctx: self.ctx,
+                mean: RefCell::new(mean),
+                mean_l,
+            })
+        }
+    }
+
+    struct OnVar<'a, 'm> {
+        ctx: &'a Ctx<'a>,
+        mean: RefCell<&'m mut CudaStorage>,
+        mean_l: &'m Layout,
+    }
+
+    impl InplaceOp1 for OnVar<'_, '_> {
+        fn name(&self) -> &'static str {
+            "sync-batch-norm-batch-moments"
+        }
+
+        fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout) -> Result<()> {
+            Err(not_cuda())
+        }
+
+        fn cuda_fwd(&self, var: &mut CudaStorage, var_l: &Layout) -> Result<()> {
+            self.ctx
+                .running
+                .num_batches_tracked
+                .inplace_op1(&OnCounter {
+                    up: self,
+                    var: RefCell::new(var),
+                    var_l,
+                })
+        }
+    }
+
+    struct OnCounter<'a, 'm, 'v> {
+        up: &'a OnVar<'a, 'm>,
+        var: RefCell<&'v mut CudaStorage>,
+        var_l: &'v Layout,
+    }
+
+    impl InplaceOp1 for OnCounter<'_, '_, '_> {
+        fn name(&self) -> &'static str {
+            "sync-batch-norm-batch-moments"
+        }
+
+        fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout) -> Result<()> {
+            Err(not_cuda())
+        }
+
+        fn cuda_fwd(&self, counter: &mut CudaStorage, counter_l: &Layout) -> Result<()> {
+            let ctx = self.up.ctx;
+            let c_n = ctx.sums_l.dims()[1];
+            let s = l::mat2(ctx.sums_l, ctx.sums.dtype(), 3, c_n, "sums")?;
+            let mut mean = self.up.mean.borrow_mut();
+            let mut var = self.var.borrow_mut();
+            let m = l::vec1(self.up.mean_l, mean.dtype(), c_n, "running mean")?;
+            let v = l::vec1(self.var_l, var.dtype(), c_n, "running variance")?;
+            let counter_len = counter_l.shape().elem_count();
+            let k = if counter_len == 0 {
+                l::Vec1::ABSENT
+            } else {
+                l::vec1(counter_l, counter.dtype(), counter_len, "counter")?
+            };
+            let dev = ctx.sums.device().clone();
+            let f = l::function(&dev, l::Module::Stats, "bn_batch_moments")?;
+            let stream = dev.cuda_stream();
+            let (has_momentum, momentum) = match ctx.running.momentum {
+                Some(m) => (1i32, m),
+                None => (0i32, 0.0f64),
+            };
+            let (len, c, eps) = (counter_len as i64, c_n as i64, ctx.op.eps);
+            let mut out = ctx.out.borrow_mut();
+            let mut args = stream.launch_builder(&f);
+            l::push_storage(&mut args, ctx.sums)?;
+            args.arg(&s);
+            l::push_storage_mut(&mut args, &mut mean)?;
+            args.arg(&m);
+            l::push_storage_mut(&mut args, &mut var)?;
+            args.arg(&v);
+            l::push_storage_mut(&mut args, counter)?;
+            args.arg(&k)
+                .arg(&len)
+                .arg(&c)
+                .arg(&has_momentum)
+                .arg(&momentum)
+                .arg(&eps)
+                .arg(&mut *out);
+            // SAFETY: matches bn_batch_moments(const void*, Mat2, void*, Vec1,
+            // void*, Vec1, void*, Vec1, long long, long long, int, double,
+            // double, double*); every view lies inside its buffer, `out`
+            // holds 3 * C values, and the kernel runs as ONE block (it
+            // orders the counter's reads before its write with a block
+            // barrier).
+            unsafe { l::launch(args, l::grid(1)?) }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle::{Device, Var};
+
+    fn running(dtype: DType, counter: DType, count: i64, momentum: Option<f64>) -> RunningTensors {
+        let t = |v: &[f64]| {
+            Var::from_tensor(
+                &Tensor::new(v, &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap(),
+            )
+            .unwrap()
+            .as_tensor()
+            .clone()
+        };
+        let k = Tensor::new(count, &Device::Cpu)
+            .unwrap()
+            .to_dtype(counter)
+            .unwrap();
+        RunningTensors {
+            mean: t(&[0.5, 1.0, -2.0]),
+            var: t(&[1.5, 0.25, 3.0]),
+            num_batches_tracked: Var::from_tensor(&k).unwrap().as_tensor().clone(),
+            momentum,
+        }
+    }
+
+    fn bits(t: &Tensor) -> Vec<u64> {
+        t.flatten_all()
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap()
+            .iter()
+            .map(|v| v.to_bits())
+            .collect()
+    }
+
+    #[test]
+    fn one_pass_equals_the_separate_ops_bit_for_bit() {
+        let sums = Tensor::new(
+            &[[10.0f64, 4.0, 7.0], [25.0, -2.0, 70.0], [80.0, 9.0, 720.0]],
+            &Device::Cpu,
+        )
+        .unwrap();
+        for dtype in [DType::F32, DType::F64, DType::F16, DType::BF16] {
+            for counter in [DType::I64, DType::U32, DType::F32, DType::F64] {
+                for momentum in [Some(0.1), None] {
+                    let fused = running(dtype, counter, 3, momentum);
+                    let separate = running(dtype, counter, 3, momentum);
+                    for step in 0..2 {
+                        let got = BatchMoments::apply(&sums, 1e-5, Some(&fused)).unwrap();
+                        separate
+                            .num_batches_tracked
+                            .inplace_op1(&CounterIncrement)
+                            .unwrap();
+                        for (t, stat) in [
+                            (&separate.mean, RunningStat::Mean),
+                            (&separate.var, RunningStat::Var),
+                        ] {
+                            let update = RunningStatsUpdate { momentum, stat };
+                            t.inplace_op3(&sums, &separate.num_batches_tracked, &update)
+                                .unwrap();
+                        }
+                        let want = sums.apply_op1_no_bwd(&Moments { eps: 1e-5 }).unwrap();
+                        let what =
+                            format!("{dtype:?} counter {counter:?} {momentum:?} step {step}");
+                        assert_eq!(bits(&got), bits(&want), "moments {what}");
+                        assert_eq!(bits(&fused.mean), bits(&separate.mean), "mean {what}");
+                        assert_eq!(bits(&fused.var), bits(&separate.var), "var {what}");
+                        assert_eq!(
+                            bits(&fused.num_batches_tracked),
+                            bits(&separate.num_batches_tracked),
+                            "counter {what}"
+                        );
+                    }
+                    assert_eq!(
+                        crate::ops::counter_value(&fused.num_batches_tracked),
+                        5,
+                        "{dtype:?} {counter:?}"
+                    );
+                }
+            }
+        }
+        // Without running statistics: the moments alone.
+        let alone = BatchMoments::apply(&sums, 1e-3, None).unwrap();
+        let want = sums.apply_op1_no_bwd(&Moments { eps: 1e-3 }).unwrap();
+        assert_eq!(bits(&alone), bits(&want));
+    }
+
+    #[test]
+    fn shared_storages_and_bad_tensors_are_errors_not_deadlocks() {
+        let sums = Tensor::ones((3, 3), DType::F64, &Device::Cpu).unwrap();
+        let r = running(DType::F32, DType::I64, 0, Some(0.1));
+        let same = RunningTensors {
+            var: r.mean.clone(),
+            ..r.clone()
+        };
+        let err = BatchMoments::apply(&sums, 1e-5, Some(&same))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("running variance and the running mean share their storage"),
+            "{err}"
+        );
+        let flat = sums.flatten_all().unwrap();
+        let aliased = RunningTensors {
+            mean: flat.narrow(0, 0, 3).unwrap(),
+            ..r.clone()
+        };
+        let err = BatchMoments::apply(&sums, 1e-5, Some(&aliased))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("running mean and the sums share"), "{err}");
+        let short = RunningTensors {
+            var: Tensor::ones(2, DType::F32, &Device::Cpu).unwrap(),
+            ..r.clone()
+        };
+        let err = BatchMoments::apply(&sums, 1e-5, Some(&short))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("running variance of 3 elements"), "{err}");
+        let err = BatchMoments::apply(&sums.get(0).unwrap(), 1e-5, Some(&r))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("expected (3, C) sums"), "{err}");
+    }
+}
