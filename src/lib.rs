@@ -93,8 +93,9 @@
 //! - `cuda`: the CUDA kernels of every op (needs nvcc at build time, see the README).
 //! - `nccl`: the NCCL process group (implies `cuda`).
 //! - `metal`: candle's Metal backend. This crate has no Metal kernels: on
-//!   devices other than the CPU and CUDA the layer runs composed of candle
-//!   ops ([`SyncBatchNorm::forward_composite_t`], same semantics, slower),
+//!   devices it has no kernels for (Metal; CUDA without the `cuda` feature)
+//!   the layer runs composed of candle ops
+//!   ([`SyncBatchNorm::forward_composite_t`], same semantics, slower),
 //!   synchronized through [`ops::all_reduce_sum_with_grad`].
 
 #![warn(missing_docs)]

@@ -52,11 +52,13 @@ use candle::backend::BackendStorage;
 use candle::{CpuStorage, DType, Layout, Result, Tensor};
 use layout::ChannelView;
 
-/// Whether this crate has kernels for tensors on `device` (CPU, CUDA);
-/// elsewhere (Metal, …) the layer is composed of candle ops
+/// Whether this crate has kernels for tensors on `device`: the CPU, and
+/// CUDA devices when built with the `cuda` feature. Elsewhere (Metal, or a
+/// CUDA device of a candle whose `cuda` feature another crate enabled) the
+/// layer is composed of candle ops
 /// ([`SyncBatchNorm::forward_composite_t`](crate::SyncBatchNorm::forward_composite_t)).
 pub(crate) fn has_kernels(device: &candle::Device) -> bool {
-    device.is_cpu() || device.is_cuda()
+    device.is_cpu() || (cfg!(feature = "cuda") && device.is_cuda())
 }
 
 /// The view of `layout` around `axis`, or an error naming the op.
