@@ -32,6 +32,10 @@
 //! backward kernels alone after the fused ReLU two ways: with the mask
 //! recomputed from `x` inside both passes (what `forward_relu_t` does), and
 //! with a mask pass first (`ReluGrad`, what `forward_add_relu_t` does).
+//!
+//! With `--composite`, a third table times the layer composed of candle ops
+//! (`forward_composite_t`, what runs on devices without kernels of this
+//! crate, such as Metal): its training step and eval against the kernels'.
 
 use anyhow::{bail, Result};
 use candle::{DType, Device, Tensor, Var};
@@ -68,6 +72,11 @@ struct Args {
     /// Also time batch norm + ReLU steps (fused, and as two ops).
     #[arg(long)]
     relu: bool,
+    /// Also time the layer composed of candle ops (`forward_composite_t`,
+    /// what runs on devices without kernels of this crate, such as Metal):
+    /// its training step and eval against the kernels'.
+    #[arg(long)]
+    composite: bool,
     /// Also write the rows as JSON to this file (read by benches/pytorch_bench.py).
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -149,6 +158,8 @@ struct Row {
     nn_step: Option<f64>,
     enqueue: Option<f64>,
     relu: Option<ReluRow>,
+    /// `--composite`: the composed layer's training step and eval.
+    composite: Option<(f64, f64)>,
     bytes: f64,
 }
 
@@ -355,6 +366,17 @@ fn bench_one(dev: &Device, shape: &[usize], dtype: DType, args: &Args) -> Result
     } else {
         None
     };
+    let composite = if args.composite {
+        let step = time(dev, iters, || {
+            Ok(bn.forward_composite_t(xt, None, false, true)?.backward()?)
+        })?;
+        let eval = time(dev, iters, || {
+            Ok(bn.forward_composite_t(xt, None, false, false)?)
+        })?;
+        Some((step, eval))
+    } else {
+        None
+    };
     let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
     Ok(Row {
         label: format!("{} {:?}", dims.join("x"), dtype).to_lowercase(),
@@ -370,6 +392,7 @@ fn bench_one(dev: &Device, shape: &[usize], dtype: DType, args: &Args) -> Result
         nn_step,
         enqueue,
         relu,
+        composite,
         bytes: bytes as f64,
     })
 }
@@ -434,12 +457,25 @@ fn main() -> Result<()> {
     );
     let mut json_rows = Vec::new();
     let mut relu_rows = Vec::new();
+    let mut composite_rows = Vec::new();
     for shape in &shapes {
         for &dtype in &dtypes {
             let r = bench_one(&dev, shape, dtype, &args)?;
             json_rows.push(json_row(&r, &args.device));
             if let Some(relu) = &r.relu {
                 relu_rows.push(relu_line(&r.label, relu));
+            }
+            if let Some((step, eval)) = r.composite {
+                composite_rows.push(format!(
+                    "{:<26} {:>9.3} {:>9.3} {:>6.1}x | {:>9.3} {:>9.3} {:>6.1}x",
+                    r.label,
+                    step * 1e3,
+                    r.step * 1e3,
+                    step / r.step,
+                    eval * 1e3,
+                    r.eval * 1e3,
+                    eval / r.eval
+                ));
             }
             let gbs = |bytes: f64, t: f64| bytes / t / 1e9;
             let copy_bw = gbs(2.0 * r.bytes, r.copy);
@@ -516,6 +552,19 @@ fn main() -> Result<()> {
             "ratio"
         );
         for line in relu_rows {
+            println!("{line}");
+        }
+    }
+    if !composite_rows.is_empty() {
+        println!();
+        println!(
+            "the layer composed of candle ops (forward_composite_t) against the kernels, ms; ratio: composed / kernels"
+        );
+        println!(
+            "{:<26} {:>9} {:>9} {:>7} | {:>9} {:>9} {:>7}",
+            "shape dtype", "comp step", "step", "ratio", "comp eval", "eval", "ratio"
+        );
+        for line in composite_rows {
             println!("{line}");
         }
     }

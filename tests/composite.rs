@@ -292,3 +292,52 @@ fn all_reduce_with_grad_sums_values_forward_and_gradients_backward() {
         assert_eq!(dx, [6.0, 3.0]);
     }
 }
+
+#[test]
+fn composite_empty_batches_give_the_kernels_gradients() {
+    for (train, track) in [(true, true), (false, true), (false, false)] {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let cfg = SyncBatchNormConfig {
+            track_running_stats: track,
+            ..Default::default()
+        };
+        let bn = SyncBatchNorm::new(3, cfg, vb, ProcessGroup::single()).unwrap();
+        let (w, b) = bn.weight_and_bias().unwrap();
+        let mut grads = Vec::new();
+        for composite in [false, true] {
+            let x = Var::zeros((0, 3, 4), DType::F32, &Device::Cpu).unwrap();
+            let z = Var::zeros((0, 3, 4), DType::F32, &Device::Cpu).unwrap();
+            let y = if composite {
+                bn.forward_composite_t(x.as_tensor(), Some(z.as_tensor()), true, train)
+            } else {
+                bn.forward_add_relu_t(x.as_tensor(), z.as_tensor(), train)
+            };
+            let y = match y {
+                Ok(y) => y,
+                // Batch statistics of an empty batch alone (training, or
+                // eval without running statistics, as in PyTorch): both
+                // paths refuse them.
+                Err(e) => {
+                    assert!(train || !track, "{e}");
+                    assert!(e.to_string().contains("more than 1 value"), "{e}");
+                    grads.push(None);
+                    continue;
+                }
+            };
+            assert_eq!(y.dims(), [0, 3, 4]);
+            let g = y.sum_all().unwrap().backward().unwrap();
+            let dims = |t: &Tensor| g.get(t).map(|t| t.dims().to_vec());
+            grads.push(Some((
+                dims(x.as_tensor()),
+                dims(z.as_tensor()),
+                g.get(w).map(values),
+                g.get(b).map(values),
+            )));
+        }
+        assert_eq!(
+            grads[0], grads[1],
+            "train {train}, running statistics {track}"
+        );
+    }
+}

@@ -22,9 +22,19 @@ fn scalar(value: f64, dtype: DType, device: &Device) -> Result<Tensor> {
         .to_device(device)
 }
 
-/// Per-channel sums of a `(N, C, L)` tensor, as a `(C)` tensor.
-fn channel_sums(x3: &Tensor) -> Result<Tensor> {
-    x3.sum_keepdim(2)?.sum_keepdim(0)?.flatten_all()
+/// Per-channel sums of a `(C, M)` tensor, as a `(C)` tensor.
+fn channel_sums(x2: &Tensor) -> Result<Tensor> {
+    x2.sum_keepdim(1)?.flatten_all()
+}
+
+/// `t` of shape `(N, C, *)` as a contiguous `(C, M)` tensor in `dtype`, so
+/// that every reduction runs along the last, contiguous dim (the fast path
+/// of candle's reductions on every device) and every broadcast is along it.
+fn channels_first(t: &Tensor, dtype: DType) -> Result<Tensor> {
+    t.to_dtype(dtype)?
+        .transpose(0, 1)?
+        .flatten_from(1)?
+        .contiguous()
 }
 
 impl SyncBatchNorm {
@@ -47,13 +57,25 @@ impl SyncBatchNorm {
             DType::F32
         };
         let device = x.device();
-        let x3 = x.to_dtype(acc)?.reshape((n, c, l))?;
+        // Batch statistics: (C, M), reductions along the contiguous dim.
+        // Running statistics need no reduction forward: (N, C, L) as it is,
+        // without the two transposing copies.
+        let running_eval = self.running.is_some() && !train;
+        let x2 = if running_eval {
+            x.to_dtype(acc)?.reshape((n, c, l))?
+        } else {
+            channels_first(x, acc)?
+        };
+        let channel_shape: &[usize] = if running_eval { &[1, c, 1] } else { &[c, 1] };
+        let per_channel = |t: &Tensor| t.reshape(channel_shape);
         let eps = self.config.eps;
-        let (mean, invstd) = match (&self.running, train) {
+        // The input centered on the mean, and the mean, per channel.
+        let (centered, mean, invstd) = match (&self.running, train) {
             (Some(r), false) => {
                 let mean = r.mean.detach().to_dtype(acc)?;
                 let var = r.var.detach().to_dtype(acc)?;
-                (mean, var.affine(1.0, eps)?.sqrt()?.recip()?)
+                let centered = x2.broadcast_sub(&per_channel(&mean)?)?;
+                (centered, mean, var.affine(1.0, eps)?.sqrt()?.recip()?)
             }
             _ => {
                 // Eval without running statistics: this rank's batch alone.
@@ -64,7 +86,7 @@ impl SyncBatchNorm {
                 };
                 let local_count = n * l;
                 let count = scalar(local_count as f64, acc, device)?;
-                let packed = Tensor::cat(&[&channel_sums(&x3)?, &count], 0)?;
+                let packed = Tensor::cat(&[&channel_sums(&x2)?, &count], 0)?;
                 let what = format!("SyncBatchNorm '{name}': batch statistics");
                 let packed = all_reduce_sum_with_grad(&packed, &group, &what)?;
                 let total = packed.narrow(0, c, 1)?;
@@ -82,7 +104,7 @@ impl SyncBatchNorm {
                     }
                 }
                 let mean = packed.narrow(0, 0, c)?.broadcast_div(&total)?;
-                let centered = x3.broadcast_sub(&mean.reshape((1, c, 1))?)?;
+                let centered = x2.broadcast_sub(&per_channel(&mean)?)?;
                 let squares = channel_sums(&centered.sqr()?)?;
                 let what = format!("SyncBatchNorm '{name}': batch variance");
                 let var =
@@ -92,10 +114,9 @@ impl SyncBatchNorm {
                         self.update_running_composite(r, &mean, &var, &total)?;
                     }
                 }
-                (mean, var.affine(1.0, eps)?.sqrt()?.recip()?)
+                (centered, mean, var.affine(1.0, eps)?.sqrt()?.recip()?)
             }
         };
-        let per_channel = |t: &Tensor| t.reshape((1, c, 1));
         let (scale, shift) = match &self.weight_and_bias {
             Some((w, b)) => (
                 invstd.broadcast_mul(&w.to_dtype(acc)?)?,
@@ -103,18 +124,17 @@ impl SyncBatchNorm {
             ),
             None => (invstd, None),
         };
-        let mut y = x3
-            .broadcast_sub(&per_channel(&mean)?)?
-            .broadcast_mul(&per_channel(&scale)?)?;
+        let mut y = centered.broadcast_mul(&per_channel(&scale)?)?;
         if let Some(b) = &shift {
             y = y.broadcast_add(&per_channel(b)?)?;
         }
-        let z3 = match residual {
-            Some(z) => Some(z.to_dtype(acc)?.reshape((n, c, l))?),
+        let z2 = match residual {
+            Some(z) if running_eval => Some(z.to_dtype(acc)?.reshape((n, c, l))?),
+            Some(z) => Some(channels_first(z, acc)?),
             None => None,
         };
-        if let Some(z3) = &z3 {
-            y = (y + z3)?;
+        if let Some(z2) = &z2 {
+            y = (y + z2)?;
         }
         if relu {
             y = y.relu()?;
@@ -125,15 +145,27 @@ impl SyncBatchNorm {
             // and the parameters out of this rank's graph, and with them the
             // backward all-reduces that the other ranks wait for. An empty
             // concatenation keeps them all in the graph.
-            let mut parts = vec![y, per_channel(&mean)?.broadcast_as((n, c, l))?];
-            parts.push(per_channel(&scale)?.broadcast_as((n, c, l))?);
+            let empty = y.shape().clone();
+            let mut parts = vec![y, per_channel(&mean)?.broadcast_as(&empty)?];
+            parts.push(per_channel(&scale)?.broadcast_as(&empty)?);
             if let Some(b) = &shift {
-                parts.push(per_channel(b)?.broadcast_as((n, c, l))?);
+                parts.push(per_channel(b)?.broadcast_as(&empty)?);
             }
-            parts.extend(z3);
-            y = Tensor::cat(&parts, 0)?;
+            parts.extend(z2);
+            // Along an empty dim, so that the shape stays.
+            let dim = empty.dims().iter().position(|&d| d == 0).unwrap_or(0);
+            y = Tensor::cat(&parts, dim)?;
         }
-        y.to_dtype(x.dtype())?.reshape(dims)
+        if running_eval {
+            return y.to_dtype(x.dtype())?.reshape(dims);
+        }
+        // Back to (N, C, *), contiguous like the kernels' output.
+        let mut transposed = dims.to_vec();
+        transposed.swap(0, 1);
+        y.to_dtype(x.dtype())?
+            .reshape(transposed)?
+            .transpose(0, 1)?
+            .contiguous()
     }
 
     /// The running-statistics update of a training step (PyTorch's rules,
