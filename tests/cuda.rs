@@ -1462,3 +1462,140 @@ fn cuda_subgroups_match_one_rank_per_pair() {
         );
     }
 }
+
+/// What [`composite_run`] observed: per step the output, the input, residual,
+/// weight and bias gradients; then the running mean and variance, the counter
+/// and an eval output.
+type CompositeRun = (Vec<[Vec<f64>; 5]>, [Vec<f64>; 3], Vec<f64>);
+
+/// Two training steps of `relu(bn(x) + z)` on `dev` through the kernels
+/// (`forward_add_relu_t`) or through candle's ops (`forward_composite_t`),
+/// with this rank's batch of `n` samples, then an eval forward.
+fn composite_run(
+    dev: &Device,
+    group: ProcessGroup,
+    dtype: DType,
+    n: usize,
+    seed: u64,
+    composite: bool,
+) -> candle::Result<CompositeRun> {
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, dev);
+    let cfg = SyncBatchNormConfig {
+        momentum: None,
+        ..Default::default()
+    };
+    let bn = SyncBatchNorm::new(4, cfg, vb.pp("bn"), group)?;
+    let (w, b) = bn.weight_and_bias().expect("affine");
+    let (wv, bv) = params(4, DType::F32);
+    Var::from_tensor(w)?.set(&wv.to_device(dev)?)?;
+    Var::from_tensor(b)?.set(&bv.to_device(dev)?)?;
+    let forward = |x: &Tensor, z: &Tensor, train: bool| {
+        if composite {
+            bn.forward_composite_t(x, Some(z), true, train)
+        } else {
+            bn.forward_add_relu_t(x, z, train)
+        }
+    };
+    let shape = [n, 4, 3, 5];
+    let mut steps = Vec::new();
+    for s in 0..2 {
+        let x = Var::from_tensor(&data(&shape, dtype, seed + s).to_device(dev)?)?;
+        let z = Var::from_tensor(&data(&shape, dtype, seed + 10 + s).to_device(dev)?)?;
+        let g = data(&shape, DType::F64, seed + 20 + s).to_device(dev)?;
+        let y = forward(x.as_tensor(), z.as_tensor(), true)?;
+        let store = (y.to_dtype(DType::F64)? * g)?.sum_all()?.backward()?;
+        let grad = |t: &Tensor| values(store.get(t).expect("gradient"));
+        steps.push([
+            values(&y),
+            grad(x.as_tensor()),
+            grad(z.as_tensor()),
+            grad(w),
+            grad(b),
+        ]);
+    }
+    let stats = [
+        values(&bn.running_mean().expect("running mean")),
+        values(&bn.running_var().expect("running var")),
+        vec![bn.num_batches_tracked() as f64],
+    ];
+    let x = data(&shape, dtype, seed + 30).to_device(dev)?;
+    let z = data(&shape, dtype, seed + 40).to_device(dev)?;
+    Ok((steps, stats, values(&forward(&x, &z, false)?)))
+}
+
+/// The layer composed of candle ops, the path on devices without kernels of
+/// this crate, on a GPU (on the emulated one in CI: candle's own CUDA
+/// kernels): its device code, the host staging of its all-reduces and the
+/// gradients routed back to the device, against the kernels on the same
+/// GPU, on one rank and on 2 thread ranks (batches of 3 and 2).
+#[test]
+fn composite_path_on_the_gpu_matches_the_kernels() {
+    let dev = cuda_or_skip!("composite_path_on_the_gpu_matches_the_kernels");
+    for world in [1usize, 2] {
+        let groups = if world == 1 {
+            vec![ProcessGroup::single()]
+        } else {
+            ProcessGroup::threads_with_timeout(2, Duration::from_secs(120)).unwrap()
+        };
+        let handles: Vec<_> = groups
+            .into_iter()
+            .map(|group| {
+                let dev = dev.clone();
+                std::thread::spawn(move || {
+                    let r = group.rank();
+                    for dtype in [DType::F32, DType::BF16] {
+                        let seed = 100 * r as u64;
+                        let run = |composite| {
+                            composite_run(&dev, group.clone(), dtype, 3 - r, seed, composite)
+                                .unwrap()
+                        };
+                        let (want, got) = (run(false), run(true));
+                        let label = format!("world {world} rank {r} {dtype:?}");
+                        let (atol, rtol) = tol(dtype);
+                        let names = [
+                            "output",
+                            "input grad",
+                            "residual grad",
+                            "weight grad",
+                            "bias grad",
+                        ];
+                        for (s, (g, w)) in got.0.iter().zip(&want.0).enumerate() {
+                            for (k, name) in names.iter().enumerate() {
+                                // Gradients: 4×; weight and bias gradients are
+                                // sums over 45 values per channel and rank.
+                                let scale = [1.0, 4.0, 4.0, 40.0, 40.0][k];
+                                assert_close(
+                                    &format!("{label} step {s} {name}"),
+                                    &g[k],
+                                    &w[k],
+                                    atol * scale,
+                                    rtol * scale,
+                                );
+                            }
+                        }
+                        assert_close(
+                            &format!("{label} running mean"),
+                            &got.1[0],
+                            &want.1[0],
+                            1e-5,
+                            1e-5,
+                        );
+                        assert_close(
+                            &format!("{label} running var"),
+                            &got.1[1],
+                            &want.1[1],
+                            1e-5,
+                            1e-5,
+                        );
+                        assert_eq!(got.1[2], want.1[2], "{label} counter");
+                        assert_close(&format!("{label} eval"), &got.2, &want.2, atol, rtol);
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+    }
+}
