@@ -25,7 +25,9 @@ struct RunningStats {
 ///
 /// Input `(N, C, *)` of rank 2 to 5, f32, f64, f16 or bf16, any strides
 /// (channels-last inputs keep their layout); statistics are computed in f32
-/// (f64 for f64 inputs) and combined in f64.
+/// (f64 for f64 inputs) and combined in f64. That is on the CPU and on CUDA
+/// devices (feature `cuda`); on other devices (Metal) the layer is composed
+/// of candle ops, see [`SyncBatchNorm::forward_composite_t`].
 ///
 /// Variables (under the [`VarBuilder`]'s prefix, PyTorch's names): `weight`,
 /// `bias` (with `affine`), `running_mean`, `running_var`, `num_batches_tracked`
