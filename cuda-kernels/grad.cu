@@ -1,5 +1,6 @@
 // Backward reductions of SyncBatchNorm: per-channel Σdy and Σdy·(x − mean)
-// (two levels, deterministic, like stats.cu) and the weight/bias gradients.
+// (two levels, deterministic, like stats.cu) and the weight/bias gradients
+// (from the second level itself, bn_grad_combine_affine, or on their own).
 // After a fused ReLU, the *_relu_* kernels take the forward's coefficients
 // (bn_coef_normalize_*, COEF per channel) and mask dy where the forward's
 // output, recomputed from x, was not positive. They are entry points of their
@@ -304,10 +305,15 @@ GRAD_KERNELS(__nv_bfloat16, bf16)
 
 // Level 2: one warp per channel adds the channel's `parts` partials in f64 in a
 // fixed order (lane l takes l, l + 32, ..., then a shuffle tree) and writes the
-// (2, C) f64 output [Σdy; Σdy·(x − mean)], contiguous.
-extern "C" __global__ void __launch_bounds__(BLOCK)
-    bn_grad_combine(const double* __restrict__ partial, const long long channels, const long long parts,
-                    double* __restrict__ out) {
+// (2, C) f64 output [Σdy; Σdy·(x − mean)], contiguous. With AFFINE, lane 0 also
+// writes the weight and bias gradients [Σdy·(x − mean)·invstd; Σdy] (what
+// bn_affine_grads_* computes from the output, with the same roundings) to the
+// (2, C) view `am` of `affine`, any float dtype: one launch instead of two.
+template <bool AFFINE>
+__device__ __forceinline__ void grad_combine(const double* __restrict__ partial, const long long channels,
+                                             const long long parts, double* __restrict__ out,
+                                             const void* __restrict__ moments, const Mat2& m,
+                                             void* __restrict__ affine, const Mat2& am) {
     const long long c = (long long)blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP;
     const int lane = threadIdx.x % WARP;
     if (c >= channels) return;  // uniform per warp; no block barrier follows
@@ -321,5 +327,23 @@ extern "C" __global__ void __launch_bounds__(BLOCK)
     if (lane == 0) {
         out[c] = s;
         out[channels + c] = q;
+        if (AFFINE) {
+            const double invstd = load_f64(moments, m.dtype, mat_index(m, 1, c));
+            store_f64(affine, am.dtype, mat_index(am, 0, c), __dmul_rn(q, invstd));
+            store_f64(affine, am.dtype, mat_index(am, 1, c), s);
+        }
     }
+}
+
+extern "C" __global__ void __launch_bounds__(BLOCK)
+    bn_grad_combine(const double* __restrict__ partial, const long long channels, const long long parts,
+                    double* __restrict__ out) {
+    grad_combine<false>(partial, channels, parts, out, nullptr, Mat2{}, nullptr, Mat2{});
+}
+
+extern "C" __global__ void __launch_bounds__(BLOCK)
+    bn_grad_combine_affine(const double* __restrict__ partial, const long long channels, const long long parts,
+                           double* __restrict__ out, const void* __restrict__ moments, const Mat2 m,
+                           void* __restrict__ affine, const Mat2 am) {
+    grad_combine<true>(partial, channels, parts, out, moments, m, affine, am);
 }

@@ -642,6 +642,77 @@ fn input_grad_and_affine_grads_match_cpu() {
     }
 }
 
+/// The weight and bias gradients written by the kernel that combines the
+/// gradient sums (`GradStats::apply_with_affine_grads`, one launch fewer) are
+/// bit for bit those of `AffineGrads` on the same GPU sums, and the sums bit
+/// for bit those of `GradStats` alone, on the GPU and on the CPU. Every
+/// layout case (the empty batch included), after a fused ReLU or not,
+/// parameters in the input's dtype and in f32.
+#[test]
+fn grad_stats_with_affine_grads_match_separate_ops() {
+    let dev = cuda_or_skip!("grad_stats_with_affine_grads_match_separate_ops");
+    let bits = |t: &Tensor| -> Vec<u64> { values(t).iter().map(|v| v.to_bits()).collect() };
+    for dtype in FLOATS {
+        for case in cases(dtype) {
+            let c = case.x.dims()[case.axis];
+            let xg = case.x.to_device(&dev).unwrap();
+            let (w, b) = params(c, dtype);
+            for (gname, dy) in grads_for(&case, 41) {
+                let dyg = dy.to_device(&dev).unwrap();
+                for relu in [None, Some((w.clone(), b.clone()))] {
+                    let op_on = |d: &Device| GradStats {
+                        axis: case.axis,
+                        moments: moments_of(&case.x, case.axis, d),
+                        relu: relu.as_ref().map(|(w, b)| FusedRelu {
+                            weight: Some(w.to_device(d).unwrap()),
+                            bias: Some(b.to_device(d).unwrap()),
+                        }),
+                    };
+                    let (gpu_op, cpu_op) = (op_on(&dev), op_on(&Device::Cpu));
+                    for pdtype in [dtype, DType::F32] {
+                        let what = format!(
+                            "{} {gname} relu {} params {pdtype:?}",
+                            case.name,
+                            relu.is_some()
+                        );
+                        let (sums, affine) =
+                            gpu_op.apply_with_affine_grads(&dyg, &xg, pdtype).unwrap();
+                        let alone = dyg.apply_op2_no_bwd(&xg, &gpu_op).unwrap();
+                        let separate = alone
+                            .apply_op1_no_bwd(&AffineGrads {
+                                moments: gpu_op.moments.clone(),
+                                dtype: pdtype,
+                            })
+                            .unwrap();
+                        assert_eq!(affine.dtype(), pdtype, "{what}");
+                        assert_eq!(affine.dims(), [2, c], "{what}");
+                        assert_eq!(bits(&sums), bits(&alone), "{what}: sums");
+                        assert_eq!(bits(&affine), bits(&separate), "{what}: affine grads");
+                        // The CPU's fused op likewise matches its separate
+                        // ops bit for bit (GPU against CPU: the two tests above).
+                        let (cpu_sums, cpu_affine) = cpu_op
+                            .apply_with_affine_grads(&dy, &case.x, pdtype)
+                            .unwrap();
+                        let cpu_alone = dy.apply_op2_no_bwd(&case.x, &cpu_op).unwrap();
+                        let cpu_separate = cpu_alone
+                            .apply_op1_no_bwd(&AffineGrads {
+                                moments: cpu_op.moments.clone(),
+                                dtype: pdtype,
+                            })
+                            .unwrap();
+                        assert_eq!(bits(&cpu_sums), bits(&cpu_alone), "{what}: cpu sums");
+                        assert_eq!(
+                            bits(&cpu_affine),
+                            bits(&cpu_separate),
+                            "{what}: cpu affine grads"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn unsupported_dtypes_are_errors() {
     let dev = cuda_or_skip!("unsupported_dtypes_are_errors");
@@ -1393,6 +1464,88 @@ fn a_step_never_makes_the_host_wait_for_the_gpu() {
 /// collectives run on the device (`-0.0` padding, concatenation, the sum read
 /// back through a view at an offset), and each pair of ranks equals one rank
 /// holding the pair's batches.
+/// The launch profile of the layer on one GPU, counted by the emulated
+/// driver: kernels of this crate per forward and per backward (candle's own
+/// launches, the loss and the gradient bookkeeping, are not counted). Back to
+/// back, each launch costs a few microseconds whatever its size, which is
+/// what the small shapes of a network spend most of their time on; this pins
+/// the counts the README gives, so that a change that adds one shows here.
+#[test]
+fn a_step_makes_the_profiled_number_of_launches() {
+    let dev = cuda_or_skip!("a_step_makes_the_profiled_number_of_launches");
+    if emulated_crate_launches().is_none() {
+        report_skip(
+            "skipped a_step_makes_the_profiled_number_of_launches: launches are counted on the emulated GPU only",
+        );
+        return;
+    }
+    let launches = || emulated_crate_launches().unwrap();
+    for dtype in [DType::F32, DType::BF16] {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+        let bn = SyncBatchNorm::new(
+            6,
+            SyncBatchNormConfig::default(),
+            vb.pp("bn"),
+            ProcessGroup::single(),
+        )
+        .unwrap();
+        let x = Var::from_tensor(&data(&[4, 6, 5, 5], dtype, 3).to_device(&dev).unwrap()).unwrap();
+        let g = data(&[4, 6, 5, 5], dtype, 4).to_device(&dev).unwrap();
+        let z = Var::from_tensor(&data(&[4, 6, 5, 5], dtype, 5).to_device(&dev).unwrap()).unwrap();
+        type Forward<'a> = Box<dyn Fn(bool) -> Tensor + 'a>;
+        let forwards: [(&str, Forward, u64, u64); 3] = [
+            (
+                "forward_t",
+                Box::new(|train| bn.forward_t(x.as_tensor(), train).unwrap()),
+                5,
+                4,
+            ),
+            (
+                "forward_relu_t",
+                Box::new(|train| bn.forward_relu_t(x.as_tensor(), train).unwrap()),
+                5,
+                5,
+            ),
+            (
+                "forward_add_relu_t",
+                Box::new(|train| {
+                    bn.forward_add_relu_t(x.as_tensor(), z.as_tensor(), train)
+                        .unwrap()
+                }),
+                5,
+                5,
+            ),
+        ];
+        for (name, forward, fwd, bwd) in &forwards {
+            drop(forward(true)); // loads the modules
+            let before = launches();
+            let y = forward(true);
+            let after_forward = launches();
+            let loss = (&y * &g).unwrap().sum_all().unwrap();
+            let before_backward = launches();
+            let grads = loss.backward().unwrap();
+            let after_backward = launches();
+            let eval = forward(false);
+            let after_eval = launches();
+            let got = (
+                after_forward - before,
+                after_backward - before_backward,
+                after_eval - after_backward,
+            );
+            assert_eq!(
+                got,
+                (*fwd, *bwd, 3),
+                "{name} {dtype:?}: (training forward, backward, eval forward) launches"
+            );
+            assert!(values(grads.get(x.as_tensor()).unwrap())
+                .iter()
+                .all(|v| v.is_finite()));
+            assert!(values(&eval).iter().all(|v| v.is_finite()));
+        }
+    }
+}
+
 #[test]
 fn cuda_subgroups_match_one_rank_per_pair() {
     let dev = cuda_or_skip!("cuda_subgroups_match_one_rank_per_pair");

@@ -30,5 +30,8 @@ extern "C" void syncbn_emu_drain(void* stream);
 // (synchronizations, device-to-host copies, synchronous frees).
 extern "C" unsigned long long syncbn_emu_host_syncs();
 
+// How many launches of this crate's kernels (bn_*) the calling OS thread made.
+extern "C" unsigned long long syncbn_emu_crate_launches();
+
 // Defers `work` on `stream` of the calling thread's current context.
 extern "C" void syncbn_emu_defer(void* stream, const std::shared_ptr<cuda_emulator::PendingWork>* work);

@@ -32,6 +32,7 @@
 #include <mutex>
 #include <string>
 #include <unordered_map>
+#include <unordered_set>
 #include <utility>
 #include <vector>
 
@@ -87,6 +88,7 @@ std::unordered_map<std::string, Kernel>& registry() {
         SYNCBN_TYPED(bn_grad_relu_inner_scalar),
         SYNCBN_TYPED(bn_affine_grads),
         SYNCBN_KERNEL(bn_grad_combine),
+        SYNCBN_KERNEL(bn_grad_combine_affine),
         SYNCBN_KERNEL(bn_coef_normalize_f32),
         SYNCBN_KERNEL(bn_coef_normalize_f64),
         SYNCBN_KERNEL(bn_coef_input_grad_f32),
@@ -183,6 +185,11 @@ void drain_context() {
 // tests through syncbn_emu_host_syncs.
 thread_local unsigned long long host_syncs = 0;
 
+// Launches of this crate's kernels (named bn_*) made by this OS thread: the
+// tests read the launch profile of a training step through
+// syncbn_emu_crate_launches.
+thread_local unsigned long long crate_launches = 0;
+
 // An event: the work pending on its stream when it was recorded.
 struct Event {
     std::vector<Work> before;
@@ -201,6 +208,19 @@ void run_thread(void* data) {
 bool trace() {
     static const bool on = std::getenv("SYNCBN_EMU_TRACE") != nullptr;
     return on;
+}
+
+// Whether `k` is one of this crate's kernels (bn_*), not candle's. Every
+// kernel is registered before main (static initializers), so the set is
+// complete when the first launch builds it.
+bool is_crate_kernel(const Kernel* k) {
+    static const std::unordered_set<const Kernel*> ours = [] {
+        std::unordered_set<const Kernel*> s;
+        for (const auto& [name, kernel] : registry())
+            if (name.rfind("bn_", 0) == 0) s.insert(&kernel);
+        return s;
+    }();
+    return ours.count(k) != 0;
 }
 
 }  // namespace
@@ -328,6 +348,8 @@ void syncbn_emu_drain(void* stream) { drain(stream); }
 
 unsigned long long syncbn_emu_host_syncs() { return host_syncs; }
 
+unsigned long long syncbn_emu_crate_launches() { return crate_launches; }
+
 void syncbn_emu_defer(void* stream, const Work* work) {
     std::lock_guard<std::mutex> g(pending_lock);
     pending[stream_key(stream)].push_back(*work);
@@ -439,6 +461,7 @@ CUresult cuLaunchKernel(void* fn, unsigned gx, unsigned gy, unsigned gz, unsigne
     const unsigned grid[3] = {gx, gy, gz};
     const unsigned block[3] = {bx, by, bz};
     Launch l{static_cast<const Kernel*>(fn), params};
+    if (is_crate_kernel(l.k)) ++crate_launches;
     if (trace()) {
         for (const auto& [name, k] : registry())
             if (&k == l.k) std::fprintf(stderr, "[emulated GPU] %s <<<(%u,%u,%u), (%u,%u,%u)>>>\n", name.c_str(), gx, gy, gz, bx, by, bz);

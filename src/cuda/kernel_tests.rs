@@ -1326,6 +1326,65 @@ fn per_channel_kernels_match_the_cpu_path() {
         let got = bytes_values(&out.to_vec(), dtype);
         assert_bitwise(&format!("affine grads {dtype:?}"), &got, &want);
     }
+
+    // bn_grad_combine_affine: the sums of bn_grad_combine and, from them,
+    // the affine gradients of AffineGrads, bit for bit; without partials
+    // (an empty batch), zeros and the affine gradients of zero sums.
+    type CombineAffine = unsafe extern "C" fn(
+        *const f64,
+        i64,
+        i64,
+        *mut f64,
+        *const c_void,
+        Mat2,
+        *mut c_void,
+        Mat2,
+    );
+    // SAFETY: the signature of bn_grad_combine_affine (the output as void*).
+    let f: CombineAffine = unsafe { emu.kernel("bn_grad_combine_affine") };
+    for parts in [0, 1, 5, 70] {
+        let pv = rng.normals(c * parts * 2, 1.0, 10.0);
+        let partial = DevBuf::from_slice(&pv, false);
+        let want_sums = if parts == 0 {
+            vec![0.0; 2 * c]
+        } else {
+            combine(emu, "bn_grad_combine", &partial, c, parts, 2)
+        };
+        let sums_t = Tensor::from_vec(want_sums.clone(), (2, c), cpu).unwrap();
+        for dtype in [DType::F32, DType::F64, DType::F16, DType::BF16] {
+            let want = values(
+                &sums_t
+                    .apply_op1_no_bwd(&AffineGrads {
+                        moments: moments.clone(),
+                        dtype,
+                    })
+                    .unwrap(),
+            );
+            let sums_out = DevBuf::<f64>::filled(2 * c, f64::NAN);
+            let out = DevBuf::<u8>::filled(2 * c * dtype.size_in_bytes(), 0xff);
+            let am = args::mat2(&Layout::contiguous((2, c)), dtype, 2, c, "test").unwrap();
+            let pp = if parts == 0 {
+                std::ptr::null()
+            } else {
+                partial.ptr()
+            };
+            let (so, m, mm, op) = (
+                sums_out.ptr_mut(),
+                mb.ptr() as *const c_void,
+                f64_mat(3, c),
+                out.ptr_mut() as *mut c_void,
+            );
+            let grid = [plan::per_warp_blocks(c), 1, 1];
+            emu.launch(grid, [plan::BLOCK, 1, 1], || unsafe {
+                f(pp, c as i64, parts as i64, so, m, mm, op, am)
+            })
+            .unwrap_or_else(|e| panic!("bn_grad_combine_affine: {e}"));
+            let what = format!("combine with affine grads, {parts} parts, {dtype:?}");
+            assert_bitwise(&format!("{what}: sums"), &sums_out.to_vec(), &want_sums);
+            let got = bytes_values(&out.to_vec(), dtype);
+            assert_bitwise(&format!("{what}: affine grads"), &got, &want);
+        }
+    }
 }
 
 /// The values of a parameter buffer of `len` elements.

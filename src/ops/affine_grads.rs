@@ -8,7 +8,9 @@ use candle::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 /// parameters' dtype: `dweight = Σdy·(x − mean)·invstd`, `dbias = Σdy`.
 ///
 /// These are this rank's contributions; averaging them over ranks belongs to
-/// the data-parallel step, as in PyTorch.
+/// the data-parallel step, as in PyTorch. The layer gets the same values from
+/// [`GradStats::apply_with_affine_grads`](super::GradStats::apply_with_affine_grads),
+/// which saves this op's launch on a GPU.
 #[derive(Debug, Clone)]
 pub struct AffineGrads {
     /// The `(3, C)` f64 moments (mean, invstd, count) used in the forward.

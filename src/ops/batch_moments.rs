@@ -328,6 +328,7 @@ mod cuda {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::test_bits as bits;
     use candle::{Device, Var};
 
     fn running(dtype: DType, counter: DType, count: i64, momentum: Option<f64>) -> RunningTensors {
@@ -352,18 +353,6 @@ mod tests {
             num_batches_tracked: Var::from_tensor(&k).unwrap().as_tensor().clone(),
             momentum,
         }
-    }
-
-    fn bits(t: &Tensor) -> Vec<u64> {
-        t.flatten_all()
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_vec1::<f64>()
-            .unwrap()
-            .iter()
-            .map(|v| v.to_bits())
-            .collect()
     }
 
     #[test]

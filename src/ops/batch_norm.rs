@@ -2,8 +2,8 @@
 
 use super::element::{with_float_type, Element};
 use super::{
-    channel_view, cpu_values_f64, host_f64, unsupported_dtype, viewable, AffineGrads, FusedRelu,
-    GradStats, InputGrad, ReluGrad,
+    channel_view, cpu_values_f64, host_f64, unsupported_dtype, viewable, FusedRelu, GradStats,
+    InputGrad, ReluGrad,
 };
 use crate::cpu::{self, ChannelCoefficients};
 use crate::ProcessGroup;
@@ -156,23 +156,19 @@ impl BatchNormOp {
         dy: &Tensor,
         relu: Option<FusedRelu>,
     ) -> Result<(Tensor, Option<Tensor>)> {
-        let local = dy.apply_op2_no_bwd(
-            x,
-            &GradStats {
-                axis: self.axis,
-                moments: self.moments.clone(),
-                relu: relu.clone(),
-            },
-        )?;
-        let affine = match weight {
+        let stats = GradStats {
+            axis: self.axis,
+            moments: self.moments.clone(),
+            relu: relu.clone(),
+        };
+        // The weight and bias gradients come from the op that sums (on a
+        // GPU, from the kernel that combines the sums: one launch fewer).
+        let (local, affine) = match weight {
             Some(w) => {
-                let g = local.apply_op1_no_bwd(&AffineGrads {
-                    moments: self.moments.clone(),
-                    dtype: w.dtype(),
-                })?;
-                Some(g)
+                let (local, g) = stats.apply_with_affine_grads(dy, x, w.dtype())?;
+                (local, Some(g))
             }
-            None => None,
+            None => (dy.apply_op2_no_bwd(x, &stats)?, None),
         };
         let grad_sums = if self.batch_stats {
             let global = self.group.all_reduce_sum(&local).map_err(|e| {

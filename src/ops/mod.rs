@@ -7,8 +7,9 @@
 //! [`RunningStatsUpdate`] and [`Moments`] do one at a time) →
 //! [`BatchNormOp`] (normalize, with autograd). Eval: [`Moments`] of the
 //! running statistics → [`BatchNormOp`].
-//! Backward of [`BatchNormOp`]: [`GradStats`] (local `[Σdy; Σdy·(x−μ)]`) → one
-//! all-reduce → [`InputGrad`] (dx) and [`AffineGrads`] (local dweight, dbias).
+//! Backward of [`BatchNormOp`]: [`GradStats`] (local `[Σdy; Σdy·(x−μ)]`, and
+//! from the same op the local dweight and dbias, what [`AffineGrads`]
+//! computes from them) → one all-reduce → [`InputGrad`] (dx).
 //! With a fused ReLU ([`FusedRelu`]), both passes mask the incoming gradient
 //! where the forward's output, recomputed from the input, was not positive.
 //! [`BatchNormAddOp`] adds a residual before the ReLU: [`ReluGrad`] masks the
@@ -132,4 +133,18 @@ pub(crate) fn f64_to_cpu_storage(values: &[f64], dtype: DType, op: &str) -> Resu
     element::with_float_type!(dtype, T => {
         Ok(T::to_cpu_storage_owned(values.iter().map(|&v| T::from_f64(v)).collect()))
     }, _ => Err(unsupported_dtype(op, "parameter", dtype)))
+}
+
+/// The bits of a tensor's values as f64, for tests that compare ops bit for bit.
+#[cfg(test)]
+pub(crate) fn test_bits(t: &Tensor) -> Vec<u64> {
+    t.flatten_all()
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_bits())
+        .collect()
 }

@@ -270,12 +270,23 @@ pub fn report_skip(msg: &str) {
 /// (synchronizations, device-to-host copies, synchronous frees), as the
 /// emulated GPU's driver counts them; `None` on a real driver, which does not
 /// count.
-#[cfg(target_os = "linux")]
 pub fn emulated_host_syncs() -> Option<u64> {
+    emulated_counter(c"syncbn_emu_host_syncs")
+}
+
+/// How many launches of this crate's kernels (`bn_*`) this thread made so
+/// far, as the emulated GPU's driver counts them; `None` on a real driver.
+pub fn emulated_crate_launches() -> Option<u64> {
+    emulated_counter(c"syncbn_emu_crate_launches")
+}
+
+/// A counter of the emulated driver, `unsigned long long name()`.
+#[cfg(target_os = "linux")]
+fn emulated_counter(name: &std::ffi::CStr) -> Option<u64> {
     // SAFETY: dlsym with a NUL-terminated name; the symbol, when present, is
-    // the emulated driver's `unsigned long long syncbn_emu_host_syncs()`.
+    // the emulated driver's `unsigned long long name()`.
     unsafe {
-        let f = libc::dlsym(libc::RTLD_DEFAULT, c"syncbn_emu_host_syncs".as_ptr());
+        let f = libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr());
         if f.is_null() {
             return None;
         }
@@ -284,9 +295,9 @@ pub fn emulated_host_syncs() -> Option<u64> {
     }
 }
 
-/// The emulated GPU runs on Linux only: elsewhere nothing counts host waits.
+/// The emulated GPU runs on Linux only: elsewhere nothing counts.
 #[cfg(not(target_os = "linux"))]
-pub fn emulated_host_syncs() -> Option<u64> {
+fn emulated_counter(_: &std::ffi::CStr) -> Option<u64> {
     None
 }
 
