@@ -7,6 +7,7 @@
 // The input gradient of a fused ReLU (without residual) masks dy itself,
 // recomputing the forward's output from x (see relu_passes in dtype.cuh).
 // See src/ops/batch_norm.rs, input_grad.rs and relu_grad.rs.
+#include "coef.cuh"
 #include "dtype.cuh"
 #include "tile.cuh"
 #include "view.cuh"
@@ -18,24 +19,7 @@ using namespace syncbn;
 // operations (explicit _rn intrinsics: no contraction), rounded to A.
 // ---------------------------------------------------------------------------
 
-// One channel's COEF values (see dtype.cuh): hi, lo, b, k, a, then the
-// forward's b and k of a fused ReLU's mask (mb, mk; 0 without), (pad).
-template <typename A>
-__device__ __forceinline__ void write_coef(A* __restrict__ coef, long long c, double mean, double b, double k,
-                                           double a, double mb = 0.0, double mk = 0.0) {
-    const A hi = static_cast<A>(mean);
-    A* p = coef + c * COEF;
-    p[0] = hi;
-    p[1] = static_cast<A>(mean - static_cast<double>(hi));
-    p[2] = static_cast<A>(b);
-    p[3] = static_cast<A>(k);
-    p[4] = static_cast<A>(a);
-    p[5] = static_cast<A>(mb);
-    p[6] = static_cast<A>(mk);
-    p[7] = A(0);
-}
-
-// Forward: b = invstd * weight, k = bias, a = 0 (weight 1 and bias 0 when absent).
+// Forward: the coefficients of coef.cuh (b = invstd * weight, k = bias, a = 0).
 template <typename A>
 __device__ __forceinline__ void coef_normalize(const void* __restrict__ moments, const Mat2& m,
                                                const void* __restrict__ w, const Vec1& wv,
@@ -45,9 +29,7 @@ __device__ __forceinline__ void coef_normalize(const void* __restrict__ moments,
     if (c >= channels) return;
     const double mean = load_f64(moments, m.dtype, mat_index(m, 0, c));
     const double invstd = load_f64(moments, m.dtype, mat_index(m, 1, c));
-    const double weight = wv.present ? load_f64(w, wv.dtype, wv.offset + c * wv.stride) : 1.0;
-    const double shift = bv.present ? load_f64(bias, bv.dtype, bv.offset + c * bv.stride) : 0.0;
-    write_coef<A>(coef, c, mean, __dmul_rn(invstd, weight), shift, 0.0);
+    write_forward_coef<A>(coef, c, mean, invstd, w, wv, bias, bv);
 }
 
 // Backward: a = w·invstd; with the global sums g = [Σdy; Σdy·(x − mean)] over

@@ -3,6 +3,7 @@
 // moments (mean, invstd), the in-place running-statistics update and the
 // num_batches_tracked increment. See src/ops/batch_stats.rs, moments.rs and
 // running_stats.rs for the Rust side and the CPU reference.
+#include "coef.cuh"
 #include "dtype.cuh"
 #include "reduce.cuh"
 #include "tile.cuh"
@@ -249,11 +250,17 @@ extern "C" __global__ void __launch_bounds__(BLOCK)
 // path's operations and roundings (explicit _rn intrinsics: no contraction).
 // ---------------------------------------------------------------------------
 
+// One channel's mean and invstd.
+struct ChannelMoments {
+    double mean, invstd;
+};
+
 // One channel's moments from its (3, C) sums [n; Σx; Σx²] (any float dtype
-// and strides), written to the (3, C) f64 [mean; invstd; n], contiguous.
-__device__ __forceinline__ void moments_from_sums(const void* __restrict__ sums, const Mat2& s,
-                                                  const long long channels, const long long c, const double eps,
-                                                  double* __restrict__ out) {
+// and strides), written to the (3, C) f64 [mean; invstd; n], contiguous, and
+// returned.
+__device__ __forceinline__ ChannelMoments moments_from_sums(const void* __restrict__ sums, const Mat2& s,
+                                                            const long long channels, const long long c,
+                                                            const double eps, double* __restrict__ out) {
     const double n = load_f64(sums, s.dtype, mat_index(s, 0, c));
     const double s1 = load_f64(sums, s.dtype, mat_index(s, 1, c));
     const double s2 = load_f64(sums, s.dtype, mat_index(s, 2, c));
@@ -268,6 +275,7 @@ __device__ __forceinline__ void moments_from_sums(const void* __restrict__ sums,
     out[c] = mean;
     out[channels + c] = invstd;
     out[2 * channels + c] = n;
+    return ChannelMoments{mean, invstd};
 }
 
 // (3, C) sums [n; Σx; Σx²] (any float dtype and strides) -> (3, C) f64
@@ -281,17 +289,24 @@ extern "C" __global__ void __launch_bounds__(BLOCK)
 }
 
 // (running_mean, running_var) (any float dtypes and strides) -> (3, C) f64
-// [mean; 1/sqrt(var + eps); 0], contiguous.
+// [mean; 1/sqrt(var + eps); 0], contiguous; with `coef` (not null), the
+// forward's coefficients of the normalization with weight and bias (see
+// coef.cuh) in the accumulator dtype `coef_dt`, as bn_coef_normalize_* would
+// compute them from the moments: eval's per-channel step in one launch.
 extern "C" __global__ void __launch_bounds__(BLOCK)
     bn_moments_from_running(const void* __restrict__ mean_p, const Vec1 m, const void* __restrict__ var_p,
-                            const Vec1 vv, const long long channels, const double eps, double* __restrict__ out) {
+                            const Vec1 vv, const long long channels, const double eps, double* __restrict__ out,
+                            const void* __restrict__ w, const Vec1 wv, const void* __restrict__ bias,
+                            const Vec1 bv, void* __restrict__ coef, const int coef_dt) {
     const long long c = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= channels) return;
     const double mean = load_f64(mean_p, m.dtype, m.offset + c * m.stride);
     const double var = load_f64(var_p, vv.dtype, vv.offset + c * vv.stride);
+    const double invstd = __ddiv_rn(1.0, __dsqrt_rn(__dadd_rn(var, eps)));
     out[c] = mean;
-    out[channels + c] = __ddiv_rn(1.0, __dsqrt_rn(__dadd_rn(var, eps)));
+    out[channels + c] = invstd;
     out[2 * channels + c] = 0.0;
+    write_forward_coef_dyn(coef, coef_dt, c, mean, invstd, w, wv, bias, bv);
 }
 
 // In place: dst[c] = (1 - f) * dst[c] + f * batch[c], where batch is the mean
@@ -370,19 +385,23 @@ __device__ __forceinline__ double counter_plus_one(void* __restrict__ p, const V
 // bn_moments_from_sums), and both running statistics updated in place (as
 // bn_running_update, with the factor of the incremented counter). Without
 // running statistics (`mean_p` null) the moments alone; without a counter
-// (k.present 0) the factor of a count of 1.
+// (k.present 0) the factor of a count of 1. With `coef` (not null), also the
+// forward's coefficients (see bn_moments_from_running).
 extern "C" __global__ void __launch_bounds__(BLOCK)
     bn_batch_moments(const void* __restrict__ sums, const Mat2 s, void* __restrict__ mean_p, const Vec1 m,
                      void* __restrict__ var_p, const Vec1 vv, void* __restrict__ counter, const Vec1 k,
                      const long long counter_len, const long long channels, const int has_momentum,
-                     const double momentum, const double eps, double* __restrict__ out) {
+                     const double momentum, const double eps, double* __restrict__ out,
+                     const void* __restrict__ w, const Vec1 wv, const void* __restrict__ bias, const Vec1 bv,
+                     void* __restrict__ coef, const int coef_dt) {
     const double count = k.present ? counter_plus_one(counter, k, 0, false) : 1.0;
     __syncthreads();  // every read of the counter comes before its write
     if (k.present)
         for (long long e = threadIdx.x; e < counter_len; e += blockDim.x) counter_plus_one(counter, k, e, true);
     const double factor = running_factor(has_momentum, momentum, count);
     for (long long c = threadIdx.x; c < channels; c += blockDim.x) {
-        moments_from_sums(sums, s, channels, c, eps, out);
+        const ChannelMoments cm = moments_from_sums(sums, s, channels, c, eps, out);
+        write_forward_coef_dyn(coef, coef_dt, c, cm.mean, cm.invstd, w, wv, bias, bv);
         if (mean_p != nullptr) {
             running_update(mean_p, m, sums, s, c, factor, 0);
             running_update(var_p, vv, sums, s, c, factor, 1);

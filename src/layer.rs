@@ -1,6 +1,9 @@
 //! The `SyncBatchNorm` layer.
 
-use crate::ops::{BatchMoments, BatchNormAddOp, BatchNormOp, BatchStats, Moments, RunningTensors};
+use crate::ops::{
+    BatchMoments, BatchNormAddOp, BatchNormOp, BatchStats, ForwardCoefficients, Moments,
+    RunningTensors,
+};
 use crate::{ProcessGroup, SyncBatchNormConfig};
 use candle::{DType, Result, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
@@ -315,7 +318,7 @@ impl SyncBatchNorm {
         &self,
         x: &Tensor,
         axis: usize,
-        moments: Tensor,
+        (moments, coefficients): (Tensor, Option<Tensor>),
         batch_stats: bool,
         group: ProcessGroup,
         residual: Option<&Tensor>,
@@ -328,6 +331,7 @@ impl SyncBatchNorm {
             group,
             relu,
             layer: self.name.clone(),
+            coefficients,
         };
         match (&self.weight_and_bias, residual) {
             (Some((w, b)), None) => x.apply_op3(w, b, op),
@@ -385,6 +389,34 @@ impl SyncBatchNorm {
         crate::ops::viewable(&z, axis)
     }
 
+    /// On a GPU, the forward's per-channel coefficients to compute with the
+    /// moments, in the same launch (the normalization then reads them
+    /// instead of launching their own kernel); `None` on the CPU, which
+    /// computes its own, and when the op with a residual normalizes with a
+    /// weight and bias of different dtypes (it sees both converted to f32).
+    fn coefficients_for(
+        &self,
+        x: &Tensor,
+        residual: Option<&Tensor>,
+    ) -> Option<ForwardCoefficients> {
+        if !x.device().is_cuda() {
+            return None;
+        }
+        match &self.weight_and_bias {
+            Some((w, b)) if residual.is_some() && w.dtype() != b.dtype() => None,
+            Some((w, b)) => Some(ForwardCoefficients {
+                input: x.dtype(),
+                weight: Some(w.detach()),
+                bias: Some(b.detach()),
+            }),
+            None => Some(ForwardCoefficients {
+                input: x.dtype(),
+                weight: None,
+                bias: None,
+            }),
+        }
+    }
+
     /// Training forward (or eval without running statistics, `sync = false`).
     fn forward_batch_stats(
         &self,
@@ -436,7 +468,21 @@ impl SyncBatchNorm {
             }),
             _ => None,
         };
-        let moments = BatchMoments::apply(&sums, self.config.eps, running.as_ref())?;
+        let moments = match self.coefficients_for(x, residual) {
+            Some(request) => {
+                let (moments, coef) = BatchMoments::apply_with_coefficients(
+                    &sums,
+                    self.config.eps,
+                    running.as_ref(),
+                    &request,
+                )?;
+                (moments, Some(coef))
+            }
+            None => (
+                BatchMoments::apply(&sums, self.config.eps, running.as_ref())?,
+                None,
+            ),
+        };
         self.normalize(x, axis, moments, true, group, residual, relu)
     }
 
@@ -461,12 +507,15 @@ impl SyncBatchNorm {
             (_, true) => self.forward_batch_stats(&xv, axis, true, z, relu)?,
             (None, false) => self.forward_batch_stats(&xv, axis, false, z, relu)?,
             (Some(r), false) => {
-                let moments = r.mean.apply_op2_no_bwd(
-                    &r.var,
-                    &Moments {
-                        eps: self.config.eps,
-                    },
-                )?;
+                let eps = self.config.eps;
+                let moments = match self.coefficients_for(&xv, z) {
+                    Some(request) => {
+                        let (moments, coef) =
+                            Moments::running_with_coefficients(&r.mean, &r.var, eps, &request)?;
+                        (moments, Some(coef))
+                    }
+                    None => (r.mean.apply_op2_no_bwd(&r.var, &Moments { eps })?, None),
+                };
                 let single = ProcessGroup::single();
                 self.normalize(&xv, axis, moments, false, single, z, relu)?
             }

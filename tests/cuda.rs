@@ -21,8 +21,9 @@ mod common;
 use candle::{DType, Device, Tensor, Var};
 use candle_nn::{ModuleT, VarBuilder, VarMap};
 use candle_syncbn::ops::{
-    AffineGrads, BatchMoments, BatchNormOp, BatchStats, CounterIncrement, FusedRelu, GradStats,
-    InputGrad, Moments, RunningStat, RunningStatsUpdate, RunningTensors,
+    AffineGrads, BatchMoments, BatchNormOp, BatchStats, CounterIncrement, ForwardCoefficients,
+    FusedRelu, GradStats, InputGrad, Moments, RunningStat, RunningStatsUpdate, RunningTensors,
+    COEFFICIENTS_PER_CHANNEL,
 };
 use candle_syncbn::{ProcessGroup, SyncBatchNorm, SyncBatchNormConfig};
 use common::*;
@@ -264,6 +265,136 @@ fn moments_match_cpu() {
             0.0,
             1e-15,
         );
+        // With the forward's coefficients (eval's one launch): the same
+        // moments, and coefficients bit for bit the CPU's.
+        let (w, b) = params(3, dtype);
+        for input in FLOATS {
+            let request = |d: &Device| ForwardCoefficients {
+                input,
+                weight: Some(w.to_device(d).unwrap()),
+                bias: Some(b.to_device(d).unwrap()),
+            };
+            let (cm, cc) =
+                Moments::running_with_coefficients(&m, &v, 1e-5, &request(&Device::Cpu)).unwrap();
+            let (gm, gc) = Moments::running_with_coefficients(
+                &m.to_device(&dev).unwrap(),
+                &v.to_device(&dev).unwrap(),
+                1e-5,
+                &request(&dev),
+            )
+            .unwrap();
+            let what = format!("running moments {dtype:?} with coefficients for {input:?}");
+            assert_eq!(values(&cm), values(&cpu), "{what}: cpu moments");
+            close(&what, &gm, &cpu, 0.0, 1e-15);
+            assert_eq!(gc.dtype(), ForwardCoefficients::dtype(input).unwrap());
+            assert_eq!(values(&gc), values(&cc), "{what}: coefficients");
+        }
+    }
+}
+
+/// Coefficients computed with the moments and handed to the ops give their
+/// results bit for bit: the forward (affine or not, with the fused ReLU and
+/// the residual) and the gradient sums after a fused ReLU, which read them
+/// instead of launching the coefficient kernel. Coefficients of the wrong
+/// shape or dtype are errors that say what was expected.
+#[test]
+fn handed_coefficients_give_the_ops_results_bit_for_bit() {
+    let dev = cuda_or_skip!("handed_coefficients_give_the_ops_results_bit_for_bit");
+    let bits = |t: &Tensor| -> Vec<u64> { values(t).iter().map(|v| v.to_bits()).collect() };
+    for dtype in FLOATS {
+        for case in cases(dtype) {
+            let c = case.x.dims()[case.axis];
+            let x = case.x.to_device(&dev).unwrap();
+            let sums = x.apply_op1_no_bwd(&BatchStats { axis: case.axis }).unwrap();
+            let (w, b) = params(c, dtype);
+            let (w, b) = (w.to_device(&dev).unwrap(), b.to_device(&dev).unwrap());
+            let z = x.affine(0.5, -1.0).unwrap();
+            for affine in [false, true] {
+                let request = ForwardCoefficients {
+                    input: dtype,
+                    weight: affine.then(|| w.clone()),
+                    bias: affine.then(|| b.clone()),
+                };
+                let (moments, coef) =
+                    BatchMoments::apply_with_coefficients(&sums, 1e-5, None, &request).unwrap();
+                for relu in [false, true] {
+                    let what = format!("{} affine {affine} relu {relu}", case.name);
+                    let op = |coefficients: Option<Tensor>| BatchNormOp {
+                        relu,
+                        coefficients,
+                        ..norm_op(moments.clone(), case.axis)
+                    };
+                    let (plain, handed) = (op(None), op(Some(coef.clone())));
+                    let forward = |op: &BatchNormOp| {
+                        if affine {
+                            x.apply_op3_no_bwd(&w, &b, op).unwrap()
+                        } else {
+                            x.apply_op1_no_bwd(op).unwrap()
+                        }
+                    };
+                    assert_eq!(bits(&forward(&handed)), bits(&forward(&plain)), "{what}");
+                    // With the residual (BatchNormAddOp), without weight and bias.
+                    if !affine {
+                        let add = |norm: BatchNormOp| {
+                            x.apply_op2_no_bwd(&z, &candle_syncbn::ops::BatchNormAddOp { norm })
+                                .unwrap()
+                        };
+                        assert_eq!(
+                            bits(&add(handed.clone())),
+                            bits(&add(plain.clone())),
+                            "{what} + z"
+                        );
+                    }
+                }
+                // The gradient sums after a fused ReLU, its mask from the
+                // handed coefficients or from the coefficient kernel.
+                let dy = x.affine(-0.3, 0.7).unwrap();
+                let grad_op = |coefficients: Option<Tensor>| GradStats {
+                    axis: case.axis,
+                    moments: moments.clone(),
+                    relu: Some(FusedRelu {
+                        weight: affine.then(|| w.clone()),
+                        bias: affine.then(|| b.clone()),
+                        coefficients,
+                    }),
+                };
+                let handed = dy
+                    .apply_op2_no_bwd(&x, &grad_op(Some(coef.clone())))
+                    .unwrap();
+                let plain = dy.apply_op2_no_bwd(&x, &grad_op(None)).unwrap();
+                assert_eq!(
+                    bits(&handed),
+                    bits(&plain),
+                    "{} affine {affine}: gradient sums",
+                    case.name
+                );
+            }
+        }
+    }
+    // Coefficients that do not fit the input.
+    let x = data(&[4, 3, 5], DType::F32, 1).to_device(&dev).unwrap();
+    let sums = x.apply_op1_no_bwd(&BatchStats { axis: 1 }).unwrap();
+    let moments = BatchMoments::apply(&sums, 1e-5, None).unwrap();
+    let wrong = [
+        Tensor::zeros((3, 8), DType::F64, &dev).unwrap(),
+        Tensor::zeros((4, 8), DType::F32, &dev).unwrap(),
+        Tensor::zeros((3, 16), DType::F32, &dev)
+            .unwrap()
+            .narrow(1, 8, 8)
+            .unwrap(),
+    ];
+    for coef in wrong {
+        let op = BatchNormOp {
+            coefficients: Some(coef.clone()),
+            ..norm_op(moments.clone(), 1)
+        };
+        let e = x.apply_op1_no_bwd(&op).unwrap_err().to_string();
+        assert!(
+            e.contains("expected coefficients of shape [3, 8] in F32, contiguous from the start of their storage"),
+            "{:?} {:?}: {e}",
+            coef.dtype(),
+            coef.dims()
+        );
     }
 }
 
@@ -324,7 +455,8 @@ fn running_stats_update_and_counter_match_cpu() {
 }
 
 /// The training step's moments, running statistics and counter in one
-/// launch (`bn_batch_moments`), bit for bit the CPU's.
+/// launch (`bn_batch_moments`), and the forward's coefficients with them,
+/// bit for bit the CPU's.
 #[test]
 fn batch_moments_match_cpu() {
     let dev = cuda_or_skip!("batch_moments_match_cpu");
@@ -360,11 +492,52 @@ fn batch_moments_match_cpu() {
                     };
                     let (cpu, gpu) = (make(&Device::Cpu), make(&dev));
                     let gpu_sums = sums.to_device(&dev).unwrap();
-                    for step in 0..2 {
-                        let want = BatchMoments::apply(&sums, 1e-5, Some(&cpu)).unwrap();
-                        let got = BatchMoments::apply(&gpu_sums, 1e-5, Some(&gpu)).unwrap();
+                    let (w, b) = params(c, dtype);
+                    let request = |d: &Device, affine: bool| ForwardCoefficients {
+                        input: dtype,
+                        weight: affine.then(|| w.to_device(d).unwrap()),
+                        bias: affine.then(|| b.to_device(d).unwrap()),
+                    };
+                    // Step 0 alone; steps 1 and 2 with the forward's
+                    // coefficients (with and without weight and bias), and
+                    // step 3 with them but no running statistics.
+                    for step in 0..4 {
                         let what =
                             format!("C {c} {dtype:?} counter {counter:?} {momentum:?} step {step}");
+                        let (cpu_run, gpu_run) = if step == 3 {
+                            (None, None)
+                        } else {
+                            (Some(&cpu), Some(&gpu))
+                        };
+                        let (want, got) = if step == 0 {
+                            (
+                                BatchMoments::apply(&sums, 1e-5, cpu_run).unwrap(),
+                                BatchMoments::apply(&gpu_sums, 1e-5, gpu_run).unwrap(),
+                            )
+                        } else {
+                            let affine = step != 2;
+                            let (want, want_coef) = BatchMoments::apply_with_coefficients(
+                                &sums,
+                                1e-5,
+                                cpu_run,
+                                &request(&Device::Cpu, affine),
+                            )
+                            .unwrap();
+                            let (got, got_coef) = BatchMoments::apply_with_coefficients(
+                                &gpu_sums,
+                                1e-5,
+                                gpu_run,
+                                &request(&dev, affine),
+                            )
+                            .unwrap();
+                            assert_eq!(got_coef.dims(), [c, COEFFICIENTS_PER_CHANNEL]);
+                            assert_eq!(
+                                values(&got_coef),
+                                values(&want_coef),
+                                "coefficients {what}"
+                            );
+                            (want, got)
+                        };
                         assert_eq!(values(&got), values(&want), "moments {what}");
                         assert_eq!(values(&gpu.mean), values(&cpu.mean), "running mean {what}");
                         assert_eq!(values(&gpu.var), values(&cpu.var), "running var {what}");
@@ -374,7 +547,7 @@ fn batch_moments_match_cpu() {
                             "counter {what}"
                         );
                     }
-                    assert_eq!(values(&gpu.num_batches_tracked), [6.0]);
+                    assert_eq!(values(&gpu.num_batches_tracked), [7.0]);
                 }
             }
         }
@@ -395,6 +568,7 @@ fn norm_op(moments: Tensor, axis: usize) -> BatchNormOp {
         group: ProcessGroup::single(),
         relu: false,
         layer: "test".to_string(),
+        coefficients: None,
     }
 }
 
@@ -491,6 +665,7 @@ fn grad_stats_match_cpu() {
                 Some(FusedRelu {
                     weight: Some(w),
                     bias: Some(b),
+                    coefficients: None,
                 }),
             ];
             for ((gname, dy), relu) in grads_for(&case, 21)
@@ -512,6 +687,7 @@ fn grad_stats_match_cpu() {
                     relu: relu.map(|r| FusedRelu {
                         weight: r.weight.map(|t| t.to_device(&dev).unwrap()),
                         bias: r.bias.map(|t| t.to_device(&dev).unwrap()),
+                        coefficients: None,
                     }),
                 };
                 let cpu = dy.apply_op2_no_bwd(&case.x, &cpu_op).unwrap();
@@ -603,6 +779,7 @@ fn input_grad_and_affine_grads_match_cpu() {
                         let fused = relu.then(|| FusedRelu {
                             weight: weight.clone(),
                             bias: weight.as_ref().map(|_| b.clone()),
+                            coefficients: None,
                         });
                         let cpu_op = InputGrad {
                             axis: case.axis,
@@ -619,6 +796,7 @@ fn input_grad_and_affine_grads_match_cpu() {
                             relu: fused.map(|r| FusedRelu {
                                 weight: on_dev(&r.weight),
                                 bias: on_dev(&r.bias),
+                                coefficients: None,
                             }),
                         };
                         let cpu = dy.apply_op2_no_bwd(&case.x, &cpu_op).unwrap();
@@ -666,6 +844,7 @@ fn grad_stats_with_affine_grads_match_separate_ops() {
                         relu: relu.as_ref().map(|(w, b)| FusedRelu {
                             weight: Some(w.to_device(d).unwrap()),
                             bias: Some(b.to_device(d).unwrap()),
+                            coefficients: None,
                         }),
                     };
                     let (gpu_op, cpu_op) = (op_on(&dev), op_on(&Device::Cpu));
@@ -1460,10 +1639,6 @@ fn a_step_never_makes_the_host_wait_for_the_gpu() {
     }
 }
 
-/// Subgroups of the in-process group with CUDA tensors: the masked
-/// collectives run on the device (`-0.0` padding, concatenation, the sum read
-/// back through a view at an offset), and each pair of ranks equals one rank
-/// holding the pair's batches.
 /// The launch profile of the layer on one GPU, counted by the emulated
 /// driver: kernels of this crate per forward and per backward (candle's own
 /// launches, the loss and the gradient bookkeeping, are not counted). Back to
@@ -1498,14 +1673,14 @@ fn a_step_makes_the_profiled_number_of_launches() {
             (
                 "forward_t",
                 Box::new(|train| bn.forward_t(x.as_tensor(), train).unwrap()),
-                5,
+                4,
                 4,
             ),
             (
                 "forward_relu_t",
                 Box::new(|train| bn.forward_relu_t(x.as_tensor(), train).unwrap()),
-                5,
-                5,
+                4,
+                4,
             ),
             (
                 "forward_add_relu_t",
@@ -1513,7 +1688,7 @@ fn a_step_makes_the_profiled_number_of_launches() {
                     bn.forward_add_relu_t(x.as_tensor(), z.as_tensor(), train)
                         .unwrap()
                 }),
-                5,
+                4,
                 5,
             ),
         ];
@@ -1535,7 +1710,7 @@ fn a_step_makes_the_profiled_number_of_launches() {
             );
             assert_eq!(
                 got,
-                (*fwd, *bwd, 3),
+                (*fwd, *bwd, 2),
                 "{name} {dtype:?}: (training forward, backward, eval forward) launches"
             );
             assert!(values(grads.get(x.as_tensor()).unwrap())
@@ -1546,6 +1721,10 @@ fn a_step_makes_the_profiled_number_of_launches() {
     }
 }
 
+/// Subgroups of the in-process group with CUDA tensors: the masked
+/// collectives run on the device (`-0.0` padding, concatenation, the sum read
+/// back through a view at an offset), and each pair of ranks equals one rank
+/// holding the pair's batches.
 #[test]
 fn cuda_subgroups_match_one_rank_per_pair() {
     let dev = cuda_or_skip!("cuda_subgroups_match_one_rank_per_pair");

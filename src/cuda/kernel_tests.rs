@@ -20,11 +20,12 @@ use super::emulator::{DevBuf, Emulator};
 use super::plan::{self, KView, Reduction, ReductionSplit};
 use crate::ops::layout::ChannelView;
 use crate::ops::{
-    AffineGrads, BatchNormAddOp, BatchNormOp, BatchStats, CounterIncrement, FusedRelu, GradStats,
-    InputGrad, Moments, ReluGrad, RunningStat, RunningStatsUpdate,
+    AffineGrads, BatchNormAddOp, BatchNormOp, BatchStats, CounterIncrement, ForwardCoefficients,
+    FusedRelu, GradStats, InputGrad, Moments, ReluGrad, RunningStat, RunningStatsUpdate,
 };
 use crate::ProcessGroup;
-use candle::{DType, Device, Layout, Storage, Tensor, WithDType};
+use candle::backend::BackendStorage;
+use candle::{CpuStorage, DType, Device, Layout, Storage, Tensor, WithDType};
 use half::{bf16, f16};
 use std::ffi::c_void;
 
@@ -803,6 +804,7 @@ fn check_case<T: WithDType>(emu: &Emulator, case: &Case, rng: &mut Rng) {
         group: ProcessGroup::single(),
         relu: false,
         layer: "emulated".into(),
+        coefficients: None,
     };
     let want = values(&x.apply_op3_no_bwd(&weight, &bias, &op).unwrap());
     let got: Vec<f64> = emu_normalize(emu, &xb, &xv, &mb, Some((&wp, &bp)), false)
@@ -865,6 +867,7 @@ fn check_case<T: WithDType>(emu: &Emulator, case: &Case, rng: &mut Rng) {
             FusedRelu {
                 weight: Some(weight.clone()),
                 bias: Some(bias.clone()),
+                coefficients: None,
             }
         } else {
             FusedRelu::default()
@@ -1198,20 +1201,100 @@ fn per_channel_kernels_match_the_cpu_path() {
             .unwrap();
         let want = values(&mean.apply_op2_no_bwd(&var, &Moments { eps: 1e-5 }).unwrap());
         let (mp, vp) = (Param::new(&mean), Param::new(&var));
-        let out = DevBuf::<f64>::filled(3 * c, f64::NAN);
-        type FromRunning =
-            unsafe extern "C" fn(*const c_void, Vec1, *const c_void, Vec1, i64, f64, *mut f64);
+        type FromRunning = unsafe extern "C" fn(
+            *const c_void,
+            Vec1,
+            *const c_void,
+            Vec1,
+            i64,
+            f64,
+            *mut f64,
+            *const c_void,
+            Vec1,
+            *const c_void,
+            Vec1,
+            *mut c_void,
+            i32,
+        );
         // SAFETY: the signature of bn_moments_from_running.
         let f: FromRunning = unsafe { emu.kernel("bn_moments_from_running") };
-        let (a, ad, b, bd, op) = (mp.ptr(), mp.desc, vp.ptr(), vp.desc, out.ptr_mut());
+        let (a, ad, b, bd) = (mp.ptr(), mp.desc, vp.ptr(), vp.desc);
+        // Without coefficients (null), then with the forward's coefficients
+        // for f32 and f64 inputs, with and without weight and bias: bit for
+        // bit those of bn_coef_normalize_* on the moments, and the CPU's.
+        let out = DevBuf::<f64>::filled(3 * c, f64::NAN);
+        let op = out.ptr_mut();
+        let none = (std::ptr::null(), Vec1::ABSENT);
         per_item(emu, "bn_moments_from_running", c, || unsafe {
-            f(a, ad, b, bd, c as i64, 1e-5, op)
+            f(
+                a,
+                ad,
+                b,
+                bd,
+                c as i64,
+                1e-5,
+                op,
+                none.0,
+                none.1,
+                none.0,
+                none.1,
+                std::ptr::null_mut(),
+                0,
+            )
         });
         assert_bitwise(
             &format!("moments from running {dtype:?}"),
             &out.to_vec(),
             &want,
         );
+        let weight = Tensor::from_vec(rng.normals(c, 1.0, 0.5), c, cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let bias = Tensor::from_vec(rng.normals(c, 0.0, 0.5), c, cpu).unwrap();
+        let (wp, bp) = (Param::new(&weight), Param::new(&bias));
+        for input in [DType::F32, DType::F64] {
+            for affine in [false, true] {
+                let request = ForwardCoefficients {
+                    input,
+                    weight: affine.then(|| weight.clone()),
+                    bias: affine.then(|| bias.clone()),
+                };
+                let cdt = ForwardCoefficients::dtype(input).unwrap();
+                let out = DevBuf::<f64>::filled(3 * c, f64::NAN);
+                let coef = DevBuf::<u8>::filled(plan::coef_bytes(input, c), 0xff);
+                let (op, cp) = (out.ptr_mut(), coef.ptr_mut() as *mut c_void);
+                let code = args::dtype_code(cdt, "coefficients").unwrap();
+                let (wt, bt) = if affine {
+                    ((wp.ptr(), wp.desc), (bp.ptr(), bp.desc))
+                } else {
+                    (none, none)
+                };
+                per_item(emu, "bn_moments_from_running", c, || unsafe {
+                    f(
+                        a, ad, b, bd, c as i64, 1e-5, op, wt.0, wt.1, bt.0, bt.1, cp, code,
+                    )
+                });
+                let what = format!(
+                    "coefficients from running {dtype:?}, input {input:?}, affine {affine}"
+                );
+                assert_bitwise(&format!("{what}: moments"), &out.to_vec(), &want);
+                let params = affine.then_some((&wp, &bp));
+                let separate = if input == DType::F64 {
+                    emu_coef_normalize::<f64>(emu, c, &out, params)
+                } else {
+                    emu_coef_normalize::<f32>(emu, c, &out, params)
+                };
+                let got = bytes_values(&coef.to_vec(), cdt);
+                assert_bitwise(&what, &got, &bytes_values(&separate.to_vec(), cdt));
+                let cpu_coef: Vec<f64> = match request.cpu_values(&want).unwrap() {
+                    CpuStorage::F32(v) => v.iter().map(|&e| e as f64).collect(),
+                    CpuStorage::F64(v) => v,
+                    other => panic!("coefficients of dtype {:?}", other.dtype()),
+                };
+                assert_bitwise(&format!("{what}: cpu"), &got, &cpu_coef);
+            }
+        }
     }
 
     // bn_running_update: every float dtype, mean and variance, with a

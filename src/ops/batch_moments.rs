@@ -1,7 +1,10 @@
 //! The training forward's per-channel step in one op: the moments of the
 //! all-reduced batch sums and, in the same pass, the running statistics.
 
-use super::{cpu_values_f64, host_f64, CounterIncrement, Moments, RunningStat, RunningStatsUpdate};
+use super::{
+    cpu_values_f64, host_f64, CounterIncrement, ForwardCoefficients, Moments, RunningStat,
+    RunningStatsUpdate,
+};
 use candle::{CpuStorage, CustomOp1, DType, InplaceOp1, Layout, Result, Shape, Tensor};
 
 /// The running statistics a [`BatchMoments`] updates in place.
@@ -33,11 +36,49 @@ pub struct RunningTensors {
 pub struct BatchMoments {
     eps: f64,
     running: Option<RunningTensors>,
+    /// The forward's coefficients to compute too, and the fresh tensor
+    /// that receives them.
+    coefficients: Option<(ForwardCoefficients, Tensor)>,
 }
 
 impl BatchMoments {
     /// The moments of `sums`, updating `running` (if any) in place.
     pub fn apply(sums: &Tensor, eps: f64, running: Option<&RunningTensors>) -> Result<Tensor> {
+        Self::check(sums, running)?;
+        sums.apply_op1_no_bwd(&BatchMoments {
+            eps,
+            running: running.cloned(),
+            coefficients: None,
+        })
+    }
+
+    /// [`Self::apply`], and from the same op (on a GPU, the same launch) the
+    /// forward's per-channel coefficients for `coefficients`' input dtype and
+    /// parameters: the moments and the `(C, 8)` coefficient tensor to give
+    /// [`BatchNormOp::coefficients`](super::BatchNormOp::coefficients).
+    pub fn apply_with_coefficients(
+        sums: &Tensor,
+        eps: f64,
+        running: Option<&RunningTensors>,
+        coefficients: &ForwardCoefficients,
+    ) -> Result<(Tensor, Tensor)> {
+        Self::check(sums, running)?;
+        let c_n = sums.dims()[1];
+        // SAFETY: both paths write every coefficient before the op returns
+        // Ok; on an error the tensor is dropped unread.
+        let coef =
+            unsafe { coefficients.alloc(c_n, sums.device(), "sync-batch-norm-batch-moments")? };
+        let moments = sums.apply_op1_no_bwd(&BatchMoments {
+            eps,
+            running: running.cloned(),
+            coefficients: Some((coefficients.clone(), coef.clone())),
+        })?;
+        Ok((moments, coef))
+    }
+
+    /// Checks the sums and the running tensors (devices, sizes, dtypes, no
+    /// shared storage: the nested write locks would wait for themselves).
+    fn check(sums: &Tensor, running: Option<&RunningTensors>) -> Result<()> {
         let name = "sync-batch-norm-batch-moments";
         let dims = sums.dims();
         if dims.len() != 2 || dims[0] != 3 {
@@ -79,10 +120,7 @@ impl BatchMoments {
                 candle::bail!("{name}: unsupported counter dtype {k:?}")
             }
         }
-        sums.apply_op1_no_bwd(&BatchMoments {
-            eps,
-            running: running.cloned(),
-        })
+        Ok(())
     }
 
     fn update(&self, stat: RunningStat) -> RunningStatsUpdate {
@@ -141,6 +179,11 @@ impl CustomOp1 for BatchMoments {
                 })?;
             }
         }
+        if let Some((request, coef)) = &self.coefficients {
+            let (moments, shape) = &out;
+            let values = request.cpu_values_of(moments, shape, self.name())?;
+            super::store_cpu(coef, self.name(), values)?;
+        }
         Ok(out)
     }
 
@@ -150,178 +193,152 @@ impl CustomOp1 for BatchMoments {
         storage: &candle::CudaStorage,
         layout: &Layout,
     ) -> Result<(candle::CudaStorage, Shape)> {
-        let Some(r) = &self.running else {
+        if self.running.is_none() && self.coefficients.is_none() {
             return Moments { eps: self.eps }.cuda_fwd(storage, layout);
-        };
-        cuda::apply(self, r, storage, layout)
+        }
+        cuda::apply(self, storage, layout)
     }
 }
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    //! One launch of `bn_batch_moments` with the write locks of the three
-    //! running tensors held: three in-place ops nested one inside the other,
-    //! each lending its storage to the next.
+    //! One launch of `bn_batch_moments`, with the write locks of the
+    //! coefficient tensor and the three running tensors held, taken one
+    //! inside the other.
 
-    use super::{BatchMoments, RunningTensors};
+    use super::super::coefficients::cuda as coef_args;
+    use super::super::with_cuda_storage_mut as lend;
+    use super::BatchMoments;
     use crate::cuda::launch as l;
     use candle::backend::BackendStorage;
-    use candle::cuda_backend::cudarc::driver::{CudaSlice, PushKernelArg};
-    use candle::{CpuStorage, CudaStorage, InplaceOp1, Layout, Result, Shape};
-    use std::cell::RefCell;
+    use candle::cuda_backend::cudarc::driver::PushKernelArg;
+    use candle::{CudaStorage, Layout, Result, Shape};
 
-    /// What the innermost level needs besides the running storages.
-    struct Ctx<'a> {
-        op: &'a BatchMoments,
-        running: &'a RunningTensors,
-        sums: &'a CudaStorage,
-        sums_l: &'a Layout,
-        out: RefCell<CudaSlice<f64>>,
+    const NAME: &str = "sync-batch-norm-batch-moments";
+
+    /// The running tensors' storages, write-locked.
+    struct Running<'a> {
+        mean: (&'a mut CudaStorage, &'a Layout),
+        var: (&'a mut CudaStorage, &'a Layout),
+        counter: (&'a mut CudaStorage, &'a Layout),
     }
 
     pub(super) fn apply(
         op: &BatchMoments,
-        running: &RunningTensors,
         sums: &CudaStorage,
         sums_l: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
         let c_n = sums_l.dims()[1];
-        let dev = sums.device().clone();
-        // SAFETY: the kernel writes all 3 * C values.
-        let out = unsafe { l::alloc::<f64>(&dev, 3 * c_n)? };
-        let ctx = Ctx {
-            op,
-            running,
-            sums,
-            sums_l,
-            out: RefCell::new(out),
+        let with_running = |coef: Option<(&mut CudaStorage, &Layout)>| match &op.running {
+            None => launch(op, sums, sums_l, None, coef),
+            Some(r) => lend(&r.mean, NAME, |mean, mean_l| {
+                lend(&r.var, NAME, |var, var_l| {
+                    lend(&r.num_batches_tracked, NAME, |counter, counter_l| {
+                        let running = Running {
+                            mean: (mean, mean_l),
+                            var: (var, var_l),
+                            counter: (counter, counter_l),
+                        };
+                        launch(op, sums, sums_l, Some(running), coef)
+                    })
+                })
+            }),
         };
-        running.mean.inplace_op1(&OnMean { ctx: &ctx })?;
-        let out = ctx.out.into_inner();
+        let out = match &op.coefficients {
+            None => with_running(None)?,
+            Some((_, t)) => lend(t, NAME, |coef, coef_l| with_running(Some((coef, coef_l))))?,
+        };
         Ok((
-            CudaStorage::wrap_cuda_slice(out, dev),
+            CudaStorage::wrap_cuda_slice(out, sums.device().clone()),
             Shape::from((3, c_n)),
         ))
     }
 
-    /// The error of a level reached with CPU storage (the caller checked the devices).
-    fn not_cuda() -> candle::Error {
-        candle::Error::Msg(
-            "sync-batch-norm-batch-moments: internal error, a running tensor is not on the GPU of the sums"
-                .into(),
-        )
-    }
-
-    struct OnMean<'a> {
-        ctx: &'a Ctx<'a>,
-    }
-
-    impl InplaceOp1 for OnMean<'_> {
-        fn name(&self) -> &'static str {
-            "sync-batch-norm-batch-moments"
+    /// Enqueues `bn_batch_moments` and returns its `(3, C)` f64 moments.
+    fn launch(
+        op: &BatchMoments,
+        sums: &CudaStorage,
+        sums_l: &Layout,
+        running: Option<Running<'_>>,
+        coef: Option<(&mut CudaStorage, &Layout)>,
+    ) -> Result<candle::cuda_backend::cudarc::driver::CudaSlice<f64>> {
+        let c_n = sums_l.dims()[1];
+        let dev = sums.device().clone();
+        let s = l::mat2(sums_l, sums.dtype(), 3, c_n, "sums")?;
+        // SAFETY: the kernel writes all 3 * C values.
+        let mut out = unsafe { l::alloc::<f64>(&dev, 3 * c_n)? };
+        let f = l::function(&dev, l::Module::Stats, "bn_batch_moments")?;
+        let stream = dev.cuda_stream();
+        let (has_momentum, momentum) = match op.running.as_ref().and_then(|r| r.momentum) {
+            Some(m) => (1i32, m),
+            None => (0i32, 0.0f64),
+        };
+        let params = match &op.coefficients {
+            Some((request, _)) => Some(coef_args::Params::new(request, &dev, c_n)?),
+            None => None,
+        };
+        let coef_dt = match &op.coefficients {
+            Some((request, _)) => coef_args::dtype_code(request.input)?,
+            None => 0,
+        };
+        let (views, counter_len) = match &running {
+            Some(r) => {
+                let (counter, counter_l) = (&r.counter.0, r.counter.1);
+                let counter_len = counter_l.shape().elem_count();
+                let views = [
+                    l::vec1(r.mean.1, r.mean.0.dtype(), c_n, "running mean")?,
+                    l::vec1(r.var.1, r.var.0.dtype(), c_n, "running variance")?,
+                    if counter_len == 0 {
+                        l::Vec1::ABSENT
+                    } else {
+                        l::vec1(counter_l, counter.dtype(), counter_len, "counter")?
+                    },
+                ];
+                (views, counter_len as i64)
+            }
+            None => ([l::Vec1::ABSENT; 3], 0),
+        };
+        let mut args = stream.launch_builder(&f);
+        l::push_storage(&mut args, sums)?;
+        args.arg(&s);
+        match running {
+            Some(Running {
+                mean: (mean, _),
+                var: (var, _),
+                counter: (counter, _),
+            }) => {
+                for (storage, v) in [mean, var, counter].into_iter().zip(&views) {
+                    l::push_storage_mut(&mut args, storage)?;
+                    args.arg(v);
+                }
+            }
+            None => {
+                for v in &views {
+                    args.arg(&l::NULL).arg(v);
+                }
+            }
         }
-
-        fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout) -> Result<()> {
-            Err(not_cuda())
-        }
-
-        fn cuda_fwd(&self, mean: &mut CudaStorage, mean_l: &Layout) -> Result<()> {
-            self.ctx.running.var.inplace_op1(&OnVar {
-                ctx: self.ctx,
-                mean: RefCell::new(mean),
-                mean_l,
-            })
-        }
-    }
-
-    struct OnVar<'a, 'm> {
-        ctx: &'a Ctx<'a>,
-        mean: RefCell<&'m mut CudaStorage>,
-        mean_l: &'m Layout,
-    }
-
-    impl InplaceOp1 for OnVar<'_, '_> {
-        fn name(&self) -> &'static str {
-            "sync-batch-norm-batch-moments"
-        }
-
-        fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout) -> Result<()> {
-            Err(not_cuda())
-        }
-
-        fn cuda_fwd(&self, var: &mut CudaStorage, var_l: &Layout) -> Result<()> {
-            self.ctx
-                .running
-                .num_batches_tracked
-                .inplace_op1(&OnCounter {
-                    up: self,
-                    var: RefCell::new(var),
-                    var_l,
-                })
-        }
-    }
-
-    struct OnCounter<'a, 'm, 'v> {
-        up: &'a OnVar<'a, 'm>,
-        var: RefCell<&'v mut CudaStorage>,
-        var_l: &'v Layout,
-    }
-
-    impl InplaceOp1 for OnCounter<'_, '_, '_> {
-        fn name(&self) -> &'static str {
-            "sync-batch-norm-batch-moments"
-        }
-
-        fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout) -> Result<()> {
-            Err(not_cuda())
-        }
-
-        fn cuda_fwd(&self, counter: &mut CudaStorage, counter_l: &Layout) -> Result<()> {
-            let ctx = self.up.ctx;
-            let c_n = ctx.sums_l.dims()[1];
-            let s = l::mat2(ctx.sums_l, ctx.sums.dtype(), 3, c_n, "sums")?;
-            let mut mean = self.up.mean.borrow_mut();
-            let mut var = self.var.borrow_mut();
-            let m = l::vec1(self.up.mean_l, mean.dtype(), c_n, "running mean")?;
-            let v = l::vec1(self.var_l, var.dtype(), c_n, "running variance")?;
-            let counter_len = counter_l.shape().elem_count();
-            let k = if counter_len == 0 {
-                l::Vec1::ABSENT
-            } else {
-                l::vec1(counter_l, counter.dtype(), counter_len, "counter")?
-            };
-            let dev = ctx.sums.device().clone();
-            let f = l::function(&dev, l::Module::Stats, "bn_batch_moments")?;
-            let stream = dev.cuda_stream();
-            let (has_momentum, momentum) = match ctx.running.momentum {
-                Some(m) => (1i32, m),
-                None => (0i32, 0.0f64),
-            };
-            let (len, c, eps) = (counter_len as i64, c_n as i64, ctx.op.eps);
-            let mut out = ctx.out.borrow_mut();
-            let mut args = stream.launch_builder(&f);
-            l::push_storage(&mut args, ctx.sums)?;
-            args.arg(&s);
-            l::push_storage_mut(&mut args, &mut mean)?;
-            args.arg(&m);
-            l::push_storage_mut(&mut args, &mut var)?;
-            args.arg(&v);
-            l::push_storage_mut(&mut args, counter)?;
-            args.arg(&k)
-                .arg(&len)
-                .arg(&c)
-                .arg(&has_momentum)
-                .arg(&momentum)
-                .arg(&eps)
-                .arg(&mut *out);
-            // SAFETY: matches bn_batch_moments(const void*, Mat2, void*, Vec1,
-            // void*, Vec1, void*, Vec1, long long, long long, int, double,
-            // double, double*); every view lies inside its buffer, `out`
-            // holds 3 * C values, and the kernel runs as ONE block (it
-            // orders the counter's reads before its write with a block
-            // barrier).
-            unsafe { l::launch(args, l::grid(1)?) }
-        }
+        let (c, eps) = (c_n as i64, op.eps);
+        args.arg(&counter_len)
+            .arg(&c)
+            .arg(&has_momentum)
+            .arg(&momentum)
+            .arg(&eps)
+            .arg(&mut out);
+        let request = match (&params, coef) {
+            (Some(p), Some((coef, _))) => Some((p, coef)),
+            _ => None,
+        };
+        coef_args::push(&mut args, request, &coef_dt)?;
+        // SAFETY: matches bn_batch_moments(const void*, Mat2, void*, Vec1,
+        // void*, Vec1, void*, Vec1, long long, long long, int, double,
+        // double, double*, const void*, Vec1, const void*, Vec1, void*, int);
+        // every view lies inside its buffer, `out` holds 3 * C values, the
+        // coefficients (C, 8) accumulator values, and the kernel runs as ONE
+        // block (it orders the counter's reads before its write with a block
+        // barrier).
+        unsafe { l::launch(args, l::grid(1)?)? };
+        Ok(out)
     }
 }
 

@@ -34,6 +34,12 @@ pub struct BatchNormOp {
     pub group: ProcessGroup,
     /// Apply a ReLU to the output (in the accumulator type, before rounding).
     pub relu: bool,
+    /// The forward's per-channel coefficients, when they were computed with
+    /// the moments ([`ForwardCoefficients`](super::ForwardCoefficients), for
+    /// this op's weight and bias): on a GPU the forward then reads them
+    /// instead of launching their kernel, and so does a fused ReLU's
+    /// backward. The CPU path computes its own.
+    pub coefficients: Option<Tensor>,
     /// The layer's name, for error messages.
     pub layer: String,
 }
@@ -104,7 +110,7 @@ impl BatchNormOp {
                 Some((z, zv)) => Some((z.as_cuda_slice::<T>()?, zv)),
                 None => None,
             };
-            let out = cuda::normalize::<T>(dev, x.as_cuda_slice::<T>()?, &v, &self.moments, affine, residual, self.relu)?;
+            let out = cuda::normalize::<T>(dev, x.as_cuda_slice::<T>()?, &v, self, affine, residual)?;
             candle::CudaStorage::wrap_cuda_slice(out, dev.clone())
         }, _ => return Err(unsupported_dtype("sync-batch-norm", "input", x.dtype())));
         Ok((out, xl.shape().clone()))
@@ -136,6 +142,7 @@ impl BatchNormOp {
         let relu = self.relu.then(|| FusedRelu {
             weight: affine.map(|(w, _)| w.detach()),
             bias: affine.map(|(_, b)| b.detach()),
+            coefficients: self.coefficients.clone(),
         });
         let (dx, affine) = self.backward_normalization(x, affine.map(|(w, _)| w), &dy, relu)?;
         let affine = match affine {
@@ -288,10 +295,11 @@ fn check_residual(z: DType, zl: &Layout, x: DType, xl: &Layout) -> Result<()> {
 pub(super) mod cuda {
     use crate::cuda::launch::{self as l, Module, Small};
     use crate::cuda::plan::{self, KView};
+    use crate::ops::coefficients::cuda::Coef;
     use crate::ops::layout::ChannelView;
     use candle::backend::BackendStorage;
     use candle::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, PushKernelArg};
-    use candle::{CudaDevice, CudaStorage, Layout, Result, Tensor, WithDType};
+    use candle::{CudaDevice, CudaStorage, Layout, Result, WithDType};
 
     /// Weight and bias storages with their layouts.
     pub(super) type Affine<'a> = ((&'a CudaStorage, &'a Layout), (&'a CudaStorage, &'a Layout));
@@ -344,10 +352,9 @@ pub(super) mod cuda {
         dev: &CudaDevice,
         x: &CudaSlice<T>,
         v: &ChannelView,
-        moments: &Tensor,
+        op: &super::BatchNormOp,
         affine: Option<Affine<'_>>,
         residual: Option<(&CudaSlice<T>, &ChannelView)>,
-        relu: bool,
     ) -> Result<CudaSlice<T>> {
         let c = v.channels;
         let len = v.len();
@@ -356,17 +363,26 @@ pub(super) mod cuda {
         if len == 0 {
             return Ok(out);
         }
-        let moments = Small::new(moments, dev, "moments")?;
-        let (weight, bias) = match affine {
-            Some(((w, wl), (b, bl))) => (
-                Some((w, l::vec1(wl, w.dtype(), c, "weight")?)),
-                Some((b, l::vec1(bl, b.dtype(), c, "bias")?)),
-            ),
-            None => (None, None),
-        };
-        let coef = normalize_coefficients(dev, T::DTYPE, &moments, c, weight, bias)?;
+        let moments = Small::new(&op.moments, dev, "moments")?;
+        let coef = Coef::given_or(
+            op.coefficients.as_ref(),
+            dev,
+            T::DTYPE,
+            c,
+            "sync-batch-norm",
+            || {
+                let (weight, bias) = match affine {
+                    Some(((w, wl), (b, bl))) => (
+                        Some((w, l::vec1(wl, w.dtype(), c, "weight")?)),
+                        Some((b, l::vec1(bl, b.dtype(), c, "bias")?)),
+                    ),
+                    None => (None, None),
+                };
+                normalize_coefficients(dev, T::DTYPE, &moments, c, weight, bias)
+            },
+        )?;
         let stream = dev.cuda_stream();
-        let relu = i32::from(relu);
+        let relu = i32::from(op.relu);
         if let Some((z, zv)) = residual {
             // x is the primary view (it picks the path); z and the output follow.
             let canon = plan::canonicalize(&[*v, *zv, plan::contiguous_like(v)]);
@@ -386,15 +402,9 @@ pub(super) mod cuda {
                 &format!("bn_normalize_add_{}", T::DTYPE.as_str()),
             )?;
             let mut args = stream.launch_builder(&f);
-            args.arg(z)
-                .arg(&zk)
-                .arg(x)
-                .arg(&xk)
-                .arg(&mut out)
-                .arg(&ok)
-                .arg(&coef)
-                .arg(&mode)
-                .arg(&relu);
+            args.arg(z).arg(&zk).arg(x).arg(&xk).arg(&mut out).arg(&ok);
+            coef.push(&mut args)?;
+            args.arg(&mode).arg(&relu);
             // SAFETY: matches bn_normalize_add_*(const T*, View, const T*, View,
             // T*, View, const A*, int, int); every view lies inside its buffer.
             unsafe { l::launch(args, l::grid(blocks)?)? };
@@ -412,13 +422,9 @@ pub(super) mod cuda {
             &format!("bn_normalize_{}", T::DTYPE.as_str()),
         )?;
         let mut args = stream.launch_builder(&f);
-        args.arg(x)
-            .arg(&xv)
-            .arg(&mut out)
-            .arg(&ov)
-            .arg(&coef)
-            .arg(&mode)
-            .arg(&relu);
+        args.arg(x).arg(&xv).arg(&mut out).arg(&ov);
+        coef.push(&mut args)?;
+        args.arg(&mode).arg(&relu);
         // SAFETY: matches bn_normalize_*(const T*, View, T*, View, const A*,
         // int, int); both views lie inside their buffers.
         unsafe { l::launch(args, l::grid(blocks)?)? };

@@ -130,6 +130,37 @@ impl Element for bf16 {
     }
 }
 
+/// `v` rounded to f32 toward zero with the last bit set when inexact
+/// ("round to odd"): it keeps whether `v` lay between two f32 values, so a
+/// second rounding to nearest into a format at least two bits narrower (f16,
+/// bf16) gives the correctly rounded result of `v` itself. Infinite when `v`
+/// is beyond f32's range, where f16 and bf16 overflow too.
+fn f64_to_f32_odd(v: f64) -> f32 {
+    let f = v as f32;
+    if !f.is_finite() || f as f64 == v {
+        return f;
+    }
+    let toward_zero = if (f as f64).abs() > v.abs() {
+        f32::from_bits(f.to_bits() - 1)
+    } else {
+        f
+    };
+    f32::from_bits(toward_zero.to_bits() | 1)
+}
+
+/// `v` rounded to the nearest f16 (ties to even), as CUDA's `__double2half`.
+/// `half`'s `f16::from_f64` rounds through f32 (or ignores the low 32 bits
+/// of the mantissa), which differs in rare near-ties.
+pub(crate) fn f16_from_f64(v: f64) -> f16 {
+    f16::from_f32(f64_to_f32_odd(v))
+}
+
+/// `v` rounded to the nearest bf16 (ties to even), as CUDA's
+/// `__double2bfloat16` (see [`f16_from_f64`]).
+pub(crate) fn bf16_from_f64(v: f64) -> bf16 {
+    bf16::from_f32(f64_to_f32_odd(v))
+}
+
 /// Runs `$body` with the type alias `$T` bound to the Rust type of a float
 /// `DType` (f32, f64, f16, bf16); other dtypes evaluate `$other`.
 macro_rules! with_float_type {
@@ -160,6 +191,70 @@ pub(crate) use with_float_type;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The correctly rounded value of `v` among the finite values `below`
+    /// and `above` (adjacent in the target format, `even` the one with an
+    /// even last bit), computed exactly in f64 (the gaps are powers of two).
+    fn nearest(v: f64, below: f64, above: f64, below_is_even: bool) -> f64 {
+        let (d_below, d_above) = (v - below, above - v);
+        if d_below < d_above || (d_below == d_above && below_is_even) {
+            below
+        } else {
+            above
+        }
+    }
+
+    #[test]
+    fn f64_to_half_rounds_correctly_where_half_does_not() {
+        // A tie of bf16 at 1 + 2^-8 plus 2^-40 (below f32's precision): the
+        // nearest bf16 is above; rounding through f32 (or truncating the
+        // low bits) sees an exact tie and goes to even, below.
+        let v = 1.0 + 2f64.powi(-8) + 2f64.powi(-40);
+        assert_eq!(bf16_from_f64(v).to_f64(), 1.0 + 2f64.powi(-7));
+        let v = 1.0 + 2f64.powi(-11) + 2f64.powi(-40);
+        assert_eq!(f16_from_f64(v).to_f64(), 1.0 + 2f64.powi(-10));
+        // A sweep of f64 values near the f16 and bf16 rounding points,
+        // with low bits that f32 cannot hold, against exact rounding.
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..200_000 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let e = (state % 40) as i32 - 20;
+            let m = 1.0 + (state >> 20) as f64 / (1u64 << 44) as f64;
+            let sign = if state & 1 == 0 { 1.0 } else { -1.0 };
+            let v = sign * m * 2f64.powi(e);
+            // bf16: 8 significant bits.
+            let b = bf16_from_f64(v).to_f64();
+            let ulp = 2f64.powi(v.abs().log2().floor() as i32 - 7);
+            let low = (v / ulp).floor() * ulp;
+            let low_even = ((v / ulp).floor() as i64) % 2 == 0;
+            assert_eq!(b, nearest(v, low, low + ulp, low_even), "bf16 of {v:e}");
+            // f16: 11 significant bits (these exponents stay normal).
+            if (-14..15).contains(&e) {
+                let h = f16_from_f64(v).to_f64();
+                let ulp = 2f64.powi(v.abs().log2().floor() as i32 - 10);
+                let low = (v / ulp).floor() * ulp;
+                let low_even = ((v / ulp).floor() as i64) % 2 == 0;
+                assert_eq!(h, nearest(v, low, low + ulp, low_even), "f16 of {v:e}");
+            }
+        }
+        // Exact values, infinities, NaN and overflow.
+        for v in [
+            0.0,
+            -0.0,
+            1.5,
+            -2.0,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            1e300,
+            -1e300,
+        ] {
+            assert_eq!(bf16_from_f64(v).to_f64(), bf16::from_f64(v).to_f64(), "{v}");
+            assert_eq!(f16_from_f64(v).to_f64(), f16::from_f64(v).to_f64(), "{v}");
+        }
+        assert!(bf16_from_f64(f64::NAN).is_nan() && f16_from_f64(f64::NAN).is_nan());
+    }
 
     #[test]
     fn bf16_conversions_match_half() {

@@ -5,9 +5,7 @@ use super::layout::ChannelView;
 use super::{channel_view, host_f64, unsupported_dtype, AffineGrads, FusedRelu};
 use crate::cpu;
 use candle::backend::BackendStorage;
-use candle::{CpuStorage, CustomOp1, CustomOp2, DType, InplaceOp1, Layout, Result, Shape, Tensor};
-#[cfg(feature = "cuda")]
-use std::cell::RefCell;
+use candle::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
 /// Per-channel `[Σdy; Σdy·(x − mean)]` of the local batch as a `(2, C)` f64
 /// tensor: the all-reduce payload of the backward pass, and the local weight
@@ -99,7 +97,7 @@ impl CustomOp2 for WithAffine<'_> {
         let (values, _) = self
             .affine_grads()
             .cpu_fwd(&sums, &Layout::contiguous(&shape))?;
-        self.affine.inplace_op1(&StoreCpu { values })?;
+        super::store_cpu(self.affine, self.name(), values)?;
         Ok((sums, shape))
     }
 
@@ -111,67 +109,10 @@ impl CustomOp2 for WithAffine<'_> {
         x: &candle::CudaStorage,
         xl: &Layout,
     ) -> Result<(candle::CudaStorage, Shape)> {
-        let on = OnAffine {
-            op: self,
-            dy: (dy, dl),
-            x: (x, xl),
-            out: RefCell::new(None),
-        };
-        self.affine.inplace_op1(&on)?;
-        match on.out.into_inner() {
-            Some(out) => Ok(out),
-            None => candle::bail!("{}: internal error, no sums", self.name()),
-        }
-    }
-}
-
-/// Replaces the affine tensor's CPU storage with the computed values (the
-/// same dtype and `(2, C)` contiguous layout: the tensor was made for them).
-struct StoreCpu {
-    values: CpuStorage,
-}
-
-impl InplaceOp1 for StoreCpu {
-    fn name(&self) -> &'static str {
-        "sync-batch-norm-grad-stats"
-    }
-
-    fn cpu_fwd(&self, storage: &mut CpuStorage, _: &Layout) -> Result<()> {
-        *storage = self.values.clone();
-        Ok(())
-    }
-}
-
-/// The CUDA level of [`WithAffine`]: runs the sums with the affine tensor's
-/// storage write-locked and lent to the combining kernel.
-#[cfg(feature = "cuda")]
-struct OnAffine<'a> {
-    op: &'a WithAffine<'a>,
-    dy: (&'a candle::CudaStorage, &'a Layout),
-    x: (&'a candle::CudaStorage, &'a Layout),
-    out: RefCell<Option<(candle::CudaStorage, Shape)>>,
-}
-
-#[cfg(feature = "cuda")]
-impl InplaceOp1 for OnAffine<'_> {
-    fn name(&self) -> &'static str {
-        "sync-batch-norm-grad-stats"
-    }
-
-    fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout) -> Result<()> {
-        candle::bail!(
-            "{}: internal error, the weight and bias gradients are not on the GPU",
-            self.name()
-        )
-    }
-
-    fn cuda_fwd(&self, affine: &mut candle::CudaStorage, affine_l: &Layout) -> Result<()> {
-        let out = self
-            .op
-            .stats
-            .cuda_sums(self.dy, self.x, Some((affine, affine_l)))?;
-        *self.out.borrow_mut() = Some(out);
-        Ok(())
+        super::with_cuda_storage_mut(self.affine, self.name(), |affine, affine_l| {
+            self.stats
+                .cuda_sums((dy, dl), (x, xl), Some((affine, affine_l)))
+        })
     }
 }
 
@@ -305,7 +246,13 @@ mod cuda {
             };
         }
         let relu_coef = match relu {
-            Some(r) => Some(r.cuda_coefficients(dev, T::DTYPE, &moments, c)?),
+            Some(r) => Some(r.cuda_coefficients(
+                dev,
+                T::DTYPE,
+                &moments,
+                c,
+                "sync-batch-norm-grad-stats",
+            )?),
             None => None,
         };
         // x is the primary view (it picks the path); dy follows its structure.
@@ -336,7 +283,7 @@ mod cuda {
                 l::push_storage(&mut args, moments.storage())?;
                 args.arg(&m);
                 if let Some(coef) = &relu_coef {
-                    args.arg(coef);
+                    coef.push(&mut args)?;
                 }
                 args.arg(&len).arg(&chunks).arg(&group).arg(&mut partial);
                 // SAFETY: matches bn_grad_major_*(const T*, View, const T*, View,
@@ -353,7 +300,7 @@ mod cuda {
                 l::push_storage(&mut args, moments.storage())?;
                 args.arg(&m);
                 if let Some(coef) = &relu_coef {
-                    args.arg(coef);
+                    coef.push(&mut args)?;
                 }
                 args.arg(&rows).arg(&mut partial);
                 // SAFETY: matches bn_grad_inner_*(const T*, View, const T*, View,
@@ -435,6 +382,7 @@ mod tests {
                 Some(FusedRelu {
                     weight: Some(Tensor::new(&[1.5f32, -0.5, 2.0], dev).unwrap()),
                     bias: Some(Tensor::new(&[0.1f32, 0.2, -0.3], dev).unwrap()),
+                    coefficients: None,
                 }),
             ];
             for relu in relus {

@@ -30,6 +30,7 @@ mod batch_moments;
 mod batch_norm;
 mod batch_norm_add;
 mod batch_stats;
+mod coefficients;
 mod grad_stats;
 mod input_grad;
 mod moments;
@@ -42,6 +43,7 @@ pub use batch_moments::{BatchMoments, RunningTensors};
 pub use batch_norm::BatchNormOp;
 pub use batch_norm_add::BatchNormAddOp;
 pub use batch_stats::BatchStats;
+pub use coefficients::{ForwardCoefficients, COEFFICIENTS_PER_CHANNEL};
 pub use grad_stats::GradStats;
 pub use input_grad::InputGrad;
 pub use moments::Moments;
@@ -127,12 +129,18 @@ pub(crate) fn cpu_values_f64(storage: &CpuStorage, layout: &Layout, op: &str) ->
     })
 }
 
-/// Rounds f64 values to a float dtype's CPU storage.
+/// Rounds f64 values to a float dtype's CPU storage, to nearest as the CUDA
+/// kernels round (see [`element::bf16_from_f64`]).
 pub(crate) fn f64_to_cpu_storage(values: &[f64], dtype: DType, op: &str) -> Result<CpuStorage> {
-    use candle::WithDType;
-    element::with_float_type!(dtype, T => {
-        Ok(T::to_cpu_storage_owned(values.iter().map(|&v| T::from_f64(v)).collect()))
-    }, _ => Err(unsupported_dtype(op, "parameter", dtype)))
+    Ok(match dtype {
+        DType::F64 => CpuStorage::F64(values.to_vec()),
+        DType::F32 => CpuStorage::F32(values.iter().map(|&v| v as f32).collect()),
+        DType::F16 => CpuStorage::F16(values.iter().map(|&v| element::f16_from_f64(v)).collect()),
+        DType::BF16 => {
+            CpuStorage::BF16(values.iter().map(|&v| element::bf16_from_f64(v)).collect())
+        }
+        other => return Err(unsupported_dtype(op, "parameter", other)),
+    })
 }
 
 /// The bits of a tensor's values as f64, for tests that compare ops bit for bit.
@@ -147,4 +155,102 @@ pub(crate) fn test_bits(t: &Tensor) -> Vec<u64> {
         .iter()
         .map(|v| v.to_bits())
         .collect()
+}
+
+/// Lends the storage of a tensor to a closure from inside an in-place op on
+/// it, so that an op can write a second output it was handed: `t`'s storage
+/// is write-locked while `f` runs. `t` must share its storage with no tensor
+/// the caller holds locked (the lock would wait for itself); the ops make
+/// such tensors themselves, fresh.
+struct Lend<F, R> {
+    name: &'static str,
+    f: std::cell::RefCell<Option<F>>,
+    out: std::cell::RefCell<Option<R>>,
+}
+
+impl<F, R> Lend<F, R> {
+    fn new(name: &'static str, f: F) -> Self {
+        Self {
+            name,
+            f: std::cell::RefCell::new(Some(f)),
+            out: std::cell::RefCell::new(None),
+        }
+    }
+
+    fn take_f(&self) -> Result<F> {
+        self.f.borrow_mut().take().ok_or_else(|| {
+            candle::Error::Msg(format!("{}: internal error, storage lent twice", self.name))
+        })
+    }
+
+    fn result(self) -> Result<R> {
+        self.out.into_inner().ok_or_else(|| {
+            candle::Error::Msg(format!("{}: internal error, storage not lent", self.name))
+        })
+    }
+}
+
+/// Runs `f` on the CPU storage of `t`, write-locked (see [`Lend`]).
+pub(crate) fn with_cpu_storage_mut<R>(
+    t: &Tensor,
+    name: &'static str,
+    f: impl FnOnce(&mut CpuStorage, &Layout) -> Result<R>,
+) -> Result<R> {
+    struct OnCpu<F, R>(Lend<F, R>);
+    impl<F: FnOnce(&mut CpuStorage, &Layout) -> Result<R>, R> candle::InplaceOp1 for OnCpu<F, R> {
+        fn name(&self) -> &'static str {
+            self.0.name
+        }
+
+        fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
+            let r = (self.0.take_f()?)(storage, layout)?;
+            *self.0.out.borrow_mut() = Some(r);
+            Ok(())
+        }
+    }
+    let op = OnCpu(Lend::new(name, f));
+    t.inplace_op1(&op)?;
+    op.0.result()
+}
+
+/// Replaces the CPU storage of `t`, a fresh tensor made for `values` (same
+/// dtype, contiguous from the start): how an op fills a second output.
+pub(crate) fn store_cpu(t: &Tensor, name: &'static str, values: CpuStorage) -> Result<()> {
+    with_cpu_storage_mut(t, name, |storage, _| {
+        *storage = values;
+        Ok(())
+    })
+}
+
+/// Runs `f` on the CUDA storage of `t`, write-locked (see [`Lend`]).
+#[cfg(feature = "cuda")]
+pub(crate) fn with_cuda_storage_mut<R>(
+    t: &Tensor,
+    name: &'static str,
+    f: impl FnOnce(&mut candle::CudaStorage, &Layout) -> Result<R>,
+) -> Result<R> {
+    struct OnCuda<F, R>(Lend<F, R>);
+    impl<F: FnOnce(&mut candle::CudaStorage, &Layout) -> Result<R>, R> candle::InplaceOp1
+        for OnCuda<F, R>
+    {
+        fn name(&self) -> &'static str {
+            self.0.name
+        }
+
+        fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout) -> Result<()> {
+            candle::bail!(
+                "{}: internal error, an output tensor is on the CPU, not on the GPU",
+                self.0.name
+            )
+        }
+
+        fn cuda_fwd(&self, storage: &mut candle::CudaStorage, layout: &Layout) -> Result<()> {
+            let r = (self.0.take_f()?)(storage, layout)?;
+            *self.0.out.borrow_mut() = Some(r);
+            Ok(())
+        }
+    }
+    let op = OnCuda(Lend::new(name, f));
+    t.inplace_op1(&op)?;
+    op.0.result()
 }

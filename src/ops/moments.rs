@@ -1,8 +1,8 @@
 //! Per-channel mean and inverse standard deviation, from batch sums or from
 //! running statistics.
 
-use super::cpu_values_f64;
-use candle::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape};
+use super::{cpu_values_f64, ForwardCoefficients};
+use candle::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 
 /// Produces the `(3, C)` f64 "moments" tensor every normalizing op reads:
 /// rows `mean`, `invstd = 1/√(var + eps)` and `count`.
@@ -133,6 +133,53 @@ impl CustomOp2 for Moments {
         s2: &candle::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle::CudaStorage, Shape)> {
+        self.running_cuda((s1, l1), (s2, l2), None)
+    }
+}
+
+impl Moments {
+    /// The moments of the running statistics (as the [`CustomOp2`]) and,
+    /// from the same op (on a GPU, the same launch), the forward's
+    /// per-channel coefficients for `coefficients`' input dtype and
+    /// parameters: eval's moments and the `(C, 8)` coefficient tensor to
+    /// give [`BatchNormOp::coefficients`](super::BatchNormOp::coefficients).
+    pub fn running_with_coefficients(
+        running_mean: &Tensor,
+        running_var: &Tensor,
+        eps: f64,
+        coefficients: &ForwardCoefficients,
+    ) -> Result<(Tensor, Tensor)> {
+        let c_n = running_mean.elem_count();
+        // SAFETY: both paths write every coefficient before the op returns
+        // Ok; on an error the tensor is dropped unread.
+        let coef = unsafe {
+            coefficients.alloc(
+                c_n,
+                running_mean.device(),
+                "sync-batch-norm-running-moments",
+            )?
+        };
+        let moments = running_mean.apply_op2_no_bwd(
+            running_var,
+            &WithCoefficients {
+                moments: Moments { eps },
+                request: coefficients,
+                coef: &coef,
+            },
+        )?;
+        Ok((moments, coef))
+    }
+
+    /// The CUDA moments of the running statistics, with the coefficients
+    /// written into `coef` when given.
+    #[cfg(feature = "cuda")]
+    fn running_cuda(
+        &self,
+        (s1, l1): (&candle::CudaStorage, &Layout),
+        (s2, l2): (&candle::CudaStorage, &Layout),
+        coef: Option<(&ForwardCoefficients, &mut candle::CudaStorage)>,
+    ) -> Result<(candle::CudaStorage, Shape)> {
+        use super::coefficients::cuda as coef_args;
         use crate::cuda::launch as l;
         use candle::backend::BackendStorage;
         use candle::cuda_backend::cudarc::driver::PushKernelArg;
@@ -148,6 +195,13 @@ impl CustomOp2 for Moments {
         let dev = s1.device();
         let mean = l::vec1(l1, s1.dtype(), c_n, "running mean")?;
         let var = l::vec1(l2, s2.dtype(), c_n, "running variance")?;
+        let (params, coef_dt) = match &coef {
+            Some((request, _)) => (
+                Some(coef_args::Params::new(request, dev, c_n)?),
+                coef_args::dtype_code(request.input)?,
+            ),
+            None => (None, 0),
+        };
         // SAFETY: the kernel writes all 3 * C values.
         let mut out = unsafe { l::alloc::<f64>(dev, 3 * c_n)? };
         if c_n > 0 {
@@ -159,13 +213,61 @@ impl CustomOp2 for Moments {
             args.arg(&mean);
             l::push_storage(&mut args, s2)?;
             args.arg(&var).arg(&c).arg(&eps).arg(&mut out);
+            let request = match (&params, coef) {
+                (Some(p), Some((_, storage))) => Some((p, storage)),
+                _ => None,
+            };
+            coef_args::push(&mut args, request, &coef_dt)?;
             // SAFETY: matches bn_moments_from_running(const void*, Vec1, const
-            // void*, Vec1, long long, double, double*).
+            // void*, Vec1, long long, double, double*, const void*, Vec1,
+            // const void*, Vec1, void*, int); the coefficients hold C * 8
+            // accumulator values.
             unsafe { l::launch(args, l::grid(crate::cuda::plan::per_item_blocks(c_n))?)? };
         }
         Ok((
             candle::CudaStorage::wrap_cuda_slice(out, dev.clone()),
             Shape::from((3, c_n)),
         ))
+    }
+}
+
+/// [`Moments`] of running statistics that also writes the forward's
+/// coefficients into `coef`, a fresh `(C, 8)` tensor no other tensor shares.
+struct WithCoefficients<'a> {
+    moments: Moments,
+    request: &'a ForwardCoefficients,
+    coef: &'a Tensor,
+}
+
+impl CustomOp2 for WithCoefficients<'_> {
+    fn name(&self) -> &'static str {
+        "sync-batch-norm-running-moments"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (moments, shape) = CustomOp2::cpu_fwd(&self.moments, s1, l1, s2, l2)?;
+        let values = self.request.cpu_values_of(&moments, &shape, self.name())?;
+        super::store_cpu(self.coef, self.name(), values)?;
+        Ok((moments, shape))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle::CudaStorage,
+        l1: &Layout,
+        s2: &candle::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle::CudaStorage, Shape)> {
+        super::with_cuda_storage_mut(self.coef, self.name(), |coef, _| {
+            self.moments
+                .running_cuda((s1, l1), (s2, l2), Some((self.request, coef)))
+        })
     }
 }

@@ -19,6 +19,10 @@ pub struct FusedRelu {
     pub weight: Option<Tensor>,
     /// The forward's bias (`None`: 0).
     pub bias: Option<Tensor>,
+    /// The forward's coefficients, if it computed them with the moments
+    /// ([`ForwardCoefficients`](super::ForwardCoefficients)): on a GPU the
+    /// backward reads them instead of launching their kernel again.
+    pub coefficients: Option<Tensor>,
 }
 
 impl FusedRelu {
@@ -47,34 +51,46 @@ impl FusedRelu {
     }
 
     /// The forward's coefficients on the GPU, for inputs of `dtype` with `c`
-    /// channels: the forward's own kernel (`bn_coef_normalize_*`) on the same
-    /// moments, weight and bias.
+    /// channels: [`Self::coefficients`], else the forward's own kernel
+    /// (`bn_coef_normalize_*`) on the same moments, weight and bias.
     #[cfg(feature = "cuda")]
-    pub(crate) fn cuda_coefficients(
-        &self,
+    pub(crate) fn cuda_coefficients<'a>(
+        &'a self,
         dev: &candle::CudaDevice,
         dtype: candle::DType,
         moments: &crate::cuda::launch::Small<'_>,
         c: usize,
-    ) -> Result<candle::cuda_backend::cudarc::driver::CudaSlice<u8>> {
+        op: &str,
+    ) -> Result<super::coefficients::cuda::Coef<'a>> {
         use crate::cuda::launch::Small;
-        let w = match &self.weight {
-            Some(w) => Some(Small::new(w, dev, "weight")?),
-            None => None,
-        };
-        let b = match &self.bias {
-            Some(b) => Some(Small::new(b, dev, "bias")?),
-            None => None,
-        };
-        let weight = match &w {
-            Some(w) => Some((w.storage(), w.vec1(c, "weight")?)),
-            None => None,
-        };
-        let bias = match &b {
-            Some(b) => Some((b.storage(), b.vec1(c, "bias")?)),
-            None => None,
-        };
-        super::batch_norm::cuda::normalize_coefficients(dev, dtype, moments, c, weight, bias)
+        super::coefficients::cuda::Coef::given_or(
+            self.coefficients.as_ref(),
+            dev,
+            dtype,
+            c,
+            op,
+            || {
+                let w = match &self.weight {
+                    Some(w) => Some(Small::new(w, dev, "weight")?),
+                    None => None,
+                };
+                let b = match &self.bias {
+                    Some(b) => Some(Small::new(b, dev, "bias")?),
+                    None => None,
+                };
+                let weight = match &w {
+                    Some(w) => Some((w.storage(), w.vec1(c, "weight")?)),
+                    None => None,
+                };
+                let bias = match &b {
+                    Some(b) => Some((b.storage(), b.vec1(c, "bias")?)),
+                    None => None,
+                };
+                super::batch_norm::cuda::normalize_coefficients(
+                    dev, dtype, moments, c, weight, bias,
+                )
+            },
+        )
     }
 }
 

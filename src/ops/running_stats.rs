@@ -1,5 +1,6 @@
 //! In-place updates of the running statistics and of `num_batches_tracked`.
 
+use super::element::{bf16_from_f64, f16_from_f64};
 use super::{cpu_values_f64, strided_offsets};
 use candle::backend::BackendStorage;
 use candle::{CpuStorage, DType, Device, InplaceOp1, InplaceOp3, Layout, Result, Tensor};
@@ -147,8 +148,8 @@ impl RunningStatsUpdate {
         match dst {
             CpuStorage::F32(v) => update!(v, |x: f32| x as f64, |x: f64| x as f32),
             CpuStorage::F64(v) => update!(v, |x: f64| x, |x: f64| x),
-            CpuStorage::F16(v) => update!(v, |x: half::f16| x.to_f64(), half::f16::from_f64),
-            CpuStorage::BF16(v) => update!(v, |x: half::bf16| x.to_f64(), half::bf16::from_f64),
+            CpuStorage::F16(v) => update!(v, |x: half::f16| x.to_f64(), f16_from_f64),
+            CpuStorage::BF16(v) => update!(v, |x: half::bf16| x.to_f64(), bf16_from_f64),
             other => candle::bail!(
                 "{}: unsupported running-stat dtype {:?}",
                 self.name(),
