@@ -85,8 +85,8 @@ impl BatchNormOp {
         Ok((out, xl.shape().clone()))
     }
 
-    /// The CUDA forward: per-channel coefficients (`bn_coef_normalize_*`), then
-    /// the element-wise pass (`bn_normalize_*`, or `bn_normalize_add_*` with a
+    /// The CUDA forward: per-channel coefficients ([`Self::coefficients`], or
+    /// `bn_coef_normalize_*`), then the element-wise pass (`bn_normalize_*`, or `bn_normalize_add_*` with a
     /// residual) into a contiguous output.
     #[cfg(feature = "cuda")]
     pub(super) fn forward_cuda(

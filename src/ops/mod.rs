@@ -4,9 +4,10 @@
 //! Training forward: [`BatchStats`] (local `[n; Σx; Σx²]` per channel) → one
 //! all-reduce → [`BatchMoments`] (mean, invstd, and in the same pass the
 //! running statistics and the counter, in place: what [`CounterIncrement`],
-//! [`RunningStatsUpdate`] and [`Moments`] do one at a time) →
-//! [`BatchNormOp`] (normalize, with autograd). Eval: [`Moments`] of the
-//! running statistics → [`BatchNormOp`].
+//! [`RunningStatsUpdate`] and [`Moments`] do one at a time; on a GPU also the
+//! normalization's [`ForwardCoefficients`]) → [`BatchNormOp`] (normalize,
+//! with autograd). Eval: [`Moments`] of the running statistics (with the
+//! coefficients on a GPU) → [`BatchNormOp`].
 //! Backward of [`BatchNormOp`]: [`GradStats`] (local `[Σdy; Σdy·(x−μ)]`, and
 //! from the same op the local dweight and dbias, what [`AffineGrads`]
 //! computes from them) → one all-reduce → [`InputGrad`] (dx).
