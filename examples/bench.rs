@@ -40,7 +40,10 @@
 use anyhow::{bail, Result};
 use candle::{DType, Device, Tensor, Var};
 use candle_nn::{ModuleT, VarBuilder, VarMap};
-use candle_syncbn::ops::{BatchStats, FusedRelu, GradStats, InputGrad, Moments, ReluGrad};
+use candle_syncbn::ops::{
+    BatchMoments, BatchStats, ForwardCoefficients, FusedRelu, GradStats, InputGrad, Moments,
+    ReluGrad,
+};
 use candle_syncbn::{ProcessGroup, SyncBatchNorm, SyncBatchNormConfig};
 use clap::Parser;
 use rayon::prelude::*;
@@ -237,7 +240,19 @@ fn bench_one(dev: &Device, shape: &[usize], dtype: DType, args: &Args) -> Result
     let axis = 1;
     let dy = xt.ones_like()?;
     let sums = xt.apply_op1_no_bwd(&BatchStats { axis })?;
-    let moments = sums.apply_op1_no_bwd(&Moments { eps: 1e-5 })?;
+    // On a GPU the layer computes the forward's coefficients with the
+    // moments, and a fused ReLU's backward reads them (below).
+    let (moments, coefficients) = if dev.is_cuda() {
+        let request = ForwardCoefficients {
+            input: dtype,
+            weight: None,
+            bias: None,
+        };
+        let (m, c) = BatchMoments::apply_with_coefficients(&sums, 1e-5, None, &request)?;
+        (m, Some(c))
+    } else {
+        (sums.apply_op1_no_bwd(&Moments { eps: 1e-5 })?, None)
+    };
     let group = ProcessGroup::single();
     let bwd_ops = time(dev, iters, || {
         let local = dy.apply_op2_no_bwd(
@@ -313,7 +328,11 @@ fn bench_one(dev: &Device, shape: &[usize], dtype: DType, args: &Args) -> Result
             };
             Ok(dy.apply_op2_no_bwd(xt, &op)?)
         };
-        let relu_bwd_ops = time(dev, iters, || relu_bwd(Some(FusedRelu::default()), &dy))?;
+        let fused_relu = FusedRelu {
+            coefficients: coefficients.clone(),
+            ..FusedRelu::default()
+        };
+        let relu_bwd_ops = time(dev, iters, || relu_bwd(Some(fused_relu.clone()), &dy))?;
         let y_relu = bn.forward_relu_t(xt, true)?.detach();
         let bwd_ops_mask_pass = time(dev, iters, || {
             let masked = dy.apply_op2_no_bwd(&y_relu, &ReluGrad { axis })?;
