@@ -63,6 +63,28 @@ impl BatchMoments {
         coefficients: &ForwardCoefficients,
     ) -> Result<(Tensor, Tensor)> {
         Self::check(sums, running)?;
+        if let Some(r) = running {
+            // The parameters are read while the running tensors are
+            // write-locked: a shared storage would wait for itself.
+            let params = [
+                ("weight", &coefficients.weight),
+                ("bias", &coefficients.bias),
+            ];
+            for (what, p) in params {
+                let Some(p) = p else { continue };
+                for (other, t) in [
+                    ("running mean", &r.mean),
+                    ("running variance", &r.var),
+                    ("counter", &r.num_batches_tracked),
+                ] {
+                    if storage_id(p) == storage_id(t) {
+                        candle::bail!(
+                            "sync-batch-norm-batch-moments: the {what} and the {other} share their storage"
+                        )
+                    }
+                }
+            }
+        }
         let c_n = sums.dims()[1];
         // SAFETY: both paths write every coefficient before the op returns
         // Ok; on an error the tensor is dropped unread.
@@ -385,7 +407,45 @@ mod tests {
                     let fused = running(dtype, counter, 3, momentum);
                     let separate = running(dtype, counter, 3, momentum);
                     for step in 0..2 {
-                        let got = BatchMoments::apply(&sums, 1e-5, Some(&fused)).unwrap();
+                        // Step 1 also computes the forward's coefficients:
+                        // the moments' values and the same running update.
+                        let got = if step == 0 {
+                            BatchMoments::apply(&sums, 1e-5, Some(&fused)).unwrap()
+                        } else {
+                            let request = ForwardCoefficients {
+                                input: dtype,
+                                weight: None,
+                                bias: None,
+                            };
+                            let (moments, coef) = BatchMoments::apply_with_coefficients(
+                                &sums,
+                                1e-5,
+                                Some(&fused),
+                                &request,
+                            )
+                            .unwrap();
+                            // hi, lo, invstd·1, bias 0, then zeros.
+                            let m = host_f64(&moments).unwrap();
+                            let want: Vec<f64> = (0..3)
+                                .flat_map(|c| {
+                                    let (mean, invstd) = (m[c], m[3 + c]);
+                                    let (hi, lo, b) = if dtype == DType::F64 {
+                                        (mean, 0.0, invstd)
+                                    } else {
+                                        let hi = mean as f32;
+                                        (
+                                            hi as f64,
+                                            (mean - hi as f64) as f32 as f64,
+                                            invstd as f32 as f64,
+                                        )
+                                    };
+                                    [hi, lo, b, 0.0, 0.0, 0.0, 0.0, 0.0]
+                                })
+                                .collect();
+                            assert_eq!(coef.dims(), [3, 8]);
+                            assert_eq!(host_f64(&coef).unwrap(), want, "{dtype:?} coefficients");
+                            moments
+                        };
                         separate
                             .num_batches_tracked
                             .inplace_op1(&CounterIncrement)
@@ -460,5 +520,33 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("expected (3, C) sums"), "{err}");
+        // The coefficients' weight read while the running mean is written.
+        let request = ForwardCoefficients {
+            input: DType::F32,
+            weight: Some(r.mean.clone()),
+            bias: None,
+        };
+        let err = BatchMoments::apply_with_coefficients(&sums, 1e-5, Some(&r), &request)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("the weight and the running mean share their storage"),
+            "{err}"
+        );
+        let request = ForwardCoefficients {
+            bias: Some(Tensor::ones(2, DType::F32, &Device::Cpu).unwrap()),
+            ..request
+        };
+        let request = ForwardCoefficients {
+            weight: None,
+            ..request
+        };
+        let err = BatchMoments::apply_with_coefficients(&sums, 1e-5, Some(&r), &request)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("expected a float bias of 3 elements for the coefficients, got F32 [2]"),
+            "{err}"
+        );
     }
 }
