@@ -86,6 +86,18 @@ __device__ __forceinline__ void coef_input_grad(const void* __restrict__ moments
 COEF_KERNELS(float, f32)
 COEF_KERNELS(double, f64)
 
+// [weight; bias] as one contiguous (2, C) tensor of dtype `out_dt` (the third
+// input of the op with a residual), one thread per channel; values pass
+// through f64, exactly for the float dtypes, and are rounded once to out_dt.
+extern "C" __global__ void __launch_bounds__(BLOCK)
+    bn_stack_params(const void* __restrict__ w, const Vec1 wv, const void* __restrict__ b, const Vec1 bv,
+                    void* __restrict__ out, const int out_dt, const long long channels) {
+    const long long c = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= channels) return;
+    store_f64(out, out_dt, c, load_f64(w, wv.dtype, wv.offset + c * wv.stride));
+    store_f64(out, out_dt, channels + c, load_f64(b, bv.dtype, bv.offset + c * bv.stride));
+}
+
 // ---------------------------------------------------------------------------
 // Element-wise kernel.
 //

@@ -156,7 +156,7 @@ for step in "${STEPS[@]}"; do
       run_step sanitize bash -c '
         ops="batch_stats_match_cpu grad_stats_match_cpu batch_norm_op_matches_cpu"
         ops="$ops input_grad_and_affine_grads_match_cpu grad_stats_with_affine_grads_match_separate_ops"
-        ops="$ops fused_relu_layer_matches_cpu"
+        ops="$ops stack_params_match_cpu fused_relu_layer_matches_cpu"
         compute-sanitizer --tool memcheck --error-exitcode 9 "$0" --test-threads=1 $ops || exit
         compute-sanitizer --tool racecheck --error-exitcode 9 "$0" --test-threads=1 \
           batch_stats_match_cpu grad_stats_match_cpu

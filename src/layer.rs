@@ -2,7 +2,7 @@
 
 use crate::ops::{
     BatchMoments, BatchNormAddOp, BatchNormOp, BatchStats, ForwardCoefficients, Moments,
-    RunningTensors,
+    RunningTensors, StackParams,
 };
 use crate::{ProcessGroup, SyncBatchNormConfig};
 use candle::{DType, Result, Tensor, Var};
@@ -338,11 +338,7 @@ impl SyncBatchNorm {
             (None, None) => x.apply_op1(op),
             (Some((w, b)), Some(z)) => {
                 // One (2, C) input for both (custom ops take three inputs).
-                let wb = if w.dtype() == b.dtype() {
-                    Tensor::stack(&[w, b], 0)?
-                } else {
-                    Tensor::stack(&[w.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?], 0)?
-                };
+                let wb = w.apply_op2(b, StackParams)?;
                 x.apply_op3(z, &wb, BatchNormAddOp { norm: op })
             }
             (None, Some(z)) => x.apply_op2(z, BatchNormAddOp { norm: op }),

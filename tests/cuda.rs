@@ -23,7 +23,7 @@ use candle_nn::{ModuleT, VarBuilder, VarMap};
 use candle_syncbn::ops::{
     AffineGrads, BatchMoments, BatchNormOp, BatchStats, CounterIncrement, ForwardCoefficients,
     FusedRelu, GradStats, InputGrad, Moments, RunningStat, RunningStatsUpdate, RunningTensors,
-    COEFFICIENTS_PER_CHANNEL,
+    StackParams, COEFFICIENTS_PER_CHANNEL,
 };
 use candle_syncbn::{ProcessGroup, SyncBatchNorm, SyncBatchNormConfig};
 use common::*;
@@ -892,6 +892,69 @@ fn grad_stats_with_affine_grads_match_separate_ops() {
     }
 }
 
+/// `StackParams` on the GPU (one launch): the CPU's values bit for bit, for
+/// equal and mixed dtypes and strided parameters, and each parameter's row of
+/// the gradient in its own dtype.
+#[test]
+fn stack_params_match_cpu() {
+    let dev = cuda_or_skip!("stack_params_match_cpu");
+    let pairs = [
+        (DType::F32, DType::F32),
+        (DType::BF16, DType::BF16),
+        (DType::F16, DType::F16),
+        (DType::F64, DType::F64),
+        (DType::F64, DType::F16),
+        (DType::BF16, DType::F32),
+    ];
+    let base = data(&[1, 300], DType::F64, 17).flatten_all().unwrap();
+    for (wd, bd) in pairs {
+        for strided in [false, true] {
+            let make = |d: &Device| {
+                let on = |t: Tensor| Var::from_tensor(&t.to_device(d).unwrap()).unwrap();
+                let (w, b) = (
+                    on(base.to_dtype(wd).unwrap()),
+                    on(base.affine(-0.5, 0.25).unwrap().to_dtype(bd).unwrap()),
+                );
+                // Strided: the weight a contiguous half at offset 10, the
+                // bias every other element from offset 1.
+                let (wv, bv) = if strided {
+                    (
+                        w.as_tensor().narrow(0, 10, 150).unwrap(),
+                        b.as_tensor()
+                            .reshape((150, 2))
+                            .unwrap()
+                            .narrow(1, 1, 1)
+                            .unwrap()
+                            .squeeze(1)
+                            .unwrap(),
+                    )
+                } else {
+                    (w.as_tensor().clone(), b.as_tensor().clone())
+                };
+                let wb = wv.apply_op2(&bv, StackParams).unwrap();
+                let g = Tensor::arange(0f32, wb.elem_count() as f32, d)
+                    .unwrap()
+                    .reshape(wb.shape())
+                    .unwrap()
+                    .to_dtype(wb.dtype())
+                    .unwrap();
+                let grads = (&wb * &g).unwrap().sum_all().unwrap().backward().unwrap();
+                let gw = grads.get(w.as_tensor()).unwrap().clone();
+                let gb = grads.get(b.as_tensor()).unwrap().clone();
+                (wb, gw, gb)
+            };
+            let (cpu, gpu) = (make(&Device::Cpu), make(&dev));
+            let what = format!("{wd:?} {bd:?} strided {strided}");
+            assert_eq!(gpu.0.dtype(), StackParams::dtype(wd, bd), "{what}");
+            assert_eq!(gpu.0.dims(), cpu.0.dims(), "{what}");
+            assert_eq!(values(&gpu.0), values(&cpu.0), "{what}: stack");
+            assert_eq!((gpu.1.dtype(), gpu.2.dtype()), (wd, bd), "{what}");
+            assert_eq!(values(&gpu.1), values(&cpu.1), "{what}: weight gradient");
+            assert_eq!(values(&gpu.2), values(&cpu.2), "{what}: bias gradient");
+        }
+    }
+}
+
 #[test]
 fn unsupported_dtypes_are_errors() {
     let dev = cuda_or_skip!("unsupported_dtypes_are_errors");
@@ -1669,18 +1732,17 @@ fn a_step_makes_the_profiled_number_of_launches() {
         let g = data(&[4, 6, 5, 5], dtype, 4).to_device(&dev).unwrap();
         let z = Var::from_tensor(&data(&[4, 6, 5, 5], dtype, 5).to_device(&dev).unwrap()).unwrap();
         type Forward<'a> = Box<dyn Fn(bool) -> Tensor + 'a>;
-        let forwards: [(&str, Forward, u64, u64); 3] = [
+        // (name, forward, launches of the training forward, its backward, eval)
+        let forwards: [(&str, Forward, [u64; 3]); 3] = [
             (
                 "forward_t",
                 Box::new(|train| bn.forward_t(x.as_tensor(), train).unwrap()),
-                4,
-                4,
+                [4, 4, 2],
             ),
             (
                 "forward_relu_t",
                 Box::new(|train| bn.forward_relu_t(x.as_tensor(), train).unwrap()),
-                4,
-                4,
+                [4, 4, 2],
             ),
             (
                 "forward_add_relu_t",
@@ -1688,11 +1750,12 @@ fn a_step_makes_the_profiled_number_of_launches() {
                     bn.forward_add_relu_t(x.as_tensor(), z.as_tensor(), train)
                         .unwrap()
                 }),
-                4,
-                5,
+                // One more each way: the (2, C) weight-bias stack forward,
+                // the ReLU's gradient mask (the residual's gradient) backward.
+                [5, 5, 3],
             ),
         ];
-        for (name, forward, fwd, bwd) in &forwards {
+        for (name, forward, want) in &forwards {
             drop(forward(true)); // loads the modules
             let before = launches();
             let y = forward(true);
@@ -1703,14 +1766,13 @@ fn a_step_makes_the_profiled_number_of_launches() {
             let after_backward = launches();
             let eval = forward(false);
             let after_eval = launches();
-            let got = (
+            let got = [
                 after_forward - before,
                 after_backward - before_backward,
                 after_eval - after_backward,
-            );
+            ];
             assert_eq!(
-                got,
-                (*fwd, *bwd, 2),
+                &got, want,
                 "{name} {dtype:?}: (training forward, backward, eval forward) launches"
             );
             assert!(values(grads.get(x.as_tensor()).unwrap())

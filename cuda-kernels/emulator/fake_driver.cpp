@@ -93,6 +93,7 @@ std::unordered_map<std::string, Kernel>& registry() {
         SYNCBN_KERNEL(bn_coef_normalize_f64),
         SYNCBN_KERNEL(bn_coef_input_grad_f32),
         SYNCBN_KERNEL(bn_coef_input_grad_f64),
+        SYNCBN_KERNEL(bn_stack_params),
         SYNCBN_TYPED(bn_normalize),
         SYNCBN_TYPED(bn_normalize_add),
         SYNCBN_TYPED(bn_input_grad),

@@ -9,8 +9,8 @@ use candle::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 ///
 /// Applied as `x.apply_op2(&z, op)` without an affine transform, or as
 /// `x.apply_op3(&z, &wb, op)` with `wb` the `(2, C)` stack of weight and bias
-/// (candle's custom ops take three inputs at most; the stack's backward
-/// hands each its row of the gradient). The backward masks the incoming
+/// ([`StackParams`](super::StackParams): candle's custom ops take three
+/// inputs at most; the stack's backward hands each its row of the gradient). The backward masks the incoming
 /// gradient once ([`super::ReluGrad`]); that masked gradient is `z`'s
 /// gradient as it is, and [`BatchNormOp`]'s backward takes it from there.
 #[derive(Debug, Clone)]

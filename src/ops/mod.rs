@@ -15,7 +15,7 @@
 //! where the forward's output, recomputed from the input, was not positive.
 //! [`BatchNormAddOp`] adds a residual before the ReLU: [`ReluGrad`] masks the
 //! incoming gradient by its output first (that masked gradient is the
-//! residual's gradient).
+//! residual's gradient); its weight and bias come as one [`StackParams`].
 //!
 //! On devices without these kernels (Metal, …) the layer is composed of
 //! candle ops instead; [`all_reduce_sum_with_grad`] (a sum over the ranks
@@ -37,6 +37,7 @@ mod input_grad;
 mod moments;
 mod relu_grad;
 mod running_stats;
+mod stack_params;
 
 pub use affine_grads::AffineGrads;
 pub use all_reduce::all_reduce_sum_with_grad;
@@ -51,6 +52,7 @@ pub use moments::Moments;
 pub use relu_grad::{FusedRelu, ReluGrad};
 pub(crate) use running_stats::counter_value;
 pub use running_stats::{increment_counter, CounterIncrement, RunningStat, RunningStatsUpdate};
+pub use stack_params::StackParams;
 
 use candle::backend::BackendStorage;
 use candle::{CpuStorage, DType, Layout, Result, Tensor};
