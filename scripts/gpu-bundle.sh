@@ -26,6 +26,7 @@ export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
 eval "$(bash scripts/cuda-toolchain.sh)"
 
 echo "[gpu-bundle] building release binaries for compute_${CUDA_COMPUTE_CAP}" >&2
+mkdir -p target
 cargo build --release --features cuda,nccl --test cuda --example bench --example train \
   --message-format=json-render-diagnostics >target/gpu-bundle-build.json
 
