@@ -465,6 +465,10 @@ fn run(args: &Args) -> Result<()> {
         "metal" => Device::new_metal(0).context("--device metal: opening the GPU")?,
         d => bail!("--device: expected cpu, cuda or metal, got {d:?}"),
     };
+    // The same on the GPU: the CUDA memory pool keeps freed memory across the
+    // synchronizations of each step instead of mapping it in again.
+    #[cfg(feature = "cuda")]
+    candle_syncbn::cuda_memory::keep_freed_memory(&device)?;
     let t0 = Instant::now();
     let group = ProcessGroup::from_env(&device)?;
     let (rank, world) = (group.rank(), group.world_size());

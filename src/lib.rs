@@ -80,7 +80,9 @@
 //!   [`cpu`]: the CPU kernels, and [`cpu::keep_freed_memory`], the allocator
 //!   policy to call at the start of a CPU training process (candle re-allocates
 //!   every activation and gradient each step; glibc's default returns that
-//!   memory to the system and page-faults it in again).
+//!   memory to the system and page-faults it in again); `cuda_memory`
+//!   (feature `cuda`): its GPU twin, `cuda_memory::keep_freed_memory`, which
+//!   makes the CUDA memory pool keep freed memory across synchronizations.
 //! - [`convert`]: drop-in [`batch_norm`], `SyncBatchNorm::from_batch_norm`, the
 //!   [`BatchNormRewriter`], and checkpoints to and from PyTorch and candle-nn.
 //! - [`launch`]: rendezvous from the environment and the self-spawning launcher;
@@ -102,6 +104,8 @@
 
 pub mod convert;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda_memory;
 pub mod data_parallel;
 pub mod group;
 pub mod launch;

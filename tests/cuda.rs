@@ -1521,20 +1521,32 @@ fn cuda_results_are_bitwise_deterministic() {
         track_running_stats: true,
     };
     let (steps, eval) = make_steps(&[8, 32, 16, 16], 2, 7);
-    let run = || {
-        run_layer(
-            &dev,
-            ProcessGroup::single(),
-            cfg,
-            DType::F32,
-            32,
-            &steps,
-            &eval,
-            false,
-        )
-        .unwrap()
-    };
-    let (a, b) = (run(), run());
+    let run = || one_rank_f32(&dev, cfg, &steps, &eval);
+    assert_same_runs(&run(), &run());
+}
+
+/// The layer's steps and eval on one f32 rank of 32 channels.
+fn one_rank_f32(
+    dev: &Device,
+    cfg: SyncBatchNormConfig,
+    steps: &Steps,
+    eval: &(Vec<usize>, Vec<f64>),
+) -> RankRun {
+    run_layer(
+        dev,
+        ProcessGroup::single(),
+        cfg,
+        DType::F32,
+        32,
+        steps,
+        eval,
+        false,
+    )
+    .unwrap()
+}
+
+/// Two runs agree bit for bit.
+fn assert_same_runs(a: &RankRun, b: &RankRun) {
     assert_eq!(a.outputs, b.outputs);
     assert_eq!(a.input_grads, b.input_grads);
     assert_eq!(a.weight_grads, b.weight_grads);
@@ -1542,6 +1554,39 @@ fn cuda_results_are_bitwise_deterministic() {
     assert_eq!(a.running_mean, b.running_mean);
     assert_eq!(a.running_var, b.running_var);
     assert_eq!(a.eval, b.eval);
+}
+
+/// `cuda_memory::keep_freed_memory` raises the pool's release threshold and
+/// changes no result: the layer's step, bit for bit, before and after. (The
+/// module exists with the `cuda` feature only.)
+#[cfg(feature = "cuda")]
+#[test]
+fn keep_freed_memory_keeps_the_pool_and_changes_no_result() {
+    let dev = cuda_or_skip!("keep_freed_memory_keeps_the_pool_and_changes_no_result");
+    use candle_syncbn::cuda_memory::{keep_freed_memory, release_threshold};
+    assert!(
+        !keep_freed_memory(&Device::Cpu).unwrap(),
+        "CPU: nothing to apply"
+    );
+    assert_eq!(release_threshold(&Device::Cpu).unwrap(), None);
+    let cfg = SyncBatchNormConfig::default();
+    let (steps, eval) = make_steps(&[8, 32, 16, 16], 2, 11);
+    let run = || one_rank_f32(&dev, cfg, &steps, &eval);
+    let before = run();
+    let Some(default_threshold) = release_threshold(&dev).unwrap() else {
+        report_skip(
+            "keep_freed_memory_keeps_the_pool_and_changes_no_result: this GPU has no memory pools",
+        );
+        return;
+    };
+    assert!(keep_freed_memory(&dev).unwrap());
+    assert_eq!(
+        release_threshold(&dev).unwrap(),
+        Some(u64::MAX),
+        "default was {default_threshold}"
+    );
+    let after = run();
+    assert_same_runs(&before, &after);
 }
 
 #[test]

@@ -97,6 +97,9 @@ std::unordered_map<std::string, Kernel>& registry() {
         SYNCBN_TYPED(bn_normalize),
         SYNCBN_TYPED(bn_normalize_add),
         SYNCBN_TYPED(bn_input_grad),
+        SYNCBN_TYPED(bn_normalize_rows),
+        SYNCBN_TYPED(bn_normalize_add_rows),
+        SYNCBN_TYPED(bn_input_grad_rows),
         SYNCBN_TYPED(bn_relu_grad),
     };
     return r;
@@ -377,6 +380,37 @@ CUresult cuMemAlloc_v2(std::uint64_t* dptr, std::size_t bytes) {
     return CUDA_SUCCESS;
 }
 CUresult cuMemAllocAsync(std::uint64_t* dptr, std::size_t bytes, void*) { return cuMemAlloc_v2(dptr, bytes); }
+// One memory pool per device, whose attributes are only stored (allocations
+// map and unmap at once whatever the release threshold): enough for
+// candle_syncbn::cuda_memory to set and read them back.
+static std::uint64_t pool_attributes[8][9];
+CUresult cuDeviceGetMemPool(void** pool, int dev) {
+    if (dev < 0 || dev >= device_count() || dev >= 8) return CUDA_ERROR_INVALID_DEVICE;
+    *pool = pool_attributes[dev];
+    return CUDA_SUCCESS;
+}
+static std::uint64_t* pool_attribute(void* pool, int attr) {
+    for (auto& p : pool_attributes)
+        if (pool == p && attr >= 1 && attr <= 8) return &p[attr];
+    return nullptr;
+}
+// Only RELEASE_THRESHOLD (4) and the other u64 attributes (5-8) are 64-bit;
+// 1-3 are ints.
+CUresult cuMemPoolSetAttribute(void* pool, int attr, void* value) {
+    std::uint64_t* slot = pool_attribute(pool, attr);
+    if (!slot || !value) return CUDA_ERROR_INVALID_VALUE;
+    *slot = attr >= 4 ? *static_cast<std::uint64_t*>(value) : static_cast<std::uint64_t>(*static_cast<int*>(value));
+    return CUDA_SUCCESS;
+}
+CUresult cuMemPoolGetAttribute(void* pool, int attr, void* value) {
+    std::uint64_t* slot = pool_attribute(pool, attr);
+    if (!slot || !value) return CUDA_ERROR_INVALID_VALUE;
+    if (attr >= 4)
+        *static_cast<std::uint64_t*>(value) = *slot;
+    else
+        *static_cast<int*>(value) = static_cast<int>(*slot);
+    return CUDA_SUCCESS;
+}
 // Unmaps an allocation (its pending work is done).
 static CUresult release(std::uint64_t dptr) {
     Mapping m{};
