@@ -232,6 +232,7 @@ mod cuda {
     use super::super::with_cuda_storage_mut as lend;
     use super::BatchMoments;
     use crate::cuda::launch as l;
+    use crate::cuda::plan;
     use candle::backend::BackendStorage;
     use candle::cuda_backend::cudarc::driver::PushKernelArg;
     use candle::{CudaStorage, Layout, Result, Shape};
@@ -357,10 +358,27 @@ mod cuda {
         // double, double*, const void*, Vec1, const void*, Vec1, void*, int);
         // every view lies inside its buffer, `out` holds 3 * C values, the
         // coefficients (C, 8) accumulator values, and the kernel runs as ONE
-        // block (it orders the counter's reads before its write with a block
-        // barrier).
-        unsafe { l::launch(args, l::grid(1)?)? };
+        // block where it reads the counter (it orders the counter's reads
+        // before its write with a block barrier).
+        unsafe {
+            l::launch(
+                args,
+                l::grid(moments_blocks(c_n, has_momentum == 1, counter_len > 0))?,
+            )?
+        };
         Ok(out)
+    }
+
+    /// Blocks of `bn_batch_moments` over `channels`: one where the running
+    /// factor reads the counter that the kernel also increments (a cumulative
+    /// average, no momentum), so that every read precedes the write; otherwise a
+    /// thread per channel.
+    fn moments_blocks(channels: usize, has_momentum: bool, has_counter: bool) -> usize {
+        if has_counter && !has_momentum {
+            1
+        } else {
+            plan::per_item_blocks(channels)
+        }
     }
 }
 
