@@ -143,6 +143,51 @@ template <typename A> __device__ __forceinline__ Coef<A> load_coef(const A* __re
     return Coef<A>{p[0], p[1]};
 }
 
+// elemt_body along the channels when the grid's stride is a multiple of the
+// channel count: the coefficients of the thread's W channels are loaded before
+// the loop (the forward's four values only when no pass needs the rest), and
+// each step is a load, the arithmetic of elemt_body, a store.
+template <typename T, int KIND, int W>
+__device__ __forceinline__ void elemt_fixed_channels(const T* __restrict__ dy, const View& dv,
+                                                     const T* __restrict__ x, const View& xv, T* __restrict__ out,
+                                                     const View& ov,
+                                                     const typename Traits<T>::Acc* __restrict__ coef,
+                                                     const int relu, long long p, TensorPos pos,
+                                                     const TensorPos& st, const long long total,
+                                                     const long long step) {
+    using A = typename Traits<T>::Acc;
+    const long long channels = xv.channels, inner = xv.inner;
+    constexpr bool GRAD = KIND == INPUT_GRAD;
+    Pack<A, 4> n[W], g[GRAD ? W : 1];
+#pragma unroll
+    for (int k = 0; k < W; ++k) {
+        const Pack<A, 4>* cp = reinterpret_cast<const Pack<A, 4>*>(coef + (pos.c + k) * COEF);
+        n[k] = cp[0];
+        if (GRAD) g[GRAD ? k : 0] = cp[1];
+    }
+    for (; p < total; p += step) {
+        A xs[W], d[W], r[W];
+        load_acc<T, W>(x + view_index(xv, pos.o, pos.c, pos.i), xs);
+        if (KIND != NORMALIZE) load_acc<T, W>(dy + view_index(dv, pos.o, pos.c, pos.i), d);
+#pragma unroll
+        for (int k = 0; k < W; ++k) {
+            const A centered = (xs[k] - n[k].v[0]) - n[k].v[1];
+            if (GRAD) {
+                const Pack<A, 4>& gk = g[GRAD ? k : 0];
+                A gv = d[k];
+                if (relu && !relu_passes<T>(affine_rn(centered, gk.v[1], gk.v[2]))) gv = A(0);
+                r[k] = gv * gk.v[0] + centered * n[k].v[2] + n[k].v[3];
+            } else {
+                r[k] = affine_rn(centered, n[k].v[2], n[k].v[3]);
+                if (KIND == NORMALIZE_ADD) r[k] = r[k] + d[k];
+                if (relu && r[k] < A(0)) r[k] = A(0);
+            }
+        }
+        store_acc<T, W>(out + view_index(ov, pos.o, pos.c, pos.i), r);
+        tensor_advance(pos, st, channels, inner);
+    }
+}
+
 template <typename T, int KIND, int W, int ALONG>
 __device__ __forceinline__ void elemt_body(const T* __restrict__ dy, const View& dv, const T* __restrict__ x,
                                            const View& xv, T* __restrict__ out, const View& ov,
@@ -193,6 +238,32 @@ __device__ __forceinline__ void elemt_body(const T* __restrict__ dy, const View&
     }
 }
 
+// The `_rows` entries: vectors along the channels (mode 2) with a grid whose
+// stride is a multiple of the channel count (plan::elementwise_kernel picks
+// them then), so that each thread keeps its channels and loads their
+// coefficients once (elemt_fixed_channels). Entries of their own: the hoisted
+// coefficients take registers (105 instead of 64 in bn_input_grad_bf16) that
+// would halve the other modes' occupancy. Any other grid takes elemt_body's
+// loop, with the same results.
+template <typename T, int KIND>
+__device__ __forceinline__ void elemt_rows(const T* __restrict__ dy, const View& dv, const T* __restrict__ x,
+                                           const View& xv, T* __restrict__ out, const View& ov,
+                                           const typename Traits<T>::Acc* __restrict__ coef, const int relu) {
+    constexpr int V = Traits<T>::VEC;
+    const long long channels = xv.channels, inner = xv.inner;
+    const long long total = xv.outer * channels * inner;
+    const long long step = (long long)gridDim.x * blockDim.x * V;
+    const long long p = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * V;
+    if (p >= total) return;
+    const TensorPos st = tensor_pos(step, channels, inner);
+    if (st.c != 0 || inner != 1) {
+        elemt_body<T, KIND, V, ALONG_CHANNELS>(dy, dv, x, xv, out, ov, coef, relu);
+        return;
+    }
+    elemt_fixed_channels<T, KIND, V>(dy, dv, x, xv, out, ov, coef, relu, p, tensor_pos(p, channels, inner), st,
+                                     total, step);
+}
+
 template <typename T, int KIND>
 __device__ __forceinline__ void elemt(const T* __restrict__ dy, const View& dv, const T* __restrict__ x,
                                       const View& xv, T* __restrict__ out, const View& ov,
@@ -229,6 +300,24 @@ __device__ __forceinline__ void elemt(const T* __restrict__ dy, const View& dv, 
                                const typename Traits<T>::Acc* __restrict__ coef, const int mode,               \
                                const int relu) {                                                               \
         elemt<T, INPUT_GRAD>(dy, dv, x, xv, out, ov, coef, mode, relu);                                        \
+    }                                                                                                          \
+    extern "C" __global__ void __launch_bounds__(BLOCK)                                                        \
+        bn_normalize_rows_##SUFFIX(const T* __restrict__ x, const View xv, T* __restrict__ out, const View ov, \
+                                   const typename Traits<T>::Acc* __restrict__ coef, const int /* mode: 2 */,  \
+                                   const int relu) {                                                           \
+        elemt_rows<T, NORMALIZE>(nullptr, xv, x, xv, out, ov, coef, relu);                                     \
+    }                                                                                                          \
+    extern "C" __global__ void __launch_bounds__(BLOCK) bn_normalize_add_rows_##SUFFIX(                        \
+        const T* __restrict__ z, const View zv, const T* __restrict__ x, const View xv, T* __restrict__ out,    \
+        const View ov, const typename Traits<T>::Acc* __restrict__ coef, const int /* mode: 2 */,               \
+        const int relu) {                                                                                      \
+        elemt_rows<T, NORMALIZE_ADD>(z, zv, x, xv, out, ov, coef, relu);                                       \
+    }                                                                                                          \
+    extern "C" __global__ void __launch_bounds__(BLOCK) bn_input_grad_rows_##SUFFIX(                           \
+        const T* __restrict__ dy, const View dv, const T* __restrict__ x, const View xv, T* __restrict__ out,   \
+        const View ov, const typename Traits<T>::Acc* __restrict__ coef, const int /* mode: 2 */,               \
+        const int relu) {                                                                                      \
+        elemt_rows<T, INPUT_GRAD>(dy, dv, x, xv, out, ov, coef, relu);                                         \
     }                                                                                                          \
     extern "C" __global__ void __launch_bounds__(BLOCK)                                                        \
         bn_relu_grad_##SUFFIX(const T* __restrict__ dy, const View dv, const T* __restrict__ y, const View yv,  \

@@ -206,6 +206,9 @@ const CASES: &[Case] = &[
     case("nhwc 6 channels", &[3, 6, 4, 5], Nhwc, Cont, false),
     // 2-D batches: channel-innermost with many row blocks, wide, transposed.
     case("2d rows", &[2048, 8], Cont, Cont, false),
+    // Element-wise grid loops along the channels (more rows than one pass of
+    // the grid at SMS = 2), each thread keeping its channels.
+    case("2d rows, looping", &[2048, 24], Cont, Cont, false),
     case("2d wide", &[64, 300], Cont, Trans, false),
     case("2d transposed", &[64, 24], Trans, Trans, false),
     case("one channel", &[50, 1], Cont, Cont, false),
@@ -483,7 +486,25 @@ fn per_item(emu: &Emulator, name: &str, items: usize, body: impl Fn()) {
 fn elementwise_dims<T>(canon: &plan::Canon, aligned: &[bool], len: usize) -> (i32, [usize; 3]) {
     let mode = plan::elementwise_mode(canon, plan::vec_width::<T>(), aligned);
     let w = if mode == 0 { 1 } else { plan::vec_width::<T>() };
-    (mode, [plan::elementwise_blocks(len, w, SMS), 1, 1])
+    (
+        mode,
+        [
+            plan::elementwise_blocks(len, w, SMS, mode, canon.sizes().1),
+            1,
+            1,
+        ],
+    )
+}
+
+/// The entry the ops launch for the pass `base` with these dims.
+fn elementwise_name<T: WithDType>(
+    base: &str,
+    canon: &plan::Canon,
+    mode: i32,
+    grid: [usize; 3],
+) -> String {
+    let w = if mode == 0 { 1 } else { plan::vec_width::<T>() };
+    plan::elementwise_kernel(base, T::DTYPE.as_str(), mode, grid[0], w, canon.sizes().1)
 }
 
 /// `BatchNormOp::forward_cuda`: coefficients, then the normalization.
@@ -549,7 +570,7 @@ fn emu_normalize_add<T: WithDType>(
         let canon = plan::canonicalize(&[*v, *zv, plan::contiguous_like(v)]);
         let aligned = [x.aligned16(), z.aligned16(), out.aligned16()];
         let (mode, grid) = elementwise_dims::<T>(&canon, &aligned, len);
-        let name = format!("bn_normalize_add_{}", T::DTYPE.as_str());
+        let name = elementwise_name::<T>("bn_normalize_add", &canon, mode, grid);
         // SAFETY: the signature of bn_normalize_add_*.
         let f: NormalizeAdd<T> = unsafe { emu.kernel(&name) };
         let (xk, zk, ok) = (canon.views[0], canon.views[1], canon.views[2]);
@@ -563,7 +584,7 @@ fn emu_normalize_add<T: WithDType>(
     }
     let canon = plan::canonicalize(&[*v, plan::contiguous_like(v)]);
     let (mode, grid) = elementwise_dims::<T>(&canon, &[x.aligned16(), out.aligned16()], len);
-    let name = format!("bn_normalize_{}", T::DTYPE.as_str());
+    let name = elementwise_name::<T>("bn_normalize", &canon, mode, grid);
     // SAFETY: the signature of bn_normalize_*.
     let f: Normalize<T> = unsafe { emu.kernel(&name) };
     let (xk, ok) = (canon.views[0], canon.views[1]);
@@ -646,7 +667,7 @@ fn emu_input_grad<T: WithDType>(
     let canon = plan::canonicalize(&[*xv, *dv, plan::contiguous_like(xv)]);
     let aligned = [x.aligned16(), dy.aligned16(), out.aligned16()];
     let (mode, grid) = elementwise_dims::<T>(&canon, &aligned, len);
-    let name = format!("bn_input_grad_{}", T::DTYPE.as_str());
+    let name = elementwise_name::<T>("bn_input_grad", &canon, mode, grid);
     // SAFETY: the signature of bn_input_grad_*.
     let f: InputGradK<T> = unsafe { emu.kernel(&name) };
     let (xk, dk, ok) = (canon.views[0], canon.views[1], canon.views[2]);

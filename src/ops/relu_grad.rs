@@ -196,7 +196,7 @@ mod cuda {
         ];
         let mode = l::elementwise_mode(&canon, l::vec_width::<T>(), &aligned);
         let w = if mode == 0 { 1 } else { l::vec_width::<T>() };
-        let blocks = plan::elementwise_blocks(len, w, l::sm_count(dev)?);
+        let blocks = plan::elementwise_blocks(len, w, l::sm_count(dev)?, mode, canon.sizes().1);
         let (yk, dk, ok) = (canon.views[0], canon.views[1], canon.views[2]);
         let f = l::function(
             dev,
