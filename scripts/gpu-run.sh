@@ -6,7 +6,7 @@
 #
 # STEP is any of: info, tests, bench, pytorch, train, profile (default: all of
 # them, in that order; profile, last, takes what is left of the budget: Nsight
-# Compute's counters for the kernels of five suite cases, through
+# Compute's counters for the kernels of seven suite cases, through
 # ncu_table.py), and sanitize (not in the default list: the CUDA op tests
 # under compute-sanitizer's memcheck, then racecheck on the shared-memory
 # reductions; minutes, and the sanitizer and ncu's counters work on some of
@@ -112,13 +112,23 @@ for step in "${STEPS[@]}"; do
       # rule out 128-bit loads along them (65x65 as in DeepLab's 513 crops,
       # 33x33; 7x7 is in the suite): the element-wise passes' vectors across
       # rows and the reductions' scalar kernels.
+      # Twice: with candle's default CUDA memory pool (freed memory goes back
+      # to the driver at every synchronization), then with
+      # cuda_memory::keep_freed_memory (kept, as PyTorch's caching allocator
+      # keeps it); that JSON stays on the machine (OUT holds 8 files).
       run_step bench bash -c '
         "$0" --device cuda --relu --json "$1" || exit
-        "$0" --device cuda --no-candle-nn --shapes 8x256x65x65,16x512x33x33
-      ' "$BIN/bench" "$OUT/bench-cuda.json"
+        "$0" --device cuda --relu --keep-freed-memory --json "$2" || exit
+        "$0" --device cuda --no-candle-nn --keep-freed-memory --shapes 8x256x65x65,16x512x33x33
+      ' "$BIN/bench" "$OUT/bench-cuda.json" "${TMPDIR:-/tmp}/bench-cuda-kept.json"
       ;;
     pytorch)
-      run_step pytorch python3 "$HERE/pytorch_bench.py" --device cuda --relu --ours "$OUT/bench-cuda.json"
+      run_step pytorch bash -c '
+        echo "## against our default-pool run"
+        python3 "$0/pytorch_bench.py" --device cuda --relu --ours "$1" || exit
+        echo; echo "## against our run with cuda_memory::keep_freed_memory"
+        python3 "$0/pytorch_bench.py" --device cuda --relu --ours "$2"
+      ' "$HERE" "$OUT/bench-cuda.json" "${TMPDIR:-/tmp}/bench-cuda-kept.json"
       ;;
     train)
       # World size 1 over NCCL on the one GPU: the whole data-parallel path.
@@ -137,7 +147,7 @@ for step in "${STEPS[@]}"; do
         [[ -x "$ncu" ]] || { echo "ncu not found"; exit 3; }
         metrics="$(python3 "$here/ncu_table.py" --print-metrics)" || exit
         rc=0
-        for case in 32x256x56x56:f32 32x256x56x56:bf16 32x64x112x112:bf16 32x2048x7x7:f32 4096x1024:f32; do
+        for case in 32x256x56x56:f32 32x256x56x56:bf16 32x64x112x112:bf16 32x1024x14x14:bf16 32x2048x7x7:f32 4096x1024:f32 4096x1024:bf16; do
           shape="${case%%:*}"; dtype="${case##*:}"
           if ! "$ncu" --clock-control none --metrics "$metrics" --kernel-name regex:^bn_ --launch-count 40 \
               -o "$rep" --force-overwrite "$bench" --device cuda --no-candle-nn --iters 1 \
