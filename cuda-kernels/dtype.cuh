@@ -53,6 +53,20 @@ template <typename T, int W> struct alignas(sizeof(T) * W) Pack {
     T v[W];
 };
 
+// Loads `W` consecutive elements starting at `p` (aligned to W * sizeof(T)) as
+// they are: the reductions keep their register tiles in the element type (two
+// f16/bf16 values per register, half the registers of f32 values) and convert
+// each value where they use it (acc_at).
+template <typename T, int W> __device__ __forceinline__ Pack<T, W> load_pack(const T* __restrict__ p) {
+    return *reinterpret_cast<const Pack<T, W>*>(p);
+}
+
+// Value `k` of a pack in the accumulator type.
+template <typename T, int W>
+__device__ __forceinline__ typename Traits<T>::Acc acc_at(const Pack<T, W>& p, int k) {
+    return Traits<T>::to_acc(p.v[k]);
+}
+
 // Loads `W` consecutive elements starting at `p` (aligned to W * sizeof(T)) and
 // converts them to the accumulator type.
 template <typename T, int W>

@@ -103,7 +103,8 @@ extern "C" __global__ void __launch_bounds__(BLOCK)
 //
 // Work split: a grid-stride loop over the elements of the (outer, channels,
 // inner) view in row-major order, W elements per thread and step; the grid is
-// sized by the host to fill the GPU once (about 8 blocks per SM), whatever the
+// sized by the host to fill the GPU once (the kernel's resident blocks per SM,
+// from the driver's occupancy figure, on every SM: one wave), whatever the
 // shape, so few-channel/large-spatial and many-channel/tiny-spatial inputs
 // alike keep every SM busy. The (o, c, i) position of a thread is computed once
 // and then advanced by the fixed grid stride with carries (no divisions in the

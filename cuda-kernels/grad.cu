@@ -64,13 +64,14 @@ __device__ __forceinline__ void grad_major_thread(const T* __restrict__ dy, cons
     const PlaneStep st = plane_step(step, xv.inner);
     constexpr int U = TileDepth<T, W>::value;
     while (j < j1) {
-        A g[U][W], e[U][W];
+        // Kept in T, converted where used (two f16/bf16 values per register).
+        Pack<T, W> g[U], e[U];
         int cnt = 0;
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             if (j < j1) {
-                load_acc<T, W>(dbase + pos.o * dv.outer_stride + pos.i * dv.inner_stride, g[u]);
-                load_acc<T, W>(xbase + pos.o * xv.outer_stride + pos.i * xv.inner_stride, e[u]);
+                g[u] = load_pack<T, W>(dbase + pos.o * dv.outer_stride + pos.i * dv.inner_stride);
+                e[u] = load_pack<T, W>(xbase + pos.o * xv.outer_stride + pos.i * xv.inner_stride);
                 cnt = u + 1;
             }
             j += step;
@@ -82,8 +83,8 @@ __device__ __forceinline__ void grad_major_thread(const T* __restrict__ dy, cons
             if (u < cnt) {
 #pragma unroll
                 for (int k = 0; k < W; ++k) {
-                    const A xc = (e[u][k] - mu.hi) - mu.lo;
-                    const A gv = masked_grad<T, RELU>(g[u][k], xc, mb, mk);
+                    const A xc = (acc_at(e[u], k) - mu.hi) - mu.lo;
+                    const A gv = masked_grad<T, RELU>(acc_at(g[u], k), xc, mb, mk);
                     ts += gv;
                     tq += gv * xc;
                 }
@@ -94,16 +95,16 @@ __device__ __forceinline__ void grad_major_thread(const T* __restrict__ dy, cons
     }
 }
 
-// VECTORS: 128-bit loads (bn_grad_major_*, bn_grad_relu_major_*), else single
-// elements (the *_major_scalar_* entry points; see bn_stats_major_scalar_*).
-template <typename T, bool RELU, bool VECTORS>
+// W values per load: VEC (128 bits: bn_grad_major_*, bn_grad_relu_major_*),
+// VEC / 2 (8 bytes of f16/bf16: the *_major_half_* entry points) or 1 (the
+// *_major_scalar_* entry points); see bn_stats_major_* in stats.cu.
+template <typename T, bool RELU, int W>
 __device__ __forceinline__ void grad_major(const T* __restrict__ dy, const View dv, const T* __restrict__ x,
                                            const View xv, const void* __restrict__ moments, const Mat2 m,
                                            const typename Traits<T>::Acc* __restrict__ relu,
                                            const long long chunk_len, const long long chunks, const int group,
                                            double* __restrict__ partial) {
     using A = typename Traits<T>::Acc;
-    constexpr int V = Traits<T>::VEC;
     const int tasks_per_block = blockDim.x / group;
     const long long task = (long long)blockIdx.x * tasks_per_block + threadIdx.x / group;
     const int g = threadIdx.x % group;
@@ -116,12 +117,9 @@ __device__ __forceinline__ void grad_major(const T* __restrict__ dy, const View 
         const long long j0 = k * chunk_len;
         const long long j1 = min(plane, j0 + chunk_len);
         const SplitMean<A> mu = split_mean<A>(moments, m, c);
-        const long long jv = j0 + (long long)g * V, sv = (long long)group * V;
+        const long long jv = j0 + (long long)g * W, sv = (long long)group * W;
         const A mb = RELU ? relu[c * COEF + 2] : A(0), mk = RELU ? relu[c * COEF + 3] : A(0);
-        if (VECTORS)
-            grad_major_thread<T, V, RELU>(dy, dv, x, xv, c, jv, j1, sv, mu, mb, mk, s, q);
-        else
-            grad_major_thread<T, 1, RELU>(dy, dv, x, xv, c, j0 + g, j1, group, mu, mb, mk, s, q);
+        grad_major_thread<T, W, RELU>(dy, dv, x, xv, c, jv, j1, sv, mu, mb, mk, s, q);
     }
     if (group == WARP) {
         s = warp_sum(s);
@@ -179,18 +177,18 @@ __device__ __forceinline__ void grad_inner_body(const T* __restrict__ dy, const 
         long long r = r_begin + ty;
         constexpr int U = TileDepth<T, CV>::value;
         while (r < r_end) {
-            A g[U][CV], e[U][CV];
+            Pack<T, CV> g[U], e[U];
             int cnt = 0;
 #pragma unroll
             for (int u = 0; u < U; ++u) {
                 if (r < r_end) {
                     if (CV == 1) {
                         // Scalar path: channel strides may differ (e.g. a broadcast dy).
-                        g[u][0] = Traits<T>::to_acc(dbase[r * dv.outer_stride]);
-                        e[u][0] = Traits<T>::to_acc(xbase[r * xv.outer_stride]);
+                        g[u].v[0] = dbase[r * dv.outer_stride];
+                        e[u].v[0] = xbase[r * xv.outer_stride];
                     } else {
-                        load_acc<T, CV>(dbase + r * dv.outer_stride, g[u]);
-                        load_acc<T, CV>(xbase + r * xv.outer_stride, e[u]);
+                        g[u] = load_pack<T, CV>(dbase + r * dv.outer_stride);
+                        e[u] = load_pack<T, CV>(xbase + r * xv.outer_stride);
                     }
                     cnt = u + 1;
                 }
@@ -202,8 +200,8 @@ __device__ __forceinline__ void grad_inner_body(const T* __restrict__ dy, const 
 #pragma unroll
                 for (int u = 0; u < U; ++u) {
                     if (u < cnt) {
-                        const A xc = (e[u][k] - mu[k].hi) - mu[k].lo;
-                        const A gv = masked_grad<T, RELU>(g[u][k], xc, mb[k], mk[k]);
+                        const A xc = (acc_at(e[u], k) - mu[k].hi) - mu[k].lo;
+                        const A gv = masked_grad<T, RELU>(acc_at(g[u], k), xc, mb[k], mk[k]);
                         ts += gv;
                         tq += gv * xc;
                     }
@@ -259,18 +257,18 @@ __device__ __forceinline__ void affine_grads(const void* __restrict__ sums, cons
     out[channels + c] = Traits<T>::from_f64(sum_dy);
 }
 
-#define GRAD_MAJOR_KERNELS(T, SUFFIX, NAME, VECTORS)                                                           \
+#define GRAD_MAJOR_KERNELS(T, SUFFIX, NAME, W)                                                                 \
     extern "C" __global__ void __launch_bounds__(BLOCK)                                                        \
         bn_grad_##NAME##SUFFIX(const T* __restrict__ dy, const View dv, const T* __restrict__ x, const View xv, \
                                const void* __restrict__ moments, const Mat2 m, const long long chunk_len,      \
                                const long long chunks, const int group, double* partial) {                     \
-        grad_major<T, false, VECTORS>(dy, dv, x, xv, moments, m, nullptr, chunk_len, chunks, group, partial);  \
+        grad_major<T, false, W>(dy, dv, x, xv, moments, m, nullptr, chunk_len, chunks, group, partial);        \
     }                                                                                                          \
     extern "C" __global__ void __launch_bounds__(BLOCK) bn_grad_relu_##NAME##SUFFIX(                           \
         const T* __restrict__ dy, const View dv, const T* __restrict__ x, const View xv,                      \
         const void* __restrict__ moments, const Mat2 m, const typename Traits<T>::Acc* __restrict__ relu,     \
         const long long chunk_len, const long long chunks, const int group, double* partial) {                \
-        grad_major<T, true, VECTORS>(dy, dv, x, xv, moments, m, relu, chunk_len, chunks, group, partial);      \
+        grad_major<T, true, W>(dy, dv, x, xv, moments, m, relu, chunk_len, chunks, group, partial);            \
     }
 
 #define GRAD_INNER_KERNELS(T, SUFFIX, NAME, CV)                                                                \
@@ -288,8 +286,8 @@ __device__ __forceinline__ void affine_grads(const void* __restrict__ sums, cons
     }
 
 #define GRAD_KERNELS(T, SUFFIX)                                                                                \
-    GRAD_MAJOR_KERNELS(T, SUFFIX, major_, true)                                                                \
-    GRAD_MAJOR_KERNELS(T, SUFFIX, major_scalar_, false)                                                        \
+    GRAD_MAJOR_KERNELS(T, SUFFIX, major_, Traits<T>::VEC)                                                      \
+    GRAD_MAJOR_KERNELS(T, SUFFIX, major_scalar_, 1)                                                            \
     GRAD_INNER_KERNELS(T, SUFFIX, inner_, Traits<T>::VEC)                                                      \
     GRAD_INNER_KERNELS(T, SUFFIX, inner_scalar_, 1)                                                            \
     extern "C" __global__ void __launch_bounds__(BLOCK)                                                        \
@@ -302,6 +300,9 @@ GRAD_KERNELS(float, f32)
 GRAD_KERNELS(double, f64)
 GRAD_KERNELS(__half, f16)
 GRAD_KERNELS(__nv_bfloat16, bf16)
+// 8-byte loads of 16-bit types (rows that are a multiple of 4 values, not of 8).
+GRAD_MAJOR_KERNELS(__half, f16, major_half_, 4)
+GRAD_MAJOR_KERNELS(__nv_bfloat16, bf16, major_half_, 4)
 
 // Level 2: one warp per channel adds the channel's `parts` partials in f64 in a
 // fixed order (lane l takes l, l + 32, ..., then a shuffle tree) and writes the

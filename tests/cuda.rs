@@ -126,6 +126,8 @@ fn cases(dtype: DType) -> Vec<Case> {
     push("many tiny channels", data(&[8, 256, 7, 7], dtype, 6), 1);
     push("2-D many channels", data(&[512, 96], dtype, 7), 1);
     push("odd sizes", data(&[3, 5, 7], dtype, 8), 1);
+    // 14x14 maps: rows of 196, 8-byte loads of f16/bf16 (the *_half_* kernels).
+    push("14x14 maps", data(&[4, 8, 14, 14], dtype, 16), 1);
     let nchw = data(&[4, 16, 6, 10], dtype, 9);
     let nhwc = nchw.permute((0, 2, 3, 1)).unwrap().contiguous().unwrap();
     push("channels-last (N,H,W,C) axis 3", nhwc.clone(), 3);

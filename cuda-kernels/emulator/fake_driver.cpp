@@ -70,6 +70,8 @@ std::unordered_map<std::string, Kernel>& registry() {
     static std::unordered_map<std::string, Kernel> r = {
         SYNCBN_TYPED(bn_stats_major),
         SYNCBN_TYPED(bn_stats_major_scalar),
+        SYNCBN_KERNEL(bn_stats_major_half_f16),
+        SYNCBN_KERNEL(bn_stats_major_half_bf16),
         SYNCBN_TYPED(bn_stats_inner),
         SYNCBN_TYPED(bn_stats_inner_scalar),
         SYNCBN_KERNEL(bn_stats_combine),
@@ -80,10 +82,14 @@ std::unordered_map<std::string, Kernel>& registry() {
         SYNCBN_KERNEL(bn_batch_moments),
         SYNCBN_TYPED(bn_grad_major),
         SYNCBN_TYPED(bn_grad_major_scalar),
+        SYNCBN_KERNEL(bn_grad_major_half_f16),
+        SYNCBN_KERNEL(bn_grad_major_half_bf16),
         SYNCBN_TYPED(bn_grad_inner),
         SYNCBN_TYPED(bn_grad_inner_scalar),
         SYNCBN_TYPED(bn_grad_relu_major),
         SYNCBN_TYPED(bn_grad_relu_major_scalar),
+        SYNCBN_KERNEL(bn_grad_relu_major_half_f16),
+        SYNCBN_KERNEL(bn_grad_relu_major_half_bf16),
         SYNCBN_TYPED(bn_grad_relu_inner),
         SYNCBN_TYPED(bn_grad_relu_inner_scalar),
         SYNCBN_TYPED(bn_affine_grads),
@@ -478,6 +484,17 @@ CUresult cuModuleGetFunction(void** fn, void*, const char* name) {
         return CUDA_ERROR_NOT_FOUND;
     }
     *fn = const_cast<Kernel*>(&it->second);
+    return CUDA_SUCCESS;
+}
+
+// Resident blocks per multiprocessor: the emulator has no registers to run
+// out of, so as many blocks as 2048 threads make (8 of 256), the most a
+// device of compute capability 8.0 to 12.x holds.
+CUresult cuOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(int* blocks, void* fn, int block_size,
+                                                              std::size_t dynamic_smem, unsigned) {
+    if (blocks == nullptr || fn == nullptr || block_size <= 0 || block_size > 1024 || dynamic_smem != 0)
+        return CUDA_ERROR_INVALID_VALUE;
+    *blocks = 2048 / block_size;
     return CUDA_SUCCESS;
 }
 

@@ -17,7 +17,7 @@
 
 use super::args::{self, Mat2, Vec1};
 use super::emulator::{DevBuf, Emulator};
-use super::plan::{self, KView, Reduction, ReductionSplit};
+use super::plan::{self, KView, Reduction, ReductionSplit, Slots};
 use crate::ops::layout::ChannelView;
 use crate::ops::{
     AffineGrads, BatchNormAddOp, BatchNormOp, BatchStats, CounterIncrement, ForwardCoefficients,
@@ -191,6 +191,9 @@ const CASES: &[Case] = &[
     // Channel-major, 128-bit loads, a warp per task; then a misaligned base (scalar loads).
     case("nchw 8x8", &[2, 3, 8, 8], Cont, Cont, false),
     case("nchw misaligned", &[2, 3, 8, 8], Cont, Cont, true),
+    // Rows of 12 values: 128-bit loads in f32 and f64, 8-byte loads in f16
+    // and bf16 (the *_major_half_* kernels).
+    case("nchw 12-value rows", &[3, 5, 2, 6], Cont, Cont, false),
     // 7x7 maps: scalar loads; x and dy in different layouts.
     case("nchw 7x7", &[3, 5, 7, 7], Cont, Nhwc, false),
     // 7x7 maps, every view dense: vectors in memory order across rows, each
@@ -328,15 +331,12 @@ fn emu_stats<T: WithDType>(
     v: &ChannelView,
 ) -> (Vec<f64>, Reduction) {
     let c = v.channels;
-    let red = Reduction::new(
-        plan::canonicalize(&[*v]),
-        plan::vec_width::<T>(),
-        &[x.aligned16()],
-        SMS,
-    );
+    let canon = plan::canonicalize(&[*v]);
+    let width = plan::load_width(&canon, plan::vec_width::<T>(), &[x.aligned16()]);
+    let name = plan::reduction_kernel("bn_stats", canon.path, width, T::DTYPE);
+    let red = Reduction::new(canon, width, Slots::assumed(SMS));
     let parts = red.parts();
     let partial = DevBuf::<f64>::filled(c * parts * 3, f64::NAN);
-    let name = red.kernel("bn_stats", T::DTYPE);
     let (grid, block) = red.launch_dims();
     let kv = red.canon.views[0];
     let (xp, pp) = (x.ptr(), partial.ptr_mut());
@@ -369,22 +369,18 @@ fn emu_grad_sums<T: WithDType>(
     relu: Option<&DevBuf<u8>>,
 ) -> (Vec<f64>, Reduction) {
     let c = xv.channels;
-    let red = Reduction::new(
-        plan::canonicalize(&[*xv, *dv]),
-        plan::vec_width::<T>(),
-        &[x.aligned16(), dy.aligned16()],
-        SMS,
-    );
+    let canon = plan::canonicalize(&[*xv, *dv]);
+    let aligned = [x.aligned16(), dy.aligned16()];
+    let width = plan::load_width(&canon, plan::vec_width::<T>(), &aligned);
+    let prefix = if relu.is_some() {
+        "bn_grad_relu"
+    } else {
+        "bn_grad"
+    };
+    let name = plan::reduction_kernel(prefix, canon.path, width, T::DTYPE);
+    let red = Reduction::new(canon, width, Slots::assumed(SMS));
     let parts = red.parts();
     let partial = DevBuf::<f64>::filled(c * parts * 2, f64::NAN);
-    let name = red.kernel(
-        if relu.is_some() {
-            "bn_grad_relu"
-        } else {
-            "bn_grad"
-        },
-        T::DTYPE,
-    );
     let (grid, block) = red.launch_dims();
     let (xk, dk) = (red.canon.views[0], red.canon.views[1]);
     let m = f64_mat(3, c);
@@ -489,7 +485,7 @@ fn elementwise_dims<T>(canon: &plan::Canon, aligned: &[bool], len: usize) -> (i3
     (
         mode,
         [
-            plan::elementwise_blocks(len, w, SMS, mode, canon.sizes().1),
+            plan::elementwise_blocks(len, w, Slots::assumed(SMS), mode, canon.sizes().1),
             1,
             1,
         ],
@@ -1144,7 +1140,8 @@ fn cases_cover_every_path() {
         );
         let (xb, xl) = upload::<f32>(&x, case.misaligned);
         let v = view(&xl);
-        let red = Reduction::new(plan::canonicalize(&[v]), 4, &[xb.aligned16()], SMS);
+        let rc = plan::canonicalize(&[v]);
+        let red = Reduction::new(rc.clone(), 4, Slots::assumed(SMS));
         match red.split {
             ReductionSplit::Major(s) => {
                 seen.insert(format!("major group {}", s.group));
@@ -1159,7 +1156,16 @@ fn cases_cover_every_path() {
                 }
             }
         }
-        seen.insert(format!("vec {}", red.vec));
+        // The loads of the reductions in f32 (16-byte vectors of 4) and
+        // bf16 (of 8, or 8-byte half vectors).
+        for vec in [4, 8] {
+            let load = match plan::load_width(&rc, vec, &[xb.aligned16()]) {
+                1 => "scalar",
+                w if w == vec => "vector",
+                _ => "half",
+            };
+            seen.insert(format!("load {load}"));
+        }
         let canon = plan::canonicalize(&[v, plan::contiguous_like(&v)]);
         seen.insert(format!(
             "mode {}",
@@ -1169,6 +1175,9 @@ fn cases_cover_every_path() {
     let want = [
         "inner",
         "inner row blocks",
+        "load half",
+        "load scalar",
+        "load vector",
         "major chunks",
         "major group 256",
         "major group 32",
@@ -1176,8 +1185,6 @@ fn cases_cover_every_path() {
         "mode 1",
         "mode 2",
         "mode 3",
-        "vec false",
-        "vec true",
     ];
     assert_eq!(seen.into_iter().collect::<Vec<_>>(), want);
 }

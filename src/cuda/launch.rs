@@ -9,13 +9,17 @@ use super::plan::{self, KView};
 pub use super::plan::{
     acc_suffix, coef_bytes, elementwise_mode, vec_width, Reduction, ReductionSplit,
 };
+use crate::ops::layout::ChannelView;
 use candle::backend::BackendStorage;
 use candle::cuda_backend::cudarc::driver::{
     sys, CudaFunction, CudaSlice, DevicePtr, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg,
     ValidAsZeroBits,
 };
+use candle::cuda_backend::DeviceId;
 use candle::cuda_backend::{CudaStorageSlice, WrapErr};
-use candle::{CudaDevice, CudaStorage, DType, Layout, Result, Storage, Tensor};
+use candle::{CudaDevice, CudaStorage, DType, Layout, Result, Storage, Tensor, WithDType};
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard, OnceLock};
 
 /// The PTX that `build.rs` compiled from `cuda-kernels/*.cu`.
 mod ptx {
@@ -93,14 +97,111 @@ fn grid_dim(blocks: usize, max: usize) -> Result<u32> {
     Ok(blocks as u32)
 }
 
+/// Figures of a device that never change, queried once per device and kernel
+/// (a driver call per launch would add to the host's time per step).
+#[derive(Default)]
+struct DeviceFigures {
+    /// Multiprocessors per device.
+    sms: HashMap<DeviceId, usize>,
+    /// Resident blocks per multiprocessor, per device and kernel name.
+    per_sm: HashMap<(DeviceId, String), usize>,
+}
+
+fn figures() -> MutexGuard<'static, DeviceFigures> {
+    static FIGURES: OnceLock<Mutex<DeviceFigures>> = OnceLock::new();
+    // The maps hold plain numbers: a panic elsewhere cannot leave them half-written.
+    FIGURES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+}
+
 /// Multiprocessors of the device (sizes the grids).
 pub fn sm_count(dev: &CudaDevice) -> Result<usize> {
+    if let Some(&n) = figures().sms.get(&dev.id()) {
+        return Ok(n);
+    }
     let n = dev
         .cuda_stream()
         .context()
         .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
         .w()?;
-    Ok(n.max(1) as usize)
+    let n = n.max(1) as usize;
+    figures().sms.insert(dev.id(), n);
+    Ok(n)
+}
+
+/// The resident blocks of kernel `name` (loaded as `f`) on `dev`: the
+/// driver's occupancy for [`plan::BLOCK`]-thread blocks, which the kernel's
+/// registers set, on every multiprocessor.
+pub fn slots(dev: &CudaDevice, f: &CudaFunction, name: &str) -> Result<plan::Slots> {
+    let sms = sm_count(dev)?;
+    let key = (dev.id(), name.to_string());
+    if let Some(&per_sm) = figures().per_sm.get(&key) {
+        return Ok(plan::Slots::new(sms, per_sm));
+    }
+    let per_sm = f
+        .occupancy_max_active_blocks_per_multiprocessor(plan::BLOCK as u32, 0, None)
+        .w()? as usize;
+    if per_sm == 0 {
+        candle::bail!(
+            "sync-batch-norm: CUDA kernel {name} cannot run blocks of {} threads on this device",
+            plan::BLOCK
+        )
+    }
+    figures().per_sm.insert(key, per_sm);
+    Ok(plan::Slots::new(sms, per_sm))
+}
+
+/// Level 1 of a reduction over `views` (primary input first) whose base
+/// allocations are 16-byte aligned as given, for elements of type `T`: the
+/// plan, sized for the resident blocks of its kernel `{prefix}_…` of `module`,
+/// and that kernel.
+pub fn reduction<T: WithDType>(
+    dev: &CudaDevice,
+    module: Module,
+    prefix: &str,
+    views: &[ChannelView],
+    aligned: &[bool],
+) -> Result<(Reduction, CudaFunction)> {
+    let canon = plan::canonicalize(views);
+    let width = plan::load_width(&canon, vec_width::<T>(), aligned);
+    let name = plan::reduction_kernel(prefix, canon.path, width, T::DTYPE);
+    let f = function(dev, module, &name)?;
+    let slots = slots(dev, &f, &name)?;
+    Ok((Reduction::new(canon, width, slots), f))
+}
+
+/// A grid-stride element-wise pass `base` (`bn_normalize`,
+/// `bn_normalize_add`, `bn_input_grad`, `bn_relu_grad`) over `len` elements
+/// in `mode`, `w` per thread and step, of `channels` channels: its kernel and
+/// blocks, one wave of the kernel's resident blocks
+/// ([`plan::elementwise_blocks`]). With `rows` (the passes that have
+/// `{base}_rows_*` entries), a grid along the channels whose stride is whole
+/// rows takes that entry ([`plan::elementwise_kernel`]).
+#[allow(clippy::too_many_arguments)]
+pub fn elementwise_pass(
+    dev: &CudaDevice,
+    base: &str,
+    dtype: DType,
+    rows: bool,
+    mode: i32,
+    w: usize,
+    len: usize,
+    channels: usize,
+) -> Result<(CudaFunction, usize)> {
+    let plain = format!("{base}_{}", dtype.as_str());
+    if rows && mode == plan::MODE_ALONG_CHANNELS {
+        let name = format!("{base}_rows_{}", dtype.as_str());
+        let f = function(dev, Module::Elementwise, &name)?;
+        let blocks = plan::elementwise_blocks(len, w, slots(dev, &f, &name)?, mode, channels);
+        if plan::elementwise_kernel(base, dtype.as_str(), mode, blocks, w, channels) == name {
+            return Ok((f, blocks));
+        }
+    }
+    let f = function(dev, Module::Elementwise, &plain)?;
+    let blocks = plan::elementwise_blocks(len, w, slots(dev, &f, &plain)?, mode, channels);
+    Ok((f, blocks))
 }
 
 /// Whether the allocation behind `s` starts on a 16-byte boundary.

@@ -16,7 +16,10 @@ pub const MAX_TASK: usize = 1 << 22;
 /// Chunks of the channel-major reductions are multiples of this many values, so
 /// 128-bit vectors (at most 8 elements) never straddle two chunks.
 pub const CHUNK_ALIGN: usize = 16;
-/// Resident blocks per SM the grids aim for.
+/// Resident blocks per SM that the unit tests plan for (the most
+/// [`BLOCK`]-thread blocks an SM of compute capability 8.0–12.x holds); on a
+/// device, each kernel's own figure ([`Slots`]).
+#[cfg(test)]
 pub const BLOCKS_PER_SM: usize = 8;
 /// Largest `gridDim.y`.
 pub const MAX_GRID_Y: usize = 65_535;
@@ -211,29 +214,98 @@ pub struct MajorSplit {
     pub blocks: usize,
 }
 
-/// Splits `channels` channels of `plane` (> 0) values each for `sms`
-/// multiprocessors: a whole block per (channel, chunk) task when channels are
-/// large, a warp when they are small; enough chunks per channel that about
-/// [`BLOCKS_PER_SM`] blocks per SM have work.
-pub fn major_split(channels: usize, plane: usize, sms: usize) -> MajorSplit {
+/// How many blocks of one kernel the GPU runs at once: its multiprocessors
+/// times the [`BLOCK`]-thread blocks of that kernel one of them holds (set by
+/// the kernel's registers; the driver's occupancy figure). A grid of more
+/// blocks runs in waves, and a last wave that fills few of these slots leaves
+/// bandwidth unused: on an H200, 1056 blocks of `bn_normalize_f32` (5 per SM)
+/// ran as 1.6 waves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slots {
+    /// Multiprocessors.
+    pub sms: usize,
+    /// Resident blocks per multiprocessor.
+    pub per_sm: usize,
+}
+
+impl Slots {
+    /// `per_sm` blocks on each of `sms` multiprocessors (both at least 1).
+    pub fn new(sms: usize, per_sm: usize) -> Self {
+        Self {
+            sms: sms.max(1),
+            per_sm: per_sm.max(1),
+        }
+    }
+
+    /// [`BLOCKS_PER_SM`] blocks on each of `sms` multiprocessors.
+    #[cfg(test)]
+    pub fn assumed(sms: usize) -> Self {
+        Self::new(sms, BLOCKS_PER_SM)
+    }
+
+    /// Resident blocks on the whole GPU.
+    pub fn blocks(&self) -> usize {
+        self.sms * self.per_sm
+    }
+}
+
+/// Waves beyond which a split stops looking for a fuller last wave (a last
+/// wave then costs at most 1/9 of the time).
+const MAX_WAVES: usize = 8;
+
+/// The share of the slots a split's waves keep busy that is good enough, as
+/// the fraction (numerator, denominator): 95%.
+const GOOD_FILL: (usize, usize) = (95, 100);
+
+/// The fraction of `slots` that `blocks` blocks keep busy over their waves,
+/// as the fraction `(busy, offered)`.
+fn wave_fill(blocks: usize, slots: usize) -> (usize, usize) {
+    let slots = slots.max(1);
+    (blocks, blocks.div_ceil(slots).max(1) * slots)
+}
+
+/// Splits `channels` channels of `plane` (> 0) values each for a kernel with
+/// `slots`: a whole block per (channel, chunk) task when channels are large, a
+/// warp when they are small. Among the chunk counts that give every thread at
+/// least 16 values (unless the channel is smaller) and every task at most
+/// [`MAX_TASK`] values, the fewest whose waves keep [`GOOD_FILL`] of the slots
+/// busy (else the fullest within [`MAX_WAVES`] waves): e.g. 256 channels on
+/// 528 slots take 2 chunks (512 blocks, one wave) rather than 5 (1280
+/// blocks, 2.4 waves). Fewer, longer blocks beat a fuller last wave: on an
+/// H200, 4352 blocks of `bn_stats_major_bf16` (11 waves, 99.9% full) took
+/// 44 µs where 1280 took 37.
+pub fn major_split(channels: usize, plane: usize, slots: Slots) -> MajorSplit {
     let plane = plane.max(1);
+    let channels = channels.max(1);
     let group = if plane >= 8192 { BLOCK } else { WARP };
     let tasks_per_block = BLOCK / group;
-    let target = BLOCKS_PER_SM * sms.max(1) * tasks_per_block;
-    // At least 16 values per thread, unless the whole channel is smaller.
-    let max_chunks = plane.div_ceil(group * 16).max(1);
-    let chunks = target
-        .div_ceil(channels.max(1))
-        .clamp(1, max_chunks)
-        .max(plane.div_ceil(MAX_TASK));
-    let chunk_len = plane.div_ceil(chunks).next_multiple_of(CHUNK_ALIGN);
-    let chunks = plane.div_ceil(chunk_len);
-    MajorSplit {
-        chunk_len,
-        chunks,
-        group,
-        blocks: (channels * chunks).div_ceil(tasks_per_block),
+    let min_chunks = plane.div_ceil(MAX_TASK);
+    let max_chunks = plane.div_ceil(group * 16).max(min_chunks);
+    let slots = slots.blocks();
+    let split = |chunks: usize| {
+        let chunk_len = plane.div_ceil(chunks).next_multiple_of(CHUNK_ALIGN);
+        let chunks = plane.div_ceil(chunk_len);
+        MajorSplit {
+            chunk_len,
+            chunks,
+            group,
+            blocks: (channels * chunks).div_ceil(tasks_per_block),
+        }
+    };
+    let good = |(busy, offered): (usize, usize)| busy * GOOD_FILL.1 >= offered * GOOD_FILL.0;
+    let mut best = split(min_chunks);
+    let mut best_fill = wave_fill(best.blocks, slots);
+    for chunks in min_chunks + 1..=max_chunks {
+        if good(best_fill) || best.blocks > MAX_WAVES * slots {
+            break;
+        }
+        let s = split(chunks);
+        let fill = wave_fill(s.blocks, slots);
+        if fill.0 * best_fill.1 > best_fill.0 * fill.1 {
+            (best, best_fill) = (s, fill);
+        }
     }
+    best
 }
 
 /// Work split of the channel-innermost reductions (`bn_stats_inner_*`,
@@ -256,14 +328,15 @@ pub struct InnerSplit {
 /// batch has fewer.
 pub const MIN_INNER_ROWS: usize = 8;
 
-/// Splits `rows` (> 0) rows of `channels` channels, `cv` channels per thread.
-pub fn inner_split(channels: usize, rows: usize, cv: usize, sms: usize) -> InnerSplit {
+/// Splits `rows` (> 0) rows of `channels` channels, `cv` channels per thread,
+/// for a kernel of which `slots` blocks are resident at once.
+pub fn inner_split(channels: usize, rows: usize, cv: usize, slots: usize) -> InnerSplit {
     let rows = rows.max(1);
     let groups = channels.div_ceil(cv.max(1)).max(1);
     let bx = groups.next_power_of_two().min(WARP);
     let by = BLOCK / bx;
     let grid_x = groups.div_ceil(bx);
-    let target = BLOCKS_PER_SM * sms.max(1);
+    let target = slots.max(1);
     // At least MIN_INNER_ROWS rows per thread: each row block costs a
     // shared-memory merge tree and a partial per channel (with 2 rows per
     // thread, bn_stats_inner_bf16 on (4096, 1024) wrote 6.3 MB of partials for
@@ -286,17 +359,17 @@ pub fn inner_split(channels: usize, rows: usize, cv: usize, sms: usize) -> Inner
 /// The element-wise `mode` of vectors along the channels (channels innermost).
 pub const MODE_ALONG_CHANNELS: i32 = 2;
 
-/// Blocks of a grid-stride element-wise kernel in `mode` over `len` (> 0)
-/// elements of `channels` channels, `w` per thread and step: enough to fill
-/// the GPU once, no more than needed. Along the channels
+/// Blocks of a grid-stride element-wise kernel with `slots` in `mode` over
+/// `len` (> 0) elements of `channels` channels, `w` per thread and step: the
+/// GPU's resident blocks (one wave), no more than needed. Along the channels
 /// ([`MODE_ALONG_CHANNELS`], the `(N, C)` layout), when the grid loops, its
 /// count is rounded down to one whose stride is a multiple of `channels`:
 /// every thread then keeps the same `w` channels on every step and the
 /// kernel loads their coefficients once instead of once per element.
-pub fn elementwise_blocks(len: usize, w: usize, sms: usize, mode: i32, channels: usize) -> usize {
+pub fn elementwise_blocks(len: usize, w: usize, slots: Slots, mode: i32, channels: usize) -> usize {
     let w = w.max(1);
     let needed = len.div_ceil(BLOCK * w);
-    let target = BLOCKS_PER_SM * sms.max(1);
+    let target = slots.blocks();
     if mode == MODE_ALONG_CHANNELS && needed > target && channels > 0 && channels.is_multiple_of(w)
     {
         // A stride of blocks·BLOCK·w elements is a multiple of channels when
@@ -355,14 +428,50 @@ pub fn vec_width<T>() -> usize {
     (16 / std::mem::size_of::<T>()).max(1)
 }
 
-/// Level 1 of a two-level per-channel reduction: the path, the split and
-/// whether loads are 128-bit.
+/// Values per load of the level-1 reduction kernels over `canon`, for
+/// elements of `vec_width` per 128 bits: `vec_width` where 16-byte vectors are
+/// [`vectorizable`]; for 16-bit types on the channel-major path, half of it
+/// (8-byte vectors) where those are, e.g. rows of 14×14 = 196 values; else 1.
+pub fn load_width(canon: &Canon, vec_width: usize, base_aligned: &[bool]) -> usize {
+    if vectorizable(canon, vec_width, base_aligned) {
+        vec_width
+    } else if vec_width == 8
+        && canon.path == Path::Major
+        && vectorizable(canon, vec_width / 2, base_aligned)
+    {
+        vec_width / 2
+    } else {
+        1
+    }
+}
+
+/// The level-1 kernel of a reduction for `prefix` (`bn_stats`, `bn_grad`,
+/// `bn_grad_relu`) over a `path` with `width` values per load, for inputs of
+/// `dtype`: `{prefix}_major_{dtype}` or `{prefix}_inner_{dtype}` with 128-bit
+/// loads, `{prefix}_major_half_{dtype}` with 8-byte loads, and
+/// `{prefix}_major_scalar_{dtype}` or `{prefix}_inner_scalar_{dtype}` with
+/// single elements (entry points of their own, so that each path keeps its
+/// registers).
+pub fn reduction_kernel(prefix: &str, path: Path, width: usize, dtype: DType) -> String {
+    let path = match path {
+        Path::Major => "major",
+        Path::Innermost => "inner",
+    };
+    let full = 16 / dtype.size_in_bytes().max(1);
+    let load = match width {
+        1 => "_scalar",
+        w if w == full => "",
+        _ => "_half",
+    };
+    format!("{prefix}_{path}{load}_{}", dtype.as_str())
+}
+
+/// Level 1 of a two-level per-channel reduction: the path and the work split
+/// (its kernel: [`reduction_kernel`]).
 #[derive(Debug, Clone)]
 pub struct Reduction {
     /// The canonical views (primary input first).
     pub canon: Canon,
-    /// 128-bit loads.
-    pub vec: bool,
     /// The work split of the path.
     pub split: ReductionSplit,
 }
@@ -377,19 +486,18 @@ pub enum ReductionSplit {
 }
 
 impl Reduction {
-    /// Plans the reduction of non-empty views whose base allocations are
-    /// 16-byte aligned as given, for elements of `vec_width` per 128 bits.
-    pub fn new(canon: Canon, vec_width: usize, aligned: &[bool], sms: usize) -> Self {
-        let vec = vectorizable(&canon, vec_width, aligned);
+    /// Plans the reduction of non-empty views loaded `width` values at a
+    /// time ([`load_width`]) by a kernel of which `slots` blocks are resident
+    /// on the whole GPU at once ([`Slots`]).
+    pub fn new(canon: Canon, width: usize, slots: Slots) -> Self {
         let (outer, channels, inner) = canon.sizes();
         let split = match canon.path {
-            Path::Major => ReductionSplit::Major(major_split(channels, outer * inner, sms)),
+            Path::Major => ReductionSplit::Major(major_split(channels, outer * inner, slots)),
             Path::Innermost => {
-                let cv = if vec { vec_width } else { 1 };
-                ReductionSplit::Inner(inner_split(channels, outer, cv, sms))
+                ReductionSplit::Inner(inner_split(channels, outer, width, slots.blocks()))
             }
         };
-        Self { canon, vec, split }
+        Self { canon, split }
     }
 
     /// Partials per channel (written by level 1, read by level 2).
@@ -408,19 +516,6 @@ impl Reduction {
             ReductionSplit::Major(s) => ([s.blocks, 1, 1], [BLOCK, 1, 1]),
             ReductionSplit::Inner(s) => ([s.grid_x, s.row_blocks, 1], [s.bx, s.by, 1]),
         }
-    }
-
-    /// The kernel name for `prefix` (`bn_stats`, `bn_grad`, `bn_grad_relu`)
-    /// and dtype: `*_major_*` or `*_inner_*` with 128-bit loads, and
-    /// `*_major_scalar_*` or `*_inner_scalar_*` with single elements (entry
-    /// points of their own, so that the vector kernels keep their registers).
-    pub fn kernel(&self, prefix: &str, dtype: DType) -> String {
-        let path = match self.split {
-            ReductionSplit::Major(_) => "major",
-            ReductionSplit::Inner(_) => "inner",
-        };
-        let scalar = if self.vec { "" } else { "_scalar" };
-        format!("{prefix}_{path}{scalar}_{}", dtype.as_str())
     }
 }
 
@@ -586,34 +681,84 @@ mod tests {
     }
 
     /// What the benchmark suite's dense inputs take on the GPU, per dtype:
-    /// the element-wise mode and whether the reductions load 128-bit vectors
-    /// (the `*_major_scalar_*` kernels otherwise).
+    /// the element-wise mode and the reductions' level-1 kernel.
     #[test]
     fn suite_shapes_take_vectors_where_their_rows_allow() {
-        let plan = |shape: &[usize], vec: usize| {
+        let plan = |shape: &[usize], dtype: DType| {
+            let vec = 16 / dtype.size_in_bytes();
             let l = Layout::contiguous(shape);
             let x = view(&l, 1);
             let canon = canonicalize(&[x, contiguous_like(&x)]);
-            let red = Reduction::new(canonicalize(&[x]), vec, &[true], 132);
-            (elementwise_mode(&canon, vec, &[true, true]), red.vec)
+            let rc = canonicalize(&[x]);
+            let width = load_width(&rc, vec, &[true]);
+            (
+                elementwise_mode(&canon, vec, &[true, true]),
+                reduction_kernel("bn_stats", rc.path, width, dtype),
+            )
         };
-        // (shape, (mode, vectors) for f32, then for bf16)
-        type Plan = (i32, bool);
+        // (shape, (mode, kernel) for f32, then for bf16)
+        type Plan = (i32, &'static str);
         let want: [(&[usize], Plan, Plan); 8] = [
-            (&[32, 64, 112, 112], (1, true), (1, true)),
-            (&[32, 256, 56, 56], (1, true), (1, true)),
-            (&[32, 512, 28, 28], (1, true), (1, true)),
-            (&[32, 1024, 14, 14], (1, true), (3, false)),
-            (&[32, 2048, 7, 7], (3, false), (3, false)),
-            (&[4096, 1024], (2, true), (2, true)),
-            (&[2, 64, 16, 56, 56], (1, true), (1, true)),
+            (
+                &[32, 64, 112, 112],
+                (1, "bn_stats_major_f32"),
+                (1, "bn_stats_major_bf16"),
+            ),
+            (
+                &[32, 256, 56, 56],
+                (1, "bn_stats_major_f32"),
+                (1, "bn_stats_major_bf16"),
+            ),
+            (
+                &[32, 512, 28, 28],
+                (1, "bn_stats_major_f32"),
+                (1, "bn_stats_major_bf16"),
+            ),
+            // Rows of 196: 8-byte loads of bf16.
+            (
+                &[32, 1024, 14, 14],
+                (1, "bn_stats_major_f32"),
+                (3, "bn_stats_major_half_bf16"),
+            ),
+            (
+                &[32, 2048, 7, 7],
+                (3, "bn_stats_major_scalar_f32"),
+                (3, "bn_stats_major_scalar_bf16"),
+            ),
+            (
+                &[4096, 1024],
+                (2, "bn_stats_inner_f32"),
+                (2, "bn_stats_inner_bf16"),
+            ),
+            (
+                &[2, 64, 16, 56, 56],
+                (1, "bn_stats_major_f32"),
+                (1, "bn_stats_major_bf16"),
+            ),
             // DeepLab's 513-pixel crops at output stride 8.
-            (&[8, 256, 65, 65], (3, false), (3, false)),
+            (
+                &[8, 256, 65, 65],
+                (3, "bn_stats_major_scalar_f32"),
+                (3, "bn_stats_major_scalar_bf16"),
+            ),
         ];
         for (shape, f32_plan, bf16_plan) in want {
-            assert_eq!(plan(shape, 4), f32_plan, "{shape:?} f32");
-            assert_eq!(plan(shape, 8), bf16_plan, "{shape:?} bf16");
+            let got = plan(shape, DType::F32);
+            assert_eq!((got.0, got.1.as_str()), f32_plan, "{shape:?} f32");
+            let got = plan(shape, DType::BF16);
+            assert_eq!((got.0, got.1.as_str()), bf16_plan, "{shape:?} bf16");
         }
+        // f16 takes the half path too; f32 and f64 have no such entries.
+        let rc = canonicalize(&[view(&Layout::contiguous((2, 3, 14, 14)), 1)]);
+        assert_eq!(load_width(&rc, 8, &[true]), 4);
+        assert_eq!(load_width(&rc, 8, &[false]), 1, "misaligned base");
+        let rc = canonicalize(&[view(&Layout::contiguous((2, 3, 1, 6)), 1)]);
+        assert_eq!(load_width(&rc, 4, &[true]), 1);
+        assert_eq!(load_width(&rc, 2, &[true]), 2);
+        assert_eq!(
+            reduction_kernel("bn_grad_relu", Path::Major, 4, DType::F16),
+            "bn_grad_relu_major_half_f16"
+        );
     }
 
     #[test]
@@ -697,7 +842,7 @@ mod tests {
             (1000, 8192),
             (7, 8191),
         ] {
-            let s = major_split(c, plane, 132);
+            let s = major_split(c, plane, Slots::assumed(132));
             assert!(s.chunk_len.is_multiple_of(CHUNK_ALIGN));
             assert!(s.chunks >= 1 && (s.chunks - 1) * s.chunk_len < plane);
             assert!(s.chunks * s.chunk_len >= plane);
@@ -707,13 +852,50 @@ mod tests {
             assert!(s.blocks <= MAX_GRID_X);
         }
         // Few large channels: many chunks per channel fill the GPU.
-        let s = major_split(32, 8 * 512 * 512, 132);
+        let s = major_split(32, 8 * 512 * 512, Slots::assumed(132));
         assert_eq!(s.group, BLOCK);
         assert!(s.blocks >= 132 * 4, "{s:?}");
         // Many tiny channels: a warp per task, several tasks per block.
-        let s = major_split(2048, 49 * 32, 132);
+        let s = major_split(2048, 49 * 32, Slots::assumed(132));
         assert_eq!(s.group, WARP);
         assert!(s.blocks >= 132 * 4, "{s:?}");
+    }
+
+    /// The last wave of a channel-major split is nearly full, with as few
+    /// chunks as that takes.
+    #[test]
+    fn major_splits_fill_their_last_wave() {
+        let fill = |s: &MajorSplit, slots: Slots| {
+            let (busy, offered) = wave_fill(s.blocks, slots.blocks());
+            busy as f64 / offered as f64
+        };
+        // (32, 256, 56, 56) with 4 blocks per SM on 132 SMs: 2 chunks, one
+        // wave of 512 of the 528 slots (5 chunks gave 2.4 waves).
+        let slots = Slots::new(132, 4);
+        let s = major_split(256, 32 * 56 * 56, slots);
+        assert_eq!((s.chunks, s.blocks), (2, 512), "{s:?}");
+        // With 3 blocks per SM: 3 chunks (768 of 792 slots), not the 17
+        // (4352 blocks, 11 waves) that a fuller last wave would take.
+        let s = major_split(256, 32 * 56 * 56, Slots::new(132, 3));
+        assert_eq!((s.chunks, s.blocks), (3, 768), "{s:?}");
+        // (32, 1024, 14, 14): warp tasks, 8 per block.
+        let s = major_split(1024, 32 * 196, Slots::new(132, 3));
+        assert_eq!(s.group, WARP);
+        assert!(fill(&s, Slots::new(132, 3)) >= 0.95, "{s:?}");
+        for (c, plane, per_sm) in [
+            (64usize, 32 * 112 * 112usize, 4usize),
+            (512, 32 * 28 * 28, 5),
+            (2048, 32 * 49, 6),
+            (64, 2 * 16 * 56 * 56, 3),
+            (3, 1 << 22, 8),
+        ] {
+            let slots = Slots::new(132, per_sm);
+            let s = major_split(c, plane, slots);
+            assert!(fill(&s, slots) >= 0.9, "{c} x {plane}: {s:?}");
+            assert!(s.blocks <= (MAX_WAVES + 1) * slots.blocks(), "{s:?}");
+        }
+        // A channel too small to split stays one task.
+        assert_eq!(major_split(4, 100, Slots::new(132, 8)).chunks, 1);
     }
 
     #[test]
@@ -726,7 +908,7 @@ mod tests {
             (2, 1, 1),
             (5, 1 << 30, 1),
         ] {
-            let s = inner_split(c, rows, cv, 132);
+            let s = inner_split(c, rows, cv, 132 * BLOCKS_PER_SM);
             assert!(s.bx.is_power_of_two() && s.bx * s.by == BLOCK);
             assert!(s.grid_x * s.bx * cv >= c);
             assert!((s.grid_x - 1) * s.bx * cv < c);
@@ -736,17 +918,23 @@ mod tests {
             assert!(s.rows_per_block <= MAX_TASK);
         }
         // (4096, 1024) f32: 8 rows per thread still gives 4 blocks per SM.
-        let s = inner_split(1024, 4096, 4, 132);
+        let s = inner_split(1024, 4096, 4, 132 * BLOCKS_PER_SM);
         assert_eq!(s.rows_per_block, s.by * MIN_INNER_ROWS, "{s:?}");
         assert!(s.grid_x * s.row_blocks >= 132 * 3, "{s:?}");
     }
 
     #[test]
     fn elementwise_grids() {
-        assert_eq!(elementwise_blocks(1, 1, 132, 1, 64), 1);
+        let slots = Slots::assumed(132);
+        assert_eq!(elementwise_blocks(1, 1, slots, 1, 64), 1);
         assert_eq!(
-            elementwise_blocks(1 << 30, 4, 132, 1, 64),
+            elementwise_blocks(1 << 30, 4, slots, 1, 64),
             132 * BLOCKS_PER_SM
+        );
+        // One wave of the kernel's own resident blocks.
+        assert_eq!(
+            elementwise_blocks(1 << 30, 4, Slots::new(132, 5), 1, 64),
+            660
         );
         // Along the channels, a looping grid strides by whole rows.
         for (channels, w) in [
@@ -758,7 +946,7 @@ mod tests {
             (4, 4),
             (8192, 8),
         ] {
-            let blocks = elementwise_blocks(1 << 26, w, 132, MODE_ALONG_CHANNELS, channels);
+            let blocks = elementwise_blocks(1 << 26, w, slots, MODE_ALONG_CHANNELS, channels);
             assert!(
                 (1..=132 * BLOCKS_PER_SM).contains(&blocks),
                 "{channels} {w}: {blocks}"
@@ -767,7 +955,7 @@ mod tests {
         }
         // A grid that does not loop is left as it is.
         assert_eq!(
-            elementwise_blocks(4096, 4, 132, MODE_ALONG_CHANNELS, 1000),
+            elementwise_blocks(4096, 4, slots, MODE_ALONG_CHANNELS, 1000),
             4
         );
         assert_eq!(per_item_blocks(0), 1);

@@ -393,20 +393,17 @@ pub(super) mod cuda {
             ];
             let mode = l::elementwise_mode(&canon, l::vec_width::<T>(), &aligned);
             let w = if mode == 0 { 1 } else { l::vec_width::<T>() };
-            let blocks = plan::elementwise_blocks(len, w, l::sm_count(dev)?, mode, canon.sizes().1);
             let (xk, zk, ok): (KView, KView, KView) =
                 (canon.views[0], canon.views[1], canon.views[2]);
-            let f = l::function(
+            let (f, blocks) = l::elementwise_pass(
                 dev,
-                Module::Elementwise,
-                &plan::elementwise_kernel(
-                    "bn_normalize_add",
-                    T::DTYPE.as_str(),
-                    mode,
-                    blocks,
-                    w,
-                    canon.sizes().1,
-                ),
+                "bn_normalize_add",
+                T::DTYPE,
+                true,
+                mode,
+                w,
+                len,
+                canon.sizes().1,
             )?;
             let mut args = stream.launch_builder(&f);
             args.arg(z).arg(&zk).arg(x).arg(&xk).arg(&mut out).arg(&ok);
@@ -421,19 +418,16 @@ pub(super) mod cuda {
         let aligned = [l::aligned16(dev, x), l::aligned16(dev, &out)];
         let mode = l::elementwise_mode(&canon, l::vec_width::<T>(), &aligned);
         let w = if mode == 0 { 1 } else { l::vec_width::<T>() };
-        let blocks = plan::elementwise_blocks(len, w, l::sm_count(dev)?, mode, canon.sizes().1);
         let (xv, ov): (KView, KView) = (canon.views[0], canon.views[1]);
-        let f = l::function(
+        let (f, blocks) = l::elementwise_pass(
             dev,
-            Module::Elementwise,
-            &plan::elementwise_kernel(
-                "bn_normalize",
-                T::DTYPE.as_str(),
-                mode,
-                blocks,
-                w,
-                canon.sizes().1,
-            ),
+            "bn_normalize",
+            T::DTYPE,
+            true,
+            mode,
+            w,
+            len,
+            canon.sizes().1,
         )?;
         let mut args = stream.launch_builder(&f);
         args.arg(x).arg(&xv).arg(&mut out).arg(&ov);

@@ -56,8 +56,7 @@ impl CustomOp1 for BatchStats {
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    use crate::cuda::launch::{self as l, Module, Reduction, ReductionSplit};
-    use crate::cuda::plan;
+    use crate::cuda::launch::{self as l, Module, ReductionSplit};
     use crate::ops::layout::ChannelView;
     use candle::cuda_backend::cudarc::driver::{CudaSlice, PushKernelArg};
     use candle::{CudaDevice, Result, WithDType};
@@ -73,16 +72,16 @@ mod cuda {
         if v.is_empty() {
             return l::zeros::<f64>(dev, 3 * c);
         }
-        let red = Reduction::new(
-            plan::canonicalize(&[*v]),
-            l::vec_width::<T>(),
+        let (red, f) = l::reduction::<T>(
+            dev,
+            Module::Stats,
+            "bn_stats",
+            &[*v],
             &[l::aligned16(dev, x)],
-            l::sm_count(dev)?,
-        );
+        )?;
         let parts = red.parts();
         // SAFETY: level 1 writes every (channel, part) entry (all parts are non-empty).
         let mut partial = unsafe { l::alloc::<f64>(dev, c * parts * 3)? };
-        let f = l::function(dev, Module::Stats, &red.kernel("bn_stats", T::DTYPE))?;
         let stream = dev.cuda_stream();
         let kv = red.canon.views[0];
         let cfg = red.config()?;
@@ -97,7 +96,7 @@ mod cuda {
                     .arg(&group)
                     .arg(&mut partial);
                 // SAFETY: matches bn_stats_major_*(const T*, View, long long,
-                // long long, int, double*) and bn_stats_major_scalar_*; the
+                // long long, int, double*) and its _half_ and _scalar_ entries; the
                 // view lies inside `x`.
                 unsafe { l::launch(args, cfg)? };
             }

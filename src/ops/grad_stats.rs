@@ -210,7 +210,7 @@ impl GradStats {
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    use crate::cuda::launch::{self as l, Module, Reduction, ReductionSplit, Small};
+    use crate::cuda::launch::{self as l, Module, ReductionSplit, Small};
     use crate::cuda::plan;
     use crate::ops::layout::ChannelView;
     use crate::ops::FusedRelu;
@@ -255,23 +255,23 @@ mod cuda {
             )?),
             None => None,
         };
-        // x is the primary view (it picks the path); dy follows its structure.
-        let red = Reduction::new(
-            plan::canonicalize(&[*xv, *dv]),
-            l::vec_width::<T>(),
-            &[l::aligned16(dev, x), l::aligned16(dev, dy)],
-            l::sm_count(dev)?,
-        );
-        let parts = red.parts();
-        // SAFETY: level 1 writes every (channel, part) entry (all parts are non-empty).
-        let mut partial = unsafe { l::alloc::<f64>(dev, c * parts * 2)? };
         // After a fused ReLU: the bn_grad_relu_* kernels, with the coefficients.
         let prefix = if relu_coef.is_some() {
             "bn_grad_relu"
         } else {
             "bn_grad"
         };
-        let f = l::function(dev, Module::Grad, &red.kernel(prefix, T::DTYPE))?;
+        // x is the primary view (it picks the path); dy follows its structure.
+        let (red, f) = l::reduction::<T>(
+            dev,
+            Module::Grad,
+            prefix,
+            &[*xv, *dv],
+            &[l::aligned16(dev, x), l::aligned16(dev, dy)],
+        )?;
+        let parts = red.parts();
+        // SAFETY: level 1 writes every (channel, part) entry (all parts are non-empty).
+        let mut partial = unsafe { l::alloc::<f64>(dev, c * parts * 2)? };
         let stream = dev.cuda_stream();
         let (xk, dk) = (red.canon.views[0], red.canon.views[1]);
         let cfg = red.config()?;
@@ -288,8 +288,8 @@ mod cuda {
                 args.arg(&len).arg(&chunks).arg(&group).arg(&mut partial);
                 // SAFETY: matches bn_grad_major_*(const T*, View, const T*, View,
                 // const void*, Mat2, long long, long long, int, double*) and
-                // bn_grad_major_scalar_*, or bn_grad_relu_major_* and
-                // bn_grad_relu_major_scalar_* with `const A* relu` (C * 8
+                // its _half_ and _scalar_ entries, or bn_grad_relu_major_*
+                // and its _half_ and _scalar_ entries with `const A* relu` (C * 8
                 // values) after the Mat2.
                 unsafe { l::launch(args, cfg)? };
             }

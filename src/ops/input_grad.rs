@@ -236,19 +236,16 @@ mod cuda {
         ];
         let mode = l::elementwise_mode(&canon, l::vec_width::<T>(), &aligned);
         let w = if mode == 0 { 1 } else { l::vec_width::<T>() };
-        let blocks = plan::elementwise_blocks(len, w, l::sm_count(dev)?, mode, canon.sizes().1);
         let (xk, dk, ok) = (canon.views[0], canon.views[1], canon.views[2]);
-        let f = l::function(
+        let (f, blocks) = l::elementwise_pass(
             dev,
-            Module::Elementwise,
-            &plan::elementwise_kernel(
-                "bn_input_grad",
-                T::DTYPE.as_str(),
-                mode,
-                blocks,
-                w,
-                canon.sizes().1,
-            ),
+            "bn_input_grad",
+            T::DTYPE,
+            true,
+            mode,
+            w,
+            len,
+            canon.sizes().1,
         )?;
         let mut args = stream.launch_builder(&f);
         args.arg(dy)

@@ -166,7 +166,7 @@ impl CustomOp2 for ReluGrad {
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    use crate::cuda::launch::{self as l, Module};
+    use crate::cuda::launch as l;
     use crate::cuda::plan;
     use crate::ops::layout::ChannelView;
     use candle::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, PushKernelArg};
@@ -196,12 +196,16 @@ mod cuda {
         ];
         let mode = l::elementwise_mode(&canon, l::vec_width::<T>(), &aligned);
         let w = if mode == 0 { 1 } else { l::vec_width::<T>() };
-        let blocks = plan::elementwise_blocks(len, w, l::sm_count(dev)?, mode, canon.sizes().1);
         let (yk, dk, ok) = (canon.views[0], canon.views[1], canon.views[2]);
-        let f = l::function(
+        let (f, blocks) = l::elementwise_pass(
             dev,
-            Module::Elementwise,
-            &format!("bn_relu_grad_{}", T::DTYPE.as_str()),
+            "bn_relu_grad",
+            T::DTYPE,
+            false,
+            mode,
+            w,
+            len,
+            canon.sizes().1,
         )?;
         let stream = dev.cuda_stream();
         let mut args = stream.launch_builder(&f);
