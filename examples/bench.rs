@@ -86,6 +86,13 @@ struct Args {
     /// Also write the rows as JSON to this file (read by benches/pytorch_bench.py).
     #[arg(long)]
     json: Option<std::path::PathBuf>,
+    /// Milliseconds of training steps of the first shape and dtype before the
+    /// table, so that its first row meets a device already at work; default
+    /// 500 on CUDA (on an H200 the first row's forward measured 0.16-0.21 ms
+    /// against 0.15 ms when the same shape was timed again at the end of a
+    /// run), 0 on the CPU.
+    #[arg(long)]
+    warmup_ms: Option<u64>,
 }
 
 const SUITE: &str =
@@ -191,6 +198,35 @@ struct ReluRow {
     add_ops: f64,
     /// candle-nn's BatchNorm, `+ z`, `relu`, `backward()`.
     add_nn: Option<f64>,
+}
+
+/// Training steps (forward, `backward()`) of a layer over `shape` in `dtype`
+/// on `dev`, each synchronized, for `ms` milliseconds.
+fn warm_up(dev: &Device, shape: &[usize], dtype: DType, ms: u64) -> Result<()> {
+    let x = Var::from_tensor(
+        &Tensor::randn(0f32, 1.0, shape, &Device::Cpu)?
+            .to_dtype(dtype)?
+            .to_device(dev)?,
+    )?;
+    let param_dtype = if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, param_dtype, dev);
+    let bn = SyncBatchNorm::new(
+        shape[1],
+        SyncBatchNormConfig::default(),
+        vb,
+        ProcessGroup::single(),
+    )?;
+    let start = Instant::now();
+    while start.elapsed().as_millis() < u128::from(ms) {
+        drop(bn.forward_t(x.as_tensor(), true)?.backward()?);
+        dev.synchronize()?;
+    }
+    Ok(())
 }
 
 fn bench_one(dev: &Device, shape: &[usize], dtype: DType, args: &Args) -> Result<Row> {
@@ -462,6 +498,12 @@ fn main() -> Result<()> {
         .map(parse_dtype)
         .collect::<Result<_>>()?;
     let in_place = candle_accumulates_in_place()?;
+    let warmup_ms = args
+        .warmup_ms
+        .unwrap_or(if dev.is_cuda() { 500 } else { 0 });
+    if let (true, Some(shape), Some(&dtype)) = (warmup_ms > 0, shapes.first(), dtypes.first()) {
+        warm_up(&dev, shape, dtype, warmup_ms)?;
+    }
     println!(
         "device: {:?}, {} threads, median of {} runs, allocator: {}, candle's gradient accumulation: {}",
         dev.location(),
