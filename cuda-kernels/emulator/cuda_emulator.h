@@ -14,6 +14,12 @@
 // work splits, barriers and numerics. See runtime.cpp for the scheduler.
 #pragma once
 
+// The scheduler (runtime.cpp) switches to a fiber with _longjmp, a jump onto
+// another stack, which glibc's fortified longjmp refuses. This header comes
+// first in every emulated file (`-include`), before any system header reads
+// the macro.
+#undef _FORTIFY_SOURCE
+
 #include <cassert>
 #include <cmath>
 #include <cstddef>
