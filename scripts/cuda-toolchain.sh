@@ -19,13 +19,16 @@
 #
 # stdout carries only `export` lines; progress goes to stderr.
 #
-# Exports: NVCC, CUDA_HOME, PATH (cudarc's build script runs `nvcc` from PATH),
-# CUDA_COMPUTE_CAP (only when unset and there is no nvidia-smi), RUSTFLAGS and
+# Exports: NVCC (scripts/nvcc-cache.sh, and NVCC_CACHE_REAL, when
+# NVCC_CACHE_DIR is set), CUDA_HOME, PATH (cudarc's build script runs `nvcc` from PATH),
+# CUDA_COMPUTE_CAP (only when unset and there is no nvidia-smi),
+# CUDAFORGE_THREADS (the number of cores, when unset), RUSTFLAGS and
 # RUSTDOCFLAGS (`-L lib/`, appended), LD_LIBRARY_PATH (lib/ unless a real
 # libcuda.so.1 is installed, and the wheels' lib folders).
 #
 # Environment it reads: CUDA_TOOLCHAIN_DIR, PYTHON (default python3),
-# CUDA_COMPUTE_CAP, RUSTFLAGS, RUSTDOCFLAGS, LD_LIBRARY_PATH, PATH, CARGO_HOME.
+# CUDA_COMPUTE_CAP, RUSTFLAGS, RUSTDOCFLAGS, LD_LIBRARY_PATH, PATH, CARGO_HOME,
+# NVCC_CACHE_DIR.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -196,11 +199,24 @@ case ":$P:" in
   *) P="$CUDA_ROOT/bin:$P" ;;
 esac
 
-echo "export NVCC=$(q "$NVCC_BIN")"
+if [[ -n "${NVCC_CACHE_DIR:-}" ]]; then
+  # Object compiles go through a cache (scripts/nvcc-cache.sh), for runs that
+  # build the same CUDA sources twice, as CI's clippy and test builds do.
+  echo "export NVCC_CACHE_REAL=$(q "$NVCC_BIN")"
+  echo "export NVCC=$(q "$REPO/scripts/nvcc-cache.sh")"
+else
+  echo "export NVCC=$(q "$NVCC_BIN")"
+fi
 echo "export CUDA_HOME=$(q "$CUDA_ROOT")"
 echo "export PATH=$(q "$P")"
 if [[ -z "${CUDA_COMPUTE_CAP:-}" ]] && ! command -v nvidia-smi >/dev/null 2>&1; then
   echo "export CUDA_COMPUTE_CAP=90"
+fi
+if [[ -z "${CUDAFORGE_THREADS:-}" ]]; then
+  # candle-kernels' build script (cudaforge) compiles its quantized-matmul
+  # objects on half the cores by default, and they take most of a CUDA build:
+  # on 2 cores, 10 minutes on one while the other sat idle.
+  echo "export CUDAFORGE_THREADS=$(nproc 2>/dev/null || echo 2)"
 fi
 echo "export RUSTFLAGS=$(q "$RF")"
 echo "export RUSTDOCFLAGS=$(q "$RDF")"

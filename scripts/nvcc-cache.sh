@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# nvcc with a content-addressed cache of object files, for a run that builds
+# the same CUDA sources more than once.
+#
+# Why: cargo runs candle-kernels' build script once for `cargo clippy` (check
+# mode) and again for `cargo test` (build mode): the two builds hash its build
+# dependencies differently. Each run compiles candle's 15 quantized-matmul and
+# MoE sources to sm_90a objects with -O3, about 10 minutes on 2 cores, so CI
+# paid for them twice. scripts/cuda-toolchain.sh points NVCC here when
+# NVCC_CACHE_DIR is set (.ci/run sets it to a folder of the clone's target/).
+#
+# Only object compiles (`-c ... -o FILE`) are cached; every other call (PTX,
+# --lib, --version, -M) runs nvcc unchanged. The key hashes nvcc's version,
+# the arguments without the output path, the working directory, and the
+# contents of every file the source includes, as nvcc -M lists them. A hit
+# copies the object and replays nvcc's stderr; a failed compile is not cached.
+#
+# Environment: NVCC_CACHE_REAL (the nvcc to run), NVCC_CACHE_DIR (the cache).
+set -euo pipefail
+
+real="${NVCC_CACHE_REAL:?NVCC_CACHE_REAL must name the nvcc to run}"
+cache="${NVCC_CACHE_DIR:-}"
+
+compile=0
+out=""
+rest=()
+args=("$@")
+for ((i = 0; i < ${#args[@]}; i++)); do
+  a="${args[i]}"
+  case "$a" in
+    -c) compile=1 ;;
+    -o)
+      i=$((i + 1))
+      out="${args[i]:-}"
+      ;;
+    *) rest+=("$a") ;;
+  esac
+done
+if [[ -z "$cache" || "$compile" != 1 || -z "$out" ]]; then
+  exec "$real" "$@"
+fi
+
+mkdir -p "$cache"
+# Every file the compile reads: the source and its includes, system ones too.
+deps="$("$real" "${rest[@]}" -M 2>/dev/null)" || exec "$real" "$@"
+key="$(
+  {
+    "$real" --version
+    pwd
+    printf '%s\0' "${rest[@]}"
+    # The make rule: "target: dep dep \" lines; keep the dependencies.
+    printf '%s\n' "$deps" | sed -e 's/^[^:]*://' -e 's/\\$//' | tr -s ' \t' '\n\n' |
+      sed '/^$/d' | while IFS= read -r f; do
+        printf '%s\0' "$f"
+        sha256sum <"$f"
+      done
+  } | sha256sum | cut -d' ' -f1
+)"
+
+if [[ -f "$cache/$key.o" ]]; then
+  cp "$cache/$key.o" "$out"
+  cat "$cache/$key.err" >&2 2>/dev/null || true
+  echo "nvcc-cache: reused $out" >>"$cache/log"
+  exit 0
+fi
+
+err="$(mktemp "$cache/.err.XXXXXX")"
+status=0
+"$real" "$@" 2>"$err" || status=$?
+cat "$err" >&2
+if [[ "$status" == 0 && -f "$out" ]]; then
+  tmp="$(mktemp "$cache/.obj.XXXXXX")"
+  cp "$out" "$tmp"
+  mv "$err" "$cache/$key.err"
+  mv "$tmp" "$cache/$key.o"
+  echo "nvcc-cache: compiled $out" >>"$cache/log"
+else
+  rm -f "$err"
+fi
+exit "$status"
