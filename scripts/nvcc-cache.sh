@@ -15,6 +15,9 @@
 # contents of every file the source includes, as nvcc -M lists them. A hit
 # copies the object and replays nvcc's stderr; a failed compile is not cached.
 #
+# cudaforge derives the CUDA_INCLUDE_DIR it hands candle-kernels from nvcc's
+# location, which is then this repository's root; nothing in candle reads it.
+#
 # Environment: NVCC_CACHE_REAL (the nvcc to run), NVCC_CACHE_DIR (the cache).
 set -euo pipefail
 
