@@ -955,7 +955,7 @@ fn read_header(
         }
         _ => Refusal::new("closed", format!("no {what} ({e})")),
     })?;
-    Header::decode(&hb).map_err(|e| Refusal::new("not the candle-syncbn protocol", e))
+    Header::decode(&hb).map_err(|e| Refusal::new("malformed frame", e))
 }
 
 /// Rank 0's side of one handshake (see [`crate::group::handshake`]): reads the
@@ -1212,7 +1212,12 @@ fn join_once(
         )),
         _ => lost("waiting for rank 0's challenge", e),
     })?;
-    let h = Header::decode(&hb).map_err(JoinFailure::NotRank0)?;
+    let unproven = |what: String| {
+        JoinFailure::NotRank0(format!(
+            "authentication failed: the listener answered the hello with {what} instead of proving that it knows the job token (not rank 0 of this job, or a rank 0 of another protocol version)"
+        ))
+    };
+    let h = Header::decode(&hb).map_err(unproven)?;
     match h.kind {
         Kind::Challenge if h.len == (NONCE_LEN + PROOF_LEN) as u64 => {}
         Kind::Refuse => {
@@ -1221,12 +1226,7 @@ fn join_once(
                 read_text(&mut s, h.len)
             )))
         }
-        k => {
-            return Err(JoinFailure::NotRank0(format!(
-                "expected rank 0's challenge, got a {k:?} frame of {} bytes",
-                h.len
-            )))
-        }
+        k => return Err(unproven(format!("a {k:?} frame of {} bytes", h.len))),
     }
     let mut challenge = [0u8; NONCE_LEN + PROOF_LEN];
     read_full(&mut s, &mut challenge, hs_deadline).map_err(|e| lost("reading the challenge", e))?;
