@@ -814,8 +814,10 @@ fn serve(rv: &Rendezvous, token: &[u8], options: &StoreOptions) -> Result<Vec<Op
     let mut next_id = 0u64;
     let token: std::sync::Arc<[u8]> = token.into();
     let result = loop {
-        // Accept whatever is waiting, one handshake thread per connection.
-        loop {
+        // Accept what is waiting, one handshake thread per connection (at
+        // most a few hundred per round, so that a flood still lets this loop
+        // collect the results and see the deadline).
+        for _ in 0..256 {
             let (s, from) = match listener.accept() {
                 Ok(x) => x,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
