@@ -108,13 +108,14 @@ fn leaks(seen: &[u8], token: &str) -> bool {
 }
 
 /// Issue 23, item 1: rank 0 served hellos one at a time, 10 s each, so 20
-/// idle sockets opened first made a 5 s rendezvous fail.
+/// idle sockets opened first made a 5 s rendezvous fail. 150 here: more than
+/// rank 0 keeps pending at once (128), so the oldest make room.
 #[test]
 fn idle_connections_do_not_delay_a_valid_rank() {
     let pf = port_file("rdv");
     let root = rank_thread(rv(0, 2, &pf, TOKEN), opts(5000));
     let port = wait_port(&pf);
-    let idle: Vec<TcpStream> = (0..20)
+    let idle: Vec<TcpStream> = (0..150)
         .map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap())
         .collect();
     std::thread::sleep(Duration::from_millis(100));
@@ -192,7 +193,8 @@ fn fake_joiner_without_token_is_refused() {
     let root = rank_thread(rv(0, 2, &pf, TOKEN), opts(1500));
     let port = wait_port(&pf);
     let mut seen = Vec::new();
-    // A hello of this version, then a made-up proof.
+    // A hello of this version, then rank 0's own proof sent back (a
+    // reflection: the proofs name who proves, so it does not pass).
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.write_all(&header(HELLO, VERSION, 1, 2, 32)).unwrap();
     s.write_all(&[1u8; 32]).unwrap();
@@ -200,7 +202,7 @@ fn fake_joiner_without_token_is_refused() {
     assert_eq!((h[4], p.len()), (CHALLENGE, 64));
     seen.extend_from_slice(&p);
     s.write_all(&header(PROOF, VERSION, 0, 0, 32)).unwrap();
-    s.write_all(&[2u8; 32]).unwrap();
+    s.write_all(&p[32..]).unwrap();
     let (h, p) = read_frame(&mut s).unwrap();
     assert_eq!(h[4], REFUSE);
     let text = String::from_utf8(p).unwrap();

@@ -856,20 +856,9 @@ fn serve(rv: &Rendezvous, token: &[u8], options: &StoreOptions) -> Result<Vec<Op
                     continue;
                 }
             };
-            let (tx, token) = (tx.clone(), token.clone());
             let hs_deadline = (Instant::now() + HELLO_TIMEOUT).min(deadline);
-            let spawned = std::thread::Builder::new()
-                .name("syncbn-handshake".into())
-                .stack_size(256 * 1024)
-                .spawn(move || {
-                    let mut s = s;
-                    let r = handshake(&mut s, hs_deadline, &token, world);
-                    if let Err(refusal) = &r {
-                        send_refuse(&mut s, &format!("{}: {}", refusal.kind, refusal.detail));
-                        let _ = s.shutdown(Shutdown::Both);
-                    }
-                    let _ = tx.send((id, from, r.map(|rank| (rank, s))));
-                });
+            let spawned =
+                spawn_handshake((id, s, from), hs_deadline, token.clone(), world, tx.clone());
             match spawned {
                 Ok(_) => {
                     pending.insert(id, (from, clone));
@@ -942,6 +931,29 @@ fn serve(rv: &Rendezvous, token: &[u8], options: &StoreOptions) -> Result<Vec<Op
         }
     }
     Ok(peers)
+}
+
+/// Runs rank 0's side of the handshake of connection `id` on a thread of its
+/// own, which refuses the peer if it fails and hands the result to `done`.
+fn spawn_handshake(
+    (id, mut s, from): (u64, TcpStream, SocketAddr),
+    deadline: Instant,
+    token: std::sync::Arc<[u8]>,
+    world: usize,
+    done: std::sync::mpsc::Sender<HandshakeDone>,
+) -> io::Result<()> {
+    std::thread::Builder::new()
+        .name("syncbn-handshake".into())
+        .stack_size(256 * 1024)
+        .spawn(move || {
+            let r = handshake(&mut s, deadline, &token, world);
+            if let Err(refusal) = &r {
+                send_refuse(&mut s, &format!("{}: {}", refusal.kind, refusal.detail));
+                let _ = s.shutdown(Shutdown::Both);
+            }
+            let _ = done.send((id, from, r.map(|rank| (rank, s))));
+        })
+        .map(|_| ())
 }
 
 /// Reads one frame header, or says why not (`what`: the frame awaited).
