@@ -16,15 +16,15 @@
 //! `MASTER_PORT=0`: rank 0 listens on a free port and writes it there).
 //!
 //! Several machines: the job spans nodes when the world size is above the
-//! local world size, or when the launcher's node count (`GROUP_WORLD_SIZE`,
-//! `SLURM_NNODES`, `SLURM_JOB_NUM_NODES`) is above 1. Such a job must set
-//! `MASTER_ADDR` (an unset one is an error, not `127.0.0.1`) and the local rank
-//! (an unset one is an error, not the global rank). The local rank defaults to
-//! the rank only where every rank is known to run on rank 0's machine: the
-//! local world size equals the world size, the node count is 1, or
-//! `MASTER_ADDR` is a loopback address (unset, it is `127.0.0.1` where the job
-//! is not known to span nodes). `MASTER_ADDR` may be a host name or an IPv4 or
-//! IPv6 address (`::1` or `[::1]`).
+//! local world size, or, where the launcher gives no local world size, when
+//! its node count (`GROUP_WORLD_SIZE`, `SLURM_NNODES`, `SLURM_JOB_NUM_NODES`)
+//! is above 1. Such a job must set `MASTER_ADDR` (an unset one is an error,
+//! not `127.0.0.1`) and the local rank (an unset one is an error, not the
+//! global rank). The local rank defaults to the rank only where every rank is
+//! known to run on rank 0's machine: the local world size equals the world
+//! size, the node count is 1, or `MASTER_ADDR` is a loopback address (unset,
+//! it is `127.0.0.1` where the job is not known to span nodes). `MASTER_ADDR`
+//! may be a host name or an IPv4 or IPv6 address (`::1` or `[::1]`).
 
 use candle::Result;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
@@ -110,6 +110,18 @@ impl Nodes {
         local_world_size: Option<usize>,
         get: &impl Fn(&str) -> Option<String>,
     ) -> std::result::Result<Self, (&'static str, String)> {
+        // The local world size settles it when the launcher gives one: every
+        // machine runs that many ranks.
+        if let Some(l) = local_world_size {
+            return Ok(Self {
+                several: Some(l < world_size),
+                why: if l < world_size {
+                    format!("world size {world_size} > local world size {l}")
+                } else {
+                    format!("local world size {l} = world size")
+                },
+            });
+        }
         for name in ["GROUP_WORLD_SIZE", "SLURM_NNODES", "SLURM_JOB_NUM_NODES"] {
             if let Some(v) = get(name) {
                 let n: usize = v.trim().parse().map_err(|_| (name, v.clone()))?;
@@ -119,19 +131,9 @@ impl Nodes {
                 });
             }
         }
-        Ok(match local_world_size {
-            Some(l) if l < world_size => Self {
-                several: Some(true),
-                why: format!("world size {world_size} > local world size {l}"),
-            },
-            Some(l) => Self {
-                several: Some(false),
-                why: format!("local world size {l} = world size"),
-            },
-            None => Self {
-                several: None,
-                why: String::new(),
-            },
+        Ok(Self {
+            several: None,
+            why: String::new(),
         })
     }
 
