@@ -15,6 +15,7 @@
 //! ([`SubgroupBackend`], where what that costs is described).
 
 mod default;
+mod handshake;
 #[cfg(feature = "nccl")]
 mod nccl;
 mod single;

@@ -1,25 +1,34 @@
 //! The authenticated rendezvous ("store") of the multi-process groups, and the
 //! framing of every message they exchange.
 //!
-//! Rank 0 listens on `MASTER_ADDR:MASTER_PORT`; every other rank connects and
-//! sends a *hello* frame with its rank, the world size and the job token. Rank 0
-//! refuses (and closes) connections that do not speak the protocol, carry a wrong
-//! token, name a rank out of range or one that already joined, and keeps waiting
-//! for the real ranks until the rendezvous deadline. When all ranks have joined
-//! it welcomes them, and the connections stay open as a star (every rank linked
+//! Rank 0 listens on `MASTER_PORT` (on `MASTER_ADDR` when that is a loopback
+//! address, else on every interface); every other rank connects and sends a
+//! *hello* frame with its rank, the world size and a nonce. Rank 0 answers with
+//! a *challenge* (its nonce and its proof that it knows the job token), the
+//! joining rank checks that proof and answers with its own (see
+//! [`super::handshake`]: the token never crosses the wire). Rank 0 refuses (and
+//! closes) connections that do not speak the protocol, fail the proof, name
+//! a rank out of range or one that already joined, and keeps waiting for the
+//! real ranks until the rendezvous deadline; each handshake runs on a thread of
+//! its own, so silent or slow connections hold up no other, and what is kept
+//! about refused connections is bounded. When all ranks have joined it
+//! welcomes them, and the connections stay open as a star (every rank linked
 //! to rank 0) over which the collectives of the TCP group, and the unique-id
 //! exchange and debug checks of the NCCL group, run.
 //!
 //! Every message is a fixed 40-byte header followed by a payload whose length
-//! is bounded (hello: [`MAX_TOKEN_BYTES`]; errors: [`MAX_ERROR_BYTES`]; data:
-//! the group's `max_message_bytes`). A data header carries the call's sequence
+//! is bounded (handshake: 64 bytes; errors: [`MAX_ERROR_BYTES`]; data: the
+//! group's `max_message_bytes`). A data header carries the call's sequence
 //! number, operation, dtype, element count and root, so that ranks which do not
 //! make the same call get an error that says so, never wrong numbers or a hang.
 //! Every read and write has a deadline. After any failure the star is poisoned:
 //! rank 0 tells every rank it can still reach what went wrong, and later calls
 //! fail at once with the same message.
 
-use crate::launch::env::Rendezvous;
+use super::handshake::{
+    self, printable, Prover, Refusal, Refusals, Transcript, NONCE_LEN, PROOF_LEN,
+};
+use crate::launch::env::{host_port, is_loopback, listen_addrs, Rendezvous, PORT_FILE_VAR};
 use candle::{DType, Result};
 use std::fmt;
 use std::io::{self, Read, Write};
@@ -29,14 +38,17 @@ use std::time::{Duration, Instant};
 
 const MAGIC: [u8; 4] = *b"SBN1";
 const HEADER_LEN: usize = 40;
-/// The protocol version, checked at the rendezvous.
-const VERSION: u8 = 1;
-/// The longest token a hello frame may carry.
+/// The protocol version, checked at the rendezvous (2: mutual authentication
+/// by HMAC proofs; 1 sent the token itself).
+const VERSION: u8 = 2;
+/// The longest job token (`SYNCBN_TOKEN`) a rank accepts.
 pub const MAX_TOKEN_BYTES: usize = 1024;
 /// The longest error message a frame may carry.
 pub const MAX_ERROR_BYTES: usize = 64 * 1024;
-/// How long rank 0 waits for the hello of one connection before dropping it
-/// (a stray connection that sends nothing cannot hold up the rendezvous).
+/// How long one handshake may take (rank 0 waiting for a connection's hello
+/// and proof, a joining rank for rank 0's challenge) before the connection is
+/// dropped. Handshakes run concurrently, so a stray connection that sends
+/// nothing holds up no other.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Header flag: the call carries no payload, only its description (debug checks).
 pub(crate) const FLAG_META_ONLY: u8 = 1;
@@ -48,6 +60,10 @@ enum Kind {
     Refuse = 3,
     Data = 4,
     Error = 5,
+    /// Rank 0's nonce and proof, answering a hello.
+    Challenge = 6,
+    /// The joining rank's proof, answering a challenge.
+    Proof = 7,
 }
 
 impl Kind {
@@ -58,6 +74,8 @@ impl Kind {
             3 => Kind::Refuse,
             4 => Kind::Data,
             5 => Kind::Error,
+            6 => Kind::Challenge,
+            7 => Kind::Proof,
             _ => return None,
         })
     }
@@ -362,18 +380,6 @@ fn io_error(rank: usize, doing: &str, e: &io::Error, timeout: Duration) -> Strin
     }
 }
 
-/// Compares two byte strings in time that depends only on their lengths.
-pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    let n = a.len().max(b.len());
-    let mut diff = (a.len() ^ b.len()) as u64;
-    for i in 0..n {
-        let x = a.get(i).copied().unwrap_or(0);
-        let y = b.get(i).copied().unwrap_or(0);
-        diff |= u64::from(x ^ y);
-    }
-    diff == 0
-}
-
 /// How rank 0 computes a collective's reply from every rank's payload (in rank
 /// order); an `Err` is reported to every rank.
 pub(crate) type Reduce<'a> = dyn Fn(&[Vec<u8>]) -> std::result::Result<Vec<u8>, String> + 'a;
@@ -430,6 +436,19 @@ impl StoreOptions {
     }
 }
 
+/// The warning for a rendezvous that other machines can reach without a
+/// job token, if `rv` is one.
+fn token_warning(rv: &Rendezvous, token: &[u8]) -> Option<String> {
+    (token.is_empty() && !is_loopback(&rv.master_addr)).then(|| {
+        format!(
+            "candle-syncbn warning: no job token ({}) is set, so any process that reaches rank 0's port (MASTER_ADDR={}) can join this group, a rank of another job on that port included, and any process there can pose as rank 0; set {} to the same secret on every rank",
+            crate::launch::env::TOKEN_VAR,
+            rv.master_addr,
+            crate::launch::env::TOKEN_VAR
+        )
+    })
+}
+
 enum Links {
     /// Rank 0: the connection of rank `r` at index `r - 1` (`None` once it failed).
     Root(Vec<Option<TcpStream>>),
@@ -475,14 +494,11 @@ impl Star {
         let links = if rv.world_size == 1 {
             Links::Root(Vec::new())
         } else if rv.rank == 0 {
-            if token.is_empty() && !is_loopback(&rv.master_addr) {
-                use std::io::Write;
-                let _ = writeln!(
-                    std::io::stderr().lock(),
-                    "candle-syncbn warning: no job token (SYNCBN_TOKEN) is set, so any process that reaches {}:{} can join this group; set SYNCBN_TOKEN to the same secret on every rank",
-                    rv.master_addr,
-                    rv.master_port
-                );
+            if let Some(w) = token_warning(rv, &token) {
+                static WARNED: std::sync::Once = std::sync::Once::new();
+                WARNED.call_once(|| {
+                    let _ = writeln!(std::io::stderr().lock(), "{w}");
+                });
             }
             Links::Root(serve(rv, &token, &options)?)
         } else {
@@ -715,25 +731,66 @@ fn leaf_exchange(
     }
 }
 
-/// Rank 0: accepts connections until every rank has joined (or the deadline).
-/// True when `addr` names this machine's loopback interface.
-fn is_loopback(addr: &str) -> bool {
-    let host = addr.trim().trim_start_matches('[').trim_end_matches(']');
-    host.eq_ignore_ascii_case("localhost")
-        || host
-            .parse::<std::net::IpAddr>()
-            .map(|ip| ip.is_loopback())
-            .unwrap_or(false)
+/// How many handshakes rank 0 runs at once (at least the world size); past
+/// that, the oldest pending connection is closed to make room (a valid rank
+/// completes its handshake in one round trip, an idle one waits the longest).
+const MAX_PENDING_HANDSHAKES: usize = 128;
+
+/// What a handshake thread hands back to rank 0's accept loop: its id, the
+/// peer's address, and the authenticated rank with its connection, or why it
+/// was refused.
+type HandshakeDone = (
+    u64,
+    SocketAddr,
+    std::result::Result<(usize, TcpStream), Refusal>,
+);
+
+/// Writes a refusal frame (best effort: the peer may be gone or hostile).
+fn send_refuse(s: &mut TcpStream, reason: &str) {
+    let reason = &reason.as_bytes()[..reason.len().min(MAX_ERROR_BYTES)];
+    let h = Header {
+        len: reason.len() as u64,
+        ..Header::new(Kind::Refuse)
+    };
+    let _ = write_frame(s, &h, reason, Instant::now() + Duration::from_secs(1));
 }
 
+/// Listens where [`listen_addrs`] says (the first address that binds).
+fn listen(rv: &Rendezvous) -> Result<TcpListener> {
+    let addrs = listen_addrs(&rv.master_addr, rv.master_port);
+    let mut errors = Vec::new();
+    for a in &addrs {
+        match TcpListener::bind(a.as_str()) {
+            Ok(l) => return Ok(l),
+            Err(e) => errors.push(format!("{a}: {e}")),
+        }
+    }
+    candle::bail!(
+        "rendezvous: rank 0 could not listen for MASTER_ADDR={} MASTER_PORT={} ({})",
+        rv.master_addr,
+        rv.master_port,
+        errors.join("; ")
+    )
+}
+
+/// Rank 0: accepts connections until every rank has joined (or the deadline).
+/// Each connection's handshake runs on a thread of its own with a deadline of
+/// [`HELLO_TIMEOUT`], so idle, slow or hostile connections cannot hold up a
+/// valid rank; at most [`MAX_PENDING_HANDSHAKES`] run at once.
 fn serve(rv: &Rendezvous, token: &[u8], options: &StoreOptions) -> Result<Vec<Option<TcpStream>>> {
     let deadline = Instant::now() + options.rendezvous_timeout;
-    let addr = format!("{}:{}", rv.master_addr, rv.master_port);
-    let listener = TcpListener::bind(&addr).map_err(|e| {
-        candle::Error::Msg(format!(
-            "rendezvous: rank 0 could not listen on {addr} (MASTER_ADDR:MASTER_PORT): {e}"
-        ))
-    })?;
+    // A port file left by an earlier job must not send the ranks there while
+    // rank 0 starts: remove it first, publish the new port once listening.
+    if let Some(path) = &rv.port_file {
+        match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => candle::bail!(
+                "rendezvous: could not remove the old port file {path:?} ({PORT_FILE_VAR}): {e}"
+            ),
+        }
+    }
+    let listener = listen(rv)?;
     let local = listener.local_addr()?;
     if let Some(path) = &rv.port_file {
         crate::data_parallel::write_atomic(path, local.port().to_string().as_bytes()).map_err(
@@ -748,54 +805,111 @@ fn serve(rv: &Rendezvous, token: &[u8], options: &StoreOptions) -> Result<Vec<Op
     let world = rv.world_size;
     let mut peers: Vec<Option<TcpStream>> = (1..world).map(|_| None).collect();
     let mut joined = 0;
-    let mut refused: Vec<String> = Vec::new();
-    while joined < world - 1 {
-        let (mut s, from) = match listener.accept() {
-            Ok(x) => x,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if Instant::now() >= deadline {
-                    let missing: Vec<usize> =
-                        (1..world).filter(|r| peers[r - 1].is_none()).collect();
-                    let refused = if refused.is_empty() {
-                        String::new()
-                    } else {
-                        format!("; refused connections: {}", refused.join("; "))
-                    };
-                    candle::bail!(
-                        "rendezvous: rank 0 waited {:?} on {local} but rank(s) {missing:?} of {world} did not join{refused}",
-                        options.rendezvous_timeout
-                    )
+    let mut refused = Refusals::default();
+    let (tx, rx) = std::sync::mpsc::channel::<HandshakeDone>();
+    // Pending handshakes by id (ids grow, so the first is the oldest): a clone
+    // of the connection, to close it when it must make room or at the end.
+    let mut pending: std::collections::BTreeMap<u64, (SocketAddr, TcpStream)> = Default::default();
+    let max_pending = MAX_PENDING_HANDSHAKES.max(world);
+    let mut next_id = 0u64;
+    let token: std::sync::Arc<[u8]> = token.into();
+    let result = loop {
+        // Accept what is waiting, one handshake thread per connection (at
+        // most a few hundred per round, so that a flood still lets this loop
+        // collect the results and see the deadline).
+        for _ in 0..256 {
+            let (s, from) = match listener.accept() {
+                Ok(x) => x,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // Out of file descriptors and the like: the connection is
+                // lost, the rendezvous goes on.
+                Err(e) => {
+                    refused.record(
+                        &local.to_string(),
+                        Refusal::new("accept failed", e.to_string()),
+                    );
+                    break;
                 }
-                std::thread::sleep(Duration::from_millis(5));
-                continue;
+            };
+            if pending.len() >= max_pending {
+                if let Some((_, (addr, old))) = pending.pop_first() {
+                    let _ = old.shutdown(Shutdown::Both);
+                    refused.record(
+                        &addr.to_string(),
+                        Refusal::new(
+                            "closed to make room (too many pending handshakes)",
+                            format!("{max_pending} handshakes were pending"),
+                        ),
+                    );
+                }
             }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => candle::bail!("rendezvous: accept on {local} failed: {e}"),
-        };
-        s.set_nonblocking(false)?;
-        let _ = s.set_nodelay(true);
-        let hello_deadline = (Instant::now() + HELLO_TIMEOUT).min(deadline);
-        match check_hello(&mut s, hello_deadline, token, world, &peers) {
-            Ok(r) => {
-                peers[r - 1] = Some(s);
-                joined += 1;
-            }
-            Err(reason) => {
-                let h = Header {
-                    len: reason.len() as u64,
-                    ..Header::new(Kind::Refuse)
-                };
-                let _ = write_frame(
-                    &mut s,
-                    &h,
-                    reason.as_bytes(),
-                    Instant::now() + Duration::from_secs(1),
-                );
-                let _ = s.shutdown(Shutdown::Both);
-                refused.push(format!("{from}: {reason}"));
+            let id = next_id;
+            next_id += 1;
+            let clone = match s.try_clone() {
+                Ok(c) => c,
+                Err(e) => {
+                    refused.record(
+                        &from.to_string(),
+                        Refusal::new("could not start a handshake", e.to_string()),
+                    );
+                    continue;
+                }
+            };
+            let hs_deadline = (Instant::now() + HELLO_TIMEOUT).min(deadline);
+            let spawned =
+                spawn_handshake((id, s, from), hs_deadline, token.clone(), world, tx.clone());
+            match spawned {
+                Ok(_) => {
+                    pending.insert(id, (from, clone));
+                }
+                Err(e) => {
+                    let _ = clone.shutdown(Shutdown::Both);
+                    refused.record(
+                        &from.to_string(),
+                        Refusal::new("could not start a handshake", e.to_string()),
+                    );
+                }
             }
         }
+        // Collect finished handshakes (waiting a little for one).
+        let mut next = rx.recv_timeout(Duration::from_millis(5)).ok();
+        while let Some((id, from, r)) = next {
+            // A connection closed to make room was already counted.
+            if pending.remove(&id).is_some() {
+                match r {
+                    Ok((rank, mut s)) if peers[rank - 1].is_some() => {
+                        let why = format!("rank {rank} has already joined (duplicate RANK)");
+                        send_refuse(&mut s, &why);
+                        let _ = s.shutdown(Shutdown::Both);
+                        refused.record(&from.to_string(), Refusal::new("duplicate rank", why));
+                    }
+                    Ok((rank, s)) => {
+                        peers[rank - 1] = Some(s);
+                        joined += 1;
+                    }
+                    Err(refusal) => refused.record(&from.to_string(), refusal),
+                }
+            }
+            next = rx.try_recv().ok();
+        }
+        if joined == world - 1 {
+            break Ok(());
+        }
+        if Instant::now() >= deadline {
+            let missing: Vec<usize> = (1..world).filter(|r| peers[r - 1].is_none()).collect();
+            break Err(candle::Error::Msg(format!(
+                "rendezvous: rank 0 waited {:?} on {local} but rank(s) {missing:?} of {world} did not join{}",
+                options.rendezvous_timeout,
+                refused.summary()
+            )));
+        }
+    };
+    // Handshakes still running end now (their threads see the closed socket).
+    for (_, s) in pending.values() {
+        let _ = s.shutdown(Shutdown::Both);
     }
+    result?;
     let welcome = Header {
         count: world as u64,
         ..Header::new(Kind::Welcome)
@@ -819,75 +933,155 @@ fn serve(rv: &Rendezvous, token: &[u8], options: &StoreOptions) -> Result<Vec<Op
     Ok(peers)
 }
 
-/// Reads and checks one hello; returns the joining rank or why it is refused.
-fn check_hello(
+/// Runs rank 0's side of the handshake of connection `id` on a thread of its
+/// own, which refuses the peer if it fails and hands the result to `done`.
+fn spawn_handshake(
+    (id, mut s, from): (u64, TcpStream, SocketAddr),
+    deadline: Instant,
+    token: std::sync::Arc<[u8]>,
+    world: usize,
+    done: std::sync::mpsc::Sender<HandshakeDone>,
+) -> io::Result<()> {
+    std::thread::Builder::new()
+        .name("syncbn-handshake".into())
+        .stack_size(256 * 1024)
+        .spawn(move || {
+            let r = handshake(&mut s, deadline, &token, world);
+            if let Err(refusal) = &r {
+                send_refuse(&mut s, &format!("{}: {}", refusal.kind, refusal.detail));
+                let _ = s.shutdown(Shutdown::Both);
+            }
+            let _ = done.send((id, from, r.map(|rank| (rank, s))));
+        })
+        .map(|_| ())
+}
+
+/// Reads one frame header, or says why not (`what`: the frame awaited).
+fn read_header(
+    s: &mut TcpStream,
+    deadline: Instant,
+    what: &str,
+) -> std::result::Result<Header, Refusal> {
+    let mut hb = [0u8; HEADER_LEN];
+    read_full(s, &mut hb, deadline).map_err(|e| match e.kind() {
+        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => {
+            Refusal::new("timed out", format!("no {what} within {HELLO_TIMEOUT:?}"))
+        }
+        _ => Refusal::new("closed", format!("no {what} ({e})")),
+    })?;
+    Header::decode(&hb).map_err(|e| Refusal::new("malformed frame", e))
+}
+
+/// Rank 0's side of one handshake (see [`crate::group::handshake`]): reads the
+/// hello, proves that it knows the token, checks the joining rank's proof, its
+/// world size and rank. Returns the rank, or why it is refused.
+fn handshake(
     s: &mut TcpStream,
     deadline: Instant,
     token: &[u8],
     world: usize,
-    peers: &[Option<TcpStream>],
-) -> std::result::Result<usize, String> {
-    let mut hb = [0u8; HEADER_LEN];
-    read_full(s, &mut hb, deadline).map_err(|e| format!("no valid hello ({e})"))?;
-    let h = Header::decode(&hb)?;
+) -> std::result::Result<usize, Refusal> {
+    s.set_nonblocking(false)
+        .map_err(|e| Refusal::new("closed", e.to_string()))?;
+    let _ = s.set_nodelay(true);
+    let h = read_header(s, deadline, "hello")?;
     if h.kind != Kind::Hello {
-        return Err(format!("expected a hello frame, got {:?}", h.kind));
+        return Err(Refusal::new(
+            "not a hello",
+            format!("expected a hello frame, got {:?}", h.kind),
+        ));
     }
     if h.flags != VERSION {
-        return Err(format!(
-            "protocol version mismatch: rank 0 speaks version {VERSION}, the peer version {}",
-            h.flags
+        return Err(Refusal::new(
+            "protocol version mismatch",
+            format!(
+                "rank 0 speaks version {VERSION}, the peer version {}",
+                h.flags
+            ),
         ));
     }
-    if h.len > MAX_TOKEN_BYTES as u64 {
-        return Err(format!(
-            "hello of {} bytes exceeds the limit of {MAX_TOKEN_BYTES}",
-            h.len
+    if h.len != NONCE_LEN as u64 {
+        return Err(Refusal::new(
+            "malformed hello",
+            format!("a hello carries {NONCE_LEN} bytes, this one {}", h.len),
         ));
     }
-    let mut t = vec![0u8; h.len as usize];
-    read_full(s, &mut t, deadline).map_err(|e| format!("truncated hello ({e})"))?;
-    if !constant_time_eq(&t, token) {
-        return Err("authentication failed: wrong job token (SYNCBN_TOKEN)".into());
+    let mut t = Transcript {
+        version: VERSION,
+        world: h.count,
+        rank: h.root,
+        joiner_nonce: [0; NONCE_LEN],
+        root_nonce: handshake::nonce().map_err(|e| Refusal::new("internal error", e))?,
+    };
+    read_full(s, &mut t.joiner_nonce, deadline)
+        .map_err(|e| Refusal::new("closed", format!("truncated hello ({e})")))?;
+    let mut challenge = [0u8; NONCE_LEN + PROOF_LEN];
+    challenge[..NONCE_LEN].copy_from_slice(&t.root_nonce);
+    challenge[NONCE_LEN..].copy_from_slice(&t.prove(token, Prover::Root));
+    let ch = Header {
+        flags: VERSION,
+        len: challenge.len() as u64,
+        ..Header::new(Kind::Challenge)
+    };
+    write_frame(s, &ch, &challenge, deadline)
+        .map_err(|e| Refusal::new("closed", format!("could not send the challenge ({e})")))?;
+    let p = read_header(s, deadline, "proof")?;
+    match p.kind {
+        Kind::Proof if p.len == PROOF_LEN as u64 => {}
+        Kind::Refuse => {
+            let mut m = vec![0u8; (p.len as usize).min(1024)];
+            let _ = read_full(s, &mut m, deadline);
+            return Err(Refusal::new(
+                "the joining process refused rank 0's proof",
+                String::from_utf8_lossy(&m).into_owned(),
+            ));
+        }
+        k => {
+            return Err(Refusal::new(
+                "malformed proof",
+                format!(
+                    "expected a proof of {PROOF_LEN} bytes, got {k:?} of {}",
+                    p.len
+                ),
+            ))
+        }
+    }
+    let mut proof = [0u8; PROOF_LEN];
+    read_full(s, &mut proof, deadline)
+        .map_err(|e| Refusal::new("closed", format!("truncated proof ({e})")))?;
+    if !t.verify(token, Prover::Joiner, &proof) {
+        return Err(Refusal::new(
+            "authentication failed",
+            "wrong job token (SYNCBN_TOKEN): the peer's proof does not match rank 0's token",
+        ));
     }
     if h.count != world as u64 {
-        return Err(format!(
-            "world size mismatch: rank 0 expects WORLD_SIZE={world}, the peer says {}",
-            h.count
+        return Err(Refusal::new(
+            "world size mismatch",
+            format!(
+                "rank 0 expects WORLD_SIZE={world}, the peer says {}",
+                h.count
+            ),
         ));
     }
     let r = h.root as usize;
     if r == 0 || r >= world {
-        return Err(format!(
-            "rank {r} is out of range 1..{world} for a joining rank"
+        return Err(Refusal::new(
+            "rank out of range",
+            format!("rank {r} is out of range 1..{world} for a joining rank"),
         ));
-    }
-    if peers[r - 1].is_some() {
-        return Err(format!("rank {r} has already joined (duplicate RANK)"));
     }
     Ok(r)
 }
 
-/// The port rank 0 listens on: `MASTER_PORT`, or when it is 0 the one rank 0
-/// wrote to the port file.
-fn master_port(rv: &Rendezvous, deadline: Instant) -> Result<u16> {
-    if rv.master_port != 0 {
-        return Ok(rv.master_port);
-    }
-    let path = rv.port_file.as_deref().ok_or_else(|| {
-        candle::Error::Msg(
-            "rendezvous: MASTER_PORT is 0 but no port file (SYNCBN_PORT_FILE) tells where rank 0 listens".into(),
-        )
-    })?;
-    loop {
-        if let Some(p) = read_port(path) {
-            return Ok(p);
-        }
-        if Instant::now() >= deadline {
-            candle::bail!("rendezvous: rank 0 did not publish its port in {path:?} in time")
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+/// Where a joining rank finds rank 0's port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PortSource {
+    /// `MASTER_PORT`.
+    Fixed(u16),
+    /// The port file (`MASTER_PORT=0`), read again before every attempt: the
+    /// file may be left over from an earlier job until rank 0 replaces it.
+    File,
 }
 
 fn read_port(path: &Path) -> Option<u16> {
@@ -899,101 +1093,208 @@ fn read_port(path: &Path) -> Option<u16> {
         .filter(|&p| p != 0)
 }
 
-/// Other ranks: connects to rank 0 (retrying until it listens) and says hello.
+/// Why one attempt to join failed.
+enum JoinFailure {
+    /// Nothing was learned of rank 0 (the connection closed before it
+    /// answered: a full rank 0 makes room, or a process that is not rank 0):
+    /// try again until the deadline.
+    Retry(String),
+    /// The listener did not prove that it is rank 0 of this job: try again
+    /// when the port came from the port file (which may still be stale),
+    /// fail at once with a fixed `MASTER_PORT` (our rank 0 cannot listen on a
+    /// port that another process holds, so waiting cannot help).
+    NotRank0(String),
+    /// Rank 0 (authenticated) refused this rank, or the rank itself failed.
+    Final(String),
+}
+
+/// Other ranks: connects to rank 0 (retrying until it listens), proves the
+/// token and checks rank 0's proof, then waits for the welcome.
 fn join(rv: &Rendezvous, token: &[u8], options: &StoreOptions) -> Result<TcpStream> {
-    let deadline = Instant::now() + options.rendezvous_timeout;
-    let port = master_port(rv, deadline)?;
-    let addr = format!("{}:{}", rv.master_addr, port);
-    let mut last_err: Option<io::Error> = None;
-    let mut s = 'connect: loop {
-        let addrs: Vec<SocketAddr> = match addr.to_socket_addrs() {
-            Ok(a) => a.collect(),
-            Err(e) => {
-                last_err = Some(e);
-                Vec::new()
+    let start = Instant::now();
+    let deadline = start + options.rendezvous_timeout;
+    let source = match (rv.master_port, &rv.port_file) {
+        (0, Some(_)) => PortSource::File,
+        (0, None) => candle::bail!(
+            "rendezvous: MASTER_PORT is 0 but no port file ({PORT_FILE_VAR}) tells where rank 0 listens"
+        ),
+        (p, _) => PortSource::Fixed(p),
+    };
+    let mut last = String::from("no attempt");
+    // The last listener that failed to prove it is rank 0: what the error
+    // names first, since later attempts may only find the port closed.
+    let mut not_rank0: Option<String> = None;
+    let mut pause = Duration::from_millis(20);
+    loop {
+        if Instant::now() >= deadline {
+            let why = match &not_rank0 {
+                Some(m) if *m != last => format!("{m} (last attempt: {last})"),
+                _ => last,
+            };
+            candle::bail!(
+                "rendezvous: rank {} could not join rank 0 within {:?}: {why}",
+                rv.rank,
+                options.rendezvous_timeout
+            )
+        }
+        std::thread::sleep(pause.min(deadline.saturating_duration_since(Instant::now())));
+        pause = Duration::from_millis(50);
+        let port = match source {
+            PortSource::Fixed(p) => p,
+            PortSource::File => {
+                let path = rv.port_file.as_deref().expect("port file");
+                match read_port(path) {
+                    Some(p) => p,
+                    None => {
+                        last = format!("rank 0 did not publish its port in {path:?}");
+                        continue;
+                    }
+                }
             }
         };
-        for a in &addrs {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match TcpStream::connect_timeout(
-                a,
-                left.clamp(Duration::from_millis(10), Duration::from_secs(5)),
-            ) {
-                Ok(s) => break 'connect s,
-                Err(e) => last_err = Some(e),
+        let addr = host_port(&rv.master_addr, port);
+        let s = match connect(&addr, deadline) {
+            Ok(s) => s,
+            Err(e) => {
+                last = format!("could not connect to rank 0 at {addr}: {e}");
+                continue;
+            }
+        };
+        match join_once(s, rv, token, deadline) {
+            Ok(s) => return Ok(s),
+            Err(JoinFailure::Retry(m)) => last = format!("{addr}: {m}"),
+            Err(JoinFailure::NotRank0(m)) if source == PortSource::File => {
+                last = format!("{addr}: {m}");
+                not_rank0 = Some(last.clone());
+                pause = Duration::from_millis(200);
+            }
+            Err(JoinFailure::NotRank0(m) | JoinFailure::Final(m)) => {
+                candle::bail!("rendezvous: rank {} at {addr}: {m}", rv.rank)
             }
         }
-        if Instant::now() >= deadline {
-            candle::bail!(
-                "rendezvous: rank {} could not connect to rank 0 at {addr} within {:?}: {}",
-                rv.rank,
-                options.rendezvous_timeout,
-                last_err
-                    .map(|e| e.to_string())
-                    .unwrap_or_else(|| "no address".into())
-            )
+    }
+}
+
+/// Connects to `addr` (any of its addresses), giving up at `deadline`.
+fn connect(addr: &str, deadline: Instant) -> io::Result<TcpStream> {
+    let mut last = io::Error::new(io::ErrorKind::NotFound, "the name resolves to no address");
+    for a in addr.to_socket_addrs()? {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match TcpStream::connect_timeout(
+            &a,
+            left.clamp(Duration::from_millis(10), Duration::from_secs(5)),
+        ) {
+            Ok(s) => return Ok(s),
+            Err(e) => last = e,
         }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    }
+    Err(last)
+}
+
+/// One handshake with whatever listens at the other end of `s`.
+fn join_once(
+    mut s: TcpStream,
+    rv: &Rendezvous,
+    token: &[u8],
+    deadline: Instant,
+) -> std::result::Result<TcpStream, JoinFailure> {
     let _ = s.set_nodelay(true);
+    let mut t = Transcript {
+        version: VERSION,
+        world: rv.world_size as u64,
+        rank: rv.rank as u32,
+        joiner_nonce: handshake::nonce().map_err(JoinFailure::Final)?,
+        root_nonce: [0; NONCE_LEN],
+    };
     let hello = Header {
         flags: VERSION,
-        root: rv.rank as u32,
-        count: rv.world_size as u64,
-        len: token.len() as u64,
+        root: t.rank,
+        count: t.world,
+        len: NONCE_LEN as u64,
         ..Header::new(Kind::Hello)
     };
-    let fail = |e: io::Error| {
-        candle::Error::Msg(format!(
-            "rendezvous: rank {} lost the connection to rank 0 at {addr}: {e}",
-            rv.rank
+    let lost = |doing: &str, e: io::Error| {
+        JoinFailure::Retry(format!("the connection closed while {doing} ({e})"))
+    };
+    write_frame(&mut s, &hello, &t.joiner_nonce, deadline).map_err(|e| lost("saying hello", e))?;
+    // Rank 0 answers a hello at once; whoever does not is not rank 0.
+    let hs_deadline = (Instant::now() + HELLO_TIMEOUT).min(deadline);
+    let mut hb = [0u8; HEADER_LEN];
+    read_full(&mut s, &mut hb, hs_deadline).map_err(|e| match e.kind() {
+        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => JoinFailure::NotRank0(format!(
+            "the listener did not answer the hello in time (rank 0 answers within {HELLO_TIMEOUT:?})"
+        )),
+        _ => lost("waiting for rank 0's challenge", e),
+    })?;
+    let unproven = |what: String| {
+        JoinFailure::NotRank0(format!(
+            "authentication failed: the listener answered the hello with {what} instead of proving that it knows the job token (not rank 0 of this job, or a rank 0 of another protocol version)"
         ))
     };
-    write_frame(&mut s, &hello, token, deadline).map_err(fail)?;
-    let mut hb = [0u8; HEADER_LEN];
+    let h = Header::decode(&hb).map_err(unproven)?;
+    match h.kind {
+        Kind::Challenge if h.len == (NONCE_LEN + PROOF_LEN) as u64 => {}
+        Kind::Refuse => {
+            return Err(JoinFailure::NotRank0(format!(
+                "refused before authentication: {}",
+                read_text(&mut s, h.len)
+            )))
+        }
+        k => return Err(unproven(format!("a {k:?} frame of {} bytes", h.len))),
+    }
+    let mut challenge = [0u8; NONCE_LEN + PROOF_LEN];
+    read_full(&mut s, &mut challenge, hs_deadline).map_err(|e| lost("reading the challenge", e))?;
+    t.root_nonce.copy_from_slice(&challenge[..NONCE_LEN]);
+    if !t.verify(token, Prover::Root, &challenge[NONCE_LEN..]) {
+        send_refuse(
+            &mut s,
+            &format!(
+                "rank {} could not verify rank 0's proof: wrong job token (SYNCBN_TOKEN) on one side",
+                rv.rank
+            ),
+        );
+        let _ = s.shutdown(Shutdown::Both);
+        return Err(JoinFailure::NotRank0(
+            "authentication failed: the listener did not prove that it knows the job token (a wrong job token SYNCBN_TOKEN on one side, or a process that is not rank 0 of this job); this rank sent nothing that reveals its token".into(),
+        ));
+    }
+    let proof = Header {
+        flags: VERSION,
+        len: PROOF_LEN as u64,
+        ..Header::new(Kind::Proof)
+    };
+    write_frame(&mut s, &proof, &t.prove(token, Prover::Joiner), deadline)
+        .map_err(|e| lost("sending the proof", e))?;
+    // Rank 0 welcomes every rank once all have joined.
     read_full(&mut s, &mut hb, deadline + Duration::from_secs(1)).map_err(|e| {
-        candle::Error::Msg(format!(
-            "rendezvous: rank {} got no answer from rank 0 at {addr} ({e}); not all ranks joined in time?",
-            rv.rank
+        JoinFailure::Final(format!(
+            "no welcome from rank 0 ({e}); not all ranks joined in time?"
         ))
     })?;
-    let h = Header::decode(&hb).map_err(|e| candle::Error::Msg(format!("rendezvous: {e}")))?;
+    let h = Header::decode(&hb).map_err(JoinFailure::Final)?;
     match h.kind {
         Kind::Welcome => Ok(s),
-        Kind::Refuse => {
-            let len = (h.len as usize).min(MAX_ERROR_BYTES);
-            let mut m = vec![0u8; len];
-            let _ = read_full(&mut s, &mut m, Instant::now() + Duration::from_secs(1));
-            candle::bail!(
-                "rendezvous: rank 0 at {addr} refused rank {}: {}",
-                rv.rank,
-                String::from_utf8_lossy(&m)
-            )
-        }
-        k => candle::bail!("rendezvous: unexpected {k:?} frame from rank 0"),
+        Kind::Refuse => Err(JoinFailure::Final(format!(
+            "rank 0 refused rank {}: {}",
+            rv.rank,
+            read_text(&mut s, h.len)
+        ))),
+        k => Err(JoinFailure::Final(format!(
+            "unexpected {k:?} frame from rank 0"
+        ))),
     }
+}
+
+/// Reads a refusal's text (at most [`MAX_ERROR_BYTES`], one line).
+fn read_text(s: &mut TcpStream, len: u64) -> String {
+    let mut m = vec![0u8; (len as usize).min(MAX_ERROR_BYTES)];
+    let _ = read_full(s, &mut m, Instant::now() + Duration::from_secs(1));
+    printable(&String::from_utf8_lossy(&m), 1000)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn loopback_addresses() {
-        for a in [
-            "127.0.0.1",
-            "127.3.2.1",
-            "localhost",
-            "LOCALHOST",
-            "::1",
-            "[::1]",
-        ] {
-            assert!(is_loopback(a), "{a}");
-        }
-        for a in ["10.0.0.1", "192.168.1.2", "node07", "0.0.0.0", ""] {
-            assert!(!is_loopback(a), "{a}");
-        }
-    }
 
     #[test]
     fn header_roundtrip() {
@@ -1014,13 +1315,21 @@ mod tests {
         assert!(Header::decode(&bad).is_err());
     }
 
+    /// Rank 0 warns of a rendezvous other machines reach without a token,
+    /// never of a loopback one, and never names the token.
     #[test]
-    fn constant_time_compare() {
-        assert!(constant_time_eq(b"abc", b"abc"));
-        assert!(!constant_time_eq(b"abc", b"abd"));
-        assert!(!constant_time_eq(b"abc", b"abcd"));
-        assert!(!constant_time_eq(b"", b"a"));
-        assert!(constant_time_eq(b"", b""));
+    fn warns_of_a_public_rendezvous_without_token() {
+        let rv = |addr: &str| Rendezvous::new(0, 2, addr, 29500).unwrap();
+        let w = token_warning(&rv("node0"), b"").unwrap();
+        assert!(
+            w.starts_with("candle-syncbn warning: no job token (SYNCBN_TOKEN) is set")
+                && w.contains("MASTER_ADDR=node0"),
+            "{w}"
+        );
+        assert_eq!(token_warning(&rv("node0"), b"s3cret"), None);
+        for a in ["127.0.0.1", "localhost", "::1", "[::1]"] {
+            assert_eq!(token_warning(&rv(a), b""), None, "{a}");
+        }
     }
 }
 

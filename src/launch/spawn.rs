@@ -119,10 +119,12 @@ pub fn launch(config: &LaunchConfig) -> Result<i32> {
         candle::bail!("launcher: {NPROC_FLAG} must be at least 1")
     }
     let token = random_token();
+    // A random name of its own: no part of the token in a path (the port
+    // file's path is in the ranks' environment and in error messages).
     let dir = std::env::temp_dir().join(format!(
         "candle-syncbn-{}-{}",
         std::process::id(),
-        &token[..8]
+        &random_token()[..8]
     ));
     std::fs::create_dir_all(&dir)?;
     let port_file = dir.join("port");
