@@ -181,27 +181,100 @@ pub fn average_gradients_bucketed(
 /// Writes `bytes` to `path` atomically: to a temporary file in the same
 /// folder, flushed to disk, then renamed over `path`. A reader sees the old
 /// file or the new one, never a partial write.
+///
+/// The temporary file has one fixed name per target, `.<name>.tmp` beside
+/// it, and is locked while written: a save killed midway leaves at most that
+/// file, which the next save to `path` takes over, and a second save to the
+/// same path while one is under way fails at once instead of mixing the two.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    write_atomic_with(path, |w| w.write_all(bytes))
+}
+
+/// [`write_atomic`] with the content written by `write` (through a buffer).
+pub(crate) fn write_atomic_with(
+    path: &Path,
+    write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+) -> std::io::Result<()> {
     let tmp = temp_path(path);
+    let file = lock_temp(&tmp)?;
     let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
+        // Whatever a killed save left in it goes.
+        file.set_len(0)?;
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, &file);
+        write(&mut w)?;
+        w.flush()?;
+        drop(w);
+        file.sync_all()?;
         std::fs::rename(&tmp, path)
     })();
     if result.is_err() {
+        // Ours while we hold its lock.
         let _ = std::fs::remove_file(&tmp);
     }
+    drop(file);
     sync_parent(path);
     result
 }
 
+/// The temporary file of a save to `path`: one fixed name per target.
 fn temp_path(path: &Path) -> std::path::PathBuf {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "file".into());
-    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+    path.with_file_name(format!(".{name}.tmp"))
+}
+
+/// Opens (creating it if needed, keeping what a killed save left) and locks
+/// the temporary file `tmp`. A lock held by a live save is an error; a killed
+/// save's lock died with it.
+fn lock_temp(tmp: &Path) -> std::io::Result<std::fs::File> {
+    for _ in 0..8 {
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(tmp)?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::WouldBlock,
+                    format!(
+                        "the temporary file {tmp:?} is locked: another save to the same file \
+                         is under way"
+                    ),
+                ))
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(e),
+        }
+        // A save that held the lock until just now renamed the file we opened
+        // over its target: then we hold the target, not a temporary file.
+        if is_same_file(&file, tmp)? {
+            return Ok(file);
+        }
+    }
+    Err(std::io::Error::other(format!(
+        "the temporary file {tmp:?} kept being replaced by other saves"
+    )))
+}
+
+#[cfg(unix)]
+fn is_same_file(file: &std::fs::File, path: &Path) -> std::io::Result<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let open = file.metadata()?;
+    match std::fs::metadata(path) {
+        Ok(now) => Ok(open.dev() == now.dev() && open.ino() == now.ino()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Windows does not rename a file another handle has open for writing, so
+/// the file we hold is still the temporary one.
+#[cfg(not(unix))]
+fn is_same_file(_file: &std::fs::File, _path: &Path) -> std::io::Result<bool> {
+    Ok(true)
 }
 
 /// Flushes the folder holding `path`, so that the rename is on disk too
@@ -220,26 +293,85 @@ fn sync_parent(path: &Path) {
     }
 }
 
-/// Saves `varmap` as safetensors to `path` atomically (see [`write_atomic`]).
-pub fn save_varmap_atomic(varmap: &VarMap, path: impl AsRef<Path>) -> Result<()> {
-    let path = path.as_ref();
-    let tmp = temp_path(path);
-    let result = (|| -> Result<()> {
-        varmap.save(&tmp)?;
-        // Opened for writing: Windows flushes only handles with write access
-        // (a read-only handle's sync fails with "Access denied").
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&tmp)?
-            .sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+/// Writes `tensors` (unique names) as a safetensors file, atomically as
+/// [`write_atomic`] does, streaming each tensor to the file (no copy of the
+/// whole file in memory, and none of the `safetensors` crate's own temporary
+/// files, which a killed save would leave behind under random names).
+pub(crate) fn save_safetensors_atomic(
+    path: &Path,
+    tensors: &[(String, Tensor)],
+    metadata: Option<&[(&str, &str)]>,
+) -> Result<()> {
+    use safetensors::View;
+    let tensors: Vec<(&str, Tensor)> = tensors
+        .iter()
+        .map(|(k, t)| Ok((k.as_str(), t.to_device(&candle::Device::Cpu)?)))
+        .collect::<Result<_>>()?;
+    let mut header = String::from("{");
+    if let Some(meta) = metadata {
+        header.push_str("\"__metadata__\":{");
+        for (i, (k, v)) in meta.iter().enumerate() {
+            let sep = if i == 0 { "" } else { "," };
+            header.push_str(&format!("{sep}{}:{}", json_string(k), json_string(v)));
+        }
+        header.push('}');
     }
-    sync_parent(path);
+    let mut offset = 0usize;
+    for (i, (name, t)) in tensors.iter().enumerate() {
+        let sep = if i == 0 && metadata.is_none() {
+            ""
+        } else {
+            ","
+        };
+        let end = offset + t.data_len();
+        header.push_str(&format!(
+            "{sep}{}:{{\"dtype\":\"{}\",\"shape\":{:?},\"data_offsets\":[{offset},{end}]}}",
+            json_string(name),
+            View::dtype(t),
+            t.dims(),
+        ));
+        offset = end;
+    }
+    header.push('}');
+    // The data starts 8-aligned, as the safetensors crate writes it.
+    while header.len() % 8 != 0 {
+        header.push(' ');
+    }
+    let result = write_atomic_with(path, |w| {
+        w.write_all(&(header.len() as u64).to_le_bytes())?;
+        w.write_all(header.as_bytes())?;
+        for (_, t) in &tensors {
+            w.write_all(&t.data())?;
+        }
+        Ok(())
+    });
     result.map_err(|e| candle::Error::Msg(format!("saving the checkpoint {path:?} failed: {e}")))
+}
+
+/// `s` as a JSON string literal.
+fn json_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// Saves `varmap` as safetensors to `path` atomically (see [`write_atomic`]):
+/// every variable under its name, in its dtype, read back by `VarMap::load`.
+pub fn save_varmap_atomic(varmap: &VarMap, path: impl AsRef<Path>) -> Result<()> {
+    let tensors: Vec<(String, Tensor)> = sorted_vars(varmap)
+        .into_iter()
+        .map(|(k, v)| (k, v.as_tensor().clone()))
+        .collect();
+    save_safetensors_atomic(path.as_ref(), &tensors, None)
 }
 
 #[cfg(test)]
