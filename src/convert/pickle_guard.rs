@@ -6,7 +6,7 @@
 //! whole object), compared, printed (`{:?}` in its error messages) and dropped
 //! by recursive code, one stack frame per level of nesting: a 400 KB pickle of
 //! 200 000 nested tuples overflows any thread's stack and aborts the process,
-//! which no caller can catch. Each one-byte opcode also costs a 56-byte
+//! which no caller can catch. Each one-byte opcode also costs a 48-byte
 //! `Object`, and a two-byte BINGET copies a whole memoized object, so a small
 //! pickle can make the reader allocate out of proportion to the file.
 //!
@@ -20,8 +20,9 @@
 //!   see the module tests);
 //! - more objects than [`Limits::for_file_len`] allows: at most one object per
 //!   [`FILE_BYTES_PER_OBJECT`] bytes of the file, and at least
-//!   [`MIN_OBJECTS`], counting copies made through the memo, and strings as one
-//!   object per 56 bytes (started) of text;
+//!   [`MIN_OBJECTS`], counting copies made through the memo, a new memo key
+//!   as two more (candle's hash map entry and its growth), and strings as one
+//!   object per 48 bytes (started) of text;
 //! - more opcodes than that (PROTO counts as one object of work), so the
 //!   bytes read stay in proportion to the file even for a zip entry that
 //!   inflates far beyond it;
@@ -33,7 +34,7 @@
 //!
 //! What passes the scan is safe to hand to candle: its recursion is at most
 //! [`MAX_DEPTH`] deep, its allocations are bounded by the object budget (about
-//! 56 bytes per object), and its own error paths are not reached through the
+//! 48 bytes per object), and its own error paths are not reached through the
 //! checks above.
 
 use candle::Result;
@@ -48,13 +49,13 @@ use std::io::{BufRead, Read};
 pub(crate) const MAX_DEPTH: u32 = 256;
 
 /// A pickle may make candle's reader build one object per this many bytes of
-/// the file (at 56 bytes an object, about 28 bytes of memory per byte of
+/// the file (at 48 bytes an object, about 24 bytes of memory per byte of
 /// file). torch.save memoizes every object and candle copies each one into
 /// its memo: a state dict of scalars, the densest real case, needs about one
 /// object per 3 bytes of the file (see tests/checkpoint.rs).
 pub(crate) const FILE_BYTES_PER_OBJECT: u64 = 2;
 
-/// The object budget of small files (about 56 MiB of candle objects).
+/// The object budget of small files (about 48 MiB of candle objects).
 pub(crate) const MIN_OBJECTS: u64 = 1 << 20;
 
 /// Bytes an `Object` of candle's pickle reader takes, the unit of the budget.
@@ -236,7 +237,7 @@ impl<R: BufRead> Scanner<'_, R> {
                 return Ok(len);
             }
             if len > max {
-                return Err(self.over_budget(format!("a {arg} of more than {len} bytes")));
+                return Err(self.over_budget(&format!("a {arg} of more than {len} bytes: ")));
             }
         }
     }
@@ -245,15 +246,16 @@ impl<R: BufRead> Scanner<'_, R> {
         self.limits.max_objects.saturating_sub(self.objects)
     }
 
-    fn over_budget(&self, what: String) -> candle::Error {
+    /// The object limit is reached; `what` is the opcode's part, if any.
+    fn over_budget(&self, what: &str) -> candle::Error {
         self.err(format!(
-            "{what} would take candle's pickle reader past the object limit: \
-             {} objects of {} bytes built so far, limit {} for this file \
-             (one per {FILE_BYTES_PER_OBJECT} bytes of the file, at least {MIN_OBJECTS}); \
-             a copy through the memo counts its objects again",
-            self.objects,
-            object_bytes(),
+            "{what}the pickle needs more objects than the object limit of this file, {} \
+             (one per {FILE_BYTES_PER_OBJECT} bytes of the file, at least {MIN_OBJECTS}; \
+             candle's pickle reader takes {} bytes an object and copies a memoized object \
+             whole on every get), {} counted so far",
             self.limits.max_objects,
+            object_bytes(),
+            self.objects,
         ))
     }
 
@@ -261,7 +263,7 @@ impl<R: BufRead> Scanner<'_, R> {
     fn charge(&mut self, n: u64) -> Result<()> {
         self.objects = self.objects.saturating_add(n);
         if self.objects > self.limits.max_objects {
-            return Err(self.over_budget(format!("{n} more objects")));
+            return Err(self.over_budget(""));
         }
         Ok(())
     }
@@ -398,7 +400,7 @@ impl<R: BufRead> Scanner<'_, R> {
                 let len = u64::from(u32::from_le_bytes(self.read("BINUNICODE length")?));
                 let need = string_objects(len);
                 if need > self.budget_left() {
-                    return Err(self.over_budget(format!("a BINUNICODE string of {len} bytes")));
+                    return Err(self.over_budget(&format!("a BINUNICODE string of {len} bytes: ")));
                 }
                 self.skip(len, "BINUNICODE string")?;
                 self.charge(need - 1)?;
@@ -510,9 +512,11 @@ impl<R: BufRead> Scanner<'_, R> {
                     return Err(self.err("BINPUT with an empty stack"));
                 };
                 let slot = self.copy(top)?;
-                // candle's memo entry: a key and an object.
-                self.charge(1)?;
-                self.memo.insert(key, slot);
+                // A new key: candle's hash map entry (a key and an object)
+                // and its share of the map's growth.
+                if self.memo.insert(key, slot).is_none() {
+                    self.charge(2)?;
+                }
             }
             b'.' => return Ok(true),
             other => {
@@ -558,8 +562,9 @@ mod tests {
         assert_eq!(r.bytes, p.len() as u64);
         // dict > reduce > args tuple > persistent id > storage tuple > class.
         assert_eq!(r.depth, 6);
-        // 23 objects pushed, the rest are memo copies (torch memoizes all).
-        assert_eq!(r.objects, 129, "{r:?}");
+        // torch memoizes every object: most of these are memo copies and
+        // the 14 memo entries.
+        assert_eq!(r.objects, 143, "{r:?}");
     }
 
     #[test]
@@ -643,8 +648,11 @@ mod tests {
             ..limits()
         };
         let err = scan(&p[..], "m.pkl", limits).unwrap_err().to_string();
+        // Each BINGET (2 bytes from byte 1006 on) copies 1001 objects: the
+        // 996th passes the limit.
         assert!(
-            err.contains("object limit") && err.contains("limit 1000000"),
+            err.starts_with("m.pkl at byte 2996: ")
+                && err.contains("object limit of this file, 1000000 "),
             "{err}"
         );
     }
