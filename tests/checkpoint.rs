@@ -752,7 +752,8 @@ fn pickle_floods_are_refused() {
 /// A pickle's tensor entries are checked before any tensor is allocated:
 /// shapes beyond their storage (candle allocated the declared size, 16 TiB
 /// here, and aborted), shapes whose size overflows, tuples too short for
-/// candle's `rebuild_args` (it panicked), and storages the archive lacks.
+/// candle's `rebuild_args` (it panicked), storages the archive lacks, and
+/// tensors that in all take more than 4 times the file.
 #[test]
 fn hostile_tensor_entries_are_errors() {
     let dir = test_dir("tensor");
@@ -812,6 +813,27 @@ fn hostile_tensor_entries_are_errors() {
     write(&[4], "0", false);
     let sd = read_state_dict(&file, &LoadOptions::default()).unwrap();
     assert_eq!(values(&sd["bn.weight"]), [0.0; 4]);
+
+    // Tensors sharing one storage are read once each: 8 views of a 64 KiB
+    // storage take more than 4 times the file.
+    let mut p = Pickle::new();
+    p.ordered_dict();
+    p.0.push(b'(');
+    for i in 0..8 {
+        p.unicode(&format!("w{i}"));
+        p.tensor("FloatStorage", "0", &[16 << 10]);
+    }
+    p.0.extend_from_slice(b"u.");
+    let big = vec![0u8; 64 << 10];
+    write_pth_archive(&file, &p.0, &[("data/0".to_string(), &big[..])]);
+    let len = std::fs::metadata(&file).unwrap().len();
+    let err = load_error(&file);
+    assert!(
+        err.contains(&format!(
+            "its tensors take 524288 bytes, more than 4 times the file's {len} bytes"
+        )),
+        "{err}"
+    );
     std::fs::remove_dir_all(&dir).ok();
 }
 
