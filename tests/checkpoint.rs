@@ -723,7 +723,8 @@ fn deeply_nested_pickles_are_refused() {
 /// 48-byte objects (the 50 MB one of the issue took 2.46 GB); a 100-byte
 /// pickle that memoizes a tuple and builds tuples of two copies of it, 18
 /// times, made it copy 2^19 objects. Both are refused by the object limit:
-/// one per 2 bytes of the file, at least 2^20.
+/// one per 2 bytes of the file, at least 2^20, for all pickles of the file
+/// together.
 #[test]
 fn pickle_floods_are_refused() {
     let dir = test_dir("flood");
@@ -746,6 +747,18 @@ fn pickle_floods_are_refused() {
     write_pth_archive(&laughs, &pickle_of(&[&p]), &[]);
     let err = load_error(&laughs);
     assert!(err.contains("object limit of this file, 1048576 "), "{err}");
+
+    // Several pickles share one budget: a zip may hold (or name) many.
+    let many = dir.join("many.pth");
+    let part = pickle_of(&[&b"]N".repeat(300_000)]);
+    let others = ["b", "c"].map(|d| (format!("{d}/data.pkl"), &part[..]));
+    write_pth_archive(&many, &part, &others);
+    let err = load_error(&many);
+    assert!(
+        err.contains("archive/b/data.pkl at byte ")
+            && err.contains("object limit of this file, 1048576 "),
+        "{err}"
+    );
     std::fs::remove_dir_all(&dir).ok();
 }
 

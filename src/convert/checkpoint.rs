@@ -212,13 +212,17 @@ impl<'a> PthArchive<'a> {
             .map(|n| n.map(|n| n.into_owned()))
             .collect::<std::result::Result<Vec<String>, _>>()
             .map_err(|e| err(format!("unreadable zip entry name: {e}")))?;
+        // One budget for all of them: a zip may name the same (compressed)
+        // data many times.
         let limits = pickle_guard::Limits::for_file_len(file_len);
+        let mut spent = 0;
         for name in names.iter().filter(|n| n.ends_with("data.pkl")) {
             let entry = zip
                 .by_name(name)
                 .map_err(|e| err(format!("cannot open {name}: {e}")))?;
             let what = format!("checkpoint {path:?}: {name}");
-            pickle_guard::scan(std::io::BufReader::new(entry), &what, limits)?;
+            spent =
+                pickle_guard::scan(std::io::BufReader::new(entry), &what, limits, spent)?.objects;
         }
         let infos = without_panics(path, || {
             candle::pickle::read_pth_tensor_info(path, false, key)

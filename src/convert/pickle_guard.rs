@@ -87,7 +87,8 @@ impl Limits {
 pub(crate) struct ScanReport {
     /// Bytes up to and including STOP.
     pub(crate) bytes: u64,
-    /// Objects candle's reader builds, copies through the memo included.
+    /// Objects candle's reader builds, copies through the memo included
+    /// (with the `spent` of earlier pickles).
     pub(crate) objects: u64,
     /// Deepest nesting of containers.
     pub(crate) depth: u32,
@@ -139,8 +140,10 @@ struct Scanner<'a, R> {
 /// Scans the pickle `r` (named `what` in errors, e.g. the file and zip entry)
 /// and returns what it holds, or an error naming the first opcode, by byte
 /// offset, that breaks the [`Limits`] or that candle's reader would refuse.
-/// Reads at most up to STOP; memory stays in proportion to the budget.
-pub(crate) fn scan<R: BufRead>(r: R, what: &str, limits: Limits) -> Result<ScanReport> {
+/// `spent` objects of the budget went to earlier pickles of the same file
+/// (the report's count includes them). Reads at most up to STOP; memory
+/// stays in proportion to the budget.
+pub(crate) fn scan<R: BufRead>(r: R, what: &str, limits: Limits, spent: u64) -> Result<ScanReport> {
     let mut s = Scanner {
         r,
         what,
@@ -150,7 +153,7 @@ pub(crate) fn scan<R: BufRead>(r: R, what: &str, limits: Limits) -> Result<ScanR
         stack: Vec::new(),
         marks: Vec::new(),
         memo: HashMap::new(),
-        objects: 0,
+        objects: spent,
         depth: 0,
     };
     while !s.step()? {}
@@ -545,7 +548,7 @@ mod tests {
     }
 
     fn run(pickle: &[u8]) -> Result<ScanReport> {
-        scan(pickle, "test.pkl", limits())
+        scan(pickle, "test.pkl", limits(), 0)
     }
 
     #[test]
@@ -598,7 +601,9 @@ mod tests {
                 },
                 ..limits()
             };
-            let err = scan(*pickle, "test.pkl", limits).unwrap_err().to_string();
+            let err = scan(*pickle, "test.pkl", limits, 0)
+                .unwrap_err()
+                .to_string();
             assert!(err.starts_with("test.pkl at byte "), "{err}");
             assert!(err.contains(want), "{pickle:?}: {err}");
         }
@@ -647,7 +652,7 @@ mod tests {
             max_objects: 1_000_000,
             ..limits()
         };
-        let err = scan(&p[..], "m.pkl", limits).unwrap_err().to_string();
+        let err = scan(&p[..], "m.pkl", limits, 0).unwrap_err().to_string();
         // Each BINGET (2 bytes from byte 1006 on) copies 1001 objects: the
         // 996th passes the limit.
         assert!(
