@@ -303,10 +303,6 @@ pub(crate) fn save_safetensors_atomic(
     metadata: Option<&[(&str, &str)]>,
 ) -> Result<()> {
     use safetensors::View;
-    let tensors: Vec<(&str, Tensor)> = tensors
-        .iter()
-        .map(|(k, t)| Ok((k.as_str(), t.to_device(&candle::Device::Cpu)?)))
-        .collect::<Result<_>>()?;
     let mut header = String::from("{");
     if let Some(meta) = metadata {
         header.push_str("\"__metadata__\":{");
@@ -340,7 +336,11 @@ pub(crate) fn save_safetensors_atomic(
     let result = write_atomic_with(path, |w| {
         w.write_all(&(header.len() as u64).to_le_bytes())?;
         w.write_all(header.as_bytes())?;
-        for (_, t) in &tensors {
+        for (_, t) in tensors {
+            // One tensor at a time on the CPU.
+            let t = t
+                .to_device(&candle::Device::Cpu)
+                .map_err(std::io::Error::other)?;
             w.write_all(&t.data())?;
         }
         Ok(())
@@ -391,6 +391,34 @@ mod tests {
         assert_eq!(buckets(&items, 100), vec![0..2, 2..3, 3..4, 4..5, 5..6]);
         assert_eq!(buckets(&items, 1000), vec![0..3, 3..4, 4..6]);
         assert!(buckets(&[], 10).is_empty());
+    }
+
+    #[test]
+    fn safetensors_written_by_hand_read_back() {
+        let dir = std::env::temp_dir().join(format!("syncbn-st-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("t.safetensors");
+        let dev = candle::Device::Cpu;
+        let odd = "a\"b\\c\n\u{1}ü";
+        let tensors = vec![
+            (odd.to_string(), Tensor::new(&[1.5f32, -2.0], &dev).unwrap()),
+            ("n".to_string(), Tensor::new(7i64, &dev).unwrap()),
+            ("h".to_string(), Tensor::new(&[[1u8, 2, 3]], &dev).unwrap()),
+        ];
+        save_safetensors_atomic(&p, &tensors, Some(&[("format", "pt")])).unwrap();
+        let bytes = std::fs::read(&p).unwrap();
+        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap());
+        assert_eq!(n % 8, 0);
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        let format = meta.metadata().as_ref().unwrap().get("format").cloned();
+        assert_eq!(format.as_deref(), Some("pt"));
+        let back = candle::safetensors::load(&p, &dev).unwrap();
+        assert_eq!(back[odd].to_vec1::<f32>().unwrap(), [1.5, -2.0]);
+        assert_eq!(back["n"].dims(), &[] as &[usize]);
+        assert_eq!(back["n"].to_scalar::<i64>().unwrap(), 7);
+        assert_eq!(back["h"].to_vec2::<u8>().unwrap(), [[1, 2, 3]]);
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
