@@ -475,10 +475,12 @@ impl<R: BufRead> Scanner<'_, R> {
                 let args = self.pop("BUILD")?;
                 let obj = self.pop("BUILD")?;
                 let slot = if obj.kind == Kind::Dict && args.kind == Kind::Dict {
+                    // candle moves the entries of `args` into `obj`.
                     self.charge(u64::from(args.objects))?;
                     Slot {
+                        objects: obj.objects.saturating_add(args.objects),
+                        depth: obj.depth.max(args.depth),
                         kind: Kind::Dict,
-                        ..Self::wrap(Kind::Dict, &[obj, args])
                     }
                 } else {
                     self.container(Kind::Other, &[obj, args])?
@@ -570,6 +572,21 @@ mod tests {
         // torch memoizes every object: most of these are memo copies and
         // the 14 memo entries.
         assert_eq!(r.objects, 143, "{r:?}");
+    }
+
+    #[test]
+    fn build_merges_dicts_as_candle_does() {
+        // {"a": None} BUILD {"m": {}}: candle merges the entries, one dict.
+        let p = b"\x80\x02}(X\x01\x00\x00\x00aNu}X\x01\x00\x00\x00m}sb.";
+        assert_eq!(run(p).unwrap().depth, 2);
+        // Anything else builds a `Build` object around both.
+        let p = b"\x80\x02]}X\x01\x00\x00\x00m}sb.";
+        assert_eq!(run(p).unwrap().depth, 3);
+        // A dict, then SETITEM onto it, only after candle's reduce of OrderedDict.
+        let ok = b"\x80\x02ccollections\nOrderedDict\n)RNNs.";
+        assert_eq!(run(ok).unwrap().depth, 2);
+        let err = run(b"\x80\x02ccollections\nChainMap\n)RNNs.").unwrap_err();
+        assert!(err.to_string().contains("SETITEM needs a Dict"), "{err}");
     }
 
     #[test]
