@@ -171,11 +171,20 @@ impl Pickle {
     /// `torch._utils._rebuild_tensor_v2(storage, 0, size, stride, False, OrderedDict())`.
     fn tensor(&mut self, storage_class: &str, key: &str, dims: &[usize]) {
         // Wrapping: the hostile-file tests declare shapes that overflow.
-        let numel = dims.iter().fold(1usize, |n, &d| n.wrapping_mul(d));
         let mut strides = vec![1usize; dims.len()];
         for i in (0..dims.len().saturating_sub(1)).rev() {
             strides[i] = strides[i + 1].wrapping_mul(dims[i + 1]);
         }
+        self.strided_tensor(storage_class, key, dims, &strides);
+    }
+    fn strided_tensor(
+        &mut self,
+        storage_class: &str,
+        key: &str,
+        dims: &[usize],
+        strides: &[usize],
+    ) {
+        let numel = dims.iter().fold(1usize, |n, &d| n.wrapping_mul(d));
         self.global("torch._utils", "_rebuild_tensor_v2");
         self.0.push(b'(');
         self.0.push(b'(');
@@ -189,7 +198,7 @@ impl Pickle {
         self.0.push(b'Q');
         self.int(0);
         self.int_tuple(dims);
-        self.int_tuple(&strides);
+        self.int_tuple(strides);
         self.0.push(0x89);
         self.ordered_dict();
         self.0.push(b't');
@@ -845,6 +854,41 @@ fn hostile_tensor_entries_are_errors() {
         err.contains(&format!(
             "its tensors take 524288 bytes, more than 4 times the file's {len} bytes"
         )),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A Fortran-ordered tensor (as numpy's transposes save) loads with its
+/// values where candle's own reader puts them; other strides are an error.
+#[test]
+fn strided_pth_tensors() {
+    let dir = test_dir("strided");
+    let file = dir.join("f.pth");
+    let storage: Vec<u8> = (0..6).flat_map(|v| (v as f32).to_le_bytes()).collect();
+    let write = |strides: &[usize]| {
+        let mut p = Pickle::new();
+        p.ordered_dict();
+        p.unicode("w");
+        p.strided_tensor("FloatStorage", "0", &[2, 3], strides);
+        p.0.extend_from_slice(b"s.");
+        write_pth_archive(&file, &p.0, &[("data/0".to_string(), &storage[..])]);
+    };
+    write(&[1, 2]);
+    let sd = read_state_dict(&file, &LoadOptions::default()).unwrap();
+    // Element (i, j) is storage[i + 2 j].
+    assert_eq!(
+        sd["w"].to_vec2::<f32>().unwrap(),
+        [[0.0, 2.0, 4.0], [1.0, 3.0, 5.0]]
+    );
+    write(&[1, 1]);
+    let err = read_state_dict(&file, &LoadOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(
+            "tensor 'w': expected a contiguous layout, got shape [2, 3] with strides [1, 1]"
+        ),
         "{err}"
     );
     std::fs::remove_dir_all(&dir).ok();
