@@ -9,7 +9,7 @@ mod common;
 use candle::{DType, Device, Tensor};
 use candle_nn::{ModuleT, VarBuilder, VarMap};
 use candle_syncbn::convert::checkpoint::{
-    load_checkpoint, read_state_dict, save_checkpoint, CheckpointFormat, LoadOptions,
+    check_pth, load_checkpoint, read_state_dict, save_checkpoint, CheckpointFormat, LoadOptions,
 };
 use candle_syncbn::{BatchNormRewriter, ProcessGroup, SyncBatchNorm};
 use common::{values, Rng};
@@ -120,18 +120,34 @@ fn check_layer_matches(layer: &SyncBatchNorm, state: &[(String, Tensor)], nbt: u
 // ---------------------------------------------------------------------------
 // A minimal torch.save writer (zip of a protocol-2 pickle and raw storages).
 
-struct Pickle(Vec<u8>);
+/// A pickle being written, with torch.save's habit of storing every object
+/// it builds in the memo (BINPUT), which candle's reader copies.
+struct Pickle(Vec<u8>, u32);
 
 impl Pickle {
+    fn new() -> Self {
+        Self(vec![0x80, 2], 0)
+    }
+    fn put(&mut self) {
+        if self.1 < 256 {
+            self.0.extend_from_slice(&[b'q', self.1 as u8]);
+        } else {
+            self.0.push(b'r');
+            self.0.extend_from_slice(&self.1.to_le_bytes());
+        }
+        self.1 += 1;
+    }
     fn global(&mut self, module: &str, name: &str) {
         self.0.push(b'c');
         self.0
             .extend_from_slice(format!("{module}\n{name}\n").as_bytes());
+        self.put();
     }
     fn unicode(&mut self, s: &str) {
         self.0.push(b'X');
         self.0.extend_from_slice(&(s.len() as u32).to_le_bytes());
         self.0.extend_from_slice(s.as_bytes());
+        self.put();
     }
     fn int(&mut self, v: usize) {
         if v < 256 {
@@ -145,18 +161,30 @@ impl Pickle {
         self.0.push(b'(');
         vs.iter().for_each(|&v| self.int(v));
         self.0.push(b't');
+        self.put();
     }
     fn ordered_dict(&mut self) {
         self.global("collections", "OrderedDict");
         self.0.extend_from_slice(b")R");
+        self.put();
     }
     /// `torch._utils._rebuild_tensor_v2(storage, 0, size, stride, False, OrderedDict())`.
     fn tensor(&mut self, storage_class: &str, key: &str, dims: &[usize]) {
-        let numel = dims.iter().product::<usize>();
-        let mut strides = vec![1; dims.len()];
+        // Wrapping: the hostile-file tests declare shapes that overflow.
+        let mut strides = vec![1usize; dims.len()];
         for i in (0..dims.len().saturating_sub(1)).rev() {
-            strides[i] = strides[i + 1] * dims[i + 1];
+            strides[i] = strides[i + 1].wrapping_mul(dims[i + 1]);
         }
+        self.strided_tensor(storage_class, key, dims, &strides);
+    }
+    fn strided_tensor(
+        &mut self,
+        storage_class: &str,
+        key: &str,
+        dims: &[usize],
+        strides: &[usize],
+    ) {
+        let numel = dims.iter().fold(1usize, |n, &d| n.wrapping_mul(d));
         self.global("torch._utils", "_rebuild_tensor_v2");
         self.0.push(b'(');
         self.0.push(b'(');
@@ -165,20 +193,25 @@ impl Pickle {
         self.unicode(key);
         self.unicode("cpu");
         self.int(numel);
-        self.0.extend_from_slice(b"tQ");
+        self.0.push(b't');
+        self.put();
+        self.0.push(b'Q');
         self.int(0);
         self.int_tuple(dims);
-        self.int_tuple(&strides);
+        self.int_tuple(strides);
         self.0.push(0x89);
         self.ordered_dict();
-        self.0.extend_from_slice(b"tR");
+        self.0.push(b't');
+        self.put();
+        self.0.push(b'R');
+        self.put();
     }
 }
 
 /// Writes `state` as torch.save would: `{name: tensor}` (an OrderedDict), or
 /// `{wrap_key: OrderedDict, "epoch": 3}` when `wrap_key` is given.
 fn write_pth(path: &Path, state: &[(String, Tensor)], wrap_key: Option<&str>) {
-    let mut p = Pickle(vec![0x80, 2]);
+    let mut p = Pickle::new();
     if let Some(k) = wrap_key {
         p.0.extend_from_slice(b"}(");
         p.unicode(k);
@@ -221,7 +254,16 @@ fn write_pth(path: &Path, state: &[(String, Tensor)], wrap_key: Option<&str>) {
         p.0.push(b'u');
     }
     p.0.push(b'.');
+    let storages: Vec<(String, &[u8])> = storages
+        .iter()
+        .map(|(key, bytes)| (format!("data/{key}"), &bytes[..]))
+        .collect();
+    write_pth_archive(path, &p.0, &storages);
+}
 
+/// Writes a torch.save zip: `archive/data.pkl` = `pickle`, the other entries
+/// under `archive/`.
+fn write_pth_archive(path: &Path, pickle: &[u8], entries: &[(String, &[u8])]) {
     let mut zip = zip::ZipWriter::new(std::fs::File::create(path).unwrap());
     let opts =
         zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
@@ -229,10 +271,10 @@ fn write_pth(path: &Path, state: &[(String, Tensor)], wrap_key: Option<&str>) {
         zip.start_file(format!("archive/{name}"), opts).unwrap();
         zip.write_all(data).unwrap();
     };
-    add("data.pkl", &p.0);
+    add("data.pkl", pickle);
     add("byteorder", b"little");
-    for (key, bytes) in &storages {
-        add(&format!("data/{key}"), bytes);
+    for (name, bytes) in entries {
+        add(name, bytes);
     }
     add("version", b"3\n");
     zip.finish().unwrap();
@@ -606,5 +648,475 @@ assert d < 1e-5
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+// ---------------------------------------------------------------------------
+// Hostile .pth files (issue 23, items 4 and 6): what candle's pickle reader
+// must never see, refused with an error that names the file, the entry and
+// the byte offset.
+
+/// `f` in a spawned thread with the default 2 MiB stack, as a loader in a
+/// worker thread has it (the main thread's 8 MiB would hide overflows).
+fn in_2mib_thread<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    std::thread::Builder::new()
+        .stack_size(2 << 20)
+        .spawn(f)
+        .unwrap()
+        .join()
+        .unwrap()
+}
+
+/// The error of loading `path` into a one-layer model (in a 2 MiB thread).
+fn load_error(path: &Path) -> String {
+    let path = path.to_path_buf();
+    in_2mib_thread(move || {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        candle_syncbn::batch_norm(C, 1e-5, vb.pp("bn")).unwrap();
+        load_checkpoint(&varmap, &path, &LoadOptions::default())
+            .unwrap_err()
+            .to_string()
+    })
+}
+
+fn pickle_of(parts: &[&[u8]]) -> Vec<u8> {
+    let mut p = vec![0x80, 2];
+    parts.iter().for_each(|x| p.extend_from_slice(x));
+    p.push(b'.');
+    p
+}
+
+/// 200 000 nested tuples (400 KB) and 50 000 nested lists (100 KB) used to
+/// overflow the stack of candle's recursive code and abort the process; now
+/// they are refused at the 257th level, in a thread with a 2 MiB stack.
+#[test]
+fn deeply_nested_pickles_are_refused() {
+    let dir = test_dir("deep");
+    let tuples = dir.join("tuples.pth");
+    let (marks, closes) = (vec![b'('; 200_000], vec![b't'; 200_000]);
+    write_pth_archive(&tuples, &pickle_of(&[&marks, &closes]), &[]);
+    let lists = dir.join("lists.pth");
+    let (empty, appends) = (vec![b']'; 50_001], vec![b'a'; 50_000]);
+    write_pth_archive(&lists, &pickle_of(&[&empty, &appends]), &[]);
+    // The 257th TUPLE / APPEND is refused: 2 bytes of PROTO, the opening run,
+    // 256 (tuples) or 255 (lists) closings before it.
+    for (file, offset) in [(&tuples, 2 + 200_000 + 256), (&lists, 2 + 50_001 + 255)] {
+        let err = load_error(file);
+        let want =
+            format!("archive/data.pkl at byte {offset}: objects nested more than 256 levels");
+        assert!(err.contains(&want) && err.contains("depth limit"), "{err}");
+        assert!(err.contains(&format!("{file:?}")), "{err}");
+        let err = check_pth(file, None).unwrap_err().to_string();
+        assert!(err.contains(&want), "{err}");
+    }
+
+    // 250 levels pass the scan and reach candle, whose error path prints the
+    // whole object with `{:?}` (recursively): no overflow in 2 MiB either.
+    let deep = dir.join("deep_ok.pth");
+    let (empty, appends) = (vec![b']'; 250], vec![b'a'; 249]);
+    let mut p = Pickle::new();
+    p.0.push(b'}');
+    p.unicode("bn.weight");
+    p.global("torch._utils", "_rebuild_tensor_v2");
+    p.0.extend_from_slice(&empty);
+    p.0.extend_from_slice(&appends);
+    p.0.extend_from_slice(b"Rs.");
+    write_pth_archive(&deep, &p.0, &[]);
+    let err = load_error(&deep);
+    assert!(err.contains("found no tensors"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A 5 MB pickle of EMPTY_LIST/NONE opcodes made candle build 5 million
+/// 48-byte objects (the 50 MB one of the issue took 2.46 GB); a 100-byte
+/// pickle that memoizes a tuple and builds tuples of two copies of it, 18
+/// times, made it copy 2^19 objects. Both are refused by the object limit:
+/// one per 2 bytes of the file, at least 2^20, for all pickles of the file
+/// together.
+#[test]
+fn pickle_floods_are_refused() {
+    let dir = test_dir("flood");
+    let flood = dir.join("flood.pth");
+    let body: Vec<u8> = b"]N".repeat(2_500_000);
+    write_pth_archive(&flood, &pickle_of(&[&body]), &[]);
+    let file_len = std::fs::metadata(&flood).unwrap().len();
+    let err = load_error(&flood);
+    assert!(
+        err.contains("archive/data.pkl at byte ")
+            && err.contains(&format!("object limit of this file, {} ", file_len / 2)),
+        "{err}"
+    );
+
+    let laughs = dir.join("laughs.pth");
+    let mut p = vec![b'N', b'N', 0x86, b'q', 0];
+    for level in 1..=18u8 {
+        p.extend_from_slice(&[b'h', level - 1, b'h', level - 1, 0x86, b'q', level]);
+    }
+    write_pth_archive(&laughs, &pickle_of(&[&p]), &[]);
+    let err = load_error(&laughs);
+    assert!(err.contains("object limit of this file, 1048576 "), "{err}");
+
+    // Several pickles share one budget: a zip may hold (or name) many.
+    let many = dir.join("many.pth");
+    let part = pickle_of(&[&b"]N".repeat(300_000)]);
+    let others = ["b", "c"].map(|d| (format!("{d}/data.pkl"), &part[..]));
+    write_pth_archive(&many, &part, &others);
+    let err = load_error(&many);
+    assert!(
+        err.contains("archive/b/data.pkl at byte ")
+            && err.contains("object limit of this file, 1048576 "),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A pickle's tensor entries are checked before any tensor is allocated:
+/// shapes beyond their storage (candle allocated the declared size, 16 TiB
+/// here, and aborted), shapes whose size overflows, tuples too short for
+/// candle's `rebuild_args` (it panicked), storages the archive lacks, and
+/// tensors that in all take more than 4 times the file.
+#[test]
+fn hostile_tensor_entries_are_errors() {
+    let dir = test_dir("tensor");
+    let file = dir.join("t.pth");
+    let storage = [0u8; 16];
+    let write = |dims: &[usize], storage_key: &str, short_args: bool| {
+        let mut p = Pickle::new();
+        p.ordered_dict();
+        p.unicode("bn.weight");
+        if short_args {
+            p.global("torch._utils", "_rebuild_tensor_v2");
+            p.0.extend_from_slice(b"(K\x00K\x00tR");
+        } else {
+            p.tensor("FloatStorage", storage_key, dims);
+        }
+        p.0.extend_from_slice(b"s.");
+        write_pth_archive(&file, &p.0, &[("data/0".to_string(), &storage[..])]);
+    };
+    // The largest dimension a pickle's BININT holds.
+    const M: usize = i32::MAX as usize;
+    let cases: [(&[usize], &str, bool, &str); 4] = [
+        (
+            &[M, 2048],
+            "0",
+            false,
+            "tensor 'bn.weight': expected its 17592186036224 bytes from byte 0 of its storage \
+             archive/data/0, which holds 16 bytes",
+        ),
+        (
+            &[M, M, M],
+            "0",
+            false,
+            "tensor 'bn.weight': shape [2147483647, 2147483647, 2147483647] overflows",
+        ),
+        (
+            &[4],
+            "7",
+            false,
+            "tensor 'bn.weight': its storage archive/data/7",
+        ),
+        (
+            &[4],
+            "0",
+            true,
+            "candle's pickle reader failed on the state dict",
+        ),
+    ];
+    for (dims, key, short, want) in cases {
+        write(dims, key, short);
+        let err = load_error(&file);
+        assert!(
+            err.contains(want) && err.contains("t.pth"),
+            "{dims:?}: {err}"
+        );
+    }
+    // The same file with a fitting shape loads.
+    write(&[4], "0", false);
+    let sd = read_state_dict(&file, &LoadOptions::default()).unwrap();
+    assert_eq!(values(&sd["bn.weight"]), [0.0; 4]);
+
+    // Tensors sharing one storage are read once each: 8 views of a 64 KiB
+    // storage take more than 4 times the file.
+    let mut p = Pickle::new();
+    p.ordered_dict();
+    p.0.push(b'(');
+    for i in 0..8 {
+        p.unicode(&format!("w{i}"));
+        p.tensor("FloatStorage", "0", &[16 << 10]);
+    }
+    p.0.extend_from_slice(b"u.");
+    let big = vec![0u8; 64 << 10];
+    write_pth_archive(&file, &p.0, &[("data/0".to_string(), &big[..])]);
+    let len = std::fs::metadata(&file).unwrap().len();
+    let err = load_error(&file);
+    assert!(
+        err.contains(&format!(
+            "its tensors take 524288 bytes, more than 4 times the file's {len} bytes"
+        )),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A Fortran-ordered tensor (as numpy's transposes save) loads with its
+/// values where candle's own reader puts them; other strides are an error.
+#[test]
+fn strided_pth_tensors() {
+    let dir = test_dir("strided");
+    let file = dir.join("f.pth");
+    let storage: Vec<u8> = (0..6).flat_map(|v| (v as f32).to_le_bytes()).collect();
+    let write = |strides: &[usize]| {
+        let mut p = Pickle::new();
+        p.ordered_dict();
+        p.unicode("w");
+        p.strided_tensor("FloatStorage", "0", &[2, 3], strides);
+        p.0.extend_from_slice(b"s.");
+        write_pth_archive(&file, &p.0, &[("data/0".to_string(), &storage[..])]);
+    };
+    write(&[1, 2]);
+    let sd = read_state_dict(&file, &LoadOptions::default()).unwrap();
+    // Element (i, j) is storage[i + 2 j].
+    assert_eq!(
+        sd["w"].to_vec2::<f32>().unwrap(),
+        [[0.0, 2.0, 4.0], [1.0, 3.0, 5.0]]
+    );
+    write(&[1, 1]);
+    let err = read_state_dict(&file, &LoadOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(
+            "tensor 'w': expected a contiguous layout, got shape [2, 3] with strides [1, 1]"
+        ),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// The densest real case stays within the limits: a torch.save state dict
+/// of 12 000 i64 scalars (every object memoized, as torch.save does) needs
+/// more than the 2^20-object floor, and loads.
+#[test]
+fn large_state_dict_of_scalars_loads() {
+    let dir = test_dir("scalars");
+    let file = dir.join("scalars.pth");
+    let state: Vec<(String, Tensor)> = (0..12_000i64)
+        .map(|i| {
+            (
+                format!("layer{i}.bn.num_batches_tracked"),
+                Tensor::new(i, &Device::Cpu).unwrap(),
+            )
+        })
+        .collect();
+    write_pth(&file, &state, None);
+    check_pth(&file, None).unwrap();
+    let sd = read_state_dict(&file, &LoadOptions::default()).unwrap();
+    assert_eq!(sd.len(), 12_000);
+    assert_eq!(
+        sd["layer11999.bn.num_batches_tracked"]
+            .to_scalar::<i64>()
+            .unwrap(),
+        11_999
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Hostile safetensors headers are errors without an allocation of the size
+/// they declare: the `safetensors` crate bounds the header (100 MB, within
+/// the file) and checks every tensor's shape against its offsets and the
+/// data. (A regression test: this held before the pickle guard.)
+#[test]
+fn hostile_safetensors_headers_are_errors() {
+    let dir = test_dir("st-hostile");
+    let file = dir.join("h.safetensors");
+    let with_header = |declared: u64, header: &str, data: usize| {
+        let mut b = declared.to_le_bytes().to_vec();
+        b.extend_from_slice(header.as_bytes());
+        b.extend(std::iter::repeat_n(0u8, data));
+        std::fs::write(&file, b).unwrap();
+    };
+    let exact = |header: &str, data: usize| with_header(header.len() as u64, header, data);
+    let cases: [(&dyn Fn(), &str); 4] = [
+        (&|| with_header(u64::MAX, "{}", 0), "header too large"),
+        (&|| with_header(1 << 40, "{}", 0), "header too large"),
+        (
+            &|| {
+                exact(
+                    r#"{"w":{"dtype":"F32","shape":[4611686018427387904,4],"data_offsets":[0,16]}}"#,
+                    16,
+                )
+            },
+            "overflow computing buffer size",
+        ),
+        (
+            &|| {
+                exact(
+                    r#"{"w":{"dtype":"F32","shape":[1099511627776],"data_offsets":[0,4398046511104]}}"#,
+                    16,
+                )
+            },
+            "incomplete metadata, file not fully covered",
+        ),
+    ];
+    for (write, want) in cases {
+        write();
+        let err = load_error(&file);
+        assert!(err.contains(want) && err.contains("h.safetensors"), "{err}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+// ---------------------------------------------------------------------------
+// Saves killed midway (issue 23, item 9): one fixed temporary file per
+// target, taken over by the next save.
+
+/// The names in `dir`, sorted.
+fn listing(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// A model of one BatchNorm layer whose statistics are all `v`.
+fn bn_varmap(v: f32) -> VarMap {
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    candle_syncbn::batch_norm(C, 1e-5, vb.pp("bn")).unwrap();
+    for (name, var) in varmap.data().lock().unwrap().iter() {
+        if !name.ends_with("num_batches_tracked") {
+            var.set(&Tensor::full(v, C, &Device::Cpu).unwrap()).unwrap();
+        }
+    }
+    varmap
+}
+
+fn assert_checkpoint_holds(path: &Path, v: f32) {
+    let saved = candle::safetensors::load(path, &Device::Cpu).unwrap();
+    assert_eq!(saved.len(), 5, "{:?}", saved.keys());
+    assert_values(
+        "saved running_var",
+        &values(&saved["bn.running_var"]),
+        &[v as f64; C],
+        0.0,
+    );
+}
+
+/// What a killed save leaves (its temporary file, half written) is taken
+/// over by the next save to the same path; a save while another one holds
+/// the temporary file fails at once and changes nothing.
+#[test]
+fn saves_take_over_a_killed_saves_temp_file() {
+    use candle_syncbn::data_parallel::save_varmap_atomic;
+    let dir = test_dir("stale");
+    for (i, name) in ["ckpt.safetensors", "dp.safetensors"].iter().enumerate() {
+        let target = dir.join(name);
+        let stale = dir.join(format!(".{name}.tmp"));
+        std::fs::write(&stale, vec![7u8; 100_000]).unwrap();
+        let varmap = bn_varmap(2.5);
+        if i == 0 {
+            save_checkpoint(&varmap, &target).unwrap();
+        } else {
+            save_varmap_atomic(&varmap, &target).unwrap();
+        }
+        assert!(!stale.exists(), "{:?}", listing(&dir));
+        assert_checkpoint_holds(&target, 2.5);
+
+        // Another save under way (it holds the lock): an error, at once.
+        let held = std::fs::File::create(&stale).unwrap();
+        held.lock().unwrap();
+        let err = if i == 0 {
+            save_checkpoint(&bn_varmap(4.0), &target)
+        } else {
+            save_varmap_atomic(&bn_varmap(4.0), &target)
+        }
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("another save to the same file is under way") && err.contains(name),
+            "{err}"
+        );
+        assert_checkpoint_holds(&target, 2.5);
+        drop(held);
+        std::fs::remove_file(&stale).unwrap();
+    }
+    assert_eq!(listing(&dir), ["ckpt.safetensors", "dp.safetensors"]);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+const KILLED_SAVE_ENV: &str = "CANDLE_SYNCBN_TEST_KILLED_SAVE_DIR";
+
+/// Real kills: this test runs itself as a child process that saves a 32 MiB
+/// checkpoint over and over, and kills it (SIGKILL on Unix) as soon as a
+/// temporary file has content beside the checkpoint, three times. The next save leaves nothing
+/// but the checkpoint beside it (before: one temporary file per killed
+/// process, plus the `safetensors` crate's own).
+#[test]
+fn killed_saves_leave_no_temp_files() {
+    if let Some(dir) = std::env::var_os(KILLED_SAVE_ENV) {
+        // The child: save until killed (bounded, in case no one does).
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        vb.get_with_hints(8 << 20, "big", candle_nn::Init::Const(1.0))
+            .unwrap();
+        for _ in 0..500 {
+            save_checkpoint(&varmap, Path::new(&dir).join("m.safetensors")).unwrap();
+        }
+        return;
+    }
+    let dir = test_dir("killed");
+    // The temporary files beside the checkpoint, whatever their names.
+    let temps = || -> Vec<(std::ffi::OsString, std::time::SystemTime, u64)> {
+        let mut t: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap())
+            .filter(|e| e.file_name() != "m.safetensors")
+            .filter_map(|e| {
+                let m = e.metadata().ok()?;
+                Some((e.file_name(), m.modified().ok()?, m.len()))
+            })
+            .collect();
+        t.sort();
+        t
+    };
+    let mut kills_that_left_a_temp = 0;
+    for _ in 0..3 {
+        let before = temps();
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "killed_saves_leave_no_temp_files",
+                "--exact",
+                "--test-threads=1",
+            ])
+            .env(KILLED_SAVE_ENV, &dir)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // Kill as soon as a save is writing: a temporary file is new or changed.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while std::time::Instant::now() < deadline
+            && !temps().iter().any(|t| t.2 > 0 && !before.contains(t))
+        {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        child.kill().unwrap();
+        let status = child.wait().unwrap();
+        assert!(
+            !status.success(),
+            "the saving child finished before it was killed"
+        );
+        if !temps().is_empty() {
+            kills_that_left_a_temp += 1;
+        }
+    }
+    // (A kill can land between two saves; three all doing so is unlikely.)
+    assert!(kills_that_left_a_temp > 0, "no kill landed during a save");
+    // Whatever the kills left (a temporary file at most), the next save cleans.
+    save_checkpoint(&bn_varmap(1.5), dir.join("m.safetensors")).unwrap();
+    assert_eq!(listing(&dir), ["m.safetensors"]);
+    assert_checkpoint_holds(&dir.join("m.safetensors"), 1.5);
     std::fs::remove_dir_all(&dir).ok();
 }

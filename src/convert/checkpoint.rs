@@ -23,7 +23,23 @@
 //! [`crate::SyncBatchNorm::new`], which loads `num_batches_tracked` when present
 //! and starts it at 0 otherwise. Use a `VarMap` and [`load_checkpoint`] when
 //! the model is trained and saved again.
+//!
+//! # Files from the internet
+//!
+//! A `.pth` is a pickle, and candle's pickle reader trusts it: a deeply nested
+//! pickle overflows its stack (an abort, not an error), memo copies and tensor
+//! shapes make it allocate what the pickle declares. [`load_checkpoint`] and
+//! [`read_state_dict`] therefore scan every pickle of the archive first
+//! (linear, no recursion) and refuse nesting deeper than 256 levels, more
+//! objects than one per 2 bytes of the file (at least 2^20), unsupported
+//! opcodes and truncated arguments, and tensors whose bytes are not within
+//! their storage or, in all, take more than 4 times the file; errors name the
+//! file, the zip entry and the byte offset. [`check_pth`] runs the same checks
+//! for files you pass to `VarBuilder::from_pth` yourself. torch.save's legacy
+//! (non-zip) format is not read at all. Safetensors files are checked by the
+//! `safetensors` crate (header size, offsets within the file).
 
+use super::pickle_guard;
 use candle::{DType, Device, Result, Tensor};
 use candle_nn::VarMap;
 use std::collections::{BTreeSet, HashMap};
@@ -125,9 +141,7 @@ pub fn read_state_dict<P: AsRef<Path>>(
             .map_err(wrap)?
             .into_iter()
             .collect(),
-        CheckpointFormat::Pth => {
-            candle::pickle::read_all_with_key(path, options.pth_key.as_deref()).map_err(wrap)?
-        }
+        CheckpointFormat::Pth => read_pth(path, options.pth_key.as_deref())?,
     };
     if tensors.is_empty() {
         candle::bail!(
@@ -153,6 +167,188 @@ pub fn read_state_dict<P: AsRef<Path>>(
         }
     }
     Ok(out)
+}
+
+/// Tensors of a `.pth` may take at most this many times the file's size in
+/// all (torch.save stores each storage once, uncompressed; tensors sharing a
+/// storage, as tied weights, read it again).
+const PTH_TENSOR_BYTES_PER_FILE_BYTE: u64 = 4;
+
+/// Checks a `.pth` file the way [`load_checkpoint`] does before reading it:
+/// every pickle in the archive passes a linear pre-scan (nesting at most 256
+/// levels deep, at most one object per 2 bytes of the file or 2^20 objects,
+/// only opcodes candle reads, no truncated argument), and every tensor of the
+/// state dict (the one under `key`, as [`LoadOptions::pth_key`]) has a
+/// contiguous layout within its storage, whose size is in proportion to the
+/// file. Call it before `VarBuilder::from_pth` on files you did not write:
+/// candle's pickle reader recurses once per level of nesting (a deep pickle
+/// aborts the process) and allocates each tensor at the size the pickle
+/// declares before reading it.
+pub fn check_pth<P: AsRef<Path>>(path: P, key: Option<&str>) -> Result<()> {
+    PthArchive::open(path.as_ref(), key).map(|_| ())
+}
+
+/// A `.pth` whose pickles passed the pre-scan, with its tensors' layouts.
+struct PthArchive<'a> {
+    path: &'a Path,
+    zip: zip::ZipArchive<std::io::BufReader<std::fs::File>>,
+    /// Later names win, as in candle's `PthTensors`.
+    tensors: HashMap<String, candle::pickle::TensorInfo>,
+}
+
+impl<'a> PthArchive<'a> {
+    fn open(path: &'a Path, key: Option<&str>) -> Result<Self> {
+        let err = |msg: String| candle::Error::Msg(format!("checkpoint {path:?}: {msg}"));
+        let file = std::fs::File::open(path).map_err(|e| err(format!("cannot open: {e}")))?;
+        let file_len = file
+            .metadata()
+            .map_err(|e| err(format!("cannot read: {e}")))?
+            .len();
+        let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file))
+            .map_err(|e| err(format!("not a readable zip archive: {e}")))?;
+        // The entries candle's `read_pth_tensor_info` parses, found the same way.
+        let names = zip
+            .file_names()
+            .map(|n| n.map(|n| n.into_owned()))
+            .collect::<std::result::Result<Vec<String>, _>>()
+            .map_err(|e| err(format!("unreadable zip entry name: {e}")))?;
+        // One budget for all of them: a zip may name the same (compressed)
+        // data many times.
+        let limits = pickle_guard::Limits::for_file_len(file_len);
+        let mut spent = 0;
+        for name in names.iter().filter(|n| n.ends_with("data.pkl")) {
+            let entry = zip
+                .by_name(name)
+                .map_err(|e| err(format!("cannot open {name}: {e}")))?;
+            let what = format!("checkpoint {path:?}: {name}");
+            spent =
+                pickle_guard::scan(std::io::BufReader::new(entry), &what, limits, spent)?.objects;
+        }
+        let infos = without_panics(path, || {
+            candle::pickle::read_pth_tensor_info(path, false, key)
+        })?;
+        let mut archive = Self {
+            path,
+            zip,
+            tensors: HashMap::with_capacity(infos.len()),
+        };
+        let mut total = 0u64;
+        for info in infos {
+            total = total.saturating_add(archive.check_tensor(&info)?.1 as u64);
+            archive.tensors.insert(info.name.clone(), info);
+        }
+        let limit = file_len.saturating_mul(PTH_TENSOR_BYTES_PER_FILE_BYTE);
+        if total > limit {
+            return Err(err(format!(
+                "its tensors take {total} bytes, more than {PTH_TENSOR_BYTES_PER_FILE_BYTE} \
+                 times the file's {file_len} bytes (a compressed or hostile archive?)"
+            )));
+        }
+        Ok(archive)
+    }
+
+    /// The byte range of `info` in its storage, checked against the storage's size.
+    fn check_tensor(&mut self, info: &candle::pickle::TensorInfo) -> Result<(usize, usize)> {
+        let path = self.path;
+        let name = &info.name;
+        let err = |msg: String| {
+            candle::Error::Msg(format!("checkpoint {path:?}: tensor '{name}': {msg}"))
+        };
+        let layout = &info.layout;
+        let dims = layout.dims();
+        let bytes = dims
+            .iter()
+            .try_fold(info.dtype.size_in_bytes(), |n, &d| n.checked_mul(d))
+            .ok_or_else(|| err(format!("shape {dims:?} overflows")))?;
+        if !layout.is_contiguous() && !layout.is_fortran_contiguous() {
+            return Err(err(format!(
+                "expected a contiguous layout, got shape {dims:?} with strides {:?}",
+                layout.stride()
+            )));
+        }
+        let start = layout.start_offset();
+        let size = self
+            .zip
+            .by_name(&info.path)
+            .map_err(|e| err(format!("its storage {}: {e}", info.path)))?
+            .size();
+        match start.checked_add(bytes) {
+            Some(end) if end as u64 <= size => Ok((start, bytes)),
+            _ => Err(err(format!(
+                "expected its {bytes} bytes from byte {start} of its storage {}, \
+                 which holds {size} bytes",
+                info.path
+            ))),
+        }
+    }
+
+    /// Reads every tensor onto the CPU, as candle's `PthTensors::get` does
+    /// (Fortran-ordered ones are permuted into the shape they were saved with).
+    fn read_all(mut self) -> Result<Vec<(String, Tensor)>> {
+        if cfg!(target_endian = "big") {
+            candle::bail!(
+                "checkpoint {:?}: reading .pth files needs a little-endian machine",
+                self.path
+            )
+        }
+        let tensors = std::mem::take(&mut self.tensors);
+        let mut out = Vec::with_capacity(tensors.len());
+        for (name, info) in tensors {
+            let (start, bytes) = self.check_tensor(&info)?;
+            let path = self.path;
+            let err = |e: std::io::Error| {
+                candle::Error::Msg(format!(
+                    "checkpoint {path:?}: tensor '{name}': cannot read: {e}"
+                ))
+            };
+            let mut entry = self
+                .zip
+                .by_name(&info.path)
+                .map_err(|e| err(std::io::Error::other(e)))?;
+            std::io::copy(&mut entry.by_ref().take(start as u64), &mut std::io::sink())
+                .map_err(err)?;
+            let mut data = vec![0u8; bytes];
+            entry.read_exact(&mut data).map_err(err)?;
+            let layout = &info.layout;
+            let rank = layout.dims().len();
+            let t = if rank > 1 && !layout.is_contiguous() {
+                let reversed: Vec<usize> = layout.dims().iter().rev().copied().collect();
+                let axes: Vec<usize> = (0..rank).rev().collect();
+                Tensor::from_raw_buffer(&data, info.dtype, &reversed, &Device::Cpu)?
+                    .permute(axes)?
+            } else {
+                Tensor::from_raw_buffer(&data, info.dtype, layout.dims(), &Device::Cpu)?
+            };
+            out.push((name, t));
+        }
+        Ok(out)
+    }
+}
+
+/// Reads the tensors of a `.pth` file after [`check_pth`]'s checks.
+fn read_pth(path: &Path, key: Option<&str>) -> Result<Vec<(String, Tensor)>> {
+    PthArchive::open(path, key)?.read_all()
+}
+
+/// Runs candle's pickle code, turning a panic into an error: its
+/// `rebuild_args` indexes the tuples a pickle declares (`args.remove(3)`)
+/// without checking their length.
+fn without_panics<T>(path: &Path, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(candle::Error::Msg(format!("checkpoint {path:?}: {e}"))),
+        Err(panic) => {
+            let msg = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "no message".into());
+            Err(candle::Error::Msg(format!(
+                "checkpoint {path:?}: candle's pickle reader failed on the state dict \
+                 (a malformed tensor entry?): {msg}"
+            )))
+        }
+    }
 }
 
 /// Loads a checkpoint file into the variables of `varmap` (see the module
@@ -291,15 +487,11 @@ pub fn state_dict(varmap: &VarMap) -> Result<Vec<(String, Tensor)>> {
 /// Saves the variables of `varmap` as safetensors that PyTorch loads back:
 /// the variable names, f32 parameters and statistics as stored (f16/bf16 models
 /// save their dtype; PyTorch's `load_state_dict` casts), counters as i64
-/// scalars, and `{"format": "pt"}` metadata.
+/// scalars, and `{"format": "pt"}` metadata. The file is replaced atomically,
+/// through one fixed temporary file beside it (see
+/// [`crate::data_parallel::write_atomic`]).
 pub fn save_checkpoint<P: AsRef<Path>>(varmap: &VarMap, path: P) -> Result<()> {
     let path = path.as_ref();
     let tensors = state_dict(varmap)?;
-    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::tensor::serialize_to_file(
-        tensors.iter().map(|(k, t)| (k.as_str(), t)),
-        Some(metadata),
-        path,
-    )
-    .map_err(|e| candle::Error::Msg(format!("checkpoint {path:?}: cannot save: {e}")))
+    crate::data_parallel::save_safetensors_atomic(path, &tensors, Some(&[("format", "pt")]))
 }

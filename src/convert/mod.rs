@@ -133,6 +133,7 @@
 //! [`default_group`]: crate::default_group
 
 pub mod checkpoint;
+mod pickle_guard;
 mod rewriter;
 
 pub use rewriter::{BatchNormLayer, BatchNormRewriter, ConvertedSite, LocalBatchNorm};
