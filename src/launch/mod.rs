@@ -1,7 +1,9 @@
-//! Running one process per rank: the launcher's environment ([`env`](mod@env)) and a
-//! self-spawning launcher ([`spawn`]).
+//! Running one process per rank: the launcher's environment ([`env`](mod@env))
+//! and a self-spawning launcher ([`spawn`]).
 
 pub mod env;
+#[cfg(target_os = "linux")]
+mod signals;
 pub mod spawn;
 
 pub use env::{EnvSource, Rendezvous};
