@@ -111,6 +111,7 @@ fn exit_code(status: &ExitStatus) -> i32 {
 }
 
 /// `signal 9 (SIGKILL)`, or `signal N` where the name is not known.
+#[cfg(unix)]
 fn signal_text(sig: i32) -> String {
     #[cfg(target_os = "linux")]
     if let Some(name) = signals::name(sig) {
@@ -189,11 +190,21 @@ fn parse_kill_grace(v: &str) -> Result<Duration> {
     }
 }
 
+/// Creates the folder `path` (not its parents), readable by this user only.
+fn create_private_dir(path: &std::path::Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new().mode(0o700).create(path)
+    }
+    #[cfg(not(unix))]
+    std::fs::create_dir(path)
+}
+
 /// A fresh folder for the job's files, readable by this user only
 /// (`0700`), named from its own random number: no part of the job token
 /// appears in a name others can list.
 fn private_dir() -> Result<PathBuf> {
-    let mut last_err = None;
     for _ in 0..16 {
         let name = format!(
             "candle-syncbn-{}-{}",
@@ -201,17 +212,14 @@ fn private_dir() -> Result<PathBuf> {
             &random_token()[..16]
         );
         let path = std::env::temp_dir().join(name);
-        let mut builder = std::fs::DirBuilder::new();
-        #[cfg(unix)]
-        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
-        match builder.create(&path) {
+        match create_private_dir(&path) {
             Ok(()) => return Ok(path),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last_err = Some(e),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
             Err(e) => candle::bail!("launcher: could not create the job folder {path:?}: {e}"),
         }
     }
     candle::bail!(
-        "launcher: could not create a fresh job folder in {:?} after 16 tries: {last_err:?}",
+        "launcher: could not create a fresh job folder in {:?}: 16 random names were all taken",
         std::env::temp_dir()
     )
 }
@@ -368,31 +376,29 @@ struct ExitWatcher {
 impl ExitWatcher {
     fn new(children: &[Child]) -> Self {
         let (tx, events) = mpsc::channel();
+        #[cfg(target_os = "linux")]
         let polled = children
             .iter()
             .enumerate()
-            .map(|(_rank, _child)| {
-                #[cfg(target_os = "linux")]
-                {
-                    let (pid, tx) = (_child.id(), tx.clone());
-                    let spawned = std::thread::Builder::new()
-                        .name(format!("launcher-wait-{_rank}"))
-                        .spawn(move || {
-                            signals::wait_exited(pid);
-                            let _ = tx.send((_rank, Instant::now()));
-                        });
-                    spawned.is_err()
-                }
-                #[cfg(not(target_os = "linux"))]
-                true
+            .map(|(rank, child)| {
+                let (pid, tx) = (child.id(), tx.clone());
+                std::thread::Builder::new()
+                    .name(format!("launcher-wait-{rank}"))
+                    .spawn(move || {
+                        signals::wait_exited(pid);
+                        let _ = tx.send((rank, Instant::now()));
+                    })
+                    .is_err()
             })
             .collect();
+        #[cfg(not(target_os = "linux"))]
+        let polled = vec![true; children.len()];
         drop(tx);
         Self { events, polled }
     }
 
     /// Waits up to `timeout` for exits and reaps them into `exits`.
-    fn poll(&self, children: &mut [Child], exits: &mut [Option<Exit>], timeout: Duration) {
+    fn poll(&mut self, children: &mut [Child], exits: &mut [Option<Exit>], timeout: Duration) {
         let mut seen = Vec::new();
         match self.events.recv_timeout(timeout) {
             Ok(e) => seen.push(e),
@@ -407,10 +413,13 @@ impl ExitWatcher {
                 .map(|r| (r, now)),
         );
         for (rank, at) in seen {
-            if exits[rank].is_none() {
-                if let Ok(Some(status)) = children[rank].try_wait() {
-                    exits[rank] = Some(Exit { at, status });
-                }
+            if exits[rank].is_some() {
+                continue;
+            }
+            match children[rank].try_wait() {
+                Ok(Some(status)) => exits[rank] = Some(Exit { at, status }),
+                // The waiting thread returned early (waitid failed): poll.
+                _ => self.polled[rank] = true,
             }
         }
     }
@@ -428,8 +437,9 @@ fn culprit(exits: &[Option<Exit>]) -> Option<usize> {
     let signalled = (0..exits.len())
         .filter(failed)
         .filter(|&r| {
-            let e = exits[r].as_ref().expect("failed ranks have exited");
-            e.status.code().is_none() && e.at <= t0 + SETTLE
+            exits[r]
+                .as_ref()
+                .is_some_and(|e| e.status.code().is_none() && e.at <= t0 + SETTLE)
         })
         .min_by_key(|&r| exits[r].as_ref().map(|e| e.at));
     Some(signalled.unwrap_or(first))
@@ -444,6 +454,31 @@ fn rank_list(ranks: &[usize]) -> String {
         .join(", ")
 }
 
+/// Prints which rank failed and how (`then` follows on that line), and how
+/// the other failed ranks ended; returns the launcher's exit code.
+fn report_failure(exits: &[Option<Exit>], then: &str) -> i32 {
+    let Some((rank, exit)) = culprit(exits).and_then(|r| Some((r, exits[r].as_ref()?))) else {
+        return 1;
+    };
+    eprintln!("launcher: rank {rank} {}{then}", describe(&exit.status));
+    for (r, e) in exits.iter().enumerate() {
+        let Some(e) = e.as_ref().filter(|e| r != rank && !e.status.success()) else {
+            continue;
+        };
+        let (dt, when) = if e.at >= exit.at {
+            (e.at - exit.at, "after")
+        } else {
+            (exit.at - e.at, "before")
+        };
+        eprintln!(
+            "launcher: rank {r} also {}, {:.1} ms {when} rank {rank}",
+            describe(&e.status),
+            dt.as_secs_f64() * 1e3
+        );
+    }
+    exit_code(&exit.status)
+}
+
 /// Waits for every rank, stopping them all when one fails or when the
 /// launcher is asked to terminate (see [`launch`]). Returns the exit code.
 fn supervise(
@@ -452,7 +487,7 @@ fn supervise(
     #[cfg(target_os = "linux")] mut caught: signals::TerminationSignals,
 ) -> i32 {
     let n = children.len();
-    let watcher = ExitWatcher::new(children);
+    let mut watcher = ExitWatcher::new(children);
     let mut exits: Vec<Option<Exit>> = (0..n).map(|_| None).collect();
     let mut outcome: Option<i32> = None;
     // When the ranks were told to stop, and whether they have been killed.
@@ -502,34 +537,18 @@ fn supervise(
                 .min();
             let all_done = exits.iter().all(|e| e.is_some());
             if first_seen.is_some_and(|t| all_done || now >= t + SETTLE) {
-                let rank = culprit(&exits).expect("a rank failed");
-                let exit = exits[rank].as_ref().expect("the culprit has exited");
-                outcome = Some(exit_code(&exit.status));
                 let alive = running(&exits);
-                if alive.is_empty() {
-                    eprintln!("launcher: rank {rank} {}", describe(&exit.status));
-                } else {
-                    eprintln!(
-                        "launcher: rank {rank} {}; stopping rank(s) {} (SIGTERM, SIGKILL after {grace_text})",
-                        describe(&exit.status),
+                let how = if alive.is_empty() {
+                    String::new()
+                } else if cfg!(target_os = "linux") {
+                    format!(
+                        "; stopping rank(s) {} (SIGTERM, SIGKILL after {grace_text})",
                         rank_list(&alive)
-                    );
-                }
-                for (r, e) in exits.iter().enumerate() {
-                    let Some(e) = e.as_ref().filter(|e| r != rank && !e.status.success()) else {
-                        continue;
-                    };
-                    let (dt, when) = if e.at >= exit.at {
-                        (e.at - exit.at, "after")
-                    } else {
-                        (exit.at - e.at, "before")
-                    };
-                    eprintln!(
-                        "launcher: rank {r} also {}, {:.1} ms {when} rank {rank}",
-                        describe(&e.status),
-                        dt.as_secs_f64() * 1e3
-                    );
-                }
+                    )
+                } else {
+                    format!("; stopping rank(s) {}", rank_list(&alive))
+                };
+                outcome = Some(report_failure(&exits, &how));
                 if stopping.is_none() && !alive.is_empty() {
                     stop(children, &exits, TERM);
                     stopping = Some((now, false));
@@ -631,6 +650,32 @@ mod tests {
         assert!(split_nproc_flag(os(&["--nproc-per-node"])).is_err());
         assert!(split_nproc_flag(os(&["--nproc-per-node", "0"])).is_err());
         assert!(split_nproc_flag(os(&["--nproc-per-node", "two"])).is_err());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn culprit_is_the_first_failure_or_a_signal_right_after_it() {
+        use std::os::unix::process::ExitStatusExt;
+        let t0 = Instant::now();
+        let exit = |ms: u64, raw: i32| {
+            Some(Exit {
+                at: t0 + Duration::from_millis(ms),
+                status: ExitStatus::from_raw(raw),
+            })
+        };
+        // Raw wait statuses: code c is c << 8, signal s is s.
+        let (ok, code1, code3, sigkill) = (0, 1 << 8, 3 << 8, 9);
+        assert_eq!(culprit(&[exit(0, ok), exit(5, ok)]), None);
+        assert_eq!(culprit(&[exit(0, code1), None]), Some(0));
+        assert_eq!(culprit(&[exit(7, code1), exit(3, code3)]), Some(1));
+        // Rank 0 saw its peer vanish and exited 1 ms before the kill was seen.
+        assert_eq!(culprit(&[exit(10, code1), exit(11, sigkill)]), Some(1));
+        // ... but not a signal long after an error exit.
+        assert_eq!(culprit(&[exit(10, code1), exit(500, sigkill)]), Some(0));
+        let mut exits = [exit(10, code1), exit(11, sigkill), None];
+        assert_eq!(report_failure(&exits, ""), 137);
+        exits[1] = None;
+        assert_eq!(report_failure(&exits, ""), 1);
     }
 
     #[test]
