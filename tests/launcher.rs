@@ -232,6 +232,21 @@ impl Job {
         }
     }
 
+    /// Sends `sig` to `pid`, then waits at most `limit` for the launcher: its
+    /// exit code, how long after the signal it exited, and its output.
+    fn signal_and_wait(
+        &mut self,
+        pid: u32,
+        sig: libc::c_int,
+        limit: Duration,
+    ) -> (Option<i32>, Duration, String) {
+        let sent = Instant::now();
+        // SAFETY: kill(2) has no memory effects.
+        assert_eq!(unsafe { libc::kill(pid as libc::pid_t, sig) }, 0);
+        let (code, elapsed) = self.wait(limit, sent);
+        (code, elapsed, self.output())
+    }
+
     fn output(&self) -> String {
         std::fs::read_to_string(self.dir.join("launcher.out")).unwrap_or_default()
     }
@@ -263,11 +278,6 @@ impl Drop for Job {
     }
 }
 
-fn send(pid: u32, sig: libc::c_int) {
-    // SAFETY: kill(2) has no memory effects.
-    assert_eq!(unsafe { libc::kill(pid as libc::pid_t, sig) }, 0);
-}
-
 /// Whether process `pid` is gone (reaped).
 fn is_gone(pid: u32) -> bool {
     !Path::new(&format!("/proc/{pid}")).exists()
@@ -279,10 +289,7 @@ fn is_gone(pid: u32) -> bool {
 fn launcher_blames_the_rank_that_was_killed() {
     let mut job = Job::start("barriers", 2, &[]);
     let pids = job.rank_pids();
-    let killed_at = Instant::now();
-    send(pids[1], libc::SIGKILL);
-    let (code, elapsed) = job.wait(Duration::from_secs(30), killed_at);
-    let out = job.output();
+    let (code, elapsed, out) = job.signal_and_wait(pids[1], libc::SIGKILL, Duration::from_secs(30));
     assert_eq!(code, Some(137), "{out}");
     assert!(
         out.contains("launcher: rank 1 was killed by signal 9 (SIGKILL)"),
@@ -298,10 +305,9 @@ fn launcher_blames_the_rank_that_was_killed() {
 fn launcher_forwards_sigterm_to_the_ranks() {
     let mut job = Job::start("trap-term", 2, &[("SYNCBN_KILL_GRACE", "30")]);
     job.rank_pids();
-    let sent = Instant::now();
-    send(job.launcher.id(), libc::SIGTERM);
-    let (code, elapsed) = job.wait(Duration::from_secs(20), sent);
-    let out = job.output();
+    let launcher = job.launcher.id();
+    let (code, elapsed, out) =
+        job.signal_and_wait(launcher, libc::SIGTERM, Duration::from_secs(20));
     assert_eq!(code, Some(143), "{out}");
     assert!(
         out.contains("launcher: got signal 15 (SIGTERM); forwarding it to rank(s) 0, 1, SIGKILL after 30.0 s"),
@@ -320,10 +326,9 @@ fn launcher_forwards_sigterm_to_the_ranks() {
 fn launcher_kills_ranks_that_ignore_sigterm_after_the_grace_period() {
     let mut job = Job::start("ignore-term", 2, &[("SYNCBN_KILL_GRACE", "1")]);
     let pids = job.rank_pids();
-    let sent = Instant::now();
-    send(job.launcher.id(), libc::SIGTERM);
-    let (code, elapsed) = job.wait(Duration::from_secs(20), sent);
-    let out = job.output();
+    let launcher = job.launcher.id();
+    let (code, elapsed, out) =
+        job.signal_and_wait(launcher, libc::SIGTERM, Duration::from_secs(20));
     assert_eq!(code, Some(143), "{out}");
     assert!(
         out.contains(

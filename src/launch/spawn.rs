@@ -237,7 +237,8 @@ fn private_dir() -> Result<PathBuf> {
 ///
 /// On Linux, a `SIGTERM` or `SIGINT` sent to the launcher is forwarded to every
 /// rank, the ranks get the grace period to exit (a second such signal ends it
-/// early), and `launch` returns 128 + the signal.
+/// early), and `launch` returns 128 + the signal. (The ranks stay in the
+/// launcher's process group: Ctrl-C in a terminal reaches them directly too.)
 pub fn launch(config: &LaunchConfig) -> Result<i32> {
     if config.nproc == 0 {
         candle::bail!("launcher: {NPROC_FLAG} must be at least 1")
