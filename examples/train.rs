@@ -30,15 +30,19 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 #[derive(Parser, Debug, Clone)]
-#[command(about = "Data-parallel CNN training with SyncBatchNorm (candle-syncbn)")]
+#[command(
+    about = "Data-parallel CNN training with SyncBatchNorm (candle-syncbn)",
+    allow_negative_numbers = true
+)]
 struct Args {
     /// Launch this many rank processes on this machine (default 2 when no
     /// launcher environment is set).
-    #[arg(long)]
+    #[arg(long, value_parser = at_least(1))]
     nproc_per_node: Option<usize>,
-    /// `cpu` (TCP group), `cuda` (NCCL group; GPU = LOCAL_RANK) or `metal`
-    /// (an Apple GPU, TCP group; build with `--features metal`).
-    #[arg(long, default_value = "cpu")]
+    /// `cpu` (TCP group), `cuda` (NCCL group; GPU LOCAL_RANK, or GPU 0 when
+    /// each rank sees only its own) or `metal` (an Apple GPU, TCP group;
+    /// build with `--features metal`).
+    #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda", "metal"])]
     device: String,
     /// A folder with MNIST-format IDX files (train-images-idx3-ubyte,
     /// train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte);
@@ -46,25 +50,25 @@ struct Args {
     #[arg(long)]
     data: Option<PathBuf>,
     /// Number of epochs.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = at_least(1))]
     epochs: usize,
     /// Samples per rank and step.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = at_least(1))]
     batch_size: usize,
     /// AdamW learning rate.
-    #[arg(long, default_value_t = 3e-3)]
+    #[arg(long, default_value_t = 3e-3, value_parser = positive_finite)]
     lr: f64,
     /// Synthetic data: training samples.
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = 4096, value_parser = at_least(1))]
     train_size: usize,
     /// Synthetic data: test samples.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 1024, value_parser = at_least(1))]
     test_size: usize,
-    /// Synthetic data: image side.
-    #[arg(long, default_value_t = 16)]
+    /// Synthetic data: image side (at least 4: the net pools twice by 2).
+    #[arg(long, default_value_t = 16, value_parser = at_least(4))]
     image_size: usize,
     /// Stop each epoch after this many steps.
-    #[arg(long)]
+    #[arg(long, value_parser = at_least(1))]
     max_steps: Option<usize>,
     /// Checkpoint path (written by rank 0).
     #[arg(long, default_value = "syncbn-train.safetensors")]
@@ -78,8 +82,28 @@ struct Args {
     /// Synchronize the batch statistics within consecutive blocks of this
     /// many ranks (e.g. the GPUs of one node) instead of over all ranks;
     /// gradients are still averaged over all ranks. Must divide the world size.
-    #[arg(long)]
+    #[arg(long, value_parser = at_least(1))]
     bn_group_size: Option<usize>,
+}
+
+/// A parser of whole numbers from `min` up.
+fn at_least(
+    min: usize,
+) -> impl Fn(&str) -> std::result::Result<usize, String> + Clone + Send + Sync + 'static {
+    move |s| match s.trim().parse::<usize>() {
+        Ok(v) if v >= min => Ok(v),
+        Ok(_) => Err(format!("expected a whole number of at least {min}")),
+        Err(e) => Err(format!("expected a whole number of at least {min}: {e}")),
+    }
+}
+
+/// A parser of finite numbers above 0.
+fn positive_finite(s: &str) -> std::result::Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        Ok(_) => Err("expected a finite number above 0".into()),
+        Err(e) => Err(format!("expected a number: {e}")),
+    }
 }
 
 const CLASSES: usize = 10;
@@ -259,7 +283,15 @@ fn synthetic(n: usize, size: usize, seed: u64) -> Result<Split> {
     let mut rng = Rng(seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ 0x5DEE_CE66);
     let s = size as f32;
     let sigma = s / 9.0;
-    let mut images = Vec::with_capacity(n * size * size);
+    let values = n
+        .checked_mul(size)
+        .and_then(|v| v.checked_mul(size))
+        .filter(|v| v.checked_mul(4).is_some())
+        .with_context(|| format!("{n} images of {size}×{size} are too many values"))?;
+    let mut images = Vec::new();
+    images.try_reserve_exact(values).map_err(|e| {
+        anyhow::anyhow!("{n} synthetic images of {size}×{size} do not fit in memory: {e}")
+    })?;
     let mut labels = Vec::with_capacity(n);
     for _ in 0..n {
         let k = (rng.next() % CLASSES as u64) as usize;
@@ -456,11 +488,12 @@ fn run(args: &Args) -> Result<()> {
         candle_syncbn::cpu::keep_freed_memory();
     }
     let rv = Rendezvous::from_env()?;
-    let local_rank = rv.as_ref().map(|r| r.local_rank).unwrap_or(0);
     let device = match args.device.as_str() {
         "cpu" => Device::Cpu,
         "cuda" => {
-            Device::new_cuda(local_rank).context("--device cuda: opening the GPU of LOCAL_RANK")?
+            let ordinal = cuda_ordinal(rv.as_ref())?;
+            Device::new_cuda(ordinal)
+                .with_context(|| format!("--device cuda: opening GPU {ordinal}"))?
         }
         "metal" => Device::new_metal(0).context("--device metal: opening the GPU")?,
         d => bail!("--device: expected cpu, cuda or metal, got {d:?}"),
@@ -540,7 +573,9 @@ fn run(args: &Args) -> Result<()> {
     )?;
 
     let b = args.batch_size;
-    let global = b * world;
+    let global = b.checked_mul(world).with_context(|| {
+        format!("--batch-size {b} on {world} ranks: the global batch is too large")
+    })?;
     let mut steps = train.len() / global;
     if let Some(m) = args.max_steps {
         steps = steps.min(m);
@@ -638,6 +673,31 @@ fn run(args: &Args) -> Result<()> {
     }
     group.barrier()?;
     Ok(())
+}
+
+/// The GPU this rank opens: GPU 0 where the launcher shows each rank only its
+/// own GPU (SLURM, containers), GPU `LOCAL_RANK` where every GPU of the node
+/// is visible; an error where two ranks of this node would share one.
+#[cfg(feature = "cuda")]
+fn cuda_ordinal(rv: Option<&Rendezvous>) -> Result<usize> {
+    use candle_syncbn::launch::{device::CUDA_VISIBLE_DEVICES_VAR, local_cuda_ordinal};
+    let count = cudarc::driver::CudaContext::device_count()
+        .context("--device cuda: counting the CUDA devices")?;
+    let (local_rank, local_world) = rv.map_or((0, Some(1)), |r| (r.local_rank, r.local_world_size));
+    let visible = std::env::var(CUDA_VISIBLE_DEVICES_VAR).ok();
+    let ordinal = local_cuda_ordinal(
+        local_rank,
+        local_world,
+        usize::try_from(count).unwrap_or(0),
+        visible.as_deref(),
+    )
+    .context("--device cuda")?;
+    Ok(ordinal)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_ordinal(_: Option<&Rendezvous>) -> Result<usize> {
+    bail!("--device cuda: this build has no CUDA support; build the example with `--features cuda` (or `nccl`)")
 }
 
 /// Loads the checkpoint into a fresh single-process model and evaluates it.

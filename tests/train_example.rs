@@ -146,3 +146,93 @@ fn train_example_synchronizes_within_blocks() {
         "{text}"
     );
 }
+
+/// Runs the example with a valid small configuration in which `bad` replaces
+/// the value of one argument; returns the exit code and stderr.
+fn run_with_bad(bad: (&str, &str), dir: &Path) -> (Option<i32>, String) {
+    let ckpt = dir.join("never-written.safetensors");
+    let mut args: Vec<(&str, &str)> = vec![
+        ("--nproc-per-node", "1"),
+        ("--epochs", "1"),
+        ("--max-steps", "1"),
+        ("--train-size", "32"),
+        ("--test-size", "8"),
+        ("--batch-size", "8"),
+        ("--lr", "0.001"),
+        ("--checkpoint", ckpt.to_str().unwrap()),
+    ];
+    match args.iter_mut().find(|(k, _)| *k == bad.0) {
+        Some(a) => *a = bad,
+        None => args.push(bad),
+    }
+    let out = Command::new(example_binary())
+        .args(args.iter().flat_map(|(k, v)| [*k, *v]))
+        .env("SYNCBN_TIMEOUT", "20")
+        .output()
+        .unwrap();
+    assert!(!ckpt.exists(), "{bad:?}: the example trained");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+/// Out-of-range arguments are usage errors (clap's exit code 2) that name the
+/// argument and what it expects, found before anything starts: no panic (a
+/// batch size of 0 divided by zero), no misleading error after training (a
+/// test size of 0 or a NaN learning rate made the reloaded checkpoint
+/// "evaluate differently").
+#[test]
+fn train_example_rejects_bad_arguments() {
+    let dir = Scratch::new("args");
+    for (bad, expected) in [
+        (
+            ("--batch-size", "0"),
+            "expected a whole number of at least 1",
+        ),
+        (
+            ("--test-size", "0"),
+            "expected a whole number of at least 1",
+        ),
+        (
+            ("--train-size", "0"),
+            "expected a whole number of at least 1",
+        ),
+        (("--epochs", "0"), "expected a whole number of at least 1"),
+        (
+            ("--max-steps", "0"),
+            "expected a whole number of at least 1",
+        ),
+        (
+            ("--bn-group-size", "0"),
+            "expected a whole number of at least 1",
+        ),
+        (
+            ("--nproc-per-node", "0"),
+            "expected a whole number of at least 1",
+        ),
+        (
+            ("--image-size", "3"),
+            "expected a whole number of at least 4",
+        ),
+        (
+            ("--batch-size", "-2"),
+            "expected a whole number of at least 1",
+        ),
+        (("--lr", "nan"), "expected a finite number above 0"),
+        (("--lr", "inf"), "expected a finite number above 0"),
+        (("--lr", "0"), "expected a finite number above 0"),
+        (("--lr", "-0.1"), "expected a finite number above 0"),
+        (("--device", "gpu"), "[possible values: cpu, cuda, metal]"),
+    ] {
+        let (code, text) = run_with_bad(bad, &dir.0);
+        let (arg, value) = bad;
+        assert_eq!(code, Some(2), "{bad:?}:\n{text}");
+        let head = format!("error: invalid value '{value}' for '{arg} <");
+        assert!(
+            text.contains(&head) && text.contains(expected),
+            "{bad:?}: expected {head:?}… {expected:?} in:\n{text}"
+        );
+        assert!(!text.contains("panicked"), "{bad:?}:\n{text}");
+    }
+}

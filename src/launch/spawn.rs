@@ -6,20 +6,38 @@
 //! token (`SYNCBN_TOKEN`), and `MASTER_PORT=0` with a port file: rank 0 listens
 //! on a free port chosen by the OS and publishes it there, so concurrent jobs
 //! never collide on a port. Every line a rank prints is prefixed with
-//! `[rank r]`. When a rank fails, the launcher stops the others and returns the
-//! failing rank's exit code.
+//! `[rank r]`. When a rank fails, the launcher names it and how it ended,
+//! stops the others and returns its exit code; on Linux it forwards `SIGTERM`
+//! and `SIGINT` to the ranks and kills them only after a grace period (see
+//! [`launch`]). The job's files live in a fresh folder only this user can
+//! read; the token reaches the ranks through the environment only, never a
+//! file name or a command line.
 
 use super::env::{PORT_FILE_VAR, TOKEN_VAR};
+#[cfg(target_os = "linux")]
+use super::signals;
 use candle::Result;
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::thread::JoinHandle;
-use std::time::Duration;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 /// The command-line flag that asks for the launcher.
 pub const NPROC_FLAG: &str = "--nproc-per-node";
+
+/// The environment variable with the grace period, in seconds, between asking
+/// the ranks to stop (`SIGTERM`) and killing them (`SIGKILL`), when
+/// [`LaunchConfig::kill_grace`] is `None`.
+pub const KILL_GRACE_VAR: &str = "SYNCBN_KILL_GRACE";
+
+/// The grace period when neither [`LaunchConfig::kill_grace`] nor
+/// [`KILL_GRACE_VAR`] says otherwise (torchrun's too).
+pub const DEFAULT_KILL_GRACE: Duration = Duration::from_secs(30);
+
+/// The longest grace period [`KILL_GRACE_VAR`] may ask for (one day).
+const MAX_KILL_GRACE_SECS: f64 = 86_400.0;
 
 /// What to launch.
 #[derive(Debug, Clone)]
@@ -34,6 +52,10 @@ pub struct LaunchConfig {
     pub envs: Vec<(OsString, OsString)>,
     /// Prefix every output line with `[rank r] ` (else pass output through).
     pub prefix_output: bool,
+    /// How long ranks that were told to stop (`SIGTERM`) may take before they
+    /// are killed (Linux); `None`: [`KILL_GRACE_VAR`], else
+    /// [`DEFAULT_KILL_GRACE`].
+    pub kill_grace: Option<Duration>,
 }
 
 impl LaunchConfig {
@@ -45,6 +67,7 @@ impl LaunchConfig {
             args,
             envs: Vec::new(),
             prefix_output: true,
+            kill_grace: None,
         }
     }
 }
@@ -71,6 +94,8 @@ pub fn random_token() -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The launcher's exit code for a rank's status: the exit code, or 128 +
+/// the signal for a rank killed by a signal (as shells report it).
 fn exit_code(status: &ExitStatus) -> i32 {
     if let Some(c) = status.code() {
         return c;
@@ -85,11 +110,44 @@ fn exit_code(status: &ExitStatus) -> i32 {
     1
 }
 
+/// `signal 9 (SIGKILL)`, or `signal N` where the name is not known.
+#[cfg(unix)]
+fn signal_text(sig: i32) -> String {
+    #[cfg(target_os = "linux")]
+    if let Some(name) = signals::name(sig) {
+        return format!("signal {sig} ({name})");
+    }
+    format!("signal {sig}")
+}
+
+/// What became of a rank: `exited with code 3`, `was killed by signal 9 (SIGKILL)`.
+fn describe(status: &ExitStatus) -> String {
+    if let Some(c) = status.code() {
+        return format!("exited with code {c}");
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::ExitStatusExt;
+        if let Some(sig) = status.signal() {
+            let core = if status.core_dumped() {
+                " (core dumped)"
+            } else {
+                ""
+            };
+            return format!("was killed by {}{core}", signal_text(sig));
+        }
+    }
+    format!("ended ({status})")
+}
+
+/// Copies `from` line by line to the launcher's stdout or stderr, each line
+/// prefixed; sends on `done` at the end of the input.
 fn pipe_lines<R: Read + Send + 'static>(
     from: R,
     prefix: String,
     to_stderr: bool,
-) -> JoinHandle<()> {
+    done: mpsc::Sender<()>,
+) {
     std::thread::spawn(move || {
         let mut reader = BufReader::new(from);
         let mut line = Vec::new();
@@ -108,35 +166,134 @@ fn pipe_lines<R: Read + Send + 'static>(
                 }
             }
         }
-    })
+        let _ = done.send(());
+    });
+}
+
+/// The grace period from [`KILL_GRACE_VAR`], or [`DEFAULT_KILL_GRACE`].
+fn kill_grace_from_env() -> Result<Duration> {
+    match std::env::var_os(KILL_GRACE_VAR) {
+        Some(v) => parse_kill_grace(&v.to_string_lossy()),
+        None => Ok(DEFAULT_KILL_GRACE),
+    }
+}
+
+/// A [`KILL_GRACE_VAR`] value: seconds, `0` to [`MAX_KILL_GRACE_SECS`].
+fn parse_kill_grace(v: &str) -> Result<Duration> {
+    match v.trim().parse::<f64>() {
+        Ok(s) if s.is_finite() && (0.0..=MAX_KILL_GRACE_SECS).contains(&s) => {
+            Ok(Duration::from_secs_f64(s))
+        }
+        _ => candle::bail!(
+            "launcher: {KILL_GRACE_VAR} must be a number of seconds from 0 to {MAX_KILL_GRACE_SECS}, got {v:?}"
+        ),
+    }
+}
+
+/// Creates the folder `path` (not its parents), readable by this user only.
+fn create_private_dir(path: &std::path::Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new().mode(0o700).create(path)
+    }
+    #[cfg(not(unix))]
+    std::fs::create_dir(path)
+}
+
+/// A fresh folder for the job's files, readable by this user only
+/// (`0700`), named from its own random number: no part of the job token
+/// appears in a name others can list.
+fn private_dir() -> Result<PathBuf> {
+    for _ in 0..16 {
+        let name = format!(
+            "candle-syncbn-{}-{}",
+            std::process::id(),
+            &random_token()[..16]
+        );
+        let path = std::env::temp_dir().join(name);
+        match create_private_dir(&path) {
+            Ok(()) => return Ok(path),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => candle::bail!("launcher: could not create the job folder {path:?}: {e}"),
+        }
+    }
+    candle::bail!(
+        "launcher: could not create a fresh job folder in {:?}: 16 random names were all taken",
+        std::env::temp_dir()
+    )
 }
 
 /// Runs `config.nproc` rank processes and waits for them. Returns 0 when all
-/// succeed; otherwise stops the remaining ranks as soon as one fails and
-/// returns that rank's exit code (128 + signal for a killed rank).
+/// succeed.
+///
+/// When a rank fails, the launcher reports it (the first rank to fail; one
+/// killed by a signal goes before ranks that exited with an error code within
+/// 100 ms of it, as those are most likely its consequence), stops the others
+/// and returns the failed rank's exit code (128 + signal for a rank killed by
+/// a signal). On Linux, ranks are stopped with `SIGTERM` and, those still
+/// running after the grace period ([`LaunchConfig::kill_grace`]), with
+/// `SIGKILL`; elsewhere they are killed at once.
+///
+/// On Linux, a `SIGTERM` or `SIGINT` sent to the launcher is forwarded to every
+/// rank, the ranks get the grace period to exit (a second such signal ends it
+/// early), and `launch` returns 128 + the signal. (The ranks stay in the
+/// launcher's process group: Ctrl-C in a terminal reaches them directly too.)
 pub fn launch(config: &LaunchConfig) -> Result<i32> {
     if config.nproc == 0 {
         candle::bail!("launcher: {NPROC_FLAG} must be at least 1")
     }
+    let grace = match config.kill_grace {
+        Some(g) => g,
+        None => kill_grace_from_env()?,
+    };
     let token = random_token();
-    // A random name of its own: no part of the token in a path (the port
-    // file's path is in the ranks' environment and in error messages).
-    let dir = std::env::temp_dir().join(format!(
-        "candle-syncbn-{}-{}",
-        std::process::id(),
-        &random_token()[..8]
-    ));
-    std::fs::create_dir_all(&dir)?;
+    let dir = private_dir()?;
     let port_file = dir.join("port");
-    let result = run_children(config, &token, &port_file);
+    let result = run_children(config, &token, &port_file, grace);
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
 
-fn run_children(config: &LaunchConfig, token: &str, port_file: &std::path::Path) -> Result<i32> {
+/// Stops a rank: `sig` on Linux (the caller guarantees it has not reaped it),
+/// a kill elsewhere.
+fn signal_child(child: &mut Child, sig: Signal) {
+    #[cfg(target_os = "linux")]
+    signals::send(child.id(), sig.0);
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = sig;
+        let _ = child.kill();
+    }
+}
+
+/// A signal number (only Linux sends other signals than a kill).
+#[derive(Clone, Copy)]
+struct Signal(#[cfg_attr(not(target_os = "linux"), allow(dead_code))] i32);
+
+#[cfg(target_os = "linux")]
+const TERM: Signal = Signal(signals::TERM);
+#[cfg(target_os = "linux")]
+const KILL: Signal = Signal(signals::KILL);
+#[cfg(not(target_os = "linux"))]
+const TERM: Signal = Signal(15);
+#[cfg(not(target_os = "linux"))]
+const KILL: Signal = Signal(9);
+
+fn run_children(
+    config: &LaunchConfig,
+    token: &str,
+    port_file: &std::path::Path,
+    grace: Duration,
+) -> Result<i32> {
     let n = config.nproc;
+    // Caught from before the first rank starts: a signal that arrives while
+    // ranks start is forwarded to them like any other.
+    #[cfg(target_os = "linux")]
+    let caught = signals::TerminationSignals::catch();
     let mut children: Vec<Child> = Vec::with_capacity(n);
-    let mut pipes = Vec::new();
+    let (pipe_done, pipes_done) = mpsc::channel();
+    let mut pipes = 0;
     for rank in 0..n {
         let mut cmd = Command::new(&config.program);
         cmd.args(&config.args)
@@ -157,10 +314,12 @@ fn run_children(config: &LaunchConfig, token: &str, port_file: &std::path::Path)
             Ok(mut child) => {
                 let prefix = format!("[rank {rank}] ");
                 if let Some(out) = child.stdout.take() {
-                    pipes.push(pipe_lines(out, prefix.clone(), false));
+                    pipe_lines(out, prefix.clone(), false, pipe_done.clone());
+                    pipes += 1;
                 }
                 if let Some(err) = child.stderr.take() {
-                    pipes.push(pipe_lines(err, prefix, true));
+                    pipe_lines(err, prefix, true, pipe_done.clone());
+                    pipes += 1;
                 }
                 children.push(child);
             }
@@ -176,32 +335,243 @@ fn run_children(config: &LaunchConfig, token: &str, port_file: &std::path::Path)
             }
         }
     }
-    let mut status: Vec<Option<ExitStatus>> = vec![None; n];
-    let mut first_failure: Option<(usize, i32)> = None;
-    while status.iter().any(|s| s.is_none()) {
-        for rank in 0..n {
-            if status[rank].is_some() {
+    let code = supervise(
+        &mut children,
+        grace,
+        #[cfg(target_os = "linux")]
+        caught,
+    );
+    // The ranks' output ends with them, unless a process they started still
+    // holds it: wait for it a little, not for that process.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    for _ in 0..pipes {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if pipes_done.recv_timeout(left).is_err() {
+            break;
+        }
+    }
+    Ok(code)
+}
+
+/// How often the launcher looks at its ranks and at the signals it caught.
+const TICK: Duration = Duration::from_millis(20);
+/// Failures this close in time count as simultaneous (see [`launch`]).
+const SETTLE: Duration = Duration::from_millis(100);
+
+/// One rank's end: when it was seen, and its status.
+struct Exit {
+    at: Instant,
+    status: ExitStatus,
+}
+
+/// Ranks that have exited and are not yet reaped, with the time each exit was
+/// seen. On Linux a thread per rank waits for its exit without reaping it
+/// (waitid with `WNOWAIT`), so that the times order the exits; elsewhere the
+/// ranks are polled.
+struct ExitWatcher {
+    events: mpsc::Receiver<(usize, Instant)>,
+    /// Ranks without a waiting thread: polled every tick.
+    polled: Vec<bool>,
+}
+
+impl ExitWatcher {
+    fn new(children: &[Child]) -> Self {
+        let (tx, events) = mpsc::channel();
+        #[cfg(target_os = "linux")]
+        let polled = children
+            .iter()
+            .enumerate()
+            .map(|(rank, child)| {
+                let (pid, tx) = (child.id(), tx.clone());
+                std::thread::Builder::new()
+                    .name(format!("launcher-wait-{rank}"))
+                    .spawn(move || {
+                        signals::wait_exited(pid);
+                        let _ = tx.send((rank, Instant::now()));
+                    })
+                    .is_err()
+            })
+            .collect();
+        #[cfg(not(target_os = "linux"))]
+        let polled = vec![true; children.len()];
+        drop(tx);
+        Self { events, polled }
+    }
+
+    /// Waits up to `timeout` for exits and reaps them into `exits`.
+    fn poll(&mut self, children: &mut [Child], exits: &mut [Option<Exit>], timeout: Duration) {
+        let mut seen = Vec::new();
+        match self.events.recv_timeout(timeout) {
+            Ok(e) => seen.push(e),
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => std::thread::sleep(timeout),
+        }
+        seen.extend(self.events.try_iter());
+        let now = Instant::now();
+        seen.extend(
+            (0..children.len())
+                .filter(|&r| self.polled[r])
+                .map(|r| (r, now)),
+        );
+        for (rank, at) in seen {
+            if exits[rank].is_some() {
                 continue;
             }
-            if let Some(st) = children[rank].try_wait()? {
-                status[rank] = Some(st);
-                if !st.success() && first_failure.is_none() {
-                    first_failure = Some((rank, exit_code(&st)));
-                    eprintln!("launcher: rank {rank} failed ({st}); stopping the other ranks");
-                    for (r, c) in children.iter_mut().enumerate() {
-                        if r != rank && status[r].is_none() {
-                            let _ = c.kill();
-                        }
-                    }
+            match children[rank].try_wait() {
+                Ok(Some(status)) => exits[rank] = Some(Exit { at, status }),
+                // The waiting thread returned early (waitid failed): poll.
+                _ => self.polled[rank] = true,
+            }
+        }
+    }
+}
+
+/// The rank to blame among the failed ones: the first to fail, except that a
+/// rank killed by a signal goes before ranks that exited with an error code
+/// within [`SETTLE`] of it.
+fn culprit(exits: &[Option<Exit>]) -> Option<usize> {
+    let failed = |r: &usize| exits[*r].as_ref().is_some_and(|e| !e.status.success());
+    let first = (0..exits.len())
+        .filter(failed)
+        .min_by_key(|&r| exits[r].as_ref().map(|e| e.at))?;
+    let t0 = exits[first].as_ref()?.at;
+    let signalled = (0..exits.len())
+        .filter(failed)
+        .filter(|&r| {
+            exits[r]
+                .as_ref()
+                .is_some_and(|e| e.status.code().is_none() && e.at <= t0 + SETTLE)
+        })
+        .min_by_key(|&r| exits[r].as_ref().map(|e| e.at));
+    Some(signalled.unwrap_or(first))
+}
+
+/// Ranks still running, as `0, 2`.
+fn rank_list(ranks: &[usize]) -> String {
+    ranks
+        .iter()
+        .map(|r| r.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Prints which rank failed and how (`then` follows on that line), and how
+/// the other failed ranks ended; returns the launcher's exit code.
+fn report_failure(exits: &[Option<Exit>], then: &str) -> i32 {
+    let Some((rank, exit)) = culprit(exits).and_then(|r| Some((r, exits[r].as_ref()?))) else {
+        return 1;
+    };
+    eprintln!("launcher: rank {rank} {}{then}", describe(&exit.status));
+    for (r, e) in exits.iter().enumerate() {
+        let Some(e) = e.as_ref().filter(|e| r != rank && !e.status.success()) else {
+            continue;
+        };
+        let (dt, when) = if e.at >= exit.at {
+            (e.at - exit.at, "after")
+        } else {
+            (exit.at - e.at, "before")
+        };
+        eprintln!(
+            "launcher: rank {r} also {}, {:.1} ms {when} rank {rank}",
+            describe(&e.status),
+            dt.as_secs_f64() * 1e3
+        );
+    }
+    exit_code(&exit.status)
+}
+
+/// Waits for every rank, stopping them all when one fails or when the
+/// launcher is asked to terminate (see [`launch`]). Returns the exit code.
+fn supervise(
+    children: &mut [Child],
+    grace: Duration,
+    #[cfg(target_os = "linux")] mut caught: signals::TerminationSignals,
+) -> i32 {
+    let n = children.len();
+    let mut watcher = ExitWatcher::new(children);
+    let mut exits: Vec<Option<Exit>> = (0..n).map(|_| None).collect();
+    let mut outcome: Option<i32> = None;
+    // When the ranks were told to stop, and whether they have been killed.
+    let mut stopping: Option<(Instant, bool)> = None;
+    let running = |exits: &[Option<Exit>]| -> Vec<usize> {
+        (0..exits.len()).filter(|&r| exits[r].is_none()).collect()
+    };
+    let stop = |children: &mut [Child], exits: &[Option<Exit>], sig: Signal| {
+        for r in running(exits) {
+            signal_child(&mut children[r], sig);
+        }
+    };
+    let grace_text = format!("{:.1} s", grace.as_secs_f64());
+    while exits.iter().any(|e| e.is_none()) {
+        watcher.poll(children, &mut exits, TICK);
+        let now = Instant::now();
+
+        #[cfg(target_os = "linux")]
+        if let Some(sig) = caught.take() {
+            let alive = running(&exits);
+            if stopping.is_none() {
+                eprintln!(
+                    "launcher: got {}; forwarding it to rank(s) {}, SIGKILL after {grace_text}",
+                    signal_text(sig),
+                    rank_list(&alive)
+                );
+                stop(children, &exits, Signal(sig));
+                stopping = Some((now, false));
+                outcome.get_or_insert(128 + sig);
+            } else if !alive.is_empty() {
+                eprintln!(
+                    "launcher: got {} again; killing rank(s) {} now",
+                    signal_text(sig),
+                    rank_list(&alive)
+                );
+                stop(children, &exits, KILL);
+                stopping = Some((now, true));
+            }
+        }
+
+        if outcome.is_none() {
+            let first_seen = exits
+                .iter()
+                .flatten()
+                .filter(|e| !e.status.success())
+                .map(|e| e.at)
+                .min();
+            let all_done = exits.iter().all(|e| e.is_some());
+            if first_seen.is_some_and(|t| all_done || now >= t + SETTLE) {
+                let alive = running(&exits);
+                let how = if alive.is_empty() {
+                    String::new()
+                } else if cfg!(target_os = "linux") {
+                    format!(
+                        "; stopping rank(s) {} (SIGTERM, SIGKILL after {grace_text})",
+                        rank_list(&alive)
+                    )
+                } else {
+                    format!("; stopping rank(s) {}", rank_list(&alive))
+                };
+                outcome = Some(report_failure(&exits, &how));
+                if stopping.is_none() && !alive.is_empty() {
+                    stop(children, &exits, TERM);
+                    stopping = Some((now, false));
                 }
             }
         }
-        std::thread::sleep(Duration::from_millis(20));
+
+        if let Some((since, false)) = stopping {
+            if now >= since + grace {
+                let alive = running(&exits);
+                if !alive.is_empty() {
+                    eprintln!(
+                        "launcher: rank(s) {} still running {grace_text} after being told to stop; sending SIGKILL",
+                        rank_list(&alive)
+                    );
+                    stop(children, &exits, KILL);
+                }
+                stopping = Some((since, true));
+            }
+        }
     }
-    for p in pipes {
-        let _ = p.join();
-    }
-    Ok(first_failure.map(|(_, code)| code).unwrap_or(0))
+    outcome.unwrap_or(0)
 }
 
 /// Splits `--nproc-per-node N` (or `--nproc-per-node=N`) off `args` (without
@@ -281,6 +651,49 @@ mod tests {
         assert!(split_nproc_flag(os(&["--nproc-per-node"])).is_err());
         assert!(split_nproc_flag(os(&["--nproc-per-node", "0"])).is_err());
         assert!(split_nproc_flag(os(&["--nproc-per-node", "two"])).is_err());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn culprit_is_the_first_failure_or_a_signal_right_after_it() {
+        use std::os::unix::process::ExitStatusExt;
+        let t0 = Instant::now();
+        let exit = |ms: u64, raw: i32| {
+            Some(Exit {
+                at: t0 + Duration::from_millis(ms),
+                status: ExitStatus::from_raw(raw),
+            })
+        };
+        // Raw wait statuses: code c is c << 8, signal s is s.
+        let (ok, code1, code3, sigkill) = (0, 1 << 8, 3 << 8, 9);
+        assert_eq!(culprit(&[exit(0, ok), exit(5, ok)]), None);
+        assert_eq!(culprit(&[exit(0, code1), None]), Some(0));
+        assert_eq!(culprit(&[exit(7, code1), exit(3, code3)]), Some(1));
+        // Rank 0 saw its peer vanish and exited 1 ms before the kill was seen.
+        assert_eq!(culprit(&[exit(10, code1), exit(11, sigkill)]), Some(1));
+        // ... but not a signal long after an error exit.
+        assert_eq!(culprit(&[exit(10, code1), exit(500, sigkill)]), Some(0));
+        let mut exits = [exit(10, code1), exit(11, sigkill), None];
+        assert_eq!(report_failure(&exits, ""), 137);
+        exits[1] = None;
+        assert_eq!(report_failure(&exits, ""), 1);
+    }
+
+    #[test]
+    fn kill_grace_values() {
+        assert_eq!(
+            parse_kill_grace("2.5").unwrap(),
+            Duration::from_millis(2500)
+        );
+        assert_eq!(parse_kill_grace(" 0 ").unwrap(), Duration::ZERO);
+        for bad in ["-1", "nan", "inf", "1e9", "ten", ""] {
+            let e = parse_kill_grace(bad).unwrap_err().to_string();
+            assert!(
+                e.contains("SYNCBN_KILL_GRACE must be a number of seconds from 0 to 86400")
+                    && e.contains(&format!("{bad:?}")),
+                "{e}"
+            );
+        }
     }
 
     #[test]
