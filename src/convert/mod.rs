@@ -133,9 +133,13 @@
 //! [`default_group`]: crate::default_group
 
 pub mod checkpoint;
+mod layer;
+mod local;
 mod rewriter;
 
-pub use rewriter::{BatchNormLayer, BatchNormRewriter, ConvertedSite, LocalBatchNorm};
+pub use layer::BatchNormLayer;
+pub use local::LocalBatchNorm;
+pub use rewriter::{BatchNormRewriter, ConvertedSite, Outcome};
 
 use crate::{default_group, ProcessGroup, SyncBatchNorm, SyncBatchNormConfig};
 use candle::{DType, Result, Tensor};
@@ -188,7 +192,7 @@ pub(crate) fn display_path(path: &str) -> &str {
 /// so it names every field) is the only public view of it. If a future
 /// version changes that output, the flag is assumed `true` — what every
 /// `BatchNorm::new*` constructor sets.
-fn keeps_mean(bn: &candle_nn::BatchNorm) -> bool {
+pub(crate) fn keeps_mean(bn: &candle_nn::BatchNorm) -> bool {
     format!("{bn:?}").contains("remove_mean: false")
 }
 
