@@ -121,15 +121,16 @@ impl PreciseBnLayer for BatchNormLayer {
 /// Recomputes the running statistics of `layers` over `num_batches`
 /// batches: `forward(i)` runs the model's training forward (`train = true`)
 /// on batch `i` (on every rank, each on its slice of global batch `i`); see
-/// the [module docs](self). The same as
+/// the [module docs](self). Layers of one type as `&[&layer, …]`, of
+/// several as `&[&a as &dyn PreciseBnLayer, &b]`. The same as
 /// `PreciseBn::new(num_batches).run(layers, forward)`.
 ///
 /// Errors (leaving the layers as they were) when `num_batches` is 0, when
 /// `forward` fails, when a layer did not see exactly one training forward
 /// per batch, for a local layer built with `remove_mean: false`, and when a
 /// layer is already being recomputed (a nested or concurrent call).
-pub fn update_bn_stats(
-    layers: &[&dyn PreciseBnLayer],
+pub fn update_bn_stats<L: PreciseBnLayer + ?Sized>(
+    layers: &[&L],
     num_batches: usize,
     forward: impl FnMut(usize) -> Result<()>,
 ) -> Result<()> {
@@ -164,9 +165,9 @@ impl PreciseBn {
     }
 
     /// Runs the recomputation (see [`update_bn_stats`]).
-    pub fn run(
+    pub fn run<L: PreciseBnLayer + ?Sized>(
         &self,
-        layers: &[&dyn PreciseBnLayer],
+        layers: &[&L],
         mut forward: impl FnMut(usize) -> Result<()>,
     ) -> Result<()> {
         if self.num_batches == 0 {
