@@ -235,14 +235,14 @@ fn precise_statistics_on_three_ranks_are_the_average_of_the_global_batches() {
     // Reference: the average over the batches of each global batch's mean
     // and unbiased variance, in f64 from the layer's actual inputs.
     let (mut means, mut vars) = (Vec::new(), Vec::new());
-    for i in 0..SIZES.len() {
+    for (i, sizes) in SIZES.iter().enumerate() {
         let x = global(
             &results
                 .iter()
                 .map(|r| &r.neck_inputs[i])
                 .collect::<Vec<_>>(),
         );
-        let n: usize = SIZES[i].iter().sum();
+        let n: usize = sizes.iter().sum();
         let (m, v) = batch_stats(&x, &[n, C, L]);
         means.push(m);
         vars.push(v);

@@ -64,7 +64,10 @@
 //! [`BatchNormRewriter::batch_norm`] wherever it called `candle_nn::batch_norm`
 //! (same arguments). Each site becomes a [`BatchNormLayer`] (one `ModuleT`
 //! type): synchronized where the path filter accepts the site's variable
-//! prefix, plain candle-nn otherwise. [`BatchNormRewriter::local`] converts
+//! prefix, plain candle-nn otherwise; or, with a [`rule`](BatchNormRewriter::rule)
+//! returning an [`Outcome`] per site, synchronized, local or frozen
+//! ([`FrozenBatchNorm`](crate::FrozenBatchNorm): a pretrained backbone's
+//! fixed affine map). [`BatchNormRewriter::local`] converts
 //! nothing, so the same code builds the original model;
 //! [`BatchNormRewriter::report`] lists what was converted (path, channels,
 //! affine, tracked) and [`BatchNormRewriter::kept_local`] what was not.
