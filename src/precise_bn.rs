@@ -319,7 +319,7 @@ impl Site {
             },
             Target::Local(l) => {
                 let name = format!("local BatchNorm #{i}");
-                if crate::convert::keeps_mean(l.inner()) {
+                if crate::config::keeps_mean(l.inner()) {
                     candle::bail!(
                         "update_bn_stats: layer '{name}' was built with remove_mean: false; precise statistics need remove_mean: true"
                     )

@@ -189,16 +189,6 @@ pub(crate) fn display_path(path: &str) -> &str {
     }
 }
 
-/// Whether a `candle_nn::BatchNorm` was built with `remove_mean: false`.
-///
-/// candle-nn 0.11 has no accessor for the flag; its `Debug` output (a derive,
-/// so it names every field) is the only public view of it. If a future
-/// version changes that output, the flag is assumed `true` — what every
-/// `BatchNorm::new*` constructor sets.
-pub(crate) fn keeps_mean(bn: &candle_nn::BatchNorm) -> bool {
-    format!("{bn:?}").contains("remove_mean: false")
-}
-
 impl SyncBatchNorm {
     /// A synchronized layer from a `candle_nn::BatchNorm` (PyTorch's
     /// `convert_sync_batchnorm` for one layer), synchronizing over `group`.
@@ -224,7 +214,7 @@ impl SyncBatchNorm {
             ),
         };
         let name = format!("converted candle_nn::BatchNorm({num_features})");
-        if keeps_mean(bn) {
+        if crate::config::keeps_mean(bn) {
             candle::bail!(
                 "SyncBatchNorm '{name}': cannot convert a candle_nn::BatchNorm with remove_mean: false \
                  (SyncBatchNorm always subtracts the batch mean); expected remove_mean: true"

@@ -89,7 +89,7 @@ impl FrozenBatchNorm {
         if !config.remove_mean {
             candle::bail!(
                 "FrozenBatchNorm '{}': remove_mean: false is not supported (a frozen layer subtracts the running mean); expected remove_mean: true",
-                crate::convert::display_path(&path)
+                display_path(&path)
             )
         }
         let weight_and_bias = if config.affine {
@@ -132,7 +132,7 @@ impl FrozenBatchNorm {
             ),
         };
         let path = format!("frozen candle_nn::BatchNorm({num_features})");
-        if crate::convert::keeps_mean(bn) {
+        if crate::config::keeps_mean(bn) {
             candle::bail!(
                 "FrozenBatchNorm '{path}': cannot freeze a candle_nn::BatchNorm with remove_mean: false; expected remove_mean: true"
             )
@@ -162,7 +162,7 @@ impl FrozenBatchNorm {
         };
         let nbt = Tensor::zeros((), DType::I64, mean.device())?;
         let inner = SyncBatchNorm::from_frozen_parts(
-            format!("{} (frozen)", crate::convert::display_path(&path)),
+            format!("{} (frozen)", display_path(&path)),
             num_features,
             config,
             weight_and_bias,
@@ -183,7 +183,7 @@ impl FrozenBatchNorm {
 
     /// The layer's name (its variable prefix), used in error messages.
     pub fn name(&self) -> &str {
-        crate::convert::display_path(&self.path)
+        display_path(&self.path)
     }
 
     /// The weight and bias (detached), when affine.
@@ -306,5 +306,14 @@ impl SyncBatchNorm {
             num_batches_tracked: nbt,
         });
         Ok(layer)
+    }
+}
+
+/// A variable prefix for messages ("(root)" when empty).
+fn display_path(path: &str) -> &str {
+    if path.is_empty() {
+        "(root)"
+    } else {
+        path
     }
 }
