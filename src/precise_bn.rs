@@ -16,8 +16,8 @@
 //! ```
 //!
 //! fvcore's definition (and what `momentum: None` accumulates). The sums are
-//! kept in f64 on the layer's device (no copy to the host per batch) and
-//! rounded once at the end. Weights, biases, `num_batches_tracked` and the
+//! kept in f64 (f32 on Metal, which has no f64) on the layer's device (no
+//! copy to the host per batch) and rounded once at the end. Weights, biases, `num_batches_tracked` and the
 //! momentum are left as they were; frozen layers are not touched, nor are
 //! layers without running statistics.
 //!
@@ -36,7 +36,7 @@
 //! all local layers together.
 //!
 //! ```
-//! use candle::{DType, Device, Module, Tensor};
+//! use candle::{DType, Device, Tensor};
 //! use candle_nn::{VarBuilder, VarMap};
 //! use candle_syncbn::precise_bn::update_bn_stats;
 //! use candle_syncbn::{ProcessGroup, SyncBatchNorm, SyncBatchNormConfig};
@@ -155,7 +155,8 @@ impl PreciseBn {
 
     /// Also averages the precise statistics of the *local* layers over the
     /// ranks of `group` (pycls), so that every rank ends with the same
-    /// numbers: one all-reduce at the end for all local layers together.
+    /// numbers: one all-reduce at the end for all local layers together
+    /// (none when the model has no local layer).
     /// Synchronized layers need no such step (their batch statistics are
     /// already global); without this option local layers keep their own
     /// rank's averages (fvcore).
@@ -211,7 +212,7 @@ impl PreciseBn {
     }
 
     /// Resets the statistics, runs the batches and returns each site's
-    /// averages `(mean, var)` in f64.
+    /// averages `(mean, var)` (in f64, see [`sum_dtype`]).
     fn accumulate(
         &self,
         sites: &[Site],
@@ -220,7 +221,7 @@ impl PreciseBn {
         let mut sums = Vec::with_capacity(sites.len());
         for site in sites {
             site.reset()?;
-            let zeros = Tensor::zeros(site.mean.dims(), DType::F64, site.mean.device())?;
+            let zeros = Tensor::zeros(site.mean.dims(), sum_dtype(site), site.mean.device())?;
             sums.push((zeros.clone(), zeros));
         }
         for i in 0..self.num_batches {
@@ -231,8 +232,8 @@ impl PreciseBn {
                 ))
             })?;
             for (site, (mean, var)) in sites.iter().zip(sums.iter_mut()) {
-                *mean = (&*mean + site.mean.to_dtype(DType::F64)?)?;
-                *var = (&*var + site.var.to_dtype(DType::F64)?)?;
+                *mean = (&*mean + site.mean.to_dtype(mean.dtype())?)?;
+                *var = (&*var + site.var.to_dtype(var.dtype())?)?;
             }
         }
         for site in sites {
@@ -257,6 +258,15 @@ impl PreciseBn {
     }
 }
 
+/// The dtype of a site's sums: f64, or f32 on devices without f64 (Metal).
+fn sum_dtype(site: &Site) -> DType {
+    if site.mean.device().is_metal() {
+        DType::F32
+    } else {
+        DType::F64
+    }
+}
+
 /// Replaces the averages of the local sites by their mean over `group`, in
 /// one all-reduce (on the group's collective device, else the layers').
 fn average_local(
@@ -265,21 +275,25 @@ fn average_local(
     group: &ProcessGroup,
 ) -> Result<()> {
     let local: Vec<usize> = (0..sites.len()).filter(|&i| sites[i].local).collect();
-    let device = match (group.backend().device(), local.first()) {
-        (Some(d), _) => d,
-        (None, Some(&i)) => sites[i].mean.device().clone(),
-        (None, None) => candle::Device::Cpu,
-    };
-    let mut parts = Vec::with_capacity(2 * local.len());
-    for &i in &local {
-        parts.push(averages[i].0.to_device(&device)?);
-        parts.push(averages[i].1.to_device(&device)?);
+    if local.is_empty() {
+        // The same on every rank (the same model): no collective at all.
+        return Ok(());
     }
-    let packed = if parts.is_empty() {
-        Tensor::zeros(0, DType::F64, &device)?
+    let device = group
+        .backend()
+        .device()
+        .unwrap_or_else(|| sites[local[0]].mean.device().clone());
+    let mut parts = Vec::with_capacity(2 * local.len());
+    let dtype = if device.is_metal() {
+        DType::F32
     } else {
-        Tensor::cat(&parts, 0)?
+        DType::F64
     };
+    for &i in &local {
+        parts.push(averages[i].0.to_dtype(dtype)?.to_device(&device)?);
+        parts.push(averages[i].1.to_dtype(dtype)?.to_device(&device)?);
+    }
+    let packed = Tensor::cat(&parts, 0)?;
     let summed = group.all_reduce_sum(&packed).map_err(|e| {
         candle::Error::Msg(format!(
             "update_bn_stats: averaging the local layers' statistics over the group failed: {e}"
@@ -290,8 +304,15 @@ fn average_local(
     for &i in &local {
         let c = sites[i].mean.elem_count();
         let device = sites[i].mean.device();
-        averages[i].0 = summed.narrow(0, offset, c)?.to_device(device)?;
-        averages[i].1 = summed.narrow(0, offset + c, c)?.to_device(device)?;
+        let dtype = averages[i].0.dtype();
+        averages[i].0 = summed
+            .narrow(0, offset, c)?
+            .to_device(device)?
+            .to_dtype(dtype)?;
+        averages[i].1 = summed
+            .narrow(0, offset + c, c)?
+            .to_device(device)?
+            .to_dtype(dtype)?;
         offset += 2 * c;
     }
     Ok(())
