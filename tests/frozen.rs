@@ -539,4 +539,26 @@ fn frozen_errors_name_the_layer() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("b3.weight"), "{err}");
+    // num_batches_tracked is accepted and ignored, whatever its shape or dtype.
+    let mut file = std::collections::HashMap::new();
+    for (name, v) in [
+        ("weight", 2.0f32),
+        ("bias", 0.5),
+        ("running_mean", 1.0),
+        ("running_var", 4.0),
+    ] {
+        file.insert(format!("b4.{name}"), Tensor::new(&[v; 3], &dev).unwrap());
+    }
+    file.insert(
+        "b4.num_batches_tracked".into(),
+        Tensor::new(&[7f32, 8.0], &dev).unwrap(),
+    );
+    let vb = VarBuilder::from_tensors(file, DType::F32, &dev);
+    let bn = FrozenBatchNorm::new(3, 0.0, vb.pp("b4")).unwrap();
+    let x = Tensor::new(&[[3f32, 1.0, -1.0]], &dev).unwrap();
+    // (x − 1)/2·2 + 0.5
+    assert_eq!(
+        bn.forward(&x).unwrap().to_vec2::<f32>().unwrap(),
+        [[2.5f32, 0.5, -1.5]]
+    );
 }
