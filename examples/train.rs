@@ -24,7 +24,8 @@ use candle::{DType, Device, Module, Tensor, D};
 use candle_nn::{Optimizer, VarBuilder, VarMap};
 use candle_syncbn::data_parallel::{average_gradients, broadcast_varmap, save_varmap_atomic};
 use candle_syncbn::launch::{launch_if_requested, Rendezvous};
-use candle_syncbn::{ProcessGroup, SyncBatchNorm, SyncBatchNormConfig};
+use candle_syncbn::precise_bn::update_bn_stats;
+use candle_syncbn::{BatchNormLayer, BatchNormRewriter, Outcome, ProcessGroup};
 use clap::Parser;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -84,6 +85,16 @@ struct Args {
     /// gradients are still averaged over all ranks. Must divide the world size.
     #[arg(long, value_parser = at_least(1))]
     bn_group_size: Option<usize>,
+    /// Freeze the BatchNorm layers whose variable prefix starts with PREFIX
+    /// (`bn1`, `bn2`, or `bn` for both): fixed affine maps from their
+    /// statistics and parameters, not trained (detectron2's FrozenBN).
+    #[arg(long, value_name = "PREFIX")]
+    freeze_bn_prefix: Option<String>,
+    /// After training, recompute the running statistics as the average of
+    /// the statistics of N global training batches (precise BN, fvcore's
+    /// `update_bn_stats`) and evaluate again.
+    #[arg(long, value_name = "N")]
+    precise_bn: Option<usize>,
 }
 
 /// A parser of whole numbers from `min` up.
@@ -111,28 +122,41 @@ const CLASSES: usize = 10;
 /// conv–SyncBatchNorm–ReLU–pool ×2, then a linear head.
 struct Net {
     c1: candle_nn::Conv2d,
-    b1: SyncBatchNorm,
+    b1: BatchNormLayer,
     c2: candle_nn::Conv2d,
-    b2: SyncBatchNorm,
+    b2: BatchNormLayer,
     fc: candle_nn::Linear,
 }
 
 impl Net {
-    fn new(vb: VarBuilder, image_size: usize, group: &ProcessGroup) -> Result<Self> {
+    /// The model, its BatchNorm layers synchronized over `group` except those
+    /// whose prefix starts with `freeze` (frozen).
+    fn new(
+        vb: VarBuilder,
+        image_size: usize,
+        group: &ProcessGroup,
+        freeze: Option<&str>,
+    ) -> Result<Self> {
+        let freeze = freeze.map(str::to_string);
+        let rw =
+            BatchNormRewriter::new(vb.clone(), group.clone()).rule(move |path| match &freeze {
+                Some(p) if path.starts_with(p.as_str()) => Outcome::Frozen,
+                _ => Outcome::Sync,
+            });
         let conv = candle_nn::Conv2dConfig {
             padding: 1,
             ..Default::default()
         };
-        let bn = SyncBatchNormConfig::default();
+        let bn = candle_nn::BatchNormConfig::default();
         let feat = image_size / 4;
         if feat == 0 {
             bail!("images must be at least 4×4, got {image_size}×{image_size}")
         }
         Ok(Self {
             c1: candle_nn::conv2d_no_bias(1, 16, 3, conv, vb.pp("conv1"))?,
-            b1: SyncBatchNorm::new(16, bn, vb.pp("bn1"), group.clone())?,
+            b1: rw.batch_norm(16, bn, vb.pp("bn1"))?,
             c2: candle_nn::conv2d_no_bias(16, 32, 3, conv, vb.pp("conv2"))?,
-            b2: SyncBatchNorm::new(32, bn, vb.pp("bn2"), group.clone())?,
+            b2: rw.batch_norm(32, bn, vb.pp("bn2"))?,
             fc: candle_nn::linear(32 * feat * feat, CLASSES, vb.pp("fc"))?,
         })
     }
@@ -551,7 +575,7 @@ fn run(args: &Args) -> Result<()> {
             bn_group.world_size()
         );
     }
-    let net = Net::new(vb, size, &bn_group)?;
+    let net = Net::new(vb, size, &bn_group, args.freeze_bn_prefix.as_deref())?;
     broadcast_varmap(&varmap, &group, 0)?;
     let trainable: Vec<candle::Var> = {
         let data = varmap
@@ -626,9 +650,20 @@ fn run(args: &Args) -> Result<()> {
 
     let (c, n) = evaluate(&net, &test, &device, rank, world)?;
     let s = sum_over(&group, &[c, n])?;
-    let test_acc = s[0] / s[1];
+    let mut test_acc = s[0] / s[1];
     if main {
         println!("test accuracy {:.2}% ({} images)", 100.0 * test_acc, s[1]);
+    }
+    if let Some(batches) = args.precise_bn {
+        test_acc = precise_bn(
+            args,
+            &net,
+            batches,
+            (&train, &test),
+            &device,
+            &group,
+            test_acc,
+        )?;
     }
 
     // The running statistics must be bitwise identical on every rank of a
@@ -708,10 +743,58 @@ fn eval_checkpoint(args: &Args, test: &Split, size: usize, device: &Device) -> R
         VarBuilder::from_varmap(&varmap, DType::F32, device),
         size,
         &single,
+        args.freeze_bn_prefix.as_deref(),
     )?;
     varmap
         .load(&args.checkpoint)
         .with_context(|| format!("loading {:?}", args.checkpoint))?;
     let (c, n) = evaluate(&net, test, device, 0, 1)?;
     Ok((c / n, n))
+}
+
+/// `--precise-bn N`: recomputes the running statistics of the BatchNorm
+/// layers as the average of the statistics of `batches` global training
+/// batches (each rank runs its slice; the synchronized layers all-reduce
+/// their statistics as in training; frozen layers stay), then evaluates
+/// again. Prints the test accuracy `before` and after; returns it after.
+fn precise_bn(
+    args: &Args,
+    net: &Net,
+    batches: usize,
+    (train, test): (&Split, &Split),
+    device: &Device,
+    group: &ProcessGroup,
+    before: f64,
+) -> Result<f64> {
+    let (rank, world) = (group.rank(), group.world_size());
+    let b = args.batch_size;
+    let global = b * world;
+    if batches == 0 || batches * global > train.len() {
+        bail!(
+            "--precise-bn: expected 1 to {} batches (global batches of {global} in {} training samples), got {batches}",
+            train.len() / global,
+            train.len()
+        )
+    }
+    let start = Instant::now();
+    let perm = permutation(train.len(), args.seed ^ 0x0050_5245_4349_5345);
+    update_bn_stats(&[&net.b1, &net.b2], batches, |i| {
+        let o = i * global + rank * b;
+        let idx = Tensor::new(&perm[o..o + b], &Device::Cpu)?;
+        let x = train.images.index_select(&idx, 0)?.to_device(device)?;
+        net.forward_t(&x, true)
+            .map(|_| ())
+            .map_err(|e| candle::Error::Msg(format!("{e:#}")))
+    })?;
+    let (c, n) = evaluate(net, test, device, rank, world)?;
+    let s = sum_over(group, &[c, n])?;
+    if rank == 0 {
+        println!(
+            "precise BN over {batches} global batches ({:.1} s): test accuracy {:.2}% before, {:.2}% after",
+            start.elapsed().as_secs_f64(),
+            100.0 * before,
+            100.0 * s[0] / s[1]
+        );
+    }
+    Ok(s[0] / s[1])
 }

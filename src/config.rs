@@ -70,3 +70,13 @@ impl SyncBatchNormConfig {
         Ok(())
     }
 }
+
+/// Whether a `candle_nn::BatchNorm` was built with `remove_mean: false`.
+///
+/// candle-nn 0.11 has no accessor for the flag; its `Debug` output (a derive,
+/// so it names every field) is the only public view of it. If a future
+/// version changes that output, the flag is assumed `true` — what every
+/// `BatchNorm::new*` constructor sets.
+pub(crate) fn keeps_mean(bn: &candle_nn::BatchNorm) -> bool {
+    format!("{bn:?}").contains("remove_mean: false")
+}

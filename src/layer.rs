@@ -9,6 +9,10 @@ use candle::{DType, Result, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
 
 mod composite;
+mod frozen;
+pub(crate) mod precise;
+
+pub use frozen::FrozenBatchNorm;
 
 /// Running statistics kept by a layer with `track_running_stats`.
 #[derive(Debug, Clone)]
@@ -43,6 +47,7 @@ pub struct SyncBatchNorm {
     weight_and_bias: Option<(Tensor, Tensor)>,
     running: Option<RunningStats>,
     group: ProcessGroup,
+    precise: precise::PreciseSwitch,
 }
 
 impl SyncBatchNorm {
@@ -109,6 +114,7 @@ impl SyncBatchNorm {
             weight_and_bias,
             running,
             group,
+            precise: Default::default(),
         })
     }
 
@@ -189,6 +195,7 @@ impl SyncBatchNorm {
             weight_and_bias,
             running,
             group,
+            precise: Default::default(),
         })
     }
 
@@ -460,7 +467,7 @@ impl SyncBatchNorm {
                 mean: r.mean.clone(),
                 var: r.var.clone(),
                 num_batches_tracked: r.num_batches_tracked.clone(),
-                momentum: self.config.momentum,
+                momentum: self.momentum(),
             }),
             _ => None,
         };

@@ -85,6 +85,9 @@
 //!   makes the CUDA memory pool keep freed memory across synchronizations.
 //! - [`convert`]: drop-in [`batch_norm`], `SyncBatchNorm::from_batch_norm`, the
 //!   [`BatchNormRewriter`], and checkpoints to and from PyTorch and candle-nn.
+//! - [`FrozenBatchNorm`]: a fixed affine map from a checkpoint's statistics
+//!   (detectron2's `FrozenBN`); [`precise_bn`]: recomputing the running
+//!   statistics as the average over many batches (fvcore's `update_bn_stats`).
 //! - [`launch`]: rendezvous from the environment and the self-spawning launcher;
 //!   [`data_parallel`]: broadcasting variables, averaging gradients, atomic
 //!   checkpoints.
@@ -110,6 +113,7 @@ pub mod data_parallel;
 pub mod group;
 pub mod launch;
 pub mod ops;
+pub mod precise_bn;
 
 mod config;
 #[cfg(any(feature = "cuda", test))]
@@ -117,8 +121,10 @@ mod cuda;
 mod layer;
 
 pub use config::SyncBatchNormConfig;
-pub use convert::{batch_norm, BatchNormLayer, BatchNormRewriter, ConvertedSite, LocalBatchNorm};
+pub use convert::{
+    batch_norm, BatchNormLayer, BatchNormRewriter, ConvertedSite, LocalBatchNorm, Outcome,
+};
 pub use group::{
     default_group, set_default_group, set_thread_default_group, Backend, ProcessGroup,
 };
-pub use layer::SyncBatchNorm;
+pub use layer::{FrozenBatchNorm, SyncBatchNorm};

@@ -6,8 +6,8 @@ mod common;
 use candle::{DType, Device, Module, Result, Tensor, Var};
 use candle_nn::{BatchNormConfig, ModuleT, Optimizer, VarBuilder, VarMap};
 use candle_syncbn::{
-    set_thread_default_group, BatchNormLayer, BatchNormRewriter, ConvertedSite, ProcessGroup,
-    SyncBatchNorm, SyncBatchNormConfig,
+    set_thread_default_group, BatchNormLayer, BatchNormRewriter, ConvertedSite, Outcome,
+    ProcessGroup, SyncBatchNorm, SyncBatchNormConfig,
 };
 use common::{values, Rng};
 use std::collections::BTreeSet;
@@ -416,13 +416,15 @@ fn rewriter_converts_filtered_sites_and_keeps_checkpoints() {
                 path: "stem.bn".into(),
                 num_features: 4,
                 affine: true,
-                track_running_stats: true
+                track_running_stats: true,
+                outcome: Outcome::Sync,
             },
             ConvertedSite {
                 path: "layer1.0.bn1".into(),
                 num_features: 4,
                 affine: true,
-                track_running_stats: true
+                track_running_stats: true,
+                outcome: Outcome::Sync,
             },
         ]
     );

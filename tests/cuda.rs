@@ -2042,3 +2042,114 @@ fn composite_path_on_the_gpu_matches_the_kernels() {
         }
     }
 }
+
+/// `FrozenBatchNorm` on the GPU against the CPU: the eval path of the
+/// kernels in training mode too, plain, with the fused ReLU and with the
+/// residual, and the input gradient; then precise statistics
+/// (`update_bn_stats`) of a layer on the GPU against the same on the CPU.
+#[test]
+fn frozen_layer_and_precise_statistics_match_cpu() {
+    use candle_nn::Module;
+    use candle_syncbn::precise_bn::update_bn_stats;
+    use candle_syncbn::FrozenBatchNorm;
+    let dev = cuda_or_skip!("frozen_layer_and_precise_statistics_match_cpu");
+    let shapes: [&[usize]; 3] = [&[16, 6], &[3, 6, 5, 4], &[2, 6, 3, 4, 5]];
+    let mut seed = 900;
+    for dtype in FLOATS {
+        let stat_dtype = if dtype == DType::F64 {
+            dtype
+        } else {
+            DType::F32
+        };
+        for shape in shapes {
+            seed += 1;
+            let mut rng = Rng::new(seed);
+            let c = shape[1];
+            let stats = [
+                ("running_mean", rng.normals(c, 0.5, 2.0), stat_dtype),
+                (
+                    "running_var",
+                    (0..c).map(|_| 0.3 + 2.0 * rng.uniform()).collect(),
+                    stat_dtype,
+                ),
+                ("weight", rng.normals(c, 1.0, 0.5), dtype),
+                ("bias", rng.normals(c, 0.0, 0.5), dtype),
+            ];
+            let layer = |d: &Device| {
+                let varmap = VarMap::new();
+                for (name, v, t) in &stats {
+                    let value = tensor(v, &[c], *t).to_device(d).unwrap();
+                    varmap
+                        .data()
+                        .lock()
+                        .unwrap()
+                        .insert(format!("bn.{name}"), Var::from_tensor(&value).unwrap());
+                }
+                let vb = VarBuilder::from_varmap(&varmap, dtype, d);
+                FrozenBatchNorm::new(c, 1e-5, vb.pp("bn")).unwrap()
+            };
+            let (cpu_bn, gpu_bn) = (layer(&Device::Cpu), layer(&dev));
+            let x = data(shape, dtype, seed);
+            let z = data(shape, dtype, seed + 1000);
+            let (xg, zg) = (x.to_device(&dev).unwrap(), z.to_device(&dev).unwrap());
+            let (atol, rtol) = tol(dtype);
+            let label = format!("frozen {dtype:?} {shape:?}");
+            close(
+                &format!("{label} forward"),
+                &gpu_bn.forward_t(&xg, true).unwrap(),
+                &cpu_bn.forward(&x).unwrap(),
+                atol,
+                rtol,
+            );
+            close(
+                &format!("{label} relu"),
+                &gpu_bn.forward_relu_t(&xg, true).unwrap(),
+                &cpu_bn.forward_relu_t(&x, true).unwrap(),
+                atol,
+                rtol,
+            );
+            close(
+                &format!("{label} add relu"),
+                &gpu_bn.forward_add_relu_t(&xg, &zg, true).unwrap(),
+                &cpu_bn.forward_add_relu_t(&x, &z, true).unwrap(),
+                atol,
+                rtol,
+            );
+            let grad = |bn: &FrozenBatchNorm, x: &Tensor| {
+                let v = Var::from_tensor(x).unwrap();
+                let y = bn.forward_relu_t(v.as_tensor(), true).unwrap();
+                let loss = y.to_dtype(DType::F32).unwrap().sum_all().unwrap();
+                loss.backward().unwrap().get(v.as_tensor()).unwrap().clone()
+            };
+            close(
+                &format!("{label} input gradient"),
+                &grad(&gpu_bn, &xg),
+                &grad(&cpu_bn, &x),
+                atol,
+                rtol,
+            );
+        }
+    }
+    // Precise statistics of a synchronized layer, GPU against CPU.
+    let shape = [4, 5, 6];
+    let batches: Vec<Tensor> = (0..3).map(|i| data(&shape, DType::F32, 950 + i)).collect();
+    let stats = |d: &Device| {
+        let vb = VarBuilder::zeros(DType::F32, d);
+        let bn = SyncBatchNorm::new(
+            5,
+            SyncBatchNormConfig::default(),
+            vb,
+            ProcessGroup::single(),
+        )
+        .unwrap();
+        update_bn_stats(&[&bn], batches.len(), |i| {
+            bn.forward_t(&batches[i].to_device(d)?, true).map(|_| ())
+        })
+        .unwrap();
+        assert_eq!(bn.num_batches_tracked(), 0);
+        (bn.running_mean().unwrap(), bn.running_var().unwrap())
+    };
+    let (cpu, gpu) = (stats(&Device::Cpu), stats(&dev));
+    close("precise mean", &gpu.0, &cpu.0, 1e-5, 1e-5);
+    close("precise var", &gpu.1, &cpu.1, 1e-5, 1e-5);
+}

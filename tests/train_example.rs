@@ -236,3 +236,56 @@ fn train_example_rejects_bad_arguments() {
         assert!(!text.contains("panicked"), "{bad:?}:\n{text}");
     }
 }
+
+/// `--freeze-bn-prefix bn1 --precise-bn 4`: the first BatchNorm stays at its
+/// initial statistics and parameters (frozen, not trained), the second gets
+/// precise statistics after training, the accuracy is printed before and
+/// after, and the checkpoint reloads to the same accuracy; too many precise
+/// batches are a clear error.
+#[test]
+fn train_example_freezes_and_recomputes_statistics() {
+    let dir = Scratch::new("frozen");
+    let ckpt = dir.0.join("ckpt.safetensors");
+    let args = [
+        "--nproc-per-node",
+        "2",
+        "--freeze-bn-prefix",
+        "bn1",
+        "--precise-bn",
+        "4",
+    ];
+    let (ok, text) = train_with(&ckpt, &args);
+    assert!(ok, "{text}");
+    for needle in [
+        "precise BN over 4 global batches",
+        "% before, ",
+        "running statistics identical on all 2 ranks: yes",
+        "same as before saving",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+    }
+    let saved = candle::safetensors::load(&ckpt, &candle::Device::Cpu).unwrap();
+    let vals = |name: &str| -> Vec<f32> { saved[name].to_vec1::<f32>().unwrap() };
+    for (name, init) in [
+        ("bn1.weight", 1.0),
+        ("bn1.bias", 0.0),
+        ("bn1.running_mean", 0.0),
+        ("bn1.running_var", 1.0),
+    ] {
+        assert!(vals(name).iter().all(|&v| v == init), "{name} changed");
+    }
+    assert!(
+        vals("bn2.weight").iter().any(|&v| v != 1.0),
+        "bn2 not trained"
+    );
+    assert!(vals("bn2.running_var").iter().any(|&v| v != 1.0));
+    // The counter counts the 4 training steps, not the precise batches.
+    let nbt = saved["bn2.num_batches_tracked"].to_scalar::<i64>().unwrap();
+    assert_eq!(nbt, 4);
+    let (ok, text) = train_with(&ckpt, &["--nproc-per-node", "2", "--precise-bn", "9"]);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("--precise-bn: expected 1 to 8 batches"),
+        "{text}"
+    );
+}

@@ -64,7 +64,10 @@
 //! [`BatchNormRewriter::batch_norm`] wherever it called `candle_nn::batch_norm`
 //! (same arguments). Each site becomes a [`BatchNormLayer`] (one `ModuleT`
 //! type): synchronized where the path filter accepts the site's variable
-//! prefix, plain candle-nn otherwise. [`BatchNormRewriter::local`] converts
+//! prefix, plain candle-nn otherwise; or, with a [`rule`](BatchNormRewriter::rule)
+//! returning an [`Outcome`] per site, synchronized, local or frozen
+//! ([`FrozenBatchNorm`](crate::FrozenBatchNorm): a pretrained backbone's
+//! fixed affine map). [`BatchNormRewriter::local`] converts
 //! nothing, so the same code builds the original model;
 //! [`BatchNormRewriter::report`] lists what was converted (path, channels,
 //! affine, tracked) and [`BatchNormRewriter::kept_local`] what was not.
@@ -133,10 +136,14 @@
 //! [`default_group`]: crate::default_group
 
 pub mod checkpoint;
+mod layer;
+mod local;
 mod pickle_guard;
 mod rewriter;
 
-pub use rewriter::{BatchNormLayer, BatchNormRewriter, ConvertedSite, LocalBatchNorm};
+pub use layer::BatchNormLayer;
+pub use local::LocalBatchNorm;
+pub use rewriter::{BatchNormRewriter, ConvertedSite, Outcome};
 
 use crate::{default_group, ProcessGroup, SyncBatchNorm, SyncBatchNormConfig};
 use candle::{DType, Result, Tensor};
@@ -183,16 +190,6 @@ pub(crate) fn display_path(path: &str) -> &str {
     }
 }
 
-/// Whether a `candle_nn::BatchNorm` was built with `remove_mean: false`.
-///
-/// candle-nn 0.11 has no accessor for the flag; its `Debug` output (a derive,
-/// so it names every field) is the only public view of it. If a future
-/// version changes that output, the flag is assumed `true` — what every
-/// `BatchNorm::new*` constructor sets.
-fn keeps_mean(bn: &candle_nn::BatchNorm) -> bool {
-    format!("{bn:?}").contains("remove_mean: false")
-}
-
 impl SyncBatchNorm {
     /// A synchronized layer from a `candle_nn::BatchNorm` (PyTorch's
     /// `convert_sync_batchnorm` for one layer), synchronizing over `group`.
@@ -218,7 +215,7 @@ impl SyncBatchNorm {
             ),
         };
         let name = format!("converted candle_nn::BatchNorm({num_features})");
-        if keeps_mean(bn) {
+        if crate::config::keeps_mean(bn) {
             candle::bail!(
                 "SyncBatchNorm '{name}': cannot convert a candle_nn::BatchNorm with remove_mean: false \
                  (SyncBatchNorm always subtracts the batch mean); expected remove_mean: true"

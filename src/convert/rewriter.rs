@@ -1,13 +1,28 @@
-//! The `VarBuilder` rewriter: builds a local or a synchronized BatchNorm at
-//! every site a model builds one, chosen by a filter on the variable path.
+//! The `VarBuilder` rewriter: builds a synchronized, a local or a frozen
+//! BatchNorm at every site a model builds one, chosen by a rule on the
+//! variable path.
 
-use super::{display_path, sync_config};
-use crate::ops::{counter_value, increment_counter};
-use crate::{ProcessGroup, SyncBatchNorm};
-use candle::{DType, Result, Tensor, Var};
-use candle_nn::{BatchNormConfig, Init, ModuleT, VarBuilder};
+use super::{sync_config, BatchNormLayer, LocalBatchNorm};
+use crate::{FrozenBatchNorm, ProcessGroup, SyncBatchNorm};
+use candle::Result;
+use candle_nn::{BatchNormConfig, VarBuilder};
 use std::fmt;
 use std::sync::{Arc, Mutex};
+
+/// What the [`BatchNormRewriter`] builds at a site.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    /// A [`SyncBatchNorm`]: batch statistics synchronized over the group
+    /// (detectron2's and mmdetection's `SyncBN`).
+    Sync,
+    /// candle-nn's BatchNorm ([`LocalBatchNorm`]): statistics of this rank's
+    /// batch only (`BN`).
+    Local,
+    /// A [`FrozenBatchNorm`]: a fixed affine map from the checkpoint's
+    /// statistics and parameters, in training as in eval, not trained
+    /// (detectron2's `FrozenBN`, torchvision's `FrozenBatchNorm2d`).
+    Frozen,
+}
 
 /// A BatchNorm site the [`BatchNormRewriter`] built.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -17,38 +32,58 @@ pub struct ConvertedSite {
     pub path: String,
     /// The number of channels.
     pub num_features: usize,
-    /// Whether the layer has a learnable weight and bias.
+    /// Whether the layer has a weight and bias (learnable unless frozen).
     pub affine: bool,
     /// Whether the layer tracks running statistics (always true for layers
     /// built from a `candle_nn::BatchNormConfig`).
     pub track_running_stats: bool,
+    /// What the site became.
+    pub outcome: Outcome,
 }
 
-/// The filter deciding which sites are converted.
-type PathFilter = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+/// The rule deciding what each site becomes.
+type PathRule = Arc<dyn Fn(&str) -> Outcome + Send + Sync>;
 
-/// Builds the BatchNorm layers of a model, synchronized or local per site.
+/// Builds the BatchNorm layers of a model, synchronized, local or frozen per
+/// site.
 ///
 /// Model code takes a `&BatchNormRewriter` beside its `VarBuilder` and calls
 /// [`BatchNormRewriter::batch_norm`] where it called `candle_nn::batch_norm`,
-/// with the same arguments; fields become [`BatchNormLayer`]. Sites whose
-/// variable prefix passes the [`filter`](Self::filter) (all by default) get a
-/// [`SyncBatchNorm`] over the rewriter's group, the others a plain
-/// `candle_nn::BatchNorm` (wrapped in [`LocalBatchNorm`]). Either way the
-/// variables keep their names — `weight`, `bias`, `running_mean`,
-/// `running_var` and `num_batches_tracked` under the site's prefix — so a
-/// `VarMap` saves and loads the same checkpoint whether the model was built
-/// local or synchronized.
+/// with the same arguments; fields become [`BatchNormLayer`]. A
+/// [`rule`](Self::rule) on the site's variable prefix says what each site
+/// becomes ([`Outcome`]): a [`SyncBatchNorm`] over the rewriter's group (all
+/// sites by default), a plain `candle_nn::BatchNorm` (wrapped in
+/// [`LocalBatchNorm`]), or a [`FrozenBatchNorm`];
+/// [`filter`](Self::filter) is the two-way rule (synchronized or local).
+/// Whatever the outcome, the variables keep their names — `weight`, `bias`,
+/// `running_mean`, `running_var` and `num_batches_tracked` under the site's
+/// prefix — so a `VarMap` saves and loads the same checkpoint whichever way
+/// the model was built.
 ///
 /// The rewriter wraps the model's root `VarBuilder` ([`vb`](Self::vb)), so one
-/// value carries both; it records every site it builds ([`report`](Self::report),
-/// [`kept_local`](Self::kept_local)).
+/// value carries both; it records every site it builds ([`sites`](Self::sites),
+/// [`report`](Self::report), [`kept_local`](Self::kept_local)).
+///
+/// ```
+/// # use candle::{DType, Device};
+/// # use candle_nn::{VarBuilder, VarMap};
+/// use candle_syncbn::{BatchNormRewriter, Outcome, ProcessGroup};
+///
+/// let varmap = VarMap::new();
+/// let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+/// let rw = BatchNormRewriter::new(vb, ProcessGroup::single()).rule(|path| {
+///     if path.starts_with("backbone") { Outcome::Frozen } else { Outcome::Sync }
+/// });
+/// let stem = rw.batch_norm(8, 1e-5, rw.vb().pp("backbone.bn1"))?;
+/// let head = rw.batch_norm(8, 1e-5, rw.vb().pp("head.bn"))?;
+/// assert_eq!((stem.outcome(), head.outcome()), (Outcome::Frozen, Outcome::Sync));
+/// # Ok::<(), candle::Error>(())
+/// ```
 pub struct BatchNormRewriter<'a> {
     vb: VarBuilder<'a>,
     group: Option<ProcessGroup>,
-    filter: Option<PathFilter>,
-    converted: Mutex<Vec<ConvertedSite>>,
-    kept_local: Mutex<Vec<String>>,
+    rule: Option<PathRule>,
+    sites: Mutex<Vec<ConvertedSite>>,
 }
 
 impl<'a> BatchNormRewriter<'a> {
@@ -57,9 +92,8 @@ impl<'a> BatchNormRewriter<'a> {
         Self {
             vb,
             group: Some(group),
-            filter: None,
-            converted: Mutex::new(Vec::new()),
-            kept_local: Mutex::new(Vec::new()),
+            rule: None,
+            sites: Mutex::new(Vec::new()),
         }
     }
 
@@ -68,9 +102,10 @@ impl<'a> BatchNormRewriter<'a> {
         Self::new(vb, crate::default_group())
     }
 
-    /// A rewriter that converts nothing: every site is the `candle_nn::BatchNorm`
-    /// that `candle_nn::batch_norm` builds (plus the `num_batches_tracked`
-    /// counter). Model code written against the rewriter builds the original,
+    /// A rewriter that synchronizes nothing: every site is the
+    /// `candle_nn::BatchNorm` that `candle_nn::batch_norm` builds (plus the
+    /// `num_batches_tracked` counter), except the sites a [`rule`](Self::rule)
+    /// freezes. Model code written against the rewriter builds the original,
     /// unsynchronized model with it.
     pub fn local(vb: VarBuilder<'a>) -> Self {
         Self {
@@ -79,13 +114,31 @@ impl<'a> BatchNormRewriter<'a> {
         }
     }
 
+    /// Decides per site what it becomes: `f` gets the site's variable prefix
+    /// (as in the checkpoint, e.g. `"backbone.layer1.0.bn1"`) and returns an
+    /// [`Outcome`]. For example, a detector's pretrained backbone frozen and
+    /// the rest synchronized:
+    /// `.rule(|path| if path.starts_with("backbone") { Outcome::Frozen } else { Outcome::Sync })`.
+    /// With [`Self::local`] (no group), [`Outcome::Sync`] sites stay local.
+    /// Replaces any previous rule or filter.
+    pub fn rule<F: Fn(&str) -> Outcome + Send + Sync + 'static>(mut self, f: F) -> Self {
+        self.rule = Some(Arc::new(f));
+        self
+    }
+
     /// Converts only the sites whose variable prefix `f` accepts (the prefix as
     /// in the checkpoint, e.g. `"layer1.0.bn1"`); the others stay local. For
     /// example `.filter(|path| !path.starts_with("head"))` keeps a head local.
-    /// Replaces any previous filter.
-    pub fn filter<F: Fn(&str) -> bool + Send + Sync + 'static>(mut self, f: F) -> Self {
-        self.filter = Some(Arc::new(f));
-        self
+    /// The two-way [`rule`](Self::rule) ([`Outcome::Sync`] or
+    /// [`Outcome::Local`]); replaces any previous rule or filter.
+    pub fn filter<F: Fn(&str) -> bool + Send + Sync + 'static>(self, f: F) -> Self {
+        self.rule(move |path| {
+            if f(path) {
+                Outcome::Sync
+            } else {
+                Outcome::Local
+            }
+        })
     }
 
     /// The root `VarBuilder` the rewriter wraps; build the model from it.
@@ -98,17 +151,29 @@ impl<'a> BatchNormRewriter<'a> {
         self.group.as_ref()
     }
 
-    /// Whether the site with variable prefix `path` is converted.
+    /// What the site with variable prefix `path` becomes.
+    pub fn outcome(&self, path: &str) -> Outcome {
+        let outcome = self.rule.as_ref().map_or(Outcome::Sync, |f| f(path));
+        match (outcome, &self.group) {
+            (Outcome::Sync, None) => Outcome::Local,
+            (o, _) => o,
+        }
+    }
+
+    /// Whether the site with variable prefix `path` is converted to a
+    /// synchronized layer.
     pub fn converts(&self, path: &str) -> bool {
-        self.group.is_some() && self.filter.as_ref().is_none_or(|f| f(path))
+        self.outcome(path) == Outcome::Sync
     }
 
     /// Builds the BatchNorm layer of one site: what `candle_nn::batch_norm(
-    /// num_features, config, vb)` builds, or a [`SyncBatchNorm`] with the same
-    /// configuration and variables if the site is converted.
+    /// num_features, config, vb)` builds, a [`SyncBatchNorm`] with the same
+    /// configuration and variables, or a [`FrozenBatchNorm`] of the same
+    /// variables, as the site's [`Outcome`] says.
     ///
     /// Errors like `candle_nn::batch_norm` (missing or mis-shaped variables),
-    /// and for a converted site built with `remove_mean: false`, naming the path.
+    /// and for a synchronized or frozen site built with `remove_mean: false`,
+    /// naming the path.
     pub fn batch_norm<C: Into<BatchNormConfig>>(
         &self,
         num_features: usize,
@@ -117,34 +182,56 @@ impl<'a> BatchNormRewriter<'a> {
     ) -> Result<BatchNormLayer> {
         let config = config.into();
         let path = vb.prefix();
-        match &self.group {
-            Some(group) if self.converts(&path) => {
+        let outcome = self.outcome(&path);
+        let layer = match (outcome, &self.group) {
+            (Outcome::Sync, Some(group)) => {
                 let sync_cfg = sync_config(&config, &path)?;
-                let layer = SyncBatchNorm::new(num_features, sync_cfg, vb, group.clone())?;
-                lock(&self.converted).push(ConvertedSite {
-                    path,
+                BatchNormLayer::Sync(SyncBatchNorm::new(
                     num_features,
-                    affine: sync_cfg.affine,
-                    track_running_stats: sync_cfg.track_running_stats,
-                });
-                Ok(BatchNormLayer::Sync(layer))
+                    sync_cfg,
+                    vb,
+                    group.clone(),
+                )?)
             }
-            _ => {
-                let layer = LocalBatchNorm::new(num_features, config, vb)?;
-                lock(&self.kept_local).push(path);
-                Ok(BatchNormLayer::Local(layer))
+            (Outcome::Frozen, _) => {
+                BatchNormLayer::Frozen(FrozenBatchNorm::new(num_features, config, vb)?)
             }
-        }
+            _ => BatchNormLayer::Local(LocalBatchNorm::new(num_features, config, vb)?),
+        };
+        lock(&self.sites).push(ConvertedSite {
+            path,
+            num_features,
+            affine: config.affine,
+            track_running_stats: true,
+            outcome: layer.outcome(),
+        });
+        Ok(layer)
     }
 
-    /// The sites converted so far, in construction order.
+    /// Every site built so far, with its outcome, in construction order.
+    pub fn sites(&self) -> Vec<ConvertedSite> {
+        lock(&self.sites).clone()
+    }
+
+    /// The sites converted so far (synchronized or frozen), in construction order.
     pub fn report(&self) -> Vec<ConvertedSite> {
-        lock(&self.converted).clone()
+        self.sites_where(|o| o != Outcome::Local)
     }
 
     /// The variable prefixes of the sites kept local so far, in construction order.
     pub fn kept_local(&self) -> Vec<String> {
-        lock(&self.kept_local).clone()
+        self.sites_where(|o| o == Outcome::Local)
+            .into_iter()
+            .map(|s| s.path)
+            .collect()
+    }
+
+    fn sites_where(&self, keep: impl Fn(Outcome) -> bool) -> Vec<ConvertedSite> {
+        lock(&self.sites)
+            .iter()
+            .filter(|s| keep(s.outcome))
+            .cloned()
+            .collect()
     }
 }
 
@@ -153,191 +240,14 @@ impl fmt::Debug for BatchNormRewriter<'_> {
         f.debug_struct("BatchNormRewriter")
             .field("prefix", &self.vb.prefix())
             .field("group", &self.group)
-            .field("filter", &self.filter.as_ref().map(|_| "<fn>"))
-            .field("converted", &lock(&self.converted).len())
-            .field("kept_local", &lock(&self.kept_local).len())
+            .field("rule", &self.rule.as_ref().map(|_| "<fn>"))
+            .field("sites", &lock(&self.sites).len())
             .finish()
     }
 }
 
-/// Locks a site list, recovering it from a poisoned lock (the lists are only
-/// appended to, so they are always consistent).
+/// Locks the site list, recovering it from a poisoned lock (the list is only
+/// appended to, so it is always consistent).
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// A `candle_nn::BatchNorm` plus PyTorch's `num_batches_tracked` counter, so
-/// that sites kept local have the same variables as converted ones.
-///
-/// The counter is loaded from (or, in a `VarMap`, created as) the variable
-/// `num_batches_tracked` under the site's prefix, and counts training forward
-/// passes; a checkpoint without it (candle-nn's) starts it at 0.
-#[derive(Debug, Clone)]
-pub struct LocalBatchNorm {
-    inner: candle_nn::BatchNorm,
-    num_batches_tracked: Tensor,
-}
-
-impl LocalBatchNorm {
-    /// `candle_nn::batch_norm(num_features, config, vb)` and the counter.
-    pub fn new<C: Into<BatchNormConfig>>(
-        num_features: usize,
-        config: C,
-        vb: VarBuilder,
-    ) -> Result<Self> {
-        let inner = candle_nn::batch_norm(num_features, config, vb.clone())?;
-        let nbt = match vb.get_with_hints_dtype(
-            (),
-            "num_batches_tracked",
-            Init::Const(0.0),
-            DType::I64,
-        ) {
-            Ok(t) => t,
-            Err(e) if vb.contains_tensor("num_batches_tracked") => {
-                candle::bail!(
-                    "BatchNorm '{}': cannot load num_batches_tracked: {e}",
-                    display_path(&vb.prefix())
-                )
-            }
-            Err(_) => Tensor::zeros((), DType::I64, vb.device())?,
-        };
-        Ok(Self {
-            inner,
-            num_batches_tracked: Var::from_tensor(&nbt)?.as_tensor().clone(),
-        })
-    }
-
-    /// The candle-nn layer.
-    pub fn inner(&self) -> &candle_nn::BatchNorm {
-        &self.inner
-    }
-
-    /// The number of training batches seen since the counter was created or loaded.
-    pub fn num_batches_tracked(&self) -> u64 {
-        counter_value(&self.num_batches_tracked)
-    }
-}
-
-impl ModuleT for LocalBatchNorm {
-    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let y = self.inner.forward_t(x, train)?;
-        if train {
-            increment_counter(&self.num_batches_tracked)?;
-        }
-        Ok(y)
-    }
-}
-
-/// The layer the [`BatchNormRewriter`] builds at each site: one type for model
-/// fields, whichever way the site went.
-#[derive(Debug, Clone)]
-pub enum BatchNormLayer {
-    /// Kept local: candle-nn's BatchNorm (statistics of this rank's batch only).
-    Local(LocalBatchNorm),
-    /// Converted: statistics synchronized over the rewriter's group.
-    Sync(SyncBatchNorm),
-}
-
-impl BatchNormLayer {
-    /// Whether the site was converted.
-    pub fn is_sync(&self) -> bool {
-        matches!(self, Self::Sync(_))
-    }
-
-    /// The synchronized layer, if converted.
-    pub fn as_sync(&self) -> Option<&SyncBatchNorm> {
-        match self {
-            Self::Sync(l) => Some(l),
-            Self::Local(_) => None,
-        }
-    }
-
-    /// The local layer, if not converted.
-    pub fn as_local(&self) -> Option<&LocalBatchNorm> {
-        match self {
-            Self::Local(l) => Some(l),
-            Self::Sync(_) => None,
-        }
-    }
-
-    /// The number of channels.
-    pub fn num_features(&self) -> usize {
-        match self {
-            Self::Local(l) => l.inner.running_mean().dims1().unwrap_or(0),
-            Self::Sync(l) => l.num_features(),
-        }
-    }
-
-    /// The weight and bias, when affine.
-    pub fn weight_and_bias(&self) -> Option<(&Tensor, &Tensor)> {
-        match self {
-            Self::Local(l) => l.inner.weight_and_bias(),
-            Self::Sync(l) => l.weight_and_bias(),
-        }
-    }
-
-    /// A copy of the running mean (`None` if not tracked).
-    pub fn running_mean(&self) -> Option<Tensor> {
-        match self {
-            Self::Local(l) => l.inner.running_mean().copy().ok(),
-            Self::Sync(l) => l.running_mean(),
-        }
-    }
-
-    /// A copy of the running variance (`None` if not tracked).
-    pub fn running_var(&self) -> Option<Tensor> {
-        match self {
-            Self::Local(l) => l.inner.running_var().copy().ok(),
-            Self::Sync(l) => l.running_var(),
-        }
-    }
-
-    /// The number of training batches seen.
-    pub fn num_batches_tracked(&self) -> u64 {
-        match self {
-            Self::Local(l) => l.num_batches_tracked(),
-            Self::Sync(l) => l.num_batches_tracked(),
-        }
-    }
-
-    /// Batch norm followed by a ReLU: fused into one op when converted
-    /// ([`SyncBatchNorm::forward_relu_t`]), candle-nn's layer then `relu`
-    /// when kept local.
-    pub fn forward_relu_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        match self {
-            Self::Local(l) => l.forward_t(x, train)?.relu(),
-            Self::Sync(l) => l.forward_relu_t(x, train),
-        }
-    }
-
-    /// `relu(batch_norm(x) + residual)`: fused into one op when converted
-    /// ([`SyncBatchNorm::forward_add_relu_t`]), candle-nn's layer, `+` and
-    /// `relu` when kept local.
-    pub fn forward_add_relu_t(&self, x: &Tensor, residual: &Tensor, train: bool) -> Result<Tensor> {
-        match self {
-            Self::Local(l) => (l.forward_t(x, train)? + residual)?.relu(),
-            Self::Sync(l) => l.forward_add_relu_t(x, residual, train),
-        }
-    }
-}
-
-impl ModuleT for BatchNormLayer {
-    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        match self {
-            Self::Local(l) => l.forward_t(x, train),
-            Self::Sync(l) => l.forward_t(x, train),
-        }
-    }
-}
-
-impl From<SyncBatchNorm> for BatchNormLayer {
-    fn from(l: SyncBatchNorm) -> Self {
-        Self::Sync(l)
-    }
-}
-
-impl From<LocalBatchNorm> for BatchNormLayer {
-    fn from(l: LocalBatchNorm) -> Self {
-        Self::Local(l)
-    }
 }

@@ -1,0 +1,162 @@
+//! `BatchNormLayer`: the one layer type the rewriter builds at each site.
+
+use super::{LocalBatchNorm, Outcome};
+use crate::{FrozenBatchNorm, SyncBatchNorm};
+use candle::{Result, Tensor};
+use candle_nn::ModuleT;
+
+/// The layer the [`BatchNormRewriter`](super::BatchNormRewriter) builds at
+/// each site: one type for model fields, whichever way the site went.
+#[derive(Debug, Clone)]
+pub enum BatchNormLayer {
+    /// Kept local: candle-nn's BatchNorm (statistics of this rank's batch only).
+    Local(LocalBatchNorm),
+    /// Converted: statistics synchronized over the rewriter's group.
+    Sync(SyncBatchNorm),
+    /// Frozen: a fixed affine map from the checkpoint's statistics and
+    /// parameters, in training as in eval.
+    Frozen(FrozenBatchNorm),
+}
+
+impl BatchNormLayer {
+    /// What the site became.
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            Self::Local(_) => Outcome::Local,
+            Self::Sync(_) => Outcome::Sync,
+            Self::Frozen(_) => Outcome::Frozen,
+        }
+    }
+
+    /// Whether the site was converted to a synchronized layer.
+    pub fn is_sync(&self) -> bool {
+        matches!(self, Self::Sync(_))
+    }
+
+    /// Whether the site was frozen.
+    pub fn is_frozen(&self) -> bool {
+        matches!(self, Self::Frozen(_))
+    }
+
+    /// The synchronized layer, if converted.
+    pub fn as_sync(&self) -> Option<&SyncBatchNorm> {
+        match self {
+            Self::Sync(l) => Some(l),
+            _ => None,
+        }
+    }
+
+    /// The local layer, if kept local.
+    pub fn as_local(&self) -> Option<&LocalBatchNorm> {
+        match self {
+            Self::Local(l) => Some(l),
+            _ => None,
+        }
+    }
+
+    /// The frozen layer, if frozen.
+    pub fn as_frozen(&self) -> Option<&FrozenBatchNorm> {
+        match self {
+            Self::Frozen(l) => Some(l),
+            _ => None,
+        }
+    }
+
+    /// The number of channels.
+    pub fn num_features(&self) -> usize {
+        match self {
+            Self::Local(l) => l.inner().running_mean().dims1().unwrap_or(0),
+            Self::Sync(l) => l.num_features(),
+            Self::Frozen(l) => l.num_features(),
+        }
+    }
+
+    /// The weight and bias, when affine.
+    pub fn weight_and_bias(&self) -> Option<(&Tensor, &Tensor)> {
+        match self {
+            Self::Local(l) => l.inner().weight_and_bias(),
+            Self::Sync(l) => l.weight_and_bias(),
+            Self::Frozen(l) => l.weight_and_bias(),
+        }
+    }
+
+    /// A copy of the running mean (`None` if not tracked).
+    pub fn running_mean(&self) -> Option<Tensor> {
+        match self {
+            Self::Local(l) => l.inner().running_mean().copy().ok(),
+            Self::Sync(l) => l.running_mean(),
+            Self::Frozen(l) => l.running_mean().ok(),
+        }
+    }
+
+    /// A copy of the running variance (`None` if not tracked).
+    pub fn running_var(&self) -> Option<Tensor> {
+        match self {
+            Self::Local(l) => l.inner().running_var().copy().ok(),
+            Self::Sync(l) => l.running_var(),
+            Self::Frozen(l) => l.running_var().ok(),
+        }
+    }
+
+    /// The number of training batches seen (0 for a frozen layer, which
+    /// sees none).
+    pub fn num_batches_tracked(&self) -> u64 {
+        match self {
+            Self::Local(l) => l.num_batches_tracked(),
+            Self::Sync(l) => l.num_batches_tracked(),
+            Self::Frozen(_) => 0,
+        }
+    }
+
+    /// Batch norm followed by a ReLU: fused into one op when synchronized or
+    /// frozen ([`SyncBatchNorm::forward_relu_t`],
+    /// [`FrozenBatchNorm::forward_relu_t`]), candle-nn's layer then `relu`
+    /// when kept local.
+    pub fn forward_relu_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        match self {
+            Self::Local(l) => l.forward_t(x, train)?.relu(),
+            Self::Sync(l) => l.forward_relu_t(x, train),
+            Self::Frozen(l) => l.forward_relu_t(x, train),
+        }
+    }
+
+    /// `relu(batch_norm(x) + residual)`: fused into one op when synchronized
+    /// or frozen ([`SyncBatchNorm::forward_add_relu_t`],
+    /// [`FrozenBatchNorm::forward_add_relu_t`]), candle-nn's layer, `+` and
+    /// `relu` when kept local.
+    pub fn forward_add_relu_t(&self, x: &Tensor, residual: &Tensor, train: bool) -> Result<Tensor> {
+        match self {
+            Self::Local(l) => (l.forward_t(x, train)? + residual)?.relu(),
+            Self::Sync(l) => l.forward_add_relu_t(x, residual, train),
+            Self::Frozen(l) => l.forward_add_relu_t(x, residual, train),
+        }
+    }
+}
+
+impl ModuleT for BatchNormLayer {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        match self {
+            Self::Local(l) => l.forward_t(x, train),
+            Self::Sync(l) => l.forward_t(x, train),
+            Self::Frozen(l) => l.forward_t(x, train),
+        }
+    }
+}
+
+impl From<SyncBatchNorm> for BatchNormLayer {
+    fn from(l: SyncBatchNorm) -> Self {
+        Self::Sync(l)
+    }
+}
+
+impl From<LocalBatchNorm> for BatchNormLayer {
+    fn from(l: LocalBatchNorm) -> Self {
+        Self::Local(l)
+    }
+}
+
+impl From<FrozenBatchNorm> for BatchNormLayer {
+    fn from(l: FrozenBatchNorm) -> Self {
+        Self::Frozen(l)
+    }
+}
