@@ -231,6 +231,18 @@ impl SyncBatchNorm {
         &self.name
     }
 
+    /// The layer renamed `name` (for messages and for the call tags that
+    /// the groups compare across ranks): give layers made by
+    /// [`SyncBatchNorm::from_batch_norm`], which are named after their
+    /// channel count only, their model path, so that ranks calling two of
+    /// them in a different order get an error instead of mixed statistics.
+    /// Every rank must give the layer the same name.
+    pub fn with_name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self.id = LayerId::register(&self.name);
+        self
+    }
+
     /// The weight and bias, when `affine`.
     pub fn weight_and_bias(&self) -> Option<(&Tensor, &Tensor)> {
         self.weight_and_bias.as_ref().map(|(w, b)| (w, b))

@@ -328,12 +328,12 @@ fn in_process_collectives_are_exact_and_ordered() {
 /// statistic takes mixed numbers (issue 23 item 11).
 #[test]
 fn layers_called_in_a_different_order_fail_on_every_rank() {
-    for composite in [false, true] {
+    for (composite, converted) in [(false, false), (true, false), (false, true)] {
         let groups = ProcessGroup::threads_with_timeout(2, Duration::from_secs(30)).unwrap();
         let start = std::time::Instant::now();
         let handles: Vec<_> = groups
             .into_iter()
-            .map(|g| std::thread::spawn(move || swapped_layers(g, composite)))
+            .map(|g| std::thread::spawn(move || swapped_layers(g, composite, converted)))
             .collect();
         let runs: Vec<SwappedRun> = handles.into_iter().map(|h| h.join().unwrap()).collect();
         check_swapped(&runs, composite);

@@ -305,7 +305,7 @@ fn failures_in_another_subgroup_are_errors_not_hangs() {
 fn layers_called_in_a_different_order_in_subgroups_fail() {
     let start = Instant::now();
     let runs = on_threads(4, Duration::from_secs(30), |_, g| {
-        swapped_layers(g.subgroups(2).unwrap(), false)
+        swapped_layers(g.subgroups(2).unwrap(), false, false)
     });
     check_swapped(&runs, false);
     assert!(start.elapsed() < Duration::from_secs(10));

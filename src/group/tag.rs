@@ -10,11 +10,8 @@
 //! ranks beside the shape and dtype: the TCP and in-process groups on every
 //! call, the NCCL group with its debug checks.
 //!
-//! The layer's name is its `VarBuilder` prefix. Layers without one (built
-//! with an empty prefix, or by `SyncBatchNorm::from_batch_norm`) share a
-//! name per channel count, so two of them with the same channel count called
-//! in a different order cannot be told apart; build layers through
-//! `VarBuilder` paths (`vb.pp("bn1")`) for the full check.
+//! The layer's name is its `VarBuilder` prefix. Layers without a distinct
+//! one cannot be told apart (see [`CallTag`]).
 //!
 //! Names are registered when a layer is built, so that an error can name the
 //! layer another rank called: ranks that run the same model build the same
@@ -49,9 +46,15 @@ const MAX_NAMES_PER_HASH: usize = 4;
 /// describe a peer's value with [`CallTag::from_value`] and `Display`
 /// ("SyncBatchNorm 'layer1.bn2': forward statistics, call 3 mod 32").
 ///
-/// A tag is 32 bits: a 24-bit hash of the layer's name, the collective's
-/// place in the layer's call, and the layer's call counter modulo 32. Two
-/// different layers share a tag with a probability of about 2⁻²⁴ per pair.
+/// A tag is 32 bits: a 24-bit hash of the layer's name (its `VarBuilder`
+/// prefix), the collective's place in the layer's call, and the layer's
+/// call counter modulo 32. Two different names share a hash with a
+/// probability of about 2⁻²⁴ per pair. Layers without a distinct name
+/// cannot be told apart: those built with an empty prefix are all
+/// "(root)", and those made by
+/// [`SyncBatchNorm::from_batch_norm`](crate::SyncBatchNorm::from_batch_norm)
+/// are named after their channel count until renamed with
+/// [`SyncBatchNorm::with_name`](crate::SyncBatchNorm::with_name).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct CallTag(u32);
 

@@ -658,14 +658,25 @@ pub struct SwappedRun {
 /// Two layers of 3 channels, 'a' (inputs of mean 1.5) and 'b' (mean −20),
 /// one training forward each (with the composed ops when `composite`): rank
 /// 0 calls 'a' then 'b', every other rank 'b' then 'a'. Collectives that
-/// compare only shapes would mix the two layers' statistics.
-pub fn swapped_layers(group: ProcessGroup, composite: bool) -> SwappedRun {
+/// compare only shapes would mix the two layers' statistics. With
+/// `converted`, the layers are `candle_nn::BatchNorm`s converted by
+/// `from_batch_norm` and named with `with_name`.
+pub fn swapped_layers(group: ProcessGroup, composite: bool, converted: bool) -> SwappedRun {
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
     let cfg = SyncBatchNormConfig::default();
     let rank = group.rank();
-    let a = SyncBatchNorm::new(3, cfg, vb.pp("a"), group.clone()).unwrap();
-    let b = SyncBatchNorm::new(3, cfg, vb.pp("b"), group).unwrap();
+    let layer = |name: &str| {
+        if converted {
+            let bn = candle_nn::batch_norm(3, candle_nn::BatchNormConfig::default(), vb.pp(name));
+            SyncBatchNorm::from_batch_norm(&bn.unwrap(), group.clone())
+                .unwrap()
+                .with_name(name)
+        } else {
+            SyncBatchNorm::new(3, cfg, vb.pp(name), group.clone()).unwrap()
+        }
+    };
+    let (a, b) = (layer("a"), layer("b"));
     let mut rng = Rng::new(40 + rank as u64);
     let xa = tensor(&rng.normals(4 * 3 * 2, 1.5, 1.0), &[4, 3, 2], DType::F32);
     let xb = tensor(&rng.normals(4 * 3 * 2, -20.0, 1.0), &[4, 3, 2], DType::F32);
