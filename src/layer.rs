@@ -39,7 +39,7 @@ struct RunningStats {
 /// `bias` (with `affine`), `running_mean`, `running_var`, `num_batches_tracked`
 /// (i64 scalar; with `track_running_stats`).
 ///
-/// Each all-reduce carries a [`CallTag`](crate::group::CallTag) made of the
+/// Each all-reduce carries a [`CallTag`] made of the
 /// layer's name (the prefix) and its call counter, which the TCP and
 /// in-process groups (and NCCL with its debug checks) compare across ranks:
 /// ranks that call two layers of the same shape in a different order get an
