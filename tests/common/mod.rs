@@ -662,8 +662,18 @@ pub struct SwappedRun {
 /// `converted`, the layers are `candle_nn::BatchNorm`s converted by
 /// `from_batch_norm` and named with `with_name`.
 pub fn swapped_layers(group: ProcessGroup, composite: bool, converted: bool) -> SwappedRun {
+    swapped_layers_on(&Device::Cpu, group, composite, converted)
+}
+
+/// [`swapped_layers`] with the layers and inputs on `device`.
+pub fn swapped_layers_on(
+    device: &Device,
+    group: ProcessGroup,
+    composite: bool,
+    converted: bool,
+) -> SwappedRun {
     let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
     let cfg = SyncBatchNormConfig::default();
     let rank = group.rank();
     let layer = |name: &str| {
@@ -678,8 +688,12 @@ pub fn swapped_layers(group: ProcessGroup, composite: bool, converted: bool) -> 
     };
     let (a, b) = (layer("a"), layer("b"));
     let mut rng = Rng::new(40 + rank as u64);
-    let xa = tensor(&rng.normals(4 * 3 * 2, 1.5, 1.0), &[4, 3, 2], DType::F32);
-    let xb = tensor(&rng.normals(4 * 3 * 2, -20.0, 1.0), &[4, 3, 2], DType::F32);
+    let mut input = |mean| {
+        tensor(&rng.normals(4 * 3 * 2, mean, 1.0), &[4, 3, 2], DType::F32)
+            .to_device(device)
+            .unwrap()
+    };
+    let (xa, xb) = (input(1.5), input(-20.0));
     let order = if rank == 0 {
         [(&a, &xa), (&b, &xb)]
     } else {
