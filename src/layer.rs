@@ -1,5 +1,6 @@
 //! The `SyncBatchNorm` layer.
 
+use crate::group::{CallTag, LayerId, Part};
 use crate::ops::{
     BatchMoments, BatchNormAddOp, BatchNormOp, BatchStats, ForwardCoefficients, Moments,
     RunningTensors, StackParams,
@@ -7,6 +8,8 @@ use crate::ops::{
 use crate::{ProcessGroup, SyncBatchNormConfig};
 use candle::{DType, Result, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 mod composite;
 mod frozen;
@@ -39,9 +42,21 @@ struct RunningStats {
 /// Variables (under the [`VarBuilder`]'s prefix, PyTorch's names): `weight`,
 /// `bias` (with `affine`), `running_mean`, `running_var`, `num_batches_tracked`
 /// (i64 scalar; with `track_running_stats`).
+///
+/// Each all-reduce carries a [`CallTag`] made of the
+/// layer's name (the prefix) and its call counter, which the TCP and
+/// in-process groups (and NCCL with its debug checks) compare across ranks:
+/// ranks that call two layers of the same shape in a different order get an
+/// error naming both, not mixed statistics. Give every layer its own prefix
+/// (`vb.pp("bn1")`) for that check; clones share the counter (they are the
+/// same layer).
 #[derive(Debug, Clone)]
 pub struct SyncBatchNorm {
     name: String,
+    /// The name's identity in call tags.
+    id: LayerId,
+    /// The synchronized training calls so far (the index in call tags).
+    calls: Arc<AtomicU64>,
     num_features: usize,
     config: SyncBatchNormConfig,
     weight_and_bias: Option<(Tensor, Tensor)>,
@@ -108,6 +123,8 @@ impl SyncBatchNorm {
             None
         };
         Ok(Self {
+            id: LayerId::register(&name),
+            calls: Arc::new(AtomicU64::new(0)),
             name,
             num_features,
             config,
@@ -189,6 +206,8 @@ impl SyncBatchNorm {
             None => None,
         };
         Ok(Self {
+            id: LayerId::register(&name),
+            calls: Arc::new(AtomicU64::new(0)),
             name,
             num_features,
             config,
@@ -217,6 +236,18 @@ impl SyncBatchNorm {
     /// The layer's name (its `VarBuilder` prefix), used in error messages.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The layer renamed `name` (for messages and for the call tags that
+    /// the groups compare across ranks): give layers made by
+    /// [`SyncBatchNorm::from_batch_norm`], which are named after their
+    /// channel count only, their model path, so that ranks calling two of
+    /// them in a different order get an error instead of mixed statistics.
+    /// Every rank must give the layer the same name.
+    pub fn with_name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self.id = LayerId::register(&self.name);
+        self
     }
 
     /// The weight and bias, when `affine`.
@@ -432,7 +463,8 @@ impl SyncBatchNorm {
         let name = &self.name;
         let local = x.apply_op1_no_bwd(&BatchStats { axis })?;
         let group = if sync {
-            self.group.clone()
+            let [tag] = self.next_call_tags([Part::Statistics]);
+            self.group.with_tag(tag)
         } else {
             ProcessGroup::single()
         };
@@ -486,7 +518,16 @@ impl SyncBatchNorm {
                 None,
             ),
         };
+        // The backward pass's all-reduce: the same call's counterpart.
+        let group = group.with_tag(group.tag().backward());
         self.normalize(x, axis, moments, true, group, residual, relu)
+    }
+
+    /// The tags of the next synchronized call's forward collectives, one
+    /// per part in `parts` (counts the call).
+    fn next_call_tags<const N: usize>(&self, parts: [Part; N]) -> [CallTag; N] {
+        let index = self.calls.fetch_add(1, Ordering::Relaxed);
+        parts.map(|part| CallTag::forward(self.id, part, index))
     }
 
     /// The forward pass, with a residual added and the ReLU fused in or not.

@@ -55,6 +55,19 @@ fn run<T: Send + 'static>(
     timeout: Duration,
     f: impl Fn(usize, Device, ProcessGroup) -> T + Send + Sync + Clone + 'static,
 ) -> Vec<T> {
+    let options = NcclOptions {
+        timeout,
+        ..NcclOptions::default()
+    };
+    run_with(world, options, f)
+}
+
+/// [`run`] with the group's `options`.
+fn run_with<T: Send + 'static>(
+    world: usize,
+    options: NcclOptions,
+    f: impl Fn(usize, Device, ProcessGroup) -> T + Send + Sync + Clone + 'static,
+) -> Vec<T> {
     let pf = port_file("nccl-test");
     let (tx, rx) = std::sync::mpsc::channel();
     for r in 0..world {
@@ -66,10 +79,6 @@ fn run<T: Send + 'static>(
                     .unwrap()
                     .with_port_file(&pf)
                     .with_token("nccl-test");
-                let options = NcclOptions {
-                    timeout,
-                    ..NcclOptions::default()
-                };
                 let g = ProcessGroup::nccl(&rv, &dev, options).unwrap();
                 f(r, dev, g)
             }));
@@ -531,4 +540,33 @@ fn split_communicators_are_independent() {
         }
         assert_eq!(total, &all, "rank {r}");
     }
+}
+
+/// With the debug checks, layers of the same shape called in a different
+/// order are an error on every rank naming both layers (their call tags
+/// differ), before anything is enqueued: no mixed statistics.
+#[test]
+fn debug_checks_catch_layers_called_in_a_different_order() {
+    let Some(world) = world_or_skip("debug_checks_catch_layers_called_in_a_different_order") else {
+        return;
+    };
+    let options = NcclOptions {
+        timeout: Duration::from_secs(60),
+        debug_checks: true,
+        ..NcclOptions::default()
+    };
+    let start = Instant::now();
+    let runs = run_with(world, options, |_, dev, g| {
+        swapped_layers_on(&dev, g, false, false)
+    });
+    check_swapped(&runs, false);
+    for run in &runs {
+        let e = run.error.as_deref().unwrap_or_default();
+        assert!(e.contains("nccl group (debug check)"), "{e}");
+    }
+    assert!(
+        start.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        start.elapsed()
+    );
 }

@@ -322,3 +322,50 @@ fn in_process_collectives_are_exact_and_ordered() {
         assert_eq!(world, 4);
     }
 }
+
+/// Two layers of the same shape called in a different order on two ranks:
+/// every rank gets an error naming both layers at once, and no running
+/// statistic takes mixed numbers (issue 23 item 11).
+#[test]
+fn layers_called_in_a_different_order_fail_on_every_rank() {
+    for (composite, converted) in [(false, false), (true, false), (false, true)] {
+        let groups = ProcessGroup::threads_with_timeout(2, Duration::from_secs(30)).unwrap();
+        let start = std::time::Instant::now();
+        let handles: Vec<_> = groups
+            .into_iter()
+            .map(|g| std::thread::spawn(move || swapped_layers(g, composite, converted)))
+            .collect();
+        let runs: Vec<SwappedRun> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        check_swapped(&runs, composite);
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "detected without waiting for the timeout"
+        );
+    }
+}
+
+/// Many layers of the same shape (one called twice per step), several steps
+/// forward and backward, in the same order on every rank: the call tags
+/// agree and the ranks match one rank on the whole batch.
+#[test]
+fn a_stack_of_same_shaped_layers_matches_one_rank() {
+    for composite in [false, true] {
+        let bounds = [0, 2, 3, 6];
+        let groups = ProcessGroup::threads_with_timeout(3, Duration::from_secs(60)).unwrap();
+        let handles: Vec<_> = groups
+            .into_iter()
+            .enumerate()
+            .map(|(r, g)| {
+                let rows = bounds[r]..bounds[r + 1];
+                std::thread::spawn(move || layer_stack(g, rows, composite).unwrap())
+            })
+            .collect();
+        let runs: Vec<StackRun> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        check_layer_stack(
+            &format!("threads, composite {composite}"),
+            &runs,
+            &bounds,
+            composite,
+        );
+    }
+}

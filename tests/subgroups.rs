@@ -297,3 +297,16 @@ fn failures_in_another_subgroup_are_errors_not_hangs() {
         started.elapsed()
     );
 }
+
+/// Layers of the same shape called in a different order within subgroups:
+/// the root group's collective carries the layers' call tags, so every rank
+/// gets an error naming both layers instead of mixed statistics.
+#[test]
+fn layers_called_in_a_different_order_in_subgroups_fail() {
+    let start = Instant::now();
+    let runs = on_threads(4, Duration::from_secs(30), |_, g| {
+        swapped_layers(g.subgroups(2).unwrap(), false, false)
+    });
+    check_swapped(&runs, false);
+    assert!(start.elapsed() < Duration::from_secs(10));
+}

@@ -265,3 +265,42 @@ fn silent_rank_times_out_and_dropped_rank_is_named() {
         out[0]
     );
 }
+
+/// Two layers of the same shape called in a different order: rank 0 sees
+/// the tags differ at the first call and every rank gets an error naming
+/// both layers, well before the timeout (issue 23 item 11).
+#[test]
+fn layers_called_in_a_different_order_fail_on_every_rank() {
+    for composite in [false, true] {
+        let start = Instant::now();
+        let runs = run(2, 10_000, move |g| {
+            common::swapped_layers(g, composite, false)
+        });
+        common::check_swapped(&runs, composite);
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+}
+
+/// Many layers of the same shape, one called twice per step, several steps
+/// forward and backward, same order on every rank: the ranks match one rank
+/// on the whole batch.
+#[test]
+fn a_stack_of_same_shaped_layers_matches_one_rank() {
+    for composite in [false, true] {
+        let bounds = [0, 4, 6];
+        let runs = run(2, 10_000, move |g| {
+            let rows = bounds[g.rank()]..bounds[g.rank() + 1];
+            common::layer_stack(g, rows, composite).unwrap()
+        });
+        common::check_layer_stack(
+            &format!("tcp, composite {composite}"),
+            &runs,
+            &bounds,
+            composite,
+        );
+    }
+}

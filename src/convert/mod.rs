@@ -204,6 +204,11 @@ impl SyncBatchNorm {
     /// - `num_batches_tracked`, which candle-nn does not keep, starts at 0 in a
     ///   new variable (it is not part of any `VarMap`).
     ///
+    /// The layer is named after its channel count (a `candle_nn::BatchNorm`
+    /// knows no path): rename it with [`SyncBatchNorm::with_name`] so that
+    /// the groups' agreement check tells it from other converted layers of
+    /// the same channel count (see [`CallTag`](crate::group::CallTag)).
+    ///
     /// Errors if `bn` was built with `remove_mean: false`, or if its tensors
     /// are inconsistent (shapes, dtypes).
     pub fn from_batch_norm(bn: &candle_nn::BatchNorm, group: ProcessGroup) -> Result<Self> {

@@ -21,6 +21,7 @@ mod nccl;
 mod single;
 mod store;
 mod subgroup;
+mod tag;
 mod tcp;
 mod threads;
 
@@ -30,6 +31,8 @@ pub use nccl::{NcclBackend, NcclOptions, DEBUG_VAR};
 pub use single::SingleBackend;
 pub use store::{StoreOptions, MAX_ERROR_BYTES, MAX_TOKEN_BYTES};
 pub use subgroup::SubgroupBackend;
+pub use tag::CallTag;
+pub(crate) use tag::{LayerId, Part};
 pub use tcp::{TcpBackend, TcpOptions};
 pub use threads::ThreadsBackend;
 
@@ -48,8 +51,8 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
 /// Implementations must be usable from the thread that runs the model (they are
 /// `Send + Sync`), must preserve the tensor's shape, dtype and device, and must
 /// fail — never hang forever — when another rank fails or disagrees on the call
-/// (different shape or dtype): every rank should get an error within the
-/// backend's timeout.
+/// (different shape or dtype, or a different [`CallTag`]): every rank should
+/// get an error within the backend's timeout.
 ///
 /// All ranks must issue the same collectives in the same order.
 pub trait Backend: Send + Sync + fmt::Debug {
@@ -64,6 +67,18 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// Every rank passes a tensor of the same shape and dtype (f32 or f64) and
     /// receives the sum, on the device of its own input.
     fn all_reduce_sum(&self, tensor: &Tensor) -> Result<Tensor>;
+
+    /// [`Backend::all_reduce_sum`] of the collective `tag` (which layer, and
+    /// which of its calls, it belongs to): the `SyncBatchNorm` layers call
+    /// this. A backend that checks that all ranks make the same call should
+    /// compare the tags too, so that ranks calling two layers of the same
+    /// shape in a different order fail instead of mixing their statistics
+    /// (the crate's TCP and in-process groups do on every call, NCCL with
+    /// its debug checks). The default ignores the tag.
+    fn all_reduce_sum_tagged(&self, tensor: &Tensor, tag: CallTag) -> Result<Tensor> {
+        let _ = tag;
+        self.all_reduce_sum(tensor)
+    }
 
     /// Returns `root`'s `tensor` on every rank (each rank passes a tensor of the
     /// same shape and dtype; the result lives on the device of the rank's input).
@@ -116,6 +131,8 @@ pub struct ProcessGroup {
     /// The same backend when it is a subgroup, so that splitting it again
     /// splits its root.
     subgroup: Option<Arc<SubgroupBackend>>,
+    /// The tag of this handle's all-reduces (see [`ProcessGroup::with_tag`]).
+    tag: CallTag,
 }
 
 impl ProcessGroup {
@@ -188,6 +205,7 @@ impl ProcessGroup {
         Self {
             backend,
             subgroup: None,
+            tag: CallTag::UNTAGGED,
         }
     }
 
@@ -195,7 +213,22 @@ impl ProcessGroup {
         Self {
             backend: subgroup.clone(),
             subgroup: Some(subgroup),
+            tag: CallTag::UNTAGGED,
         }
+    }
+
+    /// This handle, for the all-reduces of the call `tag` (a layer's).
+    pub(crate) fn with_tag(&self, tag: CallTag) -> Self {
+        Self {
+            tag,
+            ..self.clone()
+        }
+    }
+
+    /// The tag of this handle's all-reduces ([`CallTag::UNTAGGED`] unless
+    /// the handle was made for a layer's call).
+    pub(crate) fn tag(&self) -> CallTag {
+        self.tag
     }
 
     /// The rank of this handle in its group.
@@ -219,7 +252,11 @@ impl ProcessGroup {
         if self.world_size() == 1 {
             return Ok(tensor.clone());
         }
-        self.backend.all_reduce_sum(tensor)
+        if self.tag == CallTag::UNTAGGED {
+            self.backend.all_reduce_sum(tensor)
+        } else {
+            self.backend.all_reduce_sum_tagged(tensor, self.tag)
+        }
     }
 
     /// `root`'s `tensor` on every rank (see [`Backend::broadcast`]).

@@ -11,7 +11,7 @@
 //!   next call returns the error instead of hanging forever.
 //! - With `SYNCBN_NCCL_DEBUG=1` (see [`DEBUG_VAR`]) every collective is first
 //!   checked over the TCP connections: all ranks must make the same call
-//!   (sequence number, operation, element count, dtype), else every rank gets
+//!   (sequence number, operation, element count, dtype, [`CallTag`]), else every rank gets
 //!   an error naming each rank's call. This costs a round trip per collective.
 //! - [`ProcessGroup::split`](super::ProcessGroup::split) and `subgroups` give
 //!   each subgroup a communicator of its own (`ncclCommSplit`) with its own
@@ -27,7 +27,7 @@
 //! tested on the CPU.
 
 use super::store::{dtype_code, Call, Op, Star, StoreOptions, FLAG_META_ONLY};
-use super::Backend;
+use super::{Backend, CallTag};
 use crate::launch::env::Rendezvous;
 use candle::backend::{BackendDevice, BackendStorage};
 use candle::cuda_backend::cudarc::driver::{
@@ -435,7 +435,7 @@ impl NcclBackend {
     }
 
     /// The debug check: all ranks agree on the call (through the TCP store).
-    fn check(&self, call: Call) -> Result<()> {
+    fn check(&self, call: Call, tag: CallTag) -> Result<()> {
         let Some(star) = &self.star else {
             return Ok(());
         };
@@ -448,7 +448,7 @@ impl NcclBackend {
         };
         star.lock()
             .unwrap_or_else(|e| e.into_inner())
-            .exchange(call, &[], &|_| Ok(Vec::new()))
+            .exchange_tagged(call, tag, &[], &|_| Ok(Vec::new()))
             .map(|_| ())
             .map_err(|e| {
                 let msg = format!("nccl group (debug check): {e}");
@@ -457,7 +457,7 @@ impl NcclBackend {
             })
     }
 
-    fn collective(&self, op: Op, tensor: &Tensor, root: usize) -> Result<Tensor> {
+    fn collective(&self, op: Op, tensor: &Tensor, root: usize, tag: CallTag) -> Result<Tensor> {
         if let Some(f) = self.comm.failure() {
             candle::bail!("nccl group is unusable after an earlier failure: {f}")
         }
@@ -471,13 +471,16 @@ impl NcclBackend {
         }
         let ty = nccl_dtype(tensor.dtype())?;
         let seq = self.seq.fetch_add(1, Ordering::SeqCst);
-        self.check(Call {
-            op,
-            dtype: dtype_code(tensor.dtype()),
-            count: tensor.elem_count() as u64,
-            root: root as u32,
-            flags: 0,
-        })?;
+        self.check(
+            Call {
+                op,
+                dtype: dtype_code(tensor.dtype()),
+                count: tensor.elem_count() as u64,
+                root: root as u32,
+                flags: 0,
+            },
+            tag,
+        )?;
         if tensor.elem_count() == 0 {
             return Ok(tensor.clone());
         }
@@ -605,11 +608,15 @@ impl Backend for NcclBackend {
     }
 
     fn all_reduce_sum(&self, tensor: &Tensor) -> Result<Tensor> {
-        self.collective(Op::AllReduceSum, tensor, 0)
+        self.collective(Op::AllReduceSum, tensor, 0, CallTag::UNTAGGED)
+    }
+
+    fn all_reduce_sum_tagged(&self, tensor: &Tensor, tag: CallTag) -> Result<Tensor> {
+        self.collective(Op::AllReduceSum, tensor, 0, tag)
     }
 
     fn broadcast(&self, tensor: &Tensor, root: usize) -> Result<Tensor> {
-        self.collective(Op::Broadcast, tensor, root)
+        self.collective(Op::Broadcast, tensor, root, CallTag::UNTAGGED)
     }
 
     fn barrier(&self) -> Result<()> {

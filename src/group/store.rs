@@ -19,8 +19,9 @@
 //! Every message is a fixed 40-byte header followed by a payload whose length
 //! is bounded (handshake: 64 bytes; errors: [`MAX_ERROR_BYTES`]; data: the
 //! group's `max_message_bytes`). A data header carries the call's sequence
-//! number, operation, dtype, element count and root, so that ranks which do not
-//! make the same call get an error that says so, never wrong numbers or a hang.
+//! number, operation, dtype, element count, root and [`CallTag`] (which layer's
+//! call it is), so that ranks which do not make the same call get an error that
+//! says so, never wrong numbers or a hang.
 //! Every read and write has a deadline. After any failure the star is poisoned:
 //! rank 0 tells every rank it can still reach what went wrong, and later calls
 //! fail at once with the same message.
@@ -28,6 +29,7 @@
 use super::handshake::{
     self, printable, Prover, Refusal, Refusals, Transcript, NONCE_LEN, PROOF_LEN,
 };
+use super::CallTag;
 use crate::launch::env::{host_port, is_loopback, listen_addrs, Rendezvous, PORT_FILE_VAR};
 use candle::{DType, Result};
 use std::fmt;
@@ -39,7 +41,8 @@ use std::time::{Duration, Instant};
 const MAGIC: [u8; 4] = *b"SBN1";
 const HEADER_LEN: usize = 40;
 /// The protocol version, checked at the rendezvous (2: mutual authentication
-/// by HMAC proofs; 1 sent the token itself).
+/// by HMAC proofs and a call tag in every data header; 1 sent the token
+/// itself and had no tag).
 const VERSION: u8 = 2;
 /// The longest job token (`SYNCBN_TOKEN`) a rank accepts.
 pub const MAX_TOKEN_BYTES: usize = 1024;
@@ -218,6 +221,8 @@ struct Header {
     dtype: u8,
     flags: u8,
     root: u32,
+    /// The [`CallTag`] of a data frame (bytes 12..16).
+    tag: u32,
     seq: u64,
     count: u64,
     len: u64,
@@ -231,19 +236,21 @@ impl Header {
             dtype: 0,
             flags: 0,
             root: 0,
+            tag: 0,
             seq: 0,
             count: 0,
             len: 0,
         }
     }
 
-    fn data(seq: u64, call: &Call, len: u64) -> Self {
+    fn data(seq: u64, call: &Call, tag: CallTag, len: u64) -> Self {
         Header {
             kind: Kind::Data,
             op: call.op as u8,
             dtype: call.dtype,
             flags: call.flags,
             root: call.root,
+            tag: tag.value(),
             seq,
             count: call.count,
             len,
@@ -258,6 +265,7 @@ impl Header {
         b[6] = self.dtype;
         b[7] = self.flags;
         b[8..12].copy_from_slice(&self.root.to_le_bytes());
+        b[12..16].copy_from_slice(&self.tag.to_le_bytes());
         b[16..24].copy_from_slice(&self.seq.to_le_bytes());
         b[24..32].copy_from_slice(&self.count.to_le_bytes());
         b[32..40].copy_from_slice(&self.len.to_le_bytes());
@@ -277,6 +285,7 @@ impl Header {
             dtype: b[6],
             flags: b[7],
             root: u32_at(8),
+            tag: u32_at(12),
             seq: u64_at(16),
             count: u64_at(24),
             len: u64_at(32),
@@ -293,10 +302,21 @@ impl Header {
         })
     }
 
+    fn tag(&self) -> CallTag {
+        CallTag::from_value(self.tag)
+    }
+
     fn describe(&self) -> String {
+        let of = match self.tag() {
+            CallTag::UNTAGGED => String::new(),
+            tag => format!(" for {tag}"),
+        };
         match self.call() {
-            Some(c) => format!("collective #{}: {c}", self.seq),
-            None => format!("collective #{}: unknown operation {}", self.seq, self.op),
+            Some(c) => format!("collective #{}: {c}{of}", self.seq),
+            None => format!(
+                "collective #{}: unknown operation {}{of}",
+                self.seq, self.op
+            ),
         }
     }
 }
@@ -546,6 +566,17 @@ impl Star {
     /// `reduce` (given every rank's payload, in rank order) and sends it to all.
     /// Returns the reply.
     pub fn exchange(&mut self, call: Call, payload: &[u8], reduce: &Reduce) -> Result<Vec<u8>> {
+        self.exchange_tagged(call, CallTag::UNTAGGED, payload, reduce)
+    }
+
+    /// [`Star::exchange`] of the call `tag`: every rank must pass the same tag.
+    pub fn exchange_tagged(
+        &mut self,
+        call: Call,
+        tag: CallTag,
+        payload: &[u8],
+        reduce: &Reduce,
+    ) -> Result<Vec<u8>> {
         if let Some(f) = &self.failure {
             candle::bail!("process group is unusable after an earlier failure: {f}")
         }
@@ -562,9 +593,11 @@ impl Star {
             return reduce(&[payload.to_vec()]).map_err(|m| self.fail(m));
         }
         let result = match &mut self.links {
-            Links::Root(peers) => root_exchange(peers, &self.options, seq, call, payload, reduce),
+            Links::Root(peers) => {
+                root_exchange(peers, &self.options, (seq, call, tag), payload, reduce)
+            }
             Links::Leaf(link) => match link {
-                Some(s) => leaf_exchange(s, self.rank, &self.options, seq, call, payload),
+                Some(s) => leaf_exchange(s, self.rank, &self.options, (seq, call, tag), payload),
                 None => Err("the connection to rank 0 is closed".to_string()),
             },
         };
@@ -592,13 +625,12 @@ impl Drop for Star {
 fn root_exchange(
     peers: &mut [Option<TcpStream>],
     options: &StoreOptions,
-    seq: u64,
-    call: Call,
+    (seq, call, tag): (u64, Call, CallTag),
     payload: &[u8],
     reduce: &Reduce,
 ) -> std::result::Result<Vec<u8>, String> {
     let deadline = Instant::now() + options.timeout;
-    let own = Header::data(seq, &call, payload.len() as u64);
+    let own = Header::data(seq, &call, tag, payload.len() as u64);
     let mut headers = vec![own];
     let mut payloads = vec![payload.to_vec()];
     for (i, slot) in peers.iter_mut().enumerate() {
@@ -637,7 +669,7 @@ fn root_exchange(
     }
     if headers
         .iter()
-        .any(|h| (h.seq, h.call()) != (seq, Some(call)))
+        .any(|h| (h.seq, h.call(), h.tag()) != (seq, Some(call), tag))
     {
         let calls: Vec<String> = headers
             .iter()
@@ -645,7 +677,7 @@ fn root_exchange(
             .map(|(r, h)| format!("rank {r}: {}", h.describe()))
             .collect();
         return Err(format!(
-            "ranks disagree on the collective (a different shape or dtype, e.g. a different channel count, or a different order of calls): {}",
+            "ranks disagree on the collective (a different layer, shape or dtype, e.g. a different channel count, or a different order of calls): {}",
             calls.join("; ")
         ));
     }
@@ -656,7 +688,7 @@ fn root_exchange(
             reply.len()
         ));
     }
-    let h = Header::data(seq, &call, reply.len() as u64);
+    let h = Header::data(seq, &call, tag, reply.len() as u64);
     let deadline = Instant::now() + options.timeout;
     for (i, slot) in peers.iter_mut().enumerate() {
         let r = i + 1;
@@ -678,12 +710,11 @@ fn leaf_exchange(
     s: &mut TcpStream,
     rank: usize,
     options: &StoreOptions,
-    seq: u64,
-    call: Call,
+    (seq, call, tag): (u64, Call, CallTag),
     payload: &[u8],
 ) -> std::result::Result<Vec<u8>, String> {
     let start = Instant::now();
-    let h = Header::data(seq, &call, payload.len() as u64);
+    let h = Header::data(seq, &call, tag, payload.len() as u64);
     write_frame(s, &h, payload, start + options.timeout).map_err(|e| {
         io_error(
             0,
@@ -714,7 +745,8 @@ fn leaf_exchange(
             Err(String::from_utf8_lossy(&m).into_owned())
         }
         Kind::Data => {
-            if r.seq != seq || r.call() != Some(call) || r.len != call.reply_len() {
+            if r.seq != seq || r.call() != Some(call) || r.tag() != tag || r.len != call.reply_len()
+            {
                 return Err(format!(
                     "rank {rank} expected the result of collective #{seq} ({call}), rank 0 answered with {} ({} bytes)",
                     r.describe(),
@@ -1305,8 +1337,12 @@ mod tests {
             root: 3,
             flags: 0,
         };
-        let h = Header::data(7, &call, 48);
-        assert_eq!(Header::decode(&h.encode()).unwrap(), h);
+        let tag = CallTag::from_value(0xdead_be01);
+        let h = Header::data(7, &call, tag, 48);
+        let bytes = h.encode();
+        assert_eq!(bytes[12..16], 0xdead_be01u32.to_le_bytes());
+        assert_eq!(Header::decode(&bytes).unwrap(), h);
+        assert_eq!(h.tag(), tag);
         assert_eq!(h.call(), Some(call));
         assert_eq!(call.payload_len(3), 48);
         assert_eq!(call.payload_len(1), 0);
@@ -1393,6 +1429,48 @@ mod star_tests {
             let e = second.unwrap_err();
             assert!(
                 e.contains("rank 2: collective #1: all_reduce_sum of 15 f32 (check)"),
+                "{e}"
+            );
+        }
+    }
+
+    /// The same check with call tags (the NCCL debug mode passes the layers'
+    /// tags): equal tags pass, a different tag on one rank fails on all.
+    #[test]
+    fn meta_only_check_compares_tags() {
+        let layer = crate::group::LayerId::register("star-test.bn");
+        let tag = move |index| CallTag::forward(layer, crate::group::Part::Statistics, index);
+        let out = run(3, move |mut star| {
+            let call = Call {
+                op: Op::AllReduceSum,
+                dtype: dtype_code(DType::F64),
+                count: 6,
+                root: 0,
+                flags: FLAG_META_ONLY,
+            };
+            let check = |star: &mut Star, t| {
+                star.exchange_tagged(call, t, &[], &|_| Ok(Vec::new()))
+                    .map(|v| v.len())
+            };
+            let first = check(&mut star, tag(0));
+            let index = if star.rank == 1 { 2 } else { 1 };
+            let second = check(&mut star, tag(index)).map_err(|e| e.to_string());
+            (first, second)
+        });
+        for (first, second) in out {
+            assert_eq!(first.unwrap(), 0);
+            let e = second.unwrap_err();
+            assert!(e.contains("disagree"), "{e}");
+            assert!(
+                e.contains("rank 0: collective #1: all_reduce_sum of 6 f64 (check) for SyncBatchNorm 'star-test.bn': forward statistics, call 1 mod 32"),
+                "{e}"
+            );
+            assert!(
+                e.contains("rank 1: collective #1: all_reduce_sum of 6 f64"),
+                "{e}"
+            );
+            assert!(
+                e.contains("'star-test.bn': forward statistics, call 2 mod 32"),
                 "{e}"
             );
         }

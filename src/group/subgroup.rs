@@ -9,7 +9,7 @@
 //! on top of any [`Backend`], the user's own included, as a
 //! [`SubgroupBackend`] (how it works and what it costs is there).
 
-use super::{Backend, ProcessGroup};
+use super::{Backend, CallTag, ProcessGroup};
 use candle::{DType, Device, Result, Tensor};
 use std::fmt;
 use std::sync::Arc;
@@ -31,8 +31,9 @@ use std::sync::Arc;
 /// statistics (`O(C)` values per layer) but not gradients (average those over
 /// the whole group, as DDP does), and every subgroup collective involves every
 /// rank of the root. So all ranks of the root must issue their subgroups'
-/// collectives in the same order with the same shapes — as the ranks of a
-/// data-parallel job running one model do. A rank that does not gets the
+/// collectives in the same order with the same shapes and for the same
+/// layers ([`CallTag`]s) — as the ranks of a data-parallel job running one
+/// model do. A rank that does not gets the
 /// root's error (mismatched call, or the timeout), never wrong numbers.
 ///
 /// A split of a split is a split of the same root by the sequence of colors,
@@ -91,9 +92,10 @@ impl SubgroupBackend {
         }
     }
 
-    /// One root all-reduce in which this rank contributes `tensor` to its
-    /// subgroup's slot when `contribute`, and identities everywhere else.
-    fn masked_sum(&self, tensor: &Tensor, contribute: bool) -> Result<Tensor> {
+    /// One root all-reduce (of the call `tag`) in which this rank contributes
+    /// `tensor` to its subgroup's slot when `contribute`, and identities
+    /// everywhere else.
+    fn masked_sum(&self, tensor: &Tensor, contribute: bool, tag: CallTag) -> Result<Tensor> {
         let (n, dtype, device) = (tensor.elem_count(), tensor.dtype(), tensor.device());
         let own = if contribute {
             tensor.flatten_all()?
@@ -111,6 +113,7 @@ impl SubgroupBackend {
         }
         let packed = Tensor::cat(&parts, 0)?;
         self.root
+            .with_tag(tag)
             .all_reduce_sum(&packed)?
             .narrow(0, self.slot * n, n)?
             .reshape(tensor.shape())
@@ -127,14 +130,18 @@ impl Backend for SubgroupBackend {
     }
 
     fn all_reduce_sum(&self, tensor: &Tensor) -> Result<Tensor> {
-        self.masked_sum(tensor, true)
+        self.masked_sum(tensor, true, CallTag::UNTAGGED)
+    }
+
+    fn all_reduce_sum_tagged(&self, tensor: &Tensor, tag: CallTag) -> Result<Tensor> {
+        self.masked_sum(tensor, true, tag)
     }
 
     fn broadcast(&self, tensor: &Tensor, root: usize) -> Result<Tensor> {
         let contribute = self.rank == root;
         let dtype = tensor.dtype();
         if dtype.is_float() {
-            return self.masked_sum(tensor, contribute);
+            return self.masked_sum(tensor, contribute, CallTag::UNTAGGED);
         }
         // Integers (counters): as two 32-bit halves in f64, which every backend
         // sums and which a sum with zeros leaves exact for every i64. Staged
@@ -151,7 +158,9 @@ impl Backend for SubgroupBackend {
             .flat_map(|&v| [(v >> 32) as f64, (v & 0xffff_ffff) as f64])
             .collect();
         let halves = Tensor::new(halves, &self.device().unwrap_or(Device::Cpu))?;
-        let got = self.masked_sum(&halves, contribute)?.to_vec1::<f64>()?;
+        let got = self
+            .masked_sum(&halves, contribute, CallTag::UNTAGGED)?
+            .to_vec1::<f64>()?;
         let ints: Vec<i64> = got
             .chunks(2)
             .map(|h| ((h[0] as i64) << 32) | h[1] as i64)

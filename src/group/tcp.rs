@@ -9,7 +9,7 @@
 //! processes may share one GPU, e.g. in tests).
 
 use super::store::{dtype_code, Call, Op, Star, StoreOptions};
-use super::Backend;
+use super::{Backend, CallTag};
 use crate::launch::env::Rendezvous;
 use candle::{DType, Device, Result, Tensor};
 use std::fmt;
@@ -162,6 +162,10 @@ impl Backend for TcpBackend {
     }
 
     fn all_reduce_sum(&self, tensor: &Tensor) -> Result<Tensor> {
+        self.all_reduce_sum_tagged(tensor, CallTag::UNTAGGED)
+    }
+
+    fn all_reduce_sum_tagged(&self, tensor: &Tensor, tag: CallTag) -> Result<Tensor> {
         let dtype = tensor.dtype();
         if !matches!(dtype, DType::F32 | DType::F64) {
             candle::bail!("tcp group: all_reduce_sum expects an f32 or f64 tensor, got {dtype:?}")
@@ -169,7 +173,7 @@ impl Backend for TcpBackend {
         let call = Self::call(Op::AllReduceSum, tensor, 0)?;
         let bytes = tensor_to_bytes(tensor)?;
         let reduce = |p: &[Vec<u8>]| sum_in_rank_order(p, dtype);
-        let out = self.star().exchange(call, &bytes, &reduce)?;
+        let out = self.star().exchange_tagged(call, tag, &bytes, &reduce)?;
         tensor_from_bytes(&out, dtype, tensor.shape(), tensor.device())
     }
 

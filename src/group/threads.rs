@@ -2,13 +2,13 @@
 //!
 //! Each rank's n-th collective meets the other ranks' n-th collective in a
 //! "round". The last rank to arrive checks that every rank made the same call
-//! (kind, shape, dtype), computes the result in f64 in rank order (so results
+//! (kind, shape, dtype, [`CallTag`]), computes the result in f64 in rank order (so results
 //! are bitwise reproducible), and wakes the others. A rank that waits longer
 //! than the timeout, or whose peer handle was dropped (its thread ended or
 //! failed), poisons the group: every pending and later collective fails on every
 //! rank with the same message instead of hanging.
 
-use super::Backend;
+use super::{Backend, CallTag};
 use candle::{DType, Device, Result, Shape, Tensor};
 use std::collections::HashMap;
 use std::fmt;
@@ -33,6 +33,7 @@ impl fmt::Display for Kind {
 
 struct Contribution {
     kind: Kind,
+    tag: CallTag,
     dtype: DType,
     shape: Shape,
     data: Vec<f64>,
@@ -111,7 +112,7 @@ impl ThreadsBackend {
             .collect())
     }
 
-    fn collective(&self, kind: Kind, tensor: &Tensor) -> Result<Tensor> {
+    fn collective(&self, kind: Kind, tag: CallTag, tensor: &Tensor) -> Result<Tensor> {
         let seq = self.next_seq.fetch_add(1, Ordering::SeqCst);
         let dtype = tensor.dtype();
         let shape = tensor.shape().clone();
@@ -134,6 +135,7 @@ impl ThreadsBackend {
             }
             round.contributions[self.rank] = Some(Contribution {
                 kind,
+                tag,
                 dtype,
                 shape: shape.clone(),
                 data,
@@ -215,17 +217,31 @@ fn complete(contributions: &[Option<Contribution>]) -> std::result::Result<Arc<V
         .map(|c| c.as_ref().expect("all arrived"))
         .collect();
     let first = all[0];
-    let agree = all
-        .iter()
-        .all(|c| c.kind == first.kind && c.dtype == first.dtype && c.shape == first.shape);
+    let agree = all.iter().all(|c| {
+        c.kind == first.kind
+            && c.tag == first.tag
+            && c.dtype == first.dtype
+            && c.shape == first.shape
+    });
     if !agree {
         let calls: Vec<String> = all
             .iter()
             .enumerate()
-            .map(|(r, c)| format!("rank {r}: {} of {:?} {:?}", c.kind, c.dtype, c.shape.dims()))
+            .map(|(r, c)| {
+                let of = match c.tag {
+                    CallTag::UNTAGGED => String::new(),
+                    tag => format!(" for {tag}"),
+                };
+                format!(
+                    "rank {r}: {} of {:?} {:?}{of}",
+                    c.kind,
+                    c.dtype,
+                    c.shape.dims()
+                )
+            })
             .collect();
         return Err(format!(
-            "in-process group: ranks disagree on the collective (different call, shape or dtype — e.g. a different channel count): {}",
+            "in-process group: ranks disagree on the collective (different call, layer, shape or dtype — e.g. a different channel count, or layers called in a different order): {}",
             calls.join("; ")
         ));
     }
@@ -261,11 +277,15 @@ impl Backend for ThreadsBackend {
     }
 
     fn all_reduce_sum(&self, tensor: &Tensor) -> Result<Tensor> {
-        self.collective(Kind::AllReduceSum, tensor)
+        self.collective(Kind::AllReduceSum, CallTag::UNTAGGED, tensor)
+    }
+
+    fn all_reduce_sum_tagged(&self, tensor: &Tensor, tag: CallTag) -> Result<Tensor> {
+        self.collective(Kind::AllReduceSum, tag, tensor)
     }
 
     fn broadcast(&self, tensor: &Tensor, root: usize) -> Result<Tensor> {
-        self.collective(Kind::Broadcast { root }, tensor)
+        self.collective(Kind::Broadcast { root }, CallTag::UNTAGGED, tensor)
     }
 
     fn name(&self) -> &str {

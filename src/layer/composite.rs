@@ -10,6 +10,7 @@
 //! count, then the sum of squared deviations.
 
 use super::{RunningStats, SyncBatchNorm};
+use crate::group::Part;
 use crate::ops::{all_reduce_sum_with_grad, increment_counter};
 use crate::ProcessGroup;
 use candle::{DType, Device, Result, Tensor};
@@ -79,16 +80,19 @@ impl SyncBatchNorm {
             }
             _ => {
                 // Eval without running statistics: this rank's batch alone.
-                let group = if train {
-                    self.group.clone()
+                let (group, mean_group, var_group) = if train {
+                    let [mean, var] = self.next_call_tags([Part::Mean, Part::Variance]);
+                    let group = &self.group;
+                    (group.clone(), group.with_tag(mean), group.with_tag(var))
                 } else {
-                    ProcessGroup::single()
+                    let single = ProcessGroup::single();
+                    (single.clone(), single.clone(), single)
                 };
                 let local_count = n * l;
                 let count = scalar(local_count as f64, acc, device)?;
                 let packed = Tensor::cat(&[&channel_sums(&x2)?, &count], 0)?;
                 let what = format!("SyncBatchNorm '{name}': batch statistics");
-                let packed = all_reduce_sum_with_grad(&packed, &group, &what)?;
+                let packed = all_reduce_sum_with_grad(&packed, &mean_group, &what)?;
                 let total = packed.narrow(0, c, 1)?;
                 if local_count <= 1 {
                     // As on the kernel path: only ranks with at most one
@@ -108,7 +112,7 @@ impl SyncBatchNorm {
                 let squares = channel_sums(&centered.sqr()?)?;
                 let what = format!("SyncBatchNorm '{name}': batch variance");
                 let var =
-                    all_reduce_sum_with_grad(&squares, &group, &what)?.broadcast_div(&total)?;
+                    all_reduce_sum_with_grad(&squares, &var_group, &what)?.broadcast_div(&total)?;
                 if train {
                     if let Some(r) = &self.running {
                         self.update_running_composite(r, &mean, &var, &total)?;

@@ -32,7 +32,8 @@ pub fn all_reduce_sum_with_grad(t: &Tensor, group: &ProcessGroup, what: &str) ->
         .to_device(&Device::Cpu)?;
     let op = SumOverRanks {
         sum: sum.flatten_all()?.contiguous()?,
-        group: group.clone(),
+        // A layer's call: the backward is its counterpart (same tag otherwise).
+        group: group.with_tag(group.tag().backward()),
         what: what.to_string(),
     };
     host.apply_op1(op)?.to_device(&device)

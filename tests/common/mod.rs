@@ -645,3 +645,203 @@ pub fn check_ranks_against_whole(
         );
     }
 }
+
+/// What one rank got from [`swapped_layers`].
+#[derive(Debug)]
+pub struct SwappedRun {
+    /// The error of the first failing call, or `None` when every call passed.
+    pub error: Option<String>,
+    /// Layer 'a''s and layer 'b''s running means afterwards.
+    pub running_means: [Vec<f64>; 2],
+}
+
+/// Two layers of 3 channels, 'a' (inputs of mean 1.5) and 'b' (mean −20),
+/// one training forward each (with the composed ops when `composite`): rank
+/// 0 calls 'a' then 'b', every other rank 'b' then 'a'. Collectives that
+/// compare only shapes would mix the two layers' statistics. With
+/// `converted`, the layers are `candle_nn::BatchNorm`s converted by
+/// `from_batch_norm` and named with `with_name`.
+pub fn swapped_layers(group: ProcessGroup, composite: bool, converted: bool) -> SwappedRun {
+    swapped_layers_on(&Device::Cpu, group, composite, converted)
+}
+
+/// [`swapped_layers`] with the layers and inputs on `device`.
+pub fn swapped_layers_on(
+    device: &Device,
+    group: ProcessGroup,
+    composite: bool,
+    converted: bool,
+) -> SwappedRun {
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+    let cfg = SyncBatchNormConfig::default();
+    let rank = group.rank();
+    let layer = |name: &str| {
+        if converted {
+            let bn = candle_nn::batch_norm(3, candle_nn::BatchNormConfig::default(), vb.pp(name));
+            SyncBatchNorm::from_batch_norm(&bn.unwrap(), group.clone())
+                .unwrap()
+                .with_name(name)
+        } else {
+            SyncBatchNorm::new(3, cfg, vb.pp(name), group.clone()).unwrap()
+        }
+    };
+    let (a, b) = (layer("a"), layer("b"));
+    let mut rng = Rng::new(40 + rank as u64);
+    let mut input = |mean| {
+        tensor(&rng.normals(4 * 3 * 2, mean, 1.0), &[4, 3, 2], DType::F32)
+            .to_device(device)
+            .unwrap()
+    };
+    let (xa, xb) = (input(1.5), input(-20.0));
+    let order = if rank == 0 {
+        [(&a, &xa), (&b, &xb)]
+    } else {
+        [(&b, &xb), (&a, &xa)]
+    };
+    let error = order.iter().find_map(|(layer, x)| {
+        let y = if composite {
+            layer.forward_composite_t(x, None, false, true)
+        } else {
+            layer.forward_t(x, true)
+        };
+        y.err().map(|e| e.to_string())
+    });
+    let mean = |l: &SyncBatchNorm| values(&l.running_mean().unwrap());
+    SwappedRun {
+        error,
+        running_means: [mean(&a), mean(&b)],
+    }
+}
+
+/// Checks what every rank got from [`swapped_layers`]: an error that says
+/// the ranks disagree and names both layers, and running statistics that
+/// no mixed numbers reached (still their initial zeros).
+pub fn check_swapped(runs: &[SwappedRun], composite: bool) {
+    let part = if composite {
+        "forward mean (composed ops)"
+    } else {
+        "forward statistics"
+    };
+    for (r, run) in runs.iter().enumerate() {
+        let e = run
+            .error
+            .as_deref()
+            .unwrap_or_else(|| panic!("rank {r}: swapped layers were not detected: {run:?}"));
+        assert!(e.contains("disagree"), "rank {r}: {e}");
+        for name in ["'a'", "'b'"] {
+            assert!(
+                e.contains(&format!("SyncBatchNorm {name}: {part}, call 0")),
+                "rank {r}: {e}"
+            );
+        }
+        for means in &run.running_means {
+            assert_eq!(means, &vec![0.0; 3], "rank {r}: running means moved");
+        }
+    }
+}
+
+/// What one rank got from [`layer_stack`]: per step, the output's and the
+/// input gradient's values (this rank's rows); then every layer's running
+/// means and variances.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StackRun {
+    pub outputs: Vec<Vec<f64>>,
+    pub input_grads: Vec<Vec<f64>>,
+    pub running: Vec<Vec<f64>>,
+}
+
+/// Three training steps (forward and backward, f64) through layers of 4
+/// channels 'a' → 'b' → 'a' again → 'c' (so 'a' is called twice per step)
+/// on rows `rows` of batches of 6 samples (the same batches on every rank),
+/// through the kernels or, with `composite`, candle's ops.
+pub fn layer_stack(
+    group: ProcessGroup,
+    rows: std::ops::Range<usize>,
+    composite: bool,
+) -> candle::Result<StackRun> {
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F64, &Device::Cpu);
+    let cfg = SyncBatchNormConfig::default();
+    let layers: Vec<SyncBatchNorm> = ["a", "b", "c"]
+        .iter()
+        .map(|n| SyncBatchNorm::new(4, cfg, vb.pp(n), group.clone()))
+        .collect::<candle::Result<_>>()?;
+    let mut rng = Rng::new(7);
+    let mut run = StackRun {
+        outputs: vec![],
+        input_grads: vec![],
+        running: vec![],
+    };
+    let n = rows.len();
+    let per = 4 * 3;
+    for step in 0..3 {
+        let xs = rng.normals(6 * per, step as f64 - 1.0, 2.0);
+        let gs = rng.normals(6 * per, 0.0, 1.0);
+        let part = |v: &[f64]| tensor(&v[rows.start * per..rows.end * per], &[n, 4, 3], DType::F64);
+        let x = Var::from_tensor(&part(&xs))?;
+        let mut y = x.as_tensor().clone();
+        for i in [0, 1, 0, 2] {
+            y = if composite {
+                layers[i].forward_composite_t(&y, None, false, true)?
+            } else {
+                layers[i].forward_t(&y, true)?
+            };
+        }
+        let store = (&y * part(&gs))?.sum_all()?.backward()?;
+        run.outputs.push(values(&y));
+        run.input_grads
+            .push(values(store.get(x.as_tensor()).expect("input gradient")));
+    }
+    for l in &layers {
+        run.running.push(values(&l.running_mean().unwrap()));
+        run.running.push(values(&l.running_var().unwrap()));
+    }
+    Ok(run)
+}
+
+/// Checks the [`layer_stack`] runs of the ranks (rank `r` on rows
+/// `bounds[r]..bounds[r + 1]`)
+/// against one rank on the whole batch.
+pub fn check_layer_stack(label: &str, ranks: &[StackRun], bounds: &[usize], composite: bool) {
+    let whole = layer_stack(
+        ProcessGroup::single(),
+        0..bounds[bounds.len() - 1],
+        composite,
+    )
+    .unwrap();
+    let joined = |f: fn(&StackRun) -> &Vec<Vec<f64>>| -> Vec<Vec<f64>> {
+        (0..whole.outputs.len())
+            .map(|s| ranks.iter().flat_map(|r| f(r)[s].clone()).collect())
+            .collect()
+    };
+    let outputs = joined(|r| &r.outputs);
+    let grads = joined(|r| &r.input_grads);
+    for s in 0..whole.outputs.len() {
+        assert_close(
+            &format!("{label}: output, step {s}"),
+            &outputs[s],
+            &whole.outputs[s],
+            1e-9,
+            1e-9,
+        );
+        assert_close(
+            &format!("{label}: input gradient, step {s}"),
+            &grads[s],
+            &whole.input_grads[s],
+            1e-9,
+            1e-9,
+        );
+    }
+    for (r, run) in ranks.iter().enumerate() {
+        for (i, (got, want)) in run.running.iter().zip(&whole.running).enumerate() {
+            assert_close(
+                &format!("{label}: rank {r}: running statistic {i}"),
+                got,
+                want,
+                1e-12,
+                1e-12,
+            );
+        }
+    }
+}
