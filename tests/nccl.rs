@@ -674,11 +674,12 @@ fn a_peer_late_for_the_first_large_collective_is_an_error_not_a_use_after_free()
             std::thread::sleep(timeout * 2);
             return None;
         }
+        // 512 KiB, a gradient bucket's size class (made first: on the
+        // emulated GPU, work on a stream behind a pending collective waits).
+        let large = Tensor::ones(1 << 17, DType::F32, &dev).unwrap();
         let start = Instant::now();
         // In flight until the watchdog gives up on it.
         let _pending = g.all_reduce_sum(&small).unwrap();
-        // 512 KiB, a gradient bucket's size class.
-        let large = Tensor::ones(1 << 17, DType::F32, &dev).unwrap();
         let res = g
             .all_reduce_sum(&large)
             .and_then(|s| s.to_vec1::<f32>())
@@ -748,8 +749,10 @@ fn a_rank_that_drops_after_a_collective_still_delivers_its_part() {
         let warm = Tensor::ones(9, DType::F32, &dev).unwrap();
         g.all_reduce_sum(&warm).unwrap().to_vec1::<f32>().unwrap();
         if r == 0 {
-            let _ = g.all_reduce_sum(&t).unwrap();
+            // The result stays allocated past the drop: only the group goes.
+            let s = g.all_reduce_sum(&t).unwrap();
             drop(g);
+            drop(s);
             return None;
         }
         std::thread::sleep(Duration::from_millis(500));

@@ -413,8 +413,7 @@ Result enqueue(const std::shared_ptr<State>& st, bool broadcast, const void* sen
 // listed) so that a later use is detected, not a read of reused memory.
 struct Comm {
     std::shared_ptr<State> st;
-    int inside = 0;              // threads inside a call with it
-    const char* inside_fn = "";  // the latest such call
+    std::vector<const char*> inside;  // the calls of threads inside a call with it
 };
 
 std::mutex registry_m;
@@ -437,14 +436,14 @@ class Entry {
         if (c_ == nullptr) return;
         if (freed_comms.count(c_) != 0) use_after_free(fn, c_);
         if (live_comms.count(c_) == 0) return;
-        ++c_->inside;
-        c_->inside_fn = fn;
+        c_->inside.push_back(fn);
+        fn_ = fn;
         ok_ = true;
     }
     ~Entry() {
         if (!ok_) return;
         std::lock_guard<std::mutex> g(registry_m);
-        --c_->inside;
+        c_->inside.erase(std::find(c_->inside.begin(), c_->inside.end(), fn_));
     }
     Entry(const Entry&) = delete;
     Entry& operator=(const Entry&) = delete;
@@ -453,6 +452,7 @@ class Entry {
 
   private:
     Comm* c_;
+    const char* fn_ = "";
     bool ok_ = false;
 };
 
@@ -471,12 +471,14 @@ std::shared_ptr<State> release(Comm* comm, const char* fn) {
     std::lock_guard<std::mutex> g(registry_m);
     if (freed_comms.count(comm) != 0) use_after_free(fn, comm);
     if (live_comms.count(comm) == 0) return nullptr;
-    if (comm->inside > 0) {
+    if (!comm->inside.empty()) {
+        std::string calls;
+        for (const char* c : comm->inside) calls += (calls.empty() ? "" : ", ") + std::string(c);
         std::fprintf(stderr,
                      "emulated NCCL: FATAL: %s frees communicator %p while another thread is inside %s with it: "
                      "that thread would use freed memory (serialize calls on a communicator with its "
                      "abort)\n",
-                     fn, static_cast<void*>(comm), comm->inside_fn);
+                     fn, static_cast<void*>(comm), calls.c_str());
         std::fflush(stderr);
         std::abort();
     }
