@@ -899,3 +899,30 @@ fn debug_check_covers_split_communicators() {
         );
     }
 }
+
+/// Dropping the group with a collective that a dead peer never joins
+/// returns within about the timeout (the drop waits for the work in flight,
+/// then gives up and aborts), instead of hanging in the teardown.
+#[test]
+fn dropping_the_group_with_a_dead_peer_returns_within_the_timeout() {
+    let test = "dropping_the_group_with_a_dead_peer_returns_within_the_timeout";
+    let Some(world) = world_or_skip(test) else {
+        return;
+    };
+    let timeout = Duration::from_secs(2);
+    let out = run(world, timeout, move |r, dev, g| {
+        let t = Tensor::ones(4, DType::F32, &dev).unwrap();
+        g.all_reduce_sum(&t).unwrap().to_vec1::<f32>().unwrap();
+        if r != 0 {
+            return None;
+        }
+        let s = g.all_reduce_sum(&t).unwrap();
+        let start = Instant::now();
+        drop(g);
+        let took = start.elapsed();
+        drop(s);
+        Some(took)
+    });
+    let took = out[0].unwrap();
+    assert!(took < timeout * 2, "the drop took {took:?}");
+}

@@ -850,6 +850,8 @@ Result ncclCommAbort(Comm* comm) {
         // The unfinished collectives' data objects go (their names; mappings stay).
         for (const Slot& s : st->sh->slots)
             if (s.used && !s.finished) shm_unlink(data_name(st->name, s.seq).c_str());
+        // A clique some rank never joined: its header's name goes too.
+        if (st->sh->joined < st->sh->nranks) shm_unlink(st->name.c_str());
         pthread_cond_broadcast(&st->sh->cv);
     }
     return ncclSuccess;

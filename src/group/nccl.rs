@@ -436,8 +436,8 @@ pub struct NcclBackend {
     device: candle::CudaDevice,
     stream: Arc<CudaStream>,
     comm: Arc<Comm>,
-    /// The TCP connections of the rendezvous, for the debug checks and the
-    /// barrier; `None` for a communicator split off another.
+    /// The TCP connections of the rendezvous, for the debug checks; `None`
+    /// for a communicator split off another.
     star: Option<Mutex<Star>>,
     seq: AtomicU64,
     options: NcclOptions,
@@ -472,7 +472,9 @@ fn nccl_dtype(dtype: DType) -> Result<sys::ncclDataType_t> {
 
 impl NcclBackend {
     /// Joins the NCCL group described by `rv` on the CUDA device `device`:
-    /// the TCP rendezvous, the unique id from rank 0, then `ncclCommInitRank`.
+    /// the TCP rendezvous, the unique id from rank 0, then a non-blocking
+    /// `ncclCommInitRankConfig`, polled until every rank has joined: past
+    /// [`NcclOptions::timeout`] (a rank late or dead at init) it is an error.
     pub fn connect(rv: &Rendezvous, device: &Device, options: NcclOptions) -> Result<Self> {
         let Device::Cuda(cuda) = device else {
             candle::bail!(
