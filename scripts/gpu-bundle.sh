@@ -11,9 +11,11 @@
 # compute capability ${CUDA_COMPUTE_CAP:-90} (H100), stripped and xz-compressed
 # (run.sh unpacks them with Python's lzma):
 #   bin/cuda.xz     the CUDA tests (tests/cuda.rs)
+#   bin/nccl.xz     the NCCL tests (tests/nccl.rs; run.sh's multigpu step, on 2+ GPUs)
 #   bin/bench.xz    the benchmark table (examples/bench.rs)
 #   bin/train.xz    the data-parallel training example (examples/train.rs)
-#   run.sh          runs them on GPU 0, and the PyTorch script beside them
+#   run.sh          runs them on GPU 0 (and, with 2+ GPUs, the NCCL tests and
+#                   the training example on all of them), and the PyTorch script
 #   ncu_table.py    summarizes Nsight Compute's counters (run.sh's profile step)
 # The binaries need the CUDA 13 runtime libraries (cuBLAS, cuRAND, NVRTC,
 # cudart, NCCL) at run time; run.sh finds them in the nvidia-* wheels of the
@@ -27,7 +29,7 @@ eval "$(bash scripts/cuda-toolchain.sh)"
 
 echo "[gpu-bundle] building release binaries for compute_${CUDA_COMPUTE_CAP}" >&2
 mkdir -p target
-cargo build --release --features cuda,nccl --test cuda --example bench --example train \
+cargo build --release --features cuda,nccl --test cuda --test nccl --example bench --example train \
   --message-format=json-render-diagnostics >target/gpu-bundle-build.json
 
 rm -rf "$OUTDIR"
@@ -36,7 +38,7 @@ mkdir -p "$OUTDIR/bin"
 python3 - "$OUTDIR/bin" target/gpu-bundle-build.json <<'EOF'
 import json, shutil, sys
 dest, log = sys.argv[1], sys.argv[2]
-wanted = {"cuda", "bench", "train"}
+wanted = {"cuda", "nccl", "bench", "train"}
 found = {}
 for line in open(log):
     try:

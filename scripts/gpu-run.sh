@@ -4,13 +4,18 @@
 #
 #   bash gpu-bundle/run.sh OUT [STEP...]
 #
-# STEP is any of: info, tests, bench, pytorch, train, profile (default: all of
-# them, in that order; profile, last, takes what is left of the budget: Nsight
+# STEP is any of: info, tests, multigpu, bench, pytorch, train, profile
+# (default: all of them, in that order; profile, last, takes what is left of the budget: Nsight
 # Compute's counters for the kernels of eight suite cases, through
 # ncu_table.py), and sanitize (not in the default list: the CUDA op tests
 # under compute-sanitizer's memcheck, then racecheck on the shared-memory
 # reductions; minutes, and the sanitizer and ncu's counters work on some of
-# the lent machines only, see the device tool's KINDS.md). Each step's output
+# the lent machines only, see the device tool's KINDS.md). multigpu runs only
+# where nvidia-smi lists two GPUs or more (elsewhere it is recorded as
+# skipped): the NCCL tests (tests/nccl.rs: k ranks as threads, one per GPU,
+# failures of a late, stalled or dropped peer) and the training example as
+# one process per GPU over NCCL, so that the first machine with two GPUs runs
+# the multi-GPU path in the same single command. Each step's output
 # goes to OUT/<step>.txt (and the benchmark's JSON to OUT/bench-cuda.json); a
 # failing step is recorded in OUT/status.txt and the next step still runs.
 # The default run writes 8 files, what the device tool brings back (the
@@ -28,10 +33,10 @@
 # (PyTorch's dependencies), found through its site-packages.
 set -uo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-OUT="${1:?usage: run.sh OUT [info|tests|bench|pytorch|train|profile|sanitize ...]}"
+OUT="${1:?usage: run.sh OUT [info|tests|multigpu|bench|pytorch|train|profile|sanitize ...]}"
 shift
 STEPS=("$@")
-[[ ${#STEPS[@]} -eq 0 ]] && STEPS=(info tests bench pytorch train profile)
+[[ ${#STEPS[@]} -eq 0 ]] && STEPS=(info tests multigpu bench pytorch train profile)
 BUDGET="${BUDGET:-540}"
 START=$SECONDS
 mkdir -p "$OUT"
@@ -47,6 +52,7 @@ step_cap() {
     info) echo 30 ;;
     sanitize) echo 300 ;;
     tests) echo 240 ;;
+    multigpu) echo 150 ;;
     bench) echo 180 ;;
     pytorch) echo 150 ;;
     train) echo 120 ;;
@@ -106,6 +112,20 @@ for step in "${STEPS[@]}"; do
     tests)
       # One test at a time: the tests share GPU 0 and some open k ranks on it.
       run_step tests "$BIN/cuda" --test-threads=1
+      ;;
+    multigpu)
+      ngpu="$(nvidia-smi --list-gpus 2>/dev/null | grep -c '^GPU ')"
+      if ((ngpu < 2)); then
+        echo "multigpu skipped: nvidia-smi lists ${ngpu} GPU(s), NCCL across GPUs needs 2" | tee -a "$OUT/status.txt"
+        continue
+      fi
+      # The NCCL tests one at a time (each opens min(GPUs, 3) ranks, the
+      # subgroup test 4), then one training process per GPU over NCCL.
+      run_step multigpu bash -c '
+        "$0" --test-threads=1 || exit
+        "$1" --device cuda --nproc-per-node "$3" --epochs 1 --max-steps 50 \
+          --checkpoint "${TMPDIR:-/tmp}/candle-syncbn-train-multigpu.safetensors"
+      ' "$BIN/nccl" "$BIN/train" "$OUT" "$ngpu"
       ;;
     bench)
       # The issue's suite (read by the PyTorch step), then maps whose rows
@@ -176,7 +196,7 @@ for step in "${STEPS[@]}"; do
       ' "$BIN/cuda"
       ;;
     *)
-      echo "unknown step $step (info, tests, bench, pytorch, train, profile, sanitize)" >&2
+      echo "unknown step $step (info, tests, multigpu, bench, pytorch, train, profile, sanitize)" >&2
       exit 2
       ;;
   esac

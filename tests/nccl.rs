@@ -68,18 +68,39 @@ fn run_with<T: Send + 'static>(
     options: NcclOptions,
     f: impl Fn(usize, Device, ProcessGroup) -> T + Send + Sync + Clone + 'static,
 ) -> Vec<T> {
+    run_ranks(
+        world,
+        options,
+        |r| r,
+        |_| {},
+        move |r, dev, g| f(r, dev, g.unwrap()),
+    )
+}
+
+/// As [`run`], with NCCL's `options`, rank r on GPU `gpu(r)`, `prepare(r)`
+/// on the rank's thread before it joins, and `f` gets what joining the group
+/// gave.
+fn run_ranks<T: Send + 'static>(
+    world: usize,
+    options: NcclOptions,
+    gpu: impl Fn(usize) -> usize,
+    prepare: impl Fn(usize) + Send + Sync + Clone + 'static,
+    f: impl Fn(usize, Device, candle::Result<ProcessGroup>) -> T + Send + Sync + Clone + 'static,
+) -> Vec<T> {
     let pf = port_file("nccl-test");
     let (tx, rx) = std::sync::mpsc::channel();
     for r in 0..world {
-        let (f, pf, tx) = (f.clone(), pf.clone(), tx.clone());
+        let (f, pf, tx, gpu) = (f.clone(), pf.clone(), tx.clone(), gpu(r));
+        let prepare = prepare.clone();
         std::thread::spawn(move || {
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                let dev = Device::new_cuda(r).unwrap();
+                prepare(r);
+                let dev = Device::new_cuda(gpu).unwrap();
                 let rv = Rendezvous::new(r, world, "127.0.0.1", 0)
                     .unwrap()
                     .with_port_file(&pf)
                     .with_token("nccl-test");
-                let g = ProcessGroup::nccl(&rv, &dev, options).unwrap();
+                let g = ProcessGroup::nccl(&rv, &dev, options);
                 f(r, dev, g)
             }));
             // Before reporting: the test may return, and its process exit,
@@ -406,7 +427,9 @@ fn a_rank_that_stalls_past_the_timeout_is_an_error_on_every_rank() {
         assert!(after < timeout * 4, "rank {r}: the error took {after:?}");
         if r < world - 1 {
             assert!(
-                err.contains("did not finish within") || err.contains("asynchronous NCCL error"),
+                err.contains("did not finish within")
+                    || err.contains("did not complete within")
+                    || err.contains("asynchronous NCCL error"),
                 "rank {r}: {err}"
             );
         }
@@ -569,4 +592,375 @@ fn debug_checks_catch_layers_called_in_a_different_order() {
         "{:?}",
         start.elapsed()
     );
+}
+
+/// The emulated NCCL's test hook: the calling thread's next communicator
+/// initialization joins its clique only `ms` milliseconds later. `false` on
+/// a real NCCL, which has no such hook.
+fn delay_next_init(ms: u64) -> bool {
+    #[cfg(target_os = "linux")]
+    // SAFETY: dlsym with a NUL-terminated name; the symbol, when present, is
+    // the emulated NCCL's `void syncbn_emu_nccl_delay_next_init(unsigned long long)`.
+    unsafe {
+        let f = libc::dlsym(
+            libc::RTLD_DEFAULT,
+            c"syncbn_emu_nccl_delay_next_init".as_ptr(),
+        );
+        if !f.is_null() {
+            let f: extern "C" fn(u64) = std::mem::transmute(f);
+            f(ms);
+            return true;
+        }
+    }
+    let _ = ms;
+    false
+}
+
+/// Two ranks on one GPU: NCCL refuses it (ncclInvalidUsage) on both ranks,
+/// as real NCCL does ("Duplicate GPU detected").
+#[test]
+fn two_ranks_on_one_gpu_are_an_error_on_both() {
+    let test = "two_ranks_on_one_gpu_are_an_error_on_both";
+    match CudaContext::device_count() {
+        Ok(n) if n >= 1 => {}
+        other => {
+            report_skip(&format!("skipped {test}: no CUDA device ({other:?})"));
+            return;
+        }
+    }
+    let timeout = Duration::from_secs(5);
+    let start = Instant::now();
+    let options = NcclOptions {
+        timeout,
+        ..NcclOptions::default()
+    };
+    let out = run_ranks(
+        2,
+        options,
+        |_| 0,
+        |_| {},
+        |_, _, g| g.map(|_| ()).map_err(|e| e.to_string()),
+    );
+    for (r, res) in out.into_iter().enumerate() {
+        let err = res.expect_err(&format!("rank {r}: two ranks on one GPU were accepted"));
+        assert!(err.contains("ncclInvalidUsage"), "rank {r}: {err}");
+    }
+    assert!(start.elapsed() < timeout, "took {:?}", start.elapsed());
+}
+
+/// A peer late for initialization (past the timeout): every rank gets an
+/// error within about the timeout, instead of waiting in ncclCommInitRank.
+/// Needs the emulated NCCL's hook that delays one rank's initialization.
+#[test]
+fn a_peer_late_for_init_is_an_error_on_every_rank_within_the_timeout() {
+    let test = "a_peer_late_for_init_is_an_error_on_every_rank_within_the_timeout";
+    let Some(world) = world_or_skip(test) else {
+        return;
+    };
+    if !delay_next_init(0) {
+        report_skip(&format!("skipped {test}: needs the emulated NCCL"));
+        return;
+    }
+    let timeout = Duration::from_secs(2);
+    let late = (timeout * 3).as_millis() as u64;
+    let options = NcclOptions {
+        timeout,
+        ..NcclOptions::default()
+    };
+    let start = Instant::now();
+    let out = run_ranks(
+        world,
+        options,
+        |r| r,
+        move |r| {
+            if r == world - 1 {
+                delay_next_init(late);
+            }
+        },
+        move |_, _, g| g.map(|_| ()).map_err(|e| e.to_string()),
+    );
+    for (r, res) in out.into_iter().enumerate() {
+        let err = res.expect_err(&format!(
+            "rank {r}: joined a group whose last rank was late"
+        ));
+        assert!(err.contains("did not complete within"), "rank {r}: {err}");
+    }
+    // Not waiting for the late rank (3 timeouts).
+    let took = start.elapsed();
+    assert!(took < timeout * 5 / 2, "the errors took {took:?}");
+}
+
+/// Connected with small collectives, a peer stalls (past the timeout) while
+/// the others have a small collective in flight and start the first large
+/// one, which NCCL connects separately (another algorithm), inside the call.
+/// The watchdog's abort of the small one (at the timeout) must not free the
+/// communicator under that call (a use after free, which the emulated NCCL
+/// turns into a crash), and the large one must not wait for the peer past
+/// the timeout: every other rank gets an error within about the timeout.
+#[test]
+fn a_peer_late_for_the_first_large_collective_is_an_error_not_a_use_after_free() {
+    let test = "a_peer_late_for_the_first_large_collective_is_an_error_not_a_use_after_free";
+    let Some(world) = world_or_skip(test) else {
+        return;
+    };
+    let timeout = Duration::from_secs(2);
+    let out = run(world, timeout, move |r, dev, g| {
+        let small = Tensor::ones(8, DType::F32, &dev).unwrap();
+        let s = g.all_reduce_sum(&small).unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(s[0], world as f32);
+        if r == world - 1 {
+            std::thread::sleep(timeout * 2);
+            return None;
+        }
+        // 512 KiB, a gradient bucket's size class (made first: on the
+        // emulated GPU, work on a stream behind a pending collective waits).
+        let large = Tensor::ones(1 << 17, DType::F32, &dev).unwrap();
+        let start = Instant::now();
+        // In flight until the watchdog gives up on it.
+        let _pending = g.all_reduce_sum(&small).unwrap();
+        let res = g
+            .all_reduce_sum(&large)
+            .and_then(|s| s.to_vec1::<f32>())
+            .map(|v| v[0]);
+        // An error here, or at the latest at the next call (the read may
+        // return an undefined result after the abort).
+        let res = res.and_then(|_| g.all_reduce_sum(&small).map(|_| 0.0));
+        Some((res.map_err(|e| e.to_string()), start.elapsed()))
+    });
+    for (r, res) in out.into_iter().enumerate().take(world - 1) {
+        let (res, took) = res.unwrap();
+        let err = res.expect_err(&format!("rank {r}: no error"));
+        assert!(err.contains("nccl group"), "rank {r}: {err}");
+        assert!(took < timeout * 2, "rank {r}: the error took {took:?}");
+    }
+}
+
+/// A peer stalls while the others have a collective in flight and split the
+/// group (the split exchanges colors, then calls ncclCommSplit, whose
+/// non-blocking progress is polled against the timeout): every rank gets an
+/// error within about the timeout of its call.
+#[test]
+fn a_peer_stalled_at_a_split_is_an_error_on_every_rank() {
+    let test = "a_peer_stalled_at_a_split_is_an_error_on_every_rank";
+    let Some(world) = world_or_skip(test) else {
+        return;
+    };
+    let timeout = Duration::from_secs(2);
+    let out = run(world, timeout, move |r, dev, g| {
+        let t = Tensor::ones(8, DType::F32, &dev).unwrap();
+        let s = g.all_reduce_sum(&t).unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(s[0], world as f32);
+        if r == world - 1 {
+            std::thread::sleep(timeout * 2);
+        } else {
+            // In flight, never finished: the late rank does not join it.
+            g.all_reduce_sum(&t).unwrap();
+        }
+        let start = Instant::now();
+        let res = g.split(0).map(|_| ()).map_err(|e| e.to_string());
+        (res, start.elapsed())
+    });
+    for (r, (res, took)) in out.into_iter().enumerate() {
+        let err = res.expect_err(&format!("rank {r}: the split succeeded"));
+        assert!(err.contains("nccl group"), "rank {r}: {err}");
+        assert!(took < timeout * 2, "rank {r}: the error took {took:?}");
+    }
+}
+
+/// A rank that drops its group right after enqueueing a collective does not
+/// cancel its part: a peer that joins the collective later still gets the
+/// full sum (the drop waits for it, within the timeout, then finalizes).
+#[test]
+fn a_rank_that_drops_after_a_collective_still_delivers_its_part() {
+    let test = "a_rank_that_drops_after_a_collective_still_delivers_its_part";
+    let Some(world) = world_or_skip(test) else {
+        return;
+    };
+    let timeout = Duration::from_secs(3);
+    let out = run(world, timeout, move |r, dev, g| {
+        let t = tensor(&rank_values(r, 9), &[9], DType::F32)
+            .to_device(&dev)
+            .unwrap();
+        // Connected first: the late collective below is not a first one.
+        // (Other values: a result left undefined by an abort must not
+        // find the right sum in reused memory.)
+        let warm = Tensor::ones(9, DType::F32, &dev).unwrap();
+        g.all_reduce_sum(&warm).unwrap().to_vec1::<f32>().unwrap();
+        if r == 0 {
+            // The result stays allocated past the drop: only the group goes.
+            let s = g.all_reduce_sum(&t).unwrap();
+            drop(g);
+            drop(s);
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        Some(values(&g.all_reduce_sum(&t).unwrap()))
+    });
+    let expected: Vec<f64> = (0..9)
+        .map(|i| (0..world).map(|q| rank_values(q, 9)[i]).sum())
+        .collect();
+    for (r, got) in out.into_iter().enumerate().skip(1) {
+        assert_eq!(got.unwrap(), expected, "rank {r}");
+    }
+}
+
+/// "Collective; barrier; drop" on one rank while a peer reads the
+/// collective's result only after the barrier: the barrier waits for the
+/// device work it orders, so the drop cancels nothing.
+#[test]
+fn collective_then_barrier_then_drop_loses_nothing() {
+    let test = "collective_then_barrier_then_drop_loses_nothing";
+    let Some(world) = world_or_skip(test) else {
+        return;
+    };
+    let timeout = Duration::from_secs(3);
+    let out = run(world, timeout, move |r, dev, g| {
+        let t = tensor(&rank_values(r, 9), &[9], DType::F32)
+            .to_device(&dev)
+            .unwrap();
+        let warm = Tensor::ones(9, DType::F32, &dev).unwrap();
+        g.all_reduce_sum(&warm).unwrap().to_vec1::<f32>().unwrap();
+        let s = g.all_reduce_sum(&t).unwrap();
+        g.barrier().unwrap();
+        if r == 0 {
+            drop(g);
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        Some(values(&s))
+    });
+    let expected: Vec<f64> = (0..9)
+        .map(|i| (0..world).map(|q| rank_values(q, 9)[i]).sum())
+        .collect();
+    for (r, got) in out.into_iter().enumerate().skip(1) {
+        assert_eq!(got.unwrap(), expected, "rank {r}");
+    }
+}
+
+/// The composed layer (candle ops and the differentiable all-reduce) on
+/// NCCL ranks: the all-reduces run on the GPU, forward and backward, and
+/// give what the kernels give.
+#[test]
+fn composite_layer_on_nccl_ranks_matches_the_kernels() {
+    let test = "composite_layer_on_nccl_ranks_matches_the_kernels";
+    let Some(world) = world_or_skip(test) else {
+        return;
+    };
+    let (c, h, w) = (3, 2, 5);
+    let out = run(world, Duration::from_secs(60), move |r, dev, g| {
+        let mut rng = Rng::new(500 + r as u64);
+        let n = r + 2;
+        let shape = [n, c, h, w];
+        let x = tensor(&rng.normals(n * c * h * w, 1.0, 2.0), &shape, DType::F32)
+            .to_device(&dev)
+            .unwrap();
+        let up = tensor(&rng.normals(n * c * h * w, 0.0, 1.0), &shape, DType::F32)
+            .to_device(&dev)
+            .unwrap();
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+        let bn = SyncBatchNorm::new(c, SyncBatchNormConfig::default(), vb.pp("bn"), g).unwrap();
+        let mut got = Vec::new();
+        for composite in [false, true] {
+            let var = Var::from_tensor(&x).unwrap();
+            let y = if composite {
+                bn.forward_composite_t(var.as_tensor(), None, false, true)
+            } else {
+                bn.forward_t(var.as_tensor(), true)
+            }
+            .unwrap();
+            assert!(y.device().same_device(&dev));
+            let grads = (&y * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            got.push((values(&y), values(grads.get(var.as_tensor()).unwrap())));
+        }
+        got
+    });
+    for (r, got) in out.iter().enumerate() {
+        let ((yk, dk), (yc, dc)) = (&got[0], &got[1]);
+        assert_close(&format!("rank {r} output"), yc, yk, 1e-5, 1e-5);
+        assert_close(&format!("rank {r} input grad"), dc, dk, 1e-4, 1e-4);
+    }
+}
+
+/// The debug agreement check covers split communicators: members of a pair
+/// that make different calls get an error on both, at the call, instead of
+/// a hang or mixed numbers; matching calls still give the right sums.
+#[test]
+fn debug_check_covers_split_communicators() {
+    let test = "debug_check_covers_split_communicators";
+    let Some(world) = world_or_skip(test) else {
+        return;
+    };
+    let options = NcclOptions {
+        timeout: Duration::from_secs(3),
+        debug_checks: true,
+        ..NcclOptions::default()
+    };
+    let out = run_ranks(
+        world,
+        options,
+        |r| r,
+        |_| {},
+        move |r, dev, g| {
+            let g = g.unwrap();
+            // Ranks 0 and 1 pair up; any third rank is alone.
+            let sub = g.split((r >= 2) as u32).unwrap();
+            if r >= 2 {
+                return None;
+            }
+            let t = Tensor::ones(8, DType::F32, &dev).unwrap();
+            let s = sub.all_reduce_sum(&t).unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(s, vec![2.0; 8], "rank {r}");
+            // Same dtype and operation, different counts: a layer mix-up.
+            let n = if r == 0 { 8 } else { 4 };
+            let t = Tensor::ones(n, DType::F32, &dev).unwrap();
+            let start = Instant::now();
+            let res = sub
+                .all_reduce_sum(&t)
+                .map(|_| ())
+                .map_err(|e| e.to_string());
+            Some((res, start.elapsed()))
+        },
+    );
+    for (r, res) in out.into_iter().enumerate().take(2) {
+        let (res, took) = res.unwrap();
+        let err = res.expect_err(&format!(
+            "rank {r}: mismatched calls passed the debug check"
+        ));
+        assert!(
+            err.contains("debug check") && err.contains("differ"),
+            "rank {r}: {err}"
+        );
+        assert!(
+            took < Duration::from_secs(3),
+            "rank {r}: the error took {took:?}"
+        );
+    }
+}
+
+/// Dropping the group with a collective that a dead peer never joins
+/// returns within about the timeout (the drop waits for the work in flight,
+/// then gives up and aborts), instead of hanging in the teardown.
+#[test]
+fn dropping_the_group_with_a_dead_peer_returns_within_the_timeout() {
+    let test = "dropping_the_group_with_a_dead_peer_returns_within_the_timeout";
+    let Some(world) = world_or_skip(test) else {
+        return;
+    };
+    let timeout = Duration::from_secs(2);
+    let out = run(world, timeout, move |r, dev, g| {
+        let t = Tensor::ones(4, DType::F32, &dev).unwrap();
+        g.all_reduce_sum(&t).unwrap().to_vec1::<f32>().unwrap();
+        if r != 0 {
+            return None;
+        }
+        let s = g.all_reduce_sum(&t).unwrap();
+        let start = Instant::now();
+        drop(g);
+        let took = start.elapsed();
+        drop(s);
+        Some(took)
+    });
+    let took = out[0].unwrap();
+    assert!(took < timeout * 2, "the drop took {took:?}");
 }

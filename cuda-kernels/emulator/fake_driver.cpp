@@ -430,16 +430,62 @@ static CUresult release(std::uint64_t dptr) {
     munmap(m.base, m.len);
     return CUDA_SUCCESS;
 }
+
+// Stream-ordered frees whose stream had pending work: each goes once the
+// work pending before it is done (checked at later frees and synchronizations).
+struct DeferredFree {
+    std::uint64_t dptr;
+    std::vector<Work> before;
+};
+std::vector<DeferredFree> deferred_frees;  // under pending_lock
+
+bool all_done(const std::vector<Work>& works) {
+    for (const Work& w : works)
+        if (!w->done()) return false;
+    return true;
+}
+
+// Frees the deferred allocations whose earlier work is done. (done() takes
+// the emulated NCCL's locks: never called under pending_lock.)
+void sweep_deferred_frees() {
+    std::vector<DeferredFree> candidates;
+    {
+        std::lock_guard<std::mutex> g(pending_lock);
+        candidates.swap(deferred_frees);
+    }
+    std::vector<DeferredFree> keep;
+    for (DeferredFree& f : candidates) {
+        if (all_done(f.before)) {
+            release(f.dptr);
+        } else {
+            keep.push_back(std::move(f));
+        }
+    }
+    std::lock_guard<std::mutex> g(pending_lock);
+    for (DeferredFree& f : keep) deferred_frees.push_back(std::move(f));
+}
+
 CUresult cuMemFree_v2(std::uint64_t dptr) {
     ++host_syncs;     // cuMemFree waits for the device
     drain_context();
+    sweep_deferred_frees();
     return release(dptr);
 }
-// Stream-ordered: the memory goes when the stream's earlier work is done (the
-// emulation waits for it here; the host does not wait on a device).
+
+// Stream-ordered: the memory goes when the stream's earlier work is done; the
+// host does not wait for it (a collective pending on the stream defers it).
 CUresult cuMemFreeAsync(std::uint64_t dptr, void* stream) {
-    drain(stream);
-    return release(dptr);
+    sweep_deferred_frees();
+    std::vector<Work> before;
+    {
+        std::lock_guard<std::mutex> g(pending_lock);
+        const auto it = pending.find(stream_key(stream));
+        if (it != pending.end()) before = it->second;
+    }
+    if (all_done(before)) return release(dptr);
+    std::lock_guard<std::mutex> g(pending_lock);
+    deferred_frees.push_back(DeferredFree{dptr, std::move(before)});
+    return CUDA_SUCCESS;
 }
 
 CUresult cuMemcpyHtoDAsync_v2(std::uint64_t dst, const void* src, std::size_t n, void* stream) {

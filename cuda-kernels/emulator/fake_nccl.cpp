@@ -3,6 +3,11 @@
 // processes (one per emulated GPU, as the launcher starts them). Built by
 // scripts/emulated-gpu.sh.
 //
+// It is the only multi-rank NCCL the project's CI runs, so it is at least as
+// strict as the real one: what real NCCL leaves undefined, hanging or
+// crashing, it makes hang or crash too (loudly where it can), so that code
+// which only works on a friendly NCCL fails here first.
+//
 // The ranks meet in POSIX shared memory (/dev/shm): a clique's header (a
 // process-shared mutex and condition variable, who joined, and a ring of
 // RING collective slots), and one object per collective that holds every
@@ -10,21 +15,43 @@
 // rank has opened them.
 //
 // What it models, as NCCL does it:
-// - ncclCommInitRank blocks until every rank of the clique has joined.
-// - ncclCommSplit blocks until every rank of the communicator has called it,
-//   then each color's ranks join a clique of their own, ranked by key.
-// - A collective is enqueued, not run: it returns at once and is pending on
-//   the caller's stream (see emu_streams.h) until every rank has enqueued its
-//   part; the last to arrive computes it for all. Later work on a stream, its
-//   events and cuMemFree wait for it. Ranks that make different calls (or a
-//   rank that never calls) leave it pending forever: a hang, as on a GPU.
-// - ncclCommAbort releases the caller's part of its pending collectives
-//   (their results are undefined); the other ranks' parts stay pending, but,
-//   like a network transport that sees a peer's connections close,
-//   ncclCommGetAsyncError of the other ranks reports ncclRemoteError.
+// - Blocking and non-blocking communicators (ncclConfig_t.blocking, as
+//   ncclCommInitRankConfig and ncclCommSplit take it). A blocking call waits
+//   on the caller's thread, without a deadline; a non-blocking one returns
+//   ncclInProgress and progresses while ncclCommGetAsyncError is polled.
+// - ncclCommInitRank(Config) completes when every rank of the clique has
+//   joined. Two ranks on one device are ncclInvalidUsage on every rank.
+// - ncclCommSplit completes when every rank of the communicator has called it
+//   and each color's ranks (ranked by key) have joined a clique of their own.
+// - Lazy connection: the first collective of each size class (under 64 KiB,
+//   as small collectives take other algorithms than large ones) waits on the
+//   host until every rank has issued its first collective of that class
+//   (NCCL_RUNTIME_CONNECT=0 connects both classes at init instead).
+// - A collective is enqueued, not run: it returns and is pending on the
+//   caller's stream (see emu_streams.h); later work on that stream, its events
+//   and cuMemFree wait for it. It runs ("the device executes it") when every
+//   rank has enqueued a matching part and some rank's stream or event is
+//   waited for or queried; ranks that make different calls (count, type,
+//   operation, root) or a rank that never calls leave it pending forever: a
+//   hang, as on a GPU.
+// - ncclCommAbort kills the rank's kernels: every collective of the clique
+//   that has not run yet never runs, on any rank; the caller's own pending
+//   parts are released (their results are undefined). The peers are not told:
+//   their collectives stay pending until they give up themselves (their own
+//   timeout and abort), as on a real network where a dead peer is silence.
+// - ncclCommAbort and ncclCommDestroy free the communicator: any later call
+//   with it is a use after free, and so is freeing it while another thread is
+//   inside a call on it. Both print what happened and abort the process (real
+//   NCCL would read freed memory).
+// - ncclCommFinalize completes when this rank's collectives have run;
+//   ncclCommDestroy without it finalizes first (blocking).
 // Sums are computed in f64 (f32 would do for the small counts of tests) and
 // rounded once; NCCL's ring sums in the element type, so half-precision sums
 // may differ in the last bits.
+//
+// For tests, syncbn_emu_nccl_delay_next_init(ms) makes the calling thread's
+// next ncclCommInitRank(Config) join its clique only after `ms` milliseconds
+// (a peer late for init; ULLONG_MAX: never, a dead one).
 #include <fcntl.h>
 #include <pthread.h>
 #include <sys/mman.h>
@@ -39,10 +66,16 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <chrono>
+#include <climits>
+#include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "cuda_bf16.h"
@@ -50,6 +83,8 @@
 #include "emu_streams.h"
 
 extern "C" int cuCtxGetDevice(int* device);  // the emulated driver's
+extern "C" int cuCtxGetCurrent(void** ctx);
+extern "C" int cuCtxSetCurrent(void* ctx);
 
 namespace {
 
@@ -62,6 +97,7 @@ enum Result {
     ncclInvalidArgument = 4,
     ncclInvalidUsage = 5,
     ncclRemoteError = 6,
+    ncclInProgress = 7,
 };
 enum DataType { Int8, Uint8, Int32, Uint32, Int64, Uint64, Float16, Float32, Float64, Bfloat16 };
 enum RedOp { Sum, Prod, Max, Min, Avg };
@@ -111,6 +147,10 @@ void store(void* p, std::size_t i, int t, double v) {
 
 constexpr int MAX_RANKS = 64;
 constexpr int RING = 256;  // collectives a rank may run ahead of the slowest
+// Collectives of at least this many bytes are "large": another algorithm,
+// connected separately (lazily, by the first large collective).
+constexpr std::size_t LARGE_BYTES = 64 * 1024;
+constexpr unsigned CONFIG_MAGIC = 0xcafebeef;
 
 // A collective slot of the ring (the seq-th call of each communicator).
 struct Slot {
@@ -134,7 +174,9 @@ struct Shared {
     int nranks;
     int joined;
     int taken[MAX_RANKS];
-    int aborted;  // some rank aborted its communicator
+    int device_of[MAX_RANKS];
+    int aborted;             // some rank aborted: what has not run never will
+    int connect_arrived[2];  // ranks that connected each size class
     Slot slots[RING];
     // ncclCommSplit: every rank posts its color and key, then reads all.
     int split_round;     // splits completed on this clique
@@ -142,15 +184,6 @@ struct Shared {
     int split_departed;  // ranks that read the current round
     int split_color[MAX_RANKS];
     int split_key[MAX_RANKS];
-};
-
-struct Comm {
-    Shared* sh;
-    std::string name;  // the header's shared-memory name
-    int rank;
-    int device;
-    std::uint64_t seq = 0;
-    std::atomic<bool> aborted{false};
 };
 
 // Locks the clique's mutex; a process that died holding it leaves it
@@ -183,7 +216,7 @@ std::string clique_name(const char* id) {
     return n;
 }
 
-std::string data_name(const Comm& c, std::uint64_t seq) { return c.name + "-" + std::to_string(seq); }
+std::string data_name(const std::string& clique, std::uint64_t seq) { return clique + "-" + std::to_string(seq); }
 
 // Maps `bytes` of the shared-memory object `name`, creating it (zeroed) when
 // `create`, else waiting until it exists with that size (giving up when
@@ -215,47 +248,6 @@ void* map_shared(const std::string& name, std::size_t bytes, bool create, const 
     return p == MAP_FAILED ? nullptr : p;
 }
 
-// One rank's part of a collective: the work pending on that rank's stream.
-// The result is copied into the rank's receive buffer when the rank waits.
-// A part with slot -1 never finishes (enqueued after a rank aborted: the
-// clique is dead, as the peers' ncclRemoteError says).
-struct Part : cuda_emulator::PendingWork {
-    Comm* comm;
-    int slot;
-    std::uint64_t seq;
-    unsigned char* data;  // the collective's data object: nranks contributions, then the result
-    std::size_t bytes;    // of one contribution
-    void* recv;
-    bool copied = false;
-
-    Part(Comm* c, int slot, std::uint64_t seq, unsigned char* data, std::size_t bytes, void* recv)
-        : comm(c), slot(slot), seq(seq), data(data), bytes(bytes), recv(recv) {}
-    ~Part() override {
-        if (data != nullptr) munmap(data, bytes * (comm->sh->nranks + 1));
-    }
-    bool finished() const {
-        if (slot < 0) return false;
-        const Slot& s = comm->sh->slots[slot];
-        return s.used && s.seq == seq && s.finished;
-    }
-    bool done() override {
-        Lock g(comm->sh);
-        return copied || finished() || comm->aborted;
-    }
-    void wait() override {
-        Lock g(comm->sh);
-        while (!copied && !finished() && !comm->aborted) g.wait();
-        if (copied || !finished()) return;  // released by an abort: the result is undefined
-        if (bytes > 0) std::memcpy(recv, data + bytes * comm->sh->nranks, bytes);
-        copied = true;
-        Slot& s = comm->sh->slots[slot];
-        if (++s.consumed == comm->sh->nranks) {
-            s.used = 0;
-            pthread_cond_broadcast(&comm->sh->cv);
-        }
-    }
-};
-
 // Computes a collective whose contributions are all in `data`.
 void compute(const Slot& s, unsigned char* data, std::size_t bytes, int nranks) {
     const std::size_t n = s.count;
@@ -282,33 +274,108 @@ void compute(const Slot& s, unsigned char* data, std::size_t bytes, int nranks) 
     }
 }
 
-Result enqueue(Comm* comm, bool broadcast, const void* send, void* recv, std::size_t count, int type, int op,
-               int root, void* stream) {
-    if (comm == nullptr) return fail(ncclInvalidArgument, "null communicator");
-    if (comm->aborted) return fail(ncclInvalidUsage, "the communicator was aborted");
-    if (type_size(type) == 0) return fail(ncclInvalidArgument, "unsupported data type " + std::to_string(type));
-    if (!broadcast && (op < Sum || op > Avg)) return fail(ncclInvalidArgument, "unsupported reduction");
-    Shared* sh = comm->sh;
-    if (broadcast && (root < 0 || root >= sh->nranks)) return fail(ncclInvalidArgument, "root out of range");
-    if (count > 0 && (send == nullptr || recv == nullptr)) return fail(ncclInvalidArgument, "null buffer");
-    const std::uint64_t seq = comm->seq++;
+struct Part;
+
+// A rank's side of a communicator. It outlives the handle (ncclComm_t) that
+// ncclCommAbort/ncclCommDestroy free: the rank's pending parts still hold it.
+struct State {
+    Shared* sh = nullptr;  // the clique, once joined
+    std::string name;      // the clique header's shared-memory name
+    int rank = 0, nranks = 0, device = 0;
+    bool blocking = true;
+    std::uint64_t seq = 0;
+    std::atomic<bool> aborted{false};
+    std::atomic<bool> connected[2] = {false, false};
+    std::atomic<bool> finalized{false};
+    std::atomic<int> splits_in_flight{0};  // non-blocking splits still reading this clique
+    std::shared_ptr<State> split_parent;    // of a split's communicator
+    std::atomic<bool> split_counted{false};  // counted in split_parent's splits_in_flight
+    std::mutex m;                       // op and async
+    std::function<Result()> op;         // the non-blocking call in progress
+    Result async = ncclSuccess;         // its error, once failed (sticky)
+    std::mutex issued_m;
+    std::vector<std::weak_ptr<Part>> issued;  // for ncclCommFinalize
+};
+
+// One rank's part of a collective: the work pending on that rank's stream.
+// The collective runs when every rank has enqueued it and some rank's
+// stream or event is waited for or queried (the device got to it); the
+// result is then copied into this rank's receive buffer. A part with slot -1
+// never finishes (enqueued after a rank aborted: the clique is dead).
+struct Part : cuda_emulator::PendingWork {
+    std::shared_ptr<State> st;
+    int slot;
+    std::uint64_t seq;
+    unsigned char* data;  // the collective's data object: nranks contributions, then the result
+    std::size_t bytes;    // of one contribution
+    void* recv;
+    bool copied = false;
+
+    Part(std::shared_ptr<State> s, int slot, std::uint64_t seq, unsigned char* data, std::size_t bytes, void* recv)
+        : st(std::move(s)), slot(slot), seq(seq), data(data), bytes(bytes), recv(recv) {}
+    ~Part() override {
+        if (data != nullptr) munmap(data, bytes * (st->nranks + 1));
+    }
+    // Under the clique's lock: runs the collective if it can; whether this
+    // part is over (its result copied, or released by this rank's abort).
+    bool progress() {
+        if (copied) return true;
+        Shared* sh = st->sh;
+        if (slot >= 0) {
+            Slot& s = sh->slots[slot];
+            if (s.used && s.seq == seq) {
+                if (!s.finished && s.arrived == sh->nranks && !s.mismatch && !sh->aborted) {
+                    if (data != nullptr) compute(s, data, bytes, sh->nranks);
+                    s.finished = 1;
+                    pthread_cond_broadcast(&sh->cv);
+                }
+                if (s.finished) {
+                    if (bytes > 0) std::memcpy(recv, data + bytes * sh->nranks, bytes);
+                    copied = true;
+                    if (++s.consumed == sh->nranks) s.used = 0;
+                    pthread_cond_broadcast(&sh->cv);
+                    return true;
+                }
+            }
+        }
+        return st->aborted.load();  // released by an abort: the result is undefined
+    }
+    bool done() override {
+        Lock g(st->sh);
+        return progress();
+    }
+    void wait() override {
+        Lock g(st->sh);
+        while (!progress()) g.wait();
+    }
+};
+
+// Enqueues a (connected) collective on `stream` of the current context.
+Result enqueue(const std::shared_ptr<State>& st, bool broadcast, const void* send, void* recv, std::size_t count,
+               int type, int op, int root, void* stream) {
+    Shared* sh = st->sh;
+    const std::uint64_t seq = st->seq++;
     const int k = static_cast<int>(seq % RING);
     const std::size_t bytes = count * type_size(type);
     const std::size_t total = bytes * (sh->nranks + 1);
     bool first = false, matches = true;
-    const auto dead = [&] {
-        const std::shared_ptr<cuda_emulator::PendingWork> work =
-            std::make_shared<Part>(comm, -1, seq, nullptr, bytes, recv);
+    const auto defer = [&](std::shared_ptr<Part> part) {
+        {
+            std::lock_guard<std::mutex> g(st->issued_m);
+            st->issued.push_back(part);
+        }
+        const std::shared_ptr<cuda_emulator::PendingWork> work = std::move(part);
         syncbn_emu_defer(stream, &work);
         return ncclSuccess;
     };
+    const auto dead = [&] { return defer(std::make_shared<Part>(st, -1, seq, nullptr, bytes, recv)); };
     {
         Lock g(sh);
         if (sh->aborted) return dead();
         // Wait while an older collective still holds the slot (this rank is
         // RING collectives ahead of another).
-        while (sh->slots[k].used && sh->slots[k].seq != seq && !comm->aborted) g.wait();
-        if (comm->aborted) return fail(ncclInvalidUsage, "the communicator was aborted");
+        while (sh->slots[k].used && sh->slots[k].seq != seq && !sh->aborted) g.wait();
+        if (sh->aborted) return dead();
         Slot& s = sh->slots[k];
         if (!s.used) {
             s = Slot{seq, 1, broadcast, type, broadcast ? Sum : op, root, count, 0, 0, 0, 0};
@@ -322,27 +389,282 @@ Result enqueue(Comm* comm, bool broadcast, const void* send, void* recv, std::si
     unsigned char* data = nullptr;
     if (matches && total > 0) {
         // The first rank creates the data object; the others wait for it.
-        data = static_cast<unsigned char*>(map_shared(data_name(*comm, seq), total, first, &sh->aborted));
+        data = static_cast<unsigned char*>(map_shared(data_name(st->name, seq), total, first, &sh->aborted));
         if (data == nullptr) {
             if (__atomic_load_n(&sh->aborted, __ATOMIC_ACQUIRE) != 0) return dead();
             return fail(ncclSystemError, "cannot map the shared memory of a collective");
         }
-        if (bytes > 0) std::memcpy(data + bytes * comm->rank, send, bytes);
+        if (bytes > 0) std::memcpy(data + bytes * st->rank, send, bytes);
     }
     {
         Lock g(sh);
         Slot& s = sh->slots[k];
-        if (matches && ++s.arrived == sh->nranks && !s.mismatch) {
-            if (data != nullptr) compute(s, data, bytes, sh->nranks);
-            s.finished = 1;
-            shm_unlink(data_name(*comm, seq).c_str());  // every rank has it mapped
+        if (matches && ++s.arrived == sh->nranks) {
+            shm_unlink(data_name(st->name, seq).c_str());  // every rank has it mapped
             pthread_cond_broadcast(&sh->cv);
         }
     }
-    const std::shared_ptr<cuda_emulator::PendingWork> work = std::make_shared<Part>(comm, k, seq, data, bytes, recv);
-    syncbn_emu_defer(stream, &work);
+    return defer(std::make_shared<Part>(st, matches ? k : -1, seq, data, bytes, recv));
+}
+
+// --- communicator handles ------------------------------------------------
+
+// The handle a ncclComm_t points to. Freed handles stay allocated (and
+// listed) so that a later use is detected, not a read of reused memory.
+struct Comm {
+    std::shared_ptr<State> st;
+    std::vector<const char*> inside;  // the calls of threads inside a call with it
+};
+
+std::mutex registry_m;
+std::set<const Comm*> live_comms, freed_comms;
+
+[[noreturn]] void use_after_free(const char* what, const Comm* comm) {
+    std::fprintf(stderr,
+                 "emulated NCCL: FATAL: %s on communicator %p, which ncclCommAbort or ncclCommDestroy freed: a use "
+                 "after free (real NCCL reads freed memory here)\n",
+                 what, static_cast<const void*>(comm));
+    std::fflush(stderr);
+    std::abort();
+}
+
+// A call's hold on a communicator handle, for as long as the call runs.
+class Entry {
+  public:
+    Entry(const Comm* comm, const char* fn) : c_(const_cast<Comm*>(comm)) {
+        std::lock_guard<std::mutex> g(registry_m);
+        if (c_ == nullptr) return;
+        if (freed_comms.count(c_) != 0) use_after_free(fn, c_);
+        if (live_comms.count(c_) == 0) return;
+        c_->inside.push_back(fn);
+        fn_ = fn;
+        ok_ = true;
+    }
+    ~Entry() {
+        if (!ok_) return;
+        std::lock_guard<std::mutex> g(registry_m);
+        c_->inside.erase(std::find(c_->inside.begin(), c_->inside.end(), fn_));
+    }
+    Entry(const Entry&) = delete;
+    Entry& operator=(const Entry&) = delete;
+    bool ok() const { return ok_; }
+    const std::shared_ptr<State>& st() const { return c_->st; }
+
+  private:
+    Comm* c_;
+    const char* fn_ = "";
+    bool ok_ = false;
+};
+
+Comm* new_handle(std::shared_ptr<State> st) {
+    Comm* c = new Comm();
+    c->st = std::move(st);
+    std::lock_guard<std::mutex> g(registry_m);
+    live_comms.insert(c);
+    return c;
+}
+
+// Frees `comm` (ncclCommAbort, ncclCommDestroy): its state, or null if it
+// is not a communicator. Freeing it while another thread is inside a call
+// with it, or while a split from it still reads it, is a use after free.
+std::shared_ptr<State> release(Comm* comm, const char* fn) {
+    std::lock_guard<std::mutex> g(registry_m);
+    if (freed_comms.count(comm) != 0) use_after_free(fn, comm);
+    if (live_comms.count(comm) == 0) return nullptr;
+    if (!comm->inside.empty()) {
+        std::string calls;
+        for (const char* c : comm->inside) calls += (calls.empty() ? "" : ", ") + std::string(c);
+        std::fprintf(stderr,
+                     "emulated NCCL: FATAL: %s frees communicator %p while another thread is inside %s with it: "
+                     "that thread would use freed memory (serialize calls on a communicator with its "
+                     "abort)\n",
+                     fn, static_cast<void*>(comm), calls.c_str());
+        std::fflush(stderr);
+        std::abort();
+    }
+    if (comm->st->splits_in_flight.load() > 0) {
+        std::fprintf(stderr,
+                     "emulated NCCL: FATAL: %s frees communicator %p while a non-blocking ncclCommSplit from it "
+                     "is still in progress: the split would use freed memory\n",
+                     fn, static_cast<void*>(comm));
+        std::fflush(stderr);
+        std::abort();
+    }
+    live_comms.erase(comm);
+    freed_comms.insert(comm);
+    return std::move(comm->st);
+}
+
+// --- blocking and non-blocking calls -----------------------------------
+
+using Clock = std::chrono::steady_clock;
+
+// Runs a call's progress function to completion on the caller's thread.
+Result run_blocking(const std::function<Result()>& op) {
+    for (;;) {
+        const Result r = op();
+        if (r != ncclInProgress) return r;
+        std::this_thread::sleep_for(std::chrono::microseconds(200));
+    }
+}
+
+// Starts a call: to completion on a blocking communicator; else one step,
+// and, unfinished, ncclInProgress (ncclCommGetAsyncError progresses it).
+Result start(State& st, std::function<Result()> op) {
+    if (st.blocking) return run_blocking(op);
+    std::lock_guard<std::mutex> g(st.m);
+    const Result r = op();
+    if (r == ncclInProgress) {
+        st.op = std::move(op);
+    } else if (r != ncclSuccess) {
+        st.async = r;
+    }
+    return r;
+}
+
+// Whether a new call may start: none is in progress and none failed.
+Result ready_for_call(State& st, const char* fn) {
+    std::lock_guard<std::mutex> g(st.m);
+    if (st.op)
+        return fail(ncclInvalidUsage, std::string(fn) +
+                                          ": the previous non-blocking call on this communicator is still in "
+                                          "progress (poll ncclCommGetAsyncError until it is done)");
+    if (st.async != ncclSuccess)
+        return fail(st.async, std::string(fn) + ": the communicator failed earlier (error " +
+                                  std::to_string(st.async) + ")");
     return ncclSuccess;
 }
+
+// Opens (creating it if first) the header of clique `name` and joins it.
+Result attach(State& st, const std::string& name, int nranks, int rank) {
+    Shared* sh = nullptr;
+    const int fd = shm_open(name.c_str(), O_RDWR | O_CREAT | O_EXCL, 0600);
+    if (fd >= 0) {
+        close(fd);
+        sh = static_cast<Shared*>(map_shared(name, sizeof(Shared), true));
+        if (sh == nullptr) return fail(ncclSystemError, "cannot map the clique's shared memory");
+        pthread_mutexattr_t ma;
+        pthread_mutexattr_init(&ma);
+        pthread_mutexattr_setpshared(&ma, PTHREAD_PROCESS_SHARED);
+        pthread_mutexattr_setrobust(&ma, PTHREAD_MUTEX_ROBUST);
+        pthread_mutex_init(&sh->m, &ma);
+        pthread_condattr_t ca;
+        pthread_condattr_init(&ca);
+        pthread_condattr_setpshared(&ca, PTHREAD_PROCESS_SHARED);
+        pthread_cond_init(&sh->cv, &ca);
+        sh->nranks = nranks;
+        sh->ready.store(1, std::memory_order_release);
+    } else {
+        sh = static_cast<Shared*>(map_shared(name, sizeof(Shared), false));
+        if (sh == nullptr) return fail(ncclSystemError, "cannot map the clique's shared memory");
+        while (sh->ready.load(std::memory_order_acquire) != 1) usleep(100);
+    }
+    const char* rc = std::getenv("NCCL_RUNTIME_CONNECT");
+    const bool eager = rc != nullptr && std::string(rc) == "0";
+    Lock g(sh);
+    if (sh->nranks != nranks) return fail(ncclInvalidUsage, "ranks disagree on the number of ranks");
+    if (sh->taken[rank]) return fail(ncclInvalidUsage, "rank " + std::to_string(rank) + " joined twice");
+    sh->taken[rank] = 1;
+    sh->device_of[rank] = st.device;
+    if (eager) {
+        // Both size classes connect at init, with the join.
+        sh->connect_arrived[0]++;
+        sh->connect_arrived[1]++;
+        st.connected[0] = true;
+        st.connected[1] = true;
+    }
+    if (++sh->joined == nranks) shm_unlink(name.c_str());  // every rank has it mapped
+    pthread_cond_broadcast(&sh->cv);
+    st.sh = sh;
+    st.name = name;
+    st.rank = rank;
+    st.nranks = nranks;
+    return ncclSuccess;
+}
+
+// Whether every rank has joined `st`'s clique; two on one device are an error.
+Result joined(State& st) {
+    Lock g(st.sh);
+    if (st.sh->joined < st.nranks) return ncclInProgress;
+    for (int a = 0; a < st.nranks; ++a)
+        for (int b = a + 1; b < st.nranks; ++b)
+            if (st.sh->device_of[a] == st.sh->device_of[b])
+                return fail(ncclInvalidUsage, "Duplicate GPU detected: rank " + std::to_string(a) + " and rank " +
+                                                  std::to_string(b) + " both on CUDA device " +
+                                                  std::to_string(st.sh->device_of[a]));
+    return ncclSuccess;
+}
+
+// The progress of joining clique `name` as `rank` (not before `not_before`).
+std::function<Result()> join_op(std::shared_ptr<State> st, std::string name, int nranks, int rank,
+                                Clock::time_point not_before) {
+    auto attached = std::make_shared<bool>(false);
+    return [=]() -> Result {
+        if (!*attached) {
+            if (Clock::now() < not_before) return ncclInProgress;
+            const Result r = attach(*st, name, nranks, rank);
+            if (r != ncclSuccess) return r;
+            *attached = true;
+        }
+        return joined(*st);
+    };
+}
+
+// The progress of ncclCommFinalize: every collective of this rank has run.
+std::function<Result()> finalize_op(std::shared_ptr<State> st) {
+    return [st]() -> Result {
+        std::lock_guard<std::mutex> g(st->issued_m);
+        for (auto it = st->issued.begin(); it != st->issued.end();) {
+            const std::shared_ptr<Part> p = it->lock();
+            if (p && !p->done()) return ncclInProgress;
+            it = st->issued.erase(it);
+        }
+        st->finalized = true;
+        return ncclSuccess;
+    };
+}
+
+// A collective: connects its size class first (lazily, waiting for every
+// rank's first collective of that class), then enqueues it.
+Result collective(const Comm* comm, const char* fn, bool broadcast, const void* send, void* recv, std::size_t count,
+                  int type, int op, int root, void* stream) {
+    Entry e(comm, fn);
+    if (!e.ok()) return fail(ncclInvalidArgument, std::string(fn) + ": not a communicator");
+    const std::shared_ptr<State>& st = e.st();
+    if (type_size(type) == 0) return fail(ncclInvalidArgument, "unsupported data type " + std::to_string(type));
+    if (!broadcast && (op < Sum || op > Avg)) return fail(ncclInvalidArgument, "unsupported reduction");
+    if (broadcast && (root < 0 || root >= st->nranks)) return fail(ncclInvalidArgument, "root out of range");
+    if (count > 0 && (send == nullptr || recv == nullptr)) return fail(ncclInvalidArgument, "null buffer");
+    const Result r = ready_for_call(*st, fn);
+    if (r != ncclSuccess) return r;
+    const int cls = count * type_size(type) >= LARGE_BYTES ? 1 : 0;
+    if (st->connected[cls]) return enqueue(st, broadcast, send, recv, count, type, op, root, stream);
+    void* ctx = nullptr;
+    cuCtxGetCurrent(&ctx);
+    auto arrived = std::make_shared<bool>(false);
+    return start(*st, [=]() -> Result {
+        {
+            Lock g(st->sh);
+            if (!*arrived) {
+                st->sh->connect_arrived[cls]++;
+                *arrived = true;
+                pthread_cond_broadcast(&st->sh->cv);
+            }
+            if (st->sh->connect_arrived[cls] < st->nranks) return ncclInProgress;
+        }
+        st->connected[cls] = true;
+        // Progress may come from another thread's ncclCommGetAsyncError: the
+        // work goes on the caller's stream of the caller's context.
+        void* current = nullptr;
+        cuCtxGetCurrent(&current);
+        cuCtxSetCurrent(ctx);
+        const Result res = enqueue(st, broadcast, send, recv, count, type, op, root, stream);
+        cuCtxSetCurrent(current);
+        return res;
+    });
+}
+
+thread_local unsigned long long next_init_delay_ms = 0;
 
 }  // namespace
 
@@ -369,155 +691,212 @@ struct UniqueId {
     char internal[ID_BYTES];
 };
 
-}  // extern "C"
+// The head of ncclConfig_t, as every version since 2.14 lays it out.
+struct ConfigHead {
+    std::size_t size;
+    unsigned magic;
+    unsigned version;
+    int blocking;
+};
 
-namespace {
+// Test hook: the calling thread's next ncclCommInitRank(Config) joins its
+// clique only `ms` milliseconds later (ULLONG_MAX: never).
+void syncbn_emu_nccl_delay_next_init(unsigned long long ms) { next_init_delay_ms = ms; }
 
-// Joins (creating it if first) the clique `name` of `nranks` ranks as `rank`;
-// returns when every rank has joined.
-Result join_clique(Comm** out, const std::string& name, int nranks, int rank, int device) {
-    // The first rank to arrive creates and initializes the header.
-    Shared* sh = nullptr;
-    const int fd = shm_open(name.c_str(), O_RDWR | O_CREAT | O_EXCL, 0600);
-    if (fd >= 0) {
-        close(fd);
-        sh = static_cast<Shared*>(map_shared(name, sizeof(Shared), true));
-        if (sh == nullptr) return fail(ncclSystemError, "cannot map the clique's shared memory");
-        pthread_mutexattr_t ma;
-        pthread_mutexattr_init(&ma);
-        pthread_mutexattr_setpshared(&ma, PTHREAD_PROCESS_SHARED);
-        pthread_mutexattr_setrobust(&ma, PTHREAD_MUTEX_ROBUST);
-        pthread_mutex_init(&sh->m, &ma);
-        pthread_condattr_t ca;
-        pthread_condattr_init(&ca);
-        pthread_condattr_setpshared(&ca, PTHREAD_PROCESS_SHARED);
-        pthread_cond_init(&sh->cv, &ca);
-        sh->nranks = nranks;
-        sh->ready.store(1, std::memory_order_release);
-    } else {
-        sh = static_cast<Shared*>(map_shared(name, sizeof(Shared), false));
-        if (sh == nullptr) return fail(ncclSystemError, "cannot map the clique's shared memory");
-        while (sh->ready.load(std::memory_order_acquire) != 1) usleep(100);
-    }
-    {
-        Lock g(sh);
-        if (sh->nranks != nranks) return fail(ncclInvalidUsage, "ranks disagree on the number of ranks");
-        if (sh->taken[rank]) return fail(ncclInvalidUsage, "rank " + std::to_string(rank) + " joined twice");
-        sh->taken[rank] = 1;
-        if (++sh->joined == nranks) shm_unlink(name.c_str());  // every rank has it mapped
-        pthread_cond_broadcast(&sh->cv);
-        while (sh->joined < nranks) g.wait();
-    }
-    Comm* c = new Comm();
-    c->sh = sh;
-    c->name = name;
-    c->rank = rank;
-    c->device = device;
-    *out = c;
-    return ncclSuccess;
-}
-
-}  // namespace
-
-extern "C" {
-
-Result ncclCommInitRank(Comm** out, int nranks, UniqueId id, int rank) {
+Result ncclCommInitRankConfig(Comm** out, int nranks, UniqueId id, int rank, const ConfigHead* config) {
     if (out == nullptr || nranks < 1 || nranks > MAX_RANKS || rank < 0 || rank >= nranks)
         return fail(ncclInvalidArgument, "invalid rank " + std::to_string(rank) + " of " + std::to_string(nranks));
-    int device = 0;
-    if (cuCtxGetDevice(&device) != 0) return fail(ncclUnhandledCudaError, "no current CUDA context");
-    return join_clique(out, clique_name(id.internal), nranks, rank, device);
+    bool blocking = true;
+    if (config != nullptr) {
+        if (config->magic != CONFIG_MAGIC || config->size < sizeof(ConfigHead))
+            return fail(ncclInvalidArgument, "ncclConfig_t not initialized as NCCL_CONFIG_INITIALIZER does");
+        if (config->blocking != INT_MIN) blocking = config->blocking != 0;
+    }
+    auto st = std::make_shared<State>();
+    st->blocking = blocking;
+    if (cuCtxGetDevice(&st->device) != 0) return fail(ncclUnhandledCudaError, "no current CUDA context");
+    const unsigned long long delay = next_init_delay_ms;
+    next_init_delay_ms = 0;
+    const Clock::time_point not_before =
+        delay == ULLONG_MAX ? Clock::time_point::max() : Clock::now() + std::chrono::milliseconds(delay);
+    const Result r = start(*st, join_op(st, clique_name(id.internal), nranks, rank, not_before));
+    if (r != ncclSuccess && r != ncclInProgress) return r;
+    *out = new_handle(st);
+    return r;
 }
 
-// Blocks until every rank of `comm` has called it (as NCCL's blocking split
-// does); the ranks with one color form a new clique, ranked by (key, rank).
-// NCCL_SPLIT_NOCOLOR (-1) gets no communicator. The config is ignored.
-Result ncclCommSplit(Comm* comm, int color, int key, Comm** out, void* /*config*/) {
-    if (comm == nullptr || out == nullptr) return fail(ncclInvalidArgument, "null argument");
-    if (comm->aborted) return fail(ncclInvalidUsage, "the communicator was aborted");
-    Shared* sh = comm->sh;
-    std::vector<int> colors, keys;
-    int round = 0;
-    {
-        Lock g(sh);
-        // The previous round is still being read by some rank.
-        while (sh->split_arrived == sh->nranks && !sh->aborted) g.wait();
-        if (sh->aborted) return fail(ncclRemoteError, "a rank aborted during ncclCommSplit");
-        round = sh->split_round;
-        sh->split_color[comm->rank] = color;
-        sh->split_key[comm->rank] = key;
-        if (++sh->split_arrived == sh->nranks) pthread_cond_broadcast(&sh->cv);
-        while (sh->split_arrived < sh->nranks && !sh->aborted) g.wait();
-        if (sh->aborted) return fail(ncclRemoteError, "a rank aborted during ncclCommSplit");
-        colors.assign(sh->split_color, sh->split_color + sh->nranks);
-        keys.assign(sh->split_key, sh->split_key + sh->nranks);
-        if (++sh->split_departed == sh->nranks) {
-            sh->split_arrived = 0;
-            sh->split_departed = 0;
-            sh->split_round++;
-            pthread_cond_broadcast(&sh->cv);
-        }
+Result ncclCommInitRank(Comm** out, int nranks, UniqueId id, int rank) {
+    return ncclCommInitRankConfig(out, nranks, id, rank, nullptr);
+}
+
+// Completes when every rank of `comm` has called it and this color's ranks
+// (ranked by (key, rank)) have joined their clique. NCCL_SPLIT_NOCOLOR (-1)
+// gets no communicator. A null config keeps the parent's blocking mode.
+Result ncclCommSplit(Comm* comm, int color, int key, Comm** out, const ConfigHead* config) {
+    Entry e(comm, "ncclCommSplit");
+    if (!e.ok() || out == nullptr) return fail(ncclInvalidArgument, "ncclCommSplit: null or invalid argument");
+    const std::shared_ptr<State> parent = e.st();
+    Result r = ready_for_call(*parent, "ncclCommSplit");
+    if (r != ncclSuccess) return r;
+    if (color < -1) return fail(ncclInvalidArgument, "negative color " + std::to_string(color));
+    bool blocking = parent->blocking;
+    if (config != nullptr) {
+        if (config->magic != CONFIG_MAGIC || config->size < sizeof(ConfigHead))
+            return fail(ncclInvalidArgument, "ncclConfig_t not initialized as NCCL_CONFIG_INITIALIZER does");
+        if (config->blocking != INT_MIN) blocking = config->blocking != 0;
     }
+    auto st = std::make_shared<State>();
+    st->blocking = blocking && color != -1;
+    st->device = parent->device;
+    struct Progress {
+        int phase = 0, round = 0;
+        std::function<Result()> join;
+    };
+    auto p = std::make_shared<Progress>();
+    st->split_parent = parent;
+    st->split_counted = true;
+    parent->splits_in_flight++;
+    std::function<Result()> op = [=]() -> Result {
+        Shared* sh = parent->sh;
+        if (p->phase == 0) {
+            Lock g(sh);
+            if (sh->split_arrived == sh->nranks) return ncclInProgress;  // the previous round is being read
+            p->round = sh->split_round;
+            sh->split_color[parent->rank] = color;
+            sh->split_key[parent->rank] = key;
+            if (++sh->split_arrived == sh->nranks) pthread_cond_broadcast(&sh->cv);
+            p->phase = 1;
+        }
+        if (p->phase == 1) {
+            std::vector<int> colors, keys;
+            {
+                Lock g(sh);
+                if (sh->split_arrived < sh->nranks) return ncclInProgress;
+                colors.assign(sh->split_color, sh->split_color + sh->nranks);
+                keys.assign(sh->split_key, sh->split_key + sh->nranks);
+                if (++sh->split_departed == sh->nranks) {
+                    sh->split_arrived = 0;
+                    sh->split_departed = 0;
+                    sh->split_round++;
+                    pthread_cond_broadcast(&sh->cv);
+                }
+            }
+            if (st->split_counted.exchange(false)) parent->splits_in_flight--;
+            p->phase = 2;
+            if (color == -1) return ncclSuccess;
+            std::vector<std::pair<int, int>> members;  // (key, rank) of this color
+            for (int q = 0; q < static_cast<int>(colors.size()); ++q)
+                if (colors[q] == color) members.emplace_back(keys[q], q);
+            std::sort(members.begin(), members.end());
+            const int new_rank = static_cast<int>(
+                std::find(members.begin(), members.end(), std::make_pair(key, parent->rank)) - members.begin());
+            const std::string name = parent->name + "-split" + std::to_string(p->round) + "-" + std::to_string(color);
+            p->join = join_op(st, name, static_cast<int>(members.size()), new_rank, Clock::time_point::min());
+        }
+        return p->join();
+    };
     if (color == -1) {
         *out = nullptr;
-        return ncclSuccess;
+        return run_blocking(op);
     }
-    if (color < 0) return fail(ncclInvalidArgument, "negative color " + std::to_string(color));
-    std::vector<std::pair<int, int>> members;  // (key, rank) of this color
-    for (int r = 0; r < static_cast<int>(colors.size()); ++r)
-        if (colors[r] == color) members.emplace_back(keys[r], r);
-    std::sort(members.begin(), members.end());
-    const int new_rank = static_cast<int>(
-        std::find(members.begin(), members.end(), std::make_pair(key, comm->rank)) - members.begin());
-    const std::string name =
-        comm->name + "-split" + std::to_string(round) + "-" + std::to_string(color);
-    return join_clique(out, name, static_cast<int>(members.size()), new_rank, comm->device);
+    r = start(*st, std::move(op));
+    if (r != ncclSuccess && r != ncclInProgress) return r;
+    *out = new_handle(st);
+    return r;
 }
 
 Result ncclAllReduce(const void* send, void* recv, std::size_t count, int type, int op, Comm* comm,
                      void* stream) {
-    return enqueue(comm, false, send, recv, count, type, op, 0, stream);
+    return collective(comm, "ncclAllReduce", false, send, recv, count, type, op, 0, stream);
 }
 
 Result ncclBroadcast(const void* send, void* recv, std::size_t count, int type, int root, Comm* comm,
                      void* stream) {
-    return enqueue(comm, true, send, recv, count, type, Sum, root, stream);
+    return collective(comm, "ncclBroadcast", true, send, recv, count, type, Sum, root, stream);
 }
 
+// The state of `comm`: ncclInProgress while a non-blocking call is (and
+// this progresses it), its error once it failed, else ncclSuccess. A peer's
+// failure is never reported: peers of a dead rank see only silence.
 Result ncclCommGetAsyncError(Comm* comm, Result* err) {
-    if (comm == nullptr || err == nullptr) return fail(ncclInvalidArgument, "null argument");
-    Lock g(comm->sh);
-    *err = comm->sh->aborted && !comm->aborted ? ncclRemoteError : ncclSuccess;
+    Entry e(comm, "ncclCommGetAsyncError");
+    if (!e.ok() || err == nullptr) return fail(ncclInvalidArgument, "ncclCommGetAsyncError: invalid argument");
+    State& st = *e.st();
+    std::lock_guard<std::mutex> g(st.m);
+    if (st.op) {
+        const Result r = st.op();
+        if (r == ncclInProgress) {
+            *err = ncclInProgress;
+            return ncclSuccess;
+        }
+        st.op = nullptr;
+        if (r != ncclSuccess) st.async = r;
+    }
+    *err = st.async;
     return ncclSuccess;
 }
 
-// Releases this rank's pending collectives; the peers see ncclRemoteError.
-// The communicator and its mapping stay allocated (a late query stays safe).
+// Kills this rank's kernels (what has not run yet, on any rank, never runs),
+// releases its pending parts, and frees the communicator. Peers are not told.
 Result ncclCommAbort(Comm* comm) {
     if (comm == nullptr) return ncclSuccess;
-    if (comm->aborted.exchange(true)) return ncclSuccess;
-    Lock g(comm->sh);
-    __atomic_store_n(&comm->sh->aborted, 1, __ATOMIC_RELEASE);
-    // The unfinished collectives' data objects go (their names; mappings stay).
-    for (const Slot& s : comm->sh->slots)
-        if (s.used && !s.finished) shm_unlink(data_name(*comm, s.seq).c_str());
-    pthread_cond_broadcast(&comm->sh->cv);
+    const std::shared_ptr<State> st = release(comm, "ncclCommAbort");
+    if (!st) return fail(ncclInvalidArgument, "ncclCommAbort: not a communicator");
+    st->aborted = true;
+    if (st->split_counted.exchange(false)) st->split_parent->splits_in_flight--;  // the split is abandoned
+    if (st->sh != nullptr) {
+        Lock g(st->sh);
+        __atomic_store_n(&st->sh->aborted, 1, __ATOMIC_RELEASE);
+        // The unfinished collectives' data objects go (their names; mappings stay).
+        for (const Slot& s : st->sh->slots)
+            if (s.used && !s.finished) shm_unlink(data_name(st->name, s.seq).c_str());
+        // A clique some rank never joined: its header's name goes too.
+        if (st->sh->joined < st->sh->nranks) shm_unlink(st->name.c_str());
+        pthread_cond_broadcast(&st->sh->cv);
+    }
     return ncclSuccess;
 }
 
-Result ncclCommDestroy(Comm* comm) { return ncclCommAbort(comm); }
-Result ncclCommFinalize(Comm*) { return ncclSuccess; }
+// Completes when every collective of this rank has run (non-blocking:
+// ncclInProgress until then).
+Result ncclCommFinalize(Comm* comm) {
+    Entry e(comm, "ncclCommFinalize");
+    if (!e.ok()) return fail(ncclInvalidArgument, "ncclCommFinalize: not a communicator");
+    const Result r = ready_for_call(*e.st(), "ncclCommFinalize");
+    if (r != ncclSuccess) return r;
+    return start(*e.st(), finalize_op(e.st()));
+}
+
+// Frees the communicator, after finalizing it (blocking) if that was not done.
+Result ncclCommDestroy(Comm* comm) {
+    {
+        Entry e(comm, "ncclCommDestroy");
+        if (!e.ok()) return fail(ncclInvalidArgument, "ncclCommDestroy: not a communicator");
+        if (!e.st()->finalized) {
+            const Result r = run_blocking(finalize_op(e.st()));
+            if (r != ncclSuccess) return r;
+        }
+    }
+    if (!release(comm, "ncclCommDestroy")) return fail(ncclInvalidArgument, "ncclCommDestroy: not a communicator");
+    return ncclSuccess;
+}
 
 Result ncclCommCount(const Comm* comm, int* count) {
-    *count = comm->sh->nranks;
+    Entry e(comm, "ncclCommCount");
+    if (!e.ok() || count == nullptr) return fail(ncclInvalidArgument, "ncclCommCount: invalid argument");
+    *count = e.st()->nranks;
     return ncclSuccess;
 }
 Result ncclCommUserRank(const Comm* comm, int* rank) {
-    *rank = comm->rank;
+    Entry e(comm, "ncclCommUserRank");
+    if (!e.ok() || rank == nullptr) return fail(ncclInvalidArgument, "ncclCommUserRank: invalid argument");
+    *rank = e.st()->rank;
     return ncclSuccess;
 }
 Result ncclCommCuDevice(const Comm* comm, int* device) {
-    *device = comm->device;
+    Entry e(comm, "ncclCommCuDevice");
+    if (!e.ok() || device == nullptr) return fail(ncclInvalidArgument, "ncclCommCuDevice: invalid argument");
+    *device = e.st()->device;
     return ncclSuccess;
 }
 
@@ -531,6 +910,7 @@ const char* ncclGetErrorString(Result r) {
     case ncclInvalidUsage: return "invalid usage (emulated NCCL)";
     case ncclSystemError: return "system error (emulated NCCL)";
     case ncclRemoteError: return "remote process exited or there was a network error (emulated NCCL)";
+    case ncclInProgress: return "operation in progress (emulated NCCL)";
     default: return "unhandled error (emulated NCCL)";
     }
 }

@@ -4,27 +4,43 @@
 //!
 //! - The NCCL unique id is made by rank 0 and shared through the authenticated
 //!   TCP rendezvous (the `store` module), whose connections stay open.
-//! - A watchdog thread records a CUDA event after each collective and polls it;
-//!   a collective that has not finished within [`NcclOptions::timeout`]
-//!   (default 10 minutes, as PyTorch), or an asynchronous NCCL error, aborts
-//!   the communicator (`ncclCommAbort`): the stuck kernels are released and the
-//!   next call returns the error instead of hanging forever.
+//! - Every wait is bounded by [`NcclOptions::timeout`] (default 10 minutes, as
+//!   PyTorch). The communicators are non-blocking (`ncclConfig_t.blocking =
+//!   0`): initialization (`ncclCommInitRankConfig`), `ncclCommSplit`, the
+//!   connection to the peers that NCCL makes lazily inside the first
+//!   collective of each algorithm, and `ncclCommFinalize` return
+//!   `ncclInProgress` and are polled against the timeout, then aborted. A
+//!   watchdog thread records a CUDA event after each collective and polls it;
+//!   a collective not finished within the timeout, or an asynchronous NCCL
+//!   error, aborts the communicator (`ncclCommAbort`): the stuck kernels are
+//!   released and the next call returns the error instead of hanging.
+//! - `ncclCommAbort` frees the communicator: the handle sits behind a
+//!   read–write lock (every call holds it for reading, abort and destroy take
+//!   it for writing), so nothing touches it afterwards.
+//! - [`Backend::barrier`] is an all-reduce whose result the host waits for, so
+//!   it also orders this rank's earlier device work; dropping the group waits
+//!   (within the timeout) for the work in flight, then finalizes and destroys
+//!   the communicator; it aborts only after a failure or a timeout.
 //! - With `SYNCBN_NCCL_DEBUG=1` (see [`DEBUG_VAR`]) every collective is first
 //!   checked over the TCP connections: all ranks must make the same call
 //!   (sequence number, operation, element count, dtype, [`CallTag`]), else every rank gets
 //!   an error naming each rank's call. This costs a round trip per collective.
 //! - [`ProcessGroup::split`](super::ProcessGroup::split) and `subgroups` give
 //!   each subgroup a communicator of its own (`ncclCommSplit`) with its own
-//!   watchdog, so a subgroup's collectives involve its members only. The debug
-//!   checks need the rendezvous connections and stay with the root group.
+//!   watchdog, so a subgroup's collectives involve its members only. Their
+//!   debug check runs on the split communicator itself (a hash of the call,
+//!   all-reduced with its square: see `check_on_device`), as the rendezvous
+//!   connections are the root group's.
 //!
-//! Not yet run on real GPUs. In CI, tests/nccl.rs runs it on the emulated GPU
-//! (four devices, an emulated NCCL whose collectives stay pending on their
-//! streams until every rank has enqueued its part): exact collective
-//! results, the layer on k ranks against one, and a rank that leaves or
-//! stalls becoming an error on every rank within the timeout. The
-//! rendezvous, id exchange and debug agreement check are the TCP store's,
-//! tested on the CPU.
+//! Real GPUs have run it with world size 1 only (docs/testing.md). In CI,
+//! tests/nccl.rs runs it on the emulated GPU (four devices, an emulated NCCL
+//! at least as strict as the real one: lazy connection, asynchronous
+//! collectives, silence from aborted peers, use after free detected): exact
+//! collective results, the layer on k ranks against one, and a rank that is
+//! late at init or at a first collective, stalls, leaves, or drops its group
+//! becoming an error on every other rank within the timeout (or, for a
+//! drop, delivering its part). The rendezvous, id exchange and debug
+//! agreement check are the TCP store's, tested on the CPU.
 
 use super::store::{dtype_code, Call, Op, Star, StoreOptions, FLAG_META_ONLY};
 use super::{Backend, CallTag};
@@ -40,7 +56,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{channel, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -93,23 +109,78 @@ fn nccl_err(what: &str, e: result::NcclError) -> candle::Error {
     candle::Error::Msg(format!("nccl group: {what} failed: {:?}", e.0))
 }
 
-/// The raw communicator, shared with the watchdog.
-struct Comm {
-    comm: sys::ncclComm_t,
-    aborted: AtomicBool,
-    failure: Mutex<Option<String>>,
-    /// Held while a call is being enqueued, so the watchdog does not abort
-    /// under it (it waits for it for at most a second).
-    enqueue: Mutex<()>,
+/// A communicator handle; `Send` and `Sync` because [`Comm`] serializes what
+/// NCCL requires to be serialized.
+struct Handle(sys::ncclComm_t);
+
+// SAFETY: an NCCL communicator may be used from any thread; `Comm` keeps
+// every use under its read lock and frees it under its write lock.
+unsafe impl Send for Handle {}
+unsafe impl Sync for Handle {}
+
+/// The `ncclConfig_t` of every communicator here: non-blocking, so that no
+/// NCCL call (initialization, split, the lazy connection inside a first
+/// collective, finalization) waits on the host without a deadline; each
+/// returns `ncclInProgress` and is polled against the timeout instead. The
+/// other fields are `NCCL_CONFIG_UNDEF_*`, as `NCCL_CONFIG_INITIALIZER` sets
+/// them.
+fn nonblocking_config() -> sys::ncclConfig_t {
+    const UNDEF: std::ffi::c_int = std::ffi::c_int::MIN;
+    sys::ncclConfig_t {
+        size: std::mem::size_of::<sys::ncclConfig_t>(),
+        magic: 0xcafe_beef,
+        // NCCL_VERSION(2, 30, 0): the header version cudarc's bindings follow.
+        version: 23000,
+        blocking: 0,
+        cgaClusterSize: UNDEF,
+        minCTAs: UNDEF,
+        maxCTAs: UNDEF,
+        netName: std::ptr::null(),
+        splitShare: UNDEF,
+        trafficClass: UNDEF,
+        commName: std::ptr::null(),
+        collnetEnable: UNDEF,
+        CTAPolicy: UNDEF,
+        shrinkShare: UNDEF,
+        nvlsCTAs: UNDEF,
+        nChannelsPerNetPeer: UNDEF,
+        nvlinkCentricSched: UNDEF,
+        graphUsageMode: UNDEF,
+        numRmaCtx: UNDEF,
+        maxP2pPeers: UNDEF,
+    }
 }
 
-// SAFETY: an NCCL communicator may be used from any thread; every use here is
-// serialized by `enqueue`, except an abort after a stuck enqueue, which is what
-// `ncclCommAbort` is for.
-unsafe impl Send for Comm {}
-unsafe impl Sync for Comm {}
+/// How long a poll of a non-blocking NCCL call sleeps at most.
+const MAX_POLL_SLEEP: Duration = Duration::from_millis(2);
+
+/// The raw communicator, shared with the watchdog.
+///
+/// `ncclCommAbort` and `ncclCommDestroy` free the communicator, so the
+/// handle sits behind a read–write lock: every NCCL call with it (enqueues,
+/// state queries, polls) holds the read lock, and freeing it takes the write
+/// lock and leaves `None`. Since the communicator is non-blocking, no call
+/// holds the read lock for long, and an abort gets the write lock promptly.
+struct Comm {
+    handle: RwLock<Option<Handle>>,
+    failure: Mutex<Option<String>>,
+    /// Serializes this rank's operations on the communicator (a call and the
+    /// polls until it completes): NCCL calls on one communicator must not
+    /// overlap, and a non-blocking one must be complete before the next.
+    op: Mutex<()>,
+    rank: usize,
+}
 
 impl Comm {
+    fn new(raw: sys::ncclComm_t, rank: usize) -> Self {
+        Self {
+            handle: RwLock::new(Some(Handle(raw))),
+            failure: Mutex::new(None),
+            op: Mutex::new(()),
+            rank,
+        }
+    }
+
     fn failure(&self) -> Option<String> {
         self.failure
             .lock()
@@ -117,7 +188,15 @@ impl Comm {
             .clone()
     }
 
-    /// Records `msg` (the first failure wins) and aborts the communicator once.
+    fn usable(&self) -> Result<()> {
+        match self.failure() {
+            Some(f) => candle::bail!("nccl group is unusable after an earlier failure: {f}"),
+            None => Ok(()),
+        }
+    }
+
+    /// Records `msg` (the first failure wins) and aborts (frees) the
+    /// communicator once, after every call in flight with it has returned.
     fn abort(&self, msg: String) {
         {
             let mut f = self.failure.lock().unwrap_or_else(|e| e.into_inner());
@@ -125,45 +204,136 @@ impl Comm {
                 *f = Some(msg);
             }
         }
-        let guard = {
-            let start = Instant::now();
-            loop {
-                if let Ok(g) = self.enqueue.try_lock() {
-                    break Some(g);
-                }
-                if start.elapsed() > Duration::from_secs(1) {
-                    break None;
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        };
-        if !self.aborted.swap(true, Ordering::SeqCst) {
-            // SAFETY: `comm` is a live communicator, aborted exactly once.
-            let _ = unsafe { result::comm_abort(self.comm) };
+        let handle = self
+            .handle
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(h) = handle {
+            // SAFETY: `h` is live, and taken out of the lock: nothing uses it
+            // after this.
+            let _ = unsafe { result::comm_abort(h.0) };
         }
-        drop(guard);
     }
 
-    /// Enqueues one NCCL call unless the communicator failed.
-    fn enqueue(
+    /// Runs `f` with the communicator under the read lock; an error once it
+    /// was freed.
+    fn with<R>(&self, f: impl FnOnce(sys::ncclComm_t) -> R) -> Result<R> {
+        let guard = self.handle.read().unwrap_or_else(|e| e.into_inner());
+        match guard.as_ref() {
+            Some(h) => Ok(f(h.0)),
+            None => match self.failure() {
+                Some(f) => candle::bail!("nccl group is unusable after an earlier failure: {f}"),
+                None => candle::bail!("nccl group: the communicator was closed"),
+            },
+        }
+    }
+
+    /// The communicator's state (`ncclCommGetAsyncError`): `None` once it
+    /// was freed.
+    fn state(&self) -> Option<sys::ncclResult_t> {
+        self.with(|comm| {
+            let mut state = sys::ncclResult_t::ncclSuccess;
+            // SAFETY: `comm` is live (read lock held); `state` is written.
+            let r = unsafe { sys::ncclCommGetAsyncError(comm, &mut state) };
+            if r == sys::ncclResult_t::ncclSuccess {
+                state
+            } else {
+                r
+            }
+        })
+        .ok()
+    }
+
+    /// Polls the communicator until its non-blocking call `what` completes;
+    /// past `deadline`, or on an error, aborts it and fails.
+    fn wait_ready(&self, what: &str, deadline: Instant, timeout: Duration) -> Result<()> {
+        let mut sleep = Duration::from_micros(20);
+        loop {
+            match self.state() {
+                None => return self.usable().and_then(|()| self.with(|_| ())),
+                Some(sys::ncclResult_t::ncclSuccess) => return Ok(()),
+                Some(sys::ncclResult_t::ncclInProgress) => {}
+                Some(e) => {
+                    let msg = format!(
+                        "nccl group: rank {}: {what} failed: {e:?}; the communicator was aborted",
+                        self.rank
+                    );
+                    self.abort(msg.clone());
+                    candle::bail!("{msg}")
+                }
+            }
+            if Instant::now() >= deadline {
+                let msg = format!(
+                    "nccl group: rank {}: {what} did not complete within {timeout:?} (a rank is late, died, or made a different call); the communicator was aborted",
+                    self.rank
+                );
+                self.abort(msg.clone());
+                candle::bail!("{msg}")
+            }
+            std::thread::sleep(sleep);
+            sleep = (sleep * 2).min(MAX_POLL_SLEEP);
+        }
+    }
+
+    /// Makes one NCCL call with the communicator, then polls it to completion
+    /// within `timeout` (a first collective connects to the peers here).
+    fn call(
         &self,
         what: &str,
+        timeout: Duration,
         f: impl FnOnce(sys::ncclComm_t) -> std::result::Result<result::NcclStatus, result::NcclError>,
     ) -> Result<()> {
-        let _g: MutexGuard<'_, ()> = self.enqueue.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(f) = self.failure() {
-            candle::bail!("nccl group is unusable after an earlier failure: {f}")
+        let _op = self.op.lock().unwrap_or_else(|e| e.into_inner());
+        self.usable()?;
+        let deadline = Instant::now() + timeout;
+        match self.with(f)? {
+            Ok(result::NcclStatus::Success) => Ok(()),
+            Ok(_) => self.wait_ready(what, deadline, timeout),
+            Err(e) => {
+                let err = nccl_err(what, e);
+                self.abort(err.to_string());
+                Err(err)
+            }
         }
-        if self.aborted.load(Ordering::SeqCst) {
-            candle::bail!("nccl group: the communicator was aborted")
+    }
+
+    /// Closes the communicator: `ncclCommFinalize` polled until `deadline`,
+    /// then `ncclCommDestroy`; an abort instead after a failure, or when the
+    /// finalization does not complete in time.
+    fn close(&self, deadline: Instant, timeout: Duration) {
+        if self.failure().is_some() {
+            self.abort(String::from("nccl group: closed after a failure"));
+            return;
         }
-        f(self.comm).map_err(|e| {
-            let err = nccl_err(what, e.clone());
-            drop(_g);
-            self.abort(err.to_string());
-            err
-        })?;
-        Ok(())
+        {
+            let _op = self.op.lock().unwrap_or_else(|e| e.into_inner());
+            // SAFETY: the communicator is live (read lock held).
+            let r = self.with(|comm| unsafe { result::comm_finalize(comm) });
+            let finalized = match r {
+                Ok(Ok(result::NcclStatus::Success)) => true,
+                Ok(Ok(_)) => self
+                    .wait_ready("ncclCommFinalize", deadline, timeout)
+                    .is_ok(),
+                _ => false,
+            };
+            if !finalized {
+                drop(_op);
+                self.abort(String::from(
+                    "nccl group: ncclCommFinalize failed or did not complete in time",
+                ));
+                return;
+            }
+        }
+        let handle = self
+            .handle
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(h) = handle {
+            // SAFETY: `h` is live, finalized, and taken out of the lock.
+            let _ = unsafe { result::comm_destroy(h.0) };
+        }
     }
 }
 
@@ -199,19 +369,20 @@ impl Watchdog {
                     while let Ok(p) = rx.try_recv() {
                         pending.push_back(p);
                     }
-                    if comm.aborted.load(Ordering::SeqCst) {
-                        pending.clear();
-                        continue;
-                    }
-                    let mut async_err = sys::ncclResult_t::ncclSuccess;
-                    // SAFETY: the communicator is live (not aborted, checked above).
-                    let _ = unsafe { sys::ncclCommGetAsyncError(comm.comm, &mut async_err) };
+                    let state = match comm.state() {
+                        // Freed (aborted or closed): nothing to watch.
+                        None => {
+                            pending.clear();
+                            continue;
+                        }
+                        Some(state) => state,
+                    };
                     if !matches!(
-                        async_err,
+                        state,
                         sys::ncclResult_t::ncclSuccess | sys::ncclResult_t::ncclInProgress
                     ) {
                         comm.abort(format!(
-                            "nccl group: rank {rank}: asynchronous NCCL error {async_err:?} (a peer failed?); the communicator was aborted"
+                            "nccl group: rank {rank}: asynchronous NCCL error {state:?} (a peer failed?); the communicator was aborted"
                         ));
                         continue;
                     }
@@ -265,8 +436,8 @@ pub struct NcclBackend {
     device: candle::CudaDevice,
     stream: Arc<CudaStream>,
     comm: Arc<Comm>,
-    /// The TCP connections of the rendezvous, for the debug checks and the
-    /// barrier; `None` for a communicator split off another.
+    /// The TCP connections of the rendezvous, for the debug checks; `None`
+    /// for a communicator split off another.
     star: Option<Mutex<Star>>,
     seq: AtomicU64,
     options: NcclOptions,
@@ -301,7 +472,9 @@ fn nccl_dtype(dtype: DType) -> Result<sys::ncclDataType_t> {
 
 impl NcclBackend {
     /// Joins the NCCL group described by `rv` on the CUDA device `device`:
-    /// the TCP rendezvous, the unique id from rank 0, then `ncclCommInitRank`.
+    /// the TCP rendezvous, the unique id from rank 0, then a non-blocking
+    /// `ncclCommInitRankConfig`, polled until every rank has joined: past
+    /// [`NcclOptions::timeout`] (a rank late or dead at init) it is an error.
     pub fn connect(rv: &Rendezvous, device: &Device, options: NcclOptions) -> Result<Self> {
         let Device::Cuda(cuda) = device else {
             candle::bail!(
@@ -338,24 +511,31 @@ impl NcclBackend {
         stream.context().bind_to_thread().map_err(|e| {
             candle::Error::Msg(format!("nccl group: binding the CUDA context: {e:?}"))
         })?;
-        let mut raw = std::mem::MaybeUninit::<sys::ncclComm_t>::uninit();
-        // SAFETY: `raw` is written by ncclCommInitRank on success.
-        let raw = unsafe {
-            result::comm_init_rank(
-                raw.as_mut_ptr(),
+        // Non-blocking, so that a late or dead peer is an error within the
+        // timeout here, not a hang.
+        let mut config = nonblocking_config();
+        let mut raw: sys::ncclComm_t = std::ptr::null_mut();
+        let what = "ncclCommInitRankConfig";
+        // SAFETY: `raw` and `config` outlive the call; `raw` is written.
+        let status = unsafe {
+            sys::ncclCommInitRankConfig(
+                &mut raw,
                 rv.world_size as std::ffi::c_int,
                 id,
                 rv.rank as std::ffi::c_int,
+                &mut config,
             )
-            .map_err(|e| nccl_err("ncclCommInitRank", e))?;
-            raw.assume_init()
-        };
-        let comm = Arc::new(Comm {
-            comm: raw,
-            aborted: AtomicBool::new(false),
-            failure: Mutex::new(None),
-            enqueue: Mutex::new(()),
-        });
+        }
+        .result();
+        if let Err(e) = status {
+            if !raw.is_null() {
+                // SAFETY: a communicator NCCL made, used by nothing else.
+                let _ = unsafe { result::comm_abort(raw) };
+            }
+            return Err(nccl_err(what, e));
+        }
+        let comm = Arc::new(Comm::new(raw, rv.rank));
+        comm.wait_ready(what, Instant::now() + options.timeout, options.timeout)?;
         let watchdog = Watchdog::start(comm.clone(), stream.clone(), rv.rank, options.timeout);
         Ok(Self {
             rank: rv.rank,
@@ -372,8 +552,8 @@ impl NcclBackend {
 
     /// The communicator of this rank's subgroup (`slot`, with the group ranks
     /// `members`), split off this one with `ncclCommSplit`, which every rank
-    /// of this group calls. It has its own watchdog and timeout; the debug
-    /// checks, which need the rendezvous connections, stay with this group.
+    /// of this group calls. It has its own watchdog and timeout; its debug
+    /// checks run on the new communicator (`check_on_device`).
     fn split(&self, slot: usize, members: &[usize]) -> Result<NcclBackend> {
         let key = members
             .iter()
@@ -392,29 +572,50 @@ impl NcclBackend {
         self.stream.context().bind_to_thread().map_err(|e| {
             candle::Error::Msg(format!("nccl group: binding the CUDA context: {e:?}"))
         })?;
-        let mut raw = std::mem::MaybeUninit::<sys::ncclComm_t>::uninit();
-        self.comm.enqueue("ncclCommSplit", |comm| {
-            // SAFETY: `comm` is live; `raw` is written on success; a null
-            // config asks for the parent's.
-            unsafe {
+        let timeout = self.options.timeout;
+        let what = "ncclCommSplit";
+        let split = || -> Result<Arc<Comm>> {
+            let _op = self.comm.op.lock().unwrap_or_else(|e| e.into_inner());
+            self.comm.usable()?;
+            // The parent stays locked for reading until the split is over:
+            // a non-blocking split reads it, so it must not be freed (by the
+            // watchdog's abort) under the split.
+            let parent = self.comm.handle.read().unwrap_or_else(|e| e.into_inner());
+            let Some(parent) = parent.as_ref() else {
+                return self
+                    .comm
+                    .usable()
+                    .and_then(|()| candle::bail!("nccl group: the communicator was closed"));
+            };
+            let deadline = Instant::now() + timeout;
+            let mut config = nonblocking_config();
+            let mut raw: sys::ncclComm_t = std::ptr::null_mut();
+            // SAFETY: the parent is live (read lock held); `raw` and `config`
+            // outlive the call.
+            let status = unsafe {
                 sys::ncclCommSplit(
-                    comm,
+                    parent.0,
                     color,
                     key as std::ffi::c_int,
-                    raw.as_mut_ptr(),
-                    std::ptr::null_mut(),
+                    &mut raw,
+                    &mut config,
                 )
-                .result()
             }
+            .result();
+            let child = match status {
+                Ok(_) if !raw.is_null() => Arc::new(Comm::new(raw, self.rank)),
+                Ok(_) => {
+                    candle::bail!("nccl group: {what} gave rank {} no communicator", self.rank)
+                }
+                Err(e) => return Err(nccl_err(what, e)),
+            };
+            // The child aborts itself when it fails here.
+            child.wait_ready(what, deadline, timeout).map(|()| child)
+        };
+        let comm = split().inspect_err(|e| {
+            // The parent's ranks are out of step now: it fails too.
+            self.comm.abort(format!("nccl group: {e}"));
         })?;
-        // SAFETY: ncclCommSplit succeeded, so it wrote the communicator.
-        let raw = unsafe { raw.assume_init() };
-        let comm = Arc::new(Comm {
-            comm: raw,
-            aborted: AtomicBool::new(false),
-            failure: Mutex::new(None),
-            enqueue: Mutex::new(()),
-        });
         let watchdog = Watchdog::start(
             comm.clone(),
             self.stream.clone(),
@@ -436,12 +637,12 @@ impl NcclBackend {
 
     /// The debug check: all ranks agree on the call (through the TCP store).
     fn check(&self, call: Call, tag: CallTag) -> Result<()> {
-        let Some(star) = &self.star else {
-            return Ok(());
-        };
         if !self.options.debug_checks || self.world_size == 1 {
             return Ok(());
         }
+        let Some(star) = &self.star else {
+            return self.check_on_device(call, tag);
+        };
         let call = Call {
             flags: FLAG_META_ONLY,
             ..call
@@ -469,7 +670,7 @@ impl NcclBackend {
                 other.location()
             ),
         }
-        let ty = nccl_dtype(tensor.dtype())?;
+        nccl_dtype(tensor.dtype())?;
         let seq = self.seq.fetch_add(1, Ordering::SeqCst);
         self.check(
             Call {
@@ -496,6 +697,56 @@ impl NcclBackend {
                 tensor.dtype()
             ),
         };
+        self.run_collective(op, tensor, root, what)
+    }
+
+    /// The debug check of a split communicator, which has no rendezvous
+    /// connections of its own: every rank all-reduces, on the communicator
+    /// itself, three 20-bit chunks `h` of a hash of its call (sequence
+    /// number, operation, dtype, count, root) and their squares. The calls
+    /// agree iff `n·Σh² = (Σh)²` for every chunk (equality in Cauchy–Schwarz),
+    /// up to hash collisions; the sums are exact in i64. Ranks that differ
+    /// in whether they make a call at all leave the check's own all-reduce
+    /// unmatched, which the watchdog turns into an error within the timeout.
+    /// It costs a host wait per collective (debug mode only).
+    fn check_on_device(&self, call: Call, tag: CallTag) -> Result<()> {
+        let seq = self.seq.load(Ordering::SeqCst).wrapping_sub(1);
+        let text = format!("{seq} {call:?} {}", tag.value());
+        // FNV-1a, 64 bits.
+        let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+        let chunks: Vec<i64> = (0..3)
+            .map(|i| ((hash >> (20 * i)) & 0xf_ffff) as i64)
+            .collect();
+        let squares = chunks.iter().map(|c| c * c);
+        let values: Vec<i64> = chunks.iter().copied().chain(squares).collect();
+        let t = Tensor::from_vec(values, 6, &Device::Cuda(self.device.clone()))?;
+        let sums = self
+            .run_collective(
+                Op::AllReduceSum,
+                &t,
+                0,
+                format!("the debug check of collective #{seq}"),
+            )?
+            .to_vec1::<i64>()?;
+        // An abort releases the wait with undefined values.
+        self.comm.usable()?;
+        let n = self.world_size as i64;
+        if (0..3).all(|i| n * sums[3 + i] == sums[i] * sums[i]) {
+            return Ok(());
+        }
+        let msg = format!(
+            "nccl group (debug check): rank {} of a subgroup of {}: the ranks' calls #{seq} differ (this rank: {call} for {tag}); the communicator was aborted",
+            self.rank, self.world_size
+        );
+        self.comm.abort(msg.clone());
+        candle::bail!("{msg}")
+    }
+
+    /// Enqueues one collective (no checks) and hands its event to the watchdog.
+    fn run_collective(&self, op: Op, tensor: &Tensor, root: usize, what: String) -> Result<Tensor> {
+        let ty = nccl_dtype(tensor.dtype())?;
         let t = tensor.contiguous()?;
         let out = t.apply_op1_no_bwd(&NcclOp {
             backend: self,
@@ -542,7 +793,7 @@ impl NcclOp<'_> {
             let (dp, _rd) = dst.device_ptr_mut(&b.stream);
             let stream = b.stream.cu_stream() as sys::cudaStream_t;
             let (op, root, ty) = (self.op, self.root, self.ty);
-            b.comm.enqueue(&self.what, |comm| unsafe {
+            b.comm.call(&self.what, b.options.timeout, |comm| unsafe {
                 // SAFETY: both buffers hold `n` elements of `ty` on this stream's device.
                 match op {
                     Op::AllReduceSum => result::all_reduce(
@@ -619,23 +870,22 @@ impl Backend for NcclBackend {
         self.collective(Op::Broadcast, tensor, root, CallTag::UNTAGGED)
     }
 
+    /// An all-reduce of one value on the communicator, and the host waits
+    /// for it: it returns when every rank has called it *and* the device
+    /// work this rank enqueued before it (its earlier collectives included)
+    /// is done, so that "collective; barrier; drop" loses nothing.
     fn barrier(&self) -> Result<()> {
-        let Some(star) = &self.star else {
-            // A split communicator: an all-reduce, and the host waits for it.
-            let one = Tensor::zeros(1, DType::F32, &Device::Cuda(self.device.clone()))?;
-            self.all_reduce_sum(&one)?.to_vec1::<f32>()?;
-            return Ok(());
-        };
-        let call = Call {
-            op: Op::Barrier,
-            dtype: 0,
-            count: 0,
-            root: 0,
-            flags: 0,
-        };
-        star.lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .exchange(call, &[], &|_| Ok(Vec::new()))?;
+        let one = Tensor::ones(1, DType::F32, &Device::Cuda(self.device.clone()))?;
+        let sum = self.all_reduce_sum(&one)?.to_vec1::<f32>()?;
+        // An abort releases the wait with an undefined result.
+        self.comm.usable()?;
+        if sum.first() != Some(&(self.world_size as f32)) {
+            candle::bail!(
+                "nccl group: barrier: rank {} expected {} ranks, the all-reduce gave {sum:?}",
+                self.rank,
+                self.world_size
+            )
+        }
         Ok(())
     }
 
@@ -657,18 +907,52 @@ impl Backend for NcclBackend {
     }
 }
 
+impl NcclBackend {
+    /// Waits until the work enqueued so far on the stream (the last
+    /// collective included) is done, or `deadline`, or a failure; whether
+    /// it is done.
+    fn drain(&self, deadline: Instant) -> bool {
+        if self.stream.context().bind_to_thread().is_err() {
+            return false;
+        }
+        let Ok(event) = self.stream.record_event(None) else {
+            return false;
+        };
+        let mut sleep = Duration::from_micros(20);
+        loop {
+            match event.try_is_complete() {
+                Ok(true) => return true,
+                Ok(false) if Instant::now() < deadline && self.comm.failure().is_none() => {
+                    std::thread::sleep(sleep);
+                    sleep = (sleep * 2).min(MAX_POLL_SLEEP);
+                }
+                _ => return false,
+            }
+        }
+    }
+}
+
 impl Drop for NcclBackend {
+    /// Lets this rank's part of the collectives in flight finish (within the
+    /// timeout; the watchdog still runs), then finalizes and destroys the
+    /// communicator; aborts it only after a failure or when the work or the
+    /// finalization does not finish in time.
     fn drop(&mut self) {
-        // Stop the watchdog first (it holds the communicator), then abort: it
-        // never blocks, unlike ncclCommDestroy with work stuck in flight.
+        let timeout = self.options.timeout;
+        let deadline = Instant::now() + timeout;
+        let drained = self.comm.failure().is_none() && self.drain(deadline);
         self.watchdog.stop.store(true, Ordering::SeqCst);
         self.watchdog.tx.take();
         if let Some(t) = self.watchdog.thread.take() {
             let _ = t.join();
         }
-        if !self.comm.aborted.swap(true, Ordering::SeqCst) {
-            // SAFETY: the communicator is live and no other thread uses it now.
-            let _ = unsafe { result::comm_abort(self.comm.comm) };
+        if drained {
+            self.comm.close(deadline, timeout);
+        } else {
+            self.comm.abort(format!(
+                "nccl group: rank {}: dropped with work not finished within {timeout:?}",
+                self.rank
+            ));
         }
     }
 }
