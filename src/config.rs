@@ -38,18 +38,25 @@ impl From<f64> for SyncBatchNormConfig {
     }
 }
 
-impl From<candle_nn::BatchNormConfig> for SyncBatchNormConfig {
+impl TryFrom<candle_nn::BatchNormConfig> for SyncBatchNormConfig {
+    type Error = candle::Error;
+
     /// Same `eps`, `affine` and `momentum`; running statistics are tracked, as in
-    /// `candle_nn::BatchNorm`. (`remove_mean: false` has no SyncBatchNorm
-    /// equivalent and is rejected by the constructors that take a
-    /// `candle_nn::BatchNormConfig` directly.)
-    fn from(c: candle_nn::BatchNormConfig) -> Self {
-        Self {
+    /// `candle_nn::BatchNorm`. `remove_mean: false` has no SyncBatchNorm
+    /// equivalent and is an error (the conversions of [`crate::convert`] name
+    /// the layer in theirs).
+    fn try_from(c: candle_nn::BatchNormConfig) -> candle::Result<Self> {
+        if !c.remove_mean {
+            candle::bail!(
+                "SyncBatchNormConfig: a candle_nn::BatchNormConfig with remove_mean: false has no synchronized equivalent (SyncBatchNorm always subtracts the mean)"
+            )
+        }
+        Ok(Self {
             eps: c.eps,
             momentum: Some(c.momentum),
             affine: c.affine,
             track_running_stats: true,
-        }
+        })
     }
 }
 

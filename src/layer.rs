@@ -274,6 +274,59 @@ impl SyncBatchNorm {
             .unwrap_or(0)
     }
 
+    /// PyTorch's `reset_running_stats()`: `running_mean` to 0, `running_var`
+    /// to 1 and `num_batches_tracked` to 0, written in place, so that every
+    /// holder of these variables (the `VarMap`, clones of the layer) sees
+    /// them. Nothing to do without `track_running_stats`.
+    pub fn reset_running_stats(&self) -> Result<()> {
+        let Some(r) = &self.running else {
+            return Ok(());
+        };
+        self.set_variable("running_mean", &r.mean, &r.mean.zeros_like()?)?;
+        self.set_variable("running_var", &r.var, &r.var.ones_like()?)?;
+        self.set_variable(
+            "num_batches_tracked",
+            &r.num_batches_tracked,
+            &r.num_batches_tracked.zeros_like()?,
+        )
+    }
+
+    /// PyTorch's `reset_parameters()`: [`Self::reset_running_stats`], then,
+    /// with `affine`, `weight` to 1 and `bias` to 0, in place.
+    ///
+    /// Errors, changing nothing, when one of them is not a variable (a layer
+    /// built from a `VarBuilder` over a file rather than a `VarMap`): a copy
+    /// could be reset, but the layer would not see it.
+    pub fn reset_parameters(&self) -> Result<()> {
+        if let Some((w, b)) = &self.weight_and_bias {
+            for (what, t) in [("weight", w), ("bias", b)] {
+                self.require_variable(what, t)?;
+            }
+        }
+        self.reset_running_stats()?;
+        if let Some((w, b)) = &self.weight_and_bias {
+            self.set_variable("weight", w, &w.ones_like()?)?;
+            self.set_variable("bias", b, &b.zeros_like()?)?;
+        }
+        Ok(())
+    }
+
+    fn require_variable(&self, what: &str, t: &Tensor) -> Result<()> {
+        if t.is_variable() {
+            return Ok(());
+        }
+        candle::bail!(
+            "SyncBatchNorm '{}': {what} is not a variable (the layer was built from a VarBuilder over a file, not a VarMap), so it cannot be reset in place",
+            self.name
+        )
+    }
+
+    /// Writes `value` into the variable `t` in place.
+    fn set_variable(&self, what: &str, t: &Tensor, value: &Tensor) -> Result<()> {
+        self.require_variable(what, t)?;
+        Var::from_tensor(t)?.set(value)
+    }
+
     /// Checks the input against the layer and returns the tensor the ops run on
     /// with its channel axis, and the permutation to restore the output (for
     /// channels-last inputs).

@@ -24,7 +24,7 @@ fn agrees_with_candle_nn_batch_norm_in_train_and_eval() {
     let vm_sync = VarMap::new();
     let sync_bn = SyncBatchNorm::new(
         3,
-        cfg,
+        SyncBatchNormConfig::try_from(cfg).unwrap(),
         VarBuilder::from_varmap(&vm_sync, DType::F32, &dev),
         ProcessGroup::single(),
     )
@@ -246,7 +246,8 @@ fn config_conversions() {
         affine: false,
         momentum: 0.3,
     }
-    .into();
+    .try_into()
+    .unwrap();
     assert_eq!(
         c,
         SyncBatchNormConfig {
@@ -256,5 +257,108 @@ fn config_conversions() {
             track_running_stats: true
         }
     );
+    // `remove_mean: false` has no synchronized equivalent: an error, not a
+    // configuration that silently subtracts the mean.
+    let keep_mean = candle_nn::BatchNormConfig {
+        remove_mean: false,
+        ..Default::default()
+    };
+    let err = SyncBatchNormConfig::try_from(keep_mean)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("remove_mean: false"), "{err}");
     let _ = Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap();
+}
+
+/// `reset_running_stats()` and `reset_parameters()` mean what PyTorch's do,
+/// written in place where the `VarMap` (and so a checkpoint) sees them.
+#[test]
+fn reset_running_stats_and_parameters_as_pytorch() {
+    use candle_nn::Optimizer;
+    let dev = Device::Cpu;
+    let vm = VarMap::new();
+    let bn = SyncBatchNorm::new(
+        3,
+        SyncBatchNormConfig::default(),
+        VarBuilder::from_varmap(&vm, DType::F32, &dev).pp("bn"),
+        ProcessGroup::single(),
+    )
+    .unwrap();
+    let x = Tensor::randn(2f32, 3.0, (4, 3, 5), &dev).unwrap();
+    let mut opt = candle_nn::SGD::new(vm.all_vars(), 0.5).unwrap();
+    for _ in 0..2 {
+        let loss = (bn.forward_t(&x, true).unwrap() * &x)
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        opt.backward_step(&loss).unwrap();
+    }
+    let vec = |name: &str| -> Vec<f32> {
+        let data = vm.data().lock().unwrap();
+        data[name]
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    assert_eq!(bn.num_batches_tracked(), 2);
+    assert!(vec("bn.running_mean").iter().all(|&m| m != 0.0));
+    assert!(vec("bn.weight").iter().any(|&w| w != 1.0));
+
+    bn.reset_running_stats().unwrap();
+    assert_eq!(vec("bn.running_mean"), [0.0; 3]);
+    assert_eq!(vec("bn.running_var"), [1.0; 3]);
+    assert_eq!(bn.num_batches_tracked(), 0);
+    assert!(vec("bn.weight").iter().any(|&w| w != 1.0), "weights kept");
+
+    bn.reset_parameters().unwrap();
+    assert_eq!(vec("bn.weight"), [1.0; 3]);
+    assert_eq!(vec("bn.bias"), [0.0; 3]);
+    // The layer computes with what it was reset to: a fresh layer's output.
+    let fresh = SyncBatchNorm::new(
+        3,
+        SyncBatchNormConfig::default(),
+        VarBuilder::from_varmap(&VarMap::new(), DType::F32, &dev),
+        ProcessGroup::single(),
+    )
+    .unwrap();
+    let (a, b) = (
+        bn.forward_t(&x, true).unwrap(),
+        fresh.forward_t(&x, true).unwrap(),
+    );
+    let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+    assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
+
+    // Parameters that are not variables cannot be reset in place: an error
+    // naming the layer, and nothing changes.
+    let tensors = std::collections::HashMap::from([
+        (
+            "bn.weight".to_string(),
+            Tensor::full(2f32, 3, &dev).unwrap(),
+        ),
+        ("bn.bias".to_string(), Tensor::full(3f32, 3, &dev).unwrap()),
+        (
+            "bn.running_mean".to_string(),
+            Tensor::full(4f32, 3, &dev).unwrap(),
+        ),
+        (
+            "bn.running_var".to_string(),
+            Tensor::full(5f32, 3, &dev).unwrap(),
+        ),
+    ]);
+    let from_file = SyncBatchNorm::new(
+        3,
+        SyncBatchNormConfig::default(),
+        VarBuilder::from_tensors(tensors, DType::F32, &dev).pp("bn"),
+        ProcessGroup::single(),
+    )
+    .unwrap();
+    let err = from_file.reset_parameters().unwrap_err().to_string();
+    assert!(
+        err.contains("'bn'") && err.contains("weight is not a variable"),
+        "{err}"
+    );
+    let mean = from_file.running_mean().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(mean, [4.0; 3]);
 }

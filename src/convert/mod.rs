@@ -178,7 +178,7 @@ pub(crate) fn sync_config(config: &BatchNormConfig, path: &str) -> Result<SyncBa
             display_path(path)
         )
     }
-    Ok(SyncBatchNormConfig::from(*config))
+    SyncBatchNormConfig::try_from(*config)
 }
 
 /// A variable prefix for messages ("(root)" when empty).
