@@ -10,7 +10,7 @@
 
 use candle::{Layout, Shape};
 use candle_syncbn::cpu::{backward_elemt, normalize, ChannelCoefficients};
-use candle_syncbn::ops::layout::ChannelView;
+use candle_syncbn::layout::ChannelView;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use half::bf16;
 

@@ -9,7 +9,7 @@
 
 use candle::{Layout, Shape};
 use candle_syncbn::cpu::{batch_stats, grad_sums, ReluMask};
-use candle_syncbn::ops::layout::ChannelView;
+use candle_syncbn::layout::ChannelView;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use half::bf16;
 

@@ -107,11 +107,11 @@
 
 pub mod convert;
 pub mod cpu;
-#[cfg(feature = "cuda")]
-pub mod cuda_memory;
 pub mod data_parallel;
+pub mod element;
 pub mod group;
 pub mod launch;
+pub mod layout;
 pub mod ops;
 pub mod precise_bn;
 
@@ -119,6 +119,9 @@ mod config;
 #[cfg(any(feature = "cuda", test))]
 mod cuda;
 mod layer;
+
+#[cfg(feature = "cuda")]
+pub use cuda::memory as cuda_memory;
 
 pub use config::SyncBatchNormConfig;
 pub use convert::{

@@ -4,8 +4,8 @@
 //! input view.
 
 use super::{channel_row, dense_rows, multiversion, spatial_rows, TASK};
-use crate::ops::element::{Accum, Element};
-use crate::ops::layout::ChannelView;
+use crate::element::{Accum, Element};
+use crate::layout::ChannelView;
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
@@ -29,7 +29,7 @@ impl<A: Accum> ChannelCoefficients<A> {
     /// Rounds f64 coefficients to the accumulator type; `mean` is split into high
     /// and low parts.
     pub fn new(mean: &[f64], dy_scale: &[f64], x_scale: &[f64], shift: &[f64]) -> Self {
-        let (mean_hi, mean_lo) = super::reductions::split_means(mean);
+        let (mean_hi, mean_lo) = crate::element::split_means(mean);
         let cast = |v: &[f64]| v.iter().map(|&e| A::from_f64(e)).collect::<Vec<A>>();
         Self {
             mean_hi,

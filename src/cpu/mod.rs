@@ -11,7 +11,7 @@ pub use allocator::keep_freed_memory;
 pub use elementwise::{backward_elemt, normalize, relu_grad, ChannelCoefficients, ReluMask};
 pub use reductions::{batch_stats, grad_sums};
 
-use crate::ops::layout::ChannelView;
+use crate::layout::ChannelView;
 
 /// Defines `$name`, which runs `$body` compiled for AVX2 when the CPU has it
 /// (checked at run time) and for the baseline target otherwise; with `wide fn`,
@@ -153,7 +153,7 @@ fn spatial_rows<'a, T: Copy>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::element::{Accum, Element};
+    use crate::element::{Accum, Element};
     use candle::Layout;
     use half::{bf16, f16};
 

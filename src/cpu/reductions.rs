@@ -2,8 +2,8 @@
 
 use super::elementwise::{relu_masked, ReluMask};
 use super::{channel_row, multiversion, spatial_row, BLOCK, TASK};
-use crate::ops::element::{Accum, Element};
-use crate::ops::layout::ChannelView;
+use crate::element::{split_means, Accum, Element};
+use crate::layout::ChannelView;
 use rayon::prelude::*;
 
 const LANES: usize = 8;
@@ -910,17 +910,6 @@ pub fn grad_sums<T: Element>(
         out[c_n + c] = q;
     }
     out
-}
-
-/// Splits f64 values into `hi + lo` of the accumulator type (`lo` is zero for f64).
-pub(crate) fn split_means<A: Accum>(mean: &[f64]) -> (Vec<A>, Vec<A>) {
-    let hi: Vec<A> = mean.iter().map(|&m| A::from_f64(m)).collect();
-    let lo: Vec<A> = mean
-        .iter()
-        .zip(hi.iter())
-        .map(|(&m, &h)| A::from_f64(m - h.to_f64()))
-        .collect();
-    (hi, lo)
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use super::plan::{self, KView};
 pub use super::plan::{
     acc_suffix, coef_bytes, elementwise_mode, vec_width, Reduction, ReductionSplit,
 };
-use crate::ops::layout::ChannelView;
+use crate::layout::ChannelView;
 use candle::backend::BackendStorage;
 use candle::cuda_backend::cudarc::driver::{
     sys, CudaFunction, CudaSlice, DevicePtr, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg,

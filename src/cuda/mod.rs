@@ -4,17 +4,18 @@
 //! kernels of `cuda-kernels/` (compiled to PTX by `build.rs`), descriptors of
 //! the small tensors they read, and the work splits of the reductions.
 //!
-//! In unit tests, `emulator` compiles the same kernels for the host and
-//! `kernel_tests` runs them against the CPU path of the ops.
+//! In unit tests, `emulator` compiles the same kernels for the host, and the
+//! ops' `cuda_kernel_tests` run them against the CPU path of the ops;
+//! [`memory`] is the CUDA memory pool's policy (`crate::cuda_memory`).
 #![cfg_attr(not(feature = "cuda"), allow(dead_code))]
 
 pub mod args;
 pub mod plan;
 
 #[cfg(all(test, target_os = "linux"))]
-mod emulator;
-#[cfg(all(test, target_os = "linux"))]
-mod kernel_tests;
+pub(crate) mod emulator;
 
 #[cfg(feature = "cuda")]
 pub mod launch;
+#[cfg(feature = "cuda")]
+pub mod memory;

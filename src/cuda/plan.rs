@@ -3,7 +3,7 @@
 //! Pure Rust (no CUDA calls), so it is unit-tested in every build. The kernels
 //! in `cuda-kernels/` rely on the invariants documented here.
 
-use crate::ops::layout::ChannelView;
+use crate::layout::ChannelView;
 use candle::DType;
 
 /// Threads per block of every kernel (`BLOCK` in `cuda-kernels/tile.cuh`).

@@ -45,8 +45,8 @@ impl CustomOp1 for AffineGrads {
         storage: &candle::CudaStorage,
         layout: &Layout,
     ) -> Result<(candle::CudaStorage, Shape)> {
-        use super::element::with_float_type;
         use crate::cuda::launch::{self as l, Module, Small};
+        use crate::element::with_float_type;
         use candle::backend::BackendStorage;
         use candle::cuda_backend::cudarc::driver::PushKernelArg;
         let dims = layout.dims();

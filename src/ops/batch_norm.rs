@@ -1,11 +1,11 @@
 //! The normalizing op and its (synchronized) backward pass.
 
-use super::element::{with_float_type, Element};
 use super::{
     channel_view, cpu_values_f64, host_f64, unsupported_dtype, viewable, FusedRelu, GradStats,
     InputGrad, ReluGrad,
 };
 use crate::cpu::{self, ChannelCoefficients};
+use crate::element::{with_float_type, Element};
 use crate::ProcessGroup;
 use candle::backend::BackendStorage;
 use candle::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
@@ -295,8 +295,8 @@ fn check_residual(z: DType, zl: &Layout, x: DType, xl: &Layout) -> Result<()> {
 pub(super) mod cuda {
     use crate::cuda::launch::{self as l, Module, Small};
     use crate::cuda::plan::{self, KView};
+    use crate::layout::ChannelView;
     use crate::ops::coefficients::cuda::Coef;
-    use crate::ops::layout::ChannelView;
     use candle::backend::BackendStorage;
     use candle::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, PushKernelArg};
     use candle::{CudaDevice, CudaStorage, Layout, Result, WithDType};

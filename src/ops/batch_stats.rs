@@ -1,8 +1,8 @@
 //! Local per-channel statistics of a batch.
 
-use super::element::with_float_type;
 use super::{channel_view, unsupported_dtype};
 use crate::cpu;
+use crate::element::with_float_type;
 use candle::backend::BackendStorage;
 use candle::{CpuStorage, CustomOp1, Layout, Result, Shape};
 
@@ -57,7 +57,7 @@ impl CustomOp1 for BatchStats {
 #[cfg(feature = "cuda")]
 mod cuda {
     use crate::cuda::launch::{self as l, Module, ReductionSplit};
-    use crate::ops::layout::ChannelView;
+    use crate::layout::ChannelView;
     use candle::cuda_backend::cudarc::driver::{CudaSlice, PushKernelArg};
     use candle::{CudaDevice, Result, WithDType};
 

@@ -1,9 +1,9 @@
 //! Local per-channel gradient sums of the backward pass.
 
-use super::element::{with_float_type, Element};
-use super::layout::ChannelView;
 use super::{channel_view, host_f64, unsupported_dtype, AffineGrads, FusedRelu};
 use crate::cpu;
+use crate::element::{with_float_type, Element};
+use crate::layout::ChannelView;
 use candle::backend::BackendStorage;
 use candle::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
@@ -212,7 +212,7 @@ impl GradStats {
 mod cuda {
     use crate::cuda::launch::{self as l, Module, ReductionSplit, Small};
     use crate::cuda::plan;
-    use crate::ops::layout::ChannelView;
+    use crate::layout::ChannelView;
     use crate::ops::FusedRelu;
     use candle::backend::BackendStorage;
     use candle::cuda_backend::cudarc::driver::{CudaSlice, PushKernelArg};

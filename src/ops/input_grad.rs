@@ -1,8 +1,8 @@
 //! The input gradient of the backward pass.
 
-use super::element::with_float_type;
 use super::{channel_view, host_f64, unsupported_dtype, FusedRelu};
 use crate::cpu::{self, ChannelCoefficients};
+use crate::element::with_float_type;
 use candle::backend::BackendStorage;
 use candle::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
@@ -83,7 +83,7 @@ impl CustomOp2 for InputGrad {
         let xv = channel_view(xl, self.axis, self.name())?;
         let [mean, a, b, k] = self.coefficients(xv.channels)?;
         let out = with_float_type!(x.dtype(), T => {
-            type A = <T as crate::ops::element::Element>::Acc;
+            type A = <T as crate::element::Element>::Acc;
             let coef = ChannelCoefficients::<A>::new(&mean, &a, &b, &k);
             let mask = match &self.relu {
                 Some(r) => Some(r.cpu_mask::<A>(&host_f64(&self.moments)?, self.name())?),
@@ -128,7 +128,7 @@ mod cuda {
     use super::InputGrad;
     use crate::cuda::launch::{self as l, Module, Small};
     use crate::cuda::plan;
-    use crate::ops::layout::ChannelView;
+    use crate::layout::ChannelView;
     use candle::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, PushKernelArg};
     use candle::{CudaDevice, Result, WithDType};
 

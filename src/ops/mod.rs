@@ -22,9 +22,6 @@
 //! whose gradient is summed over the ranks) gives it the synchronized
 //! backward, and [`increment_counter`] the counter update on any device.
 
-pub mod element;
-pub mod layout;
-
 mod affine_grads;
 mod all_reduce;
 mod batch_moments;
@@ -32,6 +29,8 @@ mod batch_norm;
 mod batch_norm_add;
 mod batch_stats;
 mod coefficients;
+#[cfg(all(test, target_os = "linux"))]
+mod cuda_kernel_tests;
 mod grad_stats;
 mod input_grad;
 mod moments;
@@ -54,9 +53,9 @@ pub(crate) use running_stats::counter_value;
 pub use running_stats::{increment_counter, CounterIncrement, RunningStat, RunningStatsUpdate};
 pub use stack_params::StackParams;
 
+use crate::layout::ChannelView;
 use candle::backend::BackendStorage;
 use candle::{CpuStorage, DType, Layout, Result, Tensor};
-use layout::ChannelView;
 
 /// Whether this crate has kernels for tensors on `device`: the CPU, and
 /// CUDA devices when built with the `cuda` feature. Elsewhere (Metal, or a
@@ -138,10 +137,18 @@ pub(crate) fn f64_to_cpu_storage(values: &[f64], dtype: DType, op: &str) -> Resu
     Ok(match dtype {
         DType::F64 => CpuStorage::F64(values.to_vec()),
         DType::F32 => CpuStorage::F32(values.iter().map(|&v| v as f32).collect()),
-        DType::F16 => CpuStorage::F16(values.iter().map(|&v| element::f16_from_f64(v)).collect()),
-        DType::BF16 => {
-            CpuStorage::BF16(values.iter().map(|&v| element::bf16_from_f64(v)).collect())
-        }
+        DType::F16 => CpuStorage::F16(
+            values
+                .iter()
+                .map(|&v| crate::element::f16_from_f64(v))
+                .collect(),
+        ),
+        DType::BF16 => CpuStorage::BF16(
+            values
+                .iter()
+                .map(|&v| crate::element::bf16_from_f64(v))
+                .collect(),
+        ),
         other => return Err(unsupported_dtype(op, "parameter", other)),
     })
 }

@@ -2,9 +2,9 @@
 //! inside the backward passes ([`FusedRelu`]), or as a pass of its own over
 //! the output ([`ReluGrad`], for the residual op).
 
-use super::element::{with_float_type, Accum};
 use super::{channel_view, host_f64, unsupported_dtype};
 use crate::cpu::{self, ReluMask};
+use crate::element::{with_float_type, Accum};
 use candle::backend::BackendStorage;
 use candle::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
@@ -168,7 +168,7 @@ impl CustomOp2 for ReluGrad {
 mod cuda {
     use crate::cuda::launch as l;
     use crate::cuda::plan;
-    use crate::ops::layout::ChannelView;
+    use crate::layout::ChannelView;
     use candle::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, PushKernelArg};
     use candle::{CudaDevice, Result, WithDType};
 

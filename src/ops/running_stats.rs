@@ -1,7 +1,7 @@
 //! In-place updates of the running statistics and of `num_batches_tracked`.
 
-use super::element::{bf16_from_f64, f16_from_f64};
 use super::{cpu_values_f64, strided_offsets};
+use crate::element::{bf16_from_f64, f16_from_f64};
 use candle::backend::BackendStorage;
 use candle::{CpuStorage, DType, Device, InplaceOp1, InplaceOp3, Layout, Result, Tensor};
 

@@ -71,8 +71,8 @@ impl CustomOp2 for StackParams {
         b: &candle::CudaStorage,
         bl: &Layout,
     ) -> Result<(candle::CudaStorage, Shape)> {
-        use super::element::with_float_type;
         use crate::cuda::launch as l;
+        use crate::element::with_float_type;
         use candle::backend::BackendStorage;
         use candle::cuda_backend::cudarc::driver::PushKernelArg;
         let c_n = self.channels((w.dtype(), wl), (b.dtype(), bl))?;

@@ -188,6 +188,17 @@ macro_rules! with_float_type {
 }
 pub(crate) use with_float_type;
 
+/// Splits f64 values into `hi + lo` of the accumulator type (`lo` is zero for f64).
+pub(crate) fn split_means<A: Accum>(mean: &[f64]) -> (Vec<A>, Vec<A>) {
+    let hi: Vec<A> = mean.iter().map(|&m| A::from_f64(m)).collect();
+    let lo: Vec<A> = mean
+        .iter()
+        .zip(hi.iter())
+        .map(|(&m, &h)| A::from_f64(m - h.to_f64()))
+        .collect();
+    (hi, lo)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

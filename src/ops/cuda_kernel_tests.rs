@@ -1,9 +1,9 @@
-//! The CUDA kernels, run on the CPU by the emulator ([`super::emulator`]),
+//! The CUDA kernels, run on the CPU by the emulator ([`crate::cuda::emulator`]),
 //! against the CPU path of the ops.
 //!
 //! Each pipeline below makes the launches the op's `cuda_fwd` makes (same
-//! kernels, same plans from [`super::plan`], same argument descriptors from
-//! [`super::args`]) on emulated device buffers. Inputs cover both reduction
+//! kernels, same plans from [`crate::cuda::plan`], same argument descriptors from
+//! [`crate::cuda::args`]) on emulated device buffers. Inputs cover both reduction
 //! paths (channel-major with a block or a warp per task, channel-innermost),
 //! 128-bit and scalar loads (misaligned bases and offsets), permuted,
 //! transposed, narrowed and broadcast views, and f32, f64, f16 and bf16.
@@ -15,14 +15,14 @@
 //! reductions add in a different order than the CPU path: sums agree to
 //! 2e-6 (f32 accumulation) or 1e-13 (f64) of the sum of magnitudes.
 
-use super::args::{self, Mat2, Vec1};
-use super::emulator::{DevBuf, Emulator};
-use super::plan::{self, KView, Reduction, ReductionSplit, Slots};
-use crate::ops::layout::ChannelView;
-use crate::ops::{
+use super::{
     AffineGrads, BatchNormAddOp, BatchNormOp, BatchStats, CounterIncrement, ForwardCoefficients,
     FusedRelu, GradStats, InputGrad, Moments, ReluGrad, RunningStat, RunningStatsUpdate,
 };
+use crate::cuda::args::{self, Mat2, Vec1};
+use crate::cuda::emulator::{DevBuf, Emulator};
+use crate::cuda::plan::{self, KView, Reduction, ReductionSplit, Slots};
+use crate::layout::ChannelView;
 use crate::ProcessGroup;
 use candle::backend::BackendStorage;
 use candle::{CpuStorage, DType, Device, Layout, Storage, Tensor, WithDType};
