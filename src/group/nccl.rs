@@ -195,6 +195,15 @@ impl Comm {
         }
     }
 
+    /// Takes the communicator out of its lock, once every call in flight
+    /// with it has returned (the write lock); `None` once it was taken.
+    fn take_handle(&self) -> Option<Handle> {
+        self.handle
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+
     /// Records `msg` (the first failure wins) and aborts (frees) the
     /// communicator once, after every call in flight with it has returned.
     fn abort(&self, msg: String) {
@@ -204,12 +213,7 @@ impl Comm {
                 *f = Some(msg);
             }
         }
-        let handle = self
-            .handle
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        if let Some(h) = handle {
+        if let Some(h) = self.take_handle() {
             // SAFETY: `h` is live, and taken out of the lock: nothing uses it
             // after this.
             let _ = unsafe { result::comm_abort(h.0) };
@@ -325,12 +329,7 @@ impl Comm {
                 return;
             }
         }
-        let handle = self
-            .handle
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        if let Some(h) = handle {
+        if let Some(h) = self.take_handle() {
             // SAFETY: `h` is live, finalized, and taken out of the lock.
             let _ = unsafe { result::comm_destroy(h.0) };
         }
