@@ -715,11 +715,11 @@ fn run(args: &Args) -> Result<()> {
 /// is visible; an error where two ranks of this node would share one.
 #[cfg(feature = "cuda")]
 fn cuda_ordinal(rv: Option<&Rendezvous>) -> Result<usize> {
-    use candle_syncbn::launch::{device::CUDA_VISIBLE_DEVICES_VAR, local_cuda_ordinal};
+    use candle_syncbn::launch::local_cuda_ordinal;
     let count = cudarc::driver::CudaContext::device_count()
         .context("--device cuda: counting the CUDA devices")?;
     let (local_rank, local_world) = rv.map_or((0, Some(1)), |r| (r.local_rank, r.local_world_size));
-    let visible = std::env::var(CUDA_VISIBLE_DEVICES_VAR).ok();
+    let visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
     let ordinal = local_cuda_ordinal(
         local_rank,
         local_world,

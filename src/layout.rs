@@ -58,11 +58,6 @@ impl ChannelView {
         self.len() == 0
     }
 
-    /// Elements per channel.
-    pub fn per_channel(&self) -> usize {
-        self.outer * self.inner
-    }
-
     /// True when the channel is the innermost varying index (`inner == 1`): rows
     /// of the kernels then run over channels instead of over the spatial extent.
     pub fn channel_innermost(&self) -> bool {

@@ -76,13 +76,14 @@
 //!   threads, TCP, NCCL (feature `nccl`), or your own; and subgroups
 //!   ([`ProcessGroup::subgroups`], [`ProcessGroup::split`]) to synchronize
 //!   the statistics within blocks of ranks (the GPUs of one node, say).
-//! - [`ops`]: the math as candle custom ops, CPU and CUDA paths side by side;
-//!   [`cpu`]: the CPU kernels, and [`cpu::keep_freed_memory`], the allocator
-//!   policy to call at the start of a CPU training process (candle re-allocates
-//!   every activation and gradient each step; glibc's default returns that
-//!   memory to the system and page-faults it in again); `cuda_memory`
-//!   (feature `cuda`): its GPU twin, `cuda_memory::keep_freed_memory`, which
-//!   makes the CUDA memory pool keep freed memory across synchronizations.
+//! - [`ops`]: the functional pieces to compose a synchronized layer from
+//!   candle ops ([`ops::all_reduce_sum_with_grad`], [`ops::increment_counter`]).
+//! - [`cpu::keep_freed_memory`], the allocator policy to call at the start of
+//!   a CPU training process (candle re-allocates every activation and gradient
+//!   each step; glibc's default returns that memory to the system and
+//!   page-faults it in again); `cuda_memory` (feature `cuda`): its GPU twin,
+//!   `cuda_memory::keep_freed_memory`, which makes the CUDA memory pool keep
+//!   freed memory across synchronizations.
 //! - [`convert`]: drop-in [`batch_norm`], `SyncBatchNorm::from_batch_norm`, the
 //!   [`BatchNormRewriter`], and checkpoints to and from PyTorch and candle-nn.
 //! - [`FrozenBatchNorm`]: a fixed affine map from a checkpoint's statistics
@@ -102,23 +103,38 @@
 //!   the layer runs composed of candle ops
 //!   ([`SyncBatchNorm::forward_composite_t`], same semantics, slower),
 //!   synchronized through [`ops::all_reduce_sum_with_grad`].
+//! - `internals`: **unstable, not covered by semver**; for this crate's
+//!   benchmarks and GPU tests only. Makes the op structs of [`ops`] (one
+//!   candle custom op per kernel), the CPU kernels in `cpu`, and the
+//!   `element` and `layout` modules public.
 
 #![warn(missing_docs)]
 
 pub mod convert;
 pub mod cpu;
 pub mod data_parallel;
-pub mod element;
 pub mod group;
 pub mod launch;
-pub mod layout;
 pub mod ops;
 pub mod precise_bn;
 
+// The element types and tensor views the kernels work on: public only with
+// the unstable `internals` feature (benchmarks of the CPU kernels).
+#[cfg(feature = "internals")]
+pub mod element;
+#[cfg(not(feature = "internals"))]
+pub(crate) mod element;
+#[cfg(feature = "internals")]
+pub mod layout;
+#[cfg(not(feature = "internals"))]
+pub(crate) mod layout;
+
+mod atomic_file;
 mod config;
 #[cfg(any(feature = "cuda", test))]
 mod cuda;
 mod layer;
+mod rendezvous;
 
 #[cfg(feature = "cuda")]
 pub use cuda::memory as cuda_memory;

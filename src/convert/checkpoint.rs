@@ -124,7 +124,7 @@ pub struct LoadReport {
 }
 
 /// Whether `name` is a BatchNorm batch counter.
-pub fn is_counter(name: &str) -> bool {
+pub(crate) fn is_counter(name: &str) -> bool {
     name == "num_batches_tracked" || name.ends_with(".num_batches_tracked")
 }
 
@@ -488,10 +488,12 @@ pub fn state_dict(varmap: &VarMap) -> Result<Vec<(String, Tensor)>> {
 /// the variable names, f32 parameters and statistics as stored (f16/bf16 models
 /// save their dtype; PyTorch's `load_state_dict` casts), counters as i64
 /// scalars, and `{"format": "pt"}` metadata. The file is replaced atomically,
-/// through one fixed temporary file beside it (see
-/// [`crate::data_parallel::write_atomic`]).
+/// through one fixed temporary file beside it, `.<name>.tmp`, locked while
+/// written: a reader sees the old file or the new one, a save killed midway
+/// leaves at most that file (the next save takes it over), and a second save
+/// to the same path while one is under way fails at once.
 pub fn save_checkpoint<P: AsRef<Path>>(varmap: &VarMap, path: P) -> Result<()> {
     let path = path.as_ref();
     let tensors = state_dict(varmap)?;
-    crate::data_parallel::save_safetensors_atomic(path, &tensors, Some(&[("format", "pt")]))
+    crate::atomic_file::save_safetensors_atomic(path, &tensors, Some(&[("format", "pt")]))
 }

@@ -1,15 +1,26 @@
-//! CPU kernels: parallel over channels and chunks (rayon), vectorizable inner
-//! loops with several accumulators, statistics combined in f64 in a fixed order
-//! (results do not depend on the number of threads); and
-//! [`keep_freed_memory`], the allocator policy that CPU training with candle wants.
+//! [`keep_freed_memory`], the allocator policy that CPU training with candle
+//! wants; and the CPU kernels (public only with the unstable `internals`
+//! feature, for benchmarks): parallel over channels and chunks (rayon),
+//! vectorizable inner loops with several accumulators, statistics combined in
+//! f64 in a fixed order (results do not depend on the number of threads).
 
 mod allocator;
 mod elementwise;
 mod reductions;
 
 pub use allocator::keep_freed_memory;
-pub use elementwise::{backward_elemt, normalize, relu_grad, ChannelCoefficients, ReluMask};
-pub use reductions::{batch_stats, grad_sums};
+#[cfg(feature = "internals")]
+pub use kernels::*;
+#[cfg(not(feature = "internals"))]
+pub(crate) use kernels::*;
+
+/// The kernels, re-exported with the visibility the `internals` feature gives.
+mod kernels {
+    pub use super::elementwise::{
+        backward_elemt, normalize, relu_grad, ChannelCoefficients, ReluMask,
+    };
+    pub use super::reductions::{batch_stats, grad_sums};
+}
 
 use crate::layout::ChannelView;
 

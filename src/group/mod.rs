@@ -12,7 +12,7 @@
 //! statistics within subsets of the ranks (one node's GPUs, say), like a
 //! `SyncBatchNorm` given a `process_group` from PyTorch's `new_subgroups`:
 //! NCCL splits its communicator, the other backends run masked collectives
-//! ([`SubgroupBackend`], where what that costs is described).
+//! (what that costs is described at [`ProcessGroup::subgroups`]).
 
 mod default;
 mod handshake;
@@ -27,16 +27,19 @@ mod threads;
 
 pub use default::{default_group, set_default_group, set_thread_default_group};
 #[cfg(feature = "nccl")]
-pub use nccl::{NcclBackend, NcclOptions, DEBUG_VAR};
-pub use single::SingleBackend;
-pub use store::{StoreOptions, MAX_ERROR_BYTES, MAX_TOKEN_BYTES};
-pub use subgroup::SubgroupBackend;
+pub(crate) use nccl::NcclBackend;
+#[cfg(feature = "nccl")]
+pub use nccl::NcclOptions;
+pub(crate) use single::SingleBackend;
+pub use store::StoreOptions;
+pub(crate) use subgroup::SubgroupBackend;
 pub use tag::CallTag;
 pub(crate) use tag::{LayerId, Part};
-pub use tcp::{TcpBackend, TcpOptions};
-pub use threads::ThreadsBackend;
+pub(crate) use tcp::TcpBackend;
+pub use tcp::TcpOptions;
+pub(crate) use threads::ThreadsBackend;
 
-use crate::launch::env::Rendezvous;
+use crate::rendezvous::Rendezvous;
 use candle::{DType, Device, Result, Tensor};
 use std::fmt;
 use std::sync::Arc;
@@ -104,8 +107,9 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// in `members`. Called on every rank of the group, once the colors are
     /// exchanged and checked, including ranks alone in their subgroup.
     ///
-    /// The default, `None`, makes a [`SubgroupBackend`]: masked collectives of
-    /// this group, which work on any backend.
+    /// The default, `None`, runs the subgroup's collectives as masked
+    /// collectives of this group (see [`ProcessGroup::split`]), which work on
+    /// any backend.
     fn new_subgroup(&self, slot: usize, members: &[usize]) -> Option<Result<Arc<dyn Backend>>> {
         let _ = (slot, members);
         None
@@ -176,7 +180,7 @@ impl ProcessGroup {
     }
 
     /// The group described by the launcher's environment (see
-    /// [`crate::launch::env`]): [`ProcessGroup::single`] when no launcher
+    /// [`Rendezvous::from_env`]): [`ProcessGroup::single`] when no launcher
     /// variables are set or the world size is 1, NCCL when `device` is a CUDA
     /// device and the `nccl` feature is on, TCP otherwise. Timeouts come from
     /// `SYNCBN_TIMEOUT` (seconds) when set.
@@ -288,9 +292,14 @@ impl ProcessGroup {
     ///   node, say) and need nothing from the other subgroups.
     /// - Every other backend, users' own included unless they implement
     ///   [`Backend::new_subgroup`], runs a subgroup's collectives as masked
-    ///   collectives of this group ([`SubgroupBackend`]): every rank takes part
-    ///   in every subgroup's collectives, so all ranks must issue them in the
-    ///   same order, as ranks running one model do. There, a subgroup of one
+    ///   collectives of this group: each rank packs its tensor into its
+    ///   subgroup's slot of a `[subgroups × len]` buffer of `-0.0` (exact:
+    ///   `x + (-0.0) == x`), one all-reduce of the group sums the buffers, and
+    ///   each rank reads its subgroup's slot back. The payload grows with the
+    ///   number of subgroups, which suits batch statistics (`O(C)` values per
+    ///   layer), not gradients; and every rank takes part in every subgroup's
+    ///   collectives, so all ranks must issue them in the same order, as ranks
+    ///   running one model do. There, a subgroup of one
     ///   rank beside larger ones is refused on every rank alike (give every
     ///   rank its own color instead, which returns [`ProcessGroup::single`]
     ///   handles).

@@ -44,7 +44,7 @@
 
 use super::store::{dtype_code, Call, Op, Star, StoreOptions, FLAG_META_ONLY};
 use super::{Backend, CallTag};
-use crate::launch::env::Rendezvous;
+use crate::rendezvous::Rendezvous;
 use candle::backend::{BackendDevice, BackendStorage};
 use candle::cuda_backend::cudarc::driver::{
     CudaEvent, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr,
@@ -62,7 +62,7 @@ use std::time::{Duration, Instant};
 
 /// Set this environment variable to `1` to check, before each NCCL collective,
 /// that all ranks agree on the call.
-pub const DEBUG_VAR: &str = "SYNCBN_NCCL_DEBUG";
+pub(crate) const DEBUG_VAR: &str = "SYNCBN_NCCL_DEBUG";
 
 /// How often the watchdog looks at the pending collectives.
 const WATCHDOG_POLL: Duration = Duration::from_millis(50);
@@ -90,7 +90,7 @@ impl Default for NcclOptions {
 }
 
 impl NcclOptions {
-    /// The defaults, with `SYNCBN_TIMEOUT` (seconds) and [`DEBUG_VAR`] applied.
+    /// The defaults, with `SYNCBN_TIMEOUT` (seconds) and `SYNCBN_NCCL_DEBUG` applied.
     pub fn from_env() -> Result<Self> {
         let store = StoreOptions::from_env()?;
         let debug_checks = matches!(

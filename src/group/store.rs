@@ -30,7 +30,7 @@ use super::handshake::{
     self, printable, Prover, Refusal, Refusals, Transcript, NONCE_LEN, PROOF_LEN,
 };
 use super::CallTag;
-use crate::launch::env::{host_port, is_loopback, listen_addrs, Rendezvous, PORT_FILE_VAR};
+use crate::rendezvous::{host_port, is_loopback, listen_addrs, Rendezvous, PORT_FILE_VAR};
 use candle::{DType, Result};
 use std::fmt;
 use std::io::{self, Read, Write};
@@ -45,9 +45,9 @@ const HEADER_LEN: usize = 40;
 /// itself and had no tag).
 const VERSION: u8 = 2;
 /// The longest job token (`SYNCBN_TOKEN`) a rank accepts.
-pub const MAX_TOKEN_BYTES: usize = 1024;
+pub(crate) const MAX_TOKEN_BYTES: usize = 1024;
 /// The longest error message a frame may carry.
-pub const MAX_ERROR_BYTES: usize = 64 * 1024;
+pub(crate) const MAX_ERROR_BYTES: usize = 64 * 1024;
 /// How long one handshake may take (rank 0 waiting for a connection's hello
 /// and proof, a joining rank for rank 0's challenge) before the connection is
 /// dropped. Handshakes run concurrently, so a stray connection that sends
@@ -462,9 +462,9 @@ fn token_warning(rv: &Rendezvous, token: &[u8]) -> Option<String> {
     (token.is_empty() && !is_loopback(&rv.master_addr)).then(|| {
         format!(
             "candle-syncbn warning: no job token ({}) is set, so any process that reaches rank 0's port (MASTER_ADDR={}) can join this group, a rank of another job on that port included, and any process there can pose as rank 0; set {} to the same secret on every rank",
-            crate::launch::env::TOKEN_VAR,
+            crate::rendezvous::TOKEN_VAR,
             rv.master_addr,
-            crate::launch::env::TOKEN_VAR
+            crate::rendezvous::TOKEN_VAR
         )
     })
 }
@@ -825,7 +825,7 @@ fn serve(rv: &Rendezvous, token: &[u8], options: &StoreOptions) -> Result<Vec<Op
     let listener = listen(rv)?;
     let local = listener.local_addr()?;
     if let Some(path) = &rv.port_file {
-        crate::data_parallel::write_atomic(path, local.port().to_string().as_bytes()).map_err(
+        crate::atomic_file::write_atomic(path, local.port().to_string().as_bytes()).map_err(
             |e| {
                 candle::Error::Msg(format!(
                     "rendezvous: could not write the port file {path:?}: {e}"

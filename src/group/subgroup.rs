@@ -65,23 +65,6 @@ impl fmt::Debug for SubgroupBackend {
 }
 
 impl SubgroupBackend {
-    /// The group that was split (the outermost one, for a split of a split):
-    /// its collectives carry this subgroup's.
-    pub fn root(&self) -> &ProcessGroup {
-        &self.root
-    }
-
-    /// The ranks, in the root group, of this subgroup's members (ascending;
-    /// member `i` is rank `i` of the subgroup).
-    pub fn members(&self) -> &[usize] {
-        &self.members
-    }
-
-    /// The colors this subgroup was split by, outermost first.
-    pub fn colors(&self) -> &[u32] {
-        &self.path
-    }
-
     /// `n` identities of the packed sum: negative zeros (`0` for integers).
     fn neutral(n: usize, dtype: DType, device: &Device) -> Result<Tensor> {
         let zeros = Tensor::zeros(n, dtype, device)?;

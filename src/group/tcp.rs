@@ -10,7 +10,7 @@
 
 use super::store::{dtype_code, Call, Op, Star, StoreOptions};
 use super::{Backend, CallTag};
-use crate::launch::env::Rendezvous;
+use crate::rendezvous::Rendezvous;
 use candle::{DType, Device, Result, Tensor};
 use std::fmt;
 use std::sync::{Mutex, MutexGuard};

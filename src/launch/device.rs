@@ -13,7 +13,7 @@
 use candle::Result;
 
 /// The environment variable that restricts the GPUs a CUDA process sees.
-pub const CUDA_VISIBLE_DEVICES_VAR: &str = "CUDA_VISIBLE_DEVICES";
+pub(crate) const CUDA_VISIBLE_DEVICES_VAR: &str = "CUDA_VISIBLE_DEVICES";
 
 /// The number of devices a `CUDA_VISIBLE_DEVICES` value lists (`None` when
 /// the variable is unset: every device of the machine is visible).

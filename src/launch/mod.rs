@@ -1,12 +1,12 @@
-//! Running one process per rank: the launcher's environment ([`env`](mod@env)),
-//! a self-spawning launcher ([`spawn`]), and the GPU a rank opens ([`device`]).
+//! Running one process per rank: the launcher's environment
+//! ([`Rendezvous::from_env`]), a self-spawning launcher ([`launch`],
+//! [`launch_if_requested`]), and the GPU a rank opens ([`local_cuda_ordinal`]).
 
-pub mod device;
-pub mod env;
+mod device;
 #[cfg(target_os = "linux")]
 mod signals;
-pub mod spawn;
+mod spawn;
 
+pub use crate::rendezvous::{EnvSource, Rendezvous};
 pub use device::local_cuda_ordinal;
-pub use env::{EnvSource, Rendezvous};
-pub use spawn::{launch, launch_if_requested, random_token, LaunchConfig};
+pub use spawn::{launch, launch_if_requested, LaunchConfig};

@@ -13,9 +13,9 @@
 //! read; the token reaches the ranks through the environment only, never a
 //! file name or a command line.
 
-use super::env::{PORT_FILE_VAR, TOKEN_VAR};
 #[cfg(target_os = "linux")]
 use super::signals;
+use crate::rendezvous::{PORT_FILE_VAR, TOKEN_VAR};
 use candle::Result;
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -25,16 +25,16 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 /// The command-line flag that asks for the launcher.
-pub const NPROC_FLAG: &str = "--nproc-per-node";
+pub(crate) const NPROC_FLAG: &str = "--nproc-per-node";
 
 /// The environment variable with the grace period, in seconds, between asking
 /// the ranks to stop (`SIGTERM`) and killing them (`SIGKILL`), when
 /// [`LaunchConfig::kill_grace`] is `None`.
-pub const KILL_GRACE_VAR: &str = "SYNCBN_KILL_GRACE";
+pub(crate) const KILL_GRACE_VAR: &str = "SYNCBN_KILL_GRACE";
 
 /// The grace period when neither [`LaunchConfig::kill_grace`] nor
 /// [`KILL_GRACE_VAR`] says otherwise (torchrun's too).
-pub const DEFAULT_KILL_GRACE: Duration = Duration::from_secs(30);
+pub(crate) const DEFAULT_KILL_GRACE: Duration = Duration::from_secs(30);
 
 /// The longest grace period [`KILL_GRACE_VAR`] may ask for (one day).
 const MAX_KILL_GRACE_SECS: f64 = 86_400.0;
@@ -53,8 +53,7 @@ pub struct LaunchConfig {
     /// Prefix every output line with `[rank r] ` (else pass output through).
     pub prefix_output: bool,
     /// How long ranks that were told to stop (`SIGTERM`) may take before they
-    /// are killed (Linux); `None`: [`KILL_GRACE_VAR`], else
-    /// [`DEFAULT_KILL_GRACE`].
+    /// are killed (Linux); `None`: `SYNCBN_KILL_GRACE` (seconds), else 30 s.
     pub kill_grace: Option<Duration>,
 }
 
@@ -73,7 +72,7 @@ impl LaunchConfig {
 }
 
 /// A random job token (32 hex digits from the OS's random source).
-pub fn random_token() -> String {
+pub(crate) fn random_token() -> String {
     let mut bytes = [0u8; 16];
     let from_os = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes));
     if from_os.is_err() {
@@ -576,7 +575,7 @@ fn supervise(
 
 /// Splits `--nproc-per-node N` (or `--nproc-per-node=N`) off `args` (without
 /// the program name). Returns the number and the remaining arguments.
-pub fn split_nproc_flag(args: Vec<OsString>) -> Result<(Option<usize>, Vec<OsString>)> {
+pub(crate) fn split_nproc_flag(args: Vec<OsString>) -> Result<(Option<usize>, Vec<OsString>)> {
     let mut rest = Vec::with_capacity(args.len());
     let mut nproc = None;
     let mut it = args.into_iter();
@@ -615,7 +614,7 @@ pub fn split_nproc_flag(args: Vec<OsString>) -> Result<(Option<usize>, Vec<OsStr
 pub fn launch_if_requested(default_nproc: Option<usize>) -> Result<Option<i32>> {
     let args: Vec<OsString> = std::env::args_os().skip(1).collect();
     let (nproc, rest) = split_nproc_flag(args)?;
-    let in_launcher = super::env::Rendezvous::from_env()?.is_some();
+    let in_launcher = crate::rendezvous::Rendezvous::from_env()?.is_some();
     let nproc = match (nproc, in_launcher) {
         (Some(_), true) => candle::bail!(
             "launcher: {NPROC_FLAG} given inside a launched rank (RANK/WORLD_SIZE are already set)"

@@ -1,21 +1,26 @@
 //! The math of SyncBatchNorm as candle custom ops, one struct per op with its
 //! CPU path (and, with the `cuda` feature, its CUDA path) side by side.
 //!
-//! Training forward: [`BatchStats`] (local `[n; Σx; Σx²]` per channel) → one
-//! all-reduce → [`BatchMoments`] (mean, invstd, and in the same pass the
-//! running statistics and the counter, in place: what [`CounterIncrement`],
-//! [`RunningStatsUpdate`] and [`Moments`] do one at a time; on a GPU also the
-//! normalization's [`ForwardCoefficients`]) → [`BatchNormOp`] (normalize,
-//! with autograd). Eval: [`Moments`] of the running statistics (with the
-//! coefficients on a GPU) → [`BatchNormOp`].
-//! Backward of [`BatchNormOp`]: [`GradStats`] (local `[Σdy; Σdy·(x−μ)]`, and
-//! from the same op the local dweight and dbias, what [`AffineGrads`]
-//! computes from them) → one all-reduce → [`InputGrad`] (dx).
-//! With a fused ReLU ([`FusedRelu`]), both passes mask the incoming gradient
+//! Public: the pieces a user composes a synchronized layer from on devices
+//! without this crate's kernels, [`all_reduce_sum_with_grad`] and
+//! [`increment_counter`]. The op structs below are public only with the
+//! unstable `internals` feature (this crate's benchmarks and GPU tests).
+//!
+//! Training forward: `BatchStats` (local `[n; Σx; Σx²]` per channel) → one
+//! all-reduce → `BatchMoments` (mean, invstd, and in the same pass the
+//! running statistics and the counter, in place: what `CounterIncrement`,
+//! `RunningStatsUpdate` and `Moments` do one at a time; on a GPU also the
+//! normalization's `ForwardCoefficients`) → `BatchNormOp` (normalize,
+//! with autograd). Eval: `Moments` of the running statistics (with the
+//! coefficients on a GPU) → `BatchNormOp`.
+//! Backward of `BatchNormOp`: `GradStats` (local `[Σdy; Σdy·(x−μ)]`, and
+//! from the same op the local dweight and dbias, what `AffineGrads`
+//! computes from them) → one all-reduce → `InputGrad` (dx).
+//! With a fused ReLU (`FusedRelu`), both passes mask the incoming gradient
 //! where the forward's output, recomputed from the input, was not positive.
-//! [`BatchNormAddOp`] adds a residual before the ReLU: [`ReluGrad`] masks the
+//! `BatchNormAddOp` adds a residual before the ReLU: `ReluGrad` masks the
 //! incoming gradient by its output first (that masked gradient is the
-//! residual's gradient); its weight and bias come as one [`StackParams`].
+//! residual's gradient); its weight and bias come as one `StackParams`.
 //!
 //! On devices without these kernels (Metal, …) the layer is composed of
 //! candle ops instead; [`all_reduce_sum_with_grad`] (a sum over the ranks
@@ -38,20 +43,33 @@ mod relu_grad;
 mod running_stats;
 mod stack_params;
 
-pub use affine_grads::AffineGrads;
 pub use all_reduce::all_reduce_sum_with_grad;
-pub use batch_moments::{BatchMoments, RunningTensors};
-pub use batch_norm::BatchNormOp;
-pub use batch_norm_add::BatchNormAddOp;
-pub use batch_stats::BatchStats;
-pub use coefficients::{ForwardCoefficients, COEFFICIENTS_PER_CHANNEL};
-pub use grad_stats::GradStats;
-pub use input_grad::InputGrad;
-pub use moments::Moments;
-pub use relu_grad::{FusedRelu, ReluGrad};
 pub(crate) use running_stats::counter_value;
-pub use running_stats::{increment_counter, CounterIncrement, RunningStat, RunningStatsUpdate};
-pub use stack_params::StackParams;
+pub use running_stats::increment_counter;
+
+#[cfg(feature = "internals")]
+pub use op_structs::*;
+#[cfg(not(feature = "internals"))]
+pub(crate) use op_structs::*;
+
+/// The op structs, re-exported with the visibility the `internals` feature
+/// gives (public with it, for this crate's benchmarks and GPU tests; some
+/// are used only there).
+#[cfg_attr(not(feature = "internals"), allow(unused_imports))]
+mod op_structs {
+    pub use super::affine_grads::AffineGrads;
+    pub use super::batch_moments::{BatchMoments, RunningTensors};
+    pub use super::batch_norm::BatchNormOp;
+    pub use super::batch_norm_add::BatchNormAddOp;
+    pub use super::batch_stats::BatchStats;
+    pub use super::coefficients::{ForwardCoefficients, COEFFICIENTS_PER_CHANNEL};
+    pub use super::grad_stats::GradStats;
+    pub use super::input_grad::InputGrad;
+    pub use super::moments::Moments;
+    pub use super::relu_grad::{FusedRelu, ReluGrad};
+    pub use super::running_stats::{CounterIncrement, RunningStat, RunningStatsUpdate};
+    pub use super::stack_params::StackParams;
+}
 
 use crate::layout::ChannelView;
 use candle::backend::BackendStorage;

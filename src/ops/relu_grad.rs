@@ -22,6 +22,7 @@ pub struct FusedRelu {
     /// The forward's coefficients, if it computed them with the moments
     /// ([`ForwardCoefficients`](super::ForwardCoefficients)): on a GPU the
     /// backward reads them instead of launching their kernel again.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub coefficients: Option<Tensor>,
 }
 

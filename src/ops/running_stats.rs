@@ -6,7 +6,7 @@ use candle::backend::BackendStorage;
 use candle::{CpuStorage, DType, Device, InplaceOp1, InplaceOp3, Layout, Result, Tensor};
 
 /// Adds one to a `num_batches_tracked` counter in place, on any device:
-/// [`CounterIncrement`] where this crate has kernels (CPU, CUDA), else
+/// this crate's kernel where it has kernels (CPU, CUDA), else
 /// candle's own ops (`slice_set` of the counter plus one).
 pub fn increment_counter(counter: &Tensor) -> Result<()> {
     if super::has_kernels(counter.device()) {

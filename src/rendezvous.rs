@@ -1,5 +1,6 @@
-//! Where a rank learns who it is and where the group meets: the environment set
-//! by a launcher.
+//! Where a rank learns who it is and where the group meets ([`Rendezvous`]):
+//! the environment set by a launcher (this crate's or another), read by the
+//! process groups.
 //!
 //! Read, in this order of precedence:
 //! - torchrun (and this crate's launcher): `RANK`, `WORLD_SIZE`, `LOCAL_RANK`,
@@ -31,9 +32,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 
 /// The environment variable holding the per-job token.
-pub const TOKEN_VAR: &str = "SYNCBN_TOKEN";
+pub(crate) const TOKEN_VAR: &str = "SYNCBN_TOKEN";
 /// The environment variable naming the port file (with `MASTER_PORT=0`).
-pub const PORT_FILE_VAR: &str = "SYNCBN_PORT_FILE";
+pub(crate) const PORT_FILE_VAR: &str = "SYNCBN_PORT_FILE";
 
 /// Which launcher's variables described the rank.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
