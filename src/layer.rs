@@ -266,12 +266,17 @@ impl SyncBatchNorm {
     }
 
     /// The number of training batches seen (0 without `track_running_stats`).
-    /// Reads the counter variable (on a GPU this copies one value to the host).
-    pub fn num_batches_tracked(&self) -> u64 {
-        self.running
-            .as_ref()
-            .map(|r| crate::ops::counter_value(&r.num_batches_tracked))
-            .unwrap_or(0)
+    /// Reads the counter variable (on a GPU this copies one value to the
+    /// host); an error when it cannot be read or does not hold one whole
+    /// number ≥ 0 (a checkpoint's counter, say).
+    pub fn num_batches_tracked(&self) -> Result<u64> {
+        match &self.running {
+            Some(r) => crate::ops::counter_value(
+                &r.num_batches_tracked,
+                &format!("SyncBatchNorm '{}'", self.name),
+            ),
+            None => Ok(0),
+        }
     }
 
     /// PyTorch's `reset_running_stats()`: `running_mean` to 0, `running_var`

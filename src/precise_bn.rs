@@ -54,7 +54,7 @@
 //! // The batch means are about 0, 1, 2, 3: their average is about 1.5.
 //! let mean = bn.running_mean().unwrap().mean_all()?.to_scalar::<f32>()?;
 //! assert!((mean - 1.5).abs() < 0.2);
-//! assert_eq!(bn.num_batches_tracked(), 0); // left as it was
+//! assert_eq!(bn.num_batches_tracked()?, 0); // left as it was
 //! # Ok::<(), candle::Error>(())
 //! ```
 
@@ -237,7 +237,10 @@ impl PreciseBn {
             }
         }
         for site in sites {
-            let seen = counter_value(&site.nbt);
+            let seen = counter_value(
+                &site.nbt,
+                &format!("update_bn_stats: layer '{}'", site.name),
+            )?;
             if seen != self.num_batches as u64 {
                 candle::bail!(
                     "update_bn_stats: layer '{}' ran {seen} training forward(s) over {} batches; expected exactly one per batch (run the model with train = true, each layer once per batch)",

@@ -105,7 +105,7 @@ fn check_layer_matches(layer: &SyncBatchNorm, state: &[(String, Tensor)], nbt: u
     let (w, b) = layer.weight_and_bias().unwrap();
     assert_values("weight", &values(w), &values(get(state, "weight")), 0.0);
     assert_values("bias", &values(b), &values(get(state, "bias")), 0.0);
-    assert_eq!(layer.num_batches_tracked(), nbt);
+    assert_eq!(layer.num_batches_tracked().unwrap(), nbt);
     let mut rng = Rng::new(99);
     let x = common::tensor(&rng.normals(2 * C * 6, 0.0, 2.0), &[2, C, 2, 3], DType::F32);
     let y = layer.forward_t(&x, false).unwrap();
@@ -308,7 +308,7 @@ fn pytorch_safetensors_round_trip() {
     let mut rng = Rng::new(5);
     let x = common::tensor(&rng.normals(3 * C * 5, 1.0, 1.0), &[3, C, 5], DType::F32);
     bn.forward_t(&x, true).unwrap();
-    assert_eq!(bn.num_batches_tracked(), 8);
+    assert_eq!(bn.num_batches_tracked().unwrap(), 8);
 
     let out = dir.join("saved.safetensors");
     save_checkpoint(&varmap, &out).unwrap();
@@ -375,7 +375,7 @@ fn pytorch_safetensors_through_varbuilder() {
         .filter(|p| !p.starts_with("head"));
     let head = rw.batch_norm(C, 1e-5, vb.pp("head").pp("bn")).unwrap();
     assert!(!head.is_sync());
-    assert_eq!(head.num_batches_tracked(), 41);
+    assert_eq!(head.num_batches_tracked().unwrap(), 41);
     assert_values(
         "local running_var",
         &values(&head.running_var().unwrap()),
@@ -508,7 +508,7 @@ fn load_errors_are_clear_and_change_nothing() {
         &[1.0; C],
         0.0,
     );
-    assert_eq!(bn.num_batches_tracked(), 0);
+    assert_eq!(bn.num_batches_tracked().unwrap(), 0);
 
     // Integer weight.
     let mut state = torch_bn_state("bn.", 7, 3);
@@ -545,7 +545,7 @@ fn load_errors_are_clear_and_change_nothing() {
     let report = load_checkpoint(&varmap, &file, &lenient).unwrap();
     assert_eq!(report.missing, ["bn.bias"]);
     assert_eq!(report.unexpected, ["fc.weight"]);
-    assert_eq!(bn.num_batches_tracked(), 3);
+    assert_eq!(bn.num_batches_tracked().unwrap(), 3);
 
     // f64 tensors in the file are converted to the variables' f32.
     let state64: Vec<(String, Tensor)> = torch_bn_state("bn.", 8, 5)

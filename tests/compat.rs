@@ -190,7 +190,7 @@ fn checkpoints_save_and_load_with_running_stats() {
     .unwrap();
     assert_eq!(values(&bn.running_mean().unwrap()), rm);
     assert_eq!(values(&bn.running_var().unwrap()), rv);
-    assert_eq!(bn.num_batches_tracked(), 3);
+    assert_eq!(bn.num_batches_tracked().unwrap(), 3);
     assert_eq!(values(&bn.forward_t(&x, false).unwrap()), y_eval);
     // ... and into a VarMap for further training.
     let mut varmap = VarMap::new();
@@ -202,7 +202,7 @@ fn checkpoints_save_and_load_with_running_stats() {
     )
     .unwrap();
     varmap.load(&path).unwrap();
-    assert_eq!(bn.num_batches_tracked(), 3);
+    assert_eq!(bn.num_batches_tracked().unwrap(), 3);
     assert_eq!(values(&bn.forward_t(&x, false).unwrap()), y_eval);
     // A candle-nn checkpoint has no num_batches_tracked: the counter starts at 0.
     let nn_map = VarMap::new();
@@ -222,9 +222,9 @@ fn checkpoints_save_and_load_with_running_stats() {
         ProcessGroup::single(),
     )
     .unwrap();
-    assert_eq!(bn.num_batches_tracked(), 0);
+    assert_eq!(bn.num_batches_tracked().unwrap(), 0);
     bn.forward_t(&x, true).unwrap();
-    assert_eq!(bn.num_batches_tracked(), 1);
+    assert_eq!(bn.num_batches_tracked().unwrap(), 1);
     std::fs::remove_dir_all(&dir).ok();
 }
 
@@ -302,14 +302,14 @@ fn reset_running_stats_and_parameters_as_pytorch() {
             .to_vec1()
             .unwrap()
     };
-    assert_eq!(bn.num_batches_tracked(), 2);
+    assert_eq!(bn.num_batches_tracked().unwrap(), 2);
     assert!(vec("bn.running_mean").iter().all(|&m| m != 0.0));
     assert!(vec("bn.weight").iter().any(|&w| w != 1.0));
 
     bn.reset_running_stats().unwrap();
     assert_eq!(vec("bn.running_mean"), [0.0; 3]);
     assert_eq!(vec("bn.running_var"), [1.0; 3]);
-    assert_eq!(bn.num_batches_tracked(), 0);
+    assert_eq!(bn.num_batches_tracked().unwrap(), 0);
     assert!(vec("bn.weight").iter().any(|&w| w != 1.0), "weights kept");
 
     bn.reset_parameters().unwrap();
@@ -361,4 +361,44 @@ fn reset_running_stats_and_parameters_as_pytorch() {
     );
     let mean = from_file.running_mean().unwrap().to_vec1::<f32>().unwrap();
     assert_eq!(mean, [4.0; 3]);
+}
+
+/// A counter that does not hold one whole number ≥ 0 (a hand-edited or
+/// corrupt checkpoint) is an error naming the layer, not a count of 0.
+#[test]
+fn unreadable_counters_are_errors_not_zero() {
+    let dev = Device::Cpu;
+    for (counter, what) in [
+        (Tensor::new(-3i64, &dev).unwrap(), "-3"),
+        (Tensor::new(-1e9f32, &dev).unwrap(), "-1e9"),
+    ] {
+        let tensors = std::collections::HashMap::from([
+            (
+                "bn.weight".to_string(),
+                Tensor::ones(2, DType::F32, &dev).unwrap(),
+            ),
+            (
+                "bn.bias".to_string(),
+                Tensor::zeros(2, DType::F32, &dev).unwrap(),
+            ),
+            (
+                "bn.running_mean".to_string(),
+                Tensor::zeros(2, DType::F32, &dev).unwrap(),
+            ),
+            (
+                "bn.running_var".to_string(),
+                Tensor::ones(2, DType::F32, &dev).unwrap(),
+            ),
+            ("bn.num_batches_tracked".to_string(), counter),
+        ]);
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, &dev);
+        let cfg = SyncBatchNormConfig::default();
+        let bn = SyncBatchNorm::new(2, cfg, vb.pp("bn"), ProcessGroup::single()).unwrap();
+        let err = bn.num_batches_tracked().unwrap_err().to_string();
+        assert!(
+            err.contains("SyncBatchNorm 'bn'")
+                && err.contains("num_batches_tracked must hold one whole number"),
+            "{what}: {err}"
+        );
+    }
 }

@@ -129,7 +129,7 @@ fn drop_in_matches_candle_nn_at_world_size_one() {
                 1e-5,
             );
         }
-        assert_eq!(sync.num_batches_tracked(), 3);
+        assert_eq!(sync.num_batches_tracked().unwrap(), 3);
         let x = randn(&mut rng, &[2, 4, 3, 3], 1.0, 3.0);
         assert_close(
             "eval output",
@@ -260,7 +260,7 @@ fn from_batch_norm_shares_parameters_and_statistics() {
             track_running_stats: true
         }
     );
-    assert_eq!(sync.num_batches_tracked(), 0);
+    assert_eq!(sync.num_batches_tracked().unwrap(), 0);
     let (w_l, b_l) = local.weight_and_bias().unwrap();
     let (w_s, b_s) = sync.weight_and_bias().unwrap();
     assert!(
@@ -297,7 +297,7 @@ fn from_batch_norm_shares_parameters_and_statistics() {
         expected.running_var(),
         1e-5,
     );
-    assert_eq!(sync.num_batches_tracked(), 1);
+    assert_eq!(sync.num_batches_tracked().unwrap(), 1);
 
     // An optimizer over the VarMap trains the weight the sync layer uses.
     let before = w_l.copy().unwrap();
@@ -471,8 +471,8 @@ fn rewriter_converts_filtered_sites_and_keeps_checkpoints() {
             &s.running_var().unwrap(),
             1e-4,
         );
-        assert_eq!(l.num_batches_tracked(), 2);
-        assert_eq!(s.num_batches_tracked(), 2);
+        assert_eq!(l.num_batches_tracked().unwrap(), 2);
+        assert_eq!(s.num_batches_tracked().unwrap(), 2);
     }
 
     // And back: the synchronized model's checkpoint loads into the local one.
@@ -490,7 +490,10 @@ fn rewriter_converts_filtered_sites_and_keeps_checkpoints() {
         &sync.forward_t(&x, false).unwrap(),
         ATOL,
     );
-    assert!(back.layers().iter().all(|l| l.num_batches_tracked() == 2));
+    assert!(back
+        .layers()
+        .iter()
+        .all(|l| l.num_batches_tracked().unwrap() == 2));
     std::fs::remove_dir_all(&dir).ok();
 }
 

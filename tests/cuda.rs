@@ -1075,7 +1075,7 @@ fn run_layer_with(
         run.running_mean = values(&m);
         run.running_var = values(&v);
     }
-    run.batches = bn.num_batches_tracked();
+    run.batches = bn.num_batches_tracked().unwrap();
     run.eval = values(&forward_maybe_relu(
         &bn,
         &input(&eval.0, &eval.1)?.1,
@@ -1960,7 +1960,7 @@ fn composite_run(
     let stats = [
         values(&bn.running_mean().expect("running mean")),
         values(&bn.running_var().expect("running var")),
-        vec![bn.num_batches_tracked() as f64],
+        vec![bn.num_batches_tracked().unwrap() as f64],
     ];
     let x = data(&shape, dtype, seed + 30).to_device(dev)?;
     let z = data(&shape, dtype, seed + 40).to_device(dev)?;
@@ -2146,7 +2146,7 @@ fn frozen_layer_and_precise_statistics_match_cpu() {
             bn.forward_t(&batches[i].to_device(d)?, true).map(|_| ())
         })
         .unwrap();
-        assert_eq!(bn.num_batches_tracked(), 0);
+        assert_eq!(bn.num_batches_tracked().unwrap(), 0);
         (bn.running_mean().unwrap(), bn.running_var().unwrap())
     };
     let (cpu, gpu) = (stats(&Device::Cpu), stats(&dev));

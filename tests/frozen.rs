@@ -276,8 +276,8 @@ fn optimizer_steps_leave_frozen_layers_bit_identical() {
     assert_eq!(layer_after, layer_before, "the frozen layer's tensors");
     // The step did train: the synchronized layer's weight moved.
     assert_ne!(bits(model.neck.weight_and_bias().unwrap().0), neck_w);
-    assert_eq!(model.neck.num_batches_tracked(), 3);
-    assert_eq!(model.head.num_batches_tracked(), 3);
+    assert_eq!(model.neck.num_batches_tracked().unwrap(), 3);
+    assert_eq!(model.head.num_batches_tracked().unwrap(), 3);
 }
 
 #[test]
@@ -352,7 +352,7 @@ fn three_outcomes_load_and_save_pytorch_named_checkpoints() {
         let (lw, lb) = layer.weight_and_bias().unwrap();
         assert_eq!((&values(lw), &values(lb)), (w, b), "{prefix}");
     }
-    assert_eq!(model.neck.num_batches_tracked(), 1234);
+    assert_eq!(model.neck.num_batches_tracked().unwrap(), 1234);
     let frozen = model.backbone.as_frozen().unwrap();
     let (m, v, w, b) = &expected["backbone.bn1"];
     let mut rng = Rng::new(2);

@@ -193,8 +193,8 @@ fn run_rank(group: ProcessGroup, average_local: bool) -> candle::Result<RankResu
         neck_bits: both_bits(&model.neck),
         head_bits: both_bits(&model.head),
         counters: (
-            model.neck.num_batches_tracked(),
-            model.head.num_batches_tracked(),
+            model.neck.num_batches_tracked().unwrap(),
+            model.head.num_batches_tracked().unwrap(),
         ),
         frozen_unchanged: snapshot("backbone.bn", &all) == frozen_before,
         weights_unchanged: weights(&["neck.bn", "head.bn"]) == weights_before,
@@ -489,5 +489,5 @@ fn checkpoint_after_precise_statistics_loads_back_the_same_numbers() {
         1e-6,
         1e-5,
     );
-    assert_eq!(extra.num_batches_tracked(), 0);
+    assert_eq!(extra.num_batches_tracked().unwrap(), 0);
 }

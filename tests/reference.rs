@@ -143,7 +143,7 @@ fn run_case(case: &Case, seed: u64) {
                 stat_tol,
             );
             assert_eq!(
-                bn.num_batches_tracked(),
+                bn.num_batches_tracked().unwrap(),
                 step,
                 "{label}: num_batches_tracked"
             );
@@ -151,7 +151,7 @@ fn run_case(case: &Case, seed: u64) {
             assert_eq!(rm_dtype, param_dtype, "{label}: running stats dtype");
         } else {
             assert!(bn.running_mean().is_none() && bn.running_var().is_none());
-            assert_eq!(bn.num_batches_tracked(), 0);
+            assert_eq!(bn.num_batches_tracked().unwrap(), 0);
         }
     }
     // Eval: running statistics, or batch statistics without tracking.
@@ -172,7 +172,7 @@ fn run_case(case: &Case, seed: u64) {
     );
     if track {
         assert_eq!(
-            bn.num_batches_tracked(),
+            bn.num_batches_tracked().unwrap(),
             3,
             "{label}: eval must not count batches"
         );

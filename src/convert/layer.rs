@@ -99,12 +99,13 @@ impl BatchNormLayer {
     }
 
     /// The number of training batches seen (0 for a frozen layer, which
-    /// sees none).
-    pub fn num_batches_tracked(&self) -> u64 {
+    /// sees none); an error when the counter cannot be read or does not hold
+    /// one whole number ≥ 0.
+    pub fn num_batches_tracked(&self) -> Result<u64> {
         match self {
             Self::Local(l) => l.num_batches_tracked(),
             Self::Sync(l) => l.num_batches_tracked(),
-            Self::Frozen(_) => 0,
+            Self::Frozen(_) => Ok(0),
         }
     }
 

@@ -56,8 +56,10 @@ impl LocalBatchNorm {
     }
 
     /// The number of training batches seen since the counter was created or loaded.
-    pub fn num_batches_tracked(&self) -> u64 {
-        counter_value(&self.num_batches_tracked)
+    /// An error when the counter cannot be read or does not hold one whole
+    /// number ≥ 0.
+    pub fn num_batches_tracked(&self) -> Result<u64> {
+        counter_value(&self.num_batches_tracked, "LocalBatchNorm")
     }
 
     /// The switch that makes training forwards store each batch's

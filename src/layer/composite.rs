@@ -187,7 +187,7 @@ impl SyncBatchNorm {
         increment_counter(&r.num_batches_tracked)?;
         let factor = match self.momentum() {
             Some(m) => m,
-            None => 1.0 / (self.num_batches_tracked() as f64).max(1.0),
+            None => 1.0 / (self.num_batches_tracked()? as f64).max(1.0),
         };
         let (mean, var, total) = (mean.detach(), var.detach(), total.detach());
         let unbiased = var.broadcast_mul(&(&total / total.affine(1.0, -1.0)?)?)?;

@@ -25,15 +25,22 @@ fn increment_counter_composite(counter: &Tensor) -> Result<()> {
 }
 
 /// The value of a counter scalar, read on the host (not every device has
-/// f64), or 0 when it cannot be read.
-pub(crate) fn counter_value(counter: &Tensor) -> u64 {
-    counter
+/// f64). A counter that cannot be read, or does not hold one whole number
+/// ≥ 0, is an error naming `layer`.
+pub(crate) fn counter_value(counter: &Tensor, layer: &str) -> Result<u64> {
+    let values = counter
         .to_device(&Device::Cpu)
         .and_then(|t| t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>())
-        .ok()
-        .and_then(|v| v.first().copied())
-        .map(|v| v.max(0.0) as u64)
-        .unwrap_or(0)
+        .map_err(|e| {
+            candle::Error::Msg(format!("{layer}: reading num_batches_tracked failed: {e}"))
+        })?;
+    match values[..] {
+        [v] if v >= 0.0 && v.fract() == 0.0 && v < u64::MAX as f64 => Ok(v as u64),
+        _ => candle::bail!(
+            "{layer}: num_batches_tracked must hold one whole number >= 0, got {values:?} ({:?})",
+            counter.dtype()
+        ),
+    }
 }
 
 /// Adds one to the `num_batches_tracked` counter (an integer or float scalar), in place.
@@ -278,7 +285,7 @@ mod tests {
             increment_counter_composite(&counter).unwrap();
             assert_eq!(counter.dims(), [0usize; 0], "{dtype:?}");
             // The storage itself changed: every handle sees 43.
-            assert_eq!(counter_value(&alias), 43, "{dtype:?}");
+            assert_eq!(counter_value(&alias, "test").unwrap(), 43, "{dtype:?}");
         }
         let big = Tensor::new((1i64 << 40) + 5, &Device::Cpu).unwrap();
         increment_counter_composite(&big).unwrap();

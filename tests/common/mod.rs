@@ -464,7 +464,7 @@ pub fn run_rank_with(
         run.running_mean = values(&m);
         run.running_var = values(&v);
     }
-    run.batches = bn.num_batches_tracked();
+    run.batches = bn.num_batches_tracked().unwrap();
     let eval = tensor(&eval_x.1, &eval_x.0, dtype);
     let z = match fusion {
         Fusion::AddRelu => Some(residual(&eval_x.1, &eval_x.0)?),
