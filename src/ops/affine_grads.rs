@@ -39,7 +39,9 @@ impl CustomOp1 for AffineGrads {
         ))
     }
 
-    #[cfg(feature = "cuda")]
+    // The layer runs this math inside its fused ops on a GPU: this op's own
+    // CUDA path serves the GPU tests (and benchmarks) only.
+    #[cfg(all(feature = "cuda", any(test, feature = "internals")))]
     fn cuda_fwd(
         &self,
         storage: &candle::CudaStorage,
