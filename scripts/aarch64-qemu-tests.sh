@@ -67,11 +67,12 @@ skip=()
 if ! registered; then
   log "AArch64 programs cannot start here without qemu (no binfmt_misc registration): skipping the tests that start processes"
   skip=(--exact)
-  for t in two_processes_match_one three_processes_uneven_and_empty_through_the_launcher \
-    killed_rank_makes_the_others_fail silent_rank_makes_the_others_fail_within_the_timeout \
-    mismatched_channel_counts_fail_on_every_rank wrong_token_is_refused \
-    launcher_stops_the_others_when_a_rank_fails train_example_is_reproducible \
-    train_example_runs_end_to_end train_example_synchronizes_within_blocks; do
+  for t in multiprocess::{two_processes_match_one,three_processes_uneven_and_empty_through_the_launcher} \
+    multiprocess::{killed_rank_makes_the_others_fail,silent_rank_makes_the_others_fail_within_the_timeout} \
+    multiprocess::{mismatched_channel_counts_fail_on_every_rank,wrong_token_is_refused} \
+    multiprocess::launcher_stops_the_others_when_a_rank_fails \
+    train_example::{train_example_is_reproducible,train_example_runs_end_to_end} \
+    train_example::train_example_synchronizes_within_blocks; do
     skip+=(--skip "$t")
   done
 fi

@@ -51,8 +51,9 @@ if ! cargo test --target "$TARGET" "$@" 2>&1 | tee "$out"; then
   # std's Debug of the error says "code: 1359", its Display (the launcher's
   # messages) "os error 1359". Wine's own server can also drop a test
   # process ("wine client error:0: recvmsg: Connection reset by peer", seen
-  # once on 2026-12-06 in tests/reference.rs, which passed in the runs
-  # before and after): a failure of Wine, not of a test, retried the same way.
+  # once on 2026-12-06 in the reference tests, tests/cpu/reference.rs,
+  # which passed in the runs before and after): a failure of Wine, not of a
+  # test, retried the same way.
   if grep -qE 'code: 1359|os error 1359|wine client error' "$out"; then
     log "Wine failed to start or keep a process (above): running the tests once more"
     cargo test --target "$TARGET" "$@"

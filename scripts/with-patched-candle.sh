@@ -5,7 +5,7 @@
 # what candle's gradient bookkeeping costs a training step; this crate never
 # depends on the copy.
 #   bash scripts/with-patched-candle.sh run --release --example bench -- --keep-freed-memory
-#   bash scripts/with-patched-candle.sh test --test layer
+#   bash scripts/with-patched-candle.sh test --test cpu
 # Builds go to target/patched-candle, so the normal build cache stays valid,
 # and Cargo.lock is restored afterwards (cargo rewrites it for the patch).
 set -euo pipefail

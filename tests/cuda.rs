@@ -14,7 +14,7 @@
 //! (huggingface/candle#2327). The op tests therefore take their empty batch as
 //! an empty view of a non-empty buffer, and the k-rank test gives every rank
 //! at least one sample (ranks with empty batches are tested on the CPU, in
-//! tests/ranks.rs).
+//! tests/cpu/ranks.rs).
 
 mod common;
 

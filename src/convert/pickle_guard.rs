@@ -54,7 +54,7 @@ pub(crate) const MAX_DEPTH: u32 = 256;
 /// file). torch.save memoizes every object and candle copies each one into
 /// its memo: a state dict of scalars, the densest real case, needs about one
 /// object per 2.7 bytes of the file (12 000 scalars: 1.54 million objects in
-/// 4.1 MB; see tests/checkpoint.rs).
+/// 4.1 MB; see tests/cpu/checkpoint.rs).
 pub(crate) const FILE_BYTES_PER_OBJECT: u64 = 2;
 
 /// The object budget of small files (about 48 MiB of candle objects).

@@ -9,6 +9,17 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+/// The name libtest gives test `name` of the module whose `module_path!()` is
+/// `module`: its path without the crate (the test binary), as `--exact` wants
+/// it. A test that runs its own executable again as a child passes it, so that
+/// the child runs that one test and none of the others in the binary.
+pub fn test_path(module: &str, name: &str) -> String {
+    match module.split_once("::") {
+        Some((_, path)) => format!("{path}::{name}"),
+        None => name.to_string(),
+    }
+}
+
 /// A scratch directory, removed with everything in it when dropped (also when
 /// a test panics), so test runs leave nothing in the temp dir.
 pub struct ScratchDir(PathBuf);

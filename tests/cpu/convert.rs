@@ -1,7 +1,7 @@
 //! Converting candle-nn BatchNorm models: the drop-in constructor, `from_batch_norm`
 //! and the `VarBuilder` rewriter, against `candle_nn::BatchNorm` itself.
 
-mod common;
+use crate::common;
 
 use candle::{DType, Device, Module, Result, Tensor, Var};
 use candle_nn::{BatchNormConfig, ModuleT, Optimizer, VarBuilder, VarMap};

@@ -1,6 +1,6 @@
 //! Agreement with candle-nn's BatchNorm, and variables under PyTorch's names.
 
-mod common;
+use crate::common;
 
 use candle::{DType, Device, Tensor, Var};
 use candle_nn::{ModuleT, VarBuilder, VarMap};

@@ -2,7 +2,7 @@
 //! devices without kernels of this crate, such as Metal) against the kernels
 //! and against one rank holding the whole batch.
 
-mod common;
+use crate::common;
 
 use candle::{DType, Device, Tensor, Var};
 use candle_nn::{ModuleT, VarBuilder, VarMap};

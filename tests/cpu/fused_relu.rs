@@ -1,8 +1,8 @@
 //! `SyncBatchNorm::forward_relu_t` (batch norm with the ReLU fused in) against
 //! the f64 reference and against `forward_t` followed by candle's `relu`.
-//! (k ranks against one: `tests/ranks.rs`; on CUDA: `tests/cuda.rs`.)
+//! (k ranks against one: `tests/cpu/ranks.rs`; on CUDA: `tests/cuda.rs`.)
 
-mod common;
+use crate::common;
 
 use candle::{DType, Device, Tensor, Var};
 use candle_nn::{ModuleT, VarBuilder, VarMap};

@@ -1,7 +1,7 @@
 //! The layer against the f64 reference, one rank, over the whole matrix:
 //! dtype × input rank 2..5 × affine × momentum Some/None × track_running_stats.
 
-mod common;
+use crate::common;
 
 use candle::{DType, Device, Tensor, Var};
 use candle_nn::{ModuleT, VarBuilder, VarMap};

@@ -8,7 +8,7 @@
 //! files (its pid, markers) in the test's scratch folder.
 #![cfg(target_os = "linux")]
 
-mod common;
+use crate::common;
 
 use candle::Device;
 use candle_syncbn::launch::{launch, LaunchConfig};
@@ -27,11 +27,11 @@ const NPROC: &str = "SYNCBN_TEST_NPROC";
 /// How long a rank waits for the test to act before it gives up on its own.
 const RANK_LIFETIME: Duration = Duration::from_secs(60);
 
+/// The arguments that make this executable run [`worker`] and no other test.
 fn worker_args() -> Vec<OsString> {
-    ["worker", "--exact", "--nocapture", "--test-threads=1"]
-        .iter()
-        .map(OsString::from)
-        .collect()
+    let mut args = vec![OsString::from(common::test_path(module_path!(), "worker"))];
+    args.extend(["--exact", "--nocapture", "--test-threads=1"].map(OsString::from));
+    args
 }
 
 /// Writes `text` to `dir/name` atomically (the test polls for the file).

@@ -5,7 +5,7 @@
 //! `SYNCBN_TEST_SCENARIO` is set. Rank 0 listens on a port chosen by the OS
 //! and publishes it in a per-test port file, so parallel tests never collide.
 
-mod common;
+use crate::common;
 
 use candle::{DType, Device, Tensor, Var};
 use candle_nn::{ModuleT, VarBuilder, VarMap};
@@ -220,11 +220,11 @@ fn worker() {
     }
 }
 
+/// The arguments that make this executable run [`worker`] and no other test.
 fn worker_args() -> Vec<OsString> {
-    ["worker", "--exact", "--nocapture", "--test-threads=1"]
-        .iter()
-        .map(OsString::from)
-        .collect()
+    let mut args = vec![OsString::from(common::test_path(module_path!(), "worker"))];
+    args.extend(["--exact", "--nocapture", "--test-threads=1"].map(OsString::from));
+    args
 }
 
 struct Outcome {

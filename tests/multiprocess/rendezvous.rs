@@ -3,7 +3,7 @@
 //! Idle connections, a fake rank 0, a fake joining rank, a stale port file, a
 //! flood of bad connections.
 
-mod common;
+use crate::common;
 
 use candle::{DType, Device, Tensor};
 use candle_syncbn::group::TcpOptions;

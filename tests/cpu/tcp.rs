@@ -2,7 +2,7 @@
 //! 127.0.0.1, rank 0 on a port chosen by the OS and published through a port
 //! file, so parallel tests never collide).
 
-mod common;
+use crate::common;
 
 use candle::{DType, Device, Tensor};
 use candle_syncbn::group::TcpOptions;

@@ -3,7 +3,7 @@
 //! trained layers, and a model mixing frozen, synchronized and local layers
 //! loaded from and saved to a checkpoint with PyTorch's names.
 
-mod common;
+use crate::common;
 
 use candle::{DType, Device, Module, Tensor};
 use candle_nn::{ModuleT, Optimizer, VarBuilder, VarMap};

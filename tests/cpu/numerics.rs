@@ -1,6 +1,6 @@
 //! Finite-difference gradients, determinism and numerical stability.
 
-mod common;
+use crate::common;
 
 use candle::{DType, Device, Tensor, Var};
 use candle_nn::{ModuleT, VarBuilder, VarMap};

@@ -122,9 +122,9 @@ fn train_example_runs_end_to_end() {
 }
 
 /// `--bn-group-size 2` on 4 ranks: the layers synchronize within pairs and
-/// the running statistics are identical within each pair (tests/subgroups.rs
-/// checks the numbers); a size that does not divide the world fails on every
-/// rank with a clear error, not a hang.
+/// the running statistics are identical within each pair
+/// (tests/cpu/subgroups.rs checks the numbers); a size that does not divide
+/// the world fails on every rank with a clear error, not a hang.
 #[test]
 fn train_example_synchronizes_within_blocks() {
     let dir = Scratch::new("blocks");

@@ -3,7 +3,7 @@
 //! subgroup collectives are exact, and bad splits and failing ranks are errors
 //! on every rank, never a hang.
 
-mod common;
+use crate::common;
 
 use candle::{DType, Device, Tensor};
 use candle_syncbn::{ProcessGroup, SyncBatchNormConfig};

@@ -5,7 +5,7 @@
 //! on every rank); frozen layers, weights, counters and momentum are left
 //! alone; errors leave the layers as they were.
 
-mod common;
+use crate::common;
 
 use candle::{DType, Device, Tensor};
 use candle_nn::{ModuleT, VarBuilder, VarMap};

@@ -4,7 +4,7 @@
 //! the tests themselves; the `.pth` writer below produces torch.save's zip
 //! layout (protocol-2 pickle + raw little-endian storages) without Python.
 
-mod common;
+use crate::common;
 
 use candle::{DType, Device, Tensor};
 use candle_nn::{ModuleT, VarBuilder, VarMap};
@@ -1086,11 +1086,11 @@ fn killed_saves_leave_no_temp_files() {
     for _ in 0..3 {
         let before = temps();
         let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
+            .arg(common::test_path(
+                module_path!(),
                 "killed_saves_leave_no_temp_files",
-                "--exact",
-                "--test-threads=1",
-            ])
+            ))
+            .args(["--exact", "--test-threads=1"])
             .env(KILLED_SAVE_ENV, &dir)
             .stdout(std::process::Stdio::null())
             .spawn()

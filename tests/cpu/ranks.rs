@@ -1,6 +1,6 @@
 //! k in-process ranks (one thread each) against one rank holding the whole batch.
 
-mod common;
+use crate::common;
 
 use candle::{DType, Device, Tensor};
 use candle_nn::{ModuleT, VarBuilder, VarMap};
