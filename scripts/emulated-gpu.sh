@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds an emulated CUDA device (see cuda-kernels/emulator/fake_driver.cpp)
+# Builds an emulated CUDA device (see tests/cuda-emulator/fake_driver.cpp)
 # and prints the environment that makes CUDA builds use it:
 #
 #   eval "$(bash scripts/emulated-gpu.sh)"
@@ -27,7 +27,7 @@ set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 DIR="${EMULATED_GPU_DIR:-$REPO/target/emulated-gpu}"
 CXX="${CXX:-g++}"
-EMU="$REPO/cuda-kernels/emulator"
+EMU="$REPO/tests/cuda-emulator"
 mkdir -p "$DIR"
 
 # Device code puns types freely (a float4 read through __nv_bfloat162*), which

@@ -1,9 +1,9 @@
 //! Test support: the kernels of `cuda-kernels/` run on the CPU.
 //!
 //! [`Emulator::get`] compiles `cuda-kernels/*.cu` with the host C++ compiler
-//! (`$CXX`, else `g++`), force-including `cuda-kernels/emulator/cuda_emulator.h`
+//! (`$CXX`, else `g++`), force-including `tests/cuda-emulator/cuda_emulator.h`
 //! (CUDA keywords, thread indices, `__syncthreads`, warp shuffles, f64
-//! intrinsics) and linking `cuda-kernels/emulator/runtime.cpp` (a fiber per
+//! intrinsics) and linking `tests/cuda-emulator/runtime.cpp` (a fiber per
 //! CUDA thread, blocks one after the other, deadlocks reported), and loads the
 //! shared library. The kernels' `extern "C"` entry points are then plain C
 //! functions, called with the same arguments the ops pass to `cuLaunchKernel`
@@ -44,21 +44,22 @@ unsafe impl Sync for Emulator {}
 
 /// Why the emulator is not available.
 enum Unavailable {
-    /// No C++ compiler on this machine: the tests are skipped.
-    NoCompiler(String),
+    /// No C++ compiler on this machine, or no emulator sources (the crate
+    /// package leaves `tests/cuda-emulator/` out): the tests are skipped.
+    Skipped(String),
     /// The build or the load failed: the tests fail.
     Broken(String),
 }
 
 impl Emulator {
     /// The emulator, built once per test process; `None` (after printing that
-    /// the test is skipped) when no C++ compiler is installed. Panics when the
-    /// kernels do not compile or load.
+    /// the test is skipped) when no C++ compiler is installed or the emulator's
+    /// sources are absent. Panics when the kernels do not compile or load.
     pub fn get() -> Option<&'static Emulator> {
         static EMU: OnceLock<Result<Emulator, Unavailable>> = OnceLock::new();
         match EMU.get_or_init(build) {
             Ok(e) => Some(e),
-            Err(Unavailable::NoCompiler(msg)) => {
+            Err(Unavailable::Skipped(msg)) => {
                 // Past the harness's output capture, so a plain `cargo test` shows it.
                 use std::io::Write;
                 let _ = writeln!(
@@ -143,10 +144,10 @@ fn probe(cxx: &str, dir: &Path) -> Result<(), Unavailable> {
         .output()
     {
         Ok(out) if out.status.success() => Ok(()),
-        Ok(_) => Err(Unavailable::NoCompiler(format!(
+        Ok(_) => Err(Unavailable::Skipped(format!(
             "`{cxx}` lacks _Float16 or ucontext (on Linux: GCC 12+ on x86-64, GCC 13+ on AArch64, or Clang 15+; set CXX to choose)"
         ))),
-        Err(e) => Err(Unavailable::NoCompiler(format!(
+        Err(e) => Err(Unavailable::Skipped(format!(
             "no C++ compiler `{cxx}` ({e})"
         ))),
     }
@@ -154,8 +155,15 @@ fn probe(cxx: &str, dir: &Path) -> Result<(), Unavailable> {
 
 /// Compiles and loads the emulator library into a private temporary folder.
 fn build() -> Result<Emulator, Unavailable> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("cuda-kernels");
-    let emu = root.join("emulator");
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root = manifest.join("cuda-kernels");
+    let emu = manifest.join("tests").join("cuda-emulator");
+    if !emu.join("runtime.cpp").is_file() {
+        return Err(Unavailable::Skipped(format!(
+            "no emulator sources in {} (the crate package leaves them out)",
+            emu.display()
+        )));
+    }
     let mut sources: Vec<PathBuf> = std::fs::read_dir(&root)
         .map_err(|e| Unavailable::Broken(format!("cannot read {}: {e}", root.display())))?
         .filter_map(|e| e.ok().map(|e| e.path()))
