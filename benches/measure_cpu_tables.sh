@@ -10,7 +10,7 @@
 #   bash benches/measure_cpu_tables.sh [OUTDIR] [compare_cpu.py options...]
 #   bash benches/measure_cpu_tables.sh target/cpu-tables --reps 2 --shapes 8x16x32x32,256x64   # smoke test
 # The builds come first (the in-place one compiles candle-core again, once);
-# the measurements then take about 10 minutes on 2 quiet cores (11
+# the measurements then take about 8 minutes on 2 quiet cores (11
 # repetitions; 17 minutes with other builds running beside them).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
