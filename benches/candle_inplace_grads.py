@@ -148,6 +148,20 @@ def candle_core_dir(manifest):
     sys.exit("candle-core is not among the dependencies of " + manifest)
 
 
+def up_to_date(src, dest, patched):
+    """Whether `dest` is this script's copy of `src` (same manifest, so same
+    version) with `patched` as its backprop.rs."""
+    def read(*path):
+        try:
+            with open(os.path.join(*path)) as f:
+                return f.read()
+        except OSError:
+            return None
+
+    return (read(dest, "src", "backprop.rs") == patched
+            and read(dest, "Cargo.toml") == read(src, "Cargo.toml"))
+
+
 def main():
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -158,6 +172,12 @@ def main():
     args = ap.parse_args()
     src, version = candle_core_dir(args.manifest_path)
     dest = os.path.abspath(args.out)
+    with open(os.path.join(src, "src", "backprop.rs")) as f:
+        patched, count = rewrite(f.read())
+    if up_to_date(src, dest, patched):
+        # Rewriting the same copy would only make cargo rebuild it.
+        print("candle-core %s: %s is up to date" % (version, dest), file=sys.stderr)
+        return
     if os.path.exists(dest):
         try:
             with open(os.path.join(dest, "src", "backprop.rs")) as f:
@@ -169,9 +189,6 @@ def main():
         shutil.rmtree(dest)
     shutil.copytree(src, dest)
     path = os.path.join(dest, "src", "backprop.rs")
-    with open(path) as f:
-        source = f.read()
-    patched, count = rewrite(source)
     left = len(re.findall(r"grads\.or_insert\(", patched))
     with open(path, "w") as f:
         f.write(patched)

@@ -9,12 +9,21 @@ prints the ratios against candle-syncbn's numbers from the same machine.
     python3 benches/pytorch_bench.py --device cuda --ours ours.json
 
 CPU: `torch.nn.BatchNorm{1,2,3}d` in training mode, forward and backward through
-autograd (seeded with ones, as our benchmark does), and an eval forward.
+autograd (seeded with ones, as our benchmark does), and an eval forward. This
+runs the two sides one after the other, a quick look: the CPU tables of
+docs/performance.md come from `benches/compare_cpu.py`, which times the same
+calls (`TorchCase`) in alternation with ours.
+
+Every autograd step does what a training loop does: gradients reset before
+the backward (`x.grad = None`, `zero_grad(set_to_none=True)`), and freed with
+the outputs inside the timed call (`TorchCase`).
 
 CUDA (world size 1): the kernels of `torch.nn.SyncBatchNorm` — forward
 `batch_norm_stats` + `batch_norm_gather_stats_with_counts` + `batch_norm_elemt`,
 backward `batch_norm_backward_reduce` + `batch_norm_backward_elemt` — and
-cuDNN's BatchNorm (`torch.nn.functional.batch_norm`, training) forward+backward.
+cuDNN's BatchNorm (`torch.nn.BatchNorm{1,2,3}d`, training) forward + backward
+through autograd, seeded with a tensor of ones made once (our kernels get
+theirs made once too).
 
 Ratios are PyTorch time / our time: above 1 means candle-syncbn is faster.
 CPU compares whole training steps (ours includes candle's autograd
@@ -32,6 +41,7 @@ Set the same allocator environment for both runs when comparing (glibc's
 `MALLOC_*` variables apply to the Python process as they do to ours).
 """
 import argparse
+import copy
 import json
 import math
 import statistics
@@ -65,47 +75,79 @@ def bn_module(shape, dtype, device):
     return cls(shape[1]).to(device=device, dtype=param_dtype)
 
 
-def cpu_row(shape, dtype, iters):
-    x = torch.randn(shape, dtype=torch.float32).to(dtype).requires_grad_(True)
-    bn = bn_module(shape, dtype, "cpu")
-    if dtype in (torch.float16, torch.bfloat16):
-        bn = bn.to(dtype)  # PyTorch's CPU BatchNorm wants matching dtypes
-    bn.train()
+class TorchCase:
+    """PyTorch's side of one case: BatchNorm{1,2,3}d over a standard-normal
+    input (and, with `relu`, a residual `z`, trained too). Each method is one
+    call as a training loop makes it: the gradients of the input, the residual
+    and the parameters are reset before the backward (`set_to_none`, what
+    `zero_grad()` does by default), so no call adds to the last one's, and
+    they are freed, with the outputs, before the call returns (our benchmark
+    drops its `GradStore` inside the timing too). The backward's seed of ones
+    is made in each call, as candle's `backward()` makes it, unless
+    `fixed_seed` (the GPU's comparison with our kernels, which get theirs
+    made once)."""
 
-    def step():
-        y = bn(x)
-        y.backward(torch.ones_like(y))
+    def __init__(self, shape, dtype, device="cpu", relu=False, fixed_seed=False):
+        def randn():
+            return torch.randn(shape, device=device, dtype=torch.float32).to(dtype).requires_grad_(True)
 
-    def fwd():
+        self.x = randn()
+        self.z = randn() if relu else None
+        bn = bn_module(shape, dtype, device)
+        if device == "cpu" and dtype in (torch.float16, torch.bfloat16):
+            bn = bn.to(dtype)  # PyTorch's CPU BatchNorm wants matching dtypes
+        self.bn = bn.train()
+        self.bn_eval = copy.deepcopy(bn).eval()
+        self.seed = torch.ones_like(self.x) if fixed_seed else None
+
+    def _free_grads(self):
+        self.x.grad = None
+        if self.z is not None:
+            self.z.grad = None
+        self.bn.zero_grad(set_to_none=True)
+
+    def _backward(self, y):
+        self._free_grads()
+        y.backward(self.seed if self.seed is not None else torch.ones_like(y))
+        self._free_grads()
+
+    def step(self):
+        """Training forward, then backward through autograd, seeded with ones."""
+        self._backward(self.bn(self.x))
+
+    def relu_step(self):
+        """The same for `relu(bn(x))`."""
+        self._backward(torch.relu(self.bn(self.x)))
+
+    def add_relu_step(self):
+        """The same for `relu(bn(x) + z)`."""
+        self._backward(torch.relu(self.bn(self.x) + self.z))
+
+    def fwd(self):
+        """A training forward without autograd."""
         with torch.no_grad():
-            bn(x)
+            self.bn(self.x)
 
-    t_step = timed(step, "cpu", iters)
-    t_fwd = timed(fwd, "cpu", iters)
-    bn.eval()
-    t_eval = timed(fwd, "cpu", iters)
-    return {"step_ms": t_step * 1e3, "fwd_ms": t_fwd * 1e3, "eval_ms": t_eval * 1e3}
+    def eval(self):
+        """An eval forward."""
+        with torch.no_grad():
+            self.bn_eval(self.x)
+
+
+def cpu_row(shape, dtype, iters):
+    case = TorchCase(shape, dtype)
+    return {
+        "step_ms": timed(case.step, "cpu", iters) * 1e3,
+        "fwd_ms": timed(case.fwd, "cpu", iters) * 1e3,
+        "eval_ms": timed(case.eval, "cpu", iters) * 1e3,
+    }
 
 
 def relu_steps(shape, dtype, device, iters):
     """Seconds of training steps through autograd (cuDNN on CUDA) of
     relu(bn(x)) and of relu(bn(x) + z), z trained too."""
-    x = torch.randn(shape, device=device, dtype=torch.float32).to(dtype).requires_grad_(True)
-    z = torch.randn(shape, device=device, dtype=torch.float32).to(dtype).requires_grad_(True)
-    bn = bn_module(shape, dtype, device)
-    if device == "cpu" and dtype in (torch.float16, torch.bfloat16):
-        bn = bn.to(dtype)
-    bn.train()
-
-    def step():
-        y = torch.relu(bn(x))
-        y.backward(torch.ones_like(y))
-
-    def add_step():
-        y = torch.relu(bn(x) + z)
-        y.backward(torch.ones_like(y))
-
-    return timed(step, device, iters), timed(add_step, device, iters)
+    case = TorchCase(shape, dtype, device, relu=True)
+    return timed(case.relu_step, device, iters), timed(case.add_relu_step, device, iters)
 
 
 def cuda_row(shape, dtype, iters):
@@ -135,17 +177,9 @@ def cuda_row(shape, dtype, iters):
         sum_dy, sum_dy_xmu, gw, gb = torch.batch_norm_backward_reduce(dy, x, mean_all, invstd_all, weight, True, True, True)
         return torch.batch_norm_backward_elemt(dy, x, mean_all, invstd_all, weight, sum_dy, sum_dy_xmu, counts.to(torch.int32))
 
-    xg = x.clone().requires_grad_(True)
-    w = weight.clone().requires_grad_(True)
-    b = bias.clone().requires_grad_(True)
-
-    def cudnn_step():
-        y = torch.nn.functional.batch_norm(xg, running_mean, running_var, w, b, True, momentum, eps)
-        y.backward(dy)
-
     t_fwd = timed(sync_fwd, dev, iters)
     t_bwd = timed(sync_bwd, dev, iters)
-    t_cudnn = timed(cudnn_step, dev, iters)
+    t_cudnn = timed(TorchCase(shape, dtype, dev, fixed_seed=True).step, dev, iters)
     return {"fwd_ms": t_fwd * 1e3, "bwd_ms": t_bwd * 1e3, "step_ms": (t_fwd + t_bwd) * 1e3, "cudnn_step_ms": t_cudnn * 1e3}
 
 

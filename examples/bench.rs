@@ -36,18 +36,24 @@
 //! With `--composite`, a third table times the layer composed of candle ops
 //! (`forward_composite_t`, what runs on devices without kernels of this
 //! crate, such as Metal): its training step and eval against the kernels'.
+//!
+//! Every timed call returns what it made (outputs, the `GradStore`), and its
+//! timing ends after that is dropped: a training loop pays for freeing them.
+//!
+//! With `--serve`, no table: the process answers timing requests on standard
+//! input (`examples/bench/serve.rs`), so that `benches/compare_cpu.py` can
+//! alternate our calls with PyTorch's, repetition by repetition.
+
+#[path = "bench/serve.rs"]
+mod serve;
+#[path = "bench/workload.rs"]
+mod workload;
 
 use anyhow::{bail, Result};
-use candle::{DType, Device, Tensor, Var};
-use candle_nn::{ModuleT, VarBuilder, VarMap};
-use candle_syncbn::ops::{
-    BatchMoments, BatchStats, ForwardCoefficients, FusedRelu, GradStats, InputGrad, Moments,
-    ReluGrad,
-};
-use candle_syncbn::{ProcessGroup, SyncBatchNorm, SyncBatchNormConfig};
+use candle::{DType, Device, Var};
 use clap::Parser;
-use rayon::prelude::*;
 use std::time::Instant;
+use workload::{parse_dtype, parse_shape, timed_calls, Case, Parts, Work};
 
 #[derive(Parser, Debug)]
 #[command(about = "SyncBatchNorm benchmark table")]
@@ -93,68 +99,28 @@ struct Args {
     /// run), 0 on the CPU.
     #[arg(long)]
     warmup_ms: Option<u64>,
+    /// Instead of the table, answer timing requests on standard input, one a
+    /// line (`benches/compare_cpu.py` drives it, alternating our calls with
+    /// PyTorch's; the protocol is in `examples/bench/serve.rs`).
+    #[arg(long)]
+    serve: bool,
 }
 
 const SUITE: &str =
     "32x64x112x112,32x256x56x56,32x512x28x28,32x1024x14x14,32x2048x7x7,4096x1024,2x64x16x56x56";
 
-fn parse_shape(s: &str) -> Result<Vec<usize>> {
-    let dims: Vec<usize> = s
-        .split('x')
-        .map(|d| d.trim().parse())
-        .collect::<Result<_, _>>()?;
-    if !(2..=5).contains(&dims.len()) {
-        bail!("shape {s}: expected 2 to 5 dims")
-    }
-    Ok(dims)
-}
-
-fn parse_dtype(s: &str) -> Result<DType> {
-    Ok(match s.trim() {
-        "f32" => DType::F32,
-        "f64" => DType::F64,
-        "f16" => DType::F16,
-        "bf16" => DType::BF16,
-        other => bail!("unknown dtype {other}"),
-    })
-}
-
-/// Median seconds of `iters` runs of `f` after one warm-up run.
-fn time<T>(dev: &Device, iters: usize, f: impl FnMut() -> Result<T>) -> Result<f64> {
-    let samples = samples(dev, iters, f)?;
+/// Median seconds of `iters` runs of `work` after one warm-up run.
+fn time_work(case: &mut Case, work: Work, iters: usize) -> Result<f64> {
+    let dev = case.device().clone();
+    let samples = samples(&dev, iters, || case.run(work))?;
     Ok(samples[samples.len() / 2])
 }
 
 /// Sorted seconds of `iters` runs of `f` after one warm-up run.
-fn samples<T>(dev: &Device, iters: usize, mut f: impl FnMut() -> Result<T>) -> Result<Vec<f64>> {
-    drop(f()?);
-    dev.synchronize()?;
-    let mut samples = Vec::with_capacity(iters);
-    for _ in 0..iters {
-        let t = Instant::now();
-        let out = f()?;
-        dev.synchronize()?;
-        drop(out);
-        samples.push(t.elapsed().as_secs_f64());
-    }
+fn samples<T>(dev: &Device, iters: usize, f: impl FnMut() -> Result<T>) -> Result<Vec<f64>> {
+    let mut samples = timed_calls(dev, 1, iters, f)?;
     samples.sort_by(f64::total_cmp);
     Ok(samples)
-}
-
-/// Seconds to copy `bytes` bytes between two buffers that are already mapped,
-/// in parallel over rayon's pool: the CPU memory bandwidth baseline, the best
-/// of `3·iters` runs (a ceiling, so that a noisy run does not flatter the kernels).
-fn cpu_copy_time(bytes: usize, iters: usize) -> Result<f64> {
-    const PIECE: usize = 1 << 20;
-    let src = vec![1u8; bytes];
-    let mut dst = vec![2u8; bytes];
-    let runs = samples(&Device::Cpu, 3 * iters, || {
-        dst.par_chunks_mut(PIECE)
-            .zip(src.par_chunks(PIECE))
-            .for_each(|(d, s)| d.copy_from_slice(s));
-        Ok(())
-    })?;
-    Ok(runs[0])
 }
 
 struct Row {
@@ -203,115 +169,37 @@ struct ReluRow {
 /// Training steps (forward, `backward()`) of a layer over `shape` in `dtype`
 /// on `dev`, each synchronized, for `ms` milliseconds.
 fn warm_up(dev: &Device, shape: &[usize], dtype: DType, ms: u64) -> Result<()> {
-    let x = Var::from_tensor(
-        &Tensor::randn(0f32, 1.0, shape, &Device::Cpu)?
-            .to_dtype(dtype)?
-            .to_device(dev)?,
-    )?;
-    let param_dtype = if dtype == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    };
-    let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, param_dtype, dev);
-    let bn = SyncBatchNorm::new(
-        shape[1],
-        SyncBatchNormConfig::default(),
-        vb,
-        ProcessGroup::single(),
-    )?;
+    let mut case = Case::new(dev, shape, dtype, Parts::default())?;
     let start = Instant::now();
     while start.elapsed().as_millis() < u128::from(ms) {
-        drop(bn.forward_t(x.as_tensor(), true)?.backward()?);
+        drop(case.run(Work::Step)?);
         dev.synchronize()?;
     }
     Ok(())
 }
 
 fn bench_one(dev: &Device, shape: &[usize], dtype: DType, args: &Args) -> Result<Row> {
-    let c = shape[1];
-    // Drawn on the host (no cuRAND needed, so the emulated GPU runs it too).
-    let x = Var::from_tensor(
-        &Tensor::randn(0f32, 1.0, shape, &Device::Cpu)?
-            .to_dtype(dtype)?
-            .to_device(dev)?,
-    )?;
-    let xt = x.as_tensor();
-    let param_dtype = if dtype == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
+    let parts = Parts {
+        nn: !args.no_candle_nn,
+        relu: args.relu,
     };
-    let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, param_dtype, dev);
-    let bn = SyncBatchNorm::new(
-        c,
-        SyncBatchNormConfig::default(),
-        vb,
-        ProcessGroup::single(),
-    )?;
+    let mut case = Case::new(dev, shape, dtype, parts)?;
+    let case = &mut case;
     let iters = args.iters;
 
-    let bytes = xt.elem_count() * dtype.size_in_bytes();
     let copy = if dev.is_cpu() {
-        cpu_copy_time(bytes, iters)?
+        // The best of 3·iters: a ceiling, so that a noisy run does not
+        // flatter the kernels.
+        samples(dev, 3 * iters, || case.run(Work::Copy))?[0]
     } else {
-        time(dev, iters, || Ok(xt.copy()?))?
+        time_work(case, Work::Copy, iters)?
     };
-    let fwd = time(dev, iters, || Ok(bn.forward_t(xt, true)?))?;
-    let y = bn.forward_t(xt, true)?;
-    let bwd = time(dev, iters, || Ok(y.backward()?))?;
-    let step = time(dev, iters, || Ok(bn.forward_t(xt, true)?.backward()?))?;
-    let eval = time(dev, iters, || Ok(bn.forward_t(xt, false)?))?;
-
-    // candle's bookkeeping in that step, as `Tensor::backward` does it: the
-    // seed, and `zeros_like` + `add` to accumulate the input's gradient.
-    let dx_stand_in = xt.ones_like()?;
-    let bookkeeping = time(dev, iters, || {
-        let seed = xt.ones_like()?.contiguous()?;
-        let accumulated = xt.zeros_like()?.add(&dx_stand_in)?;
-        Ok((seed, accumulated))
-    })?;
-    drop(dx_stand_in);
-
-    // Our backward alone: gradient sums, (world-size-1) collective, input gradient.
-    let axis = 1;
-    let dy = xt.ones_like()?;
-    let sums = xt.apply_op1_no_bwd(&BatchStats { axis })?;
-    // On a GPU the layer computes the forward's coefficients with the
-    // moments, and a fused ReLU's backward reads them (below).
-    let (moments, coefficients) = if dev.is_cuda() {
-        let request = ForwardCoefficients {
-            input: dtype,
-            weight: None,
-            bias: None,
-        };
-        let (m, c) = BatchMoments::apply_with_coefficients(&sums, 1e-5, None, &request)?;
-        (m, Some(c))
-    } else {
-        (sums.apply_op1_no_bwd(&Moments { eps: 1e-5 })?, None)
-    };
-    let group = ProcessGroup::single();
-    let bwd_ops = time(dev, iters, || {
-        let local = dy.apply_op2_no_bwd(
-            xt,
-            &GradStats {
-                axis,
-                moments: moments.clone(),
-                relu: None,
-            },
-        )?;
-        let global = group.all_reduce_sum(&local)?;
-        let op = InputGrad {
-            axis,
-            moments: moments.clone(),
-            grad_sums: Some(global),
-            weight: None,
-            relu: None,
-        };
-        Ok(dy.apply_op2_no_bwd(xt, &op)?)
-    })?;
+    let fwd = time_work(case, Work::Fwd, iters)?;
+    let bwd = time_work(case, Work::Bwd, iters)?;
+    let step = time_work(case, Work::Step, iters)?;
+    let eval = time_work(case, Work::Eval, iters)?;
+    let bookkeeping = time_work(case, Work::Bookkeeping, iters)?;
+    let bwd_ops = time_work(case, Work::BwdOps, iters)?;
 
     // On a GPU, a step must be enqueued without waiting for the device: time
     // the host side of a step (no synchronization) against the whole step.
@@ -320,7 +208,7 @@ fn bench_one(dev: &Device, shape: &[usize], dtype: DType, args: &Args) -> Result
         for _ in 0..iters {
             dev.synchronize()?;
             let t = Instant::now();
-            let grads = bn.forward_t(xt, true)?.backward()?;
+            let grads = case.run(Work::Step)?;
             best = best.min(t.elapsed().as_secs_f64());
             dev.synchronize()?;
             drop(grads);
@@ -330,108 +218,33 @@ fn bench_one(dev: &Device, shape: &[usize], dtype: DType, args: &Args) -> Result
         None
     };
 
-    let nn_map = VarMap::new();
-    let nn_bn = candle_nn::batch_norm(c, 1e-5, VarBuilder::from_varmap(&nn_map, param_dtype, dev))?;
-    let nn_x = if param_dtype == dtype {
-        xt.clone()
-    } else {
-        xt.to_dtype(param_dtype)?
+    // candle-nn's steps take 10 times ours: 3 runs each.
+    let nn = |case: &mut Case, work| -> Result<Option<f64>> {
+        parts
+            .nn
+            .then(|| time_work(case, work, iters.min(3)))
+            .transpose()
     };
-    let nn_iters = iters.min(3);
-    let nn_step = if args.no_candle_nn {
-        None
-    } else {
-        Some(time(dev, nn_iters, || {
-            Ok(nn_bn.forward_t(&nn_x, true)?.backward()?)
-        })?)
-    };
-    let relu = if args.relu {
-        let fused = time(dev, iters, || {
-            Ok(bn.forward_relu_t(xt, true)?.backward()?)
-        })?;
-        // The backward kernels alone, as for "bwd ops": the mask recomputed
-        // in both passes, or read from the output by a pass of its own.
-        let relu_bwd = |relu: Option<FusedRelu>, dy: &Tensor| -> Result<Tensor> {
-            let op = GradStats {
-                axis,
-                moments: moments.clone(),
-                relu: relu.clone(),
-            };
-            let global = group.all_reduce_sum(&dy.apply_op2_no_bwd(xt, &op)?)?;
-            let op = InputGrad {
-                axis,
-                moments: moments.clone(),
-                grad_sums: Some(global),
-                weight: None,
-                relu,
-            };
-            Ok(dy.apply_op2_no_bwd(xt, &op)?)
-        };
-        let fused_relu = FusedRelu {
-            coefficients: coefficients.clone(),
-            ..FusedRelu::default()
-        };
-        let relu_bwd_ops = time(dev, iters, || relu_bwd(Some(fused_relu.clone()), &dy))?;
-        let y_relu = bn.forward_relu_t(xt, true)?.detach();
-        let bwd_ops_mask_pass = time(dev, iters, || {
-            let masked = dy.apply_op2_no_bwd(&y_relu, &ReluGrad { axis })?;
-            relu_bwd(None, &masked)
-        })?;
-        drop(y_relu);
-        let two_ops = time(dev, iters, || {
-            Ok(bn.forward_t(xt, true)?.relu()?.backward()?)
-        })?;
-        let nn = if args.no_candle_nn {
-            None
-        } else {
-            Some(time(dev, nn_iters, || {
-                Ok(nn_bn.forward_t(&nn_x, true)?.relu()?.backward()?)
-            })?)
-        };
-        // The residual: another activation of the same shape, trained too.
-        let z = Var::from_tensor(
-            &Tensor::randn(0f32, 1.0, shape, &Device::Cpu)?
-                .to_dtype(dtype)?
-                .to_device(dev)?,
-        )?;
-        let zt = z.as_tensor();
-        let add_fused = time(dev, iters, || {
-            Ok(bn.forward_add_relu_t(xt, zt, true)?.backward()?)
-        })?;
-        let add_ops = time(dev, iters, || {
-            Ok((bn.forward_t(xt, true)? + zt)?.relu()?.backward()?)
-        })?;
-        let add_nn = if args.no_candle_nn {
-            None
-        } else {
-            let nn_z = zt.to_dtype(param_dtype)?;
-            Some(time(dev, nn_iters, || {
-                Ok((nn_bn.forward_t(&nn_x, true)? + &nn_z)?
-                    .relu()?
-                    .backward()?)
-            })?)
-        };
+    let nn_step = nn(case, Work::NnStep)?;
+    let relu = if parts.relu {
         Some(ReluRow {
-            fused,
-            bwd_ops: relu_bwd_ops,
-            bwd_ops_mask_pass,
-            two_ops,
-            nn,
-            add_fused,
-            add_ops,
-            add_nn,
+            fused: time_work(case, Work::ReluStep, iters)?,
+            bwd_ops: time_work(case, Work::ReluBwdOps, iters)?,
+            bwd_ops_mask_pass: time_work(case, Work::ReluBwdOpsMaskPass, iters)?,
+            two_ops: time_work(case, Work::BnThenReluStep, iters)?,
+            nn: nn(case, Work::NnReluStep)?,
+            add_fused: time_work(case, Work::AddReluStep, iters)?,
+            add_ops: time_work(case, Work::BnAddReluStep, iters)?,
+            add_nn: nn(case, Work::NnAddReluStep)?,
         })
     } else {
         None
     };
     let composite = if args.composite {
-        let step = time(dev, iters, || {
-            Ok(bn.forward_composite_t(xt, None, false, true)?.backward()?)
-        })?;
-        let eval = time(dev, iters, || {
-            Ok(bn.forward_composite_t(xt, None, false, false)?)
-        })?;
-        Some((step, eval))
+        Some((
+            time_work(case, Work::CompositeStep, iters)?,
+            time_work(case, Work::CompositeEval, iters)?,
+        ))
     } else {
         None
     };
@@ -451,7 +264,7 @@ fn bench_one(dev: &Device, shape: &[usize], dtype: DType, args: &Args) -> Result
         enqueue,
         relu,
         composite,
-        bytes: bytes as f64,
+        bytes: case.bytes() as f64,
     })
 }
 
@@ -484,6 +297,9 @@ fn main() -> Result<()> {
     let kept = kept_on_cpu || (args.keep_freed_memory && dev.is_cuda() && keep_gpu_memory(&dev)?);
     if args.keep_freed_memory && !kept {
         bail!("--keep-freed-memory: this GPU allocates without a memory pool")
+    }
+    if args.serve {
+        return serve::serve(&dev, kept, candle_accumulates_in_place()?);
     }
     let shapes: Vec<Vec<usize>> = args
         .shapes
