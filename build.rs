@@ -1,7 +1,9 @@
 //! Build script: under the `cuda` feature, compiles every `cuda-kernels/*.cu`
 //! to PTX with `cudaforge` (which builds candle's own kernels) and writes
 //! `$OUT_DIR/cuda_kernels.rs`, one `pub const STEM: &str` (the PTX text) per
-//! kernel file. Without `cuda` it does nothing.
+//! kernel file. Without `cuda` it does nothing. With `internals` (the tests
+//! and benchmarks) it also compiles the kernels only they launch
+//! (`SYNCBN_TEST_KERNELS`).
 //!
 //! nvcc: `NVCC`, else `$CUDA_HOME/bin/nvcc` or `$CUDA_PATH/bin/nvcc`, else
 //! `PATH`, else the usual install folders (`/usr/local/cuda`, ...). Target:
@@ -35,6 +37,11 @@ mod cuda {
             // This script reruns only when a source or the toolchain changed;
             // cudaforge's own cache would not notice a new nvcc.
             .no_incremental();
+        // Kernels that only the tests and benchmarks launch (the ops' own
+        // CUDA paths behind the `internals` feature); users' builds omit them.
+        if env::var_os("CARGO_FEATURE_INTERNALS").is_some() {
+            builder = builder.arg("-DSYNCBN_TEST_KERNELS");
+        }
         match env::var_os("NVCC").filter(|v| !v.is_empty()) {
             // cudaforge runs NVCC when it exists and otherwise silently looks
             // elsewhere: a mistyped NVCC must not pick another nvcc.

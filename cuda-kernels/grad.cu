@@ -290,11 +290,21 @@ __device__ __forceinline__ void affine_grads(const void* __restrict__ sums, cons
     GRAD_MAJOR_KERNELS(T, SUFFIX, major_scalar_, 1)                                                            \
     GRAD_INNER_KERNELS(T, SUFFIX, inner_, Traits<T>::VEC)                                                      \
     GRAD_INNER_KERNELS(T, SUFFIX, inner_scalar_, 1)                                                            \
+    AFFINE_GRADS_KERNEL(T, SUFFIX)
+
+// The affine gradients as a kernel of their own: only the tests and the
+// benchmarks launch it (`SYNCBN_TEST_KERNELS`, the `internals` feature); the
+// layer computes them inside bn_grad_combine_affine.
+#ifdef SYNCBN_TEST_KERNELS
+#define AFFINE_GRADS_KERNEL(T, SUFFIX)                                                                         \
     extern "C" __global__ void __launch_bounds__(BLOCK)                                                        \
         bn_affine_grads_##SUFFIX(const void* __restrict__ sums, const Mat2 s, const void* __restrict__ moments, \
                                  const Mat2 m, const long long channels, T* __restrict__ out) {                \
         affine_grads<T>(sums, s, moments, m, channels, out);                                                   \
     }
+#else
+#define AFFINE_GRADS_KERNEL(T, SUFFIX)
+#endif
 
 GRAD_KERNELS(float, f32)
 GRAD_KERNELS(double, f64)

@@ -289,7 +289,10 @@ __device__ __forceinline__ ChannelMoments moments_from_sums(const void* __restri
 }
 
 // (3, C) sums [n; Σx; Σx²] (any float dtype and strides) -> (3, C) f64
-// [mean; invstd; n], contiguous.
+// [mean; invstd; n], contiguous. A kernel of its own only for the tests and
+// benchmarks (`SYNCBN_TEST_KERNELS`, the `internals` feature): the layer
+// computes the moments inside bn_batch_moments.
+#ifdef SYNCBN_TEST_KERNELS
 extern "C" __global__ void __launch_bounds__(BLOCK)
     bn_moments_from_sums(const void* __restrict__ sums, const Mat2 s, const long long channels, const double eps,
                          double* __restrict__ out) {
@@ -297,6 +300,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK)
     if (c >= channels) return;
     moments_from_sums(sums, s, channels, c, eps, out);
 }
+#endif
 
 // (running_mean, running_var) (any float dtypes and strides) -> (3, C) f64
 // [mean; 1/sqrt(var + eps); 0], contiguous; with `coef` (not null), the
@@ -347,7 +351,10 @@ __device__ __forceinline__ double running_factor(const int has_momentum, const d
 }
 
 // running_update of every channel, with the factor of the counter as it is
-// (already incremented; read here on the device: no host read).
+// (already incremented; read here on the device: no host read). A kernel of
+// its own only for the tests and benchmarks (`SYNCBN_TEST_KERNELS`): the
+// layer updates the running statistics inside bn_batch_moments.
+#ifdef SYNCBN_TEST_KERNELS
 extern "C" __global__ void __launch_bounds__(BLOCK)
     bn_running_update(void* __restrict__ dst, const Vec1 d, const void* __restrict__ sums, const Mat2 s,
                       const void* __restrict__ counter, const Vec1 k, const long long channels,
@@ -357,6 +364,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK)
     const double count = k.present ? load_f64(counter, k.dtype, k.offset) : 1.0;
     running_update(dst, d, sums, s, c, running_factor(has_momentum, momentum, count), stat);
 }
+#endif
 
 // Element `e` of the counter plus one, computed in the counter's dtype (i64,
 // u32, f32 or f64) as bn_counter_increment computes it, returned as f64 and

@@ -182,6 +182,8 @@ fn build() -> Result<Emulator, Unavailable> {
     // strict aliasing (device code puns types, as nvcc allows).
     cmd.args(["-std=c++17", "-O2", "-fPIC", "-shared", "-ffp-contract=off"])
         .args(["-fno-strict-aliasing", "-Wall", "-Wno-unknown-pragmas"])
+        // The kernels that only tests launch (see cuda-kernels/stats.cu).
+        .arg("-DSYNCBN_TEST_KERNELS")
         .arg("-I")
         .arg(emu.join("include"))
         .arg("-include")
