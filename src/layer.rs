@@ -273,7 +273,7 @@ impl SyncBatchNorm {
         match &self.running {
             Some(r) => crate::ops::counter_value(
                 &r.num_batches_tracked,
-                &format!("SyncBatchNorm '{}'", self.name),
+                &format_args!("SyncBatchNorm '{}'", self.name),
             ),
             None => Ok(0),
         }

@@ -239,7 +239,7 @@ impl PreciseBn {
         for site in sites {
             let seen = counter_value(
                 &site.nbt,
-                &format!("update_bn_stats: layer '{}'", site.name),
+                &format_args!("update_bn_stats: layer '{}'", site.name),
             )?;
             if seen != self.num_batches as u64 {
                 candle::bail!(

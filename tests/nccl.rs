@@ -20,7 +20,6 @@ use candle::cuda_backend::cudarc::driver::CudaContext;
 use candle::{DType, Device, Tensor, Var};
 use candle_nn::{ModuleT, VarBuilder, VarMap};
 use candle_syncbn::group::NcclOptions;
-use candle_syncbn::launch::Rendezvous;
 use candle_syncbn::{ProcessGroup, SyncBatchNorm, SyncBatchNormConfig};
 use common::*;
 use std::time::{Duration, Instant};
@@ -96,10 +95,7 @@ fn run_ranks<T: Send + 'static>(
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 prepare(r);
                 let dev = Device::new_cuda(gpu).unwrap();
-                let rv = Rendezvous::new(r, world, "127.0.0.1", 0)
-                    .unwrap()
-                    .with_port_file(&pf)
-                    .with_token("nccl-test");
+                let rv = loopback_rendezvous(r, world, &pf, "nccl-test");
                 let g = ProcessGroup::nccl(&rv, &dev, options);
                 f(r, dev, g)
             }));

@@ -59,7 +59,7 @@ impl LocalBatchNorm {
     /// An error when the counter cannot be read or does not hold one whole
     /// number ≥ 0.
     pub fn num_batches_tracked(&self) -> Result<u64> {
-        counter_value(&self.num_batches_tracked, "LocalBatchNorm")
+        counter_value(&self.num_batches_tracked, &"LocalBatchNorm")
     }
 
     /// The switch that makes training forwards store each batch's

@@ -489,7 +489,7 @@ mod tests {
                         );
                     }
                     assert_eq!(
-                        crate::ops::counter_value(&fused.num_batches_tracked, "test").unwrap(),
+                        crate::ops::counter_value(&fused.num_batches_tracked, &"test").unwrap(),
                         5,
                         "{dtype:?} {counter:?}"
                     );

@@ -26,8 +26,9 @@ fn increment_counter_composite(counter: &Tensor) -> Result<()> {
 
 /// The value of a counter scalar, read on the host (not every device has
 /// f64). A counter that cannot be read, or does not hold one whole number
-/// ≥ 0, is an error naming `layer`.
-pub(crate) fn counter_value(counter: &Tensor, layer: &str) -> Result<u64> {
+/// ≥ 0, is an error naming `layer` (formatted only then: the composite
+/// layer reads the counter every training step with `momentum: None`).
+pub(crate) fn counter_value(counter: &Tensor, layer: &dyn std::fmt::Display) -> Result<u64> {
     let values = counter
         .to_device(&Device::Cpu)
         .and_then(|t| t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>())
@@ -287,7 +288,7 @@ mod tests {
             increment_counter_composite(&counter).unwrap();
             assert_eq!(counter.dims(), [0usize; 0], "{dtype:?}");
             // The storage itself changed: every handle sees 43.
-            assert_eq!(counter_value(&alias, "test").unwrap(), 43, "{dtype:?}");
+            assert_eq!(counter_value(&alias, &"test").unwrap(), 43, "{dtype:?}");
         }
         let big = Tensor::new((1i64 << 40) + 5, &Device::Cpu).unwrap();
         increment_counter_composite(&big).unwrap();

@@ -4,6 +4,7 @@
 
 use candle::{DType, Device, Tensor, Var};
 use candle_nn::{ModuleT, VarBuilder, VarMap};
+use candle_syncbn::launch::Rendezvous;
 use candle_syncbn::{ProcessGroup, SyncBatchNorm, SyncBatchNormConfig};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -855,4 +856,13 @@ pub fn check_layer_stack(label: &str, ranks: &[StackRun], bounds: &[usize], comp
             );
         }
     }
+}
+
+/// Rank `rank` of `world` meeting on loopback: rank 0 listens on a free port
+/// and writes it to `port_file`, the job token is `token`.
+pub fn loopback_rendezvous(rank: usize, world: usize, port_file: &Path, token: &str) -> Rendezvous {
+    Rendezvous::new(rank, world, "127.0.0.1", 0)
+        .unwrap()
+        .with_port_file(port_file)
+        .with_token(token)
 }

@@ -6,12 +6,10 @@ use crate::common;
 
 use candle::{DType, Device, Tensor};
 use candle_syncbn::group::TcpOptions;
-use candle_syncbn::launch::Rendezvous;
 use candle_syncbn::ProcessGroup;
-use common::port_file;
+use common::{loopback_rendezvous, port_file};
 use std::io::Write;
 use std::net::TcpStream;
-use std::path::Path;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -21,13 +19,6 @@ fn opts(timeout_ms: u64) -> TcpOptions {
         rendezvous_timeout: Duration::from_millis(timeout_ms.max(3000)),
         ..TcpOptions::default()
     }
-}
-
-fn rv(rank: usize, world: usize, pf: &Path, token: &str) -> Rendezvous {
-    Rendezvous::new(rank, world, "127.0.0.1", 0)
-        .unwrap()
-        .with_port_file(pf)
-        .with_token(token)
 }
 
 /// Runs `f(group)` on `world` ranks (threads), each joining the TCP group.
@@ -41,7 +32,9 @@ fn run<T: Send + 'static>(
         .map(|r| {
             let (f, pf) = (f.clone(), pf.clone());
             std::thread::spawn(move || {
-                let g = ProcessGroup::tcp(&rv(r, world, &pf, "tok"), opts(timeout_ms)).unwrap();
+                let g =
+                    ProcessGroup::tcp(&loopback_rendezvous(r, world, &pf, "tok"), opts(timeout_ms))
+                        .unwrap();
                 f(g)
             })
         })
@@ -162,9 +155,9 @@ fn wrong_token_is_refused() {
     let root = std::thread::spawn(move || {
         let mut o = opts(1000);
         o.rendezvous_timeout = Duration::from_millis(1500);
-        ProcessGroup::tcp(&rv(0, 2, &pf0, "right"), o).map(|_| ())
+        ProcessGroup::tcp(&loopback_rendezvous(0, 2, &pf0, "right"), o).map(|_| ())
     });
-    let e = ProcessGroup::tcp(&rv(1, 2, &pf, "wrong"), opts(1000)).unwrap_err();
+    let e = ProcessGroup::tcp(&loopback_rendezvous(1, 2, &pf, "wrong"), opts(1000)).unwrap_err();
     assert!(e.to_string().contains("wrong job token"), "{e}");
     let e = root.join().unwrap().unwrap_err().to_string();
     assert!(
@@ -185,7 +178,7 @@ fn duplicate_rank_and_hostile_hello_are_refused() {
                     // joins late, after the duplicate was refused
                     std::thread::sleep(Duration::from_millis(600));
                 }
-                let g = ProcessGroup::tcp(&rv(r, 3, &pf, "tok"), opts(5000))?;
+                let g = ProcessGroup::tcp(&loopback_rendezvous(r, 3, &pf, "tok"), opts(5000))?;
                 g.all_reduce_sum(&Tensor::ones(2, DType::F32, &Device::Cpu)?)?
                     .to_vec1::<f32>()
             })
@@ -213,7 +206,7 @@ fn duplicate_rank_and_hostile_hello_are_refused() {
     g.write_all(&[0xAB; 40]).unwrap();
     // a second rank 1
     std::thread::sleep(Duration::from_millis(200));
-    let dup = ProcessGroup::tcp(&rv(1, 3, &pf, "tok"), opts(2000));
+    let dup = ProcessGroup::tcp(&loopback_rendezvous(1, 3, &pf, "tok"), opts(2000));
     let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
     let dup_err = dup.err().map(|e| e.to_string());
     // One of the two rank-1 processes got refused as a duplicate; the group works.

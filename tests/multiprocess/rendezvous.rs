@@ -9,7 +9,7 @@ use candle::{DType, Device, Tensor};
 use candle_syncbn::group::TcpOptions;
 use candle_syncbn::launch::Rendezvous;
 use candle_syncbn::ProcessGroup;
-use common::port_file;
+use common::{loopback_rendezvous, port_file};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
@@ -24,13 +24,6 @@ fn opts(rendezvous_ms: u64) -> TcpOptions {
         rendezvous_timeout: Duration::from_millis(rendezvous_ms),
         ..TcpOptions::default()
     }
-}
-
-fn rv(rank: usize, world: usize, pf: &Path, token: &str) -> Rendezvous {
-    Rendezvous::new(rank, world, "127.0.0.1", 0)
-        .unwrap()
-        .with_port_file(pf)
-        .with_token(token)
 }
 
 /// The message without the backtrace candle appends under `RUST_BACKTRACE`.
@@ -113,13 +106,13 @@ fn leaks(seen: &[u8], token: &str) -> bool {
 #[test]
 fn idle_connections_do_not_delay_a_valid_rank() {
     let pf = port_file("rdv");
-    let root = rank_thread(rv(0, 2, &pf, TOKEN), opts(5000));
+    let root = rank_thread(loopback_rendezvous(0, 2, &pf, TOKEN), opts(5000));
     let port = wait_port(&pf);
     let idle: Vec<TcpStream> = (0..150)
         .map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap())
         .collect();
     std::thread::sleep(Duration::from_millis(100));
-    let (r1, t1) = rank_thread(rv(1, 2, &pf, TOKEN), opts(5000))
+    let (r1, t1) = rank_thread(loopback_rendezvous(1, 2, &pf, TOKEN), opts(5000))
         .join()
         .unwrap();
     let (r0, _) = root.join().unwrap();
@@ -190,7 +183,7 @@ fn fake_rank0_is_refused_and_never_sees_the_token() {
 #[test]
 fn fake_joiner_without_token_is_refused() {
     let pf = port_file("rdv");
-    let root = rank_thread(rv(0, 2, &pf, TOKEN), opts(1500));
+    let root = rank_thread(loopback_rendezvous(0, 2, &pf, TOKEN), opts(1500));
     let port = wait_port(&pf);
     let mut seen = Vec::new();
     // A hello of this version, then rank 0's own proof sent back (a
@@ -242,9 +235,9 @@ fn stale_port_file_to_a_dead_port() {
         .unwrap()
         .port();
     std::fs::write(&*pf, dead.to_string()).unwrap();
-    let r1 = rank_thread(rv(1, 2, &pf, TOKEN), opts(4000));
+    let r1 = rank_thread(loopback_rendezvous(1, 2, &pf, TOKEN), opts(4000));
     std::thread::sleep(Duration::from_millis(300));
-    let r0 = rank_thread(rv(0, 2, &pf, TOKEN), opts(4000));
+    let r0 = rank_thread(loopback_rendezvous(0, 2, &pf, TOKEN), opts(4000));
     let ((r1, t1), (r0, _)) = (r1.join().unwrap(), r0.join().unwrap());
     assert_eq!(r1.unwrap(), vec![2.0, 2.0]);
     assert_eq!(r0.unwrap(), vec![2.0, 2.0]);
@@ -258,11 +251,14 @@ fn stale_port_file_to_a_dead_port() {
 #[test]
 fn stale_port_file_to_another_jobs_rank0() {
     let (pf_a, pf) = (port_file("rdv"), port_file("rdv"));
-    let other = rank_thread(rv(0, 2, &pf_a, "other-job-token"), opts(2500));
+    let other = rank_thread(
+        loopback_rendezvous(0, 2, &pf_a, "other-job-token"),
+        opts(2500),
+    );
     std::fs::write(&*pf, wait_port(&pf_a).to_string()).unwrap();
-    let r1 = rank_thread(rv(1, 2, &pf, TOKEN), opts(5000));
+    let r1 = rank_thread(loopback_rendezvous(1, 2, &pf, TOKEN), opts(5000));
     std::thread::sleep(Duration::from_millis(500));
-    let r0 = rank_thread(rv(0, 2, &pf, TOKEN), opts(5000));
+    let r0 = rank_thread(loopback_rendezvous(0, 2, &pf, TOKEN), opts(5000));
     let ((r1, t1), (r0, _)) = (r1.join().unwrap(), r0.join().unwrap());
     assert_eq!(r1.unwrap(), vec![2.0, 2.0]);
     assert_eq!(r0.unwrap(), vec![2.0, 2.0]);
@@ -282,7 +278,7 @@ fn stale_port_file_to_another_jobs_rank0() {
 #[test]
 fn flood_of_bad_connections_gives_a_bounded_error() {
     let pf = port_file("rdv");
-    let root = rank_thread(rv(0, 2, &pf, TOKEN), opts(3000));
+    let root = rank_thread(loopback_rendezvous(0, 2, &pf, TOKEN), opts(3000));
     let port = wait_port(&pf);
     let n = 200;
     for i in 0..n {
