@@ -29,6 +29,7 @@
 use super::handshake::{
     self, printable, Prover, Refusal, Refusals, Transcript, NONCE_LEN, PROOF_LEN,
 };
+use super::pending::{Pending, Progress, Room, Stage};
 use super::CallTag;
 use crate::rendezvous::{host_port, is_loopback, listen_addrs, Rendezvous, PORT_FILE_VAR};
 use candle::{DType, Result};
@@ -36,6 +37,7 @@ use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const MAGIC: [u8; 4] = *b"SBN1";
@@ -764,8 +766,8 @@ fn leaf_exchange(
 }
 
 /// How many handshakes rank 0 runs at once (at least the world size); past
-/// that, the oldest pending connection is closed to make room (a valid rank
-/// completes its handshake in one round trip, an idle one waits the longest).
+/// that, an idle or unproven pending connection is closed to make room (see
+/// [`super::pending`]: one that proved the token never is).
 const MAX_PENDING_HANDSHAKES: usize = 128;
 
 /// What a handshake thread hands back to rank 0's accept loop: its id, the
@@ -787,13 +789,38 @@ fn send_refuse(s: &mut TcpStream, reason: &str) {
     let _ = write_frame(s, &h, reason, Instant::now() + Duration::from_secs(1));
 }
 
+/// How many connections the kernel queues for rank 0's accept loop (std
+/// listens with 128). When the queue is full the kernel drops new SYNs, and
+/// a valid rank that connects during a flood waits a second or more for
+/// the kernel to send its SYN again; a deeper queue gives the accept loop
+/// time to take it, and the loop closes idle connections, not valid ranks.
+const LISTEN_BACKLOG: i32 = 4096;
+
+/// Deepens `l`'s accept queue to [`LISTEN_BACKLOG`] (Linux takes a second
+/// `listen` on a listening socket as a new backlog, capped by
+/// `net.core.somaxconn`); best effort.
+fn deepen_backlog(l: &TcpListener) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: `listen` on a socket this function borrows; it reads no
+        // memory of ours.
+        let _ = unsafe { libc::listen(l.as_raw_fd(), LISTEN_BACKLOG) };
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (l, LISTEN_BACKLOG);
+}
+
 /// Listens where [`listen_addrs`] says (the first address that binds).
 fn listen(rv: &Rendezvous) -> Result<TcpListener> {
     let addrs = listen_addrs(&rv.master_addr, rv.master_port);
     let mut errors = Vec::new();
     for a in &addrs {
         match TcpListener::bind(a.as_str()) {
-            Ok(l) => return Ok(l),
+            Ok(l) => {
+                deepen_backlog(&l);
+                return Ok(l);
+            }
             Err(e) => errors.push(format!("{a}: {e}")),
         }
     }
@@ -839,20 +866,21 @@ fn serve(rv: &Rendezvous, token: &[u8], options: &StoreOptions) -> Result<Vec<Op
     let mut joined = 0;
     let mut refused = Refusals::default();
     let (tx, rx) = std::sync::mpsc::channel::<HandshakeDone>();
-    // Pending handshakes by id (ids grow, so the first is the oldest): a clone
-    // of the connection, to close it when it must make room or at the end.
-    let mut pending: std::collections::BTreeMap<u64, (SocketAddr, TcpStream)> = Default::default();
-    let max_pending = MAX_PENDING_HANDSHAKES.max(world);
+    let mut pending = Pending::new(MAX_PENDING_HANDSHAKES.max(world));
     let mut next_id = 0u64;
-    let token: std::sync::Arc<[u8]> = token.into();
+    let token: Arc<[u8]> = token.into();
     let result = loop {
         // Accept what is waiting, one handshake thread per connection (at
         // most a few hundred per round, so that a flood still lets this loop
         // collect the results and see the deadline).
+        let mut busy = true;
         for _ in 0..256 {
             let (s, from) = match listener.accept() {
                 Ok(x) => x,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    busy = false;
+                    break;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 // Out of file descriptors and the like: the connection is
                 // lost, the rendezvous goes on.
@@ -861,19 +889,40 @@ fn serve(rv: &Rendezvous, token: &[u8], options: &StoreOptions) -> Result<Vec<Op
                         &local.to_string(),
                         Refusal::new("accept failed", e.to_string()),
                     );
+                    busy = false;
                     break;
                 }
             };
-            if pending.len() >= max_pending {
-                if let Some((_, (addr, old))) = pending.pop_first() {
-                    let _ = old.shutdown(Shutdown::Both);
+            match pending.make_room() {
+                Room::Free => {}
+                Room::Evicted(addr, stage) => refused.record(
+                    &addr.to_string(),
+                    Refusal::new(
+                        "closed to make room (too many pending handshakes)",
+                        format!(
+                            "{} handshakes were pending; this one had {}",
+                            pending.max(),
+                            match stage {
+                                Stage::Connected => "sent no hello",
+                                _ => "not proved the token",
+                            }
+                        ),
+                    ),
+                ),
+                Room::Full => {
+                    // Closed before a challenge: a joining rank tries again.
+                    let _ = s.shutdown(Shutdown::Both);
                     refused.record(
-                        &addr.to_string(),
+                        &from.to_string(),
                         Refusal::new(
-                            "closed to make room (too many pending handshakes)",
-                            format!("{max_pending} handshakes were pending"),
+                            "refused (too many pending handshakes)",
+                            format!(
+                                "all {} pending handshakes had proved the token",
+                                pending.max()
+                            ),
                         ),
                     );
+                    continue;
                 }
             }
             let id = next_id;
@@ -889,12 +938,16 @@ fn serve(rv: &Rendezvous, token: &[u8], options: &StoreOptions) -> Result<Vec<Op
                 }
             };
             let hs_deadline = (Instant::now() + HELLO_TIMEOUT).min(deadline);
-            let spawned =
-                spawn_handshake((id, s, from), hs_deadline, token.clone(), world, tx.clone());
+            let progress = Progress::new();
+            let spawned = spawn_handshake(
+                (id, s, from),
+                (hs_deadline, progress.clone()),
+                token.clone(),
+                world,
+                tx.clone(),
+            );
             match spawned {
-                Ok(_) => {
-                    pending.insert(id, (from, clone));
-                }
+                Ok(_) => pending.insert(id, from, clone, progress),
                 Err(e) => {
                     let _ = clone.shutdown(Shutdown::Both);
                     refused.record(
@@ -904,11 +957,17 @@ fn serve(rv: &Rendezvous, token: &[u8], options: &StoreOptions) -> Result<Vec<Op
                 }
             }
         }
-        // Collect finished handshakes (waiting a little for one).
-        let mut next = rx.recv_timeout(Duration::from_millis(5)).ok();
+        // Collect finished handshakes (waiting a little for one, unless more
+        // connections are waiting: a full backlog drops the next ones' SYNs,
+        // which costs a valid rank a second until the kernel sends it again).
+        let mut next = if busy {
+            rx.try_recv().ok()
+        } else {
+            rx.recv_timeout(Duration::from_millis(5)).ok()
+        };
         while let Some((id, from, r)) = next {
             // A connection closed to make room was already counted.
-            if pending.remove(&id).is_some() {
+            if pending.remove(id) {
                 match r {
                     Ok((rank, mut s)) if peers[rank - 1].is_some() => {
                         let why = format!("rank {rank} has already joined (duplicate RANK)");
@@ -938,10 +997,22 @@ fn serve(rv: &Rendezvous, token: &[u8], options: &StoreOptions) -> Result<Vec<Op
         }
     };
     // Handshakes still running end now (their threads see the closed socket).
-    for (_, s) in pending.values() {
-        let _ = s.shutdown(Shutdown::Both);
+    pending.close_all();
+    if let Err(e) = result {
+        // The ranks that joined learn why, and stop trying (a connection
+        // closed without a word makes a joining rank try again).
+        let msg = e.to_string();
+        let h = Header {
+            len: msg.len().min(MAX_ERROR_BYTES) as u64,
+            ..Header::new(Kind::Error)
+        };
+        let until = Instant::now() + Duration::from_secs(1);
+        for s in peers.iter_mut().flatten() {
+            let _ = write_frame(s, &h, &msg.as_bytes()[..h.len as usize], until);
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        return Err(e);
     }
-    result?;
     let welcome = Header {
         count: world as u64,
         ..Header::new(Kind::Welcome)
@@ -969,8 +1040,8 @@ fn serve(rv: &Rendezvous, token: &[u8], options: &StoreOptions) -> Result<Vec<Op
 /// own, which refuses the peer if it fails and hands the result to `done`.
 fn spawn_handshake(
     (id, mut s, from): (u64, TcpStream, SocketAddr),
-    deadline: Instant,
-    token: std::sync::Arc<[u8]>,
+    (deadline, progress): (Instant, Arc<Progress>),
+    token: Arc<[u8]>,
     world: usize,
     done: std::sync::mpsc::Sender<HandshakeDone>,
 ) -> io::Result<()> {
@@ -978,7 +1049,7 @@ fn spawn_handshake(
         .name("syncbn-handshake".into())
         .stack_size(256 * 1024)
         .spawn(move || {
-            let r = handshake(&mut s, deadline, &token, world);
+            let r = handshake(&mut s, deadline, &token, world, &progress);
             if let Err(refusal) = &r {
                 send_refuse(&mut s, &format!("{}: {}", refusal.kind, refusal.detail));
                 let _ = s.shutdown(Shutdown::Both);
@@ -1006,13 +1077,16 @@ fn read_header(
 
 /// Rank 0's side of one handshake (see [`crate::group::handshake`]): reads the
 /// hello, proves that it knows the token, checks the joining rank's proof, its
-/// world size and rank. Returns the rank, or why it is refused.
+/// world size and rank. Returns the rank, or why it is refused. Marks its
+/// `progress` as it goes, and stops if the accept loop closed it to make room.
 fn handshake(
     s: &mut TcpStream,
     deadline: Instant,
     token: &[u8],
     world: usize,
+    progress: &Progress,
 ) -> std::result::Result<usize, Refusal> {
+    let evicted = || Refusal::new("closed to make room", "(already counted)");
     s.set_nonblocking(false)
         .map_err(|e| Refusal::new("closed", e.to_string()))?;
     let _ = s.set_nodelay(true);
@@ -1047,6 +1121,9 @@ fn handshake(
     };
     read_full(s, &mut t.joiner_nonce, deadline)
         .map_err(|e| Refusal::new("closed", format!("truncated hello ({e})")))?;
+    if !progress.advance(Stage::Connected, Stage::Challenged) {
+        return Err(evicted());
+    }
     let mut challenge = [0u8; NONCE_LEN + PROOF_LEN];
     challenge[..NONCE_LEN].copy_from_slice(&t.root_nonce);
     challenge[NONCE_LEN..].copy_from_slice(&t.prove(token, Prover::Root));
@@ -1081,6 +1158,10 @@ fn handshake(
     let mut proof = [0u8; PROOF_LEN];
     read_full(s, &mut proof, deadline)
         .map_err(|e| Refusal::new("closed", format!("truncated proof ({e})")))?;
+    // From here on this connection is never closed to make room.
+    if !progress.advance(Stage::Challenged, Stage::Proven) {
+        return Err(evicted());
+    }
     if !t.verify(token, Prover::Joiner, &proof) {
         return Err(Refusal::new(
             "authentication failed",
@@ -1127,9 +1208,9 @@ fn read_port(path: &Path) -> Option<u16> {
 
 /// Why one attempt to join failed.
 enum JoinFailure {
-    /// Nothing was learned of rank 0 (the connection closed before it
-    /// answered: a full rank 0 makes room, or a process that is not rank 0):
-    /// try again until the deadline.
+    /// Nothing final was learned (the connection closed before rank 0
+    /// answered or welcomed: a full rank 0 makes room, or a process that is
+    /// not rank 0): try again until the deadline.
     Retry(String),
     /// The listener did not prove that it is rank 0 of this job: try again
     /// when the port came from the port file (which may still be stale),
@@ -1297,11 +1378,16 @@ fn join_once(
     };
     write_frame(&mut s, &proof, &t.prove(token, Prover::Joiner), deadline)
         .map_err(|e| lost("sending the proof", e))?;
-    // Rank 0 welcomes every rank once all have joined.
-    read_full(&mut s, &mut hb, deadline + Duration::from_secs(1)).map_err(|e| {
-        JoinFailure::Final(format!(
+    // Rank 0 welcomes every rank once all have joined. A connection that
+    // closes without a word before that was dropped (rank 0 closes unproven
+    // handshakes to make room under a flood, and may have closed this one
+    // just before the proof arrived): try again. Refusals and rank 0's own
+    // failure come as frames, and are final.
+    read_full(&mut s, &mut hb, deadline + Duration::from_secs(1)).map_err(|e| match e.kind() {
+        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => JoinFailure::Final(format!(
             "no welcome from rank 0 ({e}); not all ranks joined in time?"
-        ))
+        )),
+        _ => lost("waiting for the welcome", e),
     })?;
     let h = Header::decode(&hb).map_err(JoinFailure::Final)?;
     match h.kind {
@@ -1309,6 +1395,10 @@ fn join_once(
         Kind::Refuse => Err(JoinFailure::Final(format!(
             "rank 0 refused rank {}: {}",
             rv.rank,
+            read_text(&mut s, h.len)
+        ))),
+        Kind::Error => Err(JoinFailure::Final(format!(
+            "rank 0 failed the rendezvous: {}",
             read_text(&mut s, h.len)
         ))),
         k => Err(JoinFailure::Final(format!(
