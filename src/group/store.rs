@@ -10,8 +10,11 @@
 //! closes) connections that do not speak the protocol, fail the proof, name
 //! a rank out of range or one that already joined, and keeps waiting for the
 //! real ranks until the rendezvous deadline; each handshake runs on a thread of
-//! its own, so silent or slow connections hold up no other, and what is kept
-//! about refused connections is bounded. When all ranks have joined it
+//! its own, so silent or slow connections hold up no other (under a flood,
+//! idle or unproven handshakes make room, a proven one never: see
+//! [`super::pending`]), and what is kept about refused connections is
+//! bounded. A joining rank whose connection closes before the welcome tries
+//! again until the deadline; a refusal is final. When all ranks have joined it
 //! welcomes them, and the connections stay open as a star (every rank linked
 //! to rank 0) over which the collectives of the TCP group, and the unique-id
 //! exchange and debug checks of the NCCL group, run.
@@ -458,17 +461,32 @@ impl StoreOptions {
     }
 }
 
-/// The warning for a rendezvous that other machines can reach without a
-/// job token, if `rv` is one.
+/// The warning for a group of several ranks without a job token, if `rv` is
+/// one (whatever the address: on loopback, every process of the machine can
+/// reach rank 0's port).
 fn token_warning(rv: &Rendezvous, token: &[u8]) -> Option<String> {
-    (token.is_empty() && !is_loopback(&rv.master_addr)).then(|| {
+    use crate::rendezvous::TOKEN_VAR;
+    (token.is_empty() && rv.world_size > 1).then(|| {
+        let who = if is_loopback(&rv.master_addr) {
+            "any process on this machine (any user's)"
+        } else {
+            "any process that reaches rank 0's port"
+        };
         format!(
-            "candle-syncbn warning: no job token ({}) is set, so any process that reaches rank 0's port (MASTER_ADDR={}) can join this group, a rank of another job on that port included, and any process there can pose as rank 0; set {} to the same secret on every rank",
-            crate::rendezvous::TOKEN_VAR,
+            "candle-syncbn warning: no job token ({TOKEN_VAR}) is set, so {who} can join this group through MASTER_ADDR={} and take a rank's place (a rank of another job on that port included), and can pose as rank 0; set {TOKEN_VAR} to the same secret on every rank (this crate's launcher sets one for the ranks it starts)",
             rv.master_addr,
-            crate::rendezvous::TOKEN_VAR
         )
     })
+}
+
+/// Prints [`token_warning`] to stderr, once per process.
+fn warn_without_token(rv: &Rendezvous, token: &[u8]) {
+    if let Some(w) = token_warning(rv, token) {
+        static WARNED: std::sync::Once = std::sync::Once::new();
+        WARNED.call_once(|| {
+            let _ = writeln!(std::io::stderr().lock(), "{w}");
+        });
+    }
 }
 
 enum Links {
@@ -513,15 +531,10 @@ impl Star {
                 token.len()
             )
         }
+        warn_without_token(rv, &token);
         let links = if rv.world_size == 1 {
             Links::Root(Vec::new())
         } else if rv.rank == 0 {
-            if let Some(w) = token_warning(rv, &token) {
-                static WARNED: std::sync::Once = std::sync::Once::new();
-                WARNED.call_once(|| {
-                    let _ = writeln!(std::io::stderr().lock(), "{w}");
-                });
-            }
             Links::Root(serve(rv, &token, &options)?)
         } else {
             Links::Leaf(Some(join(rv, &token, &options)?))
@@ -1441,21 +1454,30 @@ mod tests {
         assert!(Header::decode(&bad).is_err());
     }
 
-    /// Rank 0 warns of a rendezvous other machines reach without a token,
-    /// never of a loopback one, and never names the token.
+    /// Every rank of a group of several warns without a token, on loopback
+    /// too (issue 29 item 8: there any local process could take a rank's
+    /// place unannounced); never with a token, nor alone.
     #[test]
-    fn warns_of_a_public_rendezvous_without_token() {
-        let rv = |addr: &str| Rendezvous::new(0, 2, addr, 29500).unwrap();
-        let w = token_warning(&rv("node0"), b"").unwrap();
+    fn warns_of_a_group_without_token() {
+        let rv = |rank, world, addr: &str| Rendezvous::new(rank, world, addr, 29500).unwrap();
+        let w = token_warning(&rv(0, 2, "node0"), b"").unwrap();
         assert!(
-            w.starts_with("candle-syncbn warning: no job token (SYNCBN_TOKEN) is set")
-                && w.contains("MASTER_ADDR=node0"),
+            w.starts_with("candle-syncbn warning: no job token (SYNCBN_TOKEN) is set, so any process that reaches rank 0's port can join this group through MASTER_ADDR=node0")
+                && w.ends_with("set SYNCBN_TOKEN to the same secret on every rank (this crate's launcher sets one for the ranks it starts)"),
             "{w}"
         );
-        assert_eq!(token_warning(&rv("node0"), b"s3cret"), None);
         for a in ["127.0.0.1", "localhost", "::1", "[::1]"] {
-            assert_eq!(token_warning(&rv(a), b""), None, "{a}");
+            for rank in [0, 1, 3] {
+                let w = token_warning(&rv(rank, 4, a), b"").unwrap();
+                assert!(
+                    w.contains("so any process on this machine (any user's) can join this group"),
+                    "{a}: {w}"
+                );
+            }
+            assert_eq!(token_warning(&rv(1, 2, a), b"s3cret"), None, "{a}");
+            assert_eq!(token_warning(&rv(0, 1, a), b""), None, "{a}");
         }
+        assert_eq!(token_warning(&rv(1, 2, "node0"), b"s3cret"), None);
     }
 }
 

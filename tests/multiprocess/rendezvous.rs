@@ -490,3 +490,97 @@ fn flood_trials() {
         );
     }
 }
+
+/// Set in the ranks that [`every_rank_warns_once_without_a_token`] starts.
+const WARNING_CHILD: &str = "SYNCBN_TEST_TOKEN_WARNING_CHILD";
+
+/// The warning's first words (see `token_warning` in `src/group/store.rs`).
+const NO_TOKEN_WARNING: &str = "candle-syncbn warning: no job token (SYNCBN_TOKEN) is set";
+
+/// Issue 29, item 8: without `SYNCBN_TOKEN` any local process could take a
+/// rank's place, and nothing warned on a loopback address (rank 0 warned
+/// only for other addresses). Now every rank of a group of several warns,
+/// once per process (here each rank joins two groups), whatever the address;
+/// with a token, none does.
+#[test]
+fn every_rank_warns_once_without_a_token() {
+    if std::env::var_os(WARNING_CHILD).is_some() {
+        return warning_rank();
+    }
+    for token in [None, Some(TOKEN)] {
+        let dir = common::scratch_dir("warn");
+        let exe = std::env::current_exe().unwrap();
+        let mut ranks: Vec<std::process::Child> = (0..2)
+            .map(|r| {
+                let out = std::fs::File::create(dir.join(format!("out{r}"))).unwrap();
+                let mut cmd = std::process::Command::new(&exe);
+                cmd.arg(common::test_path(
+                    module_path!(),
+                    "every_rank_warns_once_without_a_token",
+                ))
+                .args(["--exact", "--nocapture", "--test-threads=1"])
+                .env(WARNING_CHILD, "1")
+                .env("RANK", r.to_string())
+                .env("WORLD_SIZE", "2")
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", "0")
+                .env("SYNCBN_PORT_FILE", dir.join("port"))
+                .env("SYNCBN_TIMEOUT", "20")
+                .env("RUST_BACKTRACE", "0")
+                .env_remove("SYNCBN_TOKEN")
+                .stdin(std::process::Stdio::null())
+                .stdout(out.try_clone().unwrap())
+                .stderr(out);
+                if let Some(t) = token {
+                    cmd.env("SYNCBN_TOKEN", t);
+                }
+                cmd.spawn().unwrap()
+            })
+            .collect();
+        let start = Instant::now();
+        let mut status = vec![None; 2];
+        while status.iter().any(Option::is_none) && start.elapsed() < Duration::from_secs(60) {
+            for (r, c) in ranks.iter_mut().enumerate() {
+                if status[r].is_none() {
+                    status[r] = c.try_wait().unwrap();
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        for c in ranks.iter_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for (r, st) in status.iter().enumerate() {
+            let out = std::fs::read_to_string(dir.join(format!("out{r}"))).unwrap();
+            assert!(st.is_some_and(|s| s.success()), "rank {r}: {st:?}\n{out}");
+            assert!(out.contains("both groups summed"), "rank {r}:\n{out}");
+            let expected = if token.is_none() { 1 } else { 0 };
+            assert_eq!(
+                out.matches(NO_TOKEN_WARNING).count(),
+                expected,
+                "rank {r}, token {token:?}:\n{out}"
+            );
+            if token.is_none() {
+                assert!(
+                    out.contains("so any process on this machine (any user's) can join this group through MASTER_ADDR=127.0.0.1 and take a rank's place"),
+                    "rank {r}:\n{out}"
+                );
+            }
+        }
+    }
+}
+
+/// One rank of [`every_rank_warns_once_without_a_token`]: joins a group
+/// from the environment twice, and sums with each.
+fn warning_rank() {
+    for _ in 0..2 {
+        let rv = Rendezvous::from_env().unwrap().expect("RANK is set");
+        let g = ProcessGroup::tcp(&rv, opts(20_000)).unwrap();
+        let sum = g
+            .all_reduce_sum(&Tensor::ones(2, DType::F32, &Device::Cpu).unwrap())
+            .unwrap();
+        assert_eq!(sum.to_vec1::<f32>().unwrap(), [2.0, 2.0]);
+    }
+    println!("both groups summed");
+}
