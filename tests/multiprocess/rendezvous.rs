@@ -584,3 +584,29 @@ fn warning_rank() {
     }
     println!("both groups summed");
 }
+
+/// A rank that joined learns at once why rank 0 gave up, and stops: since a
+/// connection closed before the welcome now makes a rank try again (item 7),
+/// rank 0 sends the ranks that joined its error instead of just closing.
+/// Rank 1 would otherwise wait out its own, longer, deadline.
+#[test]
+fn joined_ranks_learn_why_rank0_gave_up() {
+    let pf = port_file("rdv");
+    let root = rank_thread(loopback_rendezvous(0, 3, &pf, TOKEN), opts(1500));
+    wait_port(&pf);
+    let (r1, t1) = rank_thread(loopback_rendezvous(1, 3, &pf, TOKEN), opts(20_000))
+        .join()
+        .unwrap();
+    let e = r1.unwrap_err();
+    assert!(
+        e.starts_with("rendezvous: rank 1 at 127.0.0.1:")
+            && e.contains(
+                ": rank 0 failed the rendezvous: rendezvous: rank 0 waited 1.5s on 127.0.0.1:"
+            )
+            && e.contains("but rank(s) [2] of 3 did not join"),
+        "{e}"
+    );
+    assert!(t1 < Duration::from_secs(10), "rank 1 took {t1:?}");
+    let e0 = root.join().unwrap().0.unwrap_err();
+    assert!(e0.contains("but rank(s) [2] of 3 did not join"), "{e0}");
+}
