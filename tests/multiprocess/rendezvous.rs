@@ -538,7 +538,7 @@ fn every_rank_warns_once_without_a_token() {
             })
             .collect();
         let start = Instant::now();
-        let mut status = vec![None; 2];
+        let mut status = [None; 2];
         while status.iter().any(Option::is_none) && start.elapsed() < Duration::from_secs(60) {
             for (r, c) in ranks.iter_mut().enumerate() {
                 if status[r].is_none() {
