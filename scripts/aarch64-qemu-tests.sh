@@ -71,6 +71,7 @@ if ! registered; then
     multiprocess::{killed_rank_makes_the_others_fail,silent_rank_makes_the_others_fail_within_the_timeout} \
     multiprocess::{mismatched_channel_counts_fail_on_every_rank,wrong_token_is_refused} \
     multiprocess::launcher_stops_the_others_when_a_rank_fails \
+    rendezvous::{valid_ranks_join_under_an_idle_connection_flood,every_rank_warns_once_without_a_token} \
     train_example::{train_example_is_reproducible,train_example_runs_end_to_end} \
     train_example::train_example_synchronizes_within_blocks; do
     skip+=(--skip "$t")

@@ -13,7 +13,9 @@
 //! and in every case `MASTER_ADDR`, `MASTER_PORT` (rank 0's rendezvous
 //! address; the port is required when the world size is above 1),
 //! `SYNCBN_TOKEN` (the job token: rank 0 and every joining rank prove to each
-//! other that they know it, without sending it) and `SYNCBN_PORT_FILE` (with
+//! other that they know it, without sending it; without one, every rank of a
+//! group of several warns, since any process that reaches the port can then
+//! join) and `SYNCBN_PORT_FILE` (with
 //! `MASTER_PORT=0`: rank 0 listens on a free port and writes it there).
 //!
 //! Several machines: the job spans nodes when the world size is above the

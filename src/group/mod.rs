@@ -18,6 +18,7 @@ mod default;
 mod handshake;
 #[cfg(feature = "nccl")]
 mod nccl;
+mod pending;
 mod single;
 mod store;
 mod subgroup;

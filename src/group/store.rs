@@ -10,8 +10,11 @@
 //! closes) connections that do not speak the protocol, fail the proof, name
 //! a rank out of range or one that already joined, and keeps waiting for the
 //! real ranks until the rendezvous deadline; each handshake runs on a thread of
-//! its own, so silent or slow connections hold up no other, and what is kept
-//! about refused connections is bounded. When all ranks have joined it
+//! its own, so silent or slow connections hold up no other (under a flood,
+//! idle or unproven handshakes make room, a proven one never: see
+//! [`super::pending`]), and what is kept about refused connections is
+//! bounded. A joining rank whose connection closes before the welcome tries
+//! again until the deadline; a refusal is final. When all ranks have joined it
 //! welcomes them, and the connections stay open as a star (every rank linked
 //! to rank 0) over which the collectives of the TCP group, and the unique-id
 //! exchange and debug checks of the NCCL group, run.
@@ -29,6 +32,7 @@
 use super::handshake::{
     self, printable, Prover, Refusal, Refusals, Transcript, NONCE_LEN, PROOF_LEN,
 };
+use super::pending::{Pending, Progress, Room, Stage};
 use super::CallTag;
 use crate::rendezvous::{host_port, is_loopback, listen_addrs, Rendezvous, PORT_FILE_VAR};
 use candle::{DType, Result};
@@ -36,6 +40,7 @@ use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const MAGIC: [u8; 4] = *b"SBN1";
@@ -456,17 +461,32 @@ impl StoreOptions {
     }
 }
 
-/// The warning for a rendezvous that other machines can reach without a
-/// job token, if `rv` is one.
+/// The warning for a group of several ranks without a job token, if `rv` is
+/// one (whatever the address: on loopback, every process of the machine can
+/// reach rank 0's port).
 fn token_warning(rv: &Rendezvous, token: &[u8]) -> Option<String> {
-    (token.is_empty() && !is_loopback(&rv.master_addr)).then(|| {
+    use crate::rendezvous::TOKEN_VAR;
+    (token.is_empty() && rv.world_size > 1).then(|| {
+        let who = if is_loopback(&rv.master_addr) {
+            "any process on this machine (any user's)"
+        } else {
+            "any process that reaches rank 0's port"
+        };
         format!(
-            "candle-syncbn warning: no job token ({}) is set, so any process that reaches rank 0's port (MASTER_ADDR={}) can join this group, a rank of another job on that port included, and any process there can pose as rank 0; set {} to the same secret on every rank",
-            crate::rendezvous::TOKEN_VAR,
+            "candle-syncbn warning: no job token ({TOKEN_VAR}) is set, so {who} can join this group through MASTER_ADDR={} and take a rank's place (a rank of another job on that port included), and can pose as rank 0; set {TOKEN_VAR} to the same secret on every rank (this crate's launcher sets one for the ranks it starts)",
             rv.master_addr,
-            crate::rendezvous::TOKEN_VAR
         )
     })
+}
+
+/// Prints [`token_warning`] to stderr, once per process.
+fn warn_without_token(rv: &Rendezvous, token: &[u8]) {
+    if let Some(w) = token_warning(rv, token) {
+        static WARNED: std::sync::Once = std::sync::Once::new();
+        WARNED.call_once(|| {
+            let _ = writeln!(std::io::stderr().lock(), "{w}");
+        });
+    }
 }
 
 enum Links {
@@ -511,15 +531,10 @@ impl Star {
                 token.len()
             )
         }
+        warn_without_token(rv, &token);
         let links = if rv.world_size == 1 {
             Links::Root(Vec::new())
         } else if rv.rank == 0 {
-            if let Some(w) = token_warning(rv, &token) {
-                static WARNED: std::sync::Once = std::sync::Once::new();
-                WARNED.call_once(|| {
-                    let _ = writeln!(std::io::stderr().lock(), "{w}");
-                });
-            }
             Links::Root(serve(rv, &token, &options)?)
         } else {
             Links::Leaf(Some(join(rv, &token, &options)?))
@@ -764,8 +779,8 @@ fn leaf_exchange(
 }
 
 /// How many handshakes rank 0 runs at once (at least the world size); past
-/// that, the oldest pending connection is closed to make room (a valid rank
-/// completes its handshake in one round trip, an idle one waits the longest).
+/// that, an idle or unproven pending connection is closed to make room (see
+/// [`super::pending`]: one that proved the token never is).
 const MAX_PENDING_HANDSHAKES: usize = 128;
 
 /// What a handshake thread hands back to rank 0's accept loop: its id, the
@@ -787,13 +802,38 @@ fn send_refuse(s: &mut TcpStream, reason: &str) {
     let _ = write_frame(s, &h, reason, Instant::now() + Duration::from_secs(1));
 }
 
+/// How many connections the kernel queues for rank 0's accept loop (std
+/// listens with 128). When the queue is full the kernel drops new SYNs, and
+/// a valid rank that connects during a flood waits a second or more for
+/// the kernel to send its SYN again; a deeper queue gives the accept loop
+/// time to take it, and the loop closes idle connections, not valid ranks.
+const LISTEN_BACKLOG: i32 = 4096;
+
+/// Deepens `l`'s accept queue to [`LISTEN_BACKLOG`] (Linux takes a second
+/// `listen` on a listening socket as a new backlog, capped by
+/// `net.core.somaxconn`); best effort.
+fn deepen_backlog(l: &TcpListener) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: `listen` on a socket this function borrows; it reads no
+        // memory of ours.
+        let _ = unsafe { libc::listen(l.as_raw_fd(), LISTEN_BACKLOG) };
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (l, LISTEN_BACKLOG);
+}
+
 /// Listens where [`listen_addrs`] says (the first address that binds).
 fn listen(rv: &Rendezvous) -> Result<TcpListener> {
     let addrs = listen_addrs(&rv.master_addr, rv.master_port);
     let mut errors = Vec::new();
     for a in &addrs {
         match TcpListener::bind(a.as_str()) {
-            Ok(l) => return Ok(l),
+            Ok(l) => {
+                deepen_backlog(&l);
+                return Ok(l);
+            }
             Err(e) => errors.push(format!("{a}: {e}")),
         }
     }
@@ -839,20 +879,21 @@ fn serve(rv: &Rendezvous, token: &[u8], options: &StoreOptions) -> Result<Vec<Op
     let mut joined = 0;
     let mut refused = Refusals::default();
     let (tx, rx) = std::sync::mpsc::channel::<HandshakeDone>();
-    // Pending handshakes by id (ids grow, so the first is the oldest): a clone
-    // of the connection, to close it when it must make room or at the end.
-    let mut pending: std::collections::BTreeMap<u64, (SocketAddr, TcpStream)> = Default::default();
-    let max_pending = MAX_PENDING_HANDSHAKES.max(world);
+    let mut pending = Pending::new(MAX_PENDING_HANDSHAKES.max(world));
     let mut next_id = 0u64;
-    let token: std::sync::Arc<[u8]> = token.into();
+    let token: Arc<[u8]> = token.into();
     let result = loop {
         // Accept what is waiting, one handshake thread per connection (at
         // most a few hundred per round, so that a flood still lets this loop
         // collect the results and see the deadline).
+        let mut busy = true;
         for _ in 0..256 {
             let (s, from) = match listener.accept() {
                 Ok(x) => x,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    busy = false;
+                    break;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 // Out of file descriptors and the like: the connection is
                 // lost, the rendezvous goes on.
@@ -861,19 +902,40 @@ fn serve(rv: &Rendezvous, token: &[u8], options: &StoreOptions) -> Result<Vec<Op
                         &local.to_string(),
                         Refusal::new("accept failed", e.to_string()),
                     );
+                    busy = false;
                     break;
                 }
             };
-            if pending.len() >= max_pending {
-                if let Some((_, (addr, old))) = pending.pop_first() {
-                    let _ = old.shutdown(Shutdown::Both);
+            match pending.make_room() {
+                Room::Free => {}
+                Room::Evicted(addr, stage) => refused.record(
+                    &addr.to_string(),
+                    Refusal::new(
+                        "closed to make room (too many pending handshakes)",
+                        format!(
+                            "{} handshakes were pending; this one had {}",
+                            pending.max(),
+                            match stage {
+                                Stage::Connected => "sent no hello",
+                                _ => "not proved the token",
+                            }
+                        ),
+                    ),
+                ),
+                Room::Full => {
+                    // Closed before a challenge: a joining rank tries again.
+                    let _ = s.shutdown(Shutdown::Both);
                     refused.record(
-                        &addr.to_string(),
+                        &from.to_string(),
                         Refusal::new(
-                            "closed to make room (too many pending handshakes)",
-                            format!("{max_pending} handshakes were pending"),
+                            "refused (too many pending handshakes)",
+                            format!(
+                                "all {} pending handshakes had proved the token",
+                                pending.max()
+                            ),
                         ),
                     );
+                    continue;
                 }
             }
             let id = next_id;
@@ -889,12 +951,16 @@ fn serve(rv: &Rendezvous, token: &[u8], options: &StoreOptions) -> Result<Vec<Op
                 }
             };
             let hs_deadline = (Instant::now() + HELLO_TIMEOUT).min(deadline);
-            let spawned =
-                spawn_handshake((id, s, from), hs_deadline, token.clone(), world, tx.clone());
+            let progress = Progress::new();
+            let spawned = spawn_handshake(
+                (id, s, from),
+                (hs_deadline, progress.clone()),
+                token.clone(),
+                world,
+                tx.clone(),
+            );
             match spawned {
-                Ok(_) => {
-                    pending.insert(id, (from, clone));
-                }
+                Ok(_) => pending.insert(id, from, clone, progress),
                 Err(e) => {
                     let _ = clone.shutdown(Shutdown::Both);
                     refused.record(
@@ -904,11 +970,17 @@ fn serve(rv: &Rendezvous, token: &[u8], options: &StoreOptions) -> Result<Vec<Op
                 }
             }
         }
-        // Collect finished handshakes (waiting a little for one).
-        let mut next = rx.recv_timeout(Duration::from_millis(5)).ok();
+        // Collect finished handshakes (waiting a little for one, unless more
+        // connections are waiting: a full backlog drops the next ones' SYNs,
+        // which costs a valid rank a second until the kernel sends it again).
+        let mut next = if busy {
+            rx.try_recv().ok()
+        } else {
+            rx.recv_timeout(Duration::from_millis(5)).ok()
+        };
         while let Some((id, from, r)) = next {
             // A connection closed to make room was already counted.
-            if pending.remove(&id).is_some() {
+            if pending.remove(id) {
                 match r {
                     Ok((rank, mut s)) if peers[rank - 1].is_some() => {
                         let why = format!("rank {rank} has already joined (duplicate RANK)");
@@ -938,10 +1010,22 @@ fn serve(rv: &Rendezvous, token: &[u8], options: &StoreOptions) -> Result<Vec<Op
         }
     };
     // Handshakes still running end now (their threads see the closed socket).
-    for (_, s) in pending.values() {
-        let _ = s.shutdown(Shutdown::Both);
+    pending.close_all();
+    if let Err(e) = result {
+        // The ranks that joined learn why, and stop trying (a connection
+        // closed without a word makes a joining rank try again).
+        let msg = e.to_string();
+        let h = Header {
+            len: msg.len().min(MAX_ERROR_BYTES) as u64,
+            ..Header::new(Kind::Error)
+        };
+        let until = Instant::now() + Duration::from_secs(1);
+        for s in peers.iter_mut().flatten() {
+            let _ = write_frame(s, &h, &msg.as_bytes()[..h.len as usize], until);
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        return Err(e);
     }
-    result?;
     let welcome = Header {
         count: world as u64,
         ..Header::new(Kind::Welcome)
@@ -969,8 +1053,8 @@ fn serve(rv: &Rendezvous, token: &[u8], options: &StoreOptions) -> Result<Vec<Op
 /// own, which refuses the peer if it fails and hands the result to `done`.
 fn spawn_handshake(
     (id, mut s, from): (u64, TcpStream, SocketAddr),
-    deadline: Instant,
-    token: std::sync::Arc<[u8]>,
+    (deadline, progress): (Instant, Arc<Progress>),
+    token: Arc<[u8]>,
     world: usize,
     done: std::sync::mpsc::Sender<HandshakeDone>,
 ) -> io::Result<()> {
@@ -978,7 +1062,7 @@ fn spawn_handshake(
         .name("syncbn-handshake".into())
         .stack_size(256 * 1024)
         .spawn(move || {
-            let r = handshake(&mut s, deadline, &token, world);
+            let r = handshake(&mut s, deadline, &token, world, &progress);
             if let Err(refusal) = &r {
                 send_refuse(&mut s, &format!("{}: {}", refusal.kind, refusal.detail));
                 let _ = s.shutdown(Shutdown::Both);
@@ -1006,13 +1090,16 @@ fn read_header(
 
 /// Rank 0's side of one handshake (see [`crate::group::handshake`]): reads the
 /// hello, proves that it knows the token, checks the joining rank's proof, its
-/// world size and rank. Returns the rank, or why it is refused.
+/// world size and rank. Returns the rank, or why it is refused. Marks its
+/// `progress` as it goes, and stops if the accept loop closed it to make room.
 fn handshake(
     s: &mut TcpStream,
     deadline: Instant,
     token: &[u8],
     world: usize,
+    progress: &Progress,
 ) -> std::result::Result<usize, Refusal> {
+    let evicted = || Refusal::new("closed to make room", "(already counted)");
     s.set_nonblocking(false)
         .map_err(|e| Refusal::new("closed", e.to_string()))?;
     let _ = s.set_nodelay(true);
@@ -1047,6 +1134,9 @@ fn handshake(
     };
     read_full(s, &mut t.joiner_nonce, deadline)
         .map_err(|e| Refusal::new("closed", format!("truncated hello ({e})")))?;
+    if !progress.advance(Stage::Connected, Stage::Challenged) {
+        return Err(evicted());
+    }
     let mut challenge = [0u8; NONCE_LEN + PROOF_LEN];
     challenge[..NONCE_LEN].copy_from_slice(&t.root_nonce);
     challenge[NONCE_LEN..].copy_from_slice(&t.prove(token, Prover::Root));
@@ -1081,6 +1171,10 @@ fn handshake(
     let mut proof = [0u8; PROOF_LEN];
     read_full(s, &mut proof, deadline)
         .map_err(|e| Refusal::new("closed", format!("truncated proof ({e})")))?;
+    // From here on this connection is never closed to make room.
+    if !progress.advance(Stage::Challenged, Stage::Proven) {
+        return Err(evicted());
+    }
     if !t.verify(token, Prover::Joiner, &proof) {
         return Err(Refusal::new(
             "authentication failed",
@@ -1127,9 +1221,9 @@ fn read_port(path: &Path) -> Option<u16> {
 
 /// Why one attempt to join failed.
 enum JoinFailure {
-    /// Nothing was learned of rank 0 (the connection closed before it
-    /// answered: a full rank 0 makes room, or a process that is not rank 0):
-    /// try again until the deadline.
+    /// Nothing final was learned (the connection closed before rank 0
+    /// answered or welcomed: a full rank 0 makes room, or a process that is
+    /// not rank 0): try again until the deadline.
     Retry(String),
     /// The listener did not prove that it is rank 0 of this job: try again
     /// when the port came from the port file (which may still be stale),
@@ -1297,11 +1391,16 @@ fn join_once(
     };
     write_frame(&mut s, &proof, &t.prove(token, Prover::Joiner), deadline)
         .map_err(|e| lost("sending the proof", e))?;
-    // Rank 0 welcomes every rank once all have joined.
-    read_full(&mut s, &mut hb, deadline + Duration::from_secs(1)).map_err(|e| {
-        JoinFailure::Final(format!(
+    // Rank 0 welcomes every rank once all have joined. A connection that
+    // closes without a word before that was dropped (rank 0 closes unproven
+    // handshakes to make room under a flood, and may have closed this one
+    // just before the proof arrived): try again. Refusals and rank 0's own
+    // failure come as frames, and are final.
+    read_full(&mut s, &mut hb, deadline + Duration::from_secs(1)).map_err(|e| match e.kind() {
+        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => JoinFailure::Final(format!(
             "no welcome from rank 0 ({e}); not all ranks joined in time?"
-        ))
+        )),
+        _ => lost("waiting for the welcome", e),
     })?;
     let h = Header::decode(&hb).map_err(JoinFailure::Final)?;
     match h.kind {
@@ -1309,6 +1408,10 @@ fn join_once(
         Kind::Refuse => Err(JoinFailure::Final(format!(
             "rank 0 refused rank {}: {}",
             rv.rank,
+            read_text(&mut s, h.len)
+        ))),
+        Kind::Error => Err(JoinFailure::Final(format!(
+            "rank 0 failed the rendezvous: {}",
             read_text(&mut s, h.len)
         ))),
         k => Err(JoinFailure::Final(format!(
@@ -1351,21 +1454,30 @@ mod tests {
         assert!(Header::decode(&bad).is_err());
     }
 
-    /// Rank 0 warns of a rendezvous other machines reach without a token,
-    /// never of a loopback one, and never names the token.
+    /// Every rank of a group of several warns without a token, on loopback
+    /// too (issue 29 item 8: there any local process could take a rank's
+    /// place unannounced); never with a token, nor alone.
     #[test]
-    fn warns_of_a_public_rendezvous_without_token() {
-        let rv = |addr: &str| Rendezvous::new(0, 2, addr, 29500).unwrap();
-        let w = token_warning(&rv("node0"), b"").unwrap();
+    fn warns_of_a_group_without_token() {
+        let rv = |rank, world, addr: &str| Rendezvous::new(rank, world, addr, 29500).unwrap();
+        let w = token_warning(&rv(0, 2, "node0"), b"").unwrap();
         assert!(
-            w.starts_with("candle-syncbn warning: no job token (SYNCBN_TOKEN) is set")
-                && w.contains("MASTER_ADDR=node0"),
+            w.starts_with("candle-syncbn warning: no job token (SYNCBN_TOKEN) is set, so any process that reaches rank 0's port can join this group through MASTER_ADDR=node0")
+                && w.ends_with("set SYNCBN_TOKEN to the same secret on every rank (this crate's launcher sets one for the ranks it starts)"),
             "{w}"
         );
-        assert_eq!(token_warning(&rv("node0"), b"s3cret"), None);
         for a in ["127.0.0.1", "localhost", "::1", "[::1]"] {
-            assert_eq!(token_warning(&rv(a), b""), None, "{a}");
+            for rank in [0, 1, 3] {
+                let w = token_warning(&rv(rank, 4, a), b"").unwrap();
+                assert!(
+                    w.contains("so any process on this machine (any user's) can join this group"),
+                    "{a}: {w}"
+                );
+            }
+            assert_eq!(token_warning(&rv(1, 2, a), b"s3cret"), None, "{a}");
+            assert_eq!(token_warning(&rv(0, 1, a), b""), None, "{a}");
         }
+        assert_eq!(token_warning(&rv(1, 2, "node0"), b"s3cret"), None);
     }
 }
 

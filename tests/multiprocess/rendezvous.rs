@@ -325,3 +325,296 @@ fn ipv6_loopback_rendezvous() {
         }
     }
 }
+
+/// Set in the child that plays [`valid_ranks_join_under_an_idle_connection_flood`].
+const FLOOD_CHILD: &str = "SYNCBN_TEST_FLOOD_CHILD";
+
+/// What the flood threads of one trial share.
+#[derive(Default)]
+struct FloodState {
+    stop: std::sync::atomic::AtomicBool,
+    /// Connections made so far, by all flood threads.
+    made: std::sync::atomic::AtomicUsize,
+}
+
+/// How one flood thread's part went.
+#[derive(Debug, Default)]
+struct Flood {
+    connections: usize,
+    failed_connects: usize,
+    /// Whether it was still flooding when the ranks were done.
+    still_running: bool,
+}
+
+/// Opens idle connections to `port` (they send nothing) until told to stop:
+/// at most `rate` a second, `total` attempts in all, for at most `limit`,
+/// keeping the newest `open` of them open.
+fn idle_flood(
+    port: u16,
+    state: &FloodState,
+    (rate, total, open): (usize, usize, usize),
+    limit: Duration,
+) -> Flood {
+    use std::sync::atomic::Ordering;
+    let start = Instant::now();
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut kept = std::collections::VecDeque::with_capacity(open);
+    let mut f = Flood::default();
+    for attempt in 0..total {
+        if state.stop.load(Ordering::Relaxed) {
+            f.still_running = true;
+            break;
+        }
+        if start.elapsed() >= limit {
+            break;
+        }
+        let due = Duration::from_secs_f64(attempt as f64 / rate as f64);
+        if let Some(wait) = due.checked_sub(start.elapsed()) {
+            std::thread::sleep(wait);
+        }
+        // A short connect timeout: a full backlog drops the SYN, and waiting
+        // for its retransmission (1 s) would pause the flood.
+        match TcpStream::connect_timeout(&addr, Duration::from_millis(10)) {
+            Ok(s) => {
+                f.connections += 1;
+                state.made.fetch_add(1, Ordering::Relaxed);
+                if kept.len() == open {
+                    kept.pop_front();
+                }
+                kept.push_back(s);
+            }
+            Err(_) => f.failed_connects += 1,
+        }
+    }
+    f
+}
+
+/// Issue 29, item 7: with 128 handshakes pending, rank 0 closed the oldest
+/// to make room, even one whose proof had arrived; the rank read end-of-file
+/// instead of the welcome, failed for good, and rank 0 waited out the whole
+/// rendezvous (1 trial in 4 under an idle flood of 5,000 connections a
+/// second). Now an idle or unproven handshake makes room, a proven one never,
+/// and a rank whose connection closes before the welcome tries again.
+///
+/// Ten trials of two ranks joining under a flood of at most 10,000 idle
+/// connections a second for at most 2 s; the trials run in a child
+/// under `prlimit --nofile` (on Linux), so that a rank 0 that kept every
+/// connection runs out of descriptors, not the machine.
+#[test]
+fn valid_ranks_join_under_an_idle_connection_flood() {
+    if std::env::var_os(FLOOD_CHILD).is_some() {
+        return flood_trials();
+    }
+    let dir = common::scratch_dir("flood");
+    let out_path = dir.join("out");
+    let out = std::fs::File::create(&out_path).unwrap();
+    let exe = std::env::current_exe().unwrap();
+    // The descriptor cap where there is `prlimit` (util-linux); elsewhere
+    // the flood's own bounds (count, rate, time, connections kept) hold.
+    let mut cmd = if cfg!(target_os = "linux") {
+        let mut c = std::process::Command::new("prlimit");
+        c.arg("--nofile=4096:4096").arg("--").arg(exe);
+        c
+    } else {
+        std::process::Command::new(exe)
+    };
+    cmd.arg(common::test_path(
+        module_path!(),
+        "valid_ranks_join_under_an_idle_connection_flood",
+    ))
+    .args(["--exact", "--nocapture", "--test-threads=1"])
+    .env(FLOOD_CHILD, "1")
+    .env("RUST_BACKTRACE", "0")
+    .stdin(std::process::Stdio::null())
+    .stdout(out.try_clone().unwrap())
+    .stderr(out);
+    let mut child = cmd
+        .spawn()
+        .expect("the trials start (on Linux: under prlimit)");
+    let start = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break Some(st);
+        }
+        if start.elapsed() > Duration::from_secs(90) {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let output = std::fs::read_to_string(&out_path).unwrap_or_default();
+    println!("{output}");
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the trials failed ({status:?}, after {:?}):\n{output}",
+        start.elapsed()
+    );
+}
+
+/// The child's part of [`valid_ranks_join_under_an_idle_connection_flood`].
+fn flood_trials() {
+    use std::sync::atomic::Ordering;
+    use std::sync::Arc;
+    // Two flood threads (one alone is slowed by its own connects), two
+    // joining ranks per trial (each one a chance to lose the race).
+    let (flooders, rate, world) = (2, 10_000, 3);
+    for trial in 0..10 {
+        let pf = port_file("flood");
+        let root = rank_thread(loopback_rendezvous(0, world, &pf, TOKEN), opts(8000));
+        let port = wait_port(&pf);
+        let state = Arc::new(FloodState::default());
+        let threads: Vec<_> = (0..flooders)
+            .map(|_| {
+                let state = state.clone();
+                std::thread::spawn(move || {
+                    let limits = (rate / flooders, 20_000 / flooders, 256);
+                    idle_flood(port, &state, limits, Duration::from_secs(2))
+                })
+            })
+            .collect();
+        // The flood fills rank 0's pending handshakes (128) first.
+        let start = Instant::now();
+        while state.made.load(Ordering::Relaxed) < 256 && start.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let before = state.made.load(Ordering::Relaxed);
+        let ranks: Vec<_> = (1..world)
+            .map(|r| rank_thread(loopback_rendezvous(r, world, &pf, TOKEN), opts(8000)))
+            .collect();
+        let ranks: Vec<_> = ranks.into_iter().map(|h| h.join().unwrap()).collect();
+        state.stop.store(true, Ordering::Relaxed);
+        let flood: Vec<Flood> = threads.into_iter().map(|f| f.join().unwrap()).collect();
+        let (r0, t0) = root.join().unwrap();
+        println!("trial {trial}: {before} connections before the ranks; ranks 1.. {ranks:?}, rank 0 after {t0:?}; {flood:?}");
+        let sum = vec![world as f32; 2];
+        for (r, (got, _)) in ranks.iter().enumerate() {
+            assert_eq!(got.as_ref(), Ok(&sum), "trial {trial}: rank {}", r + 1);
+        }
+        assert_eq!(r0, Ok(sum), "trial {trial}: rank 0");
+        assert!(
+            before >= 128,
+            "trial {trial}: the flood had not filled rank 0's pending handshakes: {before} connections before the ranks"
+        );
+    }
+}
+
+/// Set in the ranks that [`every_rank_warns_once_without_a_token`] starts.
+const WARNING_CHILD: &str = "SYNCBN_TEST_TOKEN_WARNING_CHILD";
+
+/// The warning's first words (see `token_warning` in `src/group/store.rs`).
+const NO_TOKEN_WARNING: &str = "candle-syncbn warning: no job token (SYNCBN_TOKEN) is set";
+
+/// Issue 29, item 8: without `SYNCBN_TOKEN` any local process could take a
+/// rank's place, and nothing warned on a loopback address (rank 0 warned
+/// only for other addresses). Now every rank of a group of several warns,
+/// once per process (here each rank joins two groups), whatever the address;
+/// with a token, none does.
+#[test]
+fn every_rank_warns_once_without_a_token() {
+    if std::env::var_os(WARNING_CHILD).is_some() {
+        return warning_rank();
+    }
+    for token in [None, Some(TOKEN)] {
+        let dir = common::scratch_dir("warn");
+        let exe = std::env::current_exe().unwrap();
+        let mut ranks: Vec<std::process::Child> = (0..2)
+            .map(|r| {
+                let out = std::fs::File::create(dir.join(format!("out{r}"))).unwrap();
+                let mut cmd = std::process::Command::new(&exe);
+                cmd.arg(common::test_path(
+                    module_path!(),
+                    "every_rank_warns_once_without_a_token",
+                ))
+                .args(["--exact", "--nocapture", "--test-threads=1"])
+                .env(WARNING_CHILD, "1")
+                .env("RANK", r.to_string())
+                .env("WORLD_SIZE", "2")
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", "0")
+                .env("SYNCBN_PORT_FILE", dir.join("port"))
+                .env("SYNCBN_TIMEOUT", "20")
+                .env("RUST_BACKTRACE", "0")
+                .env_remove("SYNCBN_TOKEN")
+                .stdin(std::process::Stdio::null())
+                .stdout(out.try_clone().unwrap())
+                .stderr(out);
+                if let Some(t) = token {
+                    cmd.env("SYNCBN_TOKEN", t);
+                }
+                cmd.spawn().unwrap()
+            })
+            .collect();
+        let start = Instant::now();
+        let mut status = [None; 2];
+        while status.iter().any(Option::is_none) && start.elapsed() < Duration::from_secs(60) {
+            for (r, c) in ranks.iter_mut().enumerate() {
+                if status[r].is_none() {
+                    status[r] = c.try_wait().unwrap();
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        for c in ranks.iter_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for (r, st) in status.iter().enumerate() {
+            let out = std::fs::read_to_string(dir.join(format!("out{r}"))).unwrap();
+            assert!(st.is_some_and(|s| s.success()), "rank {r}: {st:?}\n{out}");
+            assert!(out.contains("both groups summed"), "rank {r}:\n{out}");
+            let expected = if token.is_none() { 1 } else { 0 };
+            assert_eq!(
+                out.matches(NO_TOKEN_WARNING).count(),
+                expected,
+                "rank {r}, token {token:?}:\n{out}"
+            );
+            if token.is_none() {
+                assert!(
+                    out.contains("so any process on this machine (any user's) can join this group through MASTER_ADDR=127.0.0.1 and take a rank's place"),
+                    "rank {r}:\n{out}"
+                );
+            }
+        }
+    }
+}
+
+/// One rank of [`every_rank_warns_once_without_a_token`]: joins a group
+/// from the environment twice, and sums with each.
+fn warning_rank() {
+    for _ in 0..2 {
+        let rv = Rendezvous::from_env().unwrap().expect("RANK is set");
+        let g = ProcessGroup::tcp(&rv, opts(20_000)).unwrap();
+        let sum = g
+            .all_reduce_sum(&Tensor::ones(2, DType::F32, &Device::Cpu).unwrap())
+            .unwrap();
+        assert_eq!(sum.to_vec1::<f32>().unwrap(), [2.0, 2.0]);
+    }
+    println!("both groups summed");
+}
+
+/// A rank that joined learns at once why rank 0 gave up, and stops: since a
+/// connection closed before the welcome now makes a rank try again (item 7),
+/// rank 0 sends the ranks that joined its error instead of just closing.
+/// Rank 1 would otherwise wait out its own, longer, deadline.
+#[test]
+fn joined_ranks_learn_why_rank0_gave_up() {
+    let pf = port_file("rdv");
+    let root = rank_thread(loopback_rendezvous(0, 3, &pf, TOKEN), opts(1500));
+    wait_port(&pf);
+    let (r1, t1) = rank_thread(loopback_rendezvous(1, 3, &pf, TOKEN), opts(20_000))
+        .join()
+        .unwrap();
+    let e = r1.unwrap_err();
+    assert!(
+        e.starts_with("rendezvous: rank 1 at 127.0.0.1:")
+            && e.contains(
+                ": rank 0 failed the rendezvous: rendezvous: rank 0 waited 1.5s on 127.0.0.1:"
+            )
+            && e.contains("but rank(s) [2] of 3 did not join"),
+        "{e}"
+    );
+    assert!(t1 < Duration::from_secs(10), "rank 1 took {t1:?}");
+    let e0 = root.join().unwrap().0.unwrap_err();
+    assert!(e0.contains("but rank(s) [2] of 3 did not join"), "{e0}");
+}
