@@ -30,13 +30,17 @@
 //! pickle overflows its stack (an abort, not an error), memo copies and tensor
 //! shapes make it allocate what the pickle declares. [`load_checkpoint`] and
 //! [`read_state_dict`] therefore scan every pickle of the archive first
-//! (linear, no recursion) and refuse nesting deeper than 256 levels, more
-//! objects than one per 2 bytes of the file (at least 2^20), unsupported
-//! opcodes and truncated arguments, and tensors whose bytes are not within
-//! their storage or, in all, take more than 4 times the file; errors name the
-//! file, the zip entry and the byte offset. [`check_pth`] runs the same checks
-//! for files you pass to `VarBuilder::from_pth` yourself. torch.save's legacy
-//! (non-zip) format is not read at all. Safetensors files are checked by the
+//! (linear, no recursion) and refuse nesting deeper than 256 levels, pickles
+//! that would make candle's reader allocate more than 48 times the file's
+//! size (at least 192 MiB; every copy through its memo counted by the bytes
+//! it copies, strings and class names included), unsupported opcodes and
+//! truncated arguments, and tensors whose bytes are not within their storage
+//! or, in all, take more
+//! than 4 times the file; errors name the file, the zip entry and the byte
+//! offset. Loading a file so costs at most 64 times its size,
+//! or 256 MiB for small files. [`check_pth`] runs the same checks for files
+//! you pass to `VarBuilder::from_pth` yourself. torch.save's legacy (non-zip)
+//! format is not read at all. Safetensors files are checked by the
 //! `safetensors` crate (header size, offsets within the file).
 
 use super::pickle_guard;
@@ -176,8 +180,9 @@ const PTH_TENSOR_BYTES_PER_FILE_BYTE: u64 = 4;
 
 /// Checks a `.pth` file the way [`load_checkpoint`] does before reading it:
 /// every pickle in the archive passes a linear pre-scan (nesting at most 256
-/// levels deep, at most one object per 2 bytes of the file or 2^20 objects,
-/// only opcodes candle reads, no truncated argument), and every tensor of the
+/// levels deep, at most 48 times the file's size or 192 MiB allocated by
+/// candle's reader, copies through its memo included, only opcodes candle
+/// reads, no truncated argument), and every tensor of the
 /// state dict (the one under `key`, as [`LoadOptions::pth_key`]) has a
 /// contiguous layout within its storage, whose size is in proportion to the
 /// file. Call it before `VarBuilder::from_pth` on files you did not write:
@@ -221,8 +226,7 @@ impl<'a> PthArchive<'a> {
                 .by_name(name)
                 .map_err(|e| err(format!("cannot open {name}: {e}")))?;
             let what = format!("checkpoint {path:?}: {name}");
-            spent =
-                pickle_guard::scan(std::io::BufReader::new(entry), &what, limits, spent)?.objects;
+            spent = pickle_guard::scan(std::io::BufReader::new(entry), &what, limits, spent)?.spent;
         }
         let infos = without_panics(path, || {
             candle::pickle::read_pth_tensor_info(path, false, key)
