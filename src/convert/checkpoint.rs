@@ -44,6 +44,7 @@
 //! `safetensors` crate (header size, offsets within the file).
 
 use super::pickle_guard;
+use super::pth_entries::{self, TensorEntry};
 use candle::{DType, Device, Result, Tensor};
 use candle_nn::VarMap;
 use std::collections::{BTreeSet, HashMap};
@@ -198,7 +199,7 @@ struct PthArchive<'a> {
     path: &'a Path,
     zip: zip::ZipArchive<std::io::BufReader<std::fs::File>>,
     /// Later names win, as in candle's `PthTensors`.
-    tensors: HashMap<String, candle::pickle::TensorInfo>,
+    tensors: HashMap<String, TensorEntry>,
 }
 
 impl<'a> PthArchive<'a> {
@@ -221,25 +222,36 @@ impl<'a> PthArchive<'a> {
         // data many times.
         let limits = pickle_guard::Limits::for_file_len(file_len);
         let mut spent = 0;
-        for name in names.iter().filter(|n| n.ends_with("data.pkl")) {
+        let pickles: Vec<&String> = names.iter().filter(|n| n.ends_with("data.pkl")).collect();
+        for name in &pickles {
             let entry = zip
                 .by_name(name)
                 .map_err(|e| err(format!("cannot open {name}: {e}")))?;
             let what = format!("checkpoint {path:?}: {name}");
             spent = pickle_guard::scan(std::io::BufReader::new(entry), &what, limits, spent)?.spent;
         }
-        let infos = without_panics(path, || {
-            candle::pickle::read_pth_tensor_info(path, false, key)
-        })?;
-        let mut archive = Self {
-            path,
-            zip,
-            tensors: HashMap::with_capacity(infos.len()),
-        };
+        let mut tensors = HashMap::new();
+        for name in pickles {
+            let entry = zip
+                .by_name(name)
+                .map_err(|e| err(format!("cannot open {name}: {e}")))?;
+            let obj = without_panics(path, || {
+                let mut stack = candle::pickle::Stack::empty();
+                stack.read_loop(&mut std::io::BufReader::new(entry))?;
+                stack.finalize()
+            })?;
+            let dir = name.strip_suffix(".pkl").unwrap_or(name);
+            let what = format!("checkpoint {path:?}");
+            for entry in pth_entries::tensor_entries(obj, dir, key, &what)? {
+                tensors.insert(entry.name.clone(), entry);
+            }
+        }
+        let mut archive = Self { path, zip, tensors };
         let mut total = 0u64;
-        for info in infos {
-            total = total.saturating_add(archive.check_tensor(&info)?.1 as u64);
-            archive.tensors.insert(info.name.clone(), info);
+        let names: Vec<String> = archive.tensors.keys().cloned().collect();
+        for name in names {
+            let entry = archive.tensors[&name].clone();
+            total = total.saturating_add(archive.check_tensor(&entry)? as u64);
         }
         let limit = file_len.saturating_mul(PTH_TENSOR_BYTES_PER_FILE_BYTE);
         if total > limit {
@@ -251,37 +263,31 @@ impl<'a> PthArchive<'a> {
         Ok(archive)
     }
 
-    /// The byte range of `info` in its storage, checked against the storage's size.
-    fn check_tensor(&mut self, info: &candle::pickle::TensorInfo) -> Result<(usize, usize)> {
+    /// The bytes of `entry`, checked to lie within its storage.
+    fn check_tensor(&mut self, entry: &TensorEntry) -> Result<usize> {
         let path = self.path;
-        let name = &info.name;
+        let name = &entry.name;
         let err = |msg: String| {
             candle::Error::Msg(format!("checkpoint {path:?}: tensor '{name}': {msg}"))
         };
-        let layout = &info.layout;
-        let dims = layout.dims();
-        let bytes = dims
-            .iter()
-            .try_fold(info.dtype.size_in_bytes(), |n, &d| n.checked_mul(d))
-            .ok_or_else(|| err(format!("shape {dims:?} overflows")))?;
-        if !layout.is_contiguous() && !layout.is_fortran_contiguous() {
+        if !entry.is_contiguous() && !entry.is_fortran_contiguous() {
             return Err(err(format!(
-                "expected a contiguous layout, got shape {dims:?} with strides {:?}",
-                layout.stride()
+                "expected a contiguous layout, got shape {:?} with strides {:?}",
+                entry.dims, entry.strides
             )));
         }
-        let start = layout.start_offset();
+        let (start, bytes) = (entry.start, entry.bytes);
         let size = self
             .zip
-            .by_name(&info.path)
-            .map_err(|e| err(format!("its storage {}: {e}", info.path)))?
+            .by_name(&entry.storage)
+            .map_err(|e| err(format!("its storage {}: {e}", entry.storage)))?
             .size();
         match start.checked_add(bytes) {
-            Some(end) if end as u64 <= size => Ok((start, bytes)),
+            Some(end) if end as u64 <= size => Ok(bytes),
             _ => Err(err(format!(
                 "expected its {bytes} bytes from byte {start} of its storage {}, \
                  which holds {size} bytes",
-                info.path
+                entry.storage
             ))),
         }
     }
@@ -297,31 +303,33 @@ impl<'a> PthArchive<'a> {
         }
         let tensors = std::mem::take(&mut self.tensors);
         let mut out = Vec::with_capacity(tensors.len());
-        for (name, info) in tensors {
-            let (start, bytes) = self.check_tensor(&info)?;
+        for (name, entry) in tensors {
+            let bytes = self.check_tensor(&entry)?;
             let path = self.path;
             let err = |e: std::io::Error| {
                 candle::Error::Msg(format!(
                     "checkpoint {path:?}: tensor '{name}': cannot read: {e}"
                 ))
             };
-            let mut entry = self
+            let mut reader = self
                 .zip
-                .by_name(&info.path)
+                .by_name(&entry.storage)
                 .map_err(|e| err(std::io::Error::other(e)))?;
-            std::io::copy(&mut entry.by_ref().take(start as u64), &mut std::io::sink())
-                .map_err(err)?;
+            std::io::copy(
+                &mut reader.by_ref().take(entry.start as u64),
+                &mut std::io::sink(),
+            )
+            .map_err(err)?;
             let mut data = vec![0u8; bytes];
-            entry.read_exact(&mut data).map_err(err)?;
-            let layout = &info.layout;
-            let rank = layout.dims().len();
-            let t = if rank > 1 && !layout.is_contiguous() {
-                let reversed: Vec<usize> = layout.dims().iter().rev().copied().collect();
+            reader.read_exact(&mut data).map_err(err)?;
+            let rank = entry.dims.len();
+            let t = if rank > 1 && !entry.is_contiguous() {
+                let reversed: Vec<usize> = entry.dims.iter().rev().copied().collect();
                 let axes: Vec<usize> = (0..rank).rev().collect();
-                Tensor::from_raw_buffer(&data, info.dtype, &reversed, &Device::Cpu)?
+                Tensor::from_raw_buffer(&data, entry.dtype, &reversed, &Device::Cpu)?
                     .permute(axes)?
             } else {
-                Tensor::from_raw_buffer(&data, info.dtype, layout.dims(), &Device::Cpu)?
+                Tensor::from_raw_buffer(&data, entry.dtype, &entry.dims, &Device::Cpu)?
             };
             out.push((name, t));
         }
@@ -334,9 +342,10 @@ fn read_pth(path: &Path, key: Option<&str>) -> Result<Vec<(String, Tensor)>> {
     PthArchive::open(path, key)?.read_all()
 }
 
-/// Runs candle's pickle code, turning a panic into an error: its
-/// `rebuild_args` indexes the tuples a pickle declares (`args.remove(3)`)
-/// without checking their length.
+/// Runs candle's pickle reader, turning a panic into an error: none is known
+/// on a pickle that passed the pre-scan (candle's own panics were in the
+/// tensor entries, which `pth_entries` reads with checks), but a file from
+/// the internet must not take the process down through one missed.
 fn without_panics<T>(path: &Path, f: impl FnOnce() -> Result<T>) -> Result<T> {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
         Ok(Ok(v)) => Ok(v),

@@ -139,6 +139,7 @@ pub mod checkpoint;
 mod layer;
 mod local;
 mod pickle_guard;
+mod pth_entries;
 mod rewriter;
 
 pub use layer::BatchNormLayer;

@@ -843,7 +843,7 @@ fn hostile_tensor_entries_are_errors() {
             &[4],
             "0",
             true,
-            "candle's pickle reader failed on the state dict",
+            "tensor 'bn.weight': _rebuild_tensor_v2 has 2 arguments, expected at least 4",
         ),
     ];
     for (dims, key, short, want) in cases {
@@ -1100,6 +1100,51 @@ fn memo_copies_of_long_names_are_refused() {
         "{err}"
     );
     assert_eq!(load_error(&file), err);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A storage offset of 2^62 + 1 elements over a 5-float storage: candle's
+/// reader computes the byte offset as offset × 4, which wraps to 4 (a
+/// release build loaded elements 1..4 silently; a debug build panicked inside
+/// candle). A negative offset (-1 as LONG1) is cast to usize::MAX. Both are
+/// errors naming the tensor; an offset within the storage still loads.
+#[test]
+fn storage_offsets_that_wrap_are_errors() {
+    let dir = test_dir("offset");
+    let file = dir.join("o.pth");
+    let storage: Vec<u8> = (0..5).flat_map(|v| (v as f32).to_le_bytes()).collect();
+    let write = |offset: u64| {
+        let mut p = Pickle::new();
+        p.ordered_dict();
+        p.unicode("w");
+        p.offset_tensor("FloatStorage", "0", offset, &[4], &[1]);
+        p.0.extend_from_slice(b"s.");
+        write_pth_archive(&file, &p.0, &[("data/0".to_string(), &storage[..])]);
+    };
+    write((1 << 62) + 1);
+    let err = load_error(&file);
+    assert!(
+        err.contains("o.pth")
+            && err.contains("tensor 'w': storage offset 4611686018427387905 ")
+            && err.contains("overflows"),
+        "{err}"
+    );
+    assert_eq!(check_pth(&file, None).unwrap_err().to_string(), err);
+    write(u64::MAX);
+    let err = load_error(&file);
+    assert!(err.contains("tensor 'w': storage offset -1 "), "{err}");
+    write(2);
+    let err = load_error(&file);
+    assert!(
+        err.contains(
+            "tensor 'w': expected its 16 bytes from byte 8 of its storage archive/data/0, \
+             which holds 20 bytes"
+        ),
+        "{err}"
+    );
+    write(1);
+    let sd = read_state_dict(&file, &LoadOptions::default()).unwrap();
+    assert_eq!(values(&sd["w"]), [1.0, 2.0, 3.0, 4.0]);
     std::fs::remove_dir_all(&dir).ok();
 }
 
