@@ -41,10 +41,12 @@
 //! or 256 MiB for small files. [`check_pth`] runs the same checks for files
 //! you pass to `VarBuilder::from_pth` yourself. torch.save's legacy (non-zip)
 //! format is not read at all. Safetensors files are checked by the
-//! `safetensors` crate (header size, offsets within the file).
+//! `safetensors` crate (header size, offsets within the file) after
+//! [`check_safetensors`] has counted the header's entries without parsing it
+//! (at most 65 536, or one per 64 bytes of tensor data).
 
-use super::pickle_guard;
 use super::pth_entries::{self, TensorEntry};
+use super::{pickle_guard, safetensors_guard};
 use candle::{DType, Device, Result, Tensor};
 use candle_nn::VarMap;
 use std::collections::{BTreeSet, HashMap};
@@ -142,10 +144,13 @@ pub fn read_state_dict<P: AsRef<Path>>(
     let path = path.as_ref();
     let wrap = |e: candle::Error| candle::Error::Msg(format!("checkpoint {path:?}: {e}"));
     let tensors: Vec<(String, Tensor)> = match CheckpointFormat::detect(path)? {
-        CheckpointFormat::Safetensors => candle::safetensors::load(path, &Device::Cpu)
-            .map_err(wrap)?
-            .into_iter()
-            .collect(),
+        CheckpointFormat::Safetensors => {
+            safetensors_guard::check(path)?;
+            candle::safetensors::load(path, &Device::Cpu)
+                .map_err(wrap)?
+                .into_iter()
+                .collect()
+        }
         CheckpointFormat::Pth => read_pth(path, options.pth_key.as_deref())?,
     };
     if tensors.is_empty() {
@@ -192,6 +197,18 @@ const PTH_TENSOR_BYTES_PER_FILE_BYTE: u64 = 4;
 /// declares before reading it.
 pub fn check_pth<P: AsRef<Path>>(path: P, key: Option<&str>) -> Result<()> {
     PthArchive::open(path.as_ref(), key).map(|_| ())
+}
+
+/// Checks a safetensors file the way [`load_checkpoint`] does before parsing
+/// it: the header's declared length is within the file and the
+/// `safetensors` crate's 100 MB limit, and the header lists at most 65 536
+/// entries, or one per 64 bytes of tensor data if that is more, counted
+/// without parsing it. Call it before `VarBuilder::from_mmaped_safetensors`
+/// on files you did not write: the `safetensors` crate parses the whole
+/// header into a map and candle builds a tensor per entry (a 52 MB header of
+/// 845 000 empty tensors took 710 MB and 13 s).
+pub fn check_safetensors<P: AsRef<Path>>(path: P) -> Result<()> {
+    safetensors_guard::check(path.as_ref())
 }
 
 /// A `.pth` whose pickles passed the pre-scan, with its tensors' layouts.

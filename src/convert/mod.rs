@@ -141,6 +141,7 @@ mod local;
 mod pickle_guard;
 mod pth_entries;
 mod rewriter;
+mod safetensors_guard;
 
 pub use layer::BatchNormLayer;
 pub use local::LocalBatchNorm;

@@ -9,7 +9,8 @@ use crate::common;
 use candle::{DType, Device, Tensor};
 use candle_nn::{ModuleT, VarBuilder, VarMap};
 use candle_syncbn::convert::checkpoint::{
-    check_pth, load_checkpoint, read_state_dict, save_checkpoint, CheckpointFormat, LoadOptions,
+    check_pth, check_safetensors, load_checkpoint, read_state_dict, save_checkpoint,
+    CheckpointFormat, LoadOptions,
 };
 use candle_syncbn::{BatchNormRewriter, ProcessGroup, SyncBatchNorm};
 use common::{values, Rng};
@@ -1145,6 +1146,46 @@ fn storage_offsets_that_wrap_are_errors() {
     write(1);
     let sd = read_state_dict(&file, &LoadOptions::default()).unwrap();
     assert_eq!(values(&sd["w"]), [1.0, 2.0, 3.0, 4.0]);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A safetensors file whose header lists `n` zero-size tensors.
+fn zero_size_tensors(path: &Path, n: usize) {
+    let mut header = String::from("{");
+    for i in 0..n {
+        if i > 0 {
+            header.push(',');
+        }
+        header.push_str(&format!(
+            r#""t{i}":{{"dtype":"F32","shape":[0],"data_offsets":[0,0]}}"#
+        ));
+    }
+    header.push('}');
+    let mut b = (header.len() as u64).to_le_bytes().to_vec();
+    b.extend_from_slice(header.as_bytes());
+    std::fs::write(path, b).unwrap();
+}
+
+/// A safetensors header listing 845 000 zero-size tensors (a 52 MB file)
+/// took 710 MB and 13 s to read. The entries of a header are counted before
+/// it is parsed, and more than 65 536, or one per 64 bytes of tensor data if
+/// that is more, are refused (here 65 537 entries, a 4 MB file).
+#[test]
+fn safetensors_tensor_counts_are_bounded() {
+    let dir = test_dir("st-count");
+    let file = dir.join("many.safetensors");
+    zero_size_tensors(&file, 65_537);
+    let err = load_error(&file);
+    assert!(
+        err.contains("many.safetensors")
+            && err.contains("header lists more than 65536 entries, the limit of this file"),
+        "{err}"
+    );
+    assert_eq!(check_safetensors(&file).unwrap_err().to_string(), err);
+    zero_size_tensors(&file, 1000);
+    check_safetensors(&file).unwrap();
+    let sd = read_state_dict(&file, &LoadOptions::default()).unwrap();
+    assert_eq!(sd.len(), 1000);
     std::fs::remove_dir_all(&dir).ok();
 }
 
