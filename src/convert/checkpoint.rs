@@ -35,9 +35,9 @@
 //! size (at least 192 MiB; every copy through its memo counted by the bytes
 //! it copies, strings and class names included), unsupported opcodes and
 //! truncated arguments, and tensors whose bytes are not within their storage
-//! or, in all, take more
+//! (offsets, shapes and strides in checked arithmetic) or, in all, take more
 //! than 4 times the file; errors name the file, the zip entry and the byte
-//! offset. Loading a file so costs at most 64 times its size,
+//! offset, or the tensor. Loading a file so costs at most 64 times its size,
 //! or 256 MiB for small files. [`check_pth`] runs the same checks for files
 //! you pass to `VarBuilder::from_pth` yourself. torch.save's legacy (non-zip)
 //! format is not read at all. Safetensors files are checked by the
