@@ -394,10 +394,12 @@ impl<R: BufRead> Scanner<'_, R> {
     fn over_budget(&self, what: &str) -> candle::Error {
         self.err(format!(
             "{what}candle's pickle reader would need more than the memory limit of this file, \
-             {} bytes ({BYTES_PER_FILE_BYTE} times the file's size, at least {MIN_BYTES}; \
+             {} bytes ({BYTES_PER_FILE_BYTE} times the file's size, at least {} MiB; \
              counting what the reader allocates, each copy of a memoized object by the bytes it \
              copies, and the bytes it reads), {} counted so far",
-            self.limits.max_bytes, self.spent,
+            self.limits.max_bytes,
+            MIN_BYTES >> 20,
+            self.spent,
         ))
     }
 
