@@ -30,16 +30,23 @@
 //! pickle overflows its stack (an abort, not an error), memo copies and tensor
 //! shapes make it allocate what the pickle declares. [`load_checkpoint`] and
 //! [`read_state_dict`] therefore scan every pickle of the archive first
-//! (linear, no recursion) and refuse nesting deeper than 256 levels, more
-//! objects than one per 2 bytes of the file (at least 2^20), unsupported
-//! opcodes and truncated arguments, and tensors whose bytes are not within
-//! their storage or, in all, take more than 4 times the file; errors name the
-//! file, the zip entry and the byte offset. [`check_pth`] runs the same checks
-//! for files you pass to `VarBuilder::from_pth` yourself. torch.save's legacy
-//! (non-zip) format is not read at all. Safetensors files are checked by the
-//! `safetensors` crate (header size, offsets within the file).
+//! (linear, no recursion) and refuse nesting deeper than 256 levels, pickles
+//! that would make candle's reader allocate more than 48 times the file's
+//! size (at least 192 MiB; every copy through its memo counted by the bytes
+//! it copies, strings and class names included), unsupported opcodes and
+//! truncated arguments, and tensors whose bytes are not within their storage
+//! (offsets, shapes and strides in checked arithmetic) or, in all, take more
+//! than 4 times the file; errors name the file, the zip entry and the byte
+//! offset, or the tensor. Loading a file so costs at most 64 times its size,
+//! or 256 MiB for small files. [`check_pth`] runs the same checks for files
+//! you pass to `VarBuilder::from_pth` yourself. torch.save's legacy (non-zip)
+//! format is not read at all. Safetensors files are checked by the
+//! `safetensors` crate (header size, offsets within the file) after
+//! [`check_safetensors`] has counted the header's entries without parsing it
+//! (at most 65 536, or one per 64 bytes of tensor data).
 
-use super::pickle_guard;
+use super::pth_entries::{self, TensorEntry};
+use super::{pickle_guard, safetensors_guard};
 use candle::{DType, Device, Result, Tensor};
 use candle_nn::VarMap;
 use std::collections::{BTreeSet, HashMap};
@@ -137,10 +144,13 @@ pub fn read_state_dict<P: AsRef<Path>>(
     let path = path.as_ref();
     let wrap = |e: candle::Error| candle::Error::Msg(format!("checkpoint {path:?}: {e}"));
     let tensors: Vec<(String, Tensor)> = match CheckpointFormat::detect(path)? {
-        CheckpointFormat::Safetensors => candle::safetensors::load(path, &Device::Cpu)
-            .map_err(wrap)?
-            .into_iter()
-            .collect(),
+        CheckpointFormat::Safetensors => {
+            safetensors_guard::check(path)?;
+            candle::safetensors::load(path, &Device::Cpu)
+                .map_err(wrap)?
+                .into_iter()
+                .collect()
+        }
         CheckpointFormat::Pth => read_pth(path, options.pth_key.as_deref())?,
     };
     if tensors.is_empty() {
@@ -176,8 +186,9 @@ const PTH_TENSOR_BYTES_PER_FILE_BYTE: u64 = 4;
 
 /// Checks a `.pth` file the way [`load_checkpoint`] does before reading it:
 /// every pickle in the archive passes a linear pre-scan (nesting at most 256
-/// levels deep, at most one object per 2 bytes of the file or 2^20 objects,
-/// only opcodes candle reads, no truncated argument), and every tensor of the
+/// levels deep, at most 48 times the file's size or 192 MiB allocated by
+/// candle's reader, copies through its memo included, only opcodes candle
+/// reads, no truncated argument), and every tensor of the
 /// state dict (the one under `key`, as [`LoadOptions::pth_key`]) has a
 /// contiguous layout within its storage, whose size is in proportion to the
 /// file. Call it before `VarBuilder::from_pth` on files you did not write:
@@ -188,12 +199,24 @@ pub fn check_pth<P: AsRef<Path>>(path: P, key: Option<&str>) -> Result<()> {
     PthArchive::open(path.as_ref(), key).map(|_| ())
 }
 
+/// Checks a safetensors file the way [`load_checkpoint`] does before parsing
+/// it: the header's declared length is within the file and the
+/// `safetensors` crate's 100 MB limit, and the header lists at most 65 536
+/// entries, or one per 64 bytes of tensor data if that is more, counted
+/// without parsing it. Call it before `VarBuilder::from_mmaped_safetensors`
+/// on files you did not write: the `safetensors` crate parses the whole
+/// header into a map and candle builds a tensor per entry (a 52 MB header of
+/// 845 000 empty tensors took 710 MB and 13 s).
+pub fn check_safetensors<P: AsRef<Path>>(path: P) -> Result<()> {
+    safetensors_guard::check(path.as_ref())
+}
+
 /// A `.pth` whose pickles passed the pre-scan, with its tensors' layouts.
 struct PthArchive<'a> {
     path: &'a Path,
     zip: zip::ZipArchive<std::io::BufReader<std::fs::File>>,
     /// Later names win, as in candle's `PthTensors`.
-    tensors: HashMap<String, candle::pickle::TensorInfo>,
+    tensors: HashMap<String, TensorEntry>,
 }
 
 impl<'a> PthArchive<'a> {
@@ -216,26 +239,36 @@ impl<'a> PthArchive<'a> {
         // data many times.
         let limits = pickle_guard::Limits::for_file_len(file_len);
         let mut spent = 0;
-        for name in names.iter().filter(|n| n.ends_with("data.pkl")) {
+        let pickles: Vec<&String> = names.iter().filter(|n| n.ends_with("data.pkl")).collect();
+        for name in &pickles {
             let entry = zip
                 .by_name(name)
                 .map_err(|e| err(format!("cannot open {name}: {e}")))?;
             let what = format!("checkpoint {path:?}: {name}");
-            spent =
-                pickle_guard::scan(std::io::BufReader::new(entry), &what, limits, spent)?.objects;
+            spent = pickle_guard::scan(std::io::BufReader::new(entry), &what, limits, spent)?.spent;
         }
-        let infos = without_panics(path, || {
-            candle::pickle::read_pth_tensor_info(path, false, key)
-        })?;
-        let mut archive = Self {
-            path,
-            zip,
-            tensors: HashMap::with_capacity(infos.len()),
-        };
+        let mut tensors = HashMap::new();
+        for name in pickles {
+            let entry = zip
+                .by_name(name)
+                .map_err(|e| err(format!("cannot open {name}: {e}")))?;
+            let obj = without_panics(path, || {
+                let mut stack = candle::pickle::Stack::empty();
+                stack.read_loop(&mut std::io::BufReader::new(entry))?;
+                stack.finalize()
+            })?;
+            let dir = name.strip_suffix(".pkl").unwrap_or(name);
+            let what = format!("checkpoint {path:?}");
+            for entry in pth_entries::tensor_entries(obj, dir, key, &what)? {
+                tensors.insert(entry.name.clone(), entry);
+            }
+        }
+        let mut archive = Self { path, zip, tensors };
         let mut total = 0u64;
-        for info in infos {
-            total = total.saturating_add(archive.check_tensor(&info)?.1 as u64);
-            archive.tensors.insert(info.name.clone(), info);
+        let names: Vec<String> = archive.tensors.keys().cloned().collect();
+        for name in names {
+            let entry = archive.tensors[&name].clone();
+            total = total.saturating_add(archive.check_tensor(&entry)? as u64);
         }
         let limit = file_len.saturating_mul(PTH_TENSOR_BYTES_PER_FILE_BYTE);
         if total > limit {
@@ -247,37 +280,31 @@ impl<'a> PthArchive<'a> {
         Ok(archive)
     }
 
-    /// The byte range of `info` in its storage, checked against the storage's size.
-    fn check_tensor(&mut self, info: &candle::pickle::TensorInfo) -> Result<(usize, usize)> {
+    /// The bytes of `entry`, checked to lie within its storage.
+    fn check_tensor(&mut self, entry: &TensorEntry) -> Result<usize> {
         let path = self.path;
-        let name = &info.name;
+        let name = &entry.name;
         let err = |msg: String| {
             candle::Error::Msg(format!("checkpoint {path:?}: tensor '{name}': {msg}"))
         };
-        let layout = &info.layout;
-        let dims = layout.dims();
-        let bytes = dims
-            .iter()
-            .try_fold(info.dtype.size_in_bytes(), |n, &d| n.checked_mul(d))
-            .ok_or_else(|| err(format!("shape {dims:?} overflows")))?;
-        if !layout.is_contiguous() && !layout.is_fortran_contiguous() {
+        if !entry.is_contiguous() && !entry.is_fortran_contiguous() {
             return Err(err(format!(
-                "expected a contiguous layout, got shape {dims:?} with strides {:?}",
-                layout.stride()
+                "expected a contiguous layout, got shape {:?} with strides {:?}",
+                entry.dims, entry.strides
             )));
         }
-        let start = layout.start_offset();
+        let (start, bytes) = (entry.start, entry.bytes);
         let size = self
             .zip
-            .by_name(&info.path)
-            .map_err(|e| err(format!("its storage {}: {e}", info.path)))?
+            .by_name(&entry.storage)
+            .map_err(|e| err(format!("its storage {}: {e}", entry.storage)))?
             .size();
         match start.checked_add(bytes) {
-            Some(end) if end as u64 <= size => Ok((start, bytes)),
+            Some(end) if end as u64 <= size => Ok(bytes),
             _ => Err(err(format!(
                 "expected its {bytes} bytes from byte {start} of its storage {}, \
                  which holds {size} bytes",
-                info.path
+                entry.storage
             ))),
         }
     }
@@ -293,31 +320,33 @@ impl<'a> PthArchive<'a> {
         }
         let tensors = std::mem::take(&mut self.tensors);
         let mut out = Vec::with_capacity(tensors.len());
-        for (name, info) in tensors {
-            let (start, bytes) = self.check_tensor(&info)?;
+        for (name, entry) in tensors {
+            let bytes = self.check_tensor(&entry)?;
             let path = self.path;
             let err = |e: std::io::Error| {
                 candle::Error::Msg(format!(
                     "checkpoint {path:?}: tensor '{name}': cannot read: {e}"
                 ))
             };
-            let mut entry = self
+            let mut reader = self
                 .zip
-                .by_name(&info.path)
+                .by_name(&entry.storage)
                 .map_err(|e| err(std::io::Error::other(e)))?;
-            std::io::copy(&mut entry.by_ref().take(start as u64), &mut std::io::sink())
-                .map_err(err)?;
+            std::io::copy(
+                &mut reader.by_ref().take(entry.start as u64),
+                &mut std::io::sink(),
+            )
+            .map_err(err)?;
             let mut data = vec![0u8; bytes];
-            entry.read_exact(&mut data).map_err(err)?;
-            let layout = &info.layout;
-            let rank = layout.dims().len();
-            let t = if rank > 1 && !layout.is_contiguous() {
-                let reversed: Vec<usize> = layout.dims().iter().rev().copied().collect();
+            reader.read_exact(&mut data).map_err(err)?;
+            let rank = entry.dims.len();
+            let t = if rank > 1 && !entry.is_contiguous() {
+                let reversed: Vec<usize> = entry.dims.iter().rev().copied().collect();
                 let axes: Vec<usize> = (0..rank).rev().collect();
-                Tensor::from_raw_buffer(&data, info.dtype, &reversed, &Device::Cpu)?
+                Tensor::from_raw_buffer(&data, entry.dtype, &reversed, &Device::Cpu)?
                     .permute(axes)?
             } else {
-                Tensor::from_raw_buffer(&data, info.dtype, layout.dims(), &Device::Cpu)?
+                Tensor::from_raw_buffer(&data, entry.dtype, &entry.dims, &Device::Cpu)?
             };
             out.push((name, t));
         }
@@ -330,9 +359,10 @@ fn read_pth(path: &Path, key: Option<&str>) -> Result<Vec<(String, Tensor)>> {
     PthArchive::open(path, key)?.read_all()
 }
 
-/// Runs candle's pickle code, turning a panic into an error: its
-/// `rebuild_args` indexes the tuples a pickle declares (`args.remove(3)`)
-/// without checking their length.
+/// Runs candle's pickle reader, turning a panic into an error: none is known
+/// on a pickle that passed the pre-scan (candle's own panics were in the
+/// tensor entries, which `pth_entries` reads with checks), but a file from
+/// the internet must not take the process down through one missed.
 fn without_panics<T>(path: &Path, f: impl FnOnce() -> Result<T>) -> Result<T> {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
         Ok(Ok(v)) => Ok(v),

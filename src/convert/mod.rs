@@ -139,7 +139,9 @@ pub mod checkpoint;
 mod layer;
 mod local;
 mod pickle_guard;
+mod pth_entries;
 mod rewriter;
+mod safetensors_guard;
 
 pub use layer::BatchNormLayer;
 pub use local::LocalBatchNorm;

@@ -9,7 +9,8 @@ use crate::common;
 use candle::{DType, Device, Tensor};
 use candle_nn::{ModuleT, VarBuilder, VarMap};
 use candle_syncbn::convert::checkpoint::{
-    check_pth, load_checkpoint, read_state_dict, save_checkpoint, CheckpointFormat, LoadOptions,
+    check_pth, check_safetensors, load_checkpoint, read_state_dict, save_checkpoint,
+    CheckpointFormat, LoadOptions,
 };
 use candle_syncbn::{BatchNormRewriter, ProcessGroup, SyncBatchNorm};
 use common::{values, Rng};
@@ -184,6 +185,18 @@ impl Pickle {
         dims: &[usize],
         strides: &[usize],
     ) {
+        self.offset_tensor(storage_class, key, 0, dims, strides);
+    }
+    /// `_rebuild_tensor_v2` with a storage offset (in elements), written as
+    /// torch.save does: BININT1/BININT when it fits, LONG1 otherwise.
+    fn offset_tensor(
+        &mut self,
+        storage_class: &str,
+        key: &str,
+        offset: u64,
+        dims: &[usize],
+        strides: &[usize],
+    ) {
         let numel = dims.iter().fold(1usize, |n, &d| n.wrapping_mul(d));
         self.global("torch._utils", "_rebuild_tensor_v2");
         self.0.push(b'(');
@@ -196,7 +209,12 @@ impl Pickle {
         self.0.push(b't');
         self.put();
         self.0.push(b'Q');
-        self.int(0);
+        if offset <= i32::MAX as u64 {
+            self.int(offset as usize);
+        } else {
+            self.0.extend_from_slice(&[0x8a, 8]);
+            self.0.extend_from_slice(&offset.to_le_bytes());
+        }
         self.int_tuple(dims);
         self.int_tuple(strides);
         self.0.push(0x89);
@@ -731,9 +749,9 @@ fn deeply_nested_pickles_are_refused() {
 /// A 5 MB pickle of EMPTY_LIST/NONE opcodes made candle build 5 million
 /// 48-byte objects (the 50 MB one of the issue took 2.46 GB); a 100-byte
 /// pickle that memoizes a tuple and builds tuples of two copies of it, 18
-/// times, made it copy 2^19 objects. Both are refused by the object limit:
-/// one per 2 bytes of the file, at least 2^20, for all pickles of the file
-/// together.
+/// times, made it copy 2^19 objects (22 times here: 2^23 objects, 1 GB).
+/// Both are refused by the memory limit: 48 times the file's size, at least
+/// 192 MiB, for all pickles of the file together.
 #[test]
 fn pickle_floods_are_refused() {
     let dir = test_dir("flood");
@@ -744,18 +762,24 @@ fn pickle_floods_are_refused() {
     let err = load_error(&flood);
     assert!(
         err.contains("archive/data.pkl at byte ")
-            && err.contains(&format!("object limit of this file, {} ", file_len / 2)),
+            && err.contains(&format!(
+                "memory limit of this file, {} bytes",
+                file_len * 48
+            )),
         "{err}"
     );
 
     let laughs = dir.join("laughs.pth");
     let mut p = vec![b'N', b'N', 0x86, b'q', 0];
-    for level in 1..=18u8 {
+    for level in 1..=22u8 {
         p.extend_from_slice(&[b'h', level - 1, b'h', level - 1, 0x86, b'q', level]);
     }
     write_pth_archive(&laughs, &pickle_of(&[&p]), &[]);
     let err = load_error(&laughs);
-    assert!(err.contains("object limit of this file, 1048576 "), "{err}");
+    assert!(
+        err.contains("memory limit of this file, 201326592 bytes"),
+        "{err}"
+    );
 
     // Several pickles share one budget: a zip may hold (or name) many.
     let many = dir.join("many.pth");
@@ -765,7 +789,7 @@ fn pickle_floods_are_refused() {
     let err = load_error(&many);
     assert!(
         err.contains("archive/b/data.pkl at byte ")
-            && err.contains("object limit of this file, 1048576 "),
+            && err.contains("memory limit of this file, 201326592 bytes"),
         "{err}"
     );
     std::fs::remove_dir_all(&dir).ok();
@@ -820,7 +844,7 @@ fn hostile_tensor_entries_are_errors() {
             &[4],
             "0",
             true,
-            "candle's pickle reader failed on the state dict",
+            "tensor 'bn.weight': _rebuild_tensor_v2 has 2 arguments, expected at least 4",
         ),
     ];
     for (dims, key, short, want) in cases {
@@ -964,6 +988,204 @@ fn hostile_safetensors_headers_are_errors() {
         let err = load_error(&file);
         assert!(err.contains(want) && err.contains("h.safetensors"), "{err}");
     }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// The child mode of the capped-load tests: loads the file `CAPPED_LOAD_ENV`
+/// names into a one-layer model and prints the outcome and the peak RSS.
+const CAPPED_LOAD_ENV: &str = "CANDLE_SYNCBN_TEST_CAPPED_LOAD";
+
+/// The address space (RLIMIT_AS) of a child that loads a hostile file: ample
+/// for a refusal, far less than the machine, so a loader that allocates out
+/// of proportion to the file fails the test instead of taking the machine.
+const CAPPED_LOAD_AS: u64 = 2 << 30;
+
+/// In the child: loads `file` and prints `LOAD: Ok(n)` or `LOAD: Err(…)`,
+/// then the process's peak RSS (`VmHWM`).
+fn capped_child_load(file: &std::ffi::OsStr) {
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    candle_syncbn::batch_norm(C, 1e-5, vb.pp("bn")).unwrap();
+    let started = std::time::Instant::now();
+    match read_state_dict(Path::new(file), &LoadOptions::default()) {
+        Ok(sd) => println!("LOAD: Ok({})", sd.len()),
+        Err(e) => println!("LOAD: Err({e})"),
+    }
+    println!("LOAD TIME: {:?}", started.elapsed());
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    if let Some(hwm) = status.lines().find(|l| l.starts_with("VmHWM")) {
+        println!("{hwm}");
+    }
+}
+
+/// Runs test `test` of this module again as a child that loads `file` with
+/// its address space capped at [`CAPPED_LOAD_AS`]; returns its stdout, or
+/// panics if it did not exit normally (an abort or a kill is a failure).
+#[cfg(target_os = "linux")]
+fn load_in_capped_child(test: &str, file: &Path) -> String {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+    cmd.arg(common::test_path(module_path!(), test))
+        .args(["--exact", "--test-threads=1", "--nocapture"])
+        .env(CAPPED_LOAD_ENV, file);
+    // SAFETY: setrlimit is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            let cap = libc::rlimit {
+                rlim_cur: CAPPED_LOAD_AS,
+                rlim_max: CAPPED_LOAD_AS,
+            };
+            if libc::setrlimit(libc::RLIMIT_AS, &cap) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success() && stdout.contains("LOAD: "),
+        "the capped child loading {file:?} failed ({}): {stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// The byte offset in a pickle error `… at byte N: …`.
+fn error_offset(err: &str) -> usize {
+    let rest = err
+        .split(" at byte ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("{err}"));
+    rest.split(':').next().unwrap().parse().unwrap()
+}
+
+/// One GLOBAL with a 1 MiB module name, memoized (BINPUT 0) and fetched
+/// 200 000 times (BINGET 0) into a list: a 1.4 MB file. candle's reader
+/// clones the whole name on every BINGET (200 GB; the process aborted or was
+/// killed), while the scan counted a GLOBAL as one object and let it pass.
+/// Now each copy counts the bytes candle copies, and the file is refused at
+/// the BINGET that passes the file's memory limit, here 192 MiB (about the
+/// 190th), first in a child whose address space is capped at 2 GiB (Linux
+/// only: RLIMIT_AS).
+#[cfg(target_os = "linux")]
+#[test]
+fn memo_copies_of_long_names_are_refused() {
+    if let Some(file) = std::env::var_os(CAPPED_LOAD_ENV) {
+        return capped_child_load(&file);
+    }
+    let dir = test_dir("memo-names");
+    let file = dir.join("names.pth");
+    let mut p = vec![0x80, 2, b'c'];
+    p.extend(std::iter::repeat_n(b'a', 1 << 20));
+    p.extend_from_slice(b"\nb\nq\x00](");
+    let first_get = p.len();
+    p.extend(std::iter::repeat_n([b'h', 0], 200_000).flatten());
+    p.extend_from_slice(b"e.");
+    write_pth_archive(&file, &p, &[]);
+    // First in a capped child: a regression must not take the machine.
+    let out = load_in_capped_child("memo_copies_of_long_names_are_refused", &file);
+    let err = check_pth(&file, None).unwrap_err().to_string();
+    assert!(out.contains(&format!("LOAD: Err({err})")), "{out}");
+    let at = error_offset(&err);
+    assert!(
+        err.contains("names.pth")
+            && err.contains("archive/data.pkl at byte ")
+            && err.contains("memory limit of this file, 201326592 bytes"),
+        "{err}"
+    );
+    // A BINGET, among the first 256: each copies more than 1 MiB.
+    assert!(
+        at >= first_get && at < first_get + 2 * 256 && (at - first_get).is_multiple_of(2),
+        "{err}"
+    );
+    assert_eq!(load_error(&file), err);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A storage offset of 2^62 + 1 elements over a 5-float storage: candle's
+/// reader computes the byte offset as offset × 4, which wraps to 4 (a
+/// release build loaded elements 1..4 silently; a debug build panicked inside
+/// candle). A negative offset (-1 as LONG1) is cast to usize::MAX. Both are
+/// errors naming the tensor; an offset within the storage still loads.
+#[test]
+fn storage_offsets_that_wrap_are_errors() {
+    let dir = test_dir("offset");
+    let file = dir.join("o.pth");
+    let storage: Vec<u8> = (0..5).flat_map(|v| (v as f32).to_le_bytes()).collect();
+    let write = |offset: u64| {
+        let mut p = Pickle::new();
+        p.ordered_dict();
+        p.unicode("w");
+        p.offset_tensor("FloatStorage", "0", offset, &[4], &[1]);
+        p.0.extend_from_slice(b"s.");
+        write_pth_archive(&file, &p.0, &[("data/0".to_string(), &storage[..])]);
+    };
+    write((1 << 62) + 1);
+    let err = load_error(&file);
+    assert!(
+        err.contains("o.pth")
+            && err.contains("tensor 'w': storage offset 4611686018427387905 ")
+            && err.contains("overflows"),
+        "{err}"
+    );
+    assert_eq!(check_pth(&file, None).unwrap_err().to_string(), err);
+    write(u64::MAX);
+    let err = load_error(&file);
+    assert!(err.contains("tensor 'w': storage offset -1 "), "{err}");
+    write(2);
+    let err = load_error(&file);
+    assert!(
+        err.contains(
+            "tensor 'w': expected its 16 bytes from byte 8 of its storage archive/data/0, \
+             which holds 20 bytes"
+        ),
+        "{err}"
+    );
+    write(1);
+    let sd = read_state_dict(&file, &LoadOptions::default()).unwrap();
+    assert_eq!(values(&sd["w"]), [1.0, 2.0, 3.0, 4.0]);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A safetensors file whose header lists `n` zero-size tensors.
+fn zero_size_tensors(path: &Path, n: usize) {
+    let mut header = String::from("{");
+    for i in 0..n {
+        if i > 0 {
+            header.push(',');
+        }
+        header.push_str(&format!(
+            r#""t{i}":{{"dtype":"F32","shape":[0],"data_offsets":[0,0]}}"#
+        ));
+    }
+    header.push('}');
+    let mut b = (header.len() as u64).to_le_bytes().to_vec();
+    b.extend_from_slice(header.as_bytes());
+    std::fs::write(path, b).unwrap();
+}
+
+/// A safetensors header listing 845 000 zero-size tensors (a 52 MB file)
+/// took 710 MB and 13 s to read. The entries of a header are counted before
+/// it is parsed, and more than 65 536, or one per 64 bytes of tensor data if
+/// that is more, are refused (here 65 537 entries, a 4 MB file).
+#[test]
+fn safetensors_tensor_counts_are_bounded() {
+    let dir = test_dir("st-count");
+    let file = dir.join("many.safetensors");
+    zero_size_tensors(&file, 65_537);
+    let err = load_error(&file);
+    assert!(
+        err.contains("many.safetensors")
+            && err.contains("header lists more than 65536 entries, the limit of this file"),
+        "{err}"
+    );
+    assert_eq!(check_safetensors(&file).unwrap_err().to_string(), err);
+    zero_size_tensors(&file, 1000);
+    check_safetensors(&file).unwrap();
+    let sd = read_state_dict(&file, &LoadOptions::default()).unwrap();
+    assert_eq!(sd.len(), 1000);
     std::fs::remove_dir_all(&dir).ok();
 }
 
