@@ -1438,7 +1438,7 @@ mod star_tests {
     /// tags): equal tags pass, a different tag on one rank fails on all.
     #[test]
     fn meta_only_check_compares_tags() {
-        let layer = crate::group::LayerId::register("star-test.bn");
+        let layer = crate::group::LayerNames::default().register("star-test.bn");
         let tag = move |index| CallTag::forward(layer, crate::group::Part::Statistics, index);
         let out = run(3, move |mut star| {
             let call = Call {

@@ -344,6 +344,44 @@ fn layers_called_in_a_different_order_fail_on_every_rank() {
     }
 }
 
+/// Layers with equal names — a teacher's and a student's `bn`, two layers
+/// built from an empty prefix, two converted layers of the same width —
+/// called in a different order on two ranks: every rank gets an error at
+/// the first swapped call naming both, and no running statistic moves
+/// (issue 29 item 5). Called in the same order, they agree.
+#[test]
+fn same_name_layers_called_in_a_different_order_fail_on_every_rank() {
+    for case in [
+        SameName::TwoModels,
+        SameName::EmptyPrefix,
+        SameName::Converted,
+    ] {
+        for swap in [true, false] {
+            let groups = ProcessGroup::threads_with_timeout(3, Duration::from_secs(30)).unwrap();
+            let start = std::time::Instant::now();
+            let handles: Vec<_> = groups
+                .into_iter()
+                .map(|g| std::thread::spawn(move || swapped_same_name(g, case, swap)))
+                .collect();
+            let runs: Vec<SwappedRun> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+            if swap {
+                check_swapped_same_name(&runs, case);
+                assert!(
+                    start.elapsed() < Duration::from_secs(10),
+                    "{case:?}: detected without waiting for the timeout"
+                );
+            } else {
+                for (r, run) in runs.iter().enumerate() {
+                    assert_eq!(run.error, None, "{case:?}, rank {r}");
+                    // Every rank saw the same union of batches.
+                    assert_eq!(run.running_means, runs[0].running_means, "{case:?}");
+                    assert!(run.running_means[1][0] < -1.0, "{case:?}: {run:?}");
+                }
+            }
+        }
+    }
+}
+
 /// Many layers of the same shape (one called twice per step), several steps
 /// forward and backward, in the same order on every rank: the call tags
 /// agree and the ranks match one rank on the whole batch.

@@ -278,6 +278,28 @@ fn layers_called_in_a_different_order_fail_on_every_rank() {
     }
 }
 
+/// Layers with equal names (two models' `bn`, empty prefixes, converted
+/// layers of one width) called in a different order: every rank gets an
+/// error naming both at the first call, well before the timeout (issue 29
+/// item 5).
+#[test]
+fn same_name_layers_called_in_a_different_order_fail_on_every_rank() {
+    for case in [
+        common::SameName::TwoModels,
+        common::SameName::EmptyPrefix,
+        common::SameName::Converted,
+    ] {
+        let start = Instant::now();
+        let runs = run(2, 10_000, move |g| common::swapped_same_name(g, case, true));
+        common::check_swapped_same_name(&runs, case);
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{case:?}: {:?}",
+            start.elapsed()
+        );
+    }
+}
+
 /// Many layers of the same shape, one called twice per step, several steps
 /// forward and backward, same order on every rank: the ranks match one rank
 /// on the whole batch.
