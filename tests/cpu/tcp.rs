@@ -7,8 +7,8 @@ use crate::common;
 use candle::{DType, Device, Tensor};
 use candle_syncbn::group::TcpOptions;
 use candle_syncbn::ProcessGroup;
-use common::{loopback_rendezvous, port_file};
-use std::io::{Read, Write};
+use common::{loopback_rendezvous, port_file, raw_frame, raw_header, raw_rank};
+use std::io::Write;
 use std::net::TcpStream;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -318,62 +318,6 @@ fn a_stack_of_same_shaped_layers_matches_one_rank() {
             composite,
         );
     }
-}
-
-/// A frame header of the wire protocol (see `src/group/store.rs`): magic,
-/// kind, op, dtype, flags, root, tag, sequence number, count, payload length.
-#[allow(clippy::too_many_arguments)]
-fn raw_header(kind: u8, op: u8, dtype: u8, flags: u8, root: u32, count: u64, len: u64) -> [u8; 40] {
-    let mut h = [0u8; 40];
-    h[0..4].copy_from_slice(b"SBN1");
-    h[4] = kind;
-    h[5] = op;
-    h[6] = dtype;
-    h[7] = flags;
-    h[8..12].copy_from_slice(&root.to_le_bytes());
-    h[24..32].copy_from_slice(&count.to_le_bytes());
-    h[32..40].copy_from_slice(&len.to_le_bytes());
-    h
-}
-
-/// Reads one frame (its header, and a payload of at most 64 KiB) within 5 s.
-fn raw_frame(s: &mut TcpStream) -> std::io::Result<([u8; 40], Vec<u8>)> {
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    let mut h = [0u8; 40];
-    s.read_exact(&mut h)?;
-    let len = u64::from_le_bytes(h[32..40].try_into().unwrap()).min(1 << 16);
-    let mut p = vec![0u8; len as usize];
-    s.read_exact(&mut p)?;
-    Ok((h, p))
-}
-
-/// A rank `rank` of `world` written by hand: it completes the handshake with
-/// rank 0 at `port` by proving it knows `token` (an HMAC-SHA-256 over the
-/// transcript, as `src/group/handshake.rs` defines it), then waits for the
-/// welcome. Returns the authenticated connection.
-fn raw_rank(port: u16, rank: u32, world: u64, token: &str) -> TcpStream {
-    use hmac::{Hmac, Mac};
-    const VERSION: u8 = 2;
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    let nonce = [0x5a; 32];
-    s.write_all(&raw_header(1, 0, 0, VERSION, rank, world, 32))
-        .unwrap();
-    s.write_all(&nonce).unwrap();
-    let (h, challenge) = raw_frame(&mut s).unwrap();
-    assert_eq!((h[4], challenge.len()), (6, 64), "a challenge");
-    let mut mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(token.as_bytes()).unwrap();
-    mac.update(b"candle-syncbn rendezvous proof\0");
-    mac.update(&[2, VERSION]); // the joining rank proves
-    mac.update(&world.to_le_bytes());
-    mac.update(&rank.to_le_bytes());
-    mac.update(&nonce);
-    mac.update(&challenge[..32]);
-    s.write_all(&raw_header(7, 0, 0, VERSION, 0, 0, 32))
-        .unwrap();
-    s.write_all(&mac.finalize().into_bytes()).unwrap();
-    let (h, _) = raw_frame(&mut s).unwrap();
-    assert_eq!(h[4], 2, "a welcome");
-    s
 }
 
 /// An authenticated rank that declares a 2 GiB all-reduce while rank 0 is in
