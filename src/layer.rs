@@ -43,13 +43,16 @@ struct RunningStats {
 /// `bias` (with `affine`), `running_mean`, `running_var`, `num_batches_tracked`
 /// (i64 scalar; with `track_running_stats`).
 ///
-/// Each all-reduce carries a [`CallTag`] made of the
-/// layer's name (the prefix) and its call counter, which the TCP and
-/// in-process groups (and NCCL with its debug checks) compare across ranks:
-/// ranks that call two layers of the same shape in a different order get an
-/// error naming both, not mixed statistics. Give every layer its own prefix
-/// (`vb.pp("bn1")`) for that check; clones share the counter (they are the
-/// same layer).
+/// Each all-reduce carries a [`CallTag`] made of the layer's identity and
+/// its call counter, which the TCP and in-process groups (and NCCL with its
+/// debug checks) compare across ranks: ranks that call two layers of the
+/// same shape in a different order get an error naming both, not mixed
+/// statistics. The identity is the layer's name (its prefix) and its
+/// construction index among the layers of that name built on the same
+/// group handle, so layers with equal names (a teacher's and a student's
+/// `bn`, empty prefixes, converted layers) are told apart too, provided
+/// every rank builds its layers in the same order. Clones are the same
+/// layer (same identity, shared counter).
 #[derive(Debug, Clone)]
 pub struct SyncBatchNorm {
     name: String,
@@ -123,7 +126,7 @@ impl SyncBatchNorm {
             None
         };
         Ok(Self {
-            id: LayerId::register(&name),
+            id: group.register_layer(&name),
             calls: Arc::new(AtomicU64::new(0)),
             name,
             num_features,
@@ -206,7 +209,7 @@ impl SyncBatchNorm {
             None => None,
         };
         Ok(Self {
-            id: LayerId::register(&name),
+            id: group.register_layer(&name),
             calls: Arc::new(AtomicU64::new(0)),
             name,
             num_features,
@@ -241,12 +244,13 @@ impl SyncBatchNorm {
     /// The layer renamed `name` (for messages and for the call tags that
     /// the groups compare across ranks): give layers made by
     /// [`SyncBatchNorm::from_batch_norm`], which are named after their
-    /// channel count only, their model path, so that ranks calling two of
-    /// them in a different order get an error instead of mixed statistics.
-    /// Every rank must give the layer the same name.
+    /// channel count only, their model path, so that errors name them.
+    /// Ranks tell layers of one name apart by the order they were built or
+    /// renamed in (see [`CallTag`]), so every rank must rename the same
+    /// layers to the same names in the same order.
     pub fn with_name(mut self, name: impl Into<String>) -> Self {
         self.name = name.into();
-        self.id = LayerId::register(&self.name);
+        self.id = self.group.register_layer(&self.name);
         self
     }
 

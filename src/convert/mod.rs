@@ -208,8 +208,10 @@ impl SyncBatchNorm {
     ///
     /// The layer is named after its channel count (a `candle_nn::BatchNorm`
     /// knows no path): rename it with [`SyncBatchNorm::with_name`] so that
-    /// the groups' agreement check tells it from other converted layers of
-    /// the same channel count (see [`CallTag`](crate::group::CallTag)).
+    /// errors name it. The groups' agreement check tells converted layers of
+    /// the same channel count apart by the order they were converted in (see
+    /// [`CallTag`](crate::group::CallTag)), which must be the same on every
+    /// rank.
     ///
     /// Errors if `bn` was built with `remove_mean: false`, or if its tensors
     /// are inconsistent (shapes, dtypes).

@@ -35,7 +35,7 @@ pub(crate) use single::SingleBackend;
 pub use store::StoreOptions;
 pub(crate) use subgroup::SubgroupBackend;
 pub use tag::CallTag;
-pub(crate) use tag::{LayerId, Part};
+pub(crate) use tag::{LayerId, LayerNames, Part};
 pub(crate) use tcp::TcpBackend;
 pub use tcp::TcpOptions;
 pub(crate) use threads::ThreadsBackend;
@@ -138,6 +138,9 @@ pub struct ProcessGroup {
     subgroup: Option<Arc<SubgroupBackend>>,
     /// The tag of this handle's all-reduces (see [`ProcessGroup::with_tag`]).
     tag: CallTag,
+    /// The layers built on this handle and its clones, for their identities
+    /// in call tags.
+    layers: Arc<LayerNames>,
 }
 
 impl ProcessGroup {
@@ -211,14 +214,18 @@ impl ProcessGroup {
             backend,
             subgroup: None,
             tag: CallTag::UNTAGGED,
+            layers: Default::default(),
         }
     }
 
-    fn from_subgroup(subgroup: Arc<SubgroupBackend>) -> Self {
+    /// A handle on a masked subgroup of `root`: its layers are counted with
+    /// the root's, since their collectives are the root's.
+    fn from_subgroup(subgroup: Arc<SubgroupBackend>, root: &ProcessGroup) -> Self {
         Self {
             backend: subgroup.clone(),
             subgroup: Some(subgroup),
             tag: CallTag::UNTAGGED,
+            layers: root.layers.clone(),
         }
     }
 
@@ -228,6 +235,13 @@ impl ProcessGroup {
             tag,
             ..self.clone()
         }
+    }
+
+    /// The identity in call tags of a new layer named `name` built on this
+    /// handle: the name and how many layers of that name were built on this
+    /// handle and its clones before (see [`CallTag`]).
+    pub(crate) fn register_layer(&self, name: &str) -> LayerId {
+        self.layers.register(name)
     }
 
     /// The tag of this handle's all-reduces ([`CallTag::UNTAGGED`] unless

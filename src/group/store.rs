@@ -24,7 +24,10 @@
 //! group's `max_message_bytes`). A data header carries the call's sequence
 //! number, operation, dtype, element count, root and [`CallTag`] (which layer's
 //! call it is), so that ranks which do not make the same call get an error that
-//! says so, never wrong numbers or a hang.
+//! says so, never wrong numbers or a hang. Rank 0 compares each rank's header
+//! with its own call before it reads a byte of that rank's payload: a rank
+//! that declares another call (a 2 GiB payload against a barrier) is reported
+//! at once, and its payload is never read.
 //! Every read and write has a deadline. After any failure the star is poisoned:
 //! rank 0 tells every rank it can still reach what went wrong, and later calls
 //! fail at once with the same message.
@@ -637,6 +640,27 @@ impl Drop for Star {
     }
 }
 
+/// Rank 0's check of rank `r`'s data header `h` against its own call `own`
+/// (sequence number, operation, dtype, count, root, flags and tag), made
+/// before any of the payload is read: an error that names both calls when
+/// they differ.
+fn check_peer_header(own: &Header, r: usize, h: &Header) -> std::result::Result<(), String> {
+    if h.kind != Kind::Data {
+        return Err(format!(
+            "rank {r} sent an unexpected {:?} frame in collective #{}",
+            h.kind, own.seq
+        ));
+    }
+    if (h.seq, h.call(), h.tag) == (own.seq, own.call(), own.tag) {
+        return Ok(());
+    }
+    Err(format!(
+        "ranks disagree on the collective (a different layer, shape or dtype, e.g. a different channel count, or a different order of calls): rank 0: {}; rank {r}: {}",
+        own.describe(),
+        h.describe()
+    ))
+}
+
 fn root_exchange(
     peers: &mut [Option<TcpStream>],
     options: &StoreOptions,
@@ -646,7 +670,6 @@ fn root_exchange(
 ) -> std::result::Result<Vec<u8>, String> {
     let deadline = Instant::now() + options.timeout;
     let own = Header::data(seq, &call, tag, payload.len() as u64);
-    let mut headers = vec![own];
     let mut payloads = vec![payload.to_vec()];
     for (i, slot) in peers.iter_mut().enumerate() {
         let r = i + 1;
@@ -657,14 +680,11 @@ fn root_exchange(
         let mut hb = [0u8; HEADER_LEN];
         read_full(s, &mut hb, deadline).map_err(|e| io_error(r, &doing, &e, options.timeout))?;
         let h = Header::decode(&hb).map_err(|e| format!("rank {r}: {e}"))?;
-        if h.kind != Kind::Data {
-            return Err(format!(
-                "rank {r} sent an unexpected {:?} frame in collective #{seq}",
-                h.kind
-            ));
-        }
-        let expected = h.call().map(|c| c.payload_len(r));
-        if expected != Some(h.len) {
+        // Before reading a byte of the payload: a rank that makes another
+        // call (a 2 GiB all-reduce against a barrier, say) is reported at
+        // once, and its payload is never read.
+        check_peer_header(&own, r, &h)?;
+        if h.len != call.payload_len(r) {
             return Err(format!(
                 "rank {r} sent a malformed frame in collective #{seq}: {} with a payload of {} bytes",
                 h.describe(),
@@ -679,22 +699,7 @@ fn root_exchange(
         }
         let mut p = vec![0u8; h.len as usize];
         read_full(s, &mut p, deadline).map_err(|e| io_error(r, &doing, &e, options.timeout))?;
-        headers.push(h);
         payloads.push(p);
-    }
-    if headers
-        .iter()
-        .any(|h| (h.seq, h.call(), h.tag()) != (seq, Some(call), tag))
-    {
-        let calls: Vec<String> = headers
-            .iter()
-            .enumerate()
-            .map(|(r, h)| format!("rank {r}: {}", h.describe()))
-            .collect();
-        return Err(format!(
-            "ranks disagree on the collective (a different layer, shape or dtype, e.g. a different channel count, or a different order of calls): {}",
-            calls.join("; ")
-        ));
     }
     let reply = reduce(&payloads)?;
     if reply.len() as u64 != call.reply_len() {
@@ -1550,7 +1555,7 @@ mod star_tests {
     /// tags): equal tags pass, a different tag on one rank fails on all.
     #[test]
     fn meta_only_check_compares_tags() {
-        let layer = crate::group::LayerId::register("star-test.bn");
+        let layer = crate::group::LayerNames::default().register("star-test.bn");
         let tag = move |index| CallTag::forward(layer, crate::group::Part::Statistics, index);
         let out = run(3, move |mut star| {
             let call = Call {

@@ -305,7 +305,7 @@ pub(super) fn split(
         slots: partition.paths.len(),
         name,
     });
-    Ok(ProcessGroup::from_subgroup(backend))
+    Ok(ProcessGroup::from_subgroup(backend, root))
 }
 
 #[cfg(test)]

@@ -4,24 +4,28 @@
 //! apart: ranks that call them in a different order would sum one layer's
 //! statistics with the other's and get wrong numbers, not an error. So every
 //! collective a [`SyncBatchNorm`](crate::SyncBatchNorm) issues carries a
-//! [`CallTag`] made of a hash of the layer's name, the collective's place in
-//! the layer's call (forward statistics, backward gradient sums, …) and the
+//! [`CallTag`] made of the layer's identity, the collective's place in the
+//! layer's call (forward statistics, backward gradient sums, …) and the
 //! layer's own call counter. The crate's backends compare the tags of all
 //! ranks beside the shape and dtype: the TCP and in-process groups on every
 //! call, the NCCL group with its debug checks.
 //!
-//! The layer's name is its `VarBuilder` prefix. Layers without a distinct
-//! one cannot be told apart (see [`CallTag`]).
+//! A layer's identity is a hash of its name (its `VarBuilder` prefix) and of
+//! its construction index among the layers of that name built on the same
+//! group handle ([`LayerNames`]): names alone do not tell apart the `bn` of a
+//! teacher and of a student in one process, layers built from an empty
+//! prefix, or converted layers of the same width. Ranks that run the same
+//! program build the same layers in the same order, so they give every layer
+//! the same identity.
 //!
-//! Names are registered when a layer is built, so that an error can name the
-//! layer another rank called: ranks that run the same model build the same
-//! layers.
+//! Identities are registered when a layer is built, so that an error can name
+//! the layer another rank called.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Mutex, OnceLock};
 
-/// Bits of a tag that hold the layer's name hash (the high 24).
+/// Bits of a tag that hold the layer's identity (the high 24).
 const LAYER_SHIFT: u32 = 8;
 /// The backward bit.
 const BACKWARD: u32 = 1 << 7;
@@ -29,10 +33,13 @@ const PART_SHIFT: u32 = 5;
 const PART_MASK: u32 = 0b11;
 /// The layer's call counter is kept modulo this.
 const INDEX_MODULUS: u32 = 1 << PART_SHIFT;
-/// At most this many distinct name hashes are remembered for messages.
+/// At most this many distinct identities are remembered for messages.
 const MAX_NAMES: usize = 1 << 14;
-/// At most this many names are remembered per (colliding) hash.
+/// At most this many layers are remembered per (colliding) identity.
 const MAX_NAMES_PER_HASH: usize = 4;
+/// Separates a name from its construction index in the identity's hash: a
+/// byte that no UTF-8 name contains.
+const INDEX_SEPARATOR: u8 = 0xff;
 
 /// Which collective of which layer a call is, for the agreement check of the
 /// collective: ranks whose tags differ made different calls, even when the
@@ -46,15 +53,20 @@ const MAX_NAMES_PER_HASH: usize = 4;
 /// describe a peer's value with [`CallTag::from_value`] and `Display`
 /// ("SyncBatchNorm 'layer1.bn2': forward statistics, call 3 mod 32").
 ///
-/// A tag is 32 bits: a 24-bit hash of the layer's name (its `VarBuilder`
-/// prefix), the collective's place in the layer's call, and the layer's
-/// call counter modulo 32. Two different names share a hash with a
-/// probability of about 2⁻²⁴ per pair. Layers without a distinct name
-/// cannot be told apart: those built with an empty prefix are all
-/// "(root)", and those made by
+/// A tag is 32 bits: a 24-bit identity of the layer, the collective's place
+/// in the layer's call, and the layer's call counter modulo 32. The identity
+/// hashes the layer's name (its `VarBuilder` prefix, "(root)" for an empty
+/// one, the name given with
+/// [`SyncBatchNorm::with_name`](crate::SyncBatchNorm::with_name)) and its
+/// construction index among the layers of that name built on the same group
+/// handle (and its clones): the second layer named `bn` is "SyncBatchNorm
+/// 'bn' (2nd of that name)". So layers with equal names (two models in one
+/// process, empty prefixes, layers made by
 /// [`SyncBatchNorm::from_batch_norm`](crate::SyncBatchNorm::from_batch_norm)
-/// are named after their channel count until renamed with
-/// [`SyncBatchNorm::with_name`](crate::SyncBatchNorm::with_name).
+/// of the same width) are told apart as long as every rank builds them in
+/// the same order, as ranks running one program do; a clone of a layer is
+/// the same layer. Two different layers share an identity with a
+/// probability of about 2⁻²⁴ per pair.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct CallTag(u32);
 
@@ -69,24 +81,28 @@ pub(crate) enum Part {
     Variance = 2,
 }
 
-/// A layer's identity in tags: the hash of its name (registered for messages).
+/// A layer's identity in tags: a hash of its name and of its construction
+/// index among the layers of that name on its group (registered for messages).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct LayerId(u32);
 
 impl LayerId {
-    /// The identity of the layer named `name`, remembered (within bounds) so
-    /// that messages can name it.
-    pub fn register(name: &str) -> Self {
-        let id = LayerId(name_hash(name));
+    /// The identity of the `index`-th layer (from 0) named `name`,
+    /// remembered (within bounds) so that messages can name it.
+    fn register(name: &str, index: u64) -> Self {
+        let id = LayerId(identity_hash(name, index));
         let mut names = registry().lock().unwrap_or_else(|e| e.into_inner());
         let full = names.len() >= MAX_NAMES;
         match names.get_mut(&id.0) {
-            Some(list) if list.len() < MAX_NAMES_PER_HASH && !list.iter().any(|n| n == name) => {
-                list.push(name.to_string());
+            Some(list)
+                if list.len() < MAX_NAMES_PER_HASH
+                    && !list.iter().any(|(n, i)| n == name && *i == index) =>
+            {
+                list.push((name.to_string(), index));
             }
             Some(_) => {}
             None if !full => {
-                names.insert(id.0, vec![name.to_string()]);
+                names.insert(id.0, vec![(name.to_string(), index)]);
             }
             None => {}
         }
@@ -94,17 +110,72 @@ impl LayerId {
     }
 }
 
-fn registry() -> &'static Mutex<HashMap<u32, Vec<String>>> {
-    static NAMES: OnceLock<Mutex<HashMap<u32, Vec<String>>>> = OnceLock::new();
+/// The layers built on one group handle (shared by its clones): how many of
+/// each name, so that the n-th layer of a name gets the same identity on
+/// every rank that builds the same layers in the same order.
+#[derive(Debug, Default)]
+pub(crate) struct LayerNames {
+    /// Layers built so far, by the 64-bit hash of their name.
+    counts: Mutex<HashMap<u64, u64>>,
+}
+
+impl LayerNames {
+    /// The identity of a new layer named `name` (counts it).
+    pub fn register(&self, name: &str) -> LayerId {
+        let index = {
+            let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+            let n = counts.entry(fnv1a64(name.as_bytes())).or_insert(0);
+            let index = *n;
+            *n += 1;
+            index
+        };
+        LayerId::register(name, index)
+    }
+}
+
+/// The names (and construction indices) registered for messages, by identity.
+type Registry = HashMap<u32, Vec<(String, u64)>>;
+
+fn registry() -> &'static Mutex<Registry> {
+    static NAMES: OnceLock<Mutex<Registry>> = OnceLock::new();
     NAMES.get_or_init(|| Mutex::new(HashMap::new()))
 }
 
 /// A 24-bit hash of `name` (FNV-1a, the same in every process and build),
-/// never 0 (0 marks untagged calls).
+/// never 0 (0 marks untagged calls): the identity of the first layer of
+/// that name.
 fn name_hash(name: &str) -> u32 {
-    let h = fnv1a64(name.as_bytes());
-    let folded = ((h ^ (h >> 24) ^ (h >> 48)) & 0x00ff_ffff) as u32;
-    folded.max(1)
+    fold(fnv1a64(name.as_bytes()))
+}
+
+/// The identity of the `index`-th layer named `name`: [`name_hash`] for the
+/// first, else the hash of the name, a separator and the index.
+fn identity_hash(name: &str, index: u64) -> u32 {
+    if index == 0 {
+        return name_hash(name);
+    }
+    let mut bytes = Vec::with_capacity(name.len() + 9);
+    bytes.extend_from_slice(name.as_bytes());
+    bytes.push(INDEX_SEPARATOR);
+    bytes.extend_from_slice(&index.to_le_bytes());
+    fold(fnv1a64(&bytes))
+}
+
+/// A 64-bit hash folded to 24 bits, never 0.
+fn fold(h: u64) -> u32 {
+    (((h ^ (h >> 24) ^ (h >> 48)) & 0x00ff_ffff) as u32).max(1)
+}
+
+/// "1st", "2nd", "3rd", "4th", …, "11th", "21st", …
+fn ordinal(n: u64) -> String {
+    let suffix = match (n % 10, n % 100) {
+        (_, 11..=13) => "th",
+        (1, _) => "st",
+        (2, _) => "nd",
+        (3, _) => "rd",
+        _ => "th",
+    };
+    format!("{n}{suffix}")
 }
 
 /// The 64-bit FNV-1a hash of `bytes`.
@@ -150,8 +221,9 @@ impl CallTag {
 }
 
 impl fmt::Display for CallTag {
-    /// Describes the call: the layer's name when a layer of that name was
-    /// built in this process, else the name's hash.
+    /// Describes the call: the layer's name (and, from the second layer of
+    /// a name on a group, its construction index) when such a layer was
+    /// built in this process, else the identity's hash.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if *self == Self::UNTAGGED {
             return write!(f, "untagged");
@@ -161,10 +233,13 @@ impl fmt::Display for CallTag {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(&layer)
-            .map(|names| {
-                names
+            .map(|layers| {
+                layers
                     .iter()
-                    .map(|n| format!("'{n}'"))
+                    .map(|(name, index)| match index {
+                        0 => format!("'{name}'"),
+                        i => format!("'{name}' ({} of that name)", ordinal(i + 1)),
+                    })
                     .collect::<Vec<_>>()
                     .join(" or ")
             });
@@ -193,12 +268,17 @@ impl fmt::Display for CallTag {
 mod tests {
     use super::*;
 
+    /// The identity of the first layer named `name` (on a fresh group).
+    fn first(name: &str) -> LayerId {
+        LayerNames::default().register(name)
+    }
+
     #[test]
     fn tags_tell_layers_parts_directions_and_calls_apart() {
-        let a = LayerId::register("tag-test.a");
-        let b = LayerId::register("tag-test.b");
+        let a = first("tag-test.a");
+        let b = first("tag-test.b");
         assert_ne!(a, b);
-        assert_eq!(a, LayerId::register("tag-test.a"));
+        assert_eq!(a, first("tag-test.a"));
         let fa = CallTag::forward(a, Part::Statistics, 3);
         let tags = [
             fa,
@@ -221,9 +301,31 @@ mod tests {
         assert_eq!(CallTag::from_value(fa.value()), fa);
     }
 
+    /// Layers of one name on one group get distinct identities, in the
+    /// order they are built; another group (another rank's handle) that
+    /// builds the same layers gives them the same identities.
+    #[test]
+    fn layers_of_one_name_are_told_apart_by_construction_order() {
+        let (rank0, rank1) = (LayerNames::default(), LayerNames::default());
+        let ids0: Vec<LayerId> = (0..4).map(|_| rank0.register("tag-test.bn")).collect();
+        let other0 = rank0.register("tag-test.other");
+        let ids1: Vec<LayerId> = (0..4).map(|_| rank1.register("tag-test.bn")).collect();
+        assert_eq!(ids0, ids1);
+        assert_eq!(other0, rank1.register("tag-test.other"));
+        for (i, x) in ids0.iter().enumerate() {
+            assert_ne!(*x, other0);
+            for y in &ids0[i + 1..] {
+                assert_ne!(x, y);
+            }
+        }
+        // The first of a name keeps the name's hash.
+        assert_eq!(ids0[0].0, name_hash("tag-test.bn"));
+        assert_eq!(ids0[1].0, identity_hash("tag-test.bn", 1));
+    }
+
     #[test]
     fn tags_describe_themselves() {
-        let a = LayerId::register("tag-test.layer1.bn2");
+        let a = first("tag-test.layer1.bn2");
         assert_eq!(
             CallTag::forward(a, Part::Statistics, 3).to_string(),
             "SyncBatchNorm 'tag-test.layer1.bn2': forward statistics, call 3 mod 32"
@@ -250,6 +352,34 @@ mod tests {
                 name_hash("tag-test.never-built")
             )
         );
+        // Later layers of a name: their place among the layers of that name.
+        let names = LayerNames::default();
+        let described: Vec<String> = (0..3)
+            .map(|_| CallTag::forward(names.register("tag-test.twin"), Part::Statistics, 0))
+            .map(|t| t.to_string())
+            .collect();
+        assert_eq!(
+            described,
+            [
+                "SyncBatchNorm 'tag-test.twin': forward statistics, call 0 mod 32",
+                "SyncBatchNorm 'tag-test.twin' (2nd of that name): forward statistics, call 0 mod 32",
+                "SyncBatchNorm 'tag-test.twin' (3rd of that name): forward statistics, call 0 mod 32",
+            ]
+        );
+    }
+
+    #[test]
+    fn ordinals() {
+        let got: Vec<String> = [1, 2, 3, 4, 11, 12, 13, 21, 22, 23, 101, 111, 112]
+            .map(ordinal)
+            .to_vec();
+        assert_eq!(
+            got,
+            [
+                "1st", "2nd", "3rd", "4th", "11th", "12th", "13th", "21st", "22nd", "23rd",
+                "101st", "111th", "112th"
+            ]
+        );
     }
 
     #[test]
@@ -265,5 +395,9 @@ mod tests {
             ((h ^ (h >> 24) ^ (h >> 48)) & 0xff_ffff) as u32
         );
         assert!(name_hash("bn1") > 0 && name_hash("bn1") < (1 << 24));
+        let mut bytes = b"a".to_vec();
+        bytes.push(0xff);
+        bytes.extend_from_slice(&2u64.to_le_bytes());
+        assert_eq!(identity_hash("a", 2), fold(fnv1a64(&bytes)));
     }
 }

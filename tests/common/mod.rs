@@ -6,9 +6,11 @@ use candle::{DType, Device, Tensor, Var};
 use candle_nn::{ModuleT, VarBuilder, VarMap};
 use candle_syncbn::launch::Rendezvous;
 use candle_syncbn::{ProcessGroup, SyncBatchNorm, SyncBatchNormConfig};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// The name libtest gives test `name` of the module whose `module_path!()` is
 /// `module`: its path without the crate (the test binary), as `--exact` wants
@@ -687,7 +689,6 @@ pub fn swapped_layers_on(
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
     let cfg = SyncBatchNormConfig::default();
-    let rank = group.rank();
     let layer = |name: &str| {
         if converted {
             let bn = candle_nn::batch_norm(3, candle_nn::BatchNormConfig::default(), vb.pp(name));
@@ -699,6 +700,66 @@ pub fn swapped_layers_on(
         }
     };
     let (a, b) = (layer("a"), layer("b"));
+    run_swapped(device, group.rank(), [&a, &b], composite, true)
+}
+
+/// How two layers get equal names (issue 29 item 5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SameName {
+    /// Two models in one process (a teacher and a student), each with a
+    /// layer `bn`.
+    TwoModels,
+    /// Two layers built from `VarBuilder`s with an empty prefix.
+    EmptyPrefix,
+    /// Two `candle_nn::BatchNorm`s of the same width converted by
+    /// `from_batch_norm` (not renamed).
+    Converted,
+}
+
+impl SameName {
+    /// The name both layers get.
+    pub fn name(self) -> &'static str {
+        match self {
+            SameName::TwoModels => "bn",
+            SameName::EmptyPrefix => "(root)",
+            SameName::Converted => "converted candle_nn::BatchNorm(3)",
+        }
+    }
+}
+
+/// [`swapped_layers`] with two layers of 3 channels that have the same name
+/// (built as `case` says, in the same order on every rank): the first
+/// built takes inputs of mean 1.5, the second of mean −20; rank 0 calls the
+/// first then the second, every other rank the second then the first (the
+/// same order as rank 0 unless `swap`).
+pub fn swapped_same_name(group: ProcessGroup, case: SameName, swap: bool) -> SwappedRun {
+    let device = Device::Cpu;
+    let cfg = SyncBatchNormConfig::default();
+    let (teacher, student) = (VarMap::new(), VarMap::new());
+    let vb = |map: &VarMap| VarBuilder::from_varmap(map, DType::F32, &device);
+    let layer = |map: &VarMap| match case {
+        SameName::TwoModels => SyncBatchNorm::new(3, cfg, vb(map).pp("bn"), group.clone()),
+        SameName::EmptyPrefix => SyncBatchNorm::new(3, cfg, vb(map), group.clone()),
+        SameName::Converted => {
+            let bn = candle_nn::batch_norm(3, candle_nn::BatchNormConfig::default(), vb(map))?;
+            SyncBatchNorm::from_batch_norm(&bn, group.clone())
+        }
+    };
+    let (a, b) = (layer(&teacher).unwrap(), layer(&student).unwrap());
+    assert_eq!((a.name(), b.name()), (case.name(), case.name()));
+    run_swapped(&device, group.rank(), [&a, &b], false, swap)
+}
+
+/// One training forward through each of `layers` (inputs of mean 1.5 and
+/// −20), in that order on rank 0 and, when `swap`, in the other order on
+/// every other rank; the first error and the running means afterwards.
+fn run_swapped(
+    device: &Device,
+    rank: usize,
+    [a, b]: [&SyncBatchNorm; 2],
+    composite: bool,
+    swap: bool,
+) -> SwappedRun {
     let mut rng = Rng::new(40 + rank as u64);
     let mut input = |mean| {
         tensor(&rng.normals(4 * 3 * 2, mean, 1.0), &[4, 3, 2], DType::F32)
@@ -706,10 +767,10 @@ pub fn swapped_layers_on(
             .unwrap()
     };
     let (xa, xb) = (input(1.5), input(-20.0));
-    let order = if rank == 0 {
-        [(&a, &xa), (&b, &xb)]
+    let order = if rank == 0 || !swap {
+        [(a, &xa), (b, &xb)]
     } else {
-        [(&b, &xb), (&a, &xa)]
+        [(b, &xb), (a, &xa)]
     };
     let error = order.iter().find_map(|(layer, x)| {
         let y = if composite {
@@ -722,8 +783,24 @@ pub fn swapped_layers_on(
     let mean = |l: &SyncBatchNorm| values(&l.running_mean().unwrap());
     SwappedRun {
         error,
-        running_means: [mean(&a), mean(&b)],
+        running_means: [mean(a), mean(b)],
     }
+}
+
+/// Checks what every rank got from [`swapped_same_name`]: an error at the
+/// first call that says the ranks disagree and names the first and the
+/// second layer of that name, and running statistics that no mixed numbers
+/// reached (still their initial zeros).
+pub fn check_swapped_same_name(runs: &[SwappedRun], case: SameName) {
+    let name = case.name();
+    check_swapped_with(
+        runs,
+        &[
+            format!("SyncBatchNorm '{name}': forward statistics, call 0"),
+            format!("SyncBatchNorm '{name}' (2nd of that name): forward statistics, call 0"),
+        ],
+        &format!("{case:?}"),
+    );
 }
 
 /// Checks what every rank got from [`swapped_layers`]: an error that says
@@ -735,20 +812,28 @@ pub fn check_swapped(runs: &[SwappedRun], composite: bool) {
     } else {
         "forward statistics"
     };
+    let calls = ["'a'", "'b'"].map(|name| format!("SyncBatchNorm {name}: {part}, call 0"));
+    check_swapped_with(runs, &calls, "swapped layers");
+}
+
+/// Checks that every rank got an error that says the ranks disagree and
+/// names each of `calls`, and that the running means did not move.
+fn check_swapped_with(runs: &[SwappedRun], calls: &[String], what: &str) {
     for (r, run) in runs.iter().enumerate() {
         let e = run
             .error
             .as_deref()
-            .unwrap_or_else(|| panic!("rank {r}: swapped layers were not detected: {run:?}"));
+            .unwrap_or_else(|| panic!("rank {r}: {what} were not detected: {run:?}"));
         assert!(e.contains("disagree"), "rank {r}: {e}");
-        for name in ["'a'", "'b'"] {
-            assert!(
-                e.contains(&format!("SyncBatchNorm {name}: {part}, call 0")),
-                "rank {r}: {e}"
-            );
+        for call in calls {
+            assert!(e.contains(call.as_str()), "rank {r}: {call}: {e}");
         }
         for means in &run.running_means {
-            assert_eq!(means, &vec![0.0; 3], "rank {r}: running means moved");
+            assert_eq!(
+                means,
+                &vec![0.0; 3],
+                "rank {r}: {what}: running means moved"
+            );
         }
     }
 }
@@ -865,4 +950,70 @@ pub fn loopback_rendezvous(rank: usize, world: usize, port_file: &Path, token: &
         .unwrap()
         .with_port_file(port_file)
         .with_token(token)
+}
+
+/// A frame header of the wire protocol (see `src/group/store.rs`): magic,
+/// kind, op, dtype, flags, root, tag, sequence number, count, payload length.
+#[allow(clippy::too_many_arguments)]
+pub fn raw_header(
+    kind: u8,
+    op: u8,
+    dtype: u8,
+    flags: u8,
+    root: u32,
+    count: u64,
+    len: u64,
+) -> [u8; 40] {
+    let mut h = [0u8; 40];
+    h[0..4].copy_from_slice(b"SBN1");
+    h[4] = kind;
+    h[5] = op;
+    h[6] = dtype;
+    h[7] = flags;
+    h[8..12].copy_from_slice(&root.to_le_bytes());
+    h[24..32].copy_from_slice(&count.to_le_bytes());
+    h[32..40].copy_from_slice(&len.to_le_bytes());
+    h
+}
+
+/// Reads one frame (its header, and a payload of at most 64 KiB) within 5 s.
+pub fn raw_frame(s: &mut TcpStream) -> std::io::Result<([u8; 40], Vec<u8>)> {
+    use std::io::Read;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut h = [0u8; 40];
+    s.read_exact(&mut h)?;
+    let len = u64::from_le_bytes(h[32..40].try_into().unwrap()).min(1 << 16);
+    let mut p = vec![0u8; len as usize];
+    s.read_exact(&mut p)?;
+    Ok((h, p))
+}
+
+/// A rank `rank` of `world` written by hand: it completes the handshake with
+/// rank 0 at `port` by proving it knows `token` (an HMAC-SHA-256 over the
+/// transcript, as `src/group/handshake.rs` defines it), then waits for the
+/// welcome. Returns the authenticated connection.
+pub fn raw_rank(port: u16, rank: u32, world: u64, token: &str) -> TcpStream {
+    use hmac::{Hmac, Mac};
+    const VERSION: u8 = 2;
+    use std::io::Write;
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let nonce = [0x5a; 32];
+    s.write_all(&raw_header(1, 0, 0, VERSION, rank, world, 32))
+        .unwrap();
+    s.write_all(&nonce).unwrap();
+    let (h, challenge) = raw_frame(&mut s).unwrap();
+    assert_eq!((h[4], challenge.len()), (6, 64), "a challenge");
+    let mut mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(token.as_bytes()).unwrap();
+    mac.update(b"candle-syncbn rendezvous proof\0");
+    mac.update(&[2, VERSION]); // the joining rank proves
+    mac.update(&world.to_le_bytes());
+    mac.update(&rank.to_le_bytes());
+    mac.update(&nonce);
+    mac.update(&challenge[..32]);
+    s.write_all(&raw_header(7, 0, 0, VERSION, 0, 0, 32))
+        .unwrap();
+    s.write_all(&mac.finalize().into_bytes()).unwrap();
+    let (h, _) = raw_frame(&mut s).unwrap();
+    assert_eq!(h[4], 2, "a welcome");
+    s
 }

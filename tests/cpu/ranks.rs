@@ -323,24 +323,68 @@ fn in_process_collectives_are_exact_and_ordered() {
     }
 }
 
+/// `f(group)` on each of `world` in-process ranks (threads, 30 s timeout).
+fn on_threads<T: Send + 'static>(
+    world: usize,
+    f: impl Fn(ProcessGroup) -> T + Send + Clone + 'static,
+) -> Vec<T> {
+    let groups = ProcessGroup::threads_with_timeout(world, Duration::from_secs(30)).unwrap();
+    let handles: Vec<_> = groups
+        .into_iter()
+        .map(|g| {
+            let f = f.clone();
+            std::thread::spawn(move || f(g))
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
 /// Two layers of the same shape called in a different order on two ranks:
 /// every rank gets an error naming both layers at once, and no running
 /// statistic takes mixed numbers (issue 23 item 11).
 #[test]
 fn layers_called_in_a_different_order_fail_on_every_rank() {
     for (composite, converted) in [(false, false), (true, false), (false, true)] {
-        let groups = ProcessGroup::threads_with_timeout(2, Duration::from_secs(30)).unwrap();
         let start = std::time::Instant::now();
-        let handles: Vec<_> = groups
-            .into_iter()
-            .map(|g| std::thread::spawn(move || swapped_layers(g, composite, converted)))
-            .collect();
-        let runs: Vec<SwappedRun> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        let runs = on_threads(2, move |g| swapped_layers(g, composite, converted));
         check_swapped(&runs, composite);
         assert!(
             start.elapsed() < Duration::from_secs(10),
             "detected without waiting for the timeout"
         );
+    }
+}
+
+/// Layers with equal names — a teacher's and a student's `bn`, two layers
+/// built from an empty prefix, two converted layers of the same width —
+/// called in a different order on two ranks: every rank gets an error at
+/// the first swapped call naming both, and no running statistic moves
+/// (issue 29 item 5). Called in the same order, they agree.
+#[test]
+fn same_name_layers_called_in_a_different_order_fail_on_every_rank() {
+    for case in [
+        SameName::TwoModels,
+        SameName::EmptyPrefix,
+        SameName::Converted,
+    ] {
+        for swap in [true, false] {
+            let start = std::time::Instant::now();
+            let runs = on_threads(3, move |g| swapped_same_name(g, case, swap));
+            if swap {
+                check_swapped_same_name(&runs, case);
+                assert!(
+                    start.elapsed() < Duration::from_secs(10),
+                    "{case:?}: detected without waiting for the timeout"
+                );
+            } else {
+                for (r, run) in runs.iter().enumerate() {
+                    assert_eq!(run.error, None, "{case:?}, rank {r}");
+                    // Every rank saw the same union of batches.
+                    assert_eq!(run.running_means, runs[0].running_means, "{case:?}");
+                    assert!(run.running_means[1][0] < -1.0, "{case:?}: {run:?}");
+                }
+            }
+        }
     }
 }
 

@@ -7,7 +7,7 @@ use crate::common;
 use candle::{DType, Device, Tensor};
 use candle_syncbn::group::TcpOptions;
 use candle_syncbn::ProcessGroup;
-use common::{loopback_rendezvous, port_file};
+use common::{loopback_rendezvous, port_file, raw_frame, raw_header, raw_rank};
 use std::io::Write;
 use std::net::TcpStream;
 use std::thread::JoinHandle;
@@ -278,6 +278,28 @@ fn layers_called_in_a_different_order_fail_on_every_rank() {
     }
 }
 
+/// Layers with equal names (two models' `bn`, empty prefixes, converted
+/// layers of one width) called in a different order: every rank gets an
+/// error naming both at the first call, well before the timeout (issue 29
+/// item 5).
+#[test]
+fn same_name_layers_called_in_a_different_order_fail_on_every_rank() {
+    for case in [
+        common::SameName::TwoModels,
+        common::SameName::EmptyPrefix,
+        common::SameName::Converted,
+    ] {
+        let start = Instant::now();
+        let runs = run(2, 10_000, move |g| common::swapped_same_name(g, case, true));
+        common::check_swapped_same_name(&runs, case);
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{case:?}: {:?}",
+            start.elapsed()
+        );
+    }
+}
+
 /// Many layers of the same shape, one called twice per step, several steps
 /// forward and backward, same order on every rank: the ranks match one rank
 /// on the whole batch.
@@ -296,4 +318,60 @@ fn a_stack_of_same_shaped_layers_matches_one_rank() {
             composite,
         );
     }
+}
+
+/// An authenticated rank that declares a 2 GiB all-reduce while rank 0 is in
+/// a barrier: rank 0 compares the header with its own call before reading
+/// the payload, so it reports at once that the ranks disagree (naming both
+/// calls) and tells the rank so, instead of reading until the timeout and
+/// blaming the rank for not answering (issue 29 item 6).
+#[test]
+fn a_rank_declaring_another_call_is_refused_before_its_payload() {
+    let pf = port_file("tcp-test");
+    let timeout = Duration::from_secs(15);
+    let rank0 = {
+        let pf = pf.clone();
+        std::thread::spawn(move || {
+            let options = TcpOptions {
+                timeout,
+                rendezvous_timeout: Duration::from_secs(10),
+                ..TcpOptions::default()
+            };
+            let g = ProcessGroup::tcp(&loopback_rendezvous(0, 2, &pf, "tok"), options)?;
+            let start = Instant::now();
+            let e = g.barrier().unwrap_err();
+            Ok::<_, candle::Error>((e.to_string(), start.elapsed()))
+        })
+    };
+    let port: u16 = loop {
+        if let Some(p) = std::fs::read_to_string(&pf)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+        {
+            break p;
+        }
+        assert!(!rank0.is_finished(), "rank 0 failed to start");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let mut s = raw_rank(port, 1, 2, "tok");
+    // Collective #0: an all-reduce of 2^29 f32 (2 GiB, the default limit),
+    // of which only the first 64 KiB ever come.
+    let count = 1u64 << 29;
+    s.write_all(&raw_header(4, 1, 8, 0, 0, count, 4 * count))
+        .unwrap();
+    s.write_all(&[0u8; 1 << 16]).unwrap();
+    let (e, took) = rank0.join().unwrap().unwrap();
+    assert!(e.contains("disagree"), "{e}");
+    assert!(e.contains("rank 0: collective #0: barrier"), "{e}");
+    assert!(
+        e.contains(&format!(
+            "rank 1: collective #0: all_reduce_sum of {count} f32"
+        )),
+        "{e}"
+    );
+    assert!(took < timeout / 3, "{took:?}: {e}");
+    // The rank is told why.
+    let (h, msg) = raw_frame(&mut s).unwrap();
+    assert_eq!(h[4], 5, "an error frame");
+    assert!(String::from_utf8_lossy(&msg).contains("disagree"));
 }
