@@ -98,7 +98,11 @@ fn refusal(nproc: usize, cap: &Capacity) -> Option<String> {
 /// Refuses `nproc` ranks on `device` when this machine cannot run them (see
 /// the module documentation); `max_nproc`, else `SYNCBN_MAX_NPROC`, replaces
 /// the bound.
-pub(crate) fn check_nproc(nproc: usize, device: RankDevice, max_nproc: Option<usize>) -> Result<()> {
+pub(crate) fn check_nproc(
+    nproc: usize,
+    device: RankDevice,
+    max_nproc: Option<usize>,
+) -> Result<()> {
     let max = match max_nproc {
         Some(0) => candle::bail!("launcher: LaunchConfig::max_nproc must be at least 1"),
         Some(m) => Some(m),

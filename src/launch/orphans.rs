@@ -44,7 +44,14 @@ pub(crate) fn die_with_launcher(launcher: libc::pid_t, keep_alive: RawFd) -> io:
     // SAFETY: prctl, getppid and fcntl are system calls without memory effects
     // on this process (async-signal-safe).
     unsafe {
-        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+        if libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGKILL as libc::c_ulong,
+            0,
+            0,
+            0,
+        ) != 0
+        {
             return Err(io::Error::last_os_error());
         }
         // The launcher ended between fork and prctl: this rank was re-parented
@@ -244,8 +251,13 @@ mod tests {
         let janitor = Janitor::start(&dir).unwrap();
         // A second holder, as a rank holds it.
         // SAFETY: dup returns a new descriptor, owned here.
-        let holder =
-            unsafe { OwnedFd::from_raw_fd(libc::fcntl(janitor.keep_alive_fd(), libc::F_DUPFD_CLOEXEC, 3)) };
+        let holder = unsafe {
+            OwnedFd::from_raw_fd(libc::fcntl(
+                janitor.keep_alive_fd(),
+                libc::F_DUPFD_CLOEXEC,
+                3,
+            ))
+        };
         // Only the launcher's copy closes: the janitor must wait for the other.
         let janitor = std::mem::ManuallyDrop::new(janitor);
         let pid = janitor.pid;

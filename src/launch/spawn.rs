@@ -165,7 +165,9 @@ fn pipe_lines<R: Read + Send + 'static>(
     done: mpsc::Sender<()>,
 ) -> std::io::Result<()> {
     let name = format!("launcher-relay-{}", prefix.trim());
-    let thread = std::thread::Builder::new().name(name).stack_size(HELPER_STACK);
+    let thread = std::thread::Builder::new()
+        .name(name)
+        .stack_size(HELPER_STACK);
     thread.spawn(move || {
         let mut reader = BufReader::new(from);
         let mut line = Vec::new();
