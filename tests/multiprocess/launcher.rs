@@ -290,27 +290,16 @@ impl Job {
     }
 }
 
-/// Whether `pid` runs this test executable as a rank (not a recycled pid).
-fn is_our_rank(pid: u32) -> bool {
-    let exe = std::env::current_exe().unwrap();
-    std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|p| p == exe)
-        && std::fs::read(format!("/proc/{pid}/environ"))
-            .is_ok_and(|e| e.windows(9).any(|w| w == b"ROLE=rank"))
-}
-
 impl Drop for Job {
     fn drop(&mut self) {
         let _ = self.launcher.kill();
         let _ = self.launcher.wait();
-        for r in 0..self.nproc {
-            let pid = std::fs::read_to_string(self.dir.join(format!("pid{r}")))
-                .ok()
-                .and_then(|s| s.parse::<u32>().ok());
-            if let Some(pid) = pid.filter(|&p| is_our_rank(p)) {
-                // SAFETY: kill(2) has no memory effects.
-                unsafe {
-                    libc::kill(pid as libc::pid_t, libc::SIGKILL);
-                }
+        // Every process of this job (ranks, and whatever a regression left),
+        // known by the scratch folder in its environment.
+        for pid in live_job_processes(&self.dir) {
+            // SAFETY: kill(2) has no memory effects.
+            unsafe {
+                libc::kill(pid as libc::pid_t, libc::SIGKILL);
             }
         }
     }
@@ -572,17 +561,11 @@ fn unused_uid() -> u32 {
     2_000_000_000 + std::process::id() % 100_000_000
 }
 
-/// Spawning fails part way (EAGAIN under a cap of 6 processes and threads for
-/// the launcher's user): the launcher names the rank and the cause, kills
-/// the ranks it started and exits, leaving no process behind.
-#[test]
-fn failed_spawn_is_reported_and_leaves_no_process() {
-    // SAFETY: geteuid has no memory effects.
-    if unsafe { libc::geteuid() } != 0 {
-        println!("skipped: switching to an unprivileged uid (to cap its processes) needs root");
-        return;
-    }
-    let uid = unused_uid();
+/// Runs the launcher of 8 `sleep` ranks under `uid` with at most `cap`
+/// processes and threads for that uid; returns its exit code and output once
+/// it has exited (within 30 s), after checking that no process of the job is
+/// left.
+fn launch_under_process_cap(uid: u32, cap: libc::rlim_t) -> (Option<i32>, String) {
     let dir = scratch_dir("launcher-cap");
     // The launcher's user must reach the executable (target/ may be private)
     // and write to the scratch folder.
@@ -603,12 +586,12 @@ fn failed_spawn_is_reported_and_leaves_no_process() {
         // SAFETY: setrlimit is async-signal-safe. It runs after the switch
         // to `uid`, which may lower its own limit.
         unsafe {
-            cmd.pre_exec(|| {
-                let cap = libc::rlimit {
-                    rlim_cur: 6,
-                    rlim_max: 6,
+            cmd.pre_exec(move || {
+                let limit = libc::rlimit {
+                    rlim_cur: cap,
+                    rlim_max: cap,
                 };
-                if libc::setrlimit(libc::RLIMIT_NPROC, &cap) != 0 {
+                if libc::setrlimit(libc::RLIMIT_NPROC, &limit) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(())
@@ -616,19 +599,45 @@ fn failed_spawn_is_reported_and_leaves_no_process() {
         }
     });
     let start = job.started;
-    let (code, elapsed) = job.wait(Duration::from_secs(30), start);
+    let (code, _) = job.wait(Duration::from_secs(30), start);
     let out = job.output();
-    assert_eq!(code, Some(99), "{out}");
-    let killed = out.contains("rank(s) already started") || out.contains("rank(s) started");
-    assert!(
-        out.contains("launch: launcher: could not start ")
-            && out.contains("this user may not run more processes or threads: see `ulimit -u`")
-            && killed,
-        "{out}"
-    );
-    assert!(!out.contains("panicked"), "{out}");
     if let Err(alive) = wait_job_gone(&job.dir, Duration::from_secs(2)) {
-        panic!("processes {alive:?} of the job survived the failed launch\n{out}");
+        panic!("cap {cap}: processes {alive:?} of the job survived the failed launch\n{out}");
     }
-    println!("launcher exited {elapsed:?} after it started:\n{out}");
+    (code, out)
+}
+
+/// Spawning fails part way (EAGAIN under caps of 2 to 9 processes and
+/// threads for the launcher's user, so that each of the launcher's starts
+/// fails in turn: the janitor, a rank, a thread relaying a rank's output):
+/// the launcher names what it could not start and the cause, kills the
+/// ranks it started and exits, leaving no process behind.
+#[test]
+fn failed_spawn_is_reported_and_leaves_no_process() {
+    // SAFETY: geteuid has no memory effects.
+    if unsafe { libc::geteuid() } != 0 {
+        println!("skipped: switching to an unprivileged uid (to cap its processes) needs root");
+        return;
+    }
+    let uid = unused_uid();
+    for cap in 2..=9 {
+        let (code, out) = launch_under_process_cap(uid + cap as u32, cap);
+        assert_eq!(code, Some(99), "cap {cap}:\n{out}");
+        let error = out
+            .lines()
+            .find_map(|l| {
+                l.split_once("launch: launcher: could not start ")
+                    .map(|(_, e)| e)
+            })
+            .unwrap_or_else(|| panic!("cap {cap}: no error naming what failed:\n{out}"));
+        assert!(
+            error.contains("this user may not run more processes or threads: see `ulimit -u`"),
+            "cap {cap}: {error}"
+        );
+        if error.starts_with("rank") || error.starts_with("a thread") {
+            assert!(error.contains("rank(s)"), "cap {cap}: {error}");
+        }
+        assert!(!out.contains("panicked"), "cap {cap}:\n{out}");
+        println!("cap {cap}: could not start {error}");
+    }
 }
