@@ -15,7 +15,7 @@ use crate::common;
 use candle::Device;
 use candle_syncbn::launch::{launch, LaunchConfig};
 use candle_syncbn::ProcessGroup;
-use common::scratch_dir;
+use common::{capped, scratch_dir};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -555,48 +555,16 @@ fn sigterm_during_spawning_stops_it() {
     println!("started {started} of {N} ranks; launcher exited {elapsed:?} after it started");
 }
 
-/// A uid that no account uses, for a process cap of its own (RLIMIT_NPROC
-/// counts every process and thread of the real uid).
-fn unused_uid() -> u32 {
-    2_000_000_000 + std::process::id() % 100_000_000
-}
-
 /// Runs the launcher of 8 `sleep` ranks under `uid` with at most `cap`
 /// processes and threads for that uid; returns its exit code and output once
 /// it has exited (within 30 s), after checking that no process of the job is
 /// left.
-fn launch_under_process_cap(uid: u32, cap: libc::rlim_t) -> (Option<i32>, String) {
+fn launch_under_process_cap(uid: u32, cap: u64) -> (Option<i32>, String) {
     let dir = scratch_dir("launcher-cap");
-    // The launcher's user must reach the executable (target/ may be private)
-    // and write to the scratch folder.
-    let exe = dir.join("syncbn-launcher-test");
-    let original = std::env::current_exe().unwrap();
-    if std::fs::hard_link(&original, &exe).is_err() {
-        std::fs::copy(&original, &exe).unwrap();
-    }
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
-        std::os::unix::fs::chown(&*dir, Some(uid), Some(uid)).unwrap();
-    }
+    let exe = capped::reachable_copy(&std::env::current_exe().unwrap(), &dir, uid);
     let tmp = dir.to_path_buf();
     let mut job = Job::start_in(dir, &exe, "sleep", 8, &[], |cmd| {
-        use std::os::unix::process::CommandExt;
-        cmd.uid(uid).gid(uid).env("TMPDIR", &tmp);
-        // SAFETY: setrlimit is async-signal-safe. It runs after the switch
-        // to `uid`, which may lower its own limit.
-        unsafe {
-            cmd.pre_exec(move || {
-                let limit = libc::rlimit {
-                    rlim_cur: cap,
-                    rlim_max: cap,
-                };
-                if libc::setrlimit(libc::RLIMIT_NPROC, &limit) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        capped::run_capped(cmd, uid, cap, &tmp)
     });
     let start = job.started;
     let (code, _) = job.wait(Duration::from_secs(30), start);
@@ -614,14 +582,11 @@ fn launch_under_process_cap(uid: u32, cap: libc::rlim_t) -> (Option<i32>, String
 /// ranks it started and exits, leaving no process behind.
 #[test]
 fn failed_spawn_is_reported_and_leaves_no_process() {
-    // SAFETY: geteuid has no memory effects.
-    if unsafe { libc::geteuid() } != 0 {
-        println!("skipped: switching to an unprivileged uid (to cap its processes) needs root");
+    if !capped::can_switch_user("failed_spawn_is_reported_and_leaves_no_process") {
         return;
     }
-    let uid = unused_uid();
     for cap in 2..=9 {
-        let (code, out) = launch_under_process_cap(uid + cap as u32, cap);
+        let (code, out) = launch_under_process_cap(capped::unused_uid(cap as u32), cap);
         assert_eq!(code, Some(99), "cap {cap}:\n{out}");
         let error = out
             .lines()
