@@ -23,7 +23,7 @@ use anyhow::{bail, Context, Result};
 use candle::{DType, Device, Module, Tensor, D};
 use candle_nn::{Optimizer, VarBuilder, VarMap};
 use candle_syncbn::data_parallel::{average_gradients, broadcast_varmap, save_varmap_atomic};
-use candle_syncbn::launch::{launch_if_requested, Rendezvous};
+use candle_syncbn::launch::{launch_if_requested_with, RankDevice, Rendezvous};
 use candle_syncbn::precise_bn::update_bn_stats;
 use candle_syncbn::{BatchNormLayer, BatchNormRewriter, Outcome, ProcessGroup};
 use clap::Parser;
@@ -494,7 +494,12 @@ fn main() -> Result<()> {
     let args = Args::parse();
     let in_launcher = Rendezvous::from_env()?.is_some();
     if !in_launcher || args.nproc_per_node.is_some() {
-        if let Some(code) = launch_if_requested(Some(2))? {
+        // CUDA ranks: no more than the visible GPUs (refused before any starts).
+        let ranks_on = match args.device.as_str() {
+            "cuda" => RankDevice::Cuda,
+            _ => RankDevice::Cpu,
+        };
+        if let Some(code) = launch_if_requested_with(Some(2), ranks_on)? {
             std::process::exit(code);
         }
     }

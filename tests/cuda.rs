@@ -2153,3 +2153,31 @@ fn frozen_layer_and_precise_statistics_match_cpu() {
     close("precise mean", &gpu.0, &cpu.0, 1e-5, 1e-5);
     close("precise var", &gpu.1, &cpu.1, 1e-5, 1e-5);
 }
+
+/// The launcher's bound on CUDA ranks is the GPUs it sees: one rank more is
+/// refused before any process starts (the program does not exist, so a
+/// spawn would fail with another error); as many pass the check.
+#[test]
+fn launcher_refuses_more_cuda_ranks_than_gpus() {
+    let _device = cuda_or_skip!("launcher_refuses_more_cuda_ranks_than_gpus");
+    #[cfg(feature = "cuda")]
+    {
+        use candle::cuda_backend::cudarc::driver::CudaContext;
+        use candle_syncbn::launch::{launch, LaunchConfig, RankDevice};
+        let n = usize::try_from(CudaContext::device_count().unwrap()).unwrap();
+        let mut cfg = LaunchConfig::new(n + 1, "/nonexistent/syncbn-rank", Vec::new());
+        cfg.device = RankDevice::Cuda;
+        let e = launch(&cfg).unwrap_err().to_string();
+        let expected = format!(
+            "launcher: {} ranks requested (--nproc-per-node), but this process sees {n} CUDA device(s)",
+            n + 1
+        );
+        assert!(
+            e.contains(&expected) && e.contains("SYNCBN_MAX_NPROC"),
+            "{e}"
+        );
+        cfg.nproc = n;
+        let e = launch(&cfg).unwrap_err().to_string();
+        assert!(e.contains("could not start rank 0 of"), "{e}");
+    }
+}

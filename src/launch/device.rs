@@ -44,10 +44,7 @@ pub fn local_cuda_ordinal(
     device_count: usize,
     cuda_visible_devices: Option<&str>,
 ) -> Result<usize> {
-    let visible = match cuda_visible_devices {
-        Some(v) => format!("{CUDA_VISIBLE_DEVICES_VAR}={v:?}"),
-        None => format!("{CUDA_VISIBLE_DEVICES_VAR} unset"),
-    };
+    let visible = describe_visible(cuda_visible_devices);
     if device_count == 0 {
         candle::bail!("no CUDA device is visible to this process ({visible})")
     }
@@ -64,6 +61,35 @@ pub fn local_cuda_ordinal(
         )
     }
     Ok(local_rank)
+}
+
+/// `CUDA_VISIBLE_DEVICES="…"`, or `CUDA_VISIBLE_DEVICES unset`, for messages.
+fn describe_visible(cuda_visible_devices: Option<&str>) -> String {
+    match cuda_visible_devices {
+        Some(v) => format!("{CUDA_VISIBLE_DEVICES_VAR}={v:?}"),
+        None => format!("{CUDA_VISIBLE_DEVICES_VAR} unset"),
+    }
+}
+
+/// The number of CUDA devices this process sees (for the launcher's bound on
+/// the rank count), with what `CUDA_VISIBLE_DEVICES` says, for messages.
+/// An error when the driver cannot count them, or in a build without the
+/// `cuda` feature.
+pub(crate) fn visible_cuda_devices() -> Result<(usize, String)> {
+    let visible = describe_visible(std::env::var(CUDA_VISIBLE_DEVICES_VAR).ok().as_deref());
+    #[cfg(feature = "cuda")]
+    {
+        let count = cudarc::driver::CudaContext::device_count().map_err(|e| {
+            candle::Error::Msg(format!(
+                "launcher: could not count the CUDA devices for the ranks ({visible}): {e}"
+            ))
+        })?;
+        Ok((usize::try_from(count).unwrap_or(0), visible))
+    }
+    #[cfg(not(feature = "cuda"))]
+    candle::bail!(
+        "launcher: CUDA ranks need a build with the `cuda` feature to count the GPUs ({visible}); or set SYNCBN_MAX_NPROC (LaunchConfig::max_nproc) to the number of ranks to allow"
+    )
 }
 
 #[cfg(test)]

@@ -74,6 +74,12 @@ impl TerminationSignals {
         }
     }
 
+    /// The latest signal caught since the previous [`take`](Self::take), if
+    /// any, leaving it for `take`.
+    pub(crate) fn pending(&self) -> Option<i32> {
+        (COUNT.load(Ordering::SeqCst) != self.seen).then(|| LAST.load(Ordering::SeqCst))
+    }
+
     /// The latest signal caught since the previous call, if any.
     pub(crate) fn take(&mut self) -> Option<i32> {
         let count = COUNT.load(Ordering::SeqCst);

@@ -12,9 +12,15 @@
 //! [`launch`]). The job's files live in a fresh folder only this user can
 //! read; the token reaches the ranks through the environment only, never a
 //! file name or a command line.
+//!
+//! The launcher owns its ranks: a rank count the machine cannot run is
+//! refused before anything starts (see [`RankDevice`]); a signal during
+//! spawning stops it; and on Linux the ranks die with the launcher, even when
+//! it is killed with `SIGKILL`, and the job folder goes with the last of them.
 
+use super::limits::{self, RankDevice, NPROC_FLAG};
 #[cfg(target_os = "linux")]
-use super::signals;
+use super::{orphans, signals};
 use crate::rendezvous::{PORT_FILE_VAR, TOKEN_VAR};
 use candle::Result;
 use std::ffi::OsString;
@@ -23,9 +29,6 @@ use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
-
-/// The command-line flag that asks for the launcher.
-pub(crate) const NPROC_FLAG: &str = "--nproc-per-node";
 
 /// The environment variable with the grace period, in seconds, between asking
 /// the ranks to stop (`SIGTERM`) and killing them (`SIGKILL`), when
@@ -55,6 +58,13 @@ pub struct LaunchConfig {
     /// How long ranks that were told to stop (`SIGTERM`) may take before they
     /// are killed (Linux); `None`: `SYNCBN_KILL_GRACE` (seconds), else 30 s.
     pub kill_grace: Option<Duration>,
+    /// What the ranks compute on, which bounds how many ranks this machine
+    /// can run (default [`RankDevice::Cpu`]; see [`launch`]).
+    pub device: RankDevice,
+    /// The most ranks to start, replacing the machine's bound (see
+    /// [`launch`]); `None`: `SYNCBN_MAX_NPROC` if set, else the machine's
+    /// bound.
+    pub max_nproc: Option<usize>,
 }
 
 impl LaunchConfig {
@@ -67,6 +77,8 @@ impl LaunchConfig {
             envs: Vec::new(),
             prefix_output: true,
             kill_grace: None,
+            device: RankDevice::Cpu,
+            max_nproc: None,
         }
     }
 }
@@ -139,15 +151,24 @@ fn describe(status: &ExitStatus) -> String {
     format!("ended ({status})")
 }
 
+/// The stack of the launcher's helper threads (one relaying each output of
+/// each rank, one waiting for each rank): they hold a line and a few frames.
+const HELPER_STACK: usize = 128 * 1024;
+
 /// Copies `from` line by line to the launcher's stdout or stderr, each line
-/// prefixed; sends on `done` at the end of the input.
+/// prefixed; sends on `done` at the end of the input. An error when the
+/// thread that does it cannot be started.
 fn pipe_lines<R: Read + Send + 'static>(
     from: R,
     prefix: String,
     to_stderr: bool,
     done: mpsc::Sender<()>,
-) {
-    std::thread::spawn(move || {
+) -> std::io::Result<()> {
+    let name = format!("launcher-relay-{}", prefix.trim());
+    let thread = std::thread::Builder::new()
+        .name(name)
+        .stack_size(HELPER_STACK);
+    thread.spawn(move || {
         let mut reader = BufReader::new(from);
         let mut line = Vec::new();
         loop {
@@ -166,7 +187,8 @@ fn pipe_lines<R: Read + Send + 'static>(
             }
         }
         let _ = done.send(());
-    });
+    })?;
+    Ok(())
 }
 
 /// The grace period from [`KILL_GRACE_VAR`], or [`DEFAULT_KILL_GRACE`].
@@ -226,6 +248,13 @@ fn private_dir() -> Result<PathBuf> {
 /// Runs `config.nproc` rank processes and waits for them. Returns 0 when all
 /// succeed.
 ///
+/// **Before anything starts**, a rank count this machine cannot run is
+/// refused with an error: for [`RankDevice::Cuda`], more ranks than CUDA
+/// devices the launcher sees; for [`RankDevice::Cpu`], more than 8 ranks per
+/// core available to it (`std::thread::available_parallelism`).
+/// [`LaunchConfig::max_nproc`], else the environment variable
+/// `SYNCBN_MAX_NPROC`, replaces that bound.
+///
 /// When a rank fails, the launcher reports it (the first rank to fail; one
 /// killed by a signal goes before ranks that exited with an error code within
 /// 100 ms of it, as those are most likely its consequence), stops the others
@@ -238,10 +267,24 @@ fn private_dir() -> Result<PathBuf> {
 /// rank, the ranks get the grace period to exit (a second such signal ends it
 /// early), and `launch` returns 128 + the signal. (The ranks stay in the
 /// launcher's process group: Ctrl-C in a terminal reaches them directly too.)
+/// Such a signal during spawning stops it: no further rank starts, and those
+/// already started are stopped the same way.
+///
+/// A rank that cannot be started (e.g. `EAGAIN` at the limit on processes
+/// per user) is an error naming it and the cause; the ranks already started
+/// are killed and reaped first, so none is left behind.
+///
+/// On Linux the ranks die with the launcher: each is started with
+/// `PR_SET_PDEATHSIG = SIGKILL`, so that a launcher killed with `SIGKILL` (or
+/// by the OOM killer) takes its ranks with it, and a small process forked
+/// beside them removes the job folder once the launcher and every rank have
+/// ended. The ranks are started from the calling thread, which stays in
+/// `launch` until all of them have been reaped.
 pub fn launch(config: &LaunchConfig) -> Result<i32> {
     if config.nproc == 0 {
         candle::bail!("launcher: {NPROC_FLAG} must be at least 1")
     }
+    limits::check_nproc(config.nproc, config.device, config.max_nproc)?;
     let grace = match config.kill_grace {
         Some(g) => g,
         None => kill_grace_from_env()?,
@@ -249,9 +292,42 @@ pub fn launch(config: &LaunchConfig) -> Result<i32> {
     let token = random_token();
     let dir = private_dir()?;
     let port_file = dir.join("port");
-    let result = run_children(config, &token, &port_file, grace);
+    #[cfg(target_os = "linux")]
+    let janitor = match orphans::Janitor::start(&dir) {
+        Ok(j) => j,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&dir);
+            candle::bail!(
+                "launcher: could not start the process that removes the job folder {dir:?} when the launcher is killed: {e}{}",
+                os_error_hint(&e)
+            )
+        }
+    };
+    let job = Job {
+        config,
+        token: &token,
+        port_file: &port_file,
+        #[cfg(target_os = "linux")]
+        keep_alive: janitor.keep_alive_fd(),
+    };
+    let result = run_children(&job, grace);
     let _ = std::fs::remove_dir_all(&dir);
     result
+}
+
+/// What the cause of a failed start may be, for the error (empty when the
+/// error says enough).
+fn os_error_hint(e: &std::io::Error) -> &'static str {
+    #[cfg(unix)]
+    match e.raw_os_error() {
+        Some(libc::EAGAIN) => {
+            return " (this user may not run more processes or threads: see `ulimit -u`, RLIMIT_NPROC, and the system's limits on processes)"
+        }
+        Some(libc::ENOMEM) => return " (out of memory)",
+        _ => {}
+    }
+    let _ = e;
+    ""
 }
 
 /// Stops a rank: `sig` on Linux (the caller guarantees it has not reaped it),
@@ -279,59 +355,111 @@ const TERM: Signal = Signal(15);
 #[cfg(not(target_os = "linux"))]
 const KILL: Signal = Signal(9);
 
-fn run_children(
-    config: &LaunchConfig,
-    token: &str,
-    port_file: &std::path::Path,
-    grace: Duration,
-) -> Result<i32> {
-    let n = config.nproc;
-    // Caught from before the first rank starts: a signal that arrives while
-    // ranks start is forwarded to them like any other.
+/// What every rank of a job shares.
+struct Job<'a> {
+    config: &'a LaunchConfig,
+    token: &'a str,
+    port_file: &'a std::path::Path,
+    /// The janitor's descriptor, which every rank holds (see `orphans`).
     #[cfg(target_os = "linux")]
-    let caught = signals::TerminationSignals::catch();
+    keep_alive: std::os::fd::RawFd,
+}
+
+/// The command that starts rank `rank` of `job`.
+fn rank_command(job: &Job, rank: usize) -> Command {
+    let (config, n) = (job.config, job.config.nproc);
+    let mut cmd = Command::new(&config.program);
+    cmd.args(&config.args)
+        .env("RANK", rank.to_string())
+        .env("WORLD_SIZE", n.to_string())
+        .env("LOCAL_RANK", rank.to_string())
+        .env("LOCAL_WORLD_SIZE", n.to_string())
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", "0")
+        .env(PORT_FILE_VAR, job.port_file)
+        .env(TOKEN_VAR, job.token)
+        .envs(config.envs.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null());
+    if config.prefix_output {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    }
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: getpid has no memory effects.
+        let launcher = unsafe { libc::getpid() };
+        let keep_alive = job.keep_alive;
+        // SAFETY: die_with_launcher makes async-signal-safe calls only.
+        unsafe {
+            cmd.pre_exec(move || orphans::die_with_launcher(launcher, keep_alive));
+        }
+    }
+    cmd
+}
+
+/// Kills and reaps the ranks started so far (a job that could not start).
+fn kill_started(children: &mut [Child]) {
+    for c in children.iter_mut() {
+        let _ = c.kill();
+    }
+    for c in children.iter_mut() {
+        let _ = c.wait();
+    }
+}
+
+fn run_children(job: &Job, grace: Duration) -> Result<i32> {
+    let (config, n) = (job.config, job.config.nproc);
+    // Caught from before the first rank starts: a signal that arrives while
+    // ranks start stops the spawning and is forwarded to those started.
+    #[cfg(target_os = "linux")]
+    let mut caught = signals::TerminationSignals::catch();
     let mut children: Vec<Child> = Vec::with_capacity(n);
     let (pipe_done, pipes_done) = mpsc::channel();
     let mut pipes = 0;
     for rank in 0..n {
-        let mut cmd = Command::new(&config.program);
-        cmd.args(&config.args)
-            .env("RANK", rank.to_string())
-            .env("WORLD_SIZE", n.to_string())
-            .env("LOCAL_RANK", rank.to_string())
-            .env("LOCAL_WORLD_SIZE", n.to_string())
-            .env("MASTER_ADDR", "127.0.0.1")
-            .env("MASTER_PORT", "0")
-            .env(PORT_FILE_VAR, port_file)
-            .env(TOKEN_VAR, token)
-            .envs(config.envs.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null());
-        if config.prefix_output {
-            cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-        }
-        match cmd.spawn() {
-            Ok(mut child) => {
-                let prefix = format!("[rank {rank}] ");
-                if let Some(out) = child.stdout.take() {
-                    pipe_lines(out, prefix.clone(), false, pipe_done.clone());
-                    pipes += 1;
-                }
-                if let Some(err) = child.stderr.take() {
-                    pipe_lines(err, prefix, true, pipe_done.clone());
-                    pipes += 1;
-                }
-                children.push(child);
+        #[cfg(target_os = "linux")]
+        if let Some(sig) = caught.pending() {
+            eprintln!(
+                "launcher: got {} while starting the ranks; started {} of {n}, starting no more",
+                signal_text(sig),
+                children.len()
+            );
+            if children.is_empty() {
+                caught.take();
+                return Ok(128 + sig);
             }
+            break;
+        }
+        let mut child = match rank_command(job, rank).spawn() {
+            Ok(child) => child,
             Err(e) => {
-                for c in children.iter_mut() {
-                    let _ = c.kill();
-                    let _ = c.wait();
-                }
+                kill_started(&mut children);
                 candle::bail!(
-                    "launcher: could not start rank {rank} ({:?}): {e}",
-                    config.program
+                    "launcher: could not start rank {rank} of {n} ({:?}): {e}{}; killed the {} rank(s) already started",
+                    config.program,
+                    os_error_hint(&e),
+                    children.len()
                 )
             }
+        };
+        let prefix = format!("[rank {rank}] ");
+        let mut relay = Ok(());
+        if let Some(out) = child.stdout.take() {
+            relay = pipe_lines(out, prefix.clone(), false, pipe_done.clone());
+            pipes += usize::from(relay.is_ok());
+        }
+        if let Some(err) = child.stderr.take().filter(|_| relay.is_ok()) {
+            relay = pipe_lines(err, prefix, true, pipe_done.clone());
+            pipes += usize::from(relay.is_ok());
+        }
+        children.push(child);
+        if let Err(e) = relay {
+            kill_started(&mut children);
+            candle::bail!(
+                "launcher: could not start a thread to relay the output of rank {rank} of {n}: {e}{}; killed the {} rank(s) started",
+                os_error_hint(&e),
+                children.len()
+            )
         }
     }
     let code = supervise(
@@ -384,6 +512,7 @@ impl ExitWatcher {
                 let (pid, tx) = (child.id(), tx.clone());
                 std::thread::Builder::new()
                     .name(format!("launcher-wait-{rank}"))
+                    .stack_size(HELPER_STACK)
                     .spawn(move || {
                         signals::wait_exited(pid);
                         let _ = tx.send((rank, Instant::now()));
@@ -445,13 +574,23 @@ fn culprit(exits: &[Option<Exit>]) -> Option<usize> {
     Some(signalled.unwrap_or(first))
 }
 
-/// Ranks still running, as `0, 2`.
+/// Ranks (ascending), as `0, 2` or, for runs of three or more, `0-63, 65`.
 fn rank_list(ranks: &[usize]) -> String {
-    ranks
-        .iter()
-        .map(|r| r.to_string())
-        .collect::<Vec<_>>()
-        .join(", ")
+    let mut parts = Vec::new();
+    let mut i = 0;
+    while i < ranks.len() {
+        let mut j = i;
+        while j + 1 < ranks.len() && ranks[j + 1] == ranks[j] + 1 {
+            j += 1;
+        }
+        if j >= i + 2 {
+            parts.push(format!("{}-{}", ranks[i], ranks[j]));
+        } else {
+            parts.extend(ranks[i..=j].iter().map(|r| r.to_string()));
+        }
+        i = j + 1;
+    }
+    parts.join(", ")
 }
 
 /// Prints which rank failed and how (`then` follows on that line), and how
@@ -611,7 +750,20 @@ pub(crate) fn split_nproc_flag(args: Vec<OsString>) -> Result<(Option<usize>, Ve
 /// and returns `Some(exit code)`; the caller should exit with it. Returns
 /// `None` in a rank process (or without the flag and a default): the caller
 /// goes on as a rank, configured from the environment.
+///
+/// The ranks count as CPU ranks for the launcher's bound on their number (see
+/// [`launch`]); [`launch_if_requested_with`] says otherwise.
 pub fn launch_if_requested(default_nproc: Option<usize>) -> Result<Option<i32>> {
+    launch_if_requested_with(default_nproc, RankDevice::Cpu)
+}
+
+/// [`launch_if_requested`] for ranks that compute on `device`: e.g.
+/// [`RankDevice::Cuda`] refuses more ranks than visible GPUs before any
+/// starts.
+pub fn launch_if_requested_with(
+    default_nproc: Option<usize>,
+    device: RankDevice,
+) -> Result<Option<i32>> {
     let args: Vec<OsString> = std::env::args_os().skip(1).collect();
     let (nproc, rest) = split_nproc_flag(args)?;
     let in_launcher = crate::rendezvous::Rendezvous::from_env()?.is_some();
@@ -627,7 +779,9 @@ pub fn launch_if_requested(default_nproc: Option<usize>) -> Result<Option<i32>> 
         (None, true) => return Ok(None),
     };
     let program = std::env::current_exe()?;
-    launch(&LaunchConfig::new(nproc, program, rest)).map(Some)
+    let mut config = LaunchConfig::new(nproc, program, rest);
+    config.device = device;
+    launch(&config).map(Some)
 }
 
 #[cfg(test)]
@@ -676,6 +830,15 @@ mod tests {
         assert_eq!(report_failure(&exits, ""), 137);
         exits[1] = None;
         assert_eq!(report_failure(&exits, ""), 1);
+    }
+
+    #[test]
+    fn rank_lists_fold_runs() {
+        assert_eq!(rank_list(&[]), "");
+        assert_eq!(rank_list(&[0, 1]), "0, 1");
+        assert_eq!(rank_list(&[0, 2]), "0, 2");
+        assert_eq!(rank_list(&[0, 1, 2]), "0-2");
+        assert_eq!(rank_list(&[0, 1, 2, 3, 5, 7, 8, 9]), "0-3, 5, 7-9");
     }
 
     #[test]

@@ -12,6 +12,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+#[cfg(target_os = "linux")]
+pub mod capped;
+
 /// The name libtest gives test `name` of the module whose `module_path!()` is
 /// `module`: its path without the crate (the test binary), as `--exact` wants
 /// it. A test that runs its own executable again as a child passes it, so that

@@ -1,6 +1,8 @@
 //! The self-spawning launcher with real processes (Linux): which rank it
-//! blames when one dies, how it passes SIGTERM on to the ranks, and where it
-//! keeps the job's files.
+//! blames when one dies, how it passes SIGTERM on to the ranks, where it
+//! keeps the job's files, and that it owns its ranks (they die with it, a
+//! signal stops spawning, a count the machine cannot run is refused, a failed
+//! spawn leaves nothing behind).
 //!
 //! The test executable plays every part: a test starts it as the launcher
 //! (`ROLE=launcher`, which calls `launch`), and the launcher starts it again
@@ -13,7 +15,7 @@ use crate::common;
 use candle::Device;
 use candle_syncbn::launch::{launch, LaunchConfig};
 use candle_syncbn::ProcessGroup;
-use common::scratch_dir;
+use common::{capped, scratch_dir};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -24,6 +26,8 @@ const ROLE: &str = "SYNCBN_TEST_ROLE";
 const SCENARIO: &str = "SYNCBN_TEST_SCENARIO";
 const DIR: &str = "SYNCBN_TEST_DIR";
 const NPROC: &str = "SYNCBN_TEST_NPROC";
+/// A shell script the launcher runs as the ranks instead of this executable.
+const RANK_SCRIPT: &str = "SYNCBN_TEST_RANK_SCRIPT";
 /// How long a rank waits for the test to act before it gives up on its own.
 const RANK_LIFETIME: Duration = Duration::from_secs(60);
 
@@ -106,6 +110,22 @@ fn rank_main(scenario: &str, dir: &Path) -> i32 {
             }
             0
         }
+        // Publishes the job folder, ignores SIGTERM and sleeps: only SIGKILL
+        // (or the end of its lifetime) stops it.
+        "sleep" => {
+            let port_file = PathBuf::from(std::env::var("SYNCBN_PORT_FILE").unwrap());
+            let job_dir = port_file.parent().unwrap().to_string_lossy().into_owned();
+            publish(dir, &format!("jobdir{rank}"), &job_dir);
+            // SAFETY: setting a disposition to SIG_IGN.
+            unsafe {
+                libc::signal(libc::SIGTERM, libc::SIG_IGN);
+            }
+            publish(dir, &format!("pid{rank}"), &std::process::id().to_string());
+            while start.elapsed() < RANK_LIFETIME {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            0
+        }
         // Reports what it sees of the job's token and folder.
         "show-env" => {
             let token = std::env::var("SYNCBN_TOKEN").unwrap();
@@ -143,7 +163,10 @@ fn worker() {
     };
     let code = if role == "launcher" {
         let nproc = std::env::var(NPROC).unwrap().parse().unwrap();
-        let mut cfg = LaunchConfig::new(nproc, std::env::current_exe().unwrap(), worker_args());
+        let mut cfg = match std::env::var(RANK_SCRIPT) {
+            Ok(script) => LaunchConfig::new(nproc, "/bin/sh", vec!["-c".into(), script.into()]),
+            Err(_) => LaunchConfig::new(nproc, std::env::current_exe().unwrap(), worker_args()),
+        };
         cfg.envs = vec![(ROLE.into(), "rank".into())];
         match launch(&cfg) {
             Ok(code) => code,
@@ -169,8 +192,22 @@ struct Job {
 impl Job {
     fn start(scenario: &str, nproc: usize, env: &[(&str, &str)]) -> Job {
         let dir = scratch_dir("launcher");
+        let exe = std::env::current_exe().unwrap();
+        Job::start_in(dir, &exe, scenario, nproc, env, |_| {})
+    }
+
+    /// [`start`](Self::start) with the scratch folder `dir`, the executable
+    /// `exe` (this one, or a copy) and a last say on the launcher's command.
+    fn start_in(
+        dir: common::ScratchDir,
+        exe: &Path,
+        scenario: &str,
+        nproc: usize,
+        env: &[(&str, &str)],
+        adjust: impl FnOnce(&mut Command),
+    ) -> Job {
         let out = std::fs::File::create(dir.join("launcher.out")).unwrap();
-        let mut cmd = Command::new(std::env::current_exe().unwrap());
+        let mut cmd = Command::new(exe);
         cmd.args(worker_args())
             .env(ROLE, "launcher")
             .env(SCENARIO, scenario)
@@ -184,6 +221,7 @@ impl Job {
         for (k, v) in env {
             cmd.env(k, v);
         }
+        adjust(&mut cmd);
         Job {
             launcher: cmd.spawn().unwrap(),
             dir,
@@ -252,27 +290,16 @@ impl Job {
     }
 }
 
-/// Whether `pid` runs this test executable as a rank (not a recycled pid).
-fn is_our_rank(pid: u32) -> bool {
-    let exe = std::env::current_exe().unwrap();
-    std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|p| p == exe)
-        && std::fs::read(format!("/proc/{pid}/environ"))
-            .is_ok_and(|e| e.windows(9).any(|w| w == b"ROLE=rank"))
-}
-
 impl Drop for Job {
     fn drop(&mut self) {
         let _ = self.launcher.kill();
         let _ = self.launcher.wait();
-        for r in 0..self.nproc {
-            let pid = std::fs::read_to_string(self.dir.join(format!("pid{r}")))
-                .ok()
-                .and_then(|s| s.parse::<u32>().ok());
-            if let Some(pid) = pid.filter(|&p| is_our_rank(p)) {
-                // SAFETY: kill(2) has no memory effects.
-                unsafe {
-                    libc::kill(pid as libc::pid_t, libc::SIGKILL);
-                }
+        // Every process of this job (ranks, and whatever a regression left),
+        // known by the scratch folder in its environment.
+        for pid in live_job_processes(&self.dir) {
+            // SAFETY: kill(2) has no memory effects.
+            unsafe {
+                libc::kill(pid as libc::pid_t, libc::SIGKILL);
             }
         }
     }
@@ -281,6 +308,45 @@ impl Drop for Job {
 /// Whether process `pid` is gone (reaped).
 fn is_gone(pid: u32) -> bool {
     !Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// The processes alive (not zombies) that belong to the job of scratch
+/// folder `dir`: the launcher, its ranks and anything they started, which
+/// all inherit `SYNCBN_TEST_DIR=<dir>`.
+fn live_job_processes(dir: &Path) -> Vec<u32> {
+    let mut needle = format!("{DIR}=").into_bytes();
+    needle.extend(dir.as_os_str().as_encoded_bytes());
+    needle.push(0);
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let state = stat.rsplit_once(") ").map(|(_, rest)| rest.chars().next());
+            env.windows(needle.len()).any(|w| w == needle)
+                && !matches!(state, None | Some(Some('Z' | 'X')))
+        })
+        .collect()
+}
+
+/// Waits at most `limit` until no process of the job of `dir` is alive;
+/// returns how long it took, or the survivors.
+fn wait_job_gone(dir: &Path, limit: Duration) -> std::result::Result<Duration, Vec<u32>> {
+    let start = Instant::now();
+    loop {
+        let alive = live_job_processes(dir);
+        if alive.is_empty() {
+            return Ok(start.elapsed());
+        }
+        if start.elapsed() >= limit {
+            return Err(alive);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// `kill -9` of rank 1: rank 0 fails right after it (its peer vanished), but
@@ -377,4 +443,166 @@ fn launcher_keeps_the_token_out_of_names_and_command_lines() {
         "the launcher left {} behind",
         job_dirs[0]
     );
+}
+
+/// `kill -9` of the launcher: its ranks (which ignore SIGTERM) die with it
+/// within moments instead of running on re-parented, and the job folder is
+/// removed once the last of them is gone.
+#[test]
+fn ranks_die_with_a_launcher_killed_by_sigkill() {
+    let mut job = Job::start("sleep", 2, &[]);
+    let pids = job.rank_pids();
+    let job_dir = std::fs::read_to_string(job.dir.join("jobdir0")).unwrap();
+    assert!(Path::new(&job_dir).is_dir(), "{job_dir}");
+    let launcher = job.launcher.id();
+    let (code, _, out) = job.signal_and_wait(launcher, libc::SIGKILL, Duration::from_secs(10));
+    assert_eq!(code, None, "{out}");
+    let gone = wait_job_gone(&job.dir, Duration::from_secs(5));
+    assert!(
+        gone.is_ok(),
+        "rank(s) {gone:?} still alive 5 s after the launcher was killed (ranks {pids:?})\n{out}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Path::new(&job_dir).exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        !Path::new(&job_dir).exists(),
+        "the job folder {job_dir} is still there 5 s after the ranks ended"
+    );
+    println!(
+        "ranks gone {:?} after the launcher's SIGKILL",
+        gone.unwrap()
+    );
+}
+
+/// More ranks than the machine runs are refused before anything starts: no
+/// folder, no process (the program does not even exist, so a spawn would
+/// fail with another error).
+#[test]
+fn launcher_refuses_more_ranks_than_the_machine_runs() {
+    let cores = std::thread::available_parallelism().unwrap().get();
+    let program = "/nonexistent/syncbn-rank";
+    let cfg = LaunchConfig::new(8 * cores + 1, program, Vec::new());
+    let e = launch(&cfg).unwrap_err().to_string();
+    let expected = format!(
+        "launcher: {} ranks requested (--nproc-per-node), but this process may run on {cores} CPU core(s), which allows at most {} CPU rank(s) (8 per core); start at most {}, or set SYNCBN_MAX_NPROC=<n>",
+        8 * cores + 1,
+        8 * cores,
+        8 * cores
+    );
+    assert!(e.contains(&expected), "{e}");
+    // An explicit bound replaces the machine's, in both directions.
+    let mut cfg = LaunchConfig::new(3, program, Vec::new());
+    cfg.max_nproc = Some(2);
+    let e = launch(&cfg).unwrap_err().to_string();
+    assert!(
+        e.contains("3 ranks requested (--nproc-per-node), above the 2"),
+        "{e}"
+    );
+    let mut cfg = LaunchConfig::new(8 * cores + 1, program, Vec::new());
+    cfg.max_nproc = Some(8 * cores + 1);
+    let e = launch(&cfg).unwrap_err().to_string();
+    assert!(e.contains("could not start rank 0 of"), "{e}");
+}
+
+/// SIGTERM while the ranks are being started (rank 0 sends it to the
+/// launcher as soon as it runs, while many more are to come): the launcher
+/// starts no more ranks, forwards the signal to those it started, and exits
+/// with 143, leaving no process.
+#[test]
+fn sigterm_during_spawning_stops_it() {
+    const N: usize = 100;
+    let script = r#"if [ "$RANK" = 0 ]; then kill -TERM "$PPID"; fi; exec sleep 30"#;
+    let n = N.to_string();
+    let env = [
+        (RANK_SCRIPT, script),
+        ("SYNCBN_MAX_NPROC", n.as_str()),
+        ("SYNCBN_KILL_GRACE", "5"),
+    ];
+    let mut job = Job::start("script", N, &env);
+    let start = job.started;
+    let (code, elapsed) = job.wait(Duration::from_secs(30), start);
+    let out = job.output();
+    assert_eq!(code, Some(143), "{out}");
+    let line = out
+        .lines()
+        .find(|l| {
+            l.contains("launcher: got signal 15 (SIGTERM) while starting the ranks; started ")
+        })
+        .unwrap_or_else(|| panic!("the signal did not stop the spawning:\n{out}"));
+    let started: usize = line
+        .split("; started ")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    assert!((1..N).contains(&started), "{line}");
+    let forwarded = format!(
+        "forwarding it to rank(s) {}",
+        if started == 1 {
+            "0".to_string()
+        } else if started == 2 {
+            "0, 1".to_string()
+        } else {
+            format!("0-{}", started - 1)
+        }
+    );
+    assert!(out.contains(&forwarded), "{out}");
+    if let Err(alive) = wait_job_gone(&job.dir, Duration::from_secs(5)) {
+        panic!("processes {alive:?} of the job survived the launcher\n{out}");
+    }
+    println!("started {started} of {N} ranks; launcher exited {elapsed:?} after it started");
+}
+
+/// Runs the launcher of 8 `sleep` ranks under `uid` with at most `cap`
+/// processes and threads for that uid; returns its exit code and output once
+/// it has exited (within 30 s), after checking that no process of the job is
+/// left.
+fn launch_under_process_cap(uid: u32, cap: u64) -> (Option<i32>, String) {
+    let dir = scratch_dir("launcher-cap");
+    let exe = capped::reachable_copy(&std::env::current_exe().unwrap(), &dir, uid);
+    let tmp = dir.to_path_buf();
+    let mut job = Job::start_in(dir, &exe, "sleep", 8, &[], |cmd| {
+        capped::run_capped(cmd, uid, cap, &tmp)
+    });
+    let start = job.started;
+    let (code, _) = job.wait(Duration::from_secs(30), start);
+    let out = job.output();
+    if let Err(alive) = wait_job_gone(&job.dir, Duration::from_secs(2)) {
+        panic!("cap {cap}: processes {alive:?} of the job survived the failed launch\n{out}");
+    }
+    (code, out)
+}
+
+/// Spawning fails part way (EAGAIN under caps of 2 to 9 processes and
+/// threads for the launcher's user, so that each of the launcher's starts
+/// fails in turn: the janitor, a rank, a thread relaying a rank's output):
+/// the launcher names what it could not start and the cause, kills the
+/// ranks it started and exits, leaving no process behind.
+#[test]
+fn failed_spawn_is_reported_and_leaves_no_process() {
+    if !capped::can_switch_user("failed_spawn_is_reported_and_leaves_no_process") {
+        return;
+    }
+    for cap in 2..=9 {
+        let (code, out) = launch_under_process_cap(capped::unused_uid(cap as u32), cap);
+        assert_eq!(code, Some(99), "cap {cap}:\n{out}");
+        let error = out
+            .lines()
+            .find_map(|l| {
+                l.split_once("launch: launcher: could not start ")
+                    .map(|(_, e)| e)
+            })
+            .unwrap_or_else(|| panic!("cap {cap}: no error naming what failed:\n{out}"));
+        assert!(
+            error.contains("this user may not run more processes or threads: see `ulimit -u`"),
+            "cap {cap}: {error}"
+        );
+        if error.starts_with("rank") || error.starts_with("a thread") {
+            assert!(error.contains("rank(s)"), "cap {cap}: {error}");
+        }
+        assert!(!out.contains("panicked"), "cap {cap}:\n{out}");
+        println!("cap {cap}: could not start {error}");
+    }
 }

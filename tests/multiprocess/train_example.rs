@@ -289,3 +289,68 @@ fn train_example_freezes_and_recomputes_statistics() {
         "{text}"
     );
 }
+
+/// `--nproc-per-node 100000` (which used to fork thousands of ranks before
+/// a signal could stop it) is refused before any rank starts, naming the
+/// bound and how to lift it; with `--device cuda` the bound is the visible
+/// GPUs. Run under a process cap, so that a regression fails instead of
+/// flooding the machine.
+#[cfg(target_os = "linux")]
+#[test]
+fn train_example_refuses_more_ranks_than_the_machine_runs() {
+    use crate::common::{capped, scratch_dir};
+    use std::time::{Duration, Instant};
+    if !capped::can_switch_user("train_example_refuses_more_ranks_than_the_machine_runs") {
+        return;
+    }
+    let uid = capped::unused_uid(15);
+    let dir = scratch_dir("train-nproc");
+    let exe = capped::reachable_copy(&example_binary(), &dir, uid);
+    for device in ["cpu", "cuda"] {
+        let log = dir.join(format!("{device}.out"));
+        let out = std::fs::File::create(&log).unwrap();
+        let mut cmd = Command::new(&exe);
+        cmd.args(["--nproc-per-node", "100000", "--device", device])
+            .arg("--checkpoint")
+            .arg(dir.join("never-written.safetensors"))
+            .env_remove("SYNCBN_MAX_NPROC")
+            .env("SYNCBN_TIMEOUT", "20")
+            .stdin(std::process::Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out);
+        capped::run_capped(&mut cmd, uid, 24, &dir);
+        let mut child = cmd.spawn().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break Some(st);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert_eq!(status.and_then(|s| s.code()), Some(1), "{device}:\n{text}");
+        assert!(
+            text.contains("launcher: 100000 ranks requested (--nproc-per-node)")
+                || device == "cuda"
+                    && text.contains("launcher: CUDA ranks need a build with the `cuda` feature"),
+            "{device}:\n{text}"
+        );
+        if device == "cpu" {
+            assert!(
+                text.contains("CPU rank(s) (8 per core)") && text.contains("SYNCBN_MAX_NPROC"),
+                "{text}"
+            );
+        } else {
+            assert!(text.contains("CUDA"), "{text}");
+        }
+        assert!(
+            !text.contains("[rank "),
+            "{device}: a rank started:\n{text}"
+        );
+    }
+}
