@@ -66,14 +66,7 @@ fn wait_port(pf: &Path) -> u16 {
 
 /// A frame header of the wire protocol (see `src/group/store.rs`).
 fn header(kind: u8, flags: u8, root: u32, count: u64, len: u64) -> [u8; 40] {
-    let mut h = [0u8; 40];
-    h[0..4].copy_from_slice(b"SBN1");
-    h[4] = kind;
-    h[7] = flags;
-    h[8..12].copy_from_slice(&root.to_le_bytes());
-    h[24..32].copy_from_slice(&count.to_le_bytes());
-    h[32..40].copy_from_slice(&len.to_le_bytes());
-    h
+    common::raw_header(kind, 0, 0, flags, root, count, len)
 }
 
 const HELLO: u8 = 1;
@@ -82,17 +75,6 @@ const REFUSE: u8 = 3;
 const CHALLENGE: u8 = 6;
 const PROOF: u8 = 7;
 const VERSION: u8 = 2;
-
-/// Reads one frame (header and payload, at most 64 KiB) within 5 s.
-fn read_frame(s: &mut TcpStream) -> std::io::Result<([u8; 40], Vec<u8>)> {
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    let mut h = [0u8; 40];
-    s.read_exact(&mut h)?;
-    let len = u64::from_le_bytes(h[32..40].try_into().unwrap()).min(1 << 16);
-    let mut p = vec![0u8; len as usize];
-    s.read_exact(&mut p)?;
-    Ok((h, p))
-}
 
 /// Whether any 6 consecutive bytes of `token` occur in `seen`.
 fn leaks(seen: &[u8], token: &str) -> bool {
@@ -191,12 +173,12 @@ fn fake_joiner_without_token_is_refused() {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.write_all(&header(HELLO, VERSION, 1, 2, 32)).unwrap();
     s.write_all(&[1u8; 32]).unwrap();
-    let (h, p) = read_frame(&mut s).unwrap();
+    let (h, p) = common::raw_frame(&mut s).unwrap();
     assert_eq!((h[4], p.len()), (CHALLENGE, 64));
     seen.extend_from_slice(&p);
     s.write_all(&header(PROOF, VERSION, 0, 0, 32)).unwrap();
     s.write_all(&p[32..]).unwrap();
-    let (h, p) = read_frame(&mut s).unwrap();
+    let (h, p) = common::raw_frame(&mut s).unwrap();
     assert_eq!(h[4], REFUSE);
     let text = String::from_utf8(p).unwrap();
     assert_eq!(
@@ -207,7 +189,7 @@ fn fake_joiner_without_token_is_refused() {
     let mut old = TcpStream::connect(("127.0.0.1", port)).unwrap();
     old.write_all(&header(HELLO, 1, 1, 2, 5)).unwrap();
     old.write_all(b"guess").unwrap();
-    let (h, p) = read_frame(&mut old).unwrap();
+    let (h, p) = common::raw_frame(&mut old).unwrap();
     assert_eq!(h[4], REFUSE);
     assert_eq!(
         String::from_utf8(p).unwrap(),
