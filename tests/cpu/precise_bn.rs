@@ -287,8 +287,11 @@ fn global(parts: &[&Vec<f64>]) -> Vec<f64> {
     parts.iter().flat_map(|p| p.iter().copied()).collect()
 }
 
-/// An estimator's reference: the precise `(mean, var)` of some batches.
-type Reference = fn(&[Batch]) -> (Vec<f64>, Vec<f64>);
+/// Per-channel `(mean, var)`.
+type Stats = (Vec<f64>, Vec<f64>);
+
+/// An estimator's reference: the precise statistics of some batches.
+type Reference = fn(&[Batch]) -> Stats;
 
 /// The global batches the neck saw: every rank's inputs of batch `i`
 /// together, in f64 from the layer's actual inputs.
@@ -609,12 +612,7 @@ fn checkpoint_after_precise_statistics_loads_back_the_same_numbers() {
 fn run_with_skips(
     estimator: Estimator,
     single_value: bool,
-) -> (
-    (Vec<f64>, Vec<f64>),
-    (Vec<f64>, Vec<f64>),
-    Vec<Batch>,
-    Vec<Batch>,
-) {
+) -> (Stats, Stats, Vec<Batch>, Vec<Batch>) {
     let (_varmap, model, _) = trained_single();
     let (mut neck, mut head) = (Vec::new(), Vec::new());
     let layers = model.layers();
