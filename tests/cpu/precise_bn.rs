@@ -603,6 +603,21 @@ fn checkpoint_after_precise_statistics_loads_back_the_same_numbers() {
         1e-5,
     );
     assert_eq!(extra.num_batches_tracked().unwrap(), 0);
+    // The layer composed of candle ops (other devices' path) notes its
+    // global count too.
+    update_bn_stats(&[&extra], 2, |i| {
+        extra
+            .forward_composite_t(&data(0, i), None, false, true)
+            .map(|_| ())
+    })
+    .unwrap();
+    assert_close(
+        "composed layer var",
+        &values(&extra.running_var().unwrap()),
+        &want_v,
+        1e-6,
+        1e-5,
+    );
 }
 
 /// One rank, uneven batches, layers skipped in some batches: the neck skips
