@@ -24,7 +24,7 @@ use candle::{DType, Device, Module, Tensor, D};
 use candle_nn::{Optimizer, VarBuilder, VarMap};
 use candle_syncbn::data_parallel::{average_gradients, broadcast_varmap, save_varmap_atomic};
 use candle_syncbn::launch::{launch_if_requested_with, RankDevice, Rendezvous};
-use candle_syncbn::precise_bn::update_bn_stats;
+use candle_syncbn::precise_bn::{Estimator, PreciseBn};
 use candle_syncbn::{BatchNormLayer, BatchNormRewriter, Outcome, ProcessGroup};
 use clap::Parser;
 use std::path::{Path, PathBuf};
@@ -95,6 +95,18 @@ struct Args {
     /// `update_bn_stats`) and evaluate again.
     #[arg(long, value_name = "N")]
     precise_bn: Option<usize>,
+    /// How `--precise-bn` combines the batches' statistics: the population
+    /// statistics of all their values (fvcore today) or the average of the
+    /// batch means and unbiased variances (fvcore's older estimator, pycls).
+    #[arg(long, value_enum, default_value_t = PreciseEstimator::Population)]
+    precise_bn_estimator: PreciseEstimator,
+}
+
+/// `--precise-bn-estimator` (see `precise_bn::Estimator`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum PreciseEstimator {
+    Population,
+    MeanOfBatchVariances,
 }
 
 /// A parser of whole numbers from `min` up.
@@ -758,9 +770,9 @@ fn eval_checkpoint(args: &Args, test: &Split, size: usize, device: &Device) -> R
 }
 
 /// `--precise-bn N`: recomputes the running statistics of the BatchNorm
-/// layers as the average of the statistics of `batches` global training
-/// batches (each rank runs its slice; the synchronized layers all-reduce
-/// their statistics as in training; frozen layers stay), then evaluates
+/// layers from the statistics of `batches` global training batches (with
+/// `--precise-bn-estimator`; each rank runs its slice; the synchronized layers
+/// all-reduce their statistics as in training; frozen layers stay), then evaluates
 /// again. Prints the test accuracy `before` and after; returns it after.
 fn precise_bn(
     args: &Args,
@@ -783,19 +795,25 @@ fn precise_bn(
     }
     let start = Instant::now();
     let perm = permutation(train.len(), args.seed ^ 0x0050_5245_4349_5345);
-    update_bn_stats(&[&net.b1, &net.b2], batches, |i| {
-        let o = i * global + rank * b;
-        let idx = Tensor::new(&perm[o..o + b], &Device::Cpu)?;
-        let x = train.images.index_select(&idx, 0)?.to_device(device)?;
-        net.forward_t(&x, true)
-            .map(|_| ())
-            .map_err(|e| candle::Error::Msg(format!("{e:#}")))
-    })?;
+    let estimator = match args.precise_bn_estimator {
+        PreciseEstimator::Population => Estimator::Population,
+        PreciseEstimator::MeanOfBatchVariances => Estimator::MeanOfBatchVariances,
+    };
+    PreciseBn::new(batches)
+        .estimator(estimator)
+        .run(&[&net.b1, &net.b2], |i| {
+            let o = i * global + rank * b;
+            let idx = Tensor::new(&perm[o..o + b], &Device::Cpu)?;
+            let x = train.images.index_select(&idx, 0)?.to_device(device)?;
+            net.forward_t(&x, true)
+                .map(|_| ())
+                .map_err(|e| candle::Error::Msg(format!("{e:#}")))
+        })?;
     let (c, n) = evaluate(net, test, device, rank, world)?;
     let s = sum_over(group, &[c, n])?;
     if rank == 0 {
         println!(
-            "precise BN over {batches} global batches ({:.1} s): test accuracy {:.2}% before, {:.2}% after",
+            "precise BN over {batches} global batches ({estimator:?} estimator, {:.1} s): test accuracy {:.2}% before, {:.2}% after",
             start.elapsed().as_secs_f64(),
             100.0 * before,
             100.0 * s[0] / s[1]

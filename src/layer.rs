@@ -554,6 +554,9 @@ impl SyncBatchNorm {
                 )
             }
         }
+        if sync {
+            self.note_precise_batch(|| sums.get(0))?;
+        }
         // Training updates the running statistics (and the counter) in the
         // pass that computes the moments: one launch on a GPU.
         let running = match (&self.running, sync) {

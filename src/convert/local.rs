@@ -2,7 +2,7 @@
 //! `num_batches_tracked` counter, for the sites the rewriter keeps local.
 
 use super::display_path;
-use crate::layer::precise::PreciseSwitch;
+use crate::layer::precise::{BatchCount, PreciseSwitch};
 use crate::ops::{counter_value, increment_counter};
 use candle::{DType, Result, Tensor, Var};
 use candle_nn::{BatchNormConfig, Init, ModuleT, VarBuilder};
@@ -105,7 +105,11 @@ impl LocalBatchNorm {
 impl ModuleT for LocalBatchNorm {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let y = if train && self.precise.is_on() {
-            self.with_momentum_one()?.forward_t(x, true)?
+            let y = self.with_momentum_one()?.forward_t(x, true)?;
+            let channels = self.inner.running_mean().elem_count().max(1);
+            self.precise
+                .record(BatchCount::Local(x.elem_count() / channels));
+            y
         } else {
             self.inner.forward_t(x, train)?
         };

@@ -117,6 +117,7 @@ impl SyncBatchNorm {
                     if let Some(r) = &self.running {
                         self.update_running_composite(r, &mean, &var, &total)?;
                     }
+                    self.note_precise_batch(|| Ok(total.clone()))?;
                 }
                 (centered, mean, var.affine(1.0, eps)?.sqrt()?.recip()?)
             }

@@ -1,16 +1,20 @@
-//! Precise running statistics (`precise_bn`): on k in-process ranks, the
-//! recomputed statistics of a synchronized layer are the f64 average of the
-//! per-batch statistics of the global batches, identical on every rank; local
-//! layers get their rank's averages (or, averaged over the group, the same
-//! on every rank); frozen layers, weights, counters and momentum are left
-//! alone; errors leave the layers as they were.
+//! Precise running statistics (`precise_bn`): on 1 and on k in-process
+//! ranks, the recomputed statistics of a synchronized layer are those of the
+//! global batches combined — by default the population mean and variance of
+//! all their values (fvcore's `_PopulationVarianceEstimator`, written out
+//! below in f64), optionally the average of the batch means and unbiased
+//! variances (`_MeanOfBatchVarianceEstimator`) — identical on every rank;
+//! local layers get their rank's statistics (or, combined over the group,
+//! the same on every rank); a layer skipped in a batch does not count it;
+//! frozen layers, weights, counters and momentum are left alone; errors
+//! leave the layers as they were.
 
 use crate::common;
 
 use candle::{DType, Device, Tensor};
 use candle_nn::{ModuleT, VarBuilder, VarMap};
 use candle_syncbn::convert::checkpoint::{load_checkpoint, save_checkpoint, LoadOptions};
-use candle_syncbn::precise_bn::{update_bn_stats, PreciseBn};
+use candle_syncbn::precise_bn::{update_bn_stats, Estimator, PreciseBn};
 use candle_syncbn::{BatchNormLayer, BatchNormRewriter, Outcome, ProcessGroup};
 use common::{assert_close, channel_indices, scratch_dir, tensor, values, Rng};
 
@@ -21,6 +25,55 @@ const SIZES: [[usize; 3]; 4] = [[3, 5, 2], [4, 1, 6], [2, 2, 2], [5, 3, 1]];
 
 fn bits(t: &Tensor) -> Vec<u64> {
     values(t).iter().map(|v| v.to_bits()).collect()
+}
+
+/// One batch's statistics as a layer sees them, in f64: the values per
+/// channel, and per channel the mean and the unbiased variance.
+struct Batch {
+    n: f64,
+    mean: Vec<f64>,
+    var: Vec<f64>,
+}
+
+/// The [`Batch`] of `(N, C, *)` values (a variance of 0 for one value per
+/// channel, whose unbiased variance is not finite: the population formula
+/// multiplies it by `(n − 1)/n = 0`).
+fn batch(x: &[f64], shape: &[usize]) -> Batch {
+    let n = x.len() / shape[1];
+    let (mean, var) = batch_stats(x, shape);
+    let var = if n > 1 { var } else { vec![0.0; var.len()] };
+    Batch {
+        n: n as f64,
+        mean,
+        var,
+    }
+}
+
+/// fvcore's `_PopulationVarianceEstimator`, written out in f64: with
+/// `tot = Σ n`, `mean = Σ n·m / tot` and `var = Σ n·(m² + v·(n−1)/n) / tot −
+/// mean²` (the biased variance of all the values of all the batches).
+fn population(batches: &[Batch]) -> (Vec<f64>, Vec<f64>) {
+    let tot: f64 = batches.iter().map(|b| b.n).sum();
+    let c = batches[0].mean.len();
+    (0..c)
+        .map(|c| {
+            let mean = batches.iter().map(|b| b.n * b.mean[c]).sum::<f64>() / tot;
+            let square_mean = batches
+                .iter()
+                .map(|b| b.n * (b.mean[c].powi(2) + b.var[c] * (b.n - 1.0) / b.n))
+                .sum::<f64>()
+                / tot;
+            (mean, square_mean - mean * mean)
+        })
+        .unzip()
+}
+
+/// fvcore's `_MeanOfBatchVarianceEstimator`: the plain average of the batch
+/// means and unbiased variances.
+fn mean_of_batch_variances(batches: &[Batch]) -> (Vec<f64>, Vec<f64>) {
+    let means: Vec<_> = batches.iter().map(|b| b.mean.clone()).collect();
+    let vars: Vec<_> = batches.iter().map(|b| b.var.clone()).collect();
+    (average(&means), average(&vars))
 }
 
 /// Per-channel mean and unbiased variance of `(N, C, L)` values, in f64.
@@ -132,7 +185,11 @@ struct RankResult {
     step_input: Vec<f64>,
 }
 
-fn run_rank(group: ProcessGroup, average_local: bool) -> candle::Result<RankResult> {
+fn run_rank(
+    group: ProcessGroup,
+    average_local: bool,
+    estimator: Estimator,
+) -> candle::Result<RankResult> {
     let rank = group.rank();
     let varmap = VarMap::new();
     init(&varmap);
@@ -165,10 +222,11 @@ fn run_rank(group: ProcessGroup, average_local: bool) -> candle::Result<RankResu
     let weights_before = weights(&["neck.bn", "head.bn"]);
     let (mut neck_inputs, mut head_inputs) = (Vec::new(), Vec::new());
     let layers = model.layers();
+    let precise = PreciseBn::new(SIZES.len()).estimator(estimator);
     let precise = if average_local {
-        PreciseBn::new(SIZES.len()).average_local_over(group.clone())
+        precise.average_local_over(group.clone())
     } else {
-        PreciseBn::new(SIZES.len())
+        precise
     };
     precise.run(&[layers[0], layers[1], layers[2]], |i| {
         let (h1, h2) = model.forward(&data(rank, i), true)?;
@@ -212,11 +270,11 @@ fn run_rank(group: ProcessGroup, average_local: bool) -> candle::Result<RankResu
     })
 }
 
-fn run_ranks(average_local: bool) -> Vec<RankResult> {
+fn run_ranks(average_local: bool, estimator: Estimator) -> Vec<RankResult> {
     let handles: Vec<_> = ProcessGroup::threads(3)
         .unwrap()
         .into_iter()
-        .map(|g| std::thread::spawn(move || run_rank(g, average_local)))
+        .map(|g| std::thread::spawn(move || run_rank(g, average_local, estimator)))
         .collect();
     handles
         .into_iter()
@@ -229,25 +287,43 @@ fn global(parts: &[&Vec<f64>]) -> Vec<f64> {
     parts.iter().flat_map(|p| p.iter().copied()).collect()
 }
 
-#[test]
-fn precise_statistics_on_three_ranks_are_the_average_of_the_global_batches() {
-    let results = run_ranks(false);
-    // Reference: the average over the batches of each global batch's mean
-    // and unbiased variance, in f64 from the layer's actual inputs.
-    let (mut means, mut vars) = (Vec::new(), Vec::new());
-    for (i, sizes) in SIZES.iter().enumerate() {
-        let x = global(
-            &results
-                .iter()
-                .map(|r| &r.neck_inputs[i])
-                .collect::<Vec<_>>(),
-        );
-        let n: usize = sizes.iter().sum();
-        let (m, v) = batch_stats(&x, &[n, C, L]);
-        means.push(m);
-        vars.push(v);
-    }
-    let (ref_mean, ref_var) = (average(&means), average(&vars));
+/// Per-channel `(mean, var)`.
+type Stats = (Vec<f64>, Vec<f64>);
+
+/// An estimator's reference: the precise statistics of some batches.
+type Reference = fn(&[Batch]) -> Stats;
+
+/// The global batches the neck saw: every rank's inputs of batch `i`
+/// together, in f64 from the layer's actual inputs.
+fn neck_batches(results: &[RankResult]) -> Vec<Batch> {
+    SIZES
+        .iter()
+        .enumerate()
+        .map(|(i, sizes)| {
+            let x = global(
+                &results
+                    .iter()
+                    .map(|r| &r.neck_inputs[i])
+                    .collect::<Vec<_>>(),
+            );
+            batch(&x, &[sizes.iter().sum(), C, L])
+        })
+        .collect()
+}
+
+/// The batches `rank`'s local head saw.
+fn head_batches(r: &RankResult, rank: usize) -> Vec<Batch> {
+    (0..SIZES.len())
+        .map(|i| batch(&r.head_inputs[i], &[SIZES[i][rank], C, L]))
+        .collect()
+}
+
+/// 3 thread ranks, uneven batches: the synchronized layer gets `reference`
+/// of the global batches, bitwise equal on every rank; the local layer
+/// `reference` of its rank's batches; the rest is left alone.
+fn check_three_ranks(estimator: Estimator, reference: Reference) {
+    let results = run_ranks(false, estimator);
+    let (ref_mean, ref_var) = reference(&neck_batches(&results));
     for (rank, r) in results.iter().enumerate() {
         assert_close(
             &format!("rank {rank} neck mean"),
@@ -268,23 +344,15 @@ fn precise_statistics_on_three_ranks_are_the_average_of_the_global_batches() {
             "rank {rank}: synchronized stats differ"
         );
         // Local head: this rank's own batches.
-        let (hm, hv): (Vec<_>, Vec<_>) = (0..SIZES.len())
-            .map(|i| batch_stats(&r.head_inputs[i], &[SIZES[i][rank], C, L]))
-            .unzip();
+        let (hm, hv) = reference(&head_batches(r, rank));
         assert_close(
             &format!("rank {rank} head mean"),
             &r.head.0,
-            &average(&hm),
+            &hm,
             1e-6,
             1e-5,
         );
-        assert_close(
-            &format!("rank {rank} head var"),
-            &r.head.1,
-            &average(&hv),
-            1e-6,
-            1e-5,
-        );
+        assert_close(&format!("rank {rank} head var"), &r.head.1, &hv, 1e-6, 1e-5);
         assert_eq!(
             r.counters,
             (2, 2),
@@ -308,20 +376,44 @@ fn precise_statistics_on_three_ranks_are_the_average_of_the_global_batches() {
 }
 
 #[test]
-fn local_layers_averaged_over_the_group_agree_on_every_rank() {
-    let results = run_ranks(true);
-    let per_rank: Vec<(Vec<f64>, Vec<f64>)> = results
+fn precise_statistics_on_three_ranks_are_the_population_statistics_of_the_global_batches() {
+    check_three_ranks(Estimator::Population, population);
+}
+
+#[test]
+fn mean_of_batch_variances_on_three_ranks_averages_the_global_batches() {
+    check_three_ranks(Estimator::MeanOfBatchVariances, mean_of_batch_variances);
+}
+
+#[test]
+fn the_two_estimators_differ_on_these_batches() {
+    // Otherwise the tests above could not tell them apart.
+    let results = run_ranks(false, Estimator::Population);
+    let batches = neck_batches(&results);
+    let (pm, pv) = population(&batches);
+    let (mm, mv) = mean_of_batch_variances(&batches);
+    for c in 0..C {
+        assert!(
+            (pm[c] - mm[c]).abs() > 1e-3,
+            "channel {c}: means {pm:?} {mm:?}"
+        );
+        assert!(
+            (pv[c] - mv[c]).abs() > 1e-3 * mv[c],
+            "channel {c}: vars {pv:?} {mv:?}"
+        );
+    }
+}
+
+/// Local layers combined over the group: `reference` of every rank's
+/// batches together, bitwise equal on every rank.
+fn check_local_combined(estimator: Estimator, reference: Reference) {
+    let results = run_ranks(true, estimator);
+    let pooled: Vec<Batch> = results
         .iter()
         .enumerate()
-        .map(|(rank, r)| {
-            let (hm, hv): (Vec<_>, Vec<_>) = (0..SIZES.len())
-                .map(|i| batch_stats(&r.head_inputs[i], &[SIZES[i][rank], C, L]))
-                .unzip();
-            (average(&hm), average(&hv))
-        })
+        .flat_map(|(rank, r)| head_batches(r, rank))
         .collect();
-    let want_m = average(&per_rank.iter().map(|p| p.0.clone()).collect::<Vec<_>>());
-    let want_v = average(&per_rank.iter().map(|p| p.1.clone()).collect::<Vec<_>>());
+    let (want_m, want_v) = reference(&pooled);
     for (rank, r) in results.iter().enumerate() {
         assert_eq!(
             r.head_bits, results[0].head_bits,
@@ -331,9 +423,21 @@ fn local_layers_averaged_over_the_group_agree_on_every_rank() {
             r.neck_bits, results[0].neck_bits,
             "rank {rank}: synchronized stats differ"
         );
-        assert_close("averaged head mean", &r.head.0, &want_m, 1e-6, 1e-5);
-        assert_close("averaged head var", &r.head.1, &want_v, 1e-6, 1e-5);
+        assert_close("combined head mean", &r.head.0, &want_m, 1e-6, 1e-5);
+        assert_close("combined head var", &r.head.1, &want_v, 1e-6, 1e-5);
     }
+}
+
+#[test]
+fn local_layers_combined_over_the_group_are_the_population_of_all_ranks_batches() {
+    check_local_combined(Estimator::Population, population);
+}
+
+#[test]
+fn local_layers_averaged_over_the_group_agree_on_every_rank() {
+    // With every rank running every batch, the average over (rank, batch)
+    // is pycls's average over ranks of each rank's average.
+    check_local_combined(Estimator::MeanOfBatchVariances, mean_of_batch_variances);
 }
 
 /// A single-rank model with trained statistics, and its variables' bits.
@@ -384,7 +488,7 @@ fn errors_leave_the_layers_as_they_were() {
     .unwrap_err()
     .to_string();
     assert!(
-        err.contains("ran 4 training forward(s) over 2 batches"),
+        err.contains("'neck.bn' ran 2 training forwards in batch 0 of 2"),
         "{err}"
     );
     assert_eq!(snapshot(&varmap), before);
@@ -480,14 +584,104 @@ fn checkpoint_after_precise_statistics_loads_back_the_same_numbers() {
         extra.forward_t(&data(0, i), true).map(|_| ())
     })
     .unwrap();
-    let (m0, _) = batch_stats(&values(&data(0, 0)), &[SIZES[0][0], C, L]);
-    let (m1, _) = batch_stats(&values(&data(0, 1)), &[SIZES[1][0], C, L]);
+    let (want_m, want_v) = population(&[
+        batch(&values(&data(0, 0)), &[SIZES[0][0], C, L]),
+        batch(&values(&data(0, 1)), &[SIZES[1][0], C, L]),
+    ]);
     assert_close(
         "plain layer mean",
         &values(&extra.running_mean().unwrap()),
-        &average(&[m0, m1]),
+        &want_m,
+        1e-6,
+        1e-5,
+    );
+    assert_close(
+        "plain layer var",
+        &values(&extra.running_var().unwrap()),
+        &want_v,
         1e-6,
         1e-5,
     );
     assert_eq!(extra.num_batches_tracked().unwrap(), 0);
+    // The layer composed of candle ops (other devices' path) notes its
+    // global count too.
+    update_bn_stats(&[&extra], 2, |i| {
+        extra
+            .forward_composite_t(&data(0, i), None, false, true)
+            .map(|_| ())
+    })
+    .unwrap();
+    assert_close(
+        "composed layer var",
+        &values(&extra.running_var().unwrap()),
+        &want_v,
+        1e-6,
+        1e-5,
+    );
+}
+
+/// One rank, uneven batches, layers skipped in some batches: the neck skips
+/// batch 3, the head batch 2 and sees one value per channel in batch 1
+/// (with `single_value`). Returns the model's neck and head statistics and
+/// the batches each saw.
+fn run_with_skips(
+    estimator: Estimator,
+    single_value: bool,
+) -> (Stats, Stats, Vec<Batch>, Vec<Batch>) {
+    let (_varmap, model, _) = trained_single();
+    let (mut neck, mut head) = (Vec::new(), Vec::new());
+    let layers = model.layers();
+    PreciseBn::new(SIZES.len())
+        .estimator(estimator)
+        .run(&[layers[0], layers[1], layers[2]], |i| {
+            let x = data(0, i);
+            let h1 = model.backbone.forward_t(&x, true)?;
+            let h2 = if i == 3 {
+                h1
+            } else {
+                neck.push(batch(&values(&h1), h1.dims()));
+                model.neck.forward_relu_t(&h1, true)?
+            };
+            let h2 = if i == 1 && single_value {
+                h2.narrow(0, 0, 1)?.narrow(2, 1, 1)?
+            } else {
+                h2
+            };
+            if i != 2 {
+                head.push(batch(&values(&h2), h2.dims()));
+                model.head.forward_t(&h2, true)?;
+            }
+            Ok(())
+        })
+        .unwrap();
+    let stats = |l: &BatchNormLayer| {
+        (
+            values(&l.running_mean().unwrap()),
+            values(&l.running_var().unwrap()),
+        )
+    };
+    (stats(&model.neck), stats(&model.head), neck, head)
+}
+
+#[test]
+fn on_one_rank_layers_skipped_in_a_batch_do_not_count_it() {
+    let (neck, head, neck_batches, head_batches) = run_with_skips(Estimator::Population, true);
+    assert_eq!((neck_batches.len(), head_batches.len()), (3, 3));
+    assert_eq!(head_batches[1].n, 1.0);
+    let (m, v) = population(&neck_batches);
+    assert_close("neck mean", &neck.0, &m, 1e-6, 1e-5);
+    assert_close("neck var", &neck.1, &v, 1e-6, 1e-5);
+    let (m, v) = population(&head_batches);
+    assert_close("head mean", &head.0, &m, 1e-6, 1e-5);
+    assert_close("head var", &head.1, &v, 1e-6, 1e-5);
+    // The old estimator skips alike (one value per channel has no unbiased
+    // variance, so every batch holds several here).
+    let (neck, head, neck_batches, head_batches) =
+        run_with_skips(Estimator::MeanOfBatchVariances, false);
+    let (m, v) = mean_of_batch_variances(&neck_batches);
+    assert_close("old neck mean", &neck.0, &m, 1e-6, 1e-5);
+    assert_close("old neck var", &neck.1, &v, 1e-6, 1e-5);
+    let (m, v) = mean_of_batch_variances(&head_batches);
+    assert_close("old head mean", &head.0, &m, 1e-6, 1e-5);
+    assert_close("old head var", &head.1, &v, 1e-6, 1e-5);
 }
