@@ -18,6 +18,7 @@ mod default;
 mod handshake;
 #[cfg(feature = "nccl")]
 mod nccl;
+mod ring;
 mod single;
 mod store;
 mod subgroup;
