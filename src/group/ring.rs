@@ -44,11 +44,6 @@ use std::net::{IpAddr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// All-reduces of at least this many bytes take the ring (the default of
-/// `StoreOptions::ring_min_bytes`); below it, the star's single round trip
-/// through rank 0 is faster than the ring's `2 (W-1)` steps.
-pub(crate) const DEFAULT_RING_MIN_BYTES: u64 = 256 * 1024;
-
 const LINK_MAGIC: [u8; 4] = *b"SBRL";
 const STEP_MAGIC: [u8; 4] = *b"SBRS";
 /// The version of the ring protocol (links and step frames).
@@ -210,7 +205,10 @@ impl Record {
         let ip: [u8; 16] = b[1..17].try_into().expect("16 bytes");
         let ip = Ipv6Addr::from(ip).to_canonical();
         let port = u16::from_le_bytes([b[17], b[18]]);
-        let end = b[64..].iter().position(|&c| c == 0).map_or(b.len(), |i| 64 + i);
+        let end = b[64..]
+            .iter()
+            .position(|&c| c == 0)
+            .map_or(b.len(), |i| 64 + i);
         Record {
             state: b[0],
             addr: SocketAddr::new(ip, port),
@@ -261,7 +259,12 @@ impl Ring {
     /// Sets up the ring links of the group over `star` (a collective: every
     /// rank calls it right after the rendezvous). `None` when some rank
     /// turned the ring off (`ring_min_bytes == u64::MAX`).
-    pub fn connect(star: &mut Star, rank: usize, world: usize, token: &[u8]) -> Result<Option<Ring>> {
+    pub fn connect(
+        star: &mut Star,
+        rank: usize,
+        world: usize,
+        token: &[u8],
+    ) -> Result<Option<Ring>> {
         let options = *star.options();
         let start = Instant::now();
         let deadline = start + options.rendezvous_timeout;
@@ -317,7 +320,9 @@ impl Ring {
             let t = token.clone();
             let connector = std::thread::Builder::new()
                 .name("syncbn-ring-link".into())
-                .spawn_scoped(s, move || connect_next(next_addr, link(rank, next), &t, deadline));
+                .spawn_scoped(s, move || {
+                    connect_next(next_addr, link(rank, next), &t, deadline)
+                });
             let from_prev = accept_prev(&listener, link(prev, rank), &token, deadline);
             let to_next = match connector {
                 Ok(h) => h
@@ -390,7 +395,9 @@ impl Ring {
                 // rank r then holds the sum of chunk r+1. All-gather: pass
                 // the summed chunks on, one step behind.
                 let (send, recv) = match phase {
-                    Phase::ReduceScatter => (chunk((r + w - s) % w), chunk((r + 2 * w - s - 1) % w)),
+                    Phase::ReduceScatter => {
+                        (chunk((r + w - s) % w), chunk((r + 2 * w - s - 1) % w))
+                    }
                     Phase::AllGather => (chunk((r + 1 + w - s) % w), chunk((r + w - s) % w)),
                 };
                 let header = |len: usize| StepHeader {
@@ -446,9 +453,9 @@ impl Ring {
                     &e,
                     timeout,
                 ),
-                RecvError::Header(got) => format!(
-                    "rank {rank} expected {inn} of {what}, rank {prev_rank} sent {got}"
-                ),
+                RecvError::Header(got) => {
+                    format!("rank {rank} expected {inn} of {what}, rank {prev_rank} sent {got}")
+                }
             });
             if read.is_err() {
                 // Unblock the writer at once.
@@ -547,10 +554,11 @@ fn recv_chunk<T: RingElem>(
     if hb != expect.encode() {
         let u32_at = |i: usize| u32::from_le_bytes(hb[i..i + 4].try_into().expect("4 bytes"));
         let u64_at = |i: usize| u64::from_le_bytes(hb[i..i + 8].try_into().expect("8 bytes"));
-        return Err(RecvError::Header(if hb[0..4] != STEP_MAGIC || hb[4] != RING_VERSION {
-            "a frame that is not a ring step of this protocol version".into()
-        } else {
-            format!(
+        return Err(RecvError::Header(
+            if hb[0..4] != STEP_MAGIC || hb[4] != RING_VERSION {
+                "a frame that is not a ring step of this protocol version".into()
+            } else {
+                format!(
                 "phase {} step {} of ring call #{} (dtype code {}, tag {:#010x}, {} of {} elements)",
                 hb[5],
                 u32_at(8),
@@ -560,7 +568,8 @@ fn recv_chunk<T: RingElem>(
                 u64_at(32),
                 u64_at(24)
             )
-        }));
+            },
+        ));
     }
     if expect.phase == Phase::AllGather {
         read_full(prev, bytemuck::cast_slice_mut(recv), deadline)?;
@@ -886,7 +895,10 @@ mod tests {
             message: "x".repeat(1000),
         };
         let d = Record::decode(&r.encode());
-        assert_eq!((d.state, d.addr, d.min_bytes, d.session), (1, r.addr, 12345, r.session));
+        assert_eq!(
+            (d.state, d.addr, d.min_bytes, d.session),
+            (1, r.addr, 12345, r.session)
+        );
         assert_eq!(d.message.len(), RECORD_LEN - 64);
         let v6 = Record {
             addr: "[::1]:7".parse().unwrap(),
@@ -948,7 +960,9 @@ mod tests {
                             return (String::new(), Duration::ZERO);
                         }
                         let start = Instant::now();
-                        let e = ring.all_reduce(&mut data, CallTag::UNTAGGED, &"test").unwrap_err();
+                        let e = ring
+                            .all_reduce(&mut data, CallTag::UNTAGGED, &"test")
+                            .unwrap_err();
                         // What the TCP group does on failure: close the ring.
                         drop(ring);
                         (e, start.elapsed())

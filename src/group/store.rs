@@ -404,6 +404,11 @@ pub(crate) fn io_error(rank: usize, doing: &str, e: &io::Error, timeout: Duratio
 /// order); an `Err` is reported to every rank.
 pub(crate) type Reduce<'a> = dyn Fn(&[Vec<u8>]) -> std::result::Result<Vec<u8>, String> + 'a;
 
+/// All-reduces of at least this many bytes take the TCP group's ring (the
+/// default of [`StoreOptions::ring_min_bytes`]); below it, the star's single
+/// round trip through rank 0 is faster than the ring's `2 (W-1)` steps.
+const DEFAULT_RING_MIN_BYTES: u64 = 256 * 1024;
+
 /// Tunables of the multi-process groups.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StoreOptions {
@@ -429,16 +434,28 @@ impl Default for StoreOptions {
             timeout: crate::group::DEFAULT_TIMEOUT,
             rendezvous_timeout: crate::group::DEFAULT_TIMEOUT,
             max_message_bytes: 1 << 31,
-            ring_min_bytes: super::ring::DEFAULT_RING_MIN_BYTES,
+            ring_min_bytes: DEFAULT_RING_MIN_BYTES,
         }
     }
 }
 
 impl StoreOptions {
     /// The defaults, with the timeouts from `SYNCBN_TIMEOUT` (seconds, for both
-    /// the collectives and the rendezvous) when set.
+    /// the collectives and the rendezvous) and
+    /// [`ring_min_bytes`](Self::ring_min_bytes) from `SYNCBN_RING_MIN_BYTES`
+    /// (`off`: no ring) when set.
     pub fn from_env() -> Result<Self> {
         let mut o = Self::default();
+        if let Ok(v) = std::env::var("SYNCBN_RING_MIN_BYTES") {
+            o.ring_min_bytes = match v.trim() {
+                "off" => u64::MAX,
+                t => t.parse().map_err(|_| {
+                    candle::Error::Msg(format!(
+                        "SYNCBN_RING_MIN_BYTES: expected a number of bytes or `off`, got {v:?}"
+                    ))
+                })?,
+            };
+        }
         if let Ok(v) = std::env::var("SYNCBN_TIMEOUT") {
             let secs: f64 = v
                 .trim()

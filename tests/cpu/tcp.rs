@@ -41,8 +41,8 @@ fn run_with<T: Send + 'static>(
         .map(|r| {
             let (f, pf) = (f.clone(), pf.clone());
             std::thread::spawn(move || {
-                let g = ProcessGroup::tcp(&loopback_rendezvous(r, world, &pf, "tok"), options)
-                    .unwrap();
+                let g =
+                    ProcessGroup::tcp(&loopback_rendezvous(r, world, &pf, "tok"), options).unwrap();
                 f(g)
             })
         })
@@ -309,7 +309,8 @@ fn a_stack_of_same_shaped_layers_matches_one_rank() {
 /// Rank `r`'s value at `i`: magnitudes from 1e-3 to 1e7 and both signs, so
 /// that the order of the additions shows in the rounding.
 fn ring_value(r: usize, i: usize) -> f64 {
-    let mut z = (r as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (i as u64).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    let mut z = (r as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ (i as u64).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 29)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^= z >> 32;
     let unit = (z % 1_000_003) as f64 / 1_000_003.0 - 0.5;
@@ -343,10 +344,7 @@ fn ring_all_reduce_sums_in_a_fixed_order_on_every_rank() {
     for world in [2, 3, 4] {
         // The default threshold (256 KiB) with a count above it, and every
         // call on the ring for small counts.
-        for (ring_min_bytes, counts) in [
-            (256 << 10, vec![65_539]),
-            (0, vec![1, 3, 5, 1_001]),
-        ] {
+        for (ring_min_bytes, counts) in [(256 << 10, vec![65_539]), (0, vec![1, 3, 5, 1_001])] {
             let options = TcpOptions {
                 ring_min_bytes,
                 ..opts(10_000)
@@ -391,8 +389,9 @@ fn ring_all_reduce_sums_in_a_fixed_order_on_every_rank() {
                 }
                 for i in 0..n {
                     let exact: f64 = (0..world).map(|r| ring_value(r, i) as f32 as f64).sum();
-                    let magnitude: f64 =
-                        (0..world).map(|r| (ring_value(r, i) as f32 as f64).abs()).sum();
+                    let magnitude: f64 = (0..world)
+                        .map(|r| (ring_value(r, i) as f32 as f64).abs())
+                        .sum();
                     let ctx = format!("world {world}, n {n}, element {i}");
                     assert_eq!(
                         a0[i].to_bits(),
