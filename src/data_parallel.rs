@@ -89,7 +89,7 @@ pub fn broadcast_varmap(varmap: &VarMap, group: &ProcessGroup, root: usize) -> R
 
 /// Replaces each gradient in `grads` of a floating-point variable of `varmap`
 /// by its average over the ranks of `group`, with buckets of 25 MiB, as
-/// PyTorch's DDP (see [`average_gradients_bucketed`]).
+/// PyTorch's DDP (see [`average_gradients_with`]).
 pub fn average_gradients(
     varmap: &VarMap,
     grads: &mut candle::backprop::GradStore,
@@ -99,19 +99,61 @@ pub fn average_gradients(
 }
 
 /// Like [`average_gradients`] with buckets of at most `bucket_bytes`.
-///
-/// The floating-point variables are taken in name order; a variable that has
-/// a gradient on some rank but not on this one (e.g. a branch this rank did
-/// not take) counts as a zero gradient here, and one without a gradient on
-/// any rank (running statistics, frozen weights) is left alone. The
-/// gradients are concatenated per bucket (f64 stays f64, the other float
-/// dtypes are reduced in f32), summed with one all-reduce per bucket and
-/// divided by the world size: `1 + number of buckets` collectives in all.
 pub fn average_gradients_bucketed(
     varmap: &VarMap,
     grads: &mut candle::backprop::GradStore,
     group: &ProcessGroup,
     bucket_bytes: usize,
+) -> Result<()> {
+    let options = AverageOptions {
+        bucket_bytes,
+        ..AverageOptions::default()
+    };
+    average_gradients_with(varmap, grads, group, &options)
+}
+
+/// How [`average_gradients_with`] averages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AverageOptions {
+    /// The largest bucket, in bytes of the reduced dtype (default 25 MiB, as
+    /// PyTorch's DDP); a larger gradient gets a bucket of its own.
+    pub bucket_bytes: usize,
+    /// Reduce bf16 and f16 gradients in their own dtype (half the bytes on
+    /// the wire, as PyTorch's DDP does) instead of f32 (the default: each
+    /// rank's gradient rounded once to f32, summed in f32, rounded once back).
+    pub half_in_own_dtype: bool,
+}
+
+impl Default for AverageOptions {
+    fn default() -> Self {
+        Self {
+            bucket_bytes: DEFAULT_BUCKET_BYTES,
+            half_in_own_dtype: false,
+        }
+    }
+}
+
+/// Replaces each gradient in `grads` of a floating-point variable of `varmap`
+/// by its average over the ranks of `group`.
+///
+/// The floating-point variables are taken in name order; a variable that has
+/// a gradient on some rank but not on this one (e.g. a branch this rank did
+/// not take) counts as a zero gradient here, and one without a gradient on
+/// any rank (running statistics, frozen weights) is left alone. Per bucket
+/// (a run of variables of one reduced dtype, at most
+/// [`AverageOptions::bucket_bytes`]), the gradients are packed once into one
+/// flat tensor, converted to the reduced dtype (f64 stays f64, f32 and, by
+/// default, bf16/f16 are reduced in f32) and divided by the world size in the
+/// same pass (on the CPU; on a GPU the division is a second pass on the
+/// device), summed with one all-reduce, and handed back to `grads` as views
+/// of the sum (converted back for half-precision variables reduced in f32):
+/// `1 + number of buckets` collectives in all, one bucket of extra memory at
+/// a time besides what the backend stages.
+pub fn average_gradients_with(
+    varmap: &VarMap,
+    grads: &mut candle::backprop::GradStore,
+    group: &ProcessGroup,
+    options: &AverageOptions,
 ) -> Result<()> {
     let world = group.world_size();
     if world == 1 {
@@ -137,12 +179,10 @@ pub fn average_gradients_bucketed(
         .filter(|(_, h)| *h > 0.0)
         .map(|(v, _)| v)
         .collect();
-    let reduce_dtype = |d: DType| {
-        if d == DType::F64 {
-            DType::F64
-        } else {
-            DType::F32
-        }
+    let reduce_dtype = |d: DType| match d {
+        DType::F64 => DType::F64,
+        DType::BF16 | DType::F16 if options.half_in_own_dtype => d,
+        _ => DType::F32,
     };
     let items: Vec<(DType, usize)> = used
         .iter()
@@ -151,11 +191,10 @@ pub fn average_gradients_bucketed(
             (d, v.elem_count() * d.size_in_bytes())
         })
         .collect();
-    let scale = 1.0 / world as f64;
-    for range in buckets(&items, bucket_bytes.max(1)) {
+    for range in buckets(&items, options.bucket_bytes.max(1)) {
         let part = &used[range.clone()];
         let dtype = items[range.start].0;
-        let flat: Vec<Tensor> = part
+        let parts: Vec<crate::grad_pack::Part> = part
             .iter()
             .map(|(name, v)| match grads.get(v) {
                 Some(g) if g.shape() != v.shape() => candle::bail!(
@@ -163,12 +202,13 @@ pub fn average_gradients_bucketed(
                     g.dims(),
                     v.dims()
                 ),
-                Some(g) => g.to_dtype(dtype)?.flatten_all(),
-                None => Tensor::zeros(v.elem_count(), dtype, v.device()),
+                g => Ok((g, v.elem_count())),
             })
             .collect::<Result<_>>()?;
-        let flat = Tensor::cat(&flat, 0)?;
-        let mean = group.all_reduce_sum(&flat)?.affine(scale, 0.0)?;
+        let flat = crate::grad_pack::pack_scaled(&parts, dtype, world, &device)?;
+        drop(parts);
+        let mean = group.all_reduce_sum(&flat)?;
+        drop(flat);
         let shapes: Vec<&candle::Shape> = part.iter().map(|(_, v)| v.shape()).collect();
         for ((_, var), g) in part.iter().zip(unflatten(&mean, &shapes)?) {
             grads.insert(var.as_tensor(), g.to_dtype(var.dtype())?);

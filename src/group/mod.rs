@@ -19,6 +19,7 @@ mod handshake;
 #[cfg(feature = "nccl")]
 mod nccl;
 mod pending;
+mod ring;
 mod single;
 mod store;
 mod subgroup;
@@ -68,7 +69,9 @@ pub trait Backend: Send + Sync + fmt::Debug {
 
     /// Element-wise sum of `tensor` over all ranks.
     ///
-    /// Every rank passes a tensor of the same shape and dtype (f32 or f64) and
+    /// Every rank passes a tensor of the same shape and dtype (f32 or f64;
+    /// the crate's backends take bf16 and f16 too, which
+    /// [`crate::data_parallel::AverageOptions::half_in_own_dtype`] needs) and
     /// receives the sum, on the device of its own input.
     fn all_reduce_sum(&self, tensor: &Tensor) -> Result<Tensor>;
 

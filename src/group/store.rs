@@ -330,7 +330,7 @@ impl Header {
 }
 
 /// Reads exactly `buf.len()` bytes before `deadline`.
-fn read_full(s: &mut TcpStream, buf: &mut [u8], deadline: Instant) -> io::Result<()> {
+pub(crate) fn read_full(s: &mut TcpStream, buf: &mut [u8], deadline: Instant) -> io::Result<()> {
     let mut off = 0;
     while off < buf.len() {
         let now = Instant::now();
@@ -355,7 +355,7 @@ fn read_full(s: &mut TcpStream, buf: &mut [u8], deadline: Instant) -> io::Result
 }
 
 /// Writes all of `buf` before `deadline`.
-fn write_full(s: &mut TcpStream, buf: &[u8], deadline: Instant) -> io::Result<()> {
+pub(crate) fn write_full(s: &mut TcpStream, buf: &[u8], deadline: Instant) -> io::Result<()> {
     let mut off = 0;
     while off < buf.len() {
         let now = Instant::now();
@@ -393,7 +393,7 @@ fn write_frame(s: &mut TcpStream, h: &Header, payload: &[u8], deadline: Instant)
 }
 
 /// Why talking to `rank` failed, in words.
-fn io_error(rank: usize, doing: &str, e: &io::Error, timeout: Duration) -> String {
+pub(crate) fn io_error(rank: usize, doing: &str, e: &io::Error, timeout: Duration) -> String {
     match e.kind() {
         io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => format!(
             "rank {rank} did not answer within {timeout:?} while {doing} (it stopped responding, or is stuck before this collective)"
@@ -412,6 +412,11 @@ fn io_error(rank: usize, doing: &str, e: &io::Error, timeout: Duration) -> Strin
 /// order); an `Err` is reported to every rank.
 pub(crate) type Reduce<'a> = dyn Fn(&[Vec<u8>]) -> std::result::Result<Vec<u8>, String> + 'a;
 
+/// All-reduces of at least this many bytes take the TCP group's ring (the
+/// default of [`StoreOptions::ring_min_bytes`]); below it, the star's single
+/// round trip through rank 0 is faster than the ring's `2 (W-1)` steps.
+const DEFAULT_RING_MIN_BYTES: u64 = 256 * 1024;
+
 /// Tunables of the multi-process groups.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StoreOptions {
@@ -422,6 +427,13 @@ pub struct StoreOptions {
     pub rendezvous_timeout: Duration,
     /// The largest payload a rank accepts in one frame.
     pub max_message_bytes: u64,
+    /// TCP group: all-reduces of at least this many bytes run over a ring of
+    /// direct rank-to-rank connections (reduce-scatter + all-gather, summed
+    /// in the tensor's dtype), smaller ones through rank 0 (summed in f64).
+    /// Rank 0's value holds for every rank; `u64::MAX` on any rank opens no
+    /// ring links (every all-reduce goes through rank 0). The NCCL group
+    /// ignores it.
+    pub ring_min_bytes: u64,
 }
 
 impl Default for StoreOptions {
@@ -430,15 +442,28 @@ impl Default for StoreOptions {
             timeout: crate::group::DEFAULT_TIMEOUT,
             rendezvous_timeout: crate::group::DEFAULT_TIMEOUT,
             max_message_bytes: 1 << 31,
+            ring_min_bytes: DEFAULT_RING_MIN_BYTES,
         }
     }
 }
 
 impl StoreOptions {
     /// The defaults, with the timeouts from `SYNCBN_TIMEOUT` (seconds, for both
-    /// the collectives and the rendezvous) when set.
+    /// the collectives and the rendezvous) and
+    /// [`ring_min_bytes`](Self::ring_min_bytes) from `SYNCBN_RING_MIN_BYTES`
+    /// (`off`: no ring) when set.
     pub fn from_env() -> Result<Self> {
         let mut o = Self::default();
+        if let Ok(v) = std::env::var("SYNCBN_RING_MIN_BYTES") {
+            o.ring_min_bytes = match v.trim() {
+                "off" => u64::MAX,
+                t => t.parse().map_err(|_| {
+                    candle::Error::Msg(format!(
+                        "SYNCBN_RING_MIN_BYTES: expected a number of bytes or `off`, got {v:?}"
+                    ))
+                })?,
+            };
+        }
         if let Ok(v) = std::env::var("SYNCBN_TIMEOUT") {
             let secs: f64 = v
                 .trim()
@@ -550,6 +575,26 @@ impl Star {
             seq: 0,
             failure: None,
         })
+    }
+
+    /// The local address of this rank's connection to rank 0 (rank 0: of
+    /// its connection to rank 1): an address the other ranks can reach.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        match &self.links {
+            Links::Root(peers) => peers.iter().flatten().next()?.local_addr().ok(),
+            Links::Leaf(link) => link.as_ref()?.local_addr().ok(),
+        }
+    }
+
+    /// Numbers the next collective #0 again (every rank calls it at the same
+    /// point): the group's setup exchanges do not count in what users see.
+    pub fn restart_numbering(&mut self) {
+        self.seq = 0;
+    }
+
+    /// The options the star was made with.
+    pub fn options(&self) -> &StoreOptions {
+        &self.options
     }
 
     /// Marks the star failed (if it is not already), tells the other ranks

@@ -1,14 +1,20 @@
 //! The TCP group: one process per rank (on one or several machines), talking
 //! over the authenticated star of connections made by the rendezvous (see the
-//! `store` module).
+//! `store` module) and, for large all-reduces, over a ring of direct
+//! rank-to-rank connections (see the `ring` module).
 //!
-//! An all-reduce sends every rank's values to rank 0, which sums them in f64 in
-//! rank order (f32 inputs are rounded once, at the end) and sends the sum back:
-//! the result is the same on every rank and bitwise reproducible run to run.
-//! Tensors on any device work; they are staged through host memory (so several
-//! processes may share one GPU, e.g. in tests).
+//! An all-reduce smaller than [`StoreOptions::ring_min_bytes`] (the layers'
+//! statistics) sends every rank's values to rank 0, which sums them in f64 in
+//! rank order (f32 inputs are rounded once, at the end) and sends the sum
+//! back: one round trip. A larger one (gradients) runs as a ring
+//! reduce-scatter + all-gather, summed in the tensor's own dtype in a fixed
+//! order. Either way the result is the same on every rank, bit for bit, and
+//! bitwise reproducible run to run. Tensors on any device work; they are
+//! staged through host memory (so several processes may share one GPU, e.g.
+//! in tests).
 
-use super::store::{dtype_code, Call, Op, Star, StoreOptions};
+use super::ring::{Ring, RingElem};
+use super::store::{dtype_code, Call, Op, Star, StoreOptions, FLAG_META_ONLY};
 use super::{Backend, CallTag};
 use crate::rendezvous::Rendezvous;
 use candle::{DType, Device, Result, Tensor};
@@ -22,7 +28,13 @@ pub type TcpOptions = StoreOptions;
 pub struct TcpBackend {
     rank: usize,
     world_size: usize,
-    star: Mutex<Star>,
+    links: Mutex<Links>,
+}
+
+/// The connections of one rank: the star, and the ring while it works.
+struct Links {
+    star: Star,
+    ring: Option<Ring>,
 }
 
 impl fmt::Debug for TcpBackend {
@@ -91,7 +103,8 @@ pub(crate) fn tensor_from_bytes(
     t.to_device(device)
 }
 
-/// Sums the payloads (f32 or f64 little-endian values) in rank order, in f64.
+/// Sums the payloads (little-endian values of a float dtype) in rank order,
+/// in f64, rounded once to the dtype at the end.
 fn sum_in_rank_order(payloads: &[Vec<u8>], dtype: DType) -> std::result::Result<Vec<u8>, String> {
     let n = payloads[0].len() / dtype.size_in_bytes();
     // -0.0 is the identity of IEEE addition (+0.0 is not: +0.0 + -0.0 = +0.0),
@@ -109,29 +122,87 @@ fn sum_in_rank_order(payloads: &[Vec<u8>], dtype: DType) -> std::result::Result<
                     *a += f64::from_le_bytes(c.try_into().expect("8 bytes"));
                 }
             }
+            DType::BF16 => {
+                for (a, c) in acc.iter_mut().zip(p.chunks_exact(2)) {
+                    *a += half::bf16::from_le_bytes([c[0], c[1]]).to_f64();
+                }
+            }
+            DType::F16 => {
+                for (a, c) in acc.iter_mut().zip(p.chunks_exact(2)) {
+                    *a += half::f16::from_le_bytes([c[0], c[1]]).to_f64();
+                }
+            }
             d => return Err(format!("internal error: sum of {d:?}")),
         }
     }
     Ok(match dtype {
         DType::F32 => acc.iter().flat_map(|v| (*v as f32).to_le_bytes()).collect(),
+        DType::BF16 => acc
+            .iter()
+            .flat_map(|v| half::bf16::from_f64(*v).to_le_bytes())
+            .collect(),
+        DType::F16 => acc
+            .iter()
+            .flat_map(|v| half::f16::from_f64(*v).to_le_bytes())
+            .collect(),
         _ => acc.iter().flat_map(|v| v.to_le_bytes()).collect(),
     })
+}
+
+/// The sum of `tensor` over the ring (see the `ring` module): its values as
+/// a host vector, then the star's check that every rank makes this call
+/// (`call`, `tag`), then the ring. A ring failure closes the ring and poisons
+/// the star, so that every later call fails at once.
+fn ring_all_reduce<T: RingElem>(
+    links: &mut Links,
+    tensor: &Tensor,
+    call: Call,
+    tag: CallTag,
+) -> Result<Tensor> {
+    let mut values = tensor.flatten_all()?.to_vec1::<T>()?;
+    let check = Call {
+        flags: FLAG_META_ONLY,
+        ..call
+    };
+    if let Err(e) = links
+        .star
+        .exchange_tagged(check, tag, &[], &|_| Ok(Vec::new()))
+    {
+        links.ring = None;
+        return Err(e);
+    }
+    let ring = links.ring.as_mut().expect("the ring is up");
+    let what = match tag {
+        CallTag::UNTAGGED => call.to_string(),
+        tag => format!("{call} for {tag}"),
+    };
+    if let Err(m) = ring.all_reduce(&mut values, tag, &what) {
+        links.ring = None;
+        return Err(links.star.fail(format!("tcp group: {m}")));
+    }
+    Tensor::from_vec(values, tensor.shape(), &Device::Cpu)?.to_device(tensor.device())
 }
 
 impl TcpBackend {
     /// Joins the group described by `rv` (blocks until every rank has joined,
     /// or fails after `options.rendezvous_timeout`).
     pub fn connect(rv: &Rendezvous, options: TcpOptions) -> Result<Self> {
-        let star = Star::connect(rv, options)?;
+        let mut star = Star::connect(rv, options)?;
+        let ring = if rv.world_size > 1 {
+            let token = rv.token.clone().unwrap_or_default().into_bytes();
+            Ring::connect(&mut star, rv.rank, rv.world_size, &token)?
+        } else {
+            None
+        };
         Ok(Self {
             rank: rv.rank,
             world_size: rv.world_size,
-            star: Mutex::new(star),
+            links: Mutex::new(Links { star, ring }),
         })
     }
 
-    fn star(&self) -> MutexGuard<'_, Star> {
-        self.star.lock().unwrap_or_else(|e| e.into_inner())
+    fn links(&self) -> MutexGuard<'_, Links> {
+        self.links.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn call(op: Op, t: &Tensor, root: usize) -> Result<Call> {
@@ -167,13 +238,26 @@ impl Backend for TcpBackend {
 
     fn all_reduce_sum_tagged(&self, tensor: &Tensor, tag: CallTag) -> Result<Tensor> {
         let dtype = tensor.dtype();
-        if !matches!(dtype, DType::F32 | DType::F64) {
-            candle::bail!("tcp group: all_reduce_sum expects an f32 or f64 tensor, got {dtype:?}")
+        if !dtype.is_float() || dtype_code(dtype) == 255 {
+            candle::bail!(
+                "tcp group: all_reduce_sum expects an f32, f64, bf16 or f16 tensor, got {dtype:?}"
+            )
         }
         let call = Self::call(Op::AllReduceSum, tensor, 0)?;
+        let mut links = self.links();
+        let bytes = (tensor.elem_count() * dtype.size_in_bytes()) as u64;
+        if links.ring.as_ref().is_some_and(|r| bytes >= r.min_bytes()) {
+            let links = &mut *links;
+            return match dtype {
+                DType::F32 => ring_all_reduce::<f32>(links, tensor, call, tag),
+                DType::F64 => ring_all_reduce::<f64>(links, tensor, call, tag),
+                DType::BF16 => ring_all_reduce::<half::bf16>(links, tensor, call, tag),
+                _ => ring_all_reduce::<half::f16>(links, tensor, call, tag),
+            };
+        }
         let bytes = tensor_to_bytes(tensor)?;
         let reduce = |p: &[Vec<u8>]| sum_in_rank_order(p, dtype);
-        let out = self.star().exchange_tagged(call, tag, &bytes, &reduce)?;
+        let out = links.star.exchange_tagged(call, tag, &bytes, &reduce)?;
         tensor_from_bytes(&out, dtype, tensor.shape(), tensor.device())
     }
 
@@ -185,7 +269,7 @@ impl Backend for TcpBackend {
             Vec::new()
         };
         let reduce = |p: &[Vec<u8>]| Ok(p[root].clone());
-        let out = self.star().exchange(call, &bytes, &reduce)?;
+        let out = self.links().star.exchange(call, &bytes, &reduce)?;
         tensor_from_bytes(&out, tensor.dtype(), tensor.shape(), tensor.device())
     }
 
@@ -197,7 +281,7 @@ impl Backend for TcpBackend {
             root: 0,
             flags: 0,
         };
-        self.star().exchange(call, &[], &|_| Ok(Vec::new()))?;
+        self.links().star.exchange(call, &[], &|_| Ok(Vec::new()))?;
         Ok(())
     }
 

@@ -4,9 +4,126 @@
 use candle::{DType, Device, Tensor};
 use candle_nn::{Init, VarBuilder, VarMap};
 use candle_syncbn::data_parallel::{
-    average_gradients_bucketed, broadcast_varmap, save_varmap_atomic,
+    average_gradients_bucketed, average_gradients_with, broadcast_varmap, save_varmap_atomic,
+    AverageOptions,
 };
+use candle_syncbn::group::Backend;
 use candle_syncbn::ProcessGroup;
+use std::sync::{Arc, Mutex};
+
+/// A backend that logs the dtype and size of every all-reduce, over an
+/// in-process group.
+#[derive(Debug)]
+struct Logged {
+    inner: ProcessGroup,
+    log: Arc<Mutex<Vec<(DType, usize)>>>,
+}
+
+impl Backend for Logged {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+    fn world_size(&self) -> usize {
+        self.inner.world_size()
+    }
+    fn all_reduce_sum(&self, t: &Tensor) -> candle::Result<Tensor> {
+        self.log.lock().unwrap().push((t.dtype(), t.elem_count()));
+        self.inner.all_reduce_sum(t)
+    }
+    fn broadcast(&self, t: &Tensor, root: usize) -> candle::Result<Tensor> {
+        self.inner.broadcast(t, root)
+    }
+    fn name(&self) -> &str {
+        "logged"
+    }
+}
+
+/// bf16 and f16 gradients are reduced in f32 by default and in their own
+/// dtype on request (half the bytes, as PyTorch's DDP); either way the
+/// average comes back in the variable's dtype, and the division by the
+/// world size is folded into the pack (the sum of the packed values is the
+/// average).
+#[test]
+fn half_gradients_reduce_in_f32_or_in_their_own_dtype() {
+    for own in [false, true] {
+        let groups = ProcessGroup::threads(3).unwrap();
+        let handles: Vec<_> = groups
+            .into_iter()
+            .map(|inner| {
+                std::thread::spawn(move || {
+                    let log = Arc::new(Mutex::new(Vec::new()));
+                    let g = ProcessGroup::from_backend(Logged {
+                        inner,
+                        log: log.clone(),
+                    });
+                    let r = g.rank() as f32;
+                    let varmap = VarMap::new();
+                    let vb = VarBuilder::from_varmap(&varmap, DType::BF16, &Device::Cpu);
+                    let h = vb.get_with_hints(7, "h", Init::Const(0.0)).unwrap();
+                    let f = vb
+                        .get_with_hints_dtype(3, "f", Init::Const(0.0), DType::F16)
+                        .unwrap();
+                    // Gradients (i + 1)(r + 1) for h and (r, -2r, 1/2) for f.
+                    let gh: Vec<f32> = (0..7).map(|i| (i as f32 + 1.0) * (r + 1.0)).collect();
+                    let gh = Tensor::new(gh, &Device::Cpu)
+                        .unwrap()
+                        .to_dtype(DType::BF16)
+                        .unwrap();
+                    let gf = Tensor::new(&[r, -2.0 * r, 0.5], &Device::Cpu).unwrap();
+                    let gf = gf.to_dtype(DType::F16).unwrap();
+                    let loss = (h
+                        .mul(&gh)
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                        .to_dtype(DType::F32)
+                        .unwrap()
+                        + f.mul(&gf)
+                            .unwrap()
+                            .sum_all()
+                            .unwrap()
+                            .to_dtype(DType::F32)
+                            .unwrap())
+                    .unwrap();
+                    let mut grads = loss.backward().unwrap();
+                    let options = AverageOptions {
+                        half_in_own_dtype: own,
+                        ..AverageOptions::default()
+                    };
+                    average_gradients_with(&varmap, &mut grads, &g, &options).unwrap();
+                    let out = |t: &Tensor| {
+                        let g = grads.get(t).unwrap();
+                        (
+                            g.dtype(),
+                            g.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap(),
+                        )
+                    };
+                    let log = log.lock().unwrap().clone();
+                    (out(&h), out(&f), log)
+                })
+            })
+            .collect();
+        for h in handles {
+            let ((dh, vh), (df, vf), log) = h.join().unwrap();
+            assert_eq!((dh, df), (DType::BF16, DType::F16));
+            // (1 + 2 + 3) / 3 = 2 times (i + 1); (0 + 1 + 2) / 3 = 1.
+            let want: Vec<f32> = (0..7).map(|i| 2.0 * (i as f32 + 1.0)).collect();
+            for (g, w) in vh.iter().zip(&want) {
+                assert!((g - w).abs() <= 0.02 * w, "own {own}: {vh:?}");
+            }
+            for (g, w) in vf.iter().zip([1.0f32, -2.0, 0.5]) {
+                assert!((g - w).abs() <= 2e-3, "own {own}: {vf:?}");
+            }
+            // The "has gradient" flags, then the buckets.
+            let buckets = &log[1..];
+            if own {
+                assert_eq!(buckets, &[(DType::F16, 3), (DType::BF16, 7)], "{log:?}");
+            } else {
+                assert_eq!(buckets, &[(DType::F32, 10)], "{log:?}");
+            }
+        }
+    }
+}
 
 /// A varmap with two weights (f32, f64), a counter (i64) and a stat without
 /// gradient, all different per rank.

@@ -27,14 +27,22 @@ fn run<T: Send + 'static>(
     timeout_ms: u64,
     f: impl Fn(ProcessGroup) -> T + Send + Sync + Clone + 'static,
 ) -> Vec<T> {
+    run_with(world, opts(timeout_ms), f)
+}
+
+/// [`run`] with the given options.
+fn run_with<T: Send + 'static>(
+    world: usize,
+    options: TcpOptions,
+    f: impl Fn(ProcessGroup) -> T + Send + Sync + Clone + 'static,
+) -> Vec<T> {
     let pf = port_file("tcp-test");
     let handles: Vec<JoinHandle<T>> = (0..world)
         .map(|r| {
             let (f, pf) = (f.clone(), pf.clone());
             std::thread::spawn(move || {
                 let g =
-                    ProcessGroup::tcp(&loopback_rendezvous(r, world, &pf, "tok"), opts(timeout_ms))
-                        .unwrap();
+                    ProcessGroup::tcp(&loopback_rendezvous(r, world, &pf, "tok"), options).unwrap();
                 f(g)
             })
         })
@@ -374,4 +382,147 @@ fn a_rank_declaring_another_call_is_refused_before_its_payload() {
     let (h, msg) = raw_frame(&mut s).unwrap();
     assert_eq!(h[4], 5, "an error frame");
     assert!(String::from_utf8_lossy(&msg).contains("disagree"));
+}
+
+/// Rank `r`'s value at `i`: magnitudes from 1e-3 to 1e7 and both signs, so
+/// that the order of the additions shows in the rounding.
+fn ring_value(r: usize, i: usize) -> f64 {
+    let mut z = (r as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ (i as u64).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 29)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 32;
+    let unit = (z % 1_000_003) as f64 / 1_000_003.0 - 0.5;
+    unit * 10f64.powi((z >> 40) as i32 % 11 - 3)
+}
+
+/// The documented order of the ring: element `i` lies in chunk `c` (the
+/// `count` elements split into `world` chunks, the first `count % world` one
+/// longer), whose sum runs `x_c + x_{c+1} + … + x_{c-1}` (ranks mod world),
+/// each addition rounded to f32.
+fn ring_order_f32(world: usize, count: usize, i: usize) -> f32 {
+    let (base, rem) = (count / world, count % world);
+    let chunk = (0..world)
+        .find(|&c| i < (c + 1) * base + (c + 1).min(rem))
+        .unwrap();
+    let mut acc = ring_value(chunk, i) as f32;
+    for k in 1..world {
+        acc += ring_value((chunk + k) % world, i) as f32;
+    }
+    acc
+}
+
+/// Large all-reduces run over the ring: f32 summed in f32 in the fixed
+/// ring order (bitwise what that order gives, within rounding of the f64
+/// sum), bitwise the same on every rank and from call to call; world sizes
+/// 2, 3 and 4 and counts that the world size does not divide (fewer
+/// elements than ranks too). f64 and bf16 go through the ring as well;
+/// small calls still take rank 0's f64 path, between ring calls.
+#[test]
+fn ring_all_reduce_sums_in_a_fixed_order_on_every_rank() {
+    for world in [2, 3, 4] {
+        // The default threshold (256 KiB) with a count above it, and every
+        // call on the ring for small counts.
+        for (ring_min_bytes, counts) in [(256 << 10, vec![65_539]), (0, vec![1, 3, 5, 1_001])] {
+            let options = TcpOptions {
+                ring_min_bytes,
+                ..opts(10_000)
+            };
+            let counts2 = counts.clone();
+            let out = run_with(world, options, move |g| {
+                let r = g.rank();
+                let mut results = Vec::new();
+                for &n in &counts2 {
+                    let x: Vec<f32> = (0..n).map(|i| ring_value(r, i) as f32).collect();
+                    let x = Tensor::new(x, &Device::Cpu).unwrap();
+                    let a = g.all_reduce_sum(&x).unwrap().to_vec1::<f32>().unwrap();
+                    // A small call through rank 0 between ring calls.
+                    let small = g
+                        .all_reduce_sum(&Tensor::new(&[0.1f32, r as f32], &Device::Cpu).unwrap())
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap();
+                    let b = g.all_reduce_sum(&x).unwrap().to_vec1::<f32>().unwrap();
+                    let x64 = x.to_dtype(DType::F64).unwrap();
+                    let d = g.all_reduce_sum(&x64).unwrap().to_vec1::<f64>().unwrap();
+                    let xb = x.to_dtype(DType::BF16).unwrap();
+                    let h = g.all_reduce_sum(&xb).unwrap();
+                    assert_eq!(h.dtype(), DType::BF16);
+                    let h = h.to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap();
+                    results.push((a, b, small, d, h));
+                }
+                results
+            });
+            for (k, &n) in counts.iter().enumerate() {
+                let (a0, _, _, d0, h0) = &out[0][k];
+                for (r, o) in out.iter().enumerate() {
+                    let (a, b, small, d, h) = &o[k];
+                    let same = |x: &[f32], y: &[f32]| {
+                        x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits())
+                    };
+                    assert!(same(a, a0) && same(b, a0), "world {world}, n {n}, rank {r}");
+                    assert!(d == d0 && h == h0, "world {world}, n {n}, rank {r}");
+                    // Rank 0's path: exact in f64, rounded once.
+                    let want = (0.1f32 as f64 * world as f64) as f32;
+                    assert_eq!(small[0], want, "world {world}");
+                }
+                for i in 0..n {
+                    let exact: f64 = (0..world).map(|r| ring_value(r, i) as f32 as f64).sum();
+                    let magnitude: f64 = (0..world)
+                        .map(|r| (ring_value(r, i) as f32 as f64).abs())
+                        .sum();
+                    let ctx = format!("world {world}, n {n}, element {i}");
+                    assert_eq!(
+                        a0[i].to_bits(),
+                        ring_order_f32(world, n, i).to_bits(),
+                        "{ctx}"
+                    );
+                    let tol = world as f64 * f32::EPSILON as f64 * magnitude;
+                    assert!((a0[i] as f64 - exact).abs() <= tol, "{ctx}");
+                    assert!((d0[i] - exact).abs() <= 1e-12 * magnitude, "{ctx}");
+                    assert!((h0[i] - exact).abs() <= 0.02 * magnitude, "{ctx}");
+                }
+            }
+        }
+    }
+}
+
+/// A large call that the ranks disagree on (count or tag) fails on every
+/// rank before any payload moves, and the group is unusable afterwards; a
+/// rank that stalls before a large call makes the others fail within the
+/// timeout, naming it.
+#[test]
+fn ring_calls_are_checked_and_time_out() {
+    let out = run(3, 5000, |g| {
+        let n = if g.rank() == 2 { 100_001 } else { 100_000 };
+        let x = Tensor::zeros(n, DType::F32, &Device::Cpu).unwrap();
+        let first = g.all_reduce_sum(&x).unwrap_err().to_string();
+        let t = Instant::now();
+        let second = g.all_reduce_sum(&x).unwrap_err().to_string();
+        (first, second, t.elapsed())
+    });
+    for (first, second, dt) in out {
+        assert!(first.contains("disagree"), "{first}");
+        assert!(
+            first.contains("rank 2: collective #0: all_reduce_sum of 100001 f32 (check)"),
+            "{first}"
+        );
+        assert!(second.contains("unusable"), "{second}");
+        assert!(dt < Duration::from_secs(1), "{dt:?}");
+    }
+    let out = run(3, 800, |g| {
+        let x = Tensor::ones(200_000, DType::F32, &Device::Cpu).unwrap();
+        let s = g.all_reduce_sum(&x).unwrap().to_vec1::<f32>().unwrap();
+        assert!(s.iter().all(|&v| v == 3.0));
+        if g.rank() == 1 {
+            std::thread::sleep(Duration::from_millis(2500));
+            return (String::new(), Duration::ZERO);
+        }
+        let t = Instant::now();
+        let e = g.all_reduce_sum(&x).unwrap_err().to_string();
+        (e, t.elapsed())
+    });
+    for (e, dt) in [&out[0], &out[2]] {
+        assert!(e.contains("rank 1 did not answer"), "{e}");
+        assert!(*dt < Duration::from_millis(800 + 600), "{dt:?}");
+    }
 }
