@@ -302,6 +302,7 @@ impl Ring {
         }
         let records = gather_records(star, rank, world, &mine.encode(), "listening")?;
         let Some(listener) = listener.filter(|_| records.iter().all(|r| r.state == 1)) else {
+            star.restart_numbering();
             return Ok(None);
         };
         let (next, prev) = ((rank + 1) % world, (rank + world - 1) % world);

@@ -991,6 +991,21 @@ pub fn raw_frame(s: &mut TcpStream) -> std::io::Result<([u8; 40], Vec<u8>)> {
     Ok((h, p))
 }
 
+/// Answers the TCP group's ring set-up for a rank written by hand (see
+/// [`raw_rank`]): its record in the exchange of listening addresses says it
+/// opens no ring link, so the group runs every collective through rank 0,
+/// and the first collective after it is #0 again.
+pub fn raw_ring_opt_out(s: &mut TcpStream, world: u64) {
+    use std::io::Write;
+    const RECORD_LEN: u64 = 256;
+    let len = world * RECORD_LEN;
+    // Collective #0: an all-reduce of `len` u8 (dtype code 1), all zeros.
+    s.write_all(&raw_header(4, 1, 1, 0, 0, len, len)).unwrap();
+    s.write_all(&vec![0u8; len as usize]).unwrap();
+    let (h, _) = raw_frame(s).unwrap();
+    assert_eq!(h[4], 4, "the set-up exchange's result");
+}
+
 /// A rank `rank` of `world` written by hand: it completes the handshake with
 /// rank 0 at `port` by proving it knows `token` (an HMAC-SHA-256 over the
 /// transcript, as `src/group/handshake.rs` defines it), then waits for the

@@ -7,7 +7,7 @@ use crate::common;
 use candle::{DType, Device, Tensor};
 use candle_syncbn::group::TcpOptions;
 use candle_syncbn::ProcessGroup;
-use common::{loopback_rendezvous, port_file, raw_frame, raw_header, raw_rank};
+use common::{loopback_rendezvous, port_file, raw_frame, raw_header, raw_rank, raw_ring_opt_out};
 use std::io::Write;
 use std::net::TcpStream;
 use std::thread::JoinHandle;
@@ -362,6 +362,7 @@ fn a_rank_declaring_another_call_is_refused_before_its_payload() {
         std::thread::sleep(Duration::from_millis(10));
     };
     let mut s = raw_rank(port, 1, 2, "tok");
+    raw_ring_opt_out(&mut s, 2);
     // Collective #0: an all-reduce of 2^29 f32 (2 GiB, the default limit),
     // of which only the first 64 KiB ever come.
     let count = 1u64 << 29;
