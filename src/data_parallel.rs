@@ -217,8 +217,9 @@ pub fn average_gradients_with(
     Ok(())
 }
 
-/// Saves `varmap` as safetensors to `path` atomically (written to a temporary
-/// file beside it, then renamed: a reader sees the old file or the new one):
+/// Saves `varmap` as safetensors to `path` atomically (written to a fresh
+/// temporary file beside it, then renamed: a reader sees the old file or the
+/// new one; see [`save_checkpoint`](crate::convert::checkpoint::save_checkpoint)):
 /// every variable under its name, in its dtype, read back by `VarMap::load`.
 pub fn save_varmap_atomic(varmap: &VarMap, path: impl AsRef<Path>) -> Result<()> {
     let tensors: Vec<(String, Tensor)> = sorted_vars(varmap)

@@ -594,21 +594,25 @@ fn debug_checks_catch_layers_called_in_a_different_order() {
 /// initialization joins its clique only `ms` milliseconds later. `false` on
 /// a real NCCL, which has no such hook.
 fn delay_next_init(ms: u64) -> bool {
+    emulator_hook(c"syncbn_emu_nccl_delay_next_init", ms)
+}
+
+/// Calls the emulated NCCL's test hook `name` (a `void
+/// name(unsigned long long)`) with `ms`; `false` on a real NCCL, which has no
+/// such hook.
+fn emulator_hook(name: &std::ffi::CStr, ms: u64) -> bool {
     #[cfg(target_os = "linux")]
     // SAFETY: dlsym with a NUL-terminated name; the symbol, when present, is
-    // the emulated NCCL's `void syncbn_emu_nccl_delay_next_init(unsigned long long)`.
+    // one of the emulated NCCL's `void syncbn_emu_nccl_…(unsigned long long)`.
     unsafe {
-        let f = libc::dlsym(
-            libc::RTLD_DEFAULT,
-            c"syncbn_emu_nccl_delay_next_init".as_ptr(),
-        );
+        let f = libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr());
         if !f.is_null() {
             let f: extern "C" fn(u64) = std::mem::transmute(f);
             f(ms);
             return true;
         }
     }
-    let _ = ms;
+    let _ = (name, ms);
     false
 }
 
@@ -760,6 +764,70 @@ fn a_peer_stalled_at_a_split_is_an_error_on_every_rank() {
         let err = res.expect_err(&format!("rank {r}: the split succeeded"));
         assert!(err.contains("nccl group"), "rank {r}: {err}");
         assert!(took < timeout * 2, "rank {r}: the error took {took:?}");
+    }
+}
+
+/// The watchdog aborts a communicator that reports an error while a split
+/// of it is in progress (polled, a peer never joins it): the abort abandons
+/// the split at once, instead of waiting for the split's poll to time out
+/// (it held the communicator's lock until then), and the split is an error
+/// on that rank within a fraction of a second (asserted with a margin for a
+/// loaded machine: under 2 s past the failure, against the 10 s timeout
+/// the split waited for before). The peer that never joined
+/// gets its own error at its timeout.
+#[test]
+fn an_abort_during_a_split_is_prompt() {
+    let test = "an_abort_during_a_split_is_prompt";
+    let Some(world) = world_or_skip(test) else {
+        return;
+    };
+    if !emulator_hook(c"syncbn_emu_nccl_delay_next_split", 0) {
+        report_skip(&format!(
+            "skipped {test}: needs the emulated NCCL's test hooks"
+        ));
+        return;
+    }
+    let timeout = Duration::from_secs(10);
+    let fail_after = Duration::from_millis(300);
+    let out = run(world, timeout, move |r, dev, g| {
+        let t = Tensor::ones(8, DType::F32, &dev).unwrap();
+        let s = g.all_reduce_sum(&t).unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(s[0], world as f32);
+        if r == world - 1 {
+            assert!(emulator_hook(c"syncbn_emu_nccl_delay_next_split", u64::MAX));
+        } else {
+            assert!(emulator_hook(
+                c"syncbn_emu_nccl_fail_parent_of_next_split",
+                fail_after.as_millis() as u64
+            ));
+        }
+        let start = Instant::now();
+        let res = g.split(0).map(|_| ()).map_err(|e| e.to_string());
+        let took = start.elapsed();
+        // The group was aborted: its next call fails at once.
+        let start = Instant::now();
+        let next = g.barrier().map_err(|e| e.to_string());
+        (res, took, next, start.elapsed())
+    });
+    for (r, (res, took, next, next_took)) in out.into_iter().enumerate() {
+        eprintln!("{test}: rank {r}: split error after {took:?}, next call's after {next_took:?}");
+        let err = res.expect_err(&format!("rank {r}: the split succeeded"));
+        let next = next.expect_err(&format!("rank {r}: the group works after the abort"));
+        assert!(next.contains("nccl group"), "rank {r}: {next}");
+        assert!(next_took < timeout, "rank {r}: {next_took:?}");
+        if r == world - 1 {
+            assert!(err.contains("did not complete within"), "rank {r}: {err}");
+            assert!(took < timeout * 2, "rank {r}: the error took {took:?}");
+        } else {
+            assert!(
+                err.contains("ncclCommSplit was abandoned") && err.contains("ncclRemoteError"),
+                "rank {r}: {err}"
+            );
+            assert!(
+                took < fail_after + Duration::from_secs(2),
+                "rank {r}: the split's error took {took:?}: the abort waited for its poll"
+            );
+        }
     }
 }
 

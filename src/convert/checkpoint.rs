@@ -518,10 +518,12 @@ pub fn state_dict(varmap: &VarMap) -> Result<Vec<(String, Tensor)>> {
 /// the variable names, f32 parameters and statistics as stored (f16/bf16 models
 /// save their dtype; PyTorch's `load_state_dict` casts), counters as i64
 /// scalars, and `{"format": "pt"}` metadata. The file is replaced atomically,
-/// through one fixed temporary file beside it, `.<name>.tmp`, locked while
-/// written: a reader sees the old file or the new one, a save killed midway
-/// leaves at most that file (the next save takes it over), and a second save
-/// to the same path while one is under way fails at once.
+/// through a fresh temporary file beside it (a random name, never a link or
+/// file found there), renamed over it: a reader sees the old file or the new
+/// one, the new one is the saver's with the mode the umask gives, a save
+/// killed midway leaves the old file (the next save removes its temporary
+/// file), and concurrent saves to one path end with one of them whole
+/// (docs/converting.md).
 pub fn save_checkpoint<P: AsRef<Path>>(varmap: &VarMap, path: P) -> Result<()> {
     let path = path.as_ref();
     let tensors = state_dict(varmap)?;

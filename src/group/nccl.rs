@@ -160,10 +160,17 @@ const MAX_POLL_SLEEP: Duration = Duration::from_millis(2);
 /// handle sits behind a read–write lock: every NCCL call with it (enqueues,
 /// state queries, polls) holds the read lock, and freeing it takes the write
 /// lock and leaves `None`. Since the communicator is non-blocking, no call
-/// holds the read lock for long, and an abort gets the write lock promptly.
+/// holds the read lock for long (nor across a poll), and an abort gets the
+/// write lock promptly.
 struct Comm {
     handle: RwLock<Option<Handle>>,
     failure: Mutex<Option<String>>,
+    /// The communicators of this one's non-blocking `ncclCommSplit`s still
+    /// in progress: they read this one, so an abort aborts them first
+    /// (NCCL's way to abandon a split) before it frees this one. A split
+    /// registers its child under the read lock of `handle`, so once an abort
+    /// has taken the handle, the list is complete.
+    splits: Mutex<Vec<Arc<Comm>>>,
     /// Serializes this rank's operations on the communicator (a call and the
     /// polls until it completes): NCCL calls on one communicator must not
     /// overlap, and a non-blocking one must be complete before the next.
@@ -176,6 +183,7 @@ impl Comm {
         Self {
             handle: RwLock::new(Some(Handle(raw))),
             failure: Mutex::new(None),
+            splits: Mutex::new(Vec::new()),
             op: Mutex::new(()),
             rank,
         }
@@ -205,17 +213,26 @@ impl Comm {
     }
 
     /// Records `msg` (the first failure wins) and aborts (frees) the
-    /// communicator once, after every call in flight with it has returned.
+    /// communicator once, after every call in flight with it has returned
+    /// and every split from it still in progress was aborted.
     fn abort(&self, msg: String) {
         {
             let mut f = self.failure.lock().unwrap_or_else(|e| e.into_inner());
             if f.is_none() {
-                *f = Some(msg);
+                *f = Some(msg.clone());
             }
         }
         if let Some(h) = self.take_handle() {
-            // SAFETY: `h` is live, and taken out of the lock: nothing uses it
-            // after this.
+            let splits =
+                std::mem::take(&mut *self.splits.lock().unwrap_or_else(|e| e.into_inner()));
+            for child in splits {
+                child.abort(format!(
+                    "nccl group: rank {}: ncclCommSplit was abandoned: the communicator it splits was aborted ({msg})",
+                    self.rank
+                ));
+            }
+            // SAFETY: `h` is live, taken out of the lock, and no split reads
+            // it any more: nothing uses it after this.
             let _ = unsafe { result::comm_abort(h.0) };
         }
     }
@@ -574,42 +591,63 @@ impl NcclBackend {
         let timeout = self.options.timeout;
         let what = "ncclCommSplit";
         let split = || -> Result<Arc<Comm>> {
+            // No other call on the parent until the split is complete (the
+            // watchdog's abort does not wait for this).
             let _op = self.comm.op.lock().unwrap_or_else(|e| e.into_inner());
             self.comm.usable()?;
-            // The parent stays locked for reading until the split is over:
-            // a non-blocking split reads it, so it must not be freed (by the
-            // watchdog's abort) under the split.
-            let parent = self.comm.handle.read().unwrap_or_else(|e| e.into_inner());
-            let Some(parent) = parent.as_ref() else {
-                return self
-                    .comm
-                    .usable()
-                    .and_then(|()| candle::bail!("nccl group: the communicator was closed"));
-            };
             let deadline = Instant::now() + timeout;
-            let mut config = nonblocking_config();
-            let mut raw: sys::ncclComm_t = std::ptr::null_mut();
-            // SAFETY: the parent is live (read lock held); `raw` and `config`
-            // outlive the call.
-            let status = unsafe {
-                sys::ncclCommSplit(
-                    parent.0,
-                    color,
-                    key as std::ffi::c_int,
-                    &mut raw,
-                    &mut config,
-                )
-            }
-            .result();
-            let child = match status {
-                Ok(_) if !raw.is_null() => Arc::new(Comm::new(raw, self.rank)),
-                Ok(_) => {
-                    candle::bail!("nccl group: {what} gave rank {} no communicator", self.rank)
+            let child = {
+                // The parent is locked for reading only for the call: a
+                // non-blocking split goes on reading it, so the child is
+                // registered with it before the lock goes, and an abort of
+                // the parent (the watchdog's, at any time) aborts the child
+                // first instead of waiting for the poll below.
+                let parent = self.comm.handle.read().unwrap_or_else(|e| e.into_inner());
+                let Some(parent) = parent.as_ref() else {
+                    return self
+                        .comm
+                        .usable()
+                        .and_then(|()| candle::bail!("nccl group: the communicator was closed"));
+                };
+                let mut config = nonblocking_config();
+                let mut raw: sys::ncclComm_t = std::ptr::null_mut();
+                // SAFETY: the parent is live (read lock held); `raw` and
+                // `config` outlive the call.
+                let status = unsafe {
+                    sys::ncclCommSplit(
+                        parent.0,
+                        color,
+                        key as std::ffi::c_int,
+                        &mut raw,
+                        &mut config,
+                    )
                 }
-                Err(e) => return Err(nccl_err(what, e)),
+                .result();
+                let child = match status {
+                    Ok(_) if !raw.is_null() => Arc::new(Comm::new(raw, self.rank)),
+                    Ok(_) => {
+                        candle::bail!("nccl group: {what} gave rank {} no communicator", self.rank)
+                    }
+                    Err(e) => return Err(nccl_err(what, e)),
+                };
+                self.comm
+                    .splits
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(child.clone());
+                child
             };
-            // The child aborts itself when it fails here.
-            child.wait_ready(what, deadline, timeout).map(|()| child)
+            // No lock of the parent's held while polling. The child aborts
+            // itself when it fails here.
+            let ready = child.wait_ready(what, deadline, timeout);
+            self.comm
+                .splits
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|c| !Arc::ptr_eq(c, &child));
+            // An abort of the parent just after the split completed aborted
+            // the child too.
+            ready.and_then(|()| child.usable()).map(|()| child)
         };
         let comm = split().inspect_err(|e| {
             // The parent's ranks are out of step now: it fails too.

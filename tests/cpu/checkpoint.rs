@@ -1190,8 +1190,8 @@ fn safetensors_tensor_counts_are_bounded() {
 }
 
 // ---------------------------------------------------------------------------
-// Saves killed midway (issue 23, item 9): one fixed temporary file per
-// target, taken over by the next save.
+// Saves: a fresh, randomly named temporary file per save, renamed over the
+// target (issue 23, item 9; issue 29, item 4).
 
 /// The names in `dir`, sorted.
 fn listing(dir: &Path) -> Vec<String> {
@@ -1227,45 +1227,162 @@ fn assert_checkpoint_holds(path: &Path, v: f32) {
     );
 }
 
-/// What a killed save leaves (its temporary file, half written) is taken
-/// over by the next save to the same path; a save while another one holds
-/// the temporary file fails at once and changes nothing.
-#[test]
-fn saves_take_over_a_killed_saves_temp_file() {
-    use candle_syncbn::data_parallel::save_varmap_atomic;
-    let dir = test_dir("stale");
-    for (i, name) in ["ckpt.safetensors", "dp.safetensors"].iter().enumerate() {
-        let target = dir.join(name);
-        let stale = dir.join(format!(".{name}.tmp"));
-        std::fs::write(&stale, vec![7u8; 100_000]).unwrap();
-        let varmap = bn_varmap(2.5);
-        if i == 0 {
-            save_checkpoint(&varmap, &target).unwrap();
-        } else {
-            save_varmap_atomic(&varmap, &target).unwrap();
-        }
-        assert!(!stale.exists(), "{:?}", listing(&dir));
-        assert_checkpoint_holds(&target, 2.5);
-
-        // Another save under way (it holds the lock): an error, at once.
-        let held = std::fs::File::create(&stale).unwrap();
-        held.lock().unwrap();
-        let err = if i == 0 {
-            save_checkpoint(&bn_varmap(4.0), &target)
-        } else {
-            save_varmap_atomic(&bn_varmap(4.0), &target)
-        }
-        .unwrap_err()
-        .to_string();
-        assert!(
-            err.contains("another save to the same file is under way") && err.contains(name),
-            "{err}"
-        );
-        assert_checkpoint_holds(&target, 2.5);
-        drop(held);
-        std::fs::remove_file(&stale).unwrap();
+/// Saves `v` to `path` with `save_checkpoint` (`i == 0`) or
+/// `save_varmap_atomic`.
+fn save_either(i: usize, v: f32, path: &Path) -> candle::Result<()> {
+    if i == 0 {
+        save_checkpoint(&bn_varmap(v), path)
+    } else {
+        candle_syncbn::data_parallel::save_varmap_atomic(&bn_varmap(v), path)
     }
-    assert_eq!(listing(&dir), ["ckpt.safetensors", "dp.safetensors"]);
+}
+
+/// Concurrent saves to one path all succeed and end with one of them whole
+/// (each writes its own temporary file; before, one of two failed at once).
+#[test]
+fn concurrent_saves_to_one_path_end_with_one_whole_file() {
+    let dir = test_dir("concurrent");
+    let target = dir.join("c.safetensors");
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let target = target.clone();
+            std::thread::spawn(move || {
+                for k in 0..5 {
+                    save_either(t % 2, (t * 10 + k) as f32, &target).unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let saved = candle::safetensors::load(&target, &Device::Cpu).unwrap();
+    let v = values(&saved["bn.running_var"]);
+    assert!(v.iter().all(|&x| x == v[0]), "{v:?}");
+    assert!(
+        (0..4).any(|t| v[0] == (t * 10 + 4) as f64),
+        "not a last save: {v:?}"
+    );
+    assert_checkpoint_holds(&target, v[0] as f32);
+    assert_eq!(listing(&dir), ["c.safetensors"]);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+const PLANTED_ROLE_ENV: &str = "CANDLE_SYNCBN_TEST_PLANTED_ROLE";
+
+/// Runs this test binary's test `name` as a child with `role` in
+/// [`PLANTED_ROLE_ENV`], through `sh` under `umask 022`.
+#[cfg(unix)]
+fn spawn_role(name: &str, role: &str, stdio: bool) -> std::process::Child {
+    use std::process::Stdio;
+    std::process::Command::new("sh")
+        .args(["-c", "umask 022 && exec \"$0\" \"$@\""])
+        .arg(std::env::current_exe().unwrap())
+        .arg(common::test_path(module_path!(), name))
+        .args(["--exact", "--test-threads=1", "--nocapture"])
+        .env(PLANTED_ROLE_ENV, role)
+        .stdin(if stdio { Stdio::piped() } else { Stdio::null() })
+        .stdout(if stdio {
+            Stdio::piped()
+        } else {
+            Stdio::inherit()
+        })
+        .spawn()
+        .unwrap()
+}
+
+/// What an attacker plants at the temporary name the saves used before,
+/// `.<name>.tmp`, is never used: a symlink's target and a hard link's file
+/// keep their bytes, a world-writable file there does not make the
+/// checkpoint world-writable (it is the saver's, mode 0644 under umask 022),
+/// and another process's lock on it does not block the save. (Random names
+/// the saves draw now are covered by `atomic_file`'s unit tests.) Runs
+/// itself in a child under `umask 022`; the lock holder is another child.
+#[cfg(unix)]
+#[test]
+fn saves_never_use_what_is_planted_at_a_temp_name() {
+    use std::io::{BufRead, Read};
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let name = "saves_never_use_what_is_planted_at_a_temp_name";
+    match std::env::var(PLANTED_ROLE_ENV).ok().as_deref() {
+        Some(p) if p.starts_with("hold:") => {
+            // The lock holder: locks the file, says so, and holds it until
+            // its stdin closes.
+            let f = std::fs::File::open(&p[5..]).unwrap();
+            f.lock().unwrap();
+            println!("locked");
+            std::io::stdout().flush().unwrap();
+            let _ = std::io::stdin().read_to_end(&mut Vec::new());
+            return;
+        }
+        Some("saver") => {}
+        _ => {
+            let status = spawn_role(name, "saver", false).wait().unwrap();
+            assert!(status.success(), "the saving child failed: {status}");
+            return;
+        }
+    }
+    let dir = test_dir("planted");
+    let fresh = dir.join("fresh");
+    std::fs::write(&fresh, b"").unwrap();
+    let me = std::fs::metadata(&fresh).unwrap();
+    assert_eq!(me.mode() & 0o777, 0o644, "the child's umask is not 022");
+    for (i, file) in ["ckpt.safetensors", "dp.safetensors"].iter().enumerate() {
+        let target = dir.join(file);
+        let tmp = dir.join(format!(".{file}.tmp"));
+        let victim = dir.join(format!("victim-{i}"));
+        std::fs::write(&victim, b"victim").unwrap();
+
+        std::os::unix::fs::symlink(&victim, &tmp).unwrap();
+        save_either(i, 2.5, &target).unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"victim");
+        assert!(std::fs::symlink_metadata(&target).unwrap().is_file());
+        assert_checkpoint_holds(&target, 2.5);
+        std::fs::remove_file(&tmp).unwrap();
+
+        std::fs::hard_link(&victim, &tmp).unwrap();
+        save_either(i, 3.0, &target).unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"victim");
+        assert_checkpoint_holds(&target, 3.0);
+        std::fs::remove_file(&tmp).unwrap();
+
+        std::fs::write(&tmp, b"planted").unwrap();
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o666)).unwrap();
+        save_either(i, 3.5, &target).unwrap();
+        assert_checkpoint_holds(&target, 3.5);
+        let meta = std::fs::symlink_metadata(&target).unwrap();
+        assert_eq!(meta.mode() & 0o7777, 0o644, "{target:?}");
+        assert_eq!((meta.uid(), meta.gid()), (me.uid(), me.gid()));
+        assert_eq!(meta.nlink(), 1);
+
+        // Another process holds a lock on it.
+        let mut holder = spawn_role(name, &format!("hold:{}", tmp.display()), true);
+        // (After, or on the line of, the test harness's own output.)
+        let mut out = std::io::BufReader::new(holder.stdout.take().unwrap());
+        let mut line = String::new();
+        for _ in 0..8 {
+            line.clear();
+            out.read_line(&mut line).unwrap();
+            if line.trim_end().ends_with("locked") || line.is_empty() {
+                break;
+            }
+        }
+        assert!(line.trim_end().ends_with("locked"), "{line:?}");
+        let saved = save_either(i, 4.0, &target);
+        drop(holder.stdin.take());
+        holder.wait().unwrap();
+        drop(out);
+        saved.unwrap();
+        assert_checkpoint_holds(&target, 4.0);
+        // Not the saves' to take or remove.
+        assert_eq!(std::fs::read(&tmp).unwrap(), b"planted");
+        std::fs::remove_file(&tmp).unwrap();
+        std::fs::remove_file(&victim).unwrap();
+    }
+    assert_eq!(
+        listing(&dir),
+        ["ckpt.safetensors", "dp.safetensors", "fresh"]
+    );
     std::fs::remove_dir_all(&dir).ok();
 }
 
@@ -1332,6 +1449,12 @@ fn killed_saves_leave_no_temp_files() {
         );
         if !temps().is_empty() {
             kills_that_left_a_temp += 1;
+        }
+        // The checkpoint (once a save completed) is whole.
+        let ckpt = dir.join("m.safetensors");
+        if ckpt.exists() {
+            let saved = candle::safetensors::load(&ckpt, &Device::Cpu).unwrap();
+            assert_eq!(saved["big"].dims(), [8 << 20]);
         }
     }
     // (A kill can land between two saves; three all doing so is unlikely.)

@@ -51,7 +51,12 @@
 //
 // For tests, syncbn_emu_nccl_delay_next_init(ms) makes the calling thread's
 // next ncclCommInitRank(Config) join its clique only after `ms` milliseconds
-// (a peer late for init; ULLONG_MAX: never, a dead one).
+// (a peer late for init; ULLONG_MAX: never, a dead one);
+// syncbn_emu_nccl_delay_next_split(ms) does the same to its next
+// ncclCommSplit (a peer that never joins a split), and
+// syncbn_emu_nccl_fail_parent_of_next_split(ms) makes the communicator that
+// its next ncclCommSplit splits report ncclRemoteError (as NCCL does when a
+// peer's connection breaks) `ms` milliseconds into the split.
 #include <fcntl.h>
 #include <pthread.h>
 #include <sys/mman.h>
@@ -293,6 +298,7 @@ struct State {
     std::mutex m;                       // op and async
     std::function<Result()> op;         // the non-blocking call in progress
     Result async = ncclSuccess;         // its error, once failed (sticky)
+    std::atomic<long long> fail_at_ns{-1};  // test hook: ncclRemoteError from then on (steady clock)
     std::mutex issued_m;
     std::vector<std::weak_ptr<Part>> issued;  // for ncclCommFinalize
 };
@@ -665,6 +671,19 @@ Result collective(const Comm* comm, const char* fn, bool broadcast, const void* 
 }
 
 thread_local unsigned long long next_init_delay_ms = 0;
+thread_local unsigned long long next_split_delay_ms = 0;
+thread_local unsigned long long next_split_parent_failure_ms = ULLONG_MAX;
+
+long long steady_ns() {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+        .count();
+}
+
+// `ms` milliseconds from now on the steady clock, in ns (LLONG_MAX: never).
+long long steady_ns_after(unsigned long long ms) {
+    if (ms >= static_cast<unsigned long long>(LLONG_MAX / 1000000 / 2)) return LLONG_MAX;
+    return steady_ns() + static_cast<long long>(ms) * 1000000;
+}
 
 }  // namespace
 
@@ -702,6 +721,12 @@ struct ConfigHead {
 // Test hook: the calling thread's next ncclCommInitRank(Config) joins its
 // clique only `ms` milliseconds later (ULLONG_MAX: never).
 void syncbn_emu_nccl_delay_next_init(unsigned long long ms) { next_init_delay_ms = ms; }
+
+// Test hooks: the calling thread's next ncclCommSplit posts its color only
+// `ms` milliseconds later (ULLONG_MAX: never); makes its parent report
+// ncclRemoteError from `ms` milliseconds after the call on.
+void syncbn_emu_nccl_delay_next_split(unsigned long long ms) { next_split_delay_ms = ms; }
+void syncbn_emu_nccl_fail_parent_of_next_split(unsigned long long ms) { next_split_parent_failure_ms = ms; }
 
 Result ncclCommInitRankConfig(Comm** out, int nranks, UniqueId id, int rank, const ConfigHead* config) {
     if (out == nullptr || nranks < 1 || nranks > MAX_RANKS || rank < 0 || rank >= nranks)
@@ -753,12 +778,19 @@ Result ncclCommSplit(Comm* comm, int color, int key, Comm** out, const ConfigHea
         std::function<Result()> join;
     };
     auto p = std::make_shared<Progress>();
+    const long long post_at = next_split_delay_ms == 0 ? 0 : steady_ns_after(next_split_delay_ms);
+    next_split_delay_ms = 0;
+    if (next_split_parent_failure_ms != ULLONG_MAX) {
+        parent->fail_at_ns = steady_ns_after(next_split_parent_failure_ms);
+        next_split_parent_failure_ms = ULLONG_MAX;
+    }
     st->split_parent = parent;
     st->split_counted = true;
     parent->splits_in_flight++;
     std::function<Result()> op = [=]() -> Result {
         Shared* sh = parent->sh;
         if (p->phase == 0) {
+            if (post_at != 0 && steady_ns() < post_at) return ncclInProgress;
             Lock g(sh);
             if (sh->split_arrived == sh->nranks) return ncclInProgress;  // the previous round is being read
             p->round = sh->split_round;
@@ -832,6 +864,8 @@ Result ncclCommGetAsyncError(Comm* comm, Result* err) {
         st.op = nullptr;
         if (r != ncclSuccess) st.async = r;
     }
+    const long long fail_at = st.fail_at_ns.load();
+    if (st.async == ncclSuccess && fail_at >= 0 && steady_ns() >= fail_at) st.async = ncclRemoteError;
     *err = st.async;
     return ncclSuccess;
 }
