@@ -379,6 +379,7 @@ mod tests {
     }
 
     /// The random parts `1, 2, 3, …` in turn.
+    #[cfg(unix)]
     fn counting() -> impl FnMut() -> std::io::Result<String> {
         let mut n = 0u64;
         move || {

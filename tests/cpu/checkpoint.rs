@@ -993,15 +993,18 @@ fn hostile_safetensors_headers_are_errors() {
 
 /// The child mode of the capped-load tests: loads the file `CAPPED_LOAD_ENV`
 /// names into a one-layer model and prints the outcome and the peak RSS.
+#[cfg(target_os = "linux")]
 const CAPPED_LOAD_ENV: &str = "CANDLE_SYNCBN_TEST_CAPPED_LOAD";
 
 /// The address space (RLIMIT_AS) of a child that loads a hostile file: ample
 /// for a refusal, far less than the machine, so a loader that allocates out
 /// of proportion to the file fails the test instead of taking the machine.
+#[cfg(target_os = "linux")]
 const CAPPED_LOAD_AS: u64 = 2 << 30;
 
 /// In the child: loads `file` and prints `LOAD: Ok(n)` or `LOAD: Err(…)`,
 /// then the process's peak RSS (`VmHWM`).
+#[cfg(target_os = "linux")]
 fn capped_child_load(file: &std::ffi::OsStr) {
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
@@ -1053,6 +1056,7 @@ fn load_in_capped_child(test: &str, file: &Path) -> String {
 }
 
 /// The byte offset in a pickle error `… at byte N: …`.
+#[cfg(target_os = "linux")]
 fn error_offset(err: &str) -> usize {
     let rest = err
         .split(" at byte ")
@@ -1268,6 +1272,7 @@ fn concurrent_saves_to_one_path_end_with_one_whole_file() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+#[cfg(unix)]
 const PLANTED_ROLE_ENV: &str = "CANDLE_SYNCBN_TEST_PLANTED_ROLE";
 
 /// Runs this test binary's test `name` as a child with `role` in
