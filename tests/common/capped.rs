@@ -22,8 +22,19 @@ pub fn can_switch_user(probe: &str) -> bool {
         println!(
             "skipped {probe}: running it as an unprivileged uid with a process cap needs root"
         );
+        return false;
     }
-    root
+    // The CUDA build's executables load libcuda and the CUDA libraries from
+    // folders of the user who built them (the pinned toolchain under
+    // `$HOME/.cache`, the emulated GPU under `target/`), which another uid
+    // may not read; the CPU build runs the same probe.
+    if cfg!(feature = "cuda") {
+        println!(
+            "skipped {probe} in the CUDA build: its executables load the CUDA libraries from folders another uid may not read (the CPU build runs it)"
+        );
+        return false;
+    }
+    true
 }
 
 /// `exe` hard-linked (or copied) into `dir` with mode 0755, and `dir` given
