@@ -1233,6 +1233,7 @@ fn assert_checkpoint_holds(path: &Path, v: f32) {
 
 /// Saves `v` to `path` with `save_checkpoint` (`i == 0`) or
 /// `save_varmap_atomic`.
+#[cfg(unix)]
 fn save_either(i: usize, v: f32, path: &Path) -> candle::Result<()> {
     if i == 0 {
         save_checkpoint(&bn_varmap(v), path)
