@@ -133,6 +133,7 @@ mod atomic_file;
 mod config;
 #[cfg(any(feature = "cuda", test))]
 mod cuda;
+mod grad_average;
 mod grad_pack;
 mod layer;
 mod rendezvous;

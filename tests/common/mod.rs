@@ -291,6 +291,13 @@ pub fn emulated_host_syncs() -> Option<u64> {
     emulated_counter(c"syncbn_emu_host_syncs")
 }
 
+/// How many device-to-host copies this thread made so far (each is also one
+/// of [`emulated_host_syncs`]), as the emulated GPU's driver counts them;
+/// `None` on a real driver.
+pub fn emulated_dtoh_copies() -> Option<u64> {
+    emulated_counter(c"syncbn_emu_dtoh_copies")
+}
+
 /// How many launches of this crate's kernels (`bn_*`) this thread made so
 /// far, as the emulated GPU's driver counts them; `None` on a real driver.
 pub fn emulated_crate_launches() -> Option<u64> {

@@ -30,6 +30,10 @@ extern "C" void syncbn_emu_drain(void* stream);
 // (synchronizations, device-to-host copies, synchronous frees).
 extern "C" unsigned long long syncbn_emu_host_syncs();
 
+// How many device-to-host copies the calling OS thread made (each is also
+// counted by syncbn_emu_host_syncs).
+extern "C" unsigned long long syncbn_emu_dtoh_copies();
+
 // How many launches of this crate's kernels (bn_*) the calling OS thread made.
 extern "C" unsigned long long syncbn_emu_crate_launches();
 

@@ -197,6 +197,10 @@ void drain_context() {
 // tests through syncbn_emu_host_syncs.
 thread_local unsigned long long host_syncs = 0;
 
+// Device-to-host copies made by this OS thread (each is also a host sync):
+// read by the tests through syncbn_emu_dtoh_copies.
+thread_local unsigned long long dtoh_copies = 0;
+
 // Launches of this crate's kernels (named bn_*) made by this OS thread: the
 // tests read the launch profile of a training step through
 // syncbn_emu_crate_launches.
@@ -360,6 +364,8 @@ void syncbn_emu_drain(void* stream) { drain(stream); }
 
 unsigned long long syncbn_emu_host_syncs() { return host_syncs; }
 
+unsigned long long syncbn_emu_dtoh_copies() { return dtoh_copies; }
+
 unsigned long long syncbn_emu_crate_launches() { return crate_launches; }
 
 void syncbn_emu_defer(void* stream, const Work* work) {
@@ -497,6 +503,7 @@ CUresult cuMemcpyHtoDAsync_v2(std::uint64_t dst, const void* src, std::size_t n,
 }
 CUresult cuMemcpyDtoHAsync_v2(void* dst, std::uint64_t src, std::size_t n, void* stream) {
     ++host_syncs;  // into pageable memory, it returns when the copy is done
+    ++dtoh_copies;
     drain(stream);
     std::memcpy(dst, reinterpret_cast<const void*>(src), n);
     return CUDA_SUCCESS;
