@@ -86,6 +86,46 @@ fn run_ranks<T: Send + 'static>(
     prepare: impl Fn(usize) + Send + Sync + Clone + 'static,
     f: impl Fn(usize, Device, candle::Result<ProcessGroup>) -> T + Send + Sync + Clone + 'static,
 ) -> Vec<T> {
+    let _shared = ALONE.read().unwrap_or_else(|e| e.into_inner());
+    run_ranks_unlocked(world, options, gpu, prepare, f)
+}
+
+/// Held for reading by the tests' ranks, for writing by a test that must
+/// run alone: on the emulated GPU every thread shares a device's stream
+/// (candle's per-thread stream is one stream there) and kernels run when
+/// issued, so a kernel launched behind another test's pending collective
+/// waits for that test's peers; two tests that launch many kernels between
+/// their collectives on the same GPUs can wait for each other in a cycle.
+static ALONE: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+/// [`run`] while no other test runs ranks.
+fn run_alone<T: Send + 'static>(
+    world: usize,
+    timeout: Duration,
+    f: impl Fn(usize, Device, ProcessGroup) -> T + Send + Sync + Clone + 'static,
+) -> Vec<T> {
+    let _alone = ALONE.write().unwrap_or_else(|e| e.into_inner());
+    let options = NcclOptions {
+        timeout,
+        ..NcclOptions::default()
+    };
+    run_ranks_unlocked(
+        world,
+        options,
+        |r| r,
+        |_| {},
+        move |r, dev, g| f(r, dev, g.unwrap()),
+    )
+}
+
+/// [`run_ranks`] without taking [`ALONE`].
+fn run_ranks_unlocked<T: Send + 'static>(
+    world: usize,
+    options: NcclOptions,
+    gpu: impl Fn(usize) -> usize,
+    prepare: impl Fn(usize) + Send + Sync + Clone + 'static,
+    f: impl Fn(usize, Device, candle::Result<ProcessGroup>) -> T + Send + Sync + Clone + 'static,
+) -> Vec<T> {
     let pf = port_file("nccl-test");
     let (tx, rx) = std::sync::mpsc::channel();
     for r in 0..world {
@@ -1052,6 +1092,9 @@ fn dropping_the_group_with_a_dead_peer_returns_within_the_timeout() {
 /// before and after averaging (`None`: none on this rank).
 struct StepRun {
     syncs: Vec<Option<(u64, u64)>>,
+    /// Per step, the launches of candle's `affine_*` kernels (a division
+    /// pass) during the averaging.
+    averaging_affines: Vec<Option<u64>>,
     layer_syncs: Vec<Option<(u64, u64)>>,
     vars: Vec<(String, Vec<f64>)>,
     local: Vec<Option<Vec<f64>>>,
@@ -1094,6 +1137,7 @@ fn data_parallel_step(dev: &Device, group: ProcessGroup) -> StepRun {
         .collect();
     let counters = || emulated_host_syncs().zip(emulated_dtoh_copies());
     let mut syncs = Vec::new();
+    let mut averaging_affines = Vec::new();
     let (mut local, mut averaged) = (Vec::new(), Vec::new());
     for (x, y) in &data {
         let before = counters();
@@ -1109,7 +1153,10 @@ fn data_parallel_step(dev: &Device, group: ProcessGroup) -> StepRun {
             sorted.iter().map(|(_, v)| grads.get(v).cloned()).collect()
         };
         local = get(&grads);
+        let affines = emulated_launches_named(c"affine_");
         averager.average(&varmap, &mut grads).unwrap();
+        averaging_affines
+            .push(affines.map(|b| emulated_launches_named(c"affine_").unwrap() - b));
         averaged = get(&grads);
         opt.step(&grads).unwrap();
         drop((h, out, loss, grads));
@@ -1131,6 +1178,7 @@ fn data_parallel_step(dev: &Device, group: ProcessGroup) -> StepRun {
     };
     StepRun {
         syncs,
+        averaging_affines,
         layer_syncs,
         vars: sorted
             .iter()
@@ -1143,7 +1191,9 @@ fn data_parallel_step(dev: &Device, group: ProcessGroup) -> StepRun {
 
 /// A data-parallel step on NCCL ranks (forward, backward, averaging with a
 /// `GradientAverager`, SGD) makes no host synchronization and no
-/// device-to-host copy after the first step, nor does the layer alone; a
+/// device-to-host copy after the first step, nor does the layer alone; the
+/// averaging divides by the world size inside the all-reduce (`ncclAvg`),
+/// without an element-wise pass of its own; a
 /// gradient missing on a rank (a head only rank 1 uses) is still averaged
 /// as a zero there, and variables without a gradient on any rank (the
 /// running statistics) are left without one.
@@ -1152,7 +1202,7 @@ fn data_parallel_step_makes_no_host_sync_after_the_first() {
     let Some(_) = world_or_skip("data_parallel_step_makes_no_host_sync_after_the_first") else {
         return;
     };
-    let runs = run(2, Duration::from_secs(120), |_, dev, g| {
+    let runs = run_alone(2, Duration::from_secs(120), |_, dev, g| {
         data_parallel_step(&dev, g)
     });
     let names: Vec<&String> = runs[0].vars.iter().map(|(k, _)| k).collect();
@@ -1203,6 +1253,11 @@ fn data_parallel_step_makes_no_host_sync_after_the_first() {
                 "rank {r} step {}: (host syncs, device-to-host copies) in forward + backward + averaging + SGD",
                 s + 1
             );
+        }
+        // One pass: the division by the world size is NCCL's (ncclAvg), not
+        // an affine kernel of its own.
+        for (s, c) in run.averaging_affines.iter().enumerate() {
+            assert_eq!(*c, Some(0), "rank {r} step {}: affine passes in the averaging", s + 1);
         }
         for (s, c) in run.layer_syncs.iter().enumerate() {
             assert_eq!(*c, Some((0, 0)), "rank {r}: the layer alone, step {}", s + 1);

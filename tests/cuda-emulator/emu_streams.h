@@ -37,5 +37,9 @@ extern "C" unsigned long long syncbn_emu_dtoh_copies();
 // How many launches of this crate's kernels (bn_*) the calling OS thread made.
 extern "C" unsigned long long syncbn_emu_crate_launches();
 
+// How many launches of the kernels whose names start with `prefix` (e.g.
+// "affine_") the calling OS thread made.
+extern "C" unsigned long long syncbn_emu_launches_named(const char* prefix);
+
 // Defers `work` on `stream` of the calling thread's current context.
 extern "C" void syncbn_emu_defer(void* stream, const std::shared_ptr<cuda_emulator::PendingWork>* work);

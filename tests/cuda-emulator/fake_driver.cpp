@@ -206,6 +206,10 @@ thread_local unsigned long long dtoh_copies = 0;
 // syncbn_emu_crate_launches.
 thread_local unsigned long long crate_launches = 0;
 
+// Launches of each kernel made by this OS thread: the tests read how often
+// kernels of a name prefix ran through syncbn_emu_launches_named.
+thread_local std::unordered_map<const Kernel*, unsigned long long> launches_by_kernel;
+
 // An event: the work pending on its stream when it was recorded.
 struct Event {
     std::vector<Work> before;
@@ -367,6 +371,16 @@ unsigned long long syncbn_emu_host_syncs() { return host_syncs; }
 unsigned long long syncbn_emu_dtoh_copies() { return dtoh_copies; }
 
 unsigned long long syncbn_emu_crate_launches() { return crate_launches; }
+
+unsigned long long syncbn_emu_launches_named(const char* prefix) {
+    unsigned long long n = 0;
+    for (const auto& [name, k] : registry())
+        if (name.rfind(prefix, 0) == 0) {
+            const auto it = launches_by_kernel.find(&k);
+            if (it != launches_by_kernel.end()) n += it->second;
+        }
+    return n;
+}
 
 void syncbn_emu_defer(void* stream, const Work* work) {
     std::lock_guard<std::mutex> g(pending_lock);
@@ -569,6 +583,7 @@ CUresult cuLaunchKernel(void* fn, unsigned gx, unsigned gy, unsigned gz, unsigne
     const unsigned block[3] = {bx, by, bz};
     Launch l{static_cast<const Kernel*>(fn), params};
     if (is_crate_kernel(l.k)) ++crate_launches;
+    ++launches_by_kernel[l.k];
     if (trace()) {
         for (const auto& [name, k] : registry())
             if (&k == l.k) std::fprintf(stderr, "[emulated GPU] %s <<<(%u,%u,%u), (%u,%u,%u)>>>\n", name.c_str(), gx, gy, gz, bx, by, bz);
