@@ -110,7 +110,10 @@ pub(crate) fn sorted_vars(varmap: &VarMap) -> Vec<(String, Var)> {
 
 /// Splits `items` (with their dtype and byte size) into runs of equal dtype
 /// of at most `bucket_bytes` each (a larger item gets a bucket of its own).
-pub(crate) fn buckets(items: &[(DType, usize)], bucket_bytes: usize) -> Vec<std::ops::Range<usize>> {
+pub(crate) fn buckets(
+    items: &[(DType, usize)],
+    bucket_bytes: usize,
+) -> Vec<std::ops::Range<usize>> {
     let mut out = Vec::new();
     let mut start = 0;
     let mut bytes = 0;

@@ -1115,8 +1115,13 @@ fn data_parallel_step(dev: &Device, group: ProcessGroup) -> StepRun {
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, dev);
     let lin = candle_nn::linear(8, 4, vb.pp("lin")).unwrap();
-    let bn = SyncBatchNorm::new(4, SyncBatchNormConfig::default(), vb.pp("bn"), group.clone())
-        .unwrap();
+    let bn = SyncBatchNorm::new(
+        4,
+        SyncBatchNormConfig::default(),
+        vb.pp("bn"),
+        group.clone(),
+    )
+    .unwrap();
     let head = candle_nn::linear(4, 2, vb.pp("head")).unwrap();
     let branch = candle_nn::linear(4, 2, vb.pp("branch")).unwrap();
     broadcast_varmap(&varmap, &group, 0).unwrap();
@@ -1124,7 +1129,13 @@ fn data_parallel_step(dev: &Device, group: ProcessGroup) -> StepRun {
     // kernels per variable take seconds on the emulated GPU.
     let mut opt = candle_nn::SGD::new(varmap.all_vars(), 0.1).unwrap();
     let mut averager = GradientAverager::new(&group, AverageOptions::default());
-    let mut sorted = varmap.data().lock().unwrap().clone().into_iter().collect::<Vec<_>>();
+    let mut sorted = varmap
+        .data()
+        .lock()
+        .unwrap()
+        .clone()
+        .into_iter()
+        .collect::<Vec<_>>();
     sorted.sort_by(|a, b| a.0.cmp(&b.0));
     // Every step's input is on the GPU before the counting starts.
     let mut rng = Rng::new(40 + r as u64);
@@ -1155,8 +1166,7 @@ fn data_parallel_step(dev: &Device, group: ProcessGroup) -> StepRun {
         local = get(&grads);
         let affines = emulated_launches_named(c"affine_");
         averager.average(&varmap, &mut grads).unwrap();
-        averaging_affines
-            .push(affines.map(|b| emulated_launches_named(c"affine_").unwrap() - b));
+        averaging_affines.push(affines.map(|b| emulated_launches_named(c"affine_").unwrap() - b));
         averaged = get(&grads);
         opt.step(&grads).unwrap();
         drop((h, out, loss, grads));
@@ -1182,7 +1192,12 @@ fn data_parallel_step(dev: &Device, group: ProcessGroup) -> StepRun {
         layer_syncs,
         vars: sorted
             .iter()
-            .map(|(k, v)| (k.clone(), values(&v.as_tensor().to_dtype(DType::F64).unwrap())))
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    values(&v.as_tensor().to_dtype(DType::F64).unwrap()),
+                )
+            })
             .collect(),
         local: read(local),
         averaged: read(averaged),
@@ -1245,7 +1260,10 @@ fn data_parallel_step_makes_no_host_sync_after_the_first() {
         }
         // The first step agrees on the variables: the host reads the flags.
         let (_, dtoh) = run.syncs[0].unwrap();
-        assert!(dtoh >= 1, "rank {r}: the agreement must read the flags back");
+        assert!(
+            dtoh >= 1,
+            "rank {r}: the agreement must read the flags back"
+        );
         for (s, c) in run.syncs.iter().enumerate().skip(1) {
             assert_eq!(
                 *c,
@@ -1257,10 +1275,20 @@ fn data_parallel_step_makes_no_host_sync_after_the_first() {
         // One pass: the division by the world size is NCCL's (ncclAvg), not
         // an affine kernel of its own.
         for (s, c) in run.averaging_affines.iter().enumerate() {
-            assert_eq!(*c, Some(0), "rank {r} step {}: affine passes in the averaging", s + 1);
+            assert_eq!(
+                *c,
+                Some(0),
+                "rank {r} step {}: affine passes in the averaging",
+                s + 1
+            );
         }
         for (s, c) in run.layer_syncs.iter().enumerate() {
-            assert_eq!(*c, Some((0, 0)), "rank {r}: the layer alone, step {}", s + 1);
+            assert_eq!(
+                *c,
+                Some((0, 0)),
+                "rank {r}: the layer alone, step {}",
+                s + 1
+            );
         }
     }
 }

@@ -328,6 +328,22 @@ pub fn emulated_launches_named(_: &std::ffi::CStr) -> Option<u64> {
     None
 }
 
+/// Runs `f` on every rank of `groups`, one thread each; the results in rank
+/// order (a rank's panic fails the caller).
+pub fn on_groups<T: Send + 'static>(
+    groups: Vec<ProcessGroup>,
+    f: impl Fn(ProcessGroup) -> T + Send + Clone + 'static,
+) -> Vec<T> {
+    let handles: Vec<_> = groups
+        .into_iter()
+        .map(|g| {
+            let f = f.clone();
+            std::thread::spawn(move || f(g))
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
 /// A counter of the emulated driver, `unsigned long long name()`.
 #[cfg(target_os = "linux")]
 fn emulated_counter(name: &std::ffi::CStr) -> Option<u64> {

@@ -1,6 +1,7 @@
 //! Data-parallel helpers over in-process ranks: parameter broadcast, bucketed
 //! gradient averaging, atomic checkpoints.
 
+use crate::common::on_groups;
 use candle::{DType, Device, Tensor};
 use candle_nn::{Init, VarBuilder, VarMap};
 use candle_syncbn::data_parallel::{
@@ -224,6 +225,17 @@ fn checkpoint_is_written_atomically_and_reloads() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Rank `r`'s [`model`] with an averager that agreed on a step where no rank
+/// had a gradient for `b`.
+fn agreed_without_b(g: &ProcessGroup) -> (VarMap, Tensor, Tensor, GradientAverager) {
+    let (varmap, a, b, _) = model(g.rank());
+    let mut averager = GradientAverager::new(g, AverageOptions::default());
+    let mut grads = model_grads(&a, &b, g.rank(), false);
+    averager.average(&varmap, &mut grads).unwrap();
+    assert!(grads.get(&b).is_none());
+    (varmap, a, b, averager)
+}
+
 /// Rank `r`'s gradients of [`model`]: `a` gets r + 1 everywhere, `b` gets 1
 /// where `with_b(r)`, the stat none.
 fn model_grads(a: &Tensor, b: &Tensor, r: usize, with_b: bool) -> candle::backprop::GradStore {
@@ -242,38 +254,36 @@ fn model_grads(a: &Tensor, b: &Tensor, r: usize, with_b: bool) -> candle::backpr
 #[test]
 fn averager_agrees_once_then_reduces_only_the_buckets() {
     let groups = ProcessGroup::threads(3).unwrap();
-    let handles: Vec<_> = groups
-        .into_iter()
-        .map(|inner| {
-            std::thread::spawn(move || {
-                let log = Arc::new(Mutex::new(Vec::new()));
-                let g = ProcessGroup::from_backend(Logged {
-                    inner,
-                    log: log.clone(),
-                });
-                let r = g.rank();
-                let (varmap, a, b, s) = model(r);
-                let mut averager = GradientAverager::new(&g, AverageOptions::default());
-                let mut out = Vec::new();
-                for step in 0..4 {
-                    if step == 3 {
-                        averager.reset();
-                    }
-                    let mut grads = model_grads(&a, &b, r, r == 1);
-                    log.lock().unwrap().clear();
-                    averager.average(&varmap, &mut grads).unwrap();
-                    let calls = log.lock().unwrap().clone();
-                    let ga = grads.get(&a).unwrap().flatten_all().unwrap();
-                    let gb = grads.get(&b).unwrap().to_vec1::<f64>().unwrap();
-                    assert!(grads.get(&s).is_none(), "no gradient must appear for a stat");
-                    out.push((calls, ga.to_vec1::<f32>().unwrap(), gb));
-                }
-                out
-            })
-        })
-        .collect();
-    for h in handles {
-        for (step, (calls, ga, gb)) in h.join().unwrap().into_iter().enumerate() {
+    let results = on_groups(groups, |inner| {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let g = ProcessGroup::from_backend(Logged {
+            inner,
+            log: log.clone(),
+        });
+        let r = g.rank();
+        let (varmap, a, b, s) = model(r);
+        let mut averager = GradientAverager::new(&g, AverageOptions::default());
+        let mut out = Vec::new();
+        for step in 0..4 {
+            if step == 3 {
+                averager.reset();
+            }
+            let mut grads = model_grads(&a, &b, r, r == 1);
+            log.lock().unwrap().clear();
+            averager.average(&varmap, &mut grads).unwrap();
+            let calls = log.lock().unwrap().clone();
+            let ga = grads.get(&a).unwrap().flatten_all().unwrap();
+            let gb = grads.get(&b).unwrap().to_vec1::<f64>().unwrap();
+            assert!(
+                grads.get(&s).is_none(),
+                "no gradient must appear for a stat"
+            );
+            out.push((calls, ga.to_vec1::<f32>().unwrap(), gb));
+        }
+        out
+    });
+    for result in results {
+        for (step, (calls, ga, gb)) in result.into_iter().enumerate() {
             // The flags of the three floating-point variables first, at the
             // first call and after the reset; then one bucket per dtype.
             let buckets = [(DType::F32, 6), (DType::F64, 5)];
@@ -297,27 +307,17 @@ fn averager_agrees_once_then_reduces_only_the_buckets() {
 fn averager_refuses_a_gradient_outside_the_agreed_set() {
     let timeout = Duration::from_secs(2);
     let groups = ProcessGroup::threads_with_timeout(3, timeout).unwrap();
-    let handles: Vec<_> = groups
-        .into_iter()
-        .map(|g| {
-            std::thread::spawn(move || {
-                let r = g.rank();
-                let (varmap, a, b, _) = model(r);
-                let mut averager = GradientAverager::new(&g, AverageOptions::default());
-                // No rank has a gradient for `b` at the agreement.
-                let mut grads = model_grads(&a, &b, r, false);
-                averager.average(&varmap, &mut grads).unwrap();
-                assert!(grads.get(&b).is_none());
-                // Now rank 1 has one.
-                let mut grads = model_grads(&a, &b, r, r == 1);
-                let start = Instant::now();
-                let err = averager.average(&varmap, &mut grads).unwrap_err();
-                (r, err.to_string(), start.elapsed())
-            })
-        })
-        .collect();
-    for h in handles {
-        let (r, err, took) = h.join().unwrap();
+    let results = on_groups(groups, |g| {
+        let r = g.rank();
+        let (varmap, a, b, mut averager) = agreed_without_b(&g);
+        // Now rank 1 has one.
+        let mut grads = model_grads(&a, &b, r, r == 1);
+        let start = Instant::now();
+        let err = averager.average(&varmap, &mut grads).unwrap_err();
+        (r, err.to_string(), start.elapsed())
+    });
+    for result in results {
+        let (r, err, took) = result;
         if r == 1 {
             assert!(err.contains("'b'") && err.contains("reset"), "{err}");
         } else {
@@ -327,24 +327,16 @@ fn averager_refuses_a_gradient_outside_the_agreed_set() {
     }
 
     let groups = ProcessGroup::threads(3).unwrap();
-    let handles: Vec<_> = groups
-        .into_iter()
-        .map(|g| {
-            std::thread::spawn(move || {
-                let r = g.rank();
-                let (varmap, a, b, _) = model(r);
-                let mut averager = GradientAverager::new(&g, AverageOptions::default());
-                let mut grads = model_grads(&a, &b, r, false);
-                averager.average(&varmap, &mut grads).unwrap();
-                averager.reset();
-                let mut grads = model_grads(&a, &b, r, r == 1);
-                averager.average(&varmap, &mut grads).unwrap();
-                grads.get(&b).unwrap().to_vec1::<f64>().unwrap()
-            })
-        })
-        .collect();
-    for h in handles {
-        assert_eq!(h.join().unwrap(), vec![1.0 / 3.0; 5]);
+    let results = on_groups(groups, |g| {
+        let r = g.rank();
+        let (varmap, a, b, mut averager) = agreed_without_b(&g);
+        averager.reset();
+        let mut grads = model_grads(&a, &b, r, r == 1);
+        averager.average(&varmap, &mut grads).unwrap();
+        grads.get(&b).unwrap().to_vec1::<f64>().unwrap()
+    });
+    for result in results {
+        assert_eq!(result, vec![1.0 / 3.0; 5]);
     }
 }
 
@@ -353,20 +345,15 @@ fn averager_refuses_a_gradient_outside_the_agreed_set() {
 #[test]
 fn all_reduce_mean_by_default_divides_the_sum() {
     let groups = ProcessGroup::threads(3).unwrap();
-    let handles: Vec<_> = groups
-        .into_iter()
-        .map(|g| {
-            std::thread::spawn(move || {
-                let r = g.rank() as f64;
-                let t = Tensor::new(&[r, 3.0 * r, -6.0], &Device::Cpu).unwrap();
-                let mean = g.all_reduce_mean(&t).unwrap().to_vec1::<f64>().unwrap();
-                let ints = t.to_dtype(DType::I64).unwrap();
-                (mean, g.all_reduce_mean(&ints).unwrap_err().to_string())
-            })
-        })
-        .collect();
-    for h in handles {
-        let (mean, err) = h.join().unwrap();
+    let results = on_groups(groups, |g| {
+        let r = g.rank() as f64;
+        let t = Tensor::new(&[r, 3.0 * r, -6.0], &Device::Cpu).unwrap();
+        let mean = g.all_reduce_mean(&t).unwrap().to_vec1::<f64>().unwrap();
+        let ints = t.to_dtype(DType::I64).unwrap();
+        (mean, g.all_reduce_mean(&ints).unwrap_err().to_string())
+    });
+    for result in results {
+        let (mean, err) = result;
         assert_eq!(mean, vec![1.0, 3.0, -6.0]);
         assert!(err.contains("floating-point"), "{err}");
     }
