@@ -10,7 +10,7 @@
 use anyhow::Result;
 use candle::{DType, Device, Module, ModuleT, Tensor, D};
 use candle_nn::{conv2d, linear, Conv2d, Conv2dConfig, Linear, Optimizer, VarBuilder, VarMap, SGD};
-use candle_syncbn::data_parallel::{average_gradients, broadcast_varmap};
+use candle_syncbn::data_parallel::{broadcast_varmap, AverageOptions, GradientAverager};
 use candle_syncbn::{ProcessGroup, SyncBatchNorm};
 
 const CLASSES: usize = 4;
@@ -115,6 +115,7 @@ fn train(group: ProcessGroup) -> Result<Run> {
     // What a real job does: every rank starts from rank 0's variables.
     broadcast_varmap(&varmap, &group, 0)?;
     let mut sgd = SGD::new(varmap.all_vars(), 0.2)?;
+    let mut averager = GradientAverager::new(&group, AverageOptions::default());
     let mut losses = Vec::new();
     for step in 0..STEPS {
         let (x, y) = batch(step)?;
@@ -124,7 +125,7 @@ fn train(group: ProcessGroup) -> Result<Run> {
         let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
         let mut grads = loss.backward()?;
         // Average gradients over ranks (equal local batch sizes).
-        average_gradients(&varmap, &mut grads, &group)?;
+        averager.average(&varmap, &mut grads)?;
         sgd.step(&grads)?;
         let global_loss = group.all_reduce_sum(&loss.to_dtype(DType::F64)?.reshape(1)?)?;
         losses.push((global_loss.to_vec1::<f64>()?[0] / world as f64) as f32);

@@ -22,7 +22,9 @@
 use anyhow::{bail, Context, Result};
 use candle::{DType, Device, Module, Tensor, D};
 use candle_nn::{Optimizer, VarBuilder, VarMap};
-use candle_syncbn::data_parallel::{average_gradients, broadcast_varmap, save_varmap_atomic};
+use candle_syncbn::data_parallel::{
+    broadcast_varmap, save_varmap_atomic, AverageOptions, GradientAverager,
+};
 use candle_syncbn::launch::{launch_if_requested_with, RankDevice, Rendezvous};
 use candle_syncbn::precise_bn::{Estimator, PreciseBn};
 use candle_syncbn::{BatchNormLayer, BatchNormRewriter, Outcome, ProcessGroup};
@@ -627,10 +629,16 @@ fn run(args: &Args) -> Result<()> {
             train.len()
         )
     }
+    // Agrees on the variables with gradients at the first step, then
+    // averages without a host synchronization.
+    let mut averager = GradientAverager::new(&group, AverageOptions::default());
     for epoch in 0..args.epochs {
         let start = Instant::now();
         let perm = permutation(train.len(), args.seed.wrapping_add(epoch as u64 + 1));
-        let (mut loss_sum, mut correct) = (0f64, 0f64);
+        // The loss and accuracy sums stay on the device until the epoch
+        // ends: reading them every step would make the host wait for the
+        // GPU every step.
+        let mut sums = Tensor::zeros(2, DType::F32, &device)?;
         for step in 0..steps {
             let o = step * global + rank * b;
             let idx = Tensor::new(&perm[o..o + b], &Device::Cpu)?;
@@ -639,17 +647,18 @@ fn run(args: &Args) -> Result<()> {
             let logits = net.forward_t(&x, true)?;
             let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
             let mut grads = loss.backward()?;
-            average_gradients(&varmap, &mut grads, &group)?;
+            averager.average(&varmap, &mut grads)?;
             opt.step(&grads)?;
-            loss_sum += host_scalar(&loss)? * b as f64;
-            correct += host_scalar(
-                &logits
-                    .argmax(D::Minus1)?
-                    .eq(&y)?
-                    .to_dtype(DType::F32)?
-                    .sum_all()?,
-            )?;
+            let correct = logits
+                .argmax(D::Minus1)?
+                .eq(&y)?
+                .to_dtype(DType::F32)?
+                .sum_all()?;
+            let step_sums = Tensor::stack(&[(loss.to_dtype(DType::F32)? * b as f64)?, correct], 0)?;
+            sums = (sums + step_sums)?;
         }
+        let sums = sums.to_device(&Device::Cpu)?.to_vec1::<f32>()?;
+        let (loss_sum, correct) = (f64::from(sums[0]), f64::from(sums[1]));
         let s = sum_over(&group, &[loss_sum, correct, (steps * b) as f64])?;
         let secs = start.elapsed().as_secs_f64();
         if main {

@@ -1,62 +1,22 @@
 //! What a data-parallel training loop needs besides `SyncBatchNorm`, since
 //! candle has no DDP: start every rank from rank 0's variables
 //! ([`broadcast_varmap`]), average the gradients over the ranks before the
-//! optimizer step ([`average_gradients`], in a few large bucketed all-reduces
-//! rather than one call per tensor), and write checkpoints atomically
-//! ([`save_varmap_atomic`]).
+//! optimizer step, in a few large bucketed all-reduces rather than one call
+//! per tensor ([`GradientAverager`], kept across steps: no host
+//! synchronization after the first step; or [`average_gradients`], which
+//! agrees on the variables to average on every call), and write checkpoints
+//! atomically ([`save_varmap_atomic`]).
 //!
 //! Variables are visited in the order of their names, so every rank makes the
 //! same calls whatever the order of the `VarMap`'s hash map.
 
+use crate::grad_pack::{buckets, sorted_vars, unflatten, DEFAULT_BUCKET_BYTES};
 use crate::ProcessGroup;
-use candle::{DType, Result, Tensor, Var};
+use candle::{DType, Result, Tensor};
 use candle_nn::VarMap;
 use std::path::Path;
 
-/// The default size of a gradient bucket: 25 MiB, as PyTorch's DDP.
-pub(crate) const DEFAULT_BUCKET_BYTES: usize = 25 << 20;
-
-/// The variables of `varmap` sorted by name.
-fn sorted_vars(varmap: &VarMap) -> Vec<(String, Var)> {
-    let data = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
-    let mut vars: Vec<(String, Var)> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    vars.sort_by(|a, b| a.0.cmp(&b.0));
-    vars
-}
-
-/// Splits `items` (with their dtype and byte size) into runs of equal dtype
-/// of at most `bucket_bytes` each (a larger item gets a bucket of its own).
-fn buckets(items: &[(DType, usize)], bucket_bytes: usize) -> Vec<std::ops::Range<usize>> {
-    let mut out = Vec::new();
-    let mut start = 0;
-    let mut bytes = 0;
-    for (i, &(dtype, size)) in items.iter().enumerate() {
-        if i > start && (dtype != items[start].0 || bytes + size > bucket_bytes) {
-            out.push(start..i);
-            start = i;
-            bytes = 0;
-        }
-        bytes += size;
-    }
-    if start < items.len() {
-        out.push(start..items.len());
-    }
-    out
-}
-
-/// Splits a flat tensor into pieces of the given shapes.
-fn unflatten(flat: &Tensor, shapes: &[&candle::Shape]) -> Result<Vec<Tensor>> {
-    let mut offset = 0;
-    shapes
-        .iter()
-        .map(|s| {
-            let n = s.elem_count();
-            let t = flat.narrow(0, offset, n)?.reshape(*s)?;
-            offset += n;
-            Ok(t)
-        })
-        .collect()
-}
+pub use crate::grad_average::{AverageOptions, GradientAverager};
 
 /// Sets every variable of `varmap` to its value on rank `root` (all ranks
 /// must hold the same variables), in a few bucketed broadcasts.
@@ -95,7 +55,7 @@ pub fn average_gradients(
     grads: &mut candle::backprop::GradStore,
     group: &ProcessGroup,
 ) -> Result<()> {
-    average_gradients_bucketed(varmap, grads, group, DEFAULT_BUCKET_BYTES)
+    average_gradients_with(varmap, grads, group, &AverageOptions::default())
 }
 
 /// Like [`average_gradients`] with buckets of at most `bucket_bytes`.
@@ -112,109 +72,28 @@ pub fn average_gradients_bucketed(
     average_gradients_with(varmap, grads, group, &options)
 }
 
-/// How [`average_gradients_with`] averages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AverageOptions {
-    /// The largest bucket, in bytes of the reduced dtype (default 25 MiB, as
-    /// PyTorch's DDP); a larger gradient gets a bucket of its own.
-    pub bucket_bytes: usize,
-    /// Reduce bf16 and f16 gradients in their own dtype (half the bytes on
-    /// the wire, as PyTorch's DDP does) instead of f32 (the default: each
-    /// rank's gradient rounded once to f32, summed in f32, rounded once back).
-    pub half_in_own_dtype: bool,
-}
-
-impl Default for AverageOptions {
-    fn default() -> Self {
-        Self {
-            bucket_bytes: DEFAULT_BUCKET_BYTES,
-            half_in_own_dtype: false,
-        }
-    }
-}
-
 /// Replaces each gradient in `grads` of a floating-point variable of `varmap`
-/// by its average over the ranks of `group`.
+/// by its average over the ranks of `group`, agreeing with the other ranks
+/// on which variables have gradients on every call.
 ///
 /// The floating-point variables are taken in name order; a variable that has
 /// a gradient on some rank but not on this one (e.g. a branch this rank did
 /// not take) counts as a zero gradient here, and one without a gradient on
-/// any rank (running statistics, frozen weights) is left alone. Per bucket
-/// (a run of variables of one reduced dtype, at most
-/// [`AverageOptions::bucket_bytes`]), the gradients are packed once into one
-/// flat tensor, converted to the reduced dtype (f64 stays f64, f32 and, by
-/// default, bf16/f16 are reduced in f32) and divided by the world size in the
-/// same pass (on the CPU; on a GPU the division is a second pass on the
-/// device), summed with one all-reduce, and handed back to `grads` as views
-/// of the sum (converted back for half-precision variables reduced in f32):
-/// `1 + number of buckets` collectives in all, one bucket of extra memory at
-/// a time besides what the backend stages.
+/// any rank (running statistics, frozen weights) is left alone. Finding that
+/// out costs one small all-reduce whose result the host reads: a host
+/// synchronization (on a GPU, a wait for everything enqueued so far) on
+/// every call. A training loop whose set of variables with gradients is the
+/// same from step to step (most are) should keep a [`GradientAverager`]
+/// instead, which agrees once and then averages without any host
+/// synchronization; the buckets and the arithmetic are the same (see there):
+/// `1 + number of buckets` collectives per call.
 pub fn average_gradients_with(
     varmap: &VarMap,
     grads: &mut candle::backprop::GradStore,
     group: &ProcessGroup,
     options: &AverageOptions,
 ) -> Result<()> {
-    let world = group.world_size();
-    if world == 1 {
-        return Ok(());
-    }
-    let vars: Vec<(String, Var)> = sorted_vars(varmap)
-        .into_iter()
-        .filter(|(_, v)| v.dtype().is_float())
-        .collect();
-    if vars.is_empty() {
-        return Ok(());
-    }
-    let device = vars[0].1.device().clone();
-    let has: Vec<f32> = vars
-        .iter()
-        .map(|(_, v)| if grads.get(v).is_some() { 1.0 } else { 0.0 })
-        .collect();
-    let has = Tensor::from_vec(has, vars.len(), &device)?;
-    let has = group.all_reduce_sum(&has)?.to_vec1::<f32>()?;
-    let used: Vec<&(String, Var)> = vars
-        .iter()
-        .zip(has)
-        .filter(|(_, h)| *h > 0.0)
-        .map(|(v, _)| v)
-        .collect();
-    let reduce_dtype = |d: DType| match d {
-        DType::F64 => DType::F64,
-        DType::BF16 | DType::F16 if options.half_in_own_dtype => d,
-        _ => DType::F32,
-    };
-    let items: Vec<(DType, usize)> = used
-        .iter()
-        .map(|(_, v)| {
-            let d = reduce_dtype(v.dtype());
-            (d, v.elem_count() * d.size_in_bytes())
-        })
-        .collect();
-    for range in buckets(&items, options.bucket_bytes.max(1)) {
-        let part = &used[range.clone()];
-        let dtype = items[range.start].0;
-        let parts: Vec<crate::grad_pack::Part> = part
-            .iter()
-            .map(|(name, v)| match grads.get(v) {
-                Some(g) if g.shape() != v.shape() => candle::bail!(
-                    "average_gradients: the gradient of '{name}' has shape {:?}, the variable {:?}",
-                    g.dims(),
-                    v.dims()
-                ),
-                g => Ok((g, v.elem_count())),
-            })
-            .collect::<Result<_>>()?;
-        let flat = crate::grad_pack::pack_scaled(&parts, dtype, world, &device)?;
-        drop(parts);
-        let mean = group.all_reduce_sum(&flat)?;
-        drop(flat);
-        let shapes: Vec<&candle::Shape> = part.iter().map(|(_, v)| v.shape()).collect();
-        for ((_, var), g) in part.iter().zip(unflatten(&mean, &shapes)?) {
-            grads.insert(var.as_tensor(), g.to_dtype(var.dtype())?);
-        }
-    }
-    Ok(())
+    GradientAverager::new(group, *options).average(varmap, grads)
 }
 
 /// Saves `varmap` as safetensors to `path` atomically (written to a fresh
@@ -227,24 +106,4 @@ pub fn save_varmap_atomic(varmap: &VarMap, path: impl AsRef<Path>) -> Result<()>
         .map(|(k, v)| (k, v.as_tensor().clone()))
         .collect();
     crate::atomic_file::save_safetensors_atomic(path.as_ref(), &tensors, None)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn bucket_split() {
-        let items = [
-            (DType::F32, 40),
-            (DType::F32, 40),
-            (DType::F32, 40),
-            (DType::F64, 8),
-            (DType::F32, 200),
-            (DType::F32, 4),
-        ];
-        assert_eq!(buckets(&items, 100), vec![0..2, 2..3, 3..4, 4..5, 5..6]);
-        assert_eq!(buckets(&items, 1000), vec![0..3, 3..4, 4..6]);
-        assert!(buckets(&[], 10).is_empty());
-    }
 }

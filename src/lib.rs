@@ -14,13 +14,14 @@
 //!
 //! candle has no DDP, so the step broadcasts the initial variables once
 //! ([`data_parallel::broadcast_varmap`]) and averages the gradients after each
-//! backward ([`data_parallel::average_gradients`]); the batch statistics of
-//! the `SyncBatchNorm` layers are synchronized by the layers themselves.
+//! backward ([`data_parallel::GradientAverager`], kept across steps: after the
+//! first step no host synchronization); the batch statistics of the
+//! `SyncBatchNorm` layers are synchronized by the layers themselves.
 //!
 //! ```
 //! use candle::{DType, Device, Module, ModuleT, Tensor};
 //! use candle_nn::{Optimizer, VarBuilder, VarMap};
-//! use candle_syncbn::data_parallel::{average_gradients, broadcast_varmap};
+//! use candle_syncbn::data_parallel::{broadcast_varmap, AverageOptions, GradientAverager};
 //! use candle_syncbn::{ProcessGroup, SyncBatchNorm, SyncBatchNormConfig};
 //!
 //! /// The training loop of one rank; `group` is this rank's handle.
@@ -34,6 +35,7 @@
 //!     // Every rank starts from rank 0's weights.
 //!     broadcast_varmap(&varmap, &group, 0)?;
 //!     let mut opt = candle_nn::SGD::new(varmap.all_vars(), 0.1)?;
+//!     let mut averager = GradientAverager::new(&group, AverageOptions::default());
 //!     let mut running_mean = Vec::new();
 //!     for _step in 0..3 {
 //!         // This rank's slice of the global batch (random here).
@@ -47,8 +49,9 @@
 //!         let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
 //!         // Backward: one more all-reduce per SyncBatchNorm layer.
 //!         let mut grads = loss.backward()?;
-//!         // Data-parallel step: average the gradients (bucketed all-reduces).
-//!         average_gradients(&varmap, &mut grads, &group)?;
+//!         // Data-parallel step: average the gradients (bucketed all-reduces;
+//!         // the first call agrees on which variables have gradients).
+//!         averager.average(&varmap, &mut grads)?;
 //!         opt.step(&grads)?;
 //!         running_mean = bn.running_mean().unwrap().to_vec1::<f32>()?;
 //!     }
@@ -133,6 +136,7 @@ mod atomic_file;
 mod config;
 #[cfg(any(feature = "cuda", test))]
 mod cuda;
+mod grad_average;
 mod grad_pack;
 mod layer;
 mod rendezvous;

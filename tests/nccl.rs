@@ -86,6 +86,46 @@ fn run_ranks<T: Send + 'static>(
     prepare: impl Fn(usize) + Send + Sync + Clone + 'static,
     f: impl Fn(usize, Device, candle::Result<ProcessGroup>) -> T + Send + Sync + Clone + 'static,
 ) -> Vec<T> {
+    let _shared = ALONE.read().unwrap_or_else(|e| e.into_inner());
+    run_ranks_unlocked(world, options, gpu, prepare, f)
+}
+
+/// Held for reading by the tests' ranks, for writing by a test that must
+/// run alone: on the emulated GPU every thread shares a device's stream
+/// (candle's per-thread stream is one stream there) and kernels run when
+/// issued, so a kernel launched behind another test's pending collective
+/// waits for that test's peers; two tests that launch many kernels between
+/// their collectives on the same GPUs can wait for each other in a cycle.
+static ALONE: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+/// [`run`] while no other test runs ranks.
+fn run_alone<T: Send + 'static>(
+    world: usize,
+    timeout: Duration,
+    f: impl Fn(usize, Device, ProcessGroup) -> T + Send + Sync + Clone + 'static,
+) -> Vec<T> {
+    let _alone = ALONE.write().unwrap_or_else(|e| e.into_inner());
+    let options = NcclOptions {
+        timeout,
+        ..NcclOptions::default()
+    };
+    run_ranks_unlocked(
+        world,
+        options,
+        |r| r,
+        |_| {},
+        move |r, dev, g| f(r, dev, g.unwrap()),
+    )
+}
+
+/// [`run_ranks`] without taking [`ALONE`].
+fn run_ranks_unlocked<T: Send + 'static>(
+    world: usize,
+    options: NcclOptions,
+    gpu: impl Fn(usize) -> usize,
+    prepare: impl Fn(usize) + Send + Sync + Clone + 'static,
+    f: impl Fn(usize, Device, candle::Result<ProcessGroup>) -> T + Send + Sync + Clone + 'static,
+) -> Vec<T> {
     let pf = port_file("nccl-test");
     let (tx, rx) = std::sync::mpsc::channel();
     for r in 0..world {
@@ -158,6 +198,23 @@ fn collectives_give_exact_results() {
                 0.0,
                 0.0,
             );
+            // The mean is one ncclAvg; integers are refused on every rank.
+            if dtype.is_float() {
+                let mean = g.all_reduce_mean(&t).unwrap();
+                assert_eq!(mean.dtype(), dtype);
+                let expected: Vec<f64> = expected.iter().map(|v| v / world as f64).collect();
+                let (atol, rtol) = tolerance(dtype);
+                assert_close(
+                    &format!("rank {r} mean {dtype:?}"),
+                    &values(&mean),
+                    &expected,
+                    atol,
+                    rtol,
+                );
+            } else {
+                let err = g.all_reduce_mean(&t).unwrap_err().to_string();
+                assert!(err.contains("floating-point"), "{err}");
+            }
             let root = world - 1;
             let b = g.broadcast(&t, root).unwrap();
             assert_close(
@@ -1027,4 +1084,211 @@ fn dropping_the_group_with_a_dead_peer_returns_within_the_timeout() {
     });
     let took = out[0].unwrap();
     assert!(took < timeout * 2, "the drop took {took:?}");
+}
+
+/// What one rank saw in [`data_parallel_step`]: the host syncs and
+/// device-to-host copies of each step (when the emulated driver counts
+/// them), its variables after the last step, and the last step's gradients
+/// before and after averaging (`None`: none on this rank).
+struct StepRun {
+    syncs: Vec<Option<(u64, u64)>>,
+    /// Per step, the launches of candle's `affine_*` kernels (a division
+    /// pass) during the averaging.
+    averaging_affines: Vec<Option<u64>>,
+    layer_syncs: Vec<Option<(u64, u64)>>,
+    vars: Vec<(String, Vec<f64>)>,
+    local: Vec<Option<Vec<f64>>>,
+    averaged: Vec<Option<Vec<f64>>>,
+}
+
+/// Trains linear → SyncBatchNorm+ReLU → linear head (plus a second head
+/// that only rank 1 uses: its gradient is missing on rank 0) with SGD for
+/// five steps on `dev`, averaging with a [`GradientAverager`] kept across
+/// steps, and counts the host's waits for the GPU in every step: forward,
+/// backward, averaging and the optimizer step. Then runs the SyncBatchNorm
+/// layer alone (forward and backward) for two steps, counted the same way.
+fn data_parallel_step(dev: &Device, group: ProcessGroup) -> StepRun {
+    use candle::Module;
+    use candle_nn::Optimizer;
+    use candle_syncbn::data_parallel::{broadcast_varmap, AverageOptions, GradientAverager};
+    let r = group.rank();
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, dev);
+    let lin = candle_nn::linear(8, 4, vb.pp("lin")).unwrap();
+    let bn = SyncBatchNorm::new(
+        4,
+        SyncBatchNormConfig::default(),
+        vb.pp("bn"),
+        group.clone(),
+    )
+    .unwrap();
+    let head = candle_nn::linear(4, 2, vb.pp("head")).unwrap();
+    let branch = candle_nn::linear(4, 2, vb.pp("branch")).unwrap();
+    broadcast_varmap(&varmap, &group, 0).unwrap();
+    // SGD: AdamW makes no host sync either, but its dozen element-wise
+    // kernels per variable take seconds on the emulated GPU.
+    let mut opt = candle_nn::SGD::new(varmap.all_vars(), 0.1).unwrap();
+    let mut averager = GradientAverager::new(&group, AverageOptions::default());
+    let mut sorted = varmap
+        .data()
+        .lock()
+        .unwrap()
+        .clone()
+        .into_iter()
+        .collect::<Vec<_>>();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    // Every step's input is on the GPU before the counting starts.
+    let mut rng = Rng::new(40 + r as u64);
+    let data: Vec<(Tensor, Tensor)> = (0..5)
+        .map(|_| {
+            let x = tensor(&rng.normals(3 * 8, 0.5, 2.0), &[3, 8], DType::F32);
+            let y = tensor(&rng.normals(3 * 2, 0.0, 1.0), &[3, 2], DType::F32);
+            (x.to_device(dev).unwrap(), y.to_device(dev).unwrap())
+        })
+        .collect();
+    let counters = || emulated_host_syncs().zip(emulated_dtoh_copies());
+    let mut syncs = Vec::new();
+    let mut averaging_affines = Vec::new();
+    let (mut local, mut averaged) = (Vec::new(), Vec::new());
+    for (x, y) in &data {
+        let before = counters();
+        let h = bn.forward_relu_t(&lin.forward(x).unwrap(), true).unwrap();
+        let mut out = head.forward(&h).unwrap();
+        if r == 1 {
+            out = (out + branch.forward(&h).unwrap()).unwrap();
+        }
+        let loss = candle_nn::loss::mse(&out, y).unwrap();
+        let mut grads = loss.backward().unwrap();
+        // Handles on the gradients (read once the steps are done).
+        let get = |grads: &candle::backprop::GradStore| -> Vec<Option<Tensor>> {
+            sorted.iter().map(|(_, v)| grads.get(v).cloned()).collect()
+        };
+        local = get(&grads);
+        let affines = emulated_launches_named(c"affine_");
+        averager.average(&varmap, &mut grads).unwrap();
+        averaging_affines.push(affines.map(|b| emulated_launches_named(c"affine_").unwrap() - b));
+        averaged = get(&grads);
+        opt.step(&grads).unwrap();
+        drop((h, out, loss, grads));
+        syncs.push(before.zip(counters()).map(|(b, a)| (a.0 - b.0, a.1 - b.1)));
+    }
+    let mut layer_syncs = Vec::new();
+    for (x, _) in &data[..2] {
+        let x = lin.forward(x).unwrap();
+        let before = counters();
+        let h = bn.forward_t(&x, true).unwrap();
+        let grads = h.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        drop((h, grads));
+        layer_syncs.push(before.zip(counters()).map(|(b, a)| (a.0 - b.0, a.1 - b.1)));
+    }
+    let read = |ts: Vec<Option<Tensor>>| -> Vec<Option<Vec<f64>>> {
+        ts.iter()
+            .map(|t| t.as_ref().map(|t| values(&t.to_dtype(DType::F64).unwrap())))
+            .collect()
+    };
+    StepRun {
+        syncs,
+        averaging_affines,
+        layer_syncs,
+        vars: sorted
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    values(&v.as_tensor().to_dtype(DType::F64).unwrap()),
+                )
+            })
+            .collect(),
+        local: read(local),
+        averaged: read(averaged),
+    }
+}
+
+/// A data-parallel step on NCCL ranks (forward, backward, averaging with a
+/// `GradientAverager`, SGD) makes no host synchronization and no
+/// device-to-host copy after the first step, nor does the layer alone; the
+/// averaging divides by the world size inside the all-reduce (`ncclAvg`),
+/// without an element-wise pass of its own; a
+/// gradient missing on a rank (a head only rank 1 uses) is still averaged
+/// as a zero there, and variables without a gradient on any rank (the
+/// running statistics) are left without one.
+#[test]
+fn data_parallel_step_makes_no_host_sync_after_the_first() {
+    let Some(_) = world_or_skip("data_parallel_step_makes_no_host_sync_after_the_first") else {
+        return;
+    };
+    let runs = run_alone(2, Duration::from_secs(120), |_, dev, g| {
+        data_parallel_step(&dev, g)
+    });
+    let names: Vec<&String> = runs[0].vars.iter().map(|(k, _)| k).collect();
+    for (i, name) in names.iter().enumerate() {
+        // The last step's average: the mean of the ranks' gradients, a
+        // missing one counting as zero; none where no rank had one.
+        let locals: Vec<Option<&Vec<f64>>> = runs.iter().map(|run| run.local[i].as_ref()).collect();
+        let want: Option<Vec<f64>> = locals.iter().flatten().next().map(|first| {
+            (0..first.len())
+                .map(|j| locals.iter().flatten().map(|g| g[j]).sum::<f64>() / 2.0)
+                .collect()
+        });
+        if name.starts_with("branch") {
+            assert!(locals[0].is_none() && locals[1].is_some(), "{name}");
+        }
+        if name.contains("running") {
+            assert!(want.is_none(), "{name}");
+        }
+        for (r, run) in runs.iter().enumerate() {
+            match (&run.averaged[i], &want) {
+                (Some(got), Some(want)) => {
+                    assert_close(&format!("rank {r} {name} averaged"), got, want, 1e-6, 1e-6)
+                }
+                (None, None) => {}
+                (got, want) => panic!("rank {r} {name}: averaged {got:?}, expected {want:?}"),
+            }
+            // Every rank ends with the same variables.
+            assert_close(
+                &format!("rank {r} vs rank 0: {name}"),
+                &run.vars[i].1,
+                &runs[0].vars[i].1,
+                0.0,
+                0.0,
+            );
+        }
+    }
+    for (r, run) in runs.iter().enumerate() {
+        if run.syncs[0].is_none() {
+            continue; // a real driver does not count
+        }
+        // The first step agrees on the variables: the host reads the flags.
+        let (_, dtoh) = run.syncs[0].unwrap();
+        assert!(
+            dtoh >= 1,
+            "rank {r}: the agreement must read the flags back"
+        );
+        for (s, c) in run.syncs.iter().enumerate().skip(1) {
+            assert_eq!(
+                *c,
+                Some((0, 0)),
+                "rank {r} step {}: (host syncs, device-to-host copies) in forward + backward + averaging + SGD",
+                s + 1
+            );
+        }
+        // One pass: the division by the world size is NCCL's (ncclAvg), not
+        // an affine kernel of its own.
+        for (s, c) in run.averaging_affines.iter().enumerate() {
+            assert_eq!(
+                *c,
+                Some(0),
+                "rank {r} step {}: affine passes in the averaging",
+                s + 1
+            );
+        }
+        for (s, c) in run.layer_syncs.iter().enumerate() {
+            assert_eq!(
+                *c,
+                Some((0, 0)),
+                "rank {r}: the layer alone, step {}",
+                s + 1
+            );
+        }
+    }
 }

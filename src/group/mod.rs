@@ -87,6 +87,20 @@ pub trait Backend: Send + Sync + fmt::Debug {
         self.all_reduce_sum(tensor)
     }
 
+    /// Element-wise mean of `tensor` over all ranks: what gradient averaging
+    /// ([`crate::data_parallel::GradientAverager`]) uses off the CPU.
+    ///
+    /// Every rank passes a floating-point tensor of the same shape and dtype.
+    /// The default is [`Backend::all_reduce_sum`] followed by a division by
+    /// the world size on the device (a second pass over the tensor); a
+    /// backend that can fold the division into the reduction overrides it
+    /// (NCCL: `ncclAvg`, one pass).
+    fn all_reduce_mean(&self, tensor: &Tensor) -> Result<Tensor> {
+        mean_dtype_check(tensor, self.rank())?;
+        self.all_reduce_sum(tensor)?
+            .affine(1.0 / self.world_size() as f64, 0.0)
+    }
+
     /// Returns `root`'s `tensor` on every rank (each rank passes a tensor of the
     /// same shape and dtype; the result lives on the device of the rank's input).
     fn broadcast(&self, tensor: &Tensor, root: usize) -> Result<Tensor>;
@@ -125,6 +139,19 @@ pub trait Backend: Send + Sync + fmt::Debug {
         let device = self.device().unwrap_or(Device::Cpu);
         self.all_reduce_sum(&Tensor::zeros(1, DType::F32, &device)?)?;
         Ok(())
+    }
+}
+
+/// An all-reduce mean takes floating-point tensors only (an integer mean
+/// would truncate): an error, the same on every rank, before any collective.
+pub(crate) fn mean_dtype_check(tensor: &Tensor, rank: usize) -> Result<()> {
+    if tensor.dtype().is_float() {
+        Ok(())
+    } else {
+        candle::bail!(
+            "all_reduce_mean: rank {rank}: expected a floating-point tensor, got {:?}",
+            tensor.dtype()
+        )
     }
 }
 
@@ -279,6 +306,17 @@ impl ProcessGroup {
         } else {
             self.backend.all_reduce_sum_tagged(tensor, self.tag)
         }
+    }
+
+    /// Element-wise mean of a floating-point `tensor` over all ranks (see
+    /// [`Backend::all_reduce_mean`]). With world size 1 the input is
+    /// returned as is.
+    pub fn all_reduce_mean(&self, tensor: &Tensor) -> Result<Tensor> {
+        if self.world_size() == 1 {
+            mean_dtype_check(tensor, self.rank())?;
+            return Ok(tensor.clone());
+        }
+        self.backend.all_reduce_mean(tensor)
     }
 
     /// `root`'s `tensor` on every rank (see [`Backend::broadcast`]).

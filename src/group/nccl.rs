@@ -695,7 +695,17 @@ impl NcclBackend {
             })
     }
 
-    fn collective(&self, op: Op, tensor: &Tensor, root: usize, tag: CallTag) -> Result<Tensor> {
+    /// One collective: `op`, and for an all-reduce with `mean`, NCCL's
+    /// `ncclAvg` instead of `ncclSum` (the division folded into the
+    /// reduction; the debug check tells it apart by [`CallTag::MEAN`]).
+    fn collective(
+        &self,
+        op: Op,
+        mean: bool,
+        tensor: &Tensor,
+        root: usize,
+        tag: CallTag,
+    ) -> Result<Tensor> {
         if let Some(f) = self.comm.failure() {
             candle::bail!("nccl group is unusable after an earlier failure: {f}")
         }
@@ -717,14 +727,15 @@ impl NcclBackend {
                 root: root as u32,
                 flags: 0,
             },
-            tag,
+            if mean { CallTag::MEAN } else { tag },
         )?;
         if tensor.elem_count() == 0 {
             return Ok(tensor.clone());
         }
         let what = match op {
             Op::AllReduceSum => format!(
-                "collective #{seq} (all_reduce_sum of {} {:?})",
+                "collective #{seq} (all_reduce_{} of {} {:?})",
+                if mean { "mean" } else { "sum" },
                 tensor.elem_count(),
                 tensor.dtype()
             ),
@@ -734,7 +745,7 @@ impl NcclBackend {
                 tensor.dtype()
             ),
         };
-        self.run_collective(op, tensor, root, what)
+        self.run_collective(op, mean, tensor, root, what)
     }
 
     /// The debug check of a split communicator, which has no rendezvous
@@ -762,6 +773,7 @@ impl NcclBackend {
         let sums = self
             .run_collective(
                 Op::AllReduceSum,
+                false,
                 &t,
                 0,
                 format!("the debug check of collective #{seq}"),
@@ -782,12 +794,20 @@ impl NcclBackend {
     }
 
     /// Enqueues one collective (no checks) and hands its event to the watchdog.
-    fn run_collective(&self, op: Op, tensor: &Tensor, root: usize, what: String) -> Result<Tensor> {
+    fn run_collective(
+        &self,
+        op: Op,
+        mean: bool,
+        tensor: &Tensor,
+        root: usize,
+        what: String,
+    ) -> Result<Tensor> {
         let ty = nccl_dtype(tensor.dtype())?;
         let t = tensor.contiguous()?;
         let out = t.apply_op1_no_bwd(&NcclOp {
             backend: self,
             op,
+            mean,
             root,
             ty,
             what: what.clone(),
@@ -811,6 +831,8 @@ impl NcclBackend {
 struct NcclOp<'a> {
     backend: &'a NcclBackend,
     op: Op,
+    /// An all-reduce with `ncclAvg` (else `ncclSum`).
+    mean: bool,
     root: usize,
     ty: sys::ncclDataType_t,
     what: String,
@@ -830,6 +852,11 @@ impl NcclOp<'_> {
             let (dp, _rd) = dst.device_ptr_mut(&b.stream);
             let stream = b.stream.cu_stream() as sys::cudaStream_t;
             let (op, root, ty) = (self.op, self.root, self.ty);
+            let red = if self.mean {
+                sys::ncclRedOp_t::ncclAvg
+            } else {
+                sys::ncclRedOp_t::ncclSum
+            };
             b.comm.call(&self.what, b.options.timeout, |comm| unsafe {
                 // SAFETY: both buffers hold `n` elements of `ty` on this stream's device.
                 match op {
@@ -838,7 +865,7 @@ impl NcclOp<'_> {
                         dp as *mut std::ffi::c_void,
                         n,
                         ty,
-                        sys::ncclRedOp_t::ncclSum,
+                        red,
                         comm,
                         stream,
                     ),
@@ -896,15 +923,22 @@ impl Backend for NcclBackend {
     }
 
     fn all_reduce_sum(&self, tensor: &Tensor) -> Result<Tensor> {
-        self.collective(Op::AllReduceSum, tensor, 0, CallTag::UNTAGGED)
+        self.collective(Op::AllReduceSum, false, tensor, 0, CallTag::UNTAGGED)
+    }
+
+    /// `ncclAvg`: the division by the world size is part of the reduction
+    /// (NCCL ≥ 2.10), no pass of its own.
+    fn all_reduce_mean(&self, tensor: &Tensor) -> Result<Tensor> {
+        super::mean_dtype_check(tensor, self.rank)?;
+        self.collective(Op::AllReduceSum, true, tensor, 0, CallTag::UNTAGGED)
     }
 
     fn all_reduce_sum_tagged(&self, tensor: &Tensor, tag: CallTag) -> Result<Tensor> {
-        self.collective(Op::AllReduceSum, tensor, 0, tag)
+        self.collective(Op::AllReduceSum, false, tensor, 0, tag)
     }
 
     fn broadcast(&self, tensor: &Tensor, root: usize) -> Result<Tensor> {
-        self.collective(Op::Broadcast, tensor, root, CallTag::UNTAGGED)
+        self.collective(Op::Broadcast, false, tensor, root, CallTag::UNTAGGED)
     }
 
     /// An all-reduce of one value on the communicator, and the host waits

@@ -193,6 +193,12 @@ impl CallTag {
     /// parameter broadcasts, barriers, splits, users' own calls).
     pub const UNTAGGED: CallTag = CallTag(0);
 
+    /// The tag under which the NCCL group's debug check compares an
+    /// [`all_reduce_mean`](super::Backend::all_reduce_mean), so that ranks
+    /// mixing a mean with a sum of the same size fail: no layer's (identity
+    /// 0, which no layer has).
+    pub(crate) const MEAN: CallTag = CallTag(1);
+
     /// The forward collective `part` of call `index` of `layer`.
     pub(crate) fn forward(layer: LayerId, part: Part, index: u64) -> Self {
         let index = (index % u64::from(INDEX_MODULUS)) as u32;
@@ -227,6 +233,9 @@ impl fmt::Display for CallTag {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if *self == Self::UNTAGGED {
             return write!(f, "untagged");
+        }
+        if *self == Self::MEAN {
+            return write!(f, "an all_reduce_mean (gradient averaging)");
         }
         let layer = self.0 >> LAYER_SHIFT;
         let names = registry()

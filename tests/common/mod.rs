@@ -291,10 +291,57 @@ pub fn emulated_host_syncs() -> Option<u64> {
     emulated_counter(c"syncbn_emu_host_syncs")
 }
 
+/// How many device-to-host copies this thread made so far (each is also one
+/// of [`emulated_host_syncs`]), as the emulated GPU's driver counts them;
+/// `None` on a real driver.
+pub fn emulated_dtoh_copies() -> Option<u64> {
+    emulated_counter(c"syncbn_emu_dtoh_copies")
+}
+
 /// How many launches of this crate's kernels (`bn_*`) this thread made so
 /// far, as the emulated GPU's driver counts them; `None` on a real driver.
 pub fn emulated_crate_launches() -> Option<u64> {
     emulated_counter(c"syncbn_emu_crate_launches")
+}
+
+/// How many launches of the kernels whose names start with `prefix` (e.g.
+/// candle's `affine_`) this thread made so far, as the emulated GPU's driver
+/// counts them; `None` on a real driver.
+#[cfg(target_os = "linux")]
+pub fn emulated_launches_named(prefix: &std::ffi::CStr) -> Option<u64> {
+    // SAFETY: dlsym with a NUL-terminated name; the symbol, when present, is
+    // the emulated driver's `unsigned long long f(const char*)`, which reads
+    // the NUL-terminated `prefix` during the call only.
+    unsafe {
+        let f = libc::dlsym(libc::RTLD_DEFAULT, c"syncbn_emu_launches_named".as_ptr());
+        if f.is_null() {
+            return None;
+        }
+        let f: extern "C" fn(*const std::ffi::c_char) -> u64 = std::mem::transmute(f);
+        Some(f(prefix.as_ptr()))
+    }
+}
+
+/// The emulated GPU runs on Linux only: elsewhere nothing counts.
+#[cfg(not(target_os = "linux"))]
+pub fn emulated_launches_named(_: &std::ffi::CStr) -> Option<u64> {
+    None
+}
+
+/// Runs `f` on every rank of `groups`, one thread each; the results in rank
+/// order (a rank's panic fails the caller).
+pub fn on_groups<T: Send + 'static>(
+    groups: Vec<ProcessGroup>,
+    f: impl Fn(ProcessGroup) -> T + Send + Clone + 'static,
+) -> Vec<T> {
+    let handles: Vec<_> = groups
+        .into_iter()
+        .map(|g| {
+            let f = f.clone();
+            std::thread::spawn(move || f(g))
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
 }
 
 /// A counter of the emulated driver, `unsigned long long name()`.

@@ -1,15 +1,17 @@
 //! Data-parallel helpers over in-process ranks: parameter broadcast, bucketed
 //! gradient averaging, atomic checkpoints.
 
+use crate::common::on_groups;
 use candle::{DType, Device, Tensor};
 use candle_nn::{Init, VarBuilder, VarMap};
 use candle_syncbn::data_parallel::{
     average_gradients_bucketed, average_gradients_with, broadcast_varmap, save_varmap_atomic,
-    AverageOptions,
+    AverageOptions, GradientAverager,
 };
 use candle_syncbn::group::Backend;
 use candle_syncbn::ProcessGroup;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// A backend that logs the dtype and size of every all-reduce, over an
 /// in-process group.
@@ -221,4 +223,138 @@ fn checkpoint_is_written_atomically_and_reloads() {
         vec![3.0; 6]
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Rank `r`'s [`model`] with an averager that agreed on a step where no rank
+/// had a gradient for `b`.
+fn agreed_without_b(g: &ProcessGroup) -> (VarMap, Tensor, Tensor, GradientAverager) {
+    let (varmap, a, b, _) = model(g.rank());
+    let mut averager = GradientAverager::new(g, AverageOptions::default());
+    let mut grads = model_grads(&a, &b, g.rank(), false);
+    averager.average(&varmap, &mut grads).unwrap();
+    assert!(grads.get(&b).is_none());
+    (varmap, a, b, averager)
+}
+
+/// Rank `r`'s gradients of [`model`]: `a` gets r + 1 everywhere, `b` gets 1
+/// where `with_b(r)`, the stat none.
+fn model_grads(a: &Tensor, b: &Tensor, r: usize, with_b: bool) -> candle::backprop::GradStore {
+    let mut loss = (a.sum_all().unwrap() * (r as f64 + 1.0)).unwrap();
+    if with_b {
+        loss = (loss + b.sum_all().unwrap().to_dtype(DType::F32).unwrap()).unwrap();
+    }
+    loss.backward().unwrap()
+}
+
+/// A `GradientAverager` agrees on the variables with gradients at its first
+/// call only (the flags' all-reduce), then makes one all-reduce per bucket
+/// and nothing else, with `average_gradients`'s results: a gradient missing
+/// on some ranks counts as zero there, a variable without one anywhere is
+/// left alone. After `reset`, it agrees again.
+#[test]
+fn averager_agrees_once_then_reduces_only_the_buckets() {
+    let groups = ProcessGroup::threads(3).unwrap();
+    let results = on_groups(groups, |inner| {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let g = ProcessGroup::from_backend(Logged {
+            inner,
+            log: log.clone(),
+        });
+        let r = g.rank();
+        let (varmap, a, b, s) = model(r);
+        let mut averager = GradientAverager::new(&g, AverageOptions::default());
+        let mut out = Vec::new();
+        for step in 0..4 {
+            if step == 3 {
+                averager.reset();
+            }
+            let mut grads = model_grads(&a, &b, r, r == 1);
+            log.lock().unwrap().clear();
+            averager.average(&varmap, &mut grads).unwrap();
+            let calls = log.lock().unwrap().clone();
+            let ga = grads.get(&a).unwrap().flatten_all().unwrap();
+            let gb = grads.get(&b).unwrap().to_vec1::<f64>().unwrap();
+            assert!(
+                grads.get(&s).is_none(),
+                "no gradient must appear for a stat"
+            );
+            out.push((calls, ga.to_vec1::<f32>().unwrap(), gb));
+        }
+        out
+    });
+    for result in results {
+        for (step, (calls, ga, gb)) in result.into_iter().enumerate() {
+            // The flags of the three floating-point variables first, at the
+            // first call and after the reset; then one bucket per dtype.
+            let buckets = [(DType::F32, 6), (DType::F64, 5)];
+            if step == 0 || step == 3 {
+                assert_eq!(calls[0], (DType::F32, 3), "step {step}: {calls:?}");
+                assert_eq!(&calls[1..], &buckets, "step {step}: {calls:?}");
+            } else {
+                assert_eq!(&calls[..], &buckets, "step {step}: {calls:?}");
+            }
+            assert_eq!(ga, vec![2.0; 6]); // (1 + 2 + 3) / 3
+            assert_eq!(gb, vec![1.0 / 3.0; 5]); // (0 + 1 + 0) / 3
+        }
+    }
+}
+
+/// A rank that finds a gradient outside the agreed set fails, naming the
+/// variable, before any collective; the other ranks, waiting in the
+/// collective, fail within the group's timeout instead of hanging. Ranks
+/// that reset together agree on the new set.
+#[test]
+fn averager_refuses_a_gradient_outside_the_agreed_set() {
+    let timeout = Duration::from_secs(2);
+    let groups = ProcessGroup::threads_with_timeout(3, timeout).unwrap();
+    let results = on_groups(groups, |g| {
+        let r = g.rank();
+        let (varmap, a, b, mut averager) = agreed_without_b(&g);
+        // Now rank 1 has one.
+        let mut grads = model_grads(&a, &b, r, r == 1);
+        let start = Instant::now();
+        let err = averager.average(&varmap, &mut grads).unwrap_err();
+        (r, err.to_string(), start.elapsed())
+    });
+    for result in results {
+        let (r, err, took) = result;
+        if r == 1 {
+            assert!(err.contains("'b'") && err.contains("reset"), "{err}");
+        } else {
+            assert!(!err.contains("'b'"), "rank {r}: {err}");
+        }
+        assert!(took < timeout * 10, "rank {r} took {took:?}: {err}");
+    }
+
+    let groups = ProcessGroup::threads(3).unwrap();
+    let results = on_groups(groups, |g| {
+        let r = g.rank();
+        let (varmap, a, b, mut averager) = agreed_without_b(&g);
+        averager.reset();
+        let mut grads = model_grads(&a, &b, r, r == 1);
+        averager.average(&varmap, &mut grads).unwrap();
+        grads.get(&b).unwrap().to_vec1::<f64>().unwrap()
+    });
+    for result in results {
+        assert_eq!(result, vec![1.0 / 3.0; 5]);
+    }
+}
+
+/// `all_reduce_mean` of a backend without one of its own: the sum divided
+/// by the world size; integers are refused on every rank alike.
+#[test]
+fn all_reduce_mean_by_default_divides_the_sum() {
+    let groups = ProcessGroup::threads(3).unwrap();
+    let results = on_groups(groups, |g| {
+        let r = g.rank() as f64;
+        let t = Tensor::new(&[r, 3.0 * r, -6.0], &Device::Cpu).unwrap();
+        let mean = g.all_reduce_mean(&t).unwrap().to_vec1::<f64>().unwrap();
+        let ints = t.to_dtype(DType::I64).unwrap();
+        (mean, g.all_reduce_mean(&ints).unwrap_err().to_string())
+    });
+    for result in results {
+        let (mean, err) = result;
+        assert_eq!(mean, vec![1.0, 3.0, -6.0]);
+        assert!(err.contains("floating-point"), "{err}");
+    }
 }

@@ -329,14 +329,7 @@ fn on_threads<T: Send + 'static>(
     f: impl Fn(ProcessGroup) -> T + Send + Clone + 'static,
 ) -> Vec<T> {
     let groups = ProcessGroup::threads_with_timeout(world, Duration::from_secs(30)).unwrap();
-    let handles: Vec<_> = groups
-        .into_iter()
-        .map(|g| {
-            let f = f.clone();
-            std::thread::spawn(move || f(g))
-        })
-        .collect();
-    handles.into_iter().map(|h| h.join().unwrap()).collect()
+    on_groups(groups, f)
 }
 
 /// Two layers of the same shape called in a different order on two ranks:

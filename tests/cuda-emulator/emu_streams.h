@@ -30,8 +30,16 @@ extern "C" void syncbn_emu_drain(void* stream);
 // (synchronizations, device-to-host copies, synchronous frees).
 extern "C" unsigned long long syncbn_emu_host_syncs();
 
+// How many device-to-host copies the calling OS thread made (each is also
+// counted by syncbn_emu_host_syncs).
+extern "C" unsigned long long syncbn_emu_dtoh_copies();
+
 // How many launches of this crate's kernels (bn_*) the calling OS thread made.
 extern "C" unsigned long long syncbn_emu_crate_launches();
+
+// How many launches of the kernels whose names start with `prefix` (e.g.
+// "affine_") the calling OS thread made.
+extern "C" unsigned long long syncbn_emu_launches_named(const char* prefix);
 
 // Defers `work` on `stream` of the calling thread's current context.
 extern "C" void syncbn_emu_defer(void* stream, const std::shared_ptr<cuda_emulator::PendingWork>* work);

@@ -197,10 +197,18 @@ void drain_context() {
 // tests through syncbn_emu_host_syncs.
 thread_local unsigned long long host_syncs = 0;
 
+// Device-to-host copies made by this OS thread (each is also a host sync):
+// read by the tests through syncbn_emu_dtoh_copies.
+thread_local unsigned long long dtoh_copies = 0;
+
 // Launches of this crate's kernels (named bn_*) made by this OS thread: the
 // tests read the launch profile of a training step through
 // syncbn_emu_crate_launches.
 thread_local unsigned long long crate_launches = 0;
+
+// Launches of each kernel made by this OS thread: the tests read how often
+// kernels of a name prefix ran through syncbn_emu_launches_named.
+thread_local std::unordered_map<const Kernel*, unsigned long long> launches_by_kernel;
 
 // An event: the work pending on its stream when it was recorded.
 struct Event {
@@ -360,7 +368,19 @@ void syncbn_emu_drain(void* stream) { drain(stream); }
 
 unsigned long long syncbn_emu_host_syncs() { return host_syncs; }
 
+unsigned long long syncbn_emu_dtoh_copies() { return dtoh_copies; }
+
 unsigned long long syncbn_emu_crate_launches() { return crate_launches; }
+
+unsigned long long syncbn_emu_launches_named(const char* prefix) {
+    unsigned long long n = 0;
+    for (const auto& [name, k] : registry())
+        if (name.rfind(prefix, 0) == 0) {
+            const auto it = launches_by_kernel.find(&k);
+            if (it != launches_by_kernel.end()) n += it->second;
+        }
+    return n;
+}
 
 void syncbn_emu_defer(void* stream, const Work* work) {
     std::lock_guard<std::mutex> g(pending_lock);
@@ -497,6 +517,7 @@ CUresult cuMemcpyHtoDAsync_v2(std::uint64_t dst, const void* src, std::size_t n,
 }
 CUresult cuMemcpyDtoHAsync_v2(void* dst, std::uint64_t src, std::size_t n, void* stream) {
     ++host_syncs;  // into pageable memory, it returns when the copy is done
+    ++dtoh_copies;
     drain(stream);
     std::memcpy(dst, reinterpret_cast<const void*>(src), n);
     return CUDA_SUCCESS;
@@ -562,6 +583,7 @@ CUresult cuLaunchKernel(void* fn, unsigned gx, unsigned gy, unsigned gz, unsigne
     const unsigned block[3] = {bx, by, bz};
     Launch l{static_cast<const Kernel*>(fn), params};
     if (is_crate_kernel(l.k)) ++crate_launches;
+    ++launches_by_kernel[l.k];
     if (trace()) {
         for (const auto& [name, k] : registry())
             if (&k == l.k) std::fprintf(stderr, "[emulated GPU] %s <<<(%u,%u,%u), (%u,%u,%u)>>>\n", name.c_str(), gx, gy, gz, bx, by, bz);

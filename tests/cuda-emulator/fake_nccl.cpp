@@ -253,18 +253,36 @@ void* map_shared(const std::string& name, std::size_t bytes, bool create, const 
     return p == MAP_FAILED ? nullptr : p;
 }
 
-// Computes a collective whose contributions are all in `data`.
+bool is_float(int t) { return t == Float16 || t == Float32 || t == Float64 || t == Bfloat16; }
+
+// `v` rounded to the data type `t` (as a value of that type, read back).
+double round_to(int t, double v) {
+    unsigned char cell[8];
+    store(cell, 0, t, v);
+    return load(cell, 0, t);
+}
+
+// Computes a collective whose contributions are all in `data`. ncclAvg is
+// NCCL's: on floating-point types each contribution is first multiplied by
+// 1/nranks rounded to the type (ncclDevPreMulSum), then summed; on integers
+// the sum is divided (truncating) at the end.
 void compute(const Slot& s, unsigned char* data, std::size_t bytes, int nranks) {
     const std::size_t n = s.count;
     unsigned char* out = data + bytes * nranks;
+    const bool premul = s.op == Avg && is_float(s.type);
+    const double scale = round_to(s.type, 1.0 / nranks);
+    auto contribution = [&](int r, std::size_t i) {
+        const double v = load(data + bytes * r, i, s.type);
+        return premul ? round_to(s.type, v * scale) : v;
+    };
     for (std::size_t i = 0; i < n; ++i) {
         double acc;
         if (s.broadcast) {
             acc = load(data + bytes * s.root, i, s.type);
         } else {
-            acc = load(data, i, s.type);
+            acc = contribution(0, i);
             for (int r = 1; r < nranks; ++r) {
-                const double v = load(data + bytes * r, i, s.type);
+                const double v = contribution(r, i);
                 switch (s.op) {
                 case Sum: case Avg: acc += v; break;
                 case Prod: acc *= v; break;
@@ -273,7 +291,7 @@ void compute(const Slot& s, unsigned char* data, std::size_t bytes, int nranks) 
                 default: break;
                 }
             }
-            if (s.op == Avg) acc /= nranks;
+            if (s.op == Avg && !premul) acc = std::trunc(acc / nranks);
         }
         store(out, i, s.type, acc);
     }
