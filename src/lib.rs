@@ -135,7 +135,6 @@ mod config;
 mod cuda;
 mod grad_pack;
 mod layer;
-mod rendezvous;
 
 #[cfg(feature = "cuda")]
 pub use cuda::memory as cuda_memory;

@@ -1,6 +1,6 @@
 //! The TCP group: one process per rank (on one or several machines), talking
 //! over the authenticated star of connections made by the rendezvous (see the
-//! `store` module) and, for large all-reduces, over a ring of direct
+//! `star` and `rendezvous` modules) and, for large all-reduces, over a ring of direct
 //! rank-to-rank connections (see the `ring` module).
 //!
 //! An all-reduce smaller than [`StoreOptions::ring_min_bytes`] (the layers'
@@ -13,10 +13,12 @@
 //! staged through host memory (so several processes may share one GPU, e.g.
 //! in tests).
 
+use super::rendezvous::Rendezvous;
 use super::ring::{Ring, RingElem};
-use super::store::{dtype_code, Call, Op, Star, StoreOptions, FLAG_META_ONLY};
+use super::star::Star;
+use super::wire::{dtype_code, Call, Op, FLAG_META_ONLY};
+use super::StoreOptions;
 use super::{Backend, CallTag};
-use crate::rendezvous::Rendezvous;
 use candle::{DType, Device, Result, Tensor};
 use std::fmt;
 use std::sync::{Mutex, MutexGuard};
