@@ -955,7 +955,7 @@ pub fn loopback_rendezvous(rank: usize, world: usize, port_file: &Path, token: &
         .with_token(token)
 }
 
-/// A frame header of the wire protocol (see `src/group/store.rs`): magic,
+/// A frame header of the wire protocol (see `src/group/wire.rs`): magic,
 /// kind, op, dtype, flags, root, tag, sequence number, count, payload length.
 #[allow(clippy::too_many_arguments)]
 pub fn raw_header(
@@ -1008,7 +1008,7 @@ pub fn raw_ring_opt_out(s: &mut TcpStream, world: u64) {
 
 /// A rank `rank` of `world` written by hand: it completes the handshake with
 /// rank 0 at `port` by proving it knows `token` (an HMAC-SHA-256 over the
-/// transcript, as `src/group/handshake.rs` defines it), then waits for the
+/// transcript, as `src/group/rendezvous/handshake.rs` defines it), then waits for the
 /// welcome. Returns the authenticated connection.
 pub fn raw_rank(port: u16, rank: u32, world: u64, token: &str) -> TcpStream {
     use hmac::{Hmac, Mac};
