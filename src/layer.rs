@@ -531,9 +531,10 @@ impl SyncBatchNorm {
             ProcessGroup::single()
         };
         let sums = group.all_reduce_sum(&local).map_err(|e| {
-            candle::Error::Msg(format!(
-                "SyncBatchNorm '{name}': all-reduce of the batch statistics failed: {e}"
-            ))
+            crate::error::keep_kind(
+                &e,
+                format!("SyncBatchNorm '{name}': all-reduce of the batch statistics failed: {e}"),
+            )
         })?;
         let local_count = x.elem_count() / self.num_features;
         if local_count <= 1 {

@@ -1,6 +1,7 @@
 //! The tunables of the multi-process groups (timeouts, message size bound,
 //! the TCP group's ring threshold), from code or from the environment.
 
+use crate::error::{bail_kind, ErrorKind};
 use candle::Result;
 use std::time::Duration;
 
@@ -75,7 +76,10 @@ impl StoreOptions {
 
     pub(crate) fn validate(&self) -> Result<()> {
         if self.timeout.is_zero() || self.rendezvous_timeout.is_zero() {
-            candle::bail!("process group: the timeouts must be positive, got {self:?}")
+            bail_kind!(
+                ErrorKind::BadInput,
+                "process group: the timeouts must be positive, got {self:?}"
+            )
         }
         Ok(())
     }

@@ -13,10 +13,11 @@
 
 use super::rendezvous::{join, serve, warn_without_token, Rendezvous, MAX_TOKEN_BYTES};
 use super::wire::{
-    check_peer_header, io_error, read_full, write_frame, Call, Header, Kind, HEADER_LEN,
-    MAX_ERROR_BYTES,
+    check_peer_header, io_failure, kind_code, kind_from_code, read_full, write_frame, Call, Header,
+    Kind, HEADER_LEN, MAX_ERROR_BYTES,
 };
 use super::{CallTag, StoreOptions};
+use crate::error::{bail_kind, ErrorKind, Failure};
 use candle::Result;
 use std::fmt;
 use std::net::{Shutdown, SocketAddr, TcpStream};
@@ -41,7 +42,7 @@ pub(crate) struct Star {
     options: StoreOptions,
     links: Links,
     seq: u64,
-    failure: Option<String>,
+    failure: Option<Failure>,
 }
 
 impl fmt::Debug for Star {
@@ -63,7 +64,8 @@ impl Star {
         rv.validate()?;
         let token = rv.token.clone().unwrap_or_default().into_bytes();
         if token.len() > MAX_TOKEN_BYTES {
-            candle::bail!(
+            bail_kind!(
+                ErrorKind::BadInput,
                 "rendezvous: the token is {} bytes long, at most {MAX_TOKEN_BYTES} are allowed",
                 token.len()
             )
@@ -109,13 +111,23 @@ impl Star {
     /// Marks the star failed (if it is not already), tells the other ranks
     /// (rank 0) or closes the link (others), and returns the error.
     pub fn fail(&mut self, msg: String) -> candle::Error {
+        self.fail_with(msg.into())
+    }
+
+    /// [`Star::fail`] with the failure's kind, which rank 0 passes on to the
+    /// other ranks in its error frame.
+    pub fn fail_with(&mut self, failure: Failure) -> candle::Error {
         if self.failure.is_none() {
-            self.failure = Some(msg.clone());
+            self.failure = Some(failure.clone());
+            let msg = &failure.msg;
             let deadline = Instant::now() + Duration::from_secs(1).min(self.options.timeout);
             match &mut self.links {
                 Links::Root(peers) => {
+                    let (op, root) = kind_code(failure.kind);
                     let h = Header {
                         len: msg.len().min(MAX_ERROR_BYTES) as u64,
+                        op,
+                        root,
                         ..Header::new(Kind::Error)
                     };
                     for s in peers.iter_mut().flatten() {
@@ -130,7 +142,7 @@ impl Star {
                 }
             }
         }
-        candle::Error::Msg(msg)
+        failure.into_error()
     }
 
     /// One collective: every rank sends `payload` described by `call`; rank 0
@@ -150,15 +162,21 @@ impl Star {
         reduce: &Reduce,
     ) -> Result<Vec<u8>> {
         if let Some(f) = &self.failure {
-            candle::bail!("process group is unusable after an earlier failure: {f}")
+            return Err(f
+                .clone()
+                .map_msg(|f| format!("process group is unusable after an earlier failure: {f}"))
+                .into_error());
         }
         let seq = self.seq;
         self.seq += 1;
         if payload.len() as u64 != call.payload_len(self.rank) {
-            return Err(self.fail(format!(
-                "rank {}: internal error: payload of {} bytes for {call}",
-                self.rank,
-                payload.len()
+            return Err(self.fail_with(Failure::new(
+                ErrorKind::BadInput,
+                format!(
+                    "rank {}: internal error: payload of {} bytes for {call}",
+                    self.rank,
+                    payload.len()
+                ),
             )));
         }
         if self.world_size == 1 {
@@ -170,10 +188,13 @@ impl Star {
             }
             Links::Leaf(link) => match link {
                 Some(s) => leaf_exchange(s, self.rank, &self.options, (seq, call, tag), payload),
-                None => Err("the connection to rank 0 is closed".to_string()),
+                None => Err(Failure::new(
+                    ErrorKind::PeerFailed { rank: 0 },
+                    "the connection to rank 0 is closed",
+                )),
             },
         };
-        result.map_err(|m| self.fail(m))
+        result.map_err(|f| self.fail_with(f))
     }
 }
 
@@ -200,46 +221,48 @@ fn root_exchange(
     (seq, call, tag): (u64, Call, CallTag),
     payload: &[u8],
     reduce: &Reduce,
-) -> std::result::Result<Vec<u8>, String> {
+) -> std::result::Result<Vec<u8>, Failure> {
     let deadline = Instant::now() + options.timeout;
     let own = Header::data(seq, &call, tag, payload.len() as u64);
     let mut payloads = vec![payload.to_vec()];
     for (i, slot) in peers.iter_mut().enumerate() {
         let r = i + 1;
-        let s = slot
-            .as_mut()
-            .ok_or_else(|| format!("rank {r} is no longer connected"))?;
+        let s = slot.as_mut().ok_or_else(|| {
+            Failure::new(
+                ErrorKind::PeerFailed { rank: r },
+                format!("rank {r} is no longer connected"),
+            )
+        })?;
         let doing = format!("rank 0 waited for its part of collective #{seq} ({call})");
         let mut hb = [0u8; HEADER_LEN];
-        read_full(s, &mut hb, deadline).map_err(|e| io_error(r, &doing, &e, options.timeout))?;
-        let h = Header::decode(&hb).map_err(|e| format!("rank {r}: {e}"))?;
+        read_full(s, &mut hb, deadline).map_err(|e| io_failure(r, &doing, &e, options.timeout))?;
+        let h = Header::decode(&hb).map_err(|e| {
+            Failure::new(ErrorKind::PeerFailed { rank: r }, format!("rank {r}: {e}"))
+        })?;
         // Before reading a byte of the payload: a rank that makes another
         // call (a 2 GiB all-reduce against a barrier, say) is reported at
         // once, and its payload is never read.
         check_peer_header(&own, r, &h)?;
         if h.len != call.payload_len(r) {
-            return Err(format!(
+            return Err(Failure::new(ErrorKind::PeerFailed { rank: r }, format!(
                 "rank {r} sent a malformed frame in collective #{seq}: {} with a payload of {} bytes",
                 h.describe(),
                 h.len
-            ));
+            )));
         }
         if h.len > options.max_message_bytes {
-            return Err(format!(
+            return Err(Failure::new(ErrorKind::BadInput, format!(
                 "rank {r} sent {} bytes in collective #{seq}, more than the limit of {} (StoreOptions::max_message_bytes)",
                 h.len, options.max_message_bytes
-            ));
+            )));
         }
         let mut p = vec![0u8; h.len as usize];
-        read_full(s, &mut p, deadline).map_err(|e| io_error(r, &doing, &e, options.timeout))?;
+        read_full(s, &mut p, deadline).map_err(|e| io_failure(r, &doing, &e, options.timeout))?;
         payloads.push(p);
     }
     let reply = reduce(&payloads)?;
     if reply.len() as u64 != call.reply_len() {
-        return Err(format!(
-            "internal error: reply of {} bytes for {call}",
-            reply.len()
-        ));
+        return Err(format!("internal error: reply of {} bytes for {call}", reply.len()).into());
     }
     let h = Header::data(seq, &call, tag, reply.len() as u64);
     let deadline = Instant::now() + options.timeout;
@@ -247,7 +270,7 @@ fn root_exchange(
         let r = i + 1;
         if let Some(s) = slot.as_mut() {
             write_frame(s, &h, &reply, deadline).map_err(|e| {
-                io_error(
+                io_failure(
                     r,
                     &format!("rank 0 sent the result of collective #{seq} ({call})"),
                     &e,
@@ -265,11 +288,11 @@ fn leaf_exchange(
     options: &StoreOptions,
     (seq, call, tag): (u64, Call, CallTag),
     payload: &[u8],
-) -> std::result::Result<Vec<u8>, String> {
+) -> std::result::Result<Vec<u8>, Failure> {
     let start = Instant::now();
     let h = Header::data(seq, &call, tag, payload.len() as u64);
     write_frame(s, &h, payload, start + options.timeout).map_err(|e| {
-        io_error(
+        io_failure(
             0,
             &format!("rank {rank} sent its part of collective #{seq} ({call})"),
             &e,
@@ -283,35 +306,45 @@ fn leaf_exchange(
     let doing = format!("rank {rank} waited for the result of collective #{seq} ({call})");
     let mut hb = [0u8; HEADER_LEN];
     read_full(s, &mut hb, deadline)
-        .map_err(|e| io_error(0, &doing, &e, options.timeout + grace))?;
-    let r = Header::decode(&hb).map_err(|e| format!("rank 0: {e}"))?;
+        .map_err(|e| io_failure(0, &doing, &e, options.timeout + grace))?;
+    let r = Header::decode(&hb)
+        .map_err(|e| Failure::new(ErrorKind::PeerFailed { rank: 0 }, format!("rank 0: {e}")))?;
     match r.kind {
         Kind::Error => {
             if r.len > MAX_ERROR_BYTES as u64 {
-                return Err(format!(
-                    "rank 0 reported an error of {} bytes (too long to read)",
-                    r.len
+                return Err(Failure::new(
+                    ErrorKind::PeerFailed { rank: 0 },
+                    format!(
+                        "rank 0 reported an error of {} bytes (too long to read)",
+                        r.len
+                    ),
                 ));
             }
             let mut m = vec![0u8; r.len as usize];
-            read_full(s, &mut m, deadline).map_err(|e| io_error(0, &doing, &e, options.timeout))?;
-            Err(String::from_utf8_lossy(&m).into_owned())
+            read_full(s, &mut m, deadline)
+                .map_err(|e| io_failure(0, &doing, &e, options.timeout))?;
+            Err(Failure {
+                kind: kind_from_code(r.op, r.root),
+                msg: String::from_utf8_lossy(&m).into_owned(),
+            })
         }
         Kind::Data => {
             if r.seq != seq || r.call() != Some(call) || r.tag() != tag || r.len != call.reply_len()
             {
-                return Err(format!(
+                return Err(Failure::new(ErrorKind::RanksDisagree, format!(
                     "rank {rank} expected the result of collective #{seq} ({call}), rank 0 answered with {} ({} bytes)",
                     r.describe(),
                     r.len
-                ));
+                )));
             }
             let mut p = vec![0u8; r.len as usize];
-            read_full(s, &mut p, deadline).map_err(|e| io_error(0, &doing, &e, options.timeout))?;
+            read_full(s, &mut p, deadline)
+                .map_err(|e| io_failure(0, &doing, &e, options.timeout))?;
             Ok(p)
         }
-        k => Err(format!(
-            "rank 0 sent an unexpected {k:?} frame in collective #{seq}"
+        k => Err(Failure::new(
+            ErrorKind::PeerFailed { rank: 0 },
+            format!("rank 0 sent an unexpected {k:?} frame in collective #{seq}"),
         )),
     }
 }

@@ -11,6 +11,7 @@
 //! and write has a deadline.
 
 use super::CallTag;
+use crate::error::{ErrorKind, Failure};
 use candle::DType;
 use std::fmt;
 use std::io::{self, Read, Write};
@@ -366,10 +367,17 @@ pub(crate) fn write_frame(
 
 /// Why talking to `rank` failed, in words.
 pub(crate) fn io_error(rank: usize, doing: &str, e: &io::Error, timeout: Duration) -> String {
-    match e.kind() {
-        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => format!(
-            "rank {rank} did not answer within {timeout:?} while {doing} (it stopped responding, or is stuck before this collective)"
-        ),
+    io_failure(rank, doing, e, timeout).msg
+}
+
+/// [`io_error`] with its kind: a timeout, or `rank` failed.
+pub(crate) fn io_failure(rank: usize, doing: &str, e: &io::Error, timeout: Duration) -> Failure {
+    let msg = match e.kind() {
+        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => {
+            return Failure::new(ErrorKind::Timeout, format!(
+                "rank {rank} did not answer within {timeout:?} while {doing} (it stopped responding, or is stuck before this collective)"
+            ))
+        }
         io::ErrorKind::UnexpectedEof
         | io::ErrorKind::ConnectionReset
         | io::ErrorKind::ConnectionAborted
@@ -377,7 +385,61 @@ pub(crate) fn io_error(rank: usize, doing: &str, e: &io::Error, timeout: Duratio
             "rank {rank} closed the connection while {doing} (its process died or failed)"
         ),
         _ => format!("I/O error with rank {rank} while {doing}: {e}"),
+    };
+    Failure::new(ErrorKind::PeerFailed { rank }, msg)
+}
+
+/// The kind of a message that [`io_error`] made (the ring reports its
+/// failures as text): the first `rank {r} did not answer within` (a
+/// timeout) or `rank {r} closed the connection` / `I/O error with rank {r}`
+/// (rank `r` failed) in `msg`.
+pub(crate) fn io_error_kind(msg: &str) -> Option<ErrorKind> {
+    msg.match_indices("rank ").find_map(|(at, m)| {
+        let rest = &msg[at + m.len()..];
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let rank: usize = rest[..digits].parse().ok()?;
+        let after = &rest[digits..];
+        if after.starts_with(" did not answer within ") {
+            Some(ErrorKind::Timeout)
+        } else if after.starts_with(" closed the connection while ")
+            || (msg[..at].ends_with("I/O error with ") && after.starts_with(" while "))
+        {
+            Some(ErrorKind::PeerFailed { rank })
+        } else {
+            None
+        }
+    })
+}
+
+/// The code of an error frame's kind (its `op` and `root` fields: rank 0
+/// tells the other ranks what kind of failure it reports; 0: unknown).
+pub(crate) fn kind_code(kind: Option<ErrorKind>) -> (u8, u32) {
+    match kind {
+        None => (0, 0),
+        Some(ErrorKind::Timeout) => (1, 0),
+        Some(ErrorKind::PeerFailed { rank }) => (2, rank as u32),
+        Some(ErrorKind::RanksDisagree) => (3, 0),
+        Some(ErrorKind::Rendezvous) => (4, 0),
+        Some(ErrorKind::BadCheckpoint) => (5, 0),
+        Some(ErrorKind::BadInput) => (6, 0),
     }
+}
+
+/// The kind of an error frame ([`kind_code`]), as far as this version knows it.
+pub(crate) fn kind_from_code(op: u8, root: u32) -> Option<ErrorKind> {
+    Some(match op {
+        1 => ErrorKind::Timeout,
+        2 => ErrorKind::PeerFailed {
+            rank: root as usize,
+        },
+        3 => ErrorKind::RanksDisagree,
+        4 => ErrorKind::Rendezvous,
+        5 => ErrorKind::BadCheckpoint,
+        6 => ErrorKind::BadInput,
+        _ => return None,
+    })
 }
 
 /// Rank 0's check of rank `r`'s data header `h` against its own call `own`
@@ -388,21 +450,24 @@ pub(crate) fn check_peer_header(
     own: &Header,
     r: usize,
     h: &Header,
-) -> std::result::Result<(), String> {
+) -> std::result::Result<(), Failure> {
     if h.kind != Kind::Data {
-        return Err(format!(
-            "rank {r} sent an unexpected {:?} frame in collective #{}",
-            h.kind, own.seq
+        return Err(Failure::new(
+            ErrorKind::PeerFailed { rank: r },
+            format!(
+                "rank {r} sent an unexpected {:?} frame in collective #{}",
+                h.kind, own.seq
+            ),
         ));
     }
     if (h.seq, h.call(), h.tag) == (own.seq, own.call(), own.tag) {
         return Ok(());
     }
-    Err(format!(
+    Err(Failure::new(ErrorKind::RanksDisagree, format!(
         "ranks disagree on the collective (a different layer, shape or dtype, e.g. a different channel count, or a different order of calls): rank 0: {}; rank {r}: {}",
         own.describe(),
         h.describe()
-    ))
+    )))
 }
 
 #[cfg(test)]
@@ -430,5 +495,53 @@ mod tests {
         let mut bad = h.encode();
         bad[0] = b'X';
         assert!(Header::decode(&bad).is_err());
+    }
+
+    /// The ring reports failures as text: the kind read back from
+    /// `io_error`'s words is the kind `io_failure` gives.
+    #[test]
+    fn io_error_text_tells_its_kind() {
+        let t = Duration::from_secs(3);
+        for (kind, want) in [
+            (io::ErrorKind::TimedOut, Some(ErrorKind::Timeout)),
+            (io::ErrorKind::WouldBlock, Some(ErrorKind::Timeout)),
+            (
+                io::ErrorKind::UnexpectedEof,
+                Some(ErrorKind::PeerFailed { rank: 12 }),
+            ),
+            (
+                io::ErrorKind::BrokenPipe,
+                Some(ErrorKind::PeerFailed { rank: 12 }),
+            ),
+            (
+                io::ErrorKind::PermissionDenied,
+                Some(ErrorKind::PeerFailed { rank: 12 }),
+            ),
+        ] {
+            let e = io::Error::from(kind);
+            let f = io_failure(12, "rank 3 sent its chunk", &e, t);
+            assert_eq!(f.kind, want, "{kind:?}");
+            assert_eq!(io_error(12, "rank 3 sent its chunk", &e, t), f.msg);
+            assert_eq!(
+                io_error_kind(&format!("tcp group: {}", f.msg)),
+                want,
+                "{}",
+                f.msg
+            );
+        }
+        assert_eq!(
+            io_error_kind("rank 2 expected step 1 of x, rank 1 sent step 2"),
+            None
+        );
+        for code in 0..8 {
+            assert_eq!(
+                kind_code(kind_from_code(code, 5)).0,
+                if code < 7 { code } else { 0 }
+            );
+        }
+        assert_eq!(
+            kind_from_code(2, 5),
+            Some(ErrorKind::PeerFailed { rank: 5 })
+        );
     }
 }

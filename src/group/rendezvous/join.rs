@@ -4,6 +4,7 @@
 
 use super::handshake::{self, printable, Prover, Transcript, NONCE_LEN, PROOF_LEN};
 use super::{host_port, send_refuse, Rendezvous, HELLO_TIMEOUT, PORT_FILE_VAR};
+use crate::error::{bail_kind, ErrorKind};
 use crate::group::wire::{
     read_full, write_frame, Header, Kind, HEADER_LEN, MAX_ERROR_BYTES, VERSION,
 };
@@ -55,7 +56,8 @@ pub(crate) fn join(rv: &Rendezvous, token: &[u8], options: &StoreOptions) -> Res
     let deadline = start + options.rendezvous_timeout;
     let source = match (rv.master_port, &rv.port_file) {
         (0, Some(_)) => PortSource::File,
-        (0, None) => candle::bail!(
+        (0, None) => bail_kind!(
+            ErrorKind::BadInput,
             "rendezvous: MASTER_PORT is 0 but no port file ({PORT_FILE_VAR}) tells where rank 0 listens"
         ),
         (p, _) => PortSource::Fixed(p),
@@ -67,11 +69,17 @@ pub(crate) fn join(rv: &Rendezvous, token: &[u8], options: &StoreOptions) -> Res
     let mut pause = Duration::from_millis(20);
     loop {
         if Instant::now() >= deadline {
+            // A listener that failed to prove it is rank 0 is the news.
+            let kind = match not_rank0 {
+                Some(_) => ErrorKind::Rendezvous,
+                None => ErrorKind::Timeout,
+            };
             let why = match &not_rank0 {
                 Some(m) if *m != last => format!("{m} (last attempt: {last})"),
                 _ => last,
             };
-            candle::bail!(
+            bail_kind!(
+                kind,
                 "rendezvous: rank {} could not join rank 0 within {:?}: {why}",
                 rv.rank,
                 options.rendezvous_timeout
@@ -109,7 +117,11 @@ pub(crate) fn join(rv: &Rendezvous, token: &[u8], options: &StoreOptions) -> Res
                 pause = Duration::from_millis(200);
             }
             Err(JoinFailure::NotRank0(m) | JoinFailure::Final(m)) => {
-                candle::bail!("rendezvous: rank {} at {addr}: {m}", rv.rank)
+                bail_kind!(
+                    ErrorKind::Rendezvous,
+                    "rendezvous: rank {} at {addr}: {m}",
+                    rv.rank
+                )
             }
         }
     }

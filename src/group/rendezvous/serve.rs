@@ -5,6 +5,7 @@
 use super::handshake::{self, Prover, Refusal, Refusals, Transcript, NONCE_LEN, PROOF_LEN};
 use super::pending::{Pending, Progress, Room, Stage};
 use super::{listen_addrs, send_refuse, Rendezvous, HELLO_TIMEOUT, PORT_FILE_VAR};
+use crate::error::{bail_kind, error, ErrorKind};
 use crate::group::wire::{
     io_error, read_full, write_frame, Header, Kind, HEADER_LEN, MAX_ERROR_BYTES, VERSION,
 };
@@ -64,7 +65,8 @@ fn listen(rv: &Rendezvous) -> Result<TcpListener> {
             Err(e) => errors.push(format!("{a}: {e}")),
         }
     }
-    candle::bail!(
+    bail_kind!(
+        ErrorKind::Rendezvous,
         "rendezvous: rank 0 could not listen for MASTER_ADDR={} MASTER_PORT={} ({})",
         rv.master_addr,
         rv.master_port,
@@ -233,7 +235,7 @@ pub(crate) fn serve(
         }
         if Instant::now() >= deadline {
             let missing: Vec<usize> = (1..world).filter(|r| peers[r - 1].is_none()).collect();
-            break Err(candle::Error::Msg(format!(
+            break Err(error(ErrorKind::Timeout, format!(
                 "rendezvous: rank 0 waited {:?} on {local} but rank(s) {missing:?} of {world} did not join{}",
                 options.rendezvous_timeout,
                 refused.summary()
