@@ -218,6 +218,14 @@ macro_rules! bail_kind {
 }
 pub(crate) use bail_kind;
 
+/// `candle::bail!` of an [`ErrorKind::BadInput`].
+macro_rules! bail_input {
+    ($($arg:tt)*) => {
+        $crate::error::bail_kind!($crate::error::ErrorKind::BadInput, $($arg)*)
+    };
+}
+pub(crate) use bail_input;
+
 #[cfg(test)]
 mod tests {
     use super::*;
