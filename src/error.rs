@@ -130,7 +130,7 @@ impl std::error::Error for Error {}
 
 impl From<Error> for candle::Error {
     fn from(e: Error) -> Self {
-        candle::Error::Io(io::Error::new(e.kind.io_kind(), e)).bt()
+        candle::Error::Io(io::Error::new(e.kind.io_kind(), e))
     }
 }
 
@@ -210,10 +210,11 @@ impl From<String> for Failure {
     }
 }
 
-/// `candle::bail!` with a kind: returns `Err(error(kind, format!(...)))`.
+/// `candle::bail!` with a kind: returns `Err(error(kind, format!(...)))`,
+/// with a backtrace when `RUST_BACKTRACE` asks for one (as `bail!`).
 macro_rules! bail_kind {
     ($kind:expr, $($arg:tt)*) => {
-        return Err($crate::error::error($kind, format!($($arg)*)))
+        return Err($crate::error::error($kind, format!($($arg)*)).bt())
     };
 }
 pub(crate) use bail_kind;

@@ -693,7 +693,7 @@ impl NcclBackend {
             .map_err(|e| {
                 let msg = format!("nccl group (debug check): {e}");
                 self.comm.abort(msg.clone());
-                candle::Error::Msg(msg)
+                crate::error::keep_kind(&e, msg)
             })
     }
 

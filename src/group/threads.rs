@@ -133,7 +133,7 @@ impl ThreadsBackend {
         let deadline = Instant::now() + self.shared.timeout;
         let mut state = self.shared.lock();
         if let Some(failure) = &state.failure {
-            return Err(failure.clone().into());
+            return Err(candle::Error::from(failure.clone()).bt());
         }
         {
             let round = state.rounds.entry(seq).or_default();
@@ -172,7 +172,7 @@ impl ThreadsBackend {
                 };
             }
             if let Some(failure) = &state.failure {
-                return Err(failure.clone().into());
+                return Err(candle::Error::from(failure.clone()).bt());
             }
             let missing = missing_ranks(&state, seq, world);
             let departed: Vec<usize> = missing
@@ -186,7 +186,7 @@ impl ThreadsBackend {
                 ));
                 state.failure = Some(msg.clone());
                 self.shared.cond.notify_all();
-                return Err(msg.into());
+                return Err(candle::Error::from(msg).bt());
             }
             let now = Instant::now();
             if now >= deadline {
@@ -196,7 +196,7 @@ impl ThreadsBackend {
                 ));
                 state.failure = Some(msg.clone());
                 self.shared.cond.notify_all();
-                return Err(msg.into());
+                return Err(candle::Error::from(msg).bt());
             }
             state = self
                 .shared

@@ -668,6 +668,8 @@ pub fn check_ranks_against_whole(
 pub struct SwappedRun {
     /// The error of the first failing call, or `None` when every call passed.
     pub error: Option<String>,
+    /// Its typed kind ([`candle_syncbn::error_kind`]).
+    pub kind: Option<candle_syncbn::ErrorKind>,
     /// Layer 'a''s and layer 'b''s running means afterwards.
     pub running_means: [Vec<f64>; 2],
 }
@@ -781,11 +783,14 @@ fn run_swapped(
         } else {
             layer.forward_t(x, true)
         };
-        y.err().map(|e| e.to_string())
+        y.err()
     });
+    let kind = error.as_ref().and_then(candle_syncbn::error_kind);
+    let error = error.map(|e| e.to_string());
     let mean = |l: &SyncBatchNorm| values(&l.running_mean().unwrap());
     SwappedRun {
         error,
+        kind,
         running_means: [mean(a), mean(b)],
     }
 }
@@ -828,6 +833,12 @@ fn check_swapped_with(runs: &[SwappedRun], calls: &[String], what: &str) {
             .as_deref()
             .unwrap_or_else(|| panic!("rank {r}: {what} were not detected: {run:?}"));
         assert!(e.contains("disagree"), "rank {r}: {e}");
+        // Typed: a training loop can tell a disagreement from a timeout.
+        assert_eq!(
+            run.kind,
+            Some(candle_syncbn::ErrorKind::RanksDisagree),
+            "rank {r}: {e}"
+        );
         for call in calls {
             assert!(e.contains(call.as_str()), "rank {r}: {call}: {e}");
         }
