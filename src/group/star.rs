@@ -165,7 +165,8 @@ impl Star {
             return Err(f
                 .clone()
                 .map_msg(|f| format!("process group is unusable after an earlier failure: {f}"))
-                .into_error());
+                .into_error()
+                .bt());
         }
         let seq = self.seq;
         self.seq += 1;
