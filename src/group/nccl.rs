@@ -780,7 +780,7 @@ impl NcclBackend {
             self.rank, self.world_size
         );
         self.comm.abort(msg.clone());
-        candle::bail!("{msg}")
+        crate::error::bail_kind!(crate::error::ErrorKind::RanksDisagree, "{msg}")
     }
 
     /// Enqueues one collective (no checks) and hands its event to the watchdog.
