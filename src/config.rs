@@ -1,5 +1,7 @@
 //! Layer configuration, with PyTorch's argument names and defaults.
 
+use crate::error::bail_input;
+
 /// The arguments of a [`crate::SyncBatchNorm`] layer besides `num_features`,
 /// as in `torch.nn.SyncBatchNorm`.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -47,7 +49,7 @@ impl TryFrom<candle_nn::BatchNormConfig> for SyncBatchNormConfig {
     /// the layer in theirs).
     fn try_from(c: candle_nn::BatchNormConfig) -> candle::Result<Self> {
         if !c.remove_mean {
-            candle::bail!(
+            bail_input!(
                 "SyncBatchNormConfig: a candle_nn::BatchNormConfig with remove_mean: false has no synchronized equivalent (SyncBatchNorm always subtracts the mean)"
             )
         }
@@ -64,14 +66,14 @@ impl SyncBatchNormConfig {
     /// Checks the values: `eps ≥ 0` and finite, `momentum` in `[0, 1]`.
     pub fn validate(&self, layer: &str) -> candle::Result<()> {
         if !(self.eps.is_finite() && self.eps >= 0.0) {
-            candle::bail!(
+            bail_input!(
                 "SyncBatchNorm '{layer}': eps must be finite and non-negative, got {}",
                 self.eps
             )
         }
         if let Some(m) = self.momentum {
             if !(0.0..=1.0).contains(&m) {
-                candle::bail!("SyncBatchNorm '{layer}': momentum must be in [0, 1], got {m}")
+                bail_input!("SyncBatchNorm '{layer}': momentum must be in [0, 1], got {m}")
             }
         }
         Ok(())

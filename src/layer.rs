@@ -1,5 +1,6 @@
 //! The `SyncBatchNorm` layer.
 
+use crate::error::bail_input;
 use crate::group::{CallTag, LayerId, Part};
 use crate::ops::{
     BatchMoments, BatchNormAddOp, BatchNormOp, BatchStats, ForwardCoefficients, Moments,
@@ -87,7 +88,7 @@ impl SyncBatchNorm {
         let name = layer_name(&vb);
         config.validate(&name)?;
         if num_features == 0 {
-            candle::bail!("SyncBatchNorm '{name}': num_features must be at least 1")
+            bail_input!("SyncBatchNorm '{name}': num_features must be at least 1")
         }
         let weight_and_bias = if config.affine {
             let w = vb.get_with_hints(num_features, "weight", Init::Const(1.0))?;
@@ -156,10 +157,10 @@ impl SyncBatchNorm {
     ) -> Result<Self> {
         config.validate(&name)?;
         if num_features == 0 {
-            candle::bail!("SyncBatchNorm '{name}': num_features must be at least 1")
+            bail_input!("SyncBatchNorm '{name}': num_features must be at least 1")
         }
         if config.affine != weight_and_bias.is_some() {
-            candle::bail!(
+            bail_input!(
                 "SyncBatchNorm '{name}': affine is {} but weight and bias were {}given",
                 config.affine,
                 if weight_and_bias.is_some() {
@@ -170,7 +171,7 @@ impl SyncBatchNorm {
             )
         }
         if config.track_running_stats != running.is_some() {
-            candle::bail!(
+            bail_input!(
                 "SyncBatchNorm '{name}': track_running_stats is {} but running statistics were {}given",
                 config.track_running_stats,
                 if running.is_some() { "" } else { "not " }
@@ -178,13 +179,13 @@ impl SyncBatchNorm {
         }
         let expect = |what: &str, t: &Tensor, dims: &[usize], float: bool| -> Result<()> {
             if t.dims() != dims {
-                candle::bail!(
+                bail_input!(
                     "SyncBatchNorm '{name}': expected {what} of shape {dims:?}, got {:?}",
                     t.dims()
                 )
             }
             if float && !t.dtype().is_float() {
-                candle::bail!(
+                bail_input!(
                     "SyncBatchNorm '{name}': expected a float {what}, got {:?}",
                     t.dtype()
                 )
@@ -324,7 +325,7 @@ impl SyncBatchNorm {
         if t.is_variable() {
             return Ok(());
         }
-        candle::bail!(
+        bail_input!(
             "SyncBatchNorm '{}': {what} is not a variable (the layer was built from a VarBuilder over a file, not a VarMap), so it cannot be reset in place",
             self.name
         )
@@ -343,13 +344,13 @@ impl SyncBatchNorm {
         let name = &self.name;
         let dims = x.dims();
         if !(2..=5).contains(&dims.len()) {
-            candle::bail!(
+            bail_input!(
                 "SyncBatchNorm '{name}': expected an input of rank 2 to 5, (N, C, *), got shape {dims:?} (rank {})",
                 dims.len()
             )
         }
         if dims[1] != self.num_features {
-            candle::bail!(
+            bail_input!(
                 "SyncBatchNorm '{name}': expected {} channels (dim 1), got shape {dims:?} with {} channels",
                 self.num_features,
                 dims[1]
@@ -357,7 +358,7 @@ impl SyncBatchNorm {
         }
         let dtype = x.dtype();
         if !matches!(dtype, DType::F32 | DType::F64 | DType::F16 | DType::BF16) {
-            candle::bail!(
+            bail_input!(
                 "SyncBatchNorm '{name}': expected an f32, f64, f16 or bf16 input, got {dtype:?}"
             )
         }
@@ -371,14 +372,14 @@ impl SyncBatchNorm {
             .flat_map(|r| [("running_mean", &r.mean), ("running_var", &r.var)]);
         for (what, t) in params.clone().chain(stats) {
             if !t.device().same_device(x.device()) {
-                candle::bail!(
+                bail_input!(
                     "SyncBatchNorm '{name}': input is on {:?} but {what} is on {:?}",
                     x.device().location(),
                     t.device().location()
                 )
             }
             if t.dims() != [self.num_features] {
-                candle::bail!(
+                bail_input!(
                     "SyncBatchNorm '{name}': expected {what} of shape [{}], got {:?}",
                     self.num_features,
                     t.dims()
@@ -387,7 +388,7 @@ impl SyncBatchNorm {
         }
         for (what, t) in params {
             if t.dtype() != dtype && t.dtype() != DType::F32 {
-                candle::bail!(
+                bail_input!(
                     "SyncBatchNorm '{name}': {what} must have the input's dtype {dtype:?} or f32, got {:?}",
                     t.dtype()
                 )
@@ -457,7 +458,7 @@ impl SyncBatchNorm {
     ) -> Result<Tensor> {
         let name = &self.name;
         if z.dims() != x.dims() || z.dtype() != x.dtype() {
-            candle::bail!(
+            bail_input!(
                 "SyncBatchNorm '{name}': expected a residual of the input's shape {:?} and dtype {:?}, got shape {:?} and dtype {:?}",
                 x.dims(),
                 x.dtype(),
@@ -466,7 +467,7 @@ impl SyncBatchNorm {
             )
         }
         if !z.device().same_device(x.device()) {
-            candle::bail!(
+            bail_input!(
                 "SyncBatchNorm '{name}': input is on {:?} but the residual is on {:?}",
                 x.device().location(),
                 z.device().location()
@@ -531,9 +532,10 @@ impl SyncBatchNorm {
             ProcessGroup::single()
         };
         let sums = group.all_reduce_sum(&local).map_err(|e| {
-            candle::Error::Msg(format!(
-                "SyncBatchNorm '{name}': all-reduce of the batch statistics failed: {e}"
-            ))
+            crate::error::keep_kind(
+                &e,
+                format!("SyncBatchNorm '{name}': all-reduce of the batch statistics failed: {e}"),
+            )
         })?;
         let local_count = x.elem_count() / self.num_features;
         if local_count <= 1 {
@@ -546,7 +548,7 @@ impl SyncBatchNorm {
                 .to_dtype(DType::F64)?
                 .to_scalar::<f64>()?;
             if global <= 1.0 {
-                candle::bail!(
+                bail_input!(
                     "SyncBatchNorm '{name}': expected more than 1 value per channel when training, got {} over {} rank(s) (input shape {:?})",
                     global as u64,
                     group.world_size(),

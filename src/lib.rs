@@ -136,10 +136,10 @@ mod atomic_file;
 mod config;
 #[cfg(any(feature = "cuda", test))]
 mod cuda;
+mod error;
 mod grad_average;
 mod grad_pack;
 mod layer;
-mod rendezvous;
 
 #[cfg(feature = "cuda")]
 pub use cuda::memory as cuda_memory;
@@ -148,6 +148,7 @@ pub use config::SyncBatchNormConfig;
 pub use convert::{
     batch_norm, BatchNormLayer, BatchNormRewriter, ConvertedSite, LocalBatchNorm, Outcome,
 };
+pub use error::{error_kind, Error, ErrorKind};
 pub use group::{
     default_group, set_default_group, set_thread_default_group, Backend, ProcessGroup,
 };

@@ -282,9 +282,10 @@ impl PreciseBn {
         let n = self.num_batches;
         for i in 0..n {
             forward(i).map_err(|e| {
-                candle::Error::Msg(format!(
-                    "update_bn_stats: the forward of batch {i} of {n} failed: {e}"
-                ))
+                crate::error::keep_kind(
+                    &e,
+                    format!("update_bn_stats: the forward of batch {i} of {n} failed: {e}"),
+                )
             })?;
             for (site, sums) in sites.iter().zip(sums.iter_mut()) {
                 let batch = site.switch.take();
@@ -515,9 +516,12 @@ fn combine_local(
     }
     let packed = Tensor::cat(&parts, 0)?;
     let summed = group.all_reduce_sum(&packed).map_err(|e| {
-        candle::Error::Msg(format!(
+        crate::error::keep_kind(
+            &e,
+            format!(
             "update_bn_stats: combining the local layers' statistics over the group failed: {e}"
-        ))
+        ),
+        )
     })?;
     // The batch counts, on the host (one copy, at the end).
     let mut offsets = Vec::with_capacity(local.len());

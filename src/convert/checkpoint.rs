@@ -47,6 +47,7 @@
 
 use super::pth_entries::{self, TensorEntry};
 use super::{pickle_guard, safetensors_guard};
+use crate::error::{bail_kind, error, ErrorKind};
 use candle::{DType, Device, Result, Tensor};
 use candle_nn::VarMap;
 use std::collections::{BTreeSet, HashMap};
@@ -67,14 +68,21 @@ impl CheckpointFormat {
     pub fn detect<P: AsRef<Path>>(path: P) -> Result<Self> {
         let path = path.as_ref();
         let mut head = [0u8; 9];
-        let mut file = std::fs::File::open(path)
-            .map_err(|e| candle::Error::Msg(format!("checkpoint {path:?}: cannot open: {e}")))?;
+        let mut file = std::fs::File::open(path).map_err(|e| {
+            error(
+                ErrorKind::BadCheckpoint,
+                format!("checkpoint {path:?}: cannot open: {e}"),
+            )
+        })?;
         let mut n = 0;
         while n < head.len() {
             match file.read(&mut head[n..]) {
                 Ok(0) => break,
                 Ok(k) => n += k,
-                Err(e) => candle::bail!("checkpoint {path:?}: cannot read: {e}"),
+                Err(e) => bail_kind!(
+                    ErrorKind::BadCheckpoint,
+                    "checkpoint {path:?}: cannot read: {e}"
+                ),
             }
         }
         if n >= 4 && head[..4] == *b"PK\x03\x04" {
@@ -82,7 +90,8 @@ impl CheckpointFormat {
         } else if n == 9 && head[8] == b'{' {
             Ok(Self::Safetensors)
         } else {
-            candle::bail!(
+            bail_kind!(
+                ErrorKind::BadCheckpoint,
                 "checkpoint {path:?}: expected a safetensors file or a zip-based .pth (torch.save), \
                  got neither ({n} bytes read: {:?})",
                 &head[..n]
@@ -142,7 +151,12 @@ pub fn read_state_dict<P: AsRef<Path>>(
     options: &LoadOptions,
 ) -> Result<HashMap<String, Tensor>> {
     let path = path.as_ref();
-    let wrap = |e: candle::Error| candle::Error::Msg(format!("checkpoint {path:?}: {e}"));
+    let wrap = |e: candle::Error| {
+        error(
+            ErrorKind::BadCheckpoint,
+            format!("checkpoint {path:?}: {e}"),
+        )
+    };
     let tensors: Vec<(String, Tensor)> = match CheckpointFormat::detect(path)? {
         CheckpointFormat::Safetensors => {
             safetensors_guard::check(path)?;
@@ -154,7 +168,8 @@ pub fn read_state_dict<P: AsRef<Path>>(
         CheckpointFormat::Pth => read_pth(path, options.pth_key.as_deref())?,
     };
     if tensors.is_empty() {
-        candle::bail!(
+        bail_kind!(
+            ErrorKind::BadCheckpoint,
             "checkpoint {path:?}: expected a state dict of tensors, found no tensors{}",
             if options.pth_key.is_none() {
                 " (for a .pth holding a dict around the state dict, set LoadOptions::pth_key)"
@@ -170,7 +185,8 @@ pub fn read_state_dict<P: AsRef<Path>>(
             None => name,
         };
         if out.insert(name.clone(), t).is_some() {
-            candle::bail!(
+            bail_kind!(
+                ErrorKind::BadCheckpoint,
                 "checkpoint {path:?}: two tensors are named '{name}' after stripping the prefix {:?}",
                 options.strip_prefix
             )
@@ -221,7 +237,12 @@ struct PthArchive<'a> {
 
 impl<'a> PthArchive<'a> {
     fn open(path: &'a Path, key: Option<&str>) -> Result<Self> {
-        let err = |msg: String| candle::Error::Msg(format!("checkpoint {path:?}: {msg}"));
+        let err = |msg: String| {
+            error(
+                ErrorKind::BadCheckpoint,
+                format!("checkpoint {path:?}: {msg}"),
+            )
+        };
         let file = std::fs::File::open(path).map_err(|e| err(format!("cannot open: {e}")))?;
         let file_len = file
             .metadata()
@@ -285,7 +306,10 @@ impl<'a> PthArchive<'a> {
         let path = self.path;
         let name = &entry.name;
         let err = |msg: String| {
-            candle::Error::Msg(format!("checkpoint {path:?}: tensor '{name}': {msg}"))
+            error(
+                ErrorKind::BadCheckpoint,
+                format!("checkpoint {path:?}: tensor '{name}': {msg}"),
+            )
         };
         if !entry.is_contiguous() && !entry.is_fortran_contiguous() {
             return Err(err(format!(
@@ -313,7 +337,8 @@ impl<'a> PthArchive<'a> {
     /// (Fortran-ordered ones are permuted into the shape they were saved with).
     fn read_all(mut self) -> Result<Vec<(String, Tensor)>> {
         if cfg!(target_endian = "big") {
-            candle::bail!(
+            bail_kind!(
+                ErrorKind::BadCheckpoint,
                 "checkpoint {:?}: reading .pth files needs a little-endian machine",
                 self.path
             )
@@ -324,9 +349,10 @@ impl<'a> PthArchive<'a> {
             let bytes = self.check_tensor(&entry)?;
             let path = self.path;
             let err = |e: std::io::Error| {
-                candle::Error::Msg(format!(
-                    "checkpoint {path:?}: tensor '{name}': cannot read: {e}"
-                ))
+                error(
+                    ErrorKind::BadCheckpoint,
+                    format!("checkpoint {path:?}: tensor '{name}': cannot read: {e}"),
+                )
             };
             let mut reader = self
                 .zip
@@ -366,17 +392,23 @@ fn read_pth(path: &Path, key: Option<&str>) -> Result<Vec<(String, Tensor)>> {
 fn without_panics<T>(path: &Path, f: impl FnOnce() -> Result<T>) -> Result<T> {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(candle::Error::Msg(format!("checkpoint {path:?}: {e}"))),
+        Ok(Err(e)) => Err(error(
+            ErrorKind::BadCheckpoint,
+            format!("checkpoint {path:?}: {e}"),
+        )),
         Err(panic) => {
             let msg = panic
                 .downcast_ref::<&str>()
                 .map(|s| s.to_string())
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "no message".into());
-            Err(candle::Error::Msg(format!(
-                "checkpoint {path:?}: candle's pickle reader failed on the state dict \
+            Err(error(
+                ErrorKind::BadCheckpoint,
+                format!(
+                    "checkpoint {path:?}: candle's pickle reader failed on the state dict \
                  (a malformed tensor entry?): {msg}"
-            )))
+                ),
+            ))
         }
     }
 }
@@ -391,8 +423,12 @@ pub fn load_checkpoint<P: AsRef<Path>>(
 ) -> Result<LoadReport> {
     let path = path.as_ref();
     let state_dict = read_state_dict(path, options)?;
-    load_state_dict(varmap, &state_dict, options.strict)
-        .map_err(|e| candle::Error::Msg(format!("checkpoint {path:?}: {e}")))
+    load_state_dict(varmap, &state_dict, options.strict).map_err(|e| {
+        error(
+            ErrorKind::BadCheckpoint,
+            format!("checkpoint {path:?}: {e}"),
+        )
+    })
 }
 
 /// Sets the variables of `varmap` from an in-memory state dict (names as in
@@ -454,7 +490,8 @@ pub fn load_state_dict(
         }
     }
     if !problems.is_empty() {
-        candle::bail!(
+        bail_kind!(
+            ErrorKind::BadCheckpoint,
             "cannot load the state dict, nothing was changed: {}",
             problems.join("; ")
         )

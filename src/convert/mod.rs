@@ -147,6 +147,7 @@ pub use layer::BatchNormLayer;
 pub use local::LocalBatchNorm;
 pub use rewriter::{BatchNormRewriter, ConvertedSite, Outcome};
 
+use crate::error::bail_input;
 use crate::{default_group, ProcessGroup, SyncBatchNorm, SyncBatchNormConfig};
 use candle::{DType, Result, Tensor};
 use candle_nn::{BatchNormConfig, VarBuilder};
@@ -174,7 +175,7 @@ pub fn batch_norm<C: Into<BatchNormConfig>>(
 /// The synchronized configuration for a candle-nn one, rejecting `remove_mean: false`.
 pub(crate) fn sync_config(config: &BatchNormConfig, path: &str) -> Result<SyncBatchNormConfig> {
     if !config.remove_mean {
-        candle::bail!(
+        bail_input!(
             "SyncBatchNorm '{}': cannot convert a candle_nn::BatchNorm with remove_mean: false \
              (SyncBatchNorm always subtracts the batch mean); expected remove_mean: true",
             display_path(path)
@@ -219,13 +220,13 @@ impl SyncBatchNorm {
         let mean = bn.running_mean();
         let num_features = match mean.dims() {
             [c] => *c,
-            dims => candle::bail!(
+            dims => bail_input!(
                 "SyncBatchNorm::from_batch_norm: expected a running_mean of shape [C], got {dims:?}"
             ),
         };
         let name = format!("converted candle_nn::BatchNorm({num_features})");
         if crate::config::keeps_mean(bn) {
-            candle::bail!(
+            bail_input!(
                 "SyncBatchNorm '{name}': cannot convert a candle_nn::BatchNorm with remove_mean: false \
                  (SyncBatchNorm always subtracts the batch mean); expected remove_mean: true"
             )

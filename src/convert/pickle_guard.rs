@@ -45,6 +45,7 @@
 //! [`MAX_DEPTH`] deep, its allocations are within the budget, and its own
 //! error paths are not reached through the checks above.
 
+use crate::error::{error, ErrorKind};
 use candle::Result;
 use std::collections::HashMap;
 use std::io::BufRead;
@@ -301,7 +302,10 @@ fn capacity_of(buckets: u64) -> u64 {
 
 impl<R: BufRead> Scanner<'_, R> {
     fn err(&self, msg: impl std::fmt::Display) -> candle::Error {
-        candle::Error::Msg(format!("{} at byte {}: {msg}", self.what, self.op_offset))
+        error(
+            ErrorKind::BadCheckpoint,
+            format!("{} at byte {}: {msg}", self.what, self.op_offset),
+        )
     }
 
     fn read<const N: usize>(&mut self, arg: &str) -> Result<[u8; N]> {
@@ -338,7 +342,12 @@ impl<R: BufRead> Scanner<'_, R> {
                 return Err(self.over_budget(&format!("a {arg} of more than {} bytes: ", t.raw)));
             }
             let (what, at) = (self.what, self.op_offset);
-            let fail = |msg: String| candle::Error::Msg(format!("{what} at byte {at}: {msg}"));
+            let fail = |msg: String| {
+                error(
+                    ErrorKind::BadCheckpoint,
+                    format!("{what} at byte {at}: {msg}"),
+                )
+            };
             let buf = self
                 .r
                 .fill_buf()

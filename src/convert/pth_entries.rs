@@ -13,6 +13,7 @@
 //! skips (not a tensor, an unsupported storage type, a malformed argument)
 //! are skipped here too.
 
+use crate::error::{error, ErrorKind};
 use candle::pickle::Object;
 use candle::{DType, Result};
 
@@ -87,7 +88,12 @@ pub(crate) fn tensor_entries(
             .into_iter()
             .find(|(k, _)| matches!(k, Object::Unicode(k) if k == key))
             .map(|(_, v)| v)
-            .ok_or_else(|| candle::Error::Msg(format!("{what}: key {key} not found")))?,
+            .ok_or_else(|| {
+                error(
+                    ErrorKind::BadCheckpoint,
+                    format!("{what}: key {key} not found"),
+                )
+            })?,
         (_, obj) => obj,
     };
     let Object::Dict(entries) = obj else {
@@ -98,7 +104,12 @@ pub(crate) fn tensor_entries(
         let Object::Unicode(name) = name else {
             continue;
         };
-        let err = |msg: String| candle::Error::Msg(format!("{what}: tensor '{name}': {msg}"));
+        let err = |msg: String| {
+            error(
+                ErrorKind::BadCheckpoint,
+                format!("{what}: tensor '{name}': {msg}"),
+            )
+        };
         if let Some(entry) = tensor_entry(value, dir).map_err(err)? {
             out.push(TensorEntry { name, ..entry });
         }

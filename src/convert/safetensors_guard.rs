@@ -12,6 +12,7 @@
 //! of 12 000 layers' counters is 1.2 MB of safetensors); candle's load of
 //! 65 536 entries takes about 55 MB.
 
+use crate::error::{error, ErrorKind};
 use candle::Result;
 use std::io::{BufRead, Read};
 use std::path::Path;
@@ -35,7 +36,12 @@ pub(crate) fn max_entries(data: u64) -> u64 {
 /// [`max_entries`] top-level entries (tensors and `__metadata__`). Errors
 /// name the file and the bound.
 pub(crate) fn check(path: &Path) -> Result<()> {
-    let err = |msg: String| candle::Error::Msg(format!("checkpoint {path:?}: {msg}"));
+    let err = |msg: String| {
+        error(
+            ErrorKind::BadCheckpoint,
+            format!("checkpoint {path:?}: {msg}"),
+        )
+    };
     let file = std::fs::File::open(path).map_err(|e| err(format!("cannot open: {e}")))?;
     let len = file
         .metadata()

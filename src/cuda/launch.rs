@@ -54,6 +54,15 @@ impl Module {
         }
     }
 
+    /// Its source file in `cuda-kernels/`.
+    fn file(self) -> &'static str {
+        match self {
+            Module::Stats => "stats.cu",
+            Module::Grad => "grad.cu",
+            Module::Elementwise => "elementwise.cu",
+        }
+    }
+
     fn ptx(self) -> &'static str {
         match self {
             Module::Stats => ptx::STATS,
@@ -65,6 +74,13 @@ impl Module {
 
 /// Kernel `name` of `module`, loaded once per device.
 pub fn function(dev: &CudaDevice, module: Module, name: &str) -> Result<CudaFunction> {
+    // Every kernel the ops load is in the table the tests check against the
+    // sources (`super::kernels`), in this module.
+    debug_assert_eq!(
+        super::kernels::find(name).map(|(k, _)| k.file),
+        Some(module.file()),
+        "kernel {name}"
+    );
     Ok(dev
         .get_or_load_custom_func(name, module.name(), module.ptx())?
         .into_cuda_function())

@@ -10,6 +10,7 @@
 #![cfg_attr(not(feature = "cuda"), allow(dead_code))]
 
 pub mod args;
+pub(crate) mod kernels;
 pub mod plan;
 
 #[cfg(all(test, target_os = "linux"))]

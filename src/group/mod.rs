@@ -15,25 +15,26 @@
 //! (what that costs is described at [`ProcessGroup::subgroups`]).
 
 mod default;
-mod handshake;
 #[cfg(feature = "nccl")]
 mod nccl;
-mod pending;
+mod options;
+pub(crate) mod rendezvous;
 mod ring;
 mod single;
-mod store;
+mod star;
 mod subgroup;
 mod tag;
 mod tcp;
 mod threads;
+mod wire;
 
 pub use default::{default_group, set_default_group, set_thread_default_group};
 #[cfg(feature = "nccl")]
 pub(crate) use nccl::NcclBackend;
 #[cfg(feature = "nccl")]
 pub use nccl::NcclOptions;
+pub use options::StoreOptions;
 pub(crate) use single::SingleBackend;
-pub use store::StoreOptions;
 pub(crate) use subgroup::SubgroupBackend;
 pub use tag::CallTag;
 pub(crate) use tag::{LayerId, LayerNames, Part};
@@ -41,8 +42,8 @@ pub(crate) use tcp::TcpBackend;
 pub use tcp::TcpOptions;
 pub(crate) use threads::ThreadsBackend;
 
-use crate::rendezvous::Rendezvous;
 use candle::{DType, Device, Result, Tensor};
+use rendezvous::Rendezvous;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;

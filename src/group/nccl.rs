@@ -3,7 +3,7 @@
 //! host synchronization.
 //!
 //! - The NCCL unique id is made by rank 0 and shared through the authenticated
-//!   TCP rendezvous (the `store` module), whose connections stay open.
+//!   TCP rendezvous (the `rendezvous` and `star` modules), whose connections stay open.
 //! - Every wait is bounded by [`NcclOptions::timeout`] (default 10 minutes, as
 //!   PyTorch). The communicators are non-blocking (`ncclConfig_t.blocking =
 //!   0`): initialization (`ncclCommInitRankConfig`), `ncclCommSplit`, the
@@ -42,9 +42,11 @@
 //! drop, delivering its part). The rendezvous, id exchange and debug
 //! agreement check are the TCP store's, tested on the CPU.
 
-use super::store::{dtype_code, Call, Op, Star, StoreOptions, FLAG_META_ONLY};
+use super::rendezvous::Rendezvous;
+use super::star::Star;
+use super::wire::{dtype_code, Call, Op, FLAG_META_ONLY};
+use super::StoreOptions;
 use super::{Backend, CallTag};
-use crate::rendezvous::Rendezvous;
 use candle::backend::{BackendDevice, BackendStorage};
 use candle::cuda_backend::cudarc::driver::{
     CudaEvent, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr,
@@ -691,7 +693,7 @@ impl NcclBackend {
             .map_err(|e| {
                 let msg = format!("nccl group (debug check): {e}");
                 self.comm.abort(msg.clone());
-                candle::Error::Msg(msg)
+                crate::error::keep_kind(&e, msg)
             })
     }
 
@@ -790,7 +792,7 @@ impl NcclBackend {
             self.rank, self.world_size
         );
         self.comm.abort(msg.clone());
-        candle::bail!("{msg}")
+        crate::error::bail_kind!(crate::error::ErrorKind::RanksDisagree, "{msg}")
     }
 
     /// Enqueues one collective (no checks) and hands its event to the watchdog.

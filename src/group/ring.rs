@@ -31,8 +31,9 @@
 //! copied to every rank: results are bitwise the same on every rank and from
 //! run to run. The caller poisons the group after any failure.
 
-use super::handshake::{self, printable, Refusal, Refusals, NONCE_LEN, PROOF_LEN};
-use super::store::{dtype_code, io_error, read_full, write_full, Call, Op, Star};
+use super::rendezvous::handshake::{self, printable, Refusal, Refusals, NONCE_LEN, PROOF_LEN};
+use super::star::Star;
+use super::wire::{dtype_code, io_error, read_full, write_full, Call, Op};
 use super::CallTag;
 use candle::{DType, Result};
 use hmac::{Hmac, Mac};
@@ -926,7 +927,7 @@ mod tests {
             .map(|r| {
                 let pf = pf.clone();
                 std::thread::spawn(move || {
-                    let rv = crate::rendezvous::Rendezvous::new(r, world, "127.0.0.1", 0)
+                    let rv = crate::group::rendezvous::Rendezvous::new(r, world, "127.0.0.1", 0)
                         .unwrap()
                         .with_port_file(pf)
                         .with_token("tok");

@@ -226,7 +226,7 @@ pub(super) fn split(
     let all = root
         .all_reduce_sum(&Tensor::new(mine, &root.backend().device().unwrap_or(Device::Cpu))?)
         .map_err(|e| {
-            candle::Error::Msg(format!(
+            crate::error::keep_kind(&e, format!(
                 "ProcessGroup::split: exchanging the colors failed (did every rank call split?): {e}"
             ))
         })?
@@ -268,10 +268,13 @@ pub(super) fn split(
         // A backend of its own for the subgroup, where the backend makes one.
         if let Some(native) = root.backend().new_subgroup(slot, &partition.members[slot]) {
             let native = native.map_err(|e| {
-                candle::Error::Msg(format!(
-                    "ProcessGroup::split: making the subgroup's {} communicator failed: {e}",
-                    root.backend().name()
-                ))
+                crate::error::keep_kind(
+                    &e,
+                    format!(
+                        "ProcessGroup::split: making the subgroup's {} communicator failed: {e}",
+                        root.backend().name()
+                    ),
+                )
             })?;
             return Ok(ProcessGroup::from_arc(native));
         }

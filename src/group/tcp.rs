@@ -1,6 +1,6 @@
 //! The TCP group: one process per rank (on one or several machines), talking
 //! over the authenticated star of connections made by the rendezvous (see the
-//! `store` module) and, for large all-reduces, over a ring of direct
+//! `star` and `rendezvous` modules) and, for large all-reduces, over a ring of direct
 //! rank-to-rank connections (see the `ring` module).
 //!
 //! An all-reduce smaller than [`StoreOptions::ring_min_bytes`] (the layers'
@@ -13,10 +13,13 @@
 //! staged through host memory (so several processes may share one GPU, e.g.
 //! in tests).
 
+use super::rendezvous::Rendezvous;
 use super::ring::{Ring, RingElem};
-use super::store::{dtype_code, Call, Op, Star, StoreOptions, FLAG_META_ONLY};
+use super::star::Star;
+use super::wire::{dtype_code, io_error_kind, Call, Op, FLAG_META_ONLY};
+use super::StoreOptions;
 use super::{Backend, CallTag};
-use crate::rendezvous::Rendezvous;
+use crate::error::{bail_kind, ErrorKind, Failure};
 use candle::{DType, Device, Result, Tensor};
 use std::fmt;
 use std::sync::{Mutex, MutexGuard};
@@ -178,7 +181,10 @@ fn ring_all_reduce<T: RingElem>(
     };
     if let Err(m) = ring.all_reduce(&mut values, tag, &what) {
         links.ring = None;
-        return Err(links.star.fail(format!("tcp group: {m}")));
+        return Err(links.star.fail_with(Failure {
+            kind: io_error_kind(&m),
+            msg: format!("tcp group: {m}"),
+        }));
     }
     Tensor::from_vec(values, tensor.shape(), &Device::Cpu)?.to_device(tensor.device())
 }
@@ -208,7 +214,8 @@ impl TcpBackend {
     fn call(op: Op, t: &Tensor, root: usize) -> Result<Call> {
         let code = dtype_code(t.dtype());
         if code == 255 {
-            candle::bail!(
+            bail_kind!(
+                ErrorKind::BadInput,
                 "tcp group: tensors of dtype {:?} cannot be communicated",
                 t.dtype()
             )
@@ -239,7 +246,8 @@ impl Backend for TcpBackend {
     fn all_reduce_sum_tagged(&self, tensor: &Tensor, tag: CallTag) -> Result<Tensor> {
         let dtype = tensor.dtype();
         if !dtype.is_float() || dtype_code(dtype) == 255 {
-            candle::bail!(
+            bail_kind!(
+                ErrorKind::BadInput,
                 "tcp group: all_reduce_sum expects an f32, f64, bf16 or f16 tensor, got {dtype:?}"
             )
         }

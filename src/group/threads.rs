@@ -9,6 +9,7 @@
 //! rank with the same message instead of hanging.
 
 use super::{Backend, CallTag};
+use crate::error::{bail_kind, Error, ErrorKind};
 use candle::{DType, Device, Result, Shape, Tensor};
 use std::collections::HashMap;
 use std::fmt;
@@ -43,14 +44,14 @@ struct Contribution {
 struct Round {
     contributions: Vec<Option<Contribution>>,
     arrived: usize,
-    result: Option<std::result::Result<Arc<Vec<f64>>, String>>,
+    result: Option<std::result::Result<Arc<Vec<f64>>, Error>>,
     taken: usize,
 }
 
 struct State {
     rounds: HashMap<u64, Round>,
     departed: Vec<bool>,
-    failure: Option<String>,
+    failure: Option<Error>,
 }
 
 struct Shared {
@@ -88,10 +89,16 @@ impl ThreadsBackend {
     /// Creates the `world_size` rank handles of one new in-process group.
     pub fn new_group(world_size: usize, timeout: Duration) -> Result<Vec<ThreadsBackend>> {
         if world_size == 0 {
-            candle::bail!("ProcessGroup::threads: world size must be at least 1, got 0")
+            bail_kind!(
+                ErrorKind::BadInput,
+                "ProcessGroup::threads: world size must be at least 1, got 0"
+            )
         }
         if timeout.is_zero() {
-            candle::bail!("ProcessGroup::threads: the timeout must be positive")
+            bail_kind!(
+                ErrorKind::BadInput,
+                "ProcessGroup::threads: the timeout must be positive"
+            )
         }
         let shared = Arc::new(Shared {
             world_size,
@@ -126,7 +133,7 @@ impl ThreadsBackend {
         let deadline = Instant::now() + self.shared.timeout;
         let mut state = self.shared.lock();
         if let Some(failure) = &state.failure {
-            candle::bail!("{}", failure)
+            return Err(candle::Error::from(failure.clone()).bt());
         }
         {
             let round = state.rounds.entry(seq).or_default();
@@ -161,11 +168,11 @@ impl ThreadsBackend {
                     Ok(values) => Tensor::from_slice(values.as_slice(), shape, &Device::Cpu)?
                         .to_dtype(dtype)?
                         .to_device(tensor.device()),
-                    Err(msg) => Err(candle::Error::Msg(msg)),
+                    Err(e) => Err(e.into()),
                 };
             }
             if let Some(failure) = &state.failure {
-                candle::bail!("{}", failure)
+                return Err(candle::Error::from(failure.clone()).bt());
             }
             let missing = missing_ranks(&state, seq, world);
             let departed: Vec<usize> = missing
@@ -174,22 +181,22 @@ impl ThreadsBackend {
                 .filter(|&r| state.departed[r])
                 .collect();
             if !departed.is_empty() {
-                let msg = format!(
+                let msg = Error::new(ErrorKind::PeerFailed { rank: departed[0] }, format!(
                     "in-process group: collective #{seq} ({kind}) cannot complete: rank(s) {departed:?} left the group (their thread ended or failed)"
-                );
+                ));
                 state.failure = Some(msg.clone());
                 self.shared.cond.notify_all();
-                candle::bail!("{}", msg)
+                return Err(candle::Error::from(msg).bt());
             }
             let now = Instant::now();
             if now >= deadline {
-                let msg = format!(
+                let msg = Error::new(ErrorKind::Timeout, format!(
                     "in-process group: rank {} timed out after {:?} in collective #{seq} ({kind}) waiting for rank(s) {missing:?}",
                     self.rank, self.shared.timeout
-                );
+                ));
                 state.failure = Some(msg.clone());
                 self.shared.cond.notify_all();
-                candle::bail!("{}", msg)
+                return Err(candle::Error::from(msg).bt());
             }
             state = self
                 .shared
@@ -211,7 +218,7 @@ fn missing_ranks(state: &State, seq: u64, world: usize) -> Vec<usize> {
 }
 
 /// Checks that all ranks made the same call and computes its result.
-fn complete(contributions: &[Option<Contribution>]) -> std::result::Result<Arc<Vec<f64>>, String> {
+fn complete(contributions: &[Option<Contribution>]) -> std::result::Result<Arc<Vec<f64>>, Error> {
     let all: Vec<&Contribution> = contributions
         .iter()
         .map(|c| c.as_ref().expect("all arrived"))
@@ -240,10 +247,10 @@ fn complete(contributions: &[Option<Contribution>]) -> std::result::Result<Arc<V
                 )
             })
             .collect();
-        return Err(format!(
+        return Err(Error::new(ErrorKind::RanksDisagree, format!(
             "in-process group: ranks disagree on the collective (different call, layer, shape or dtype — e.g. a different channel count, or layers called in a different order): {}",
             calls.join("; ")
-        ));
+        )));
     }
     match first.kind {
         Kind::AllReduceSum => {

@@ -17,7 +17,7 @@ mod orphans;
 mod signals;
 mod spawn;
 
-pub use crate::rendezvous::{EnvSource, Rendezvous};
+pub use crate::group::rendezvous::{EnvSource, Rendezvous};
 pub use device::local_cuda_ordinal;
 pub use limits::RankDevice;
 pub use spawn::{launch, launch_if_requested, launch_if_requested_with, LaunchConfig};

@@ -21,7 +21,7 @@
 use super::limits::{self, RankDevice, NPROC_FLAG};
 #[cfg(target_os = "linux")]
 use super::{orphans, signals};
-use crate::rendezvous::{PORT_FILE_VAR, TOKEN_VAR};
+use crate::group::rendezvous::{PORT_FILE_VAR, TOKEN_VAR};
 use candle::Result;
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -766,7 +766,7 @@ pub fn launch_if_requested_with(
 ) -> Result<Option<i32>> {
     let args: Vec<OsString> = std::env::args_os().skip(1).collect();
     let (nproc, rest) = split_nproc_flag(args)?;
-    let in_launcher = crate::rendezvous::Rendezvous::from_env()?.is_some();
+    let in_launcher = crate::group::rendezvous::Rendezvous::from_env()?.is_some();
     let nproc = match (nproc, in_launcher) {
         (Some(_), true) => candle::bail!(
             "launcher: {NPROC_FLAG} given inside a launched rank (RANK/WORLD_SIZE are already set)"

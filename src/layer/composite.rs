@@ -10,6 +10,7 @@
 //! count, then the sum of squared deviations.
 
 use super::{RunningStats, SyncBatchNorm};
+use crate::error::bail_input;
 use crate::group::Part;
 use crate::ops::{all_reduce_sum_with_grad, increment_counter};
 use crate::ProcessGroup;
@@ -100,7 +101,7 @@ impl SyncBatchNorm {
                     // of a group whose count is ≤ 1 are such ranks.
                     let global = total.to_dtype(DType::F32)?.to_vec1::<f32>()?[0];
                     if global <= 1.0 {
-                        candle::bail!(
+                        bail_input!(
                             "SyncBatchNorm '{name}': expected more than 1 value per channel when training, got {} over {} rank(s) (input shape {dims:?})",
                             global as u64,
                             group.world_size()

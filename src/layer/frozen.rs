@@ -3,6 +3,7 @@
 //! `ops.FrozenBatchNorm2d`), running on the eval path of the kernels.
 
 use super::SyncBatchNorm;
+use crate::error::bail_input;
 use crate::{ProcessGroup, SyncBatchNormConfig};
 use candle::{DType, Result, Tensor};
 use candle_nn::{BatchNormConfig, Init, VarBuilder};
@@ -87,7 +88,7 @@ impl FrozenBatchNorm {
         let config = config.into();
         let path = vb.prefix();
         if !config.remove_mean {
-            candle::bail!(
+            bail_input!(
                 "FrozenBatchNorm '{}': remove_mean: false is not supported (a frozen layer subtracts the running mean); expected remove_mean: true",
                 display_path(&path)
             )
@@ -127,13 +128,13 @@ impl FrozenBatchNorm {
         let mean = bn.running_mean();
         let num_features = match mean.dims() {
             [c] => *c,
-            dims => candle::bail!(
+            dims => bail_input!(
                 "FrozenBatchNorm::from_batch_norm: expected a running_mean of shape [C], got {dims:?}"
             ),
         };
         let path = format!("frozen candle_nn::BatchNorm({num_features})");
         if crate::config::keeps_mean(bn) {
-            candle::bail!(
+            bail_input!(
                 "FrozenBatchNorm '{path}': cannot freeze a candle_nn::BatchNorm with remove_mean: false; expected remove_mean: true"
             )
         }
@@ -207,7 +208,7 @@ impl FrozenBatchNorm {
     ) -> Result<Tensor> {
         match self.inner.running_variables() {
             Some(r) => pick(r).copy(),
-            None => candle::bail!("FrozenBatchNorm '{}': no running statistics", self.name()),
+            None => bail_input!("FrozenBatchNorm '{}': no running statistics", self.name()),
         }
     }
 
@@ -262,7 +263,7 @@ impl SyncBatchNorm {
     /// nothing to freeze).
     pub fn to_frozen(&self) -> Result<FrozenBatchNorm> {
         let Some((mean, var, _)) = self.running_variables() else {
-            candle::bail!(
+            bail_input!(
                 "SyncBatchNorm '{}': cannot freeze a layer without running statistics (track_running_stats: false)",
                 self.name()
             )

@@ -32,7 +32,7 @@ pub fn all_reduce_sum_with_grad(t: &Tensor, group: &ProcessGroup, what: &str) ->
     let moved = t.to_device(&target)?;
     let sum = group
         .all_reduce_sum(&moved.detach())
-        .map_err(|e| candle::Error::Msg(format!("{what}: all-reduce failed: {e}")))?
+        .map_err(|e| crate::error::keep_kind(&e, format!("{what}: all-reduce failed: {e}")))?
         .to_device(&target)?;
     let op = SumOverRanks {
         // A fresh, flat, contiguous buffer at offset 0.
@@ -101,10 +101,10 @@ impl CustomOp1 for SumOverRanks {
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let g = self.group.all_reduce_sum(grad).map_err(|e| {
-            candle::Error::Msg(format!(
-                "{}: all-reduce of the gradient failed: {e}",
-                self.what
-            ))
+            crate::error::keep_kind(
+                &e,
+                format!("{}: all-reduce of the gradient failed: {e}", self.what),
+            )
         })?;
         Ok(Some(g))
     }

@@ -179,10 +179,13 @@ impl BatchNormOp {
         };
         let grad_sums = if self.batch_stats {
             let global = self.group.all_reduce_sum(&local).map_err(|e| {
-                candle::Error::Msg(format!(
-                    "SyncBatchNorm '{}': all-reduce of the gradient sums failed: {e}",
-                    self.layer
-                ))
+                crate::error::keep_kind(
+                    &e,
+                    format!(
+                        "SyncBatchNorm '{}': all-reduce of the gradient sums failed: {e}",
+                        self.layer
+                    ),
+                )
             })?;
             Some(global)
         } else {

@@ -71,6 +71,7 @@ mod op_structs {
     pub use super::stack_params::StackParams;
 }
 
+use crate::error::{error, ErrorKind};
 use crate::layout::ChannelView;
 use candle::backend::BackendStorage;
 use candle::{CpuStorage, DType, Layout, Result, Tensor};
@@ -87,7 +88,7 @@ pub(crate) fn has_kernels(device: &candle::Device) -> bool {
 /// The view of `layout` around `axis`, or an error naming the op.
 pub(crate) fn channel_view(layout: &Layout, axis: usize, op: &str) -> Result<ChannelView> {
     ChannelView::new(layout, axis).ok_or_else(|| {
-        candle::Error::Msg(format!(
+        error(ErrorKind::BadInput, format!(
             "{op}: unsupported strides {:?} for shape {:?} (the dims before and after axis {axis} must each form one strided run; make the tensor contiguous)",
             layout.stride(),
             layout.dims()
@@ -111,9 +112,10 @@ pub(crate) fn host_f64(t: &Tensor) -> Result<Vec<f64>> {
 
 /// The error for an input dtype an op does not take.
 pub(crate) fn unsupported_dtype(op: &str, what: &str, dtype: DType) -> candle::Error {
-    candle::Error::Msg(format!(
-        "{op}: {what} must be f32, f64, f16 or bf16, got {dtype:?}"
-    ))
+    error(
+        ErrorKind::BadInput,
+        format!("{op}: {what} must be f32, f64, f16 or bf16, got {dtype:?}"),
+    )
 }
 
 /// Storage offsets of the elements of `layout`, in logical (row-major) order.
@@ -141,10 +143,10 @@ pub(crate) fn cpu_values_f64(storage: &CpuStorage, layout: &Layout, op: &str) ->
         CpuStorage::I64(v) => idx.iter().map(|&i| v[i] as f64).collect(),
         CpuStorage::U32(v) => idx.iter().map(|&i| v[i] as f64).collect(),
         other => {
-            return Err(candle::Error::Msg(format!(
-                "{op}: unsupported statistics dtype {:?}",
-                other.dtype()
-            )))
+            return Err(error(
+                ErrorKind::BadInput,
+                format!("{op}: unsupported statistics dtype {:?}", other.dtype()),
+            ))
         }
     })
 }

@@ -715,6 +715,8 @@ pub fn check_ranks_against_whole(
 pub struct SwappedRun {
     /// The error of the first failing call, or `None` when every call passed.
     pub error: Option<String>,
+    /// Its typed kind ([`candle_syncbn::error_kind`]).
+    pub kind: Option<candle_syncbn::ErrorKind>,
     /// Layer 'a''s and layer 'b''s running means afterwards.
     pub running_means: [Vec<f64>; 2],
 }
@@ -828,11 +830,14 @@ fn run_swapped(
         } else {
             layer.forward_t(x, true)
         };
-        y.err().map(|e| e.to_string())
+        y.err()
     });
+    let kind = error.as_ref().and_then(candle_syncbn::error_kind);
+    let error = error.map(|e| e.to_string());
     let mean = |l: &SyncBatchNorm| values(&l.running_mean().unwrap());
     SwappedRun {
         error,
+        kind,
         running_means: [mean(a), mean(b)],
     }
 }
@@ -875,6 +880,12 @@ fn check_swapped_with(runs: &[SwappedRun], calls: &[String], what: &str) {
             .as_deref()
             .unwrap_or_else(|| panic!("rank {r}: {what} were not detected: {run:?}"));
         assert!(e.contains("disagree"), "rank {r}: {e}");
+        // Typed: a training loop can tell a disagreement from a timeout.
+        assert_eq!(
+            run.kind,
+            Some(candle_syncbn::ErrorKind::RanksDisagree),
+            "rank {r}: {e}"
+        );
         for call in calls {
             assert!(e.contains(call.as_str()), "rank {r}: {call}: {e}");
         }
@@ -1002,7 +1013,7 @@ pub fn loopback_rendezvous(rank: usize, world: usize, port_file: &Path, token: &
         .with_token(token)
 }
 
-/// A frame header of the wire protocol (see `src/group/store.rs`): magic,
+/// A frame header of the wire protocol (see `src/group/wire.rs`): magic,
 /// kind, op, dtype, flags, root, tag, sequence number, count, payload length.
 #[allow(clippy::too_many_arguments)]
 pub fn raw_header(
@@ -1055,7 +1066,7 @@ pub fn raw_ring_opt_out(s: &mut TcpStream, world: u64) {
 
 /// A rank `rank` of `world` written by hand: it completes the handshake with
 /// rank 0 at `port` by proving it knows `token` (an HMAC-SHA-256 over the
-/// transcript, as `src/group/handshake.rs` defines it), then waits for the
+/// transcript, as `src/group/rendezvous/handshake.rs` defines it), then waits for the
 /// welcome. Returns the authenticated connection.
 pub fn raw_rank(port: u16, rank: u32, world: u64, token: &str) -> TcpStream {
     use hmac::{Hmac, Mac};

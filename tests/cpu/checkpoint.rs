@@ -12,7 +12,7 @@ use candle_syncbn::convert::checkpoint::{
     check_pth, check_safetensors, load_checkpoint, read_state_dict, save_checkpoint,
     CheckpointFormat, LoadOptions,
 };
-use candle_syncbn::{BatchNormRewriter, ProcessGroup, SyncBatchNorm};
+use candle_syncbn::{error_kind, BatchNormRewriter, ErrorKind, ProcessGroup, SyncBatchNorm};
 use common::{values, Rng};
 use std::collections::HashMap;
 use std::io::Write;
@@ -512,9 +512,9 @@ fn load_errors_are_clear_and_change_nothing() {
     state[2].1 = Tensor::zeros(C + 1, DType::F32, &Device::Cpu).unwrap();
     let file = dir.join("bad_shape.safetensors");
     save_safetensors(&state, &file);
-    let err = load_checkpoint(&varmap, &file, &LoadOptions::default())
-        .unwrap_err()
-        .to_string();
+    let err = load_checkpoint(&varmap, &file, &LoadOptions::default()).unwrap_err();
+    assert_eq!(error_kind(&err), Some(ErrorKind::BadCheckpoint), "{err}");
+    let err = err.to_string();
     assert!(
         err.contains("bn.running_mean") && err.contains("[4]") && err.contains("[5]"),
         "{err}"
@@ -692,9 +692,10 @@ fn load_error(path: &Path) -> String {
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
         candle_syncbn::batch_norm(C, 1e-5, vb.pp("bn")).unwrap();
-        load_checkpoint(&varmap, &path, &LoadOptions::default())
-            .unwrap_err()
-            .to_string()
+        let e = load_checkpoint(&varmap, &path, &LoadOptions::default()).unwrap_err();
+        // Typed, so that a loop can tell a bad file from other failures.
+        assert_eq!(error_kind(&e), Some(ErrorKind::BadCheckpoint), "{e}");
+        e.to_string()
     })
 }
 

@@ -1,9 +1,12 @@
-//! Bad input gets a clear error naming the layer, what was expected and what was given.
+//! Bad input gets a clear error naming the layer, what was expected and what
+//! was given, of the typed kind `ErrorKind::BadInput`; peers that stall or
+//! fail give typed errors too.
 
 use candle::{DType, Device, Tensor};
 use candle_nn::{ModuleT, VarBuilder, VarMap};
-use candle_syncbn::{ProcessGroup, SyncBatchNorm, SyncBatchNormConfig};
+use candle_syncbn::{error_kind, ErrorKind, ProcessGroup, SyncBatchNorm, SyncBatchNormConfig};
 use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 fn layer(c: usize, vb: VarBuilder) -> candle::Result<SyncBatchNorm> {
     SyncBatchNorm::new(
@@ -14,8 +17,11 @@ fn layer(c: usize, vb: VarBuilder) -> candle::Result<SyncBatchNorm> {
     )
 }
 
+/// The error of `r`, which must be a typed bad input.
 fn err_of(r: candle::Result<Tensor>) -> String {
-    r.expect_err("expected an error").to_string()
+    let e = r.expect_err("expected an error");
+    assert_eq!(error_kind(&e), Some(ErrorKind::BadInput), "{e}");
+    e.to_string()
 }
 
 fn assert_mentions(err: &str, parts: &[&str]) {
@@ -159,8 +165,9 @@ fn invalid_configuration() {
     ];
     for cfg in bad {
         let e = SyncBatchNorm::new(4, cfg, vb.pp("bn"), ProcessGroup::single())
-            .expect_err("invalid config")
-            .to_string();
+            .expect_err("invalid config");
+        assert_eq!(error_kind(&e), Some(ErrorKind::BadInput), "{e}");
+        let e = e.to_string();
         assert!(e.contains("'bn'"), "{e}");
     }
     let e = SyncBatchNorm::new(
@@ -171,6 +178,40 @@ fn invalid_configuration() {
     )
     .unwrap_err();
     assert!(e.to_string().contains("num_features"), "{e}");
+    assert_eq!(error_kind(&e), Some(ErrorKind::BadInput), "{e}");
+}
+
+/// What a training loop sees from a layer's forward when a peer stalls
+/// (a typed timeout) or its thread ends (a typed failure of that rank),
+/// with the messages as before.
+#[test]
+fn stalled_and_departed_peers_are_typed() {
+    let forward = |g: ProcessGroup| {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let bn = SyncBatchNorm::new(3, SyncBatchNormConfig::default(), vb.pp("bn"), g).unwrap();
+        let x = Tensor::ones((2, 3), DType::F32, &Device::Cpu).unwrap();
+        bn.forward_t(&x, true).unwrap_err()
+    };
+    // Rank 1 holds its handle and never calls: rank 0 times out.
+    let mut ranks = ProcessGroup::threads_with_timeout(2, Duration::from_millis(200)).unwrap();
+    let stalled = ranks.pop().unwrap();
+    let e = forward(ranks.pop().unwrap());
+    assert_eq!(error_kind(&e), Some(ErrorKind::Timeout), "{e}");
+    assert!(e.to_string().contains("timed out after 200ms"), "{e}");
+    drop(stalled);
+    // Rank 1's handle is dropped (its thread ended): rank 0 fails at once.
+    let mut ranks = ProcessGroup::threads_with_timeout(2, Duration::from_secs(60)).unwrap();
+    drop(ranks.pop());
+    let start = Instant::now();
+    let e = forward(ranks.pop().unwrap());
+    assert!(start.elapsed() < Duration::from_secs(30), "{e}");
+    assert_eq!(
+        error_kind(&e),
+        Some(ErrorKind::PeerFailed { rank: 1 }),
+        "{e}"
+    );
+    assert!(e.to_string().contains("left the group"), "{e}");
 }
 
 #[test]

@@ -6,7 +6,7 @@ use crate::common;
 
 use candle::{DType, Device, Tensor};
 use candle_syncbn::group::TcpOptions;
-use candle_syncbn::ProcessGroup;
+use candle_syncbn::{error_kind, ErrorKind, ProcessGroup};
 use common::{loopback_rendezvous, port_file, raw_frame, raw_header, raw_rank, raw_ring_opt_out};
 use std::io::Write;
 use std::net::TcpStream;
@@ -124,10 +124,14 @@ fn disagreeing_ranks_all_fail_then_fail_fast() {
     let out = run(3, 5000, |g| {
         let c = if g.rank() == 1 { 5 } else { 4 };
         let x = Tensor::zeros((3, c), DType::F64, &Device::Cpu).unwrap();
-        let first = g.all_reduce_sum(&x).unwrap_err().to_string();
+        let first = g.all_reduce_sum(&x).unwrap_err();
         let t = Instant::now();
-        let second = g.all_reduce_sum(&x).unwrap_err().to_string();
-        (first, second, t.elapsed())
+        let second = g.all_reduce_sum(&x).unwrap_err();
+        // Every rank (the ones rank 0 told included), the later call too.
+        for e in [&first, &second] {
+            assert_eq!(error_kind(e), Some(ErrorKind::RanksDisagree), "{e}");
+        }
+        (first.to_string(), second.to_string(), t.elapsed())
     });
     for (first, second, dt) in out {
         assert!(first.contains("disagree"), "{first}");
@@ -240,8 +244,10 @@ fn silent_rank_times_out_and_dropped_rank_is_named() {
             return (String::new(), Duration::ZERO);
         }
         let t = Instant::now();
-        let e = g.all_reduce_sum(&x).unwrap_err().to_string();
-        (e, t.elapsed())
+        let e = g.all_reduce_sum(&x).unwrap_err();
+        // Rank 0 timed out; rank 2 learns the kind from rank 0's error frame.
+        assert_eq!(error_kind(&e), Some(ErrorKind::Timeout), "{e}");
+        (e.to_string(), t.elapsed())
     });
     for (e, dt) in [&out[0], &out[2]] {
         assert!(e.contains("rank 1 did not answer"), "{e}");
@@ -255,10 +261,14 @@ fn silent_rank_times_out_and_dropped_rank_is_named() {
         let t = Instant::now();
         let e = g
             .all_reduce_sum(&Tensor::ones(3, DType::F64, &Device::Cpu).unwrap())
-            .unwrap_err()
-            .to_string();
+            .unwrap_err();
         assert!(t.elapsed() < Duration::from_secs(2));
-        e
+        assert_eq!(
+            error_kind(&e),
+            Some(ErrorKind::PeerFailed { rank: 1 }),
+            "{e}"
+        );
+        e.to_string()
     });
     assert!(
         out[0].contains("rank 1 closed the connection"),
@@ -519,8 +529,10 @@ fn ring_calls_are_checked_and_time_out() {
             return (String::new(), Duration::ZERO);
         }
         let t = Instant::now();
-        let e = g.all_reduce_sum(&x).unwrap_err().to_string();
-        (e, t.elapsed())
+        let e = g.all_reduce_sum(&x).unwrap_err();
+        // Rank 0 timed out; rank 2 learns the kind from rank 0's error frame.
+        assert_eq!(error_kind(&e), Some(ErrorKind::Timeout), "{e}");
+        (e.to_string(), t.elapsed())
     });
     for (e, dt) in [&out[0], &out[2]] {
         assert!(e.contains("rank 1 did not answer"), "{e}");

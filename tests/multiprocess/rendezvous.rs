@@ -64,7 +64,7 @@ fn wait_port(pf: &Path) -> u16 {
     }
 }
 
-/// A frame header of the wire protocol (see `src/group/store.rs`).
+/// A frame header of the wire protocol (see `src/group/wire.rs`).
 fn header(kind: u8, flags: u8, root: u32, count: u64, len: u64) -> [u8; 40] {
     common::raw_header(kind, 0, 0, flags, root, count, len)
 }
@@ -484,7 +484,7 @@ fn flood_trials() {
 /// Set in the ranks that [`every_rank_warns_once_without_a_token`] starts.
 const WARNING_CHILD: &str = "SYNCBN_TEST_TOKEN_WARNING_CHILD";
 
-/// The warning's first words (see `token_warning` in `src/group/store.rs`).
+/// The warning's first words (see `token_warning` in `src/group/rendezvous/mod.rs`).
 const NO_TOKEN_WARNING: &str = "candle-syncbn warning: no job token (SYNCBN_TOKEN) is set";
 
 /// Issue 29, item 8: without `SYNCBN_TOKEN` any local process could take a
