@@ -507,7 +507,11 @@ fn ring_reads_views_and_strided_tensors_like_contiguous_ones() {
         };
         let narrowed = x.narrow(0, 7, 40).unwrap();
         let transposed = x.t().unwrap();
-        let (a, b) = (sum(&narrowed), sum(&narrowed.contiguous().unwrap()));
+        // The same values in a storage of their own (`contiguous` would keep
+        // the view).
+        let fresh = narrowed.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let fresh = Tensor::from_vec(fresh, (40, 100), &Device::Cpu).unwrap();
+        let (a, b) = (sum(&narrowed), sum(&fresh));
         let (c, d) = (sum(&transposed), sum(&transposed.contiguous().unwrap()));
         assert_eq!(x.flatten_all().unwrap().to_vec1::<f32>().unwrap(), v);
         (a, b, c, d)
