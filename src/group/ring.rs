@@ -23,17 +23,23 @@
 //! (a header-only exchange through rank 0 comparing operation, dtype, count
 //! and [`CallTag`], before any payload), then come `W-1` reduce-scatter steps
 //! and `W-1` all-gather steps, each sending one chunk to the next rank while
-//! receiving one from the previous rank. Every step frame starts with a
-//! header (call number, phase, step, dtype, count, chunk length, tag) that
-//! the receiver checks, and every read and write has a deadline (the group's
-//! timeout, per step). Chunk `c` is summed in the fixed order
+//! receiving one from the previous rank (the schedule and the frames: the
+//! `ring_frame` module). The steps overlap, each piece forwarded as soon as
+//! it is summed, one thread receiving and one sending (the `ring_pipeline`
+//! module). Every step frame starts with a header (call number,
+//! phase, step, dtype, count, chunk length, tag) that the receiver checks
+//! before the step's data, and every step has a deadline (the group's
+//! timeout). Chunk `c` is summed in the fixed order
 //! `x_c + x_{c+1} + … + x_{c-1}` (ranks mod `W`) in the tensor's dtype, then
 //! copied to every rank: results are bitwise the same on every rank and from
 //! run to run. The caller poisons the group after any failure.
 
 use super::rendezvous::handshake::{self, printable, Refusal, Refusals, NONCE_LEN, PROOF_LEN};
+pub(crate) use super::ring_frame::RingElem;
+use super::ring_frame::{Schedule, RING_VERSION};
+use super::ring_pipeline;
 use super::star::Star;
-use super::wire::{dtype_code, io_error, read_full, write_full, Call, Op};
+use super::wire::{dtype_code, read_full, write_full, Call, Op};
 use super::CallTag;
 use candle::{DType, Result};
 use hmac::{Hmac, Mac};
@@ -46,9 +52,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const LINK_MAGIC: [u8; 4] = *b"SBRL";
-const STEP_MAGIC: [u8; 4] = *b"SBRS";
-/// The version of the ring protocol (links and step frames).
-const RING_VERSION: u8 = 1;
 /// A link hello: magic, version and 3 zero bytes, world size, the
 /// connecting rank, the listening rank, the connecting rank's nonce.
 const HELLO_LEN: usize = 4 + 4 + 8 + 4 + 4 + NONCE_LEN;
@@ -59,41 +62,6 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_PENDING: usize = 64;
 /// Bytes of each rank's record in the setup exchanges.
 const RECORD_LEN: usize = 256;
-/// Bytes of a step frame's header.
-const STEP_HEADER_LEN: usize = 40;
-/// The reduce-scatter receives and sums in segments of this many bytes, so
-/// the sum of one segment overlaps the arrival of the next.
-const SEGMENT_BYTES: usize = 256 * 1024;
-
-/// An element type the ring sums: the sum of two values, in the type itself
-/// (half types through f32, rounded once per addition).
-pub(crate) trait RingElem: candle::WithDType + bytemuck::Pod + Send + Sync {
-    fn sum(a: Self, b: Self) -> Self;
-}
-
-impl RingElem for f32 {
-    fn sum(a: Self, b: Self) -> Self {
-        a + b
-    }
-}
-
-impl RingElem for f64 {
-    fn sum(a: Self, b: Self) -> Self {
-        a + b
-    }
-}
-
-impl RingElem for half::bf16 {
-    fn sum(a: Self, b: Self) -> Self {
-        Self::from_f32(a.to_f32() + b.to_f32())
-    }
-}
-
-impl RingElem for half::f16 {
-    fn sum(a: Self, b: Self) -> Self {
-        Self::from_f32(a.to_f32() + b.to_f32())
-    }
-}
 
 /// Who proves, on a ring link.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -145,14 +113,14 @@ pub(crate) struct Ring {
     world: usize,
     /// To rank `rank + 1` (written only).
     next: TcpStream,
-    /// A handle on `next`, to shut it down while a writer thread holds it.
-    next_ctl: TcpStream,
     /// From rank `rank - 1` (read only).
     prev: TcpStream,
     min_bytes: u64,
     timeout: Duration,
     /// Collectives run so far (in every step header).
     calls: u64,
+    /// The reduce-scatter's receive buffer, kept from call to call.
+    scratch: Vec<u64>,
 }
 
 impl fmt::Debug for Ring {
@@ -341,12 +309,6 @@ impl Ring {
                 from_prev
                     .map_err(|e| format!("link from rank {prev}: {e}"))
                     .map(|p| (n, p))
-            })
-            .and_then(|(n, p)| {
-                let ctl = n
-                    .try_clone()
-                    .map_err(|e| format!("could not clone a socket: {e}"))?;
-                Ok((n, ctl, p))
             });
         let status = Record {
             state: if links.is_ok() { 1 } else { 2 },
@@ -355,16 +317,16 @@ impl Ring {
         };
         gather_records(star, rank, world, &status.encode(), "linking")?;
         star.restart_numbering();
-        let (next, next_ctl, prev) = links.map_err(candle::Error::Msg)?;
+        let (next, prev) = links.map_err(candle::Error::Msg)?;
         Ok(Some(Ring {
             rank,
             world,
             next,
-            next_ctl,
             prev,
             min_bytes: records[0].min_bytes,
             timeout: options.timeout,
             calls: 0,
+            scratch: Vec::new(),
         }))
     }
 
@@ -374,219 +336,25 @@ impl Ring {
         self.min_bytes
     }
 
-    /// Sums `data` over the ranks, in place (see the module docs). `what`
-    /// names the collective in messages. The caller has checked, through the
-    /// star, that every rank makes this call.
+    /// Sums `input` over the ranks (see the module docs) into a new vector.
+    /// `what` names the collective in messages. The caller has checked,
+    /// through the star, that every rank makes this call.
     pub fn all_reduce<T: RingElem>(
         &mut self,
-        data: &mut [T],
+        input: &[T],
         tag: CallTag,
-        what: &dyn fmt::Display,
-    ) -> std::result::Result<(), String> {
-        let call = self.calls;
+        what: &(dyn fmt::Display + Sync),
+    ) -> std::result::Result<Vec<T>, String> {
+        let schedule = Schedule::new::<T>(self.rank, self.world, input.len(), tag, self.calls);
         self.calls += 1;
-        let (w, r, n) = (self.world, self.rank, data.len());
-        let chunk = |c: usize| {
-            let (base, rem) = (n / w, n % w);
-            let start = c * base + c.min(rem);
-            start..start + base + usize::from(c < rem)
+        let links = ring_pipeline::Links {
+            next: &self.next,
+            prev: &self.prev,
+            timeout: self.timeout,
+            what,
         };
-        for phase in [Phase::ReduceScatter, Phase::AllGather] {
-            for s in 0..w - 1 {
-                // Reduce-scatter: send chunk r-s, sum chunk r-s-1 into ours;
-                // rank r then holds the sum of chunk r+1. All-gather: pass
-                // the summed chunks on, one step behind.
-                let (send, recv) = match phase {
-                    Phase::ReduceScatter => {
-                        (chunk((r + w - s) % w), chunk((r + 2 * w - s - 1) % w))
-                    }
-                    Phase::AllGather => (chunk((r + 1 + w - s) % w), chunk((r + w - s) % w)),
-                };
-                let header = |len: usize| StepHeader {
-                    phase,
-                    step: s as u32,
-                    dtype: dtype_code(T::DTYPE),
-                    tag: tag.value(),
-                    call,
-                    count: n as u64,
-                    len: len as u64,
-                };
-                let (out, inn) = (header(send.len()), header(recv.len()));
-                self.step(data, (send, recv), (out, inn), what)?;
-            }
-        }
-        Ok(())
+        ring_pipeline::all_reduce(&schedule, input, &links, &mut self.scratch)
     }
-
-    /// One step: sends `data[send]` to the next rank while receiving the
-    /// previous rank's chunk into `data[recv]` (summed in for the
-    /// reduce-scatter, copied for the all-gather).
-    fn step<T: RingElem>(
-        &mut self,
-        data: &mut [T],
-        (send, recv): (std::ops::Range<usize>, std::ops::Range<usize>),
-        (out, inn): (StepHeader, StepHeader),
-        what: &dyn fmt::Display,
-    ) -> std::result::Result<(), String> {
-        // The chunks are disjoint ranges (possibly empty).
-        let (send_data, recv_data): (&[T], &mut [T]) = if send.start < recv.start {
-            let (a, b) = data.split_at_mut(recv.start);
-            (&a[send.clone()], &mut b[..recv.len()])
-        } else {
-            let (a, b) = data.split_at_mut(send.start);
-            (&b[..send.len()], &mut a[recv.clone()])
-        };
-        let deadline = Instant::now() + self.timeout;
-        let (rank, world, timeout) = (self.rank, self.world, self.timeout);
-        let (next_rank, prev_rank) = ((rank + 1) % world, (rank + world - 1) % world);
-        let (next, prev, ctl) = (&mut self.next, &mut self.prev, &self.next_ctl);
-        std::thread::scope(|s| {
-            let writer = std::thread::Builder::new()
-                .name("syncbn-ring-send".into())
-                .spawn_scoped(s, move || {
-                    write_full(next, &out.encode(), deadline)?;
-                    write_full(next, bytemuck::cast_slice(send_data), deadline)
-                })
-                .map_err(|e| format!("rank {rank}: could not start a thread: {e}"))?;
-            let read = recv_chunk(prev, recv_data, &inn, deadline).map_err(|e| match e {
-                RecvError::Io(e) => io_error(
-                    prev_rank,
-                    &format!("rank {rank} waited for its chunk in {inn} of {what}"),
-                    &e,
-                    timeout,
-                ),
-                RecvError::Header(got) => {
-                    format!("rank {rank} expected {inn} of {what}, rank {prev_rank} sent {got}")
-                }
-            });
-            if read.is_err() {
-                // Unblock the writer at once.
-                let _ = ctl.shutdown(Shutdown::Both);
-            }
-            let wrote = writer
-                .join()
-                .unwrap_or_else(|_| Err(io::Error::other("the ring's sending thread panicked")));
-            read?;
-            wrote.map_err(|e| {
-                io_error(
-                    next_rank,
-                    &format!("rank {rank} sent its chunk in {out} of {what}"),
-                    &e,
-                    timeout,
-                )
-            })
-        })
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    ReduceScatter = 1,
-    AllGather = 2,
-}
-
-/// The header of one step's frame.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct StepHeader {
-    phase: Phase,
-    step: u32,
-    dtype: u8,
-    tag: u32,
-    /// The ring's call number.
-    call: u64,
-    /// Elements of the whole tensor.
-    count: u64,
-    /// Elements of this chunk.
-    len: u64,
-}
-
-impl StepHeader {
-    fn encode(&self) -> [u8; STEP_HEADER_LEN] {
-        let mut b = [0u8; STEP_HEADER_LEN];
-        b[0..4].copy_from_slice(&STEP_MAGIC);
-        b[4] = RING_VERSION;
-        b[5] = self.phase as u8;
-        b[6] = self.dtype;
-        b[8..12].copy_from_slice(&self.step.to_le_bytes());
-        b[12..16].copy_from_slice(&self.tag.to_le_bytes());
-        b[16..24].copy_from_slice(&self.call.to_le_bytes());
-        b[24..32].copy_from_slice(&self.count.to_le_bytes());
-        b[32..40].copy_from_slice(&self.len.to_le_bytes());
-        b
-    }
-}
-
-impl fmt::Display for StepHeader {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let phase = match self.phase {
-            Phase::ReduceScatter => "reduce-scatter",
-            Phase::AllGather => "all-gather",
-        };
-        write!(
-            f,
-            "{phase} step {} of ring call #{} ({} of {} elements)",
-            self.step, self.call, self.len, self.count
-        )
-    }
-}
-
-enum RecvError {
-    Io(io::Error),
-    /// What arrived instead of the expected header, in words.
-    Header(String),
-}
-
-impl From<io::Error> for RecvError {
-    fn from(e: io::Error) -> Self {
-        RecvError::Io(e)
-    }
-}
-
-/// Reads one step frame from the previous rank: checks its header against
-/// `expect`, then reads the chunk into `recv` (summed in for the
-/// reduce-scatter, segment by segment).
-fn recv_chunk<T: RingElem>(
-    prev: &mut TcpStream,
-    recv: &mut [T],
-    expect: &StepHeader,
-    deadline: Instant,
-) -> std::result::Result<(), RecvError> {
-    let mut hb = [0u8; STEP_HEADER_LEN];
-    read_full(prev, &mut hb, deadline)?;
-    if hb != expect.encode() {
-        let u32_at = |i: usize| u32::from_le_bytes(hb[i..i + 4].try_into().expect("4 bytes"));
-        let u64_at = |i: usize| u64::from_le_bytes(hb[i..i + 8].try_into().expect("8 bytes"));
-        return Err(RecvError::Header(
-            if hb[0..4] != STEP_MAGIC || hb[4] != RING_VERSION {
-                "a frame that is not a ring step of this protocol version".into()
-            } else {
-                format!(
-                "phase {} step {} of ring call #{} (dtype code {}, tag {:#010x}, {} of {} elements)",
-                hb[5],
-                u32_at(8),
-                u64_at(16),
-                hb[6],
-                u32_at(12),
-                u64_at(32),
-                u64_at(24)
-            )
-            },
-        ));
-    }
-    if expect.phase == Phase::AllGather {
-        read_full(prev, bytemuck::cast_slice_mut(recv), deadline)?;
-        return Ok(());
-    }
-    let seg = (SEGMENT_BYTES / std::mem::size_of::<T>()).max(1);
-    let mut scratch = vec![T::zeroed(); seg.min(recv.len())];
-    for part in recv.chunks_mut(seg) {
-        let buf = &mut scratch[..part.len()];
-        read_full(prev, bytemuck::cast_slice_mut(buf), deadline)?;
-        for (a, b) in part.iter_mut().zip(buf.iter()) {
-            *a = T::sum(*a, *b);
-        }
-    }
-    Ok(())
 }
 
 /// Listens on an ephemeral port of the address this rank's star connection
@@ -953,7 +721,7 @@ mod tests {
                 .enumerate()
                 .map(|(r, (star, mut ring))| {
                     std::thread::spawn(move || {
-                        let mut data = vec![1.0f32; 3 << 20];
+                        let data = vec![1.0f32; 3 << 20];
                         if r == 1 {
                             if !gone {
                                 std::thread::sleep(timeout * 3);
@@ -963,7 +731,7 @@ mod tests {
                         }
                         let start = Instant::now();
                         let e = ring
-                            .all_reduce(&mut data, CallTag::UNTAGGED, &"test")
+                            .all_reduce(&data, CallTag::UNTAGGED, &"test")
                             .unwrap_err();
                         // What the TCP group does on failure: close the ring.
                         drop(ring);

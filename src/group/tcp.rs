@@ -20,7 +20,7 @@ use super::wire::{dtype_code, io_error_kind, Call, Op, FLAG_META_ONLY};
 use super::StoreOptions;
 use super::{Backend, CallTag};
 use crate::error::{bail_kind, ErrorKind, Failure};
-use candle::{DType, Device, Result, Tensor};
+use candle::{DType, Device, Result, Storage, Tensor};
 use std::fmt;
 use std::sync::{Mutex, MutexGuard};
 
@@ -152,17 +152,18 @@ fn sum_in_rank_order(payloads: &[Vec<u8>], dtype: DType) -> std::result::Result<
     })
 }
 
-/// The sum of `tensor` over the ring (see the `ring` module): its values as
-/// a host vector, then the star's check that every rank makes this call
-/// (`call`, `tag`), then the ring. A ring failure closes the ring and poisons
-/// the star, so that every later call fails at once.
+/// The sum of `tensor` over the ring (see the `ring` module): the star's
+/// check that every rank makes this call (`call`, `tag`), then the ring,
+/// reading the values where the tensor keeps them (a contiguous CPU tensor;
+/// others are copied to the host first) and writing the sum into a new
+/// tensor. A ring failure closes the ring and poisons the star, so that every
+/// later call fails at once.
 fn ring_all_reduce<T: RingElem>(
     links: &mut Links,
     tensor: &Tensor,
     call: Call,
     tag: CallTag,
 ) -> Result<Tensor> {
-    let mut values = tensor.flatten_all()?.to_vec1::<T>()?;
     let check = Call {
         flags: FLAG_META_ONLY,
         ..call
@@ -179,14 +180,29 @@ fn ring_all_reduce<T: RingElem>(
         CallTag::UNTAGGED => call.to_string(),
         tag => format!("{call} for {tag}"),
     };
-    if let Err(m) = ring.all_reduce(&mut values, tag, &what) {
-        links.ring = None;
-        return Err(links.star.fail_with(Failure {
-            kind: io_error_kind(&m),
-            msg: format!("tcp group: {m}"),
-        }));
+    let (storage, layout) = tensor.storage_and_layout();
+    let summed = match (&*storage, layout.contiguous_offsets()) {
+        (Storage::Cpu(cpu), Some((start, end))) => {
+            ring.all_reduce(&cpu.as_slice::<T>()?[start..end], tag, &what)
+        }
+        _ => {
+            drop(storage);
+            let values = tensor.flatten_all()?.to_vec1::<T>()?;
+            ring.all_reduce(&values, tag, &what)
+        }
+    };
+    match summed {
+        Ok(values) => {
+            Tensor::from_vec(values, tensor.shape(), &Device::Cpu)?.to_device(tensor.device())
+        }
+        Err(m) => {
+            links.ring = None;
+            Err(links.star.fail_with(Failure {
+                kind: io_error_kind(&m),
+                msg: format!("tcp group: {m}"),
+            }))
+        }
     }
-    Tensor::from_vec(values, tensor.shape(), &Device::Cpu)?.to_device(tensor.device())
 }
 
 impl TcpBackend {

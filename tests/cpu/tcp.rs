@@ -497,6 +497,42 @@ fn ring_all_reduce_sums_in_a_fixed_order_on_every_rank() {
     }
 }
 
+/// The ring reads a contiguous CPU tensor where it lies (also at an offset
+/// into its storage, as a narrowed tensor) and copies any other layout
+/// first: the sums are the same, and the input is left untouched.
+#[test]
+fn ring_reads_views_and_strided_tensors_like_contiguous_ones() {
+    let options = TcpOptions {
+        ring_min_bytes: 0,
+        ..opts(10_000)
+    };
+    let out = run_with(3, options, |g| {
+        let r = g.rank();
+        let v: Vec<f32> = (0..6_000).map(|i| ring_value(r, i) as f32).collect();
+        let x = Tensor::from_vec(v.clone(), (60, 100), &Device::Cpu).unwrap();
+        let sum = |t: &Tensor| {
+            let s = g.all_reduce_sum(t).unwrap();
+            assert_eq!(s.dims(), t.dims());
+            s.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        };
+        let narrowed = x.narrow(0, 7, 40).unwrap();
+        let transposed = x.t().unwrap();
+        // The same values in a storage of their own (`contiguous` would keep
+        // the view).
+        let fresh = narrowed.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let fresh = Tensor::from_vec(fresh, (40, 100), &Device::Cpu).unwrap();
+        let (a, b) = (sum(&narrowed), sum(&fresh));
+        let (c, d) = (sum(&transposed), sum(&transposed.contiguous().unwrap()));
+        assert_eq!(x.flatten_all().unwrap().to_vec1::<f32>().unwrap(), v);
+        (a, b, c, d)
+    });
+    for (a, b, c, d) in out {
+        assert_eq!(a.len(), 4_000);
+        assert!(a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()));
+        assert!(c.iter().zip(&d).all(|(p, q)| p.to_bits() == q.to_bits()));
+    }
+}
+
 /// A large call that the ranks disagree on (count or tag) fails on every
 /// rank before any payload moves, and the group is unusable afterwards; a
 /// rank that stalls before a large call makes the others fail within the
