@@ -1,6 +1,7 @@
 """Checks the `rust-version` of Cargo.toml against the dependencies: no crate
 this one builds with (normal and build dependencies, any feature, on this
-host) may declare a newer `rust-version`. With clippy's `incompatible_msrv`
+host) may declare a newer `rust-version`, nor need a newer Rust than it
+declares where a build with an older toolchain showed it (UNDECLARED). With clippy's `incompatible_msrv`
 lint (on by default; CI denies warnings), which flags std APIs newer than
 `rust-version` in this crate's code, it keeps the declared minimum honest
 without building with an old toolchain. Exit 1 on a dependency that needs more.
@@ -30,6 +31,11 @@ meta = json.loads(
         check=True,
     ).stdout
 )
+# Dependencies that need a newer Rust than they declare (or declare none),
+# found by building with an older toolchain: name -> (Rust, why).
+UNDECLARED = {
+    "candle-core": ("1.94", "calls core::arch's __cpuid_count outside unsafe, safe since Rust 1.94"),
+}
 packages = {p["id"]: p for p in meta["packages"]}
 root = meta["resolve"]["root"]
 declared = packages[root].get("rust_version")
@@ -46,6 +52,11 @@ while stack:
         if dep["pkg"] not in seen and kinds & {None, "build"}:
             seen.add(dep["pkg"])
             stack.append(dep["pkg"])
+for p in seen:
+    floor = UNDECLARED.get(packages[p]["name"])
+    if floor and (not packages[p].get("rust_version") or version(floor[0]) > version(packages[p]["rust_version"])):
+        packages[p]["rust_version"] = floor[0]
+        print(f"check-msrv: {packages[p]['name']} {packages[p]['version']} needs Rust {floor[0]}: {floor[1]}")
 too_new = sorted(
     (version(packages[p]["rust_version"]), packages[p]["name"], packages[p]["version"])
     for p in seen
