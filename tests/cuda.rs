@@ -2200,7 +2200,10 @@ fn require_cuda_turns_a_skip_for_want_of_a_gpu_into_a_failure() {
         let out = cmd.output().unwrap();
         let text = String::from_utf8_lossy(&out.stdout).into_owned()
             + &String::from_utf8_lossy(&out.stderr);
-        assert!(text.contains("1 passed") || text.contains("1 failed"), "{text}");
+        assert!(
+            text.contains("1 passed") || text.contains("1 failed"),
+            "{text}"
+        );
         (out.status.success(), text)
     };
     let has_gpu = Device::new_cuda(0).is_ok();
@@ -2212,8 +2215,14 @@ fn require_cuda_turns_a_skip_for_want_of_a_gpu_into_a_failure() {
     if has_gpu {
         assert!(required_ok, "{REQUIRE_CUDA_VAR}=1 on a GPU: {required}");
     } else {
-        assert!(!required_ok, "{REQUIRE_CUDA_VAR}=1 without a GPU passed: {required}");
+        assert!(
+            !required_ok,
+            "{REQUIRE_CUDA_VAR}=1 without a GPU passed: {required}"
+        );
         assert!(required.contains(REQUIRE_CUDA_VAR), "{required}");
-        assert!(plain.contains("skipped unsupported_dtypes_are_errors"), "{plain}");
+        assert!(
+            plain.contains("skipped unsupported_dtypes_are_errors"),
+            "{plain}"
+        );
     }
 }
