@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds, on a machine without a GPU, everything a GPU machine needs to run the
 # CUDA tests, the benchmarks and the training example, into one folder that a
-# GPU machine without a Rust toolchain can run (see DESIGN.md, "GPU machine"):
+# GPU machine without a Rust toolchain can run (see docs/testing.md, "GPU machines"):
 #
 #   bash scripts/gpu-bundle.sh            # makes gpu-bundle/ (ignored by git)
 #   # on the GPU machine, from the repository root:

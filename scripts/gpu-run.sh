@@ -71,6 +71,9 @@ EOF
 export LD_LIBRARY_PATH="${libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 # The binaries are stripped: backtraces would only list <unknown> frames.
 export RUST_BACKTRACE=0
+# A GPU is expected here: a GPU test that finds no CUDA device fails instead
+# of reporting that it was skipped (tests/common/mod.rs, skip_without_gpu).
+export SYNCBN_REQUIRE_CUDA=1
 
 # The binaries travel xz-compressed; unpack them once.
 BIN="${TMPDIR:-/tmp}/candle-syncbn-gpu-bin"

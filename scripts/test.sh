@@ -31,7 +31,9 @@ if [[ -e /dev/nvidiactl ]]; then
 fi
 echo "== GPU tests on the emulated GPU (the kernels on the CPU; see scripts/emulated-gpu.sh)" >&2
 eval "$(bash scripts/emulated-gpu.sh)"
-cargo test --features cuda,nccl --test cuda --test nccl
+# The emulated GPU must be found: a test that would skip for want of a CUDA
+# device (or of two, for NCCL) fails instead.
+SYNCBN_REQUIRE_CUDA=1 cargo test --features cuda,nccl --test cuda --test nccl
 echo "== the benchmark's and the training example's CUDA paths on the emulated GPU (smoke runs; emulated timings mean nothing)" >&2
 cargo run --features cuda,nccl --example bench -- --device cuda --shapes 4x8x6x6,64x16 --dtypes f32,bf16 --iters 2 --relu
 cargo run --features cuda,nccl --example train -- --device cuda --nproc-per-node 2 --epochs 1 \

@@ -3,9 +3,11 @@
 //!
 //! In data-parallel training every rank (one process per GPU, or one thread per
 //! rank) runs the model on its slice of the global batch. A [`SyncBatchNorm`]
-//! layer normalizes with the mean and variance of the *global* batch: one
-//! all-reduce of `O(C)` values per training forward, one per backward, over a
-//! [`ProcessGroup`]. Eval mode uses the running statistics and communicates
+//! layer normalizes with the mean and variance of the *global* batch: with
+//! this crate's CPU and CUDA kernels, one all-reduce of `O(C)` values per
+//! training forward and one per backward, over a [`ProcessGroup`] (masked
+//! subgroups send one slot per block; the layer composed of candle ops, on
+//! other devices, makes two all-reduces per pass). Eval mode uses the running statistics and communicates
 //! nothing. Arguments, numbers, running-statistics rules and variable names are
 //! PyTorch's (`weight`, `bias`, `running_mean`, `running_var`,
 //! `num_batches_tracked`).
@@ -107,8 +109,9 @@
 //!   ([`SyncBatchNorm::forward_composite_t`], same semantics, slower),
 //!   synchronized through [`ops::all_reduce_sum_with_grad`].
 //! - `internals`: **unstable, not covered by semver**; for this crate's
-//!   benchmarks and GPU tests only. Makes the op structs of [`ops`] (one
-//!   candle custom op per kernel), the CPU kernels in `cpu`, and the
+//!   benchmarks and GPU tests only. Makes the op structs of [`ops`] (candle
+//!   custom ops, each one step of the layer: most launch one kernel, some a
+//!   reduction and its combine), the CPU kernels in `cpu`, and the
 //!   `element` and `layout` modules public.
 
 #![warn(missing_docs)]
@@ -153,3 +156,9 @@ pub use group::{
     default_group, set_default_group, set_thread_default_group, Backend, ProcessGroup,
 };
 pub use layer::{FrozenBatchNorm, SyncBatchNorm};
+
+/// The README's Rust code blocks, compiled by `cargo test --doc` (and run,
+/// unless marked `no_run`), so that they cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -3,7 +3,8 @@
 //! rank, and bitwise determinism.
 //!
 //! Every test first opens CUDA device 0; without one (no GPU, a stub driver, or
-//! a build without the `cuda` feature) it prints that it was skipped and passes.
+//! a build without the `cuda` feature) it prints that it was skipped and passes,
+//! or fails where `SYNCBN_REQUIRE_CUDA=1` says a GPU is expected.
 //!
 //! They all also run on the emulated GPU (`scripts/emulated-gpu.sh`), which
 //! runs this crate's kernels and candle's element-wise, cast, fill and
@@ -29,13 +30,14 @@ use candle_syncbn::{ProcessGroup, SyncBatchNorm, SyncBatchNormConfig};
 use common::*;
 use std::time::Duration;
 
-/// CUDA device 0, or return from the test after printing that it was skipped.
+/// CUDA device 0, or return from the test after printing that it was skipped
+/// (a failure under `SYNCBN_REQUIRE_CUDA=1`).
 macro_rules! cuda_or_skip {
     ($name:expr) => {
         match Device::new_cuda(0) {
             Ok(d) => d,
             Err(e) => {
-                report_skip(&format!("skipped {}: no CUDA device ({e})", $name));
+                skip_without_gpu(&format!("skipped {}: no CUDA device ({e})", $name));
                 return;
             }
         }
@@ -2179,5 +2181,48 @@ fn launcher_refuses_more_cuda_ranks_than_gpus() {
         cfg.nproc = n;
         let e = launch(&cfg).unwrap_err().to_string();
         assert!(e.contains("could not start rank 0 of"), "{e}");
+    }
+}
+
+/// `SYNCBN_REQUIRE_CUDA=1` turns "no CUDA device, skipped" into a failure,
+/// and changes nothing where there is a device: this executable runs one
+/// cheap GPU test again as a child, with and without the variable.
+#[test]
+fn require_cuda_turns_a_skip_for_want_of_a_gpu_into_a_failure() {
+    let child = test_path(module_path!(), "unsupported_dtypes_are_errors");
+    let run = |require: Option<&str>| {
+        let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+        cmd.args(["--exact", &child, "--test-threads", "1"]);
+        match require {
+            Some(v) => cmd.env(REQUIRE_CUDA_VAR, v),
+            None => cmd.env_remove(REQUIRE_CUDA_VAR),
+        };
+        let out = cmd.output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(
+            text.contains("1 passed") || text.contains("1 failed"),
+            "{text}"
+        );
+        (out.status.success(), text)
+    };
+    let has_gpu = Device::new_cuda(0).is_ok();
+    let (plain_ok, plain) = run(None);
+    assert!(plain_ok, "without {REQUIRE_CUDA_VAR}: {plain}");
+    let (other_ok, other) = run(Some("0"));
+    assert!(other_ok, "{REQUIRE_CUDA_VAR}=0: {other}");
+    let (required_ok, required) = run(Some("1"));
+    if has_gpu {
+        assert!(required_ok, "{REQUIRE_CUDA_VAR}=1 on a GPU: {required}");
+    } else {
+        assert!(
+            !required_ok,
+            "{REQUIRE_CUDA_VAR}=1 without a GPU passed: {required}"
+        );
+        assert!(required.contains(REQUIRE_CUDA_VAR), "{required}");
+        assert!(
+            plain.contains("skipped unsupported_dtypes_are_errors"),
+            "{plain}"
+        );
     }
 }

@@ -6,7 +6,8 @@
 //! become errors on the other ranks within the timeout instead of hangs.
 //!
 //! NCCL needs a GPU per rank: with fewer than two (or without the `nccl`
-//! feature) every test prints that it was skipped. On the emulated GPU
+//! feature) every test prints that it was skipped; with fewer than two and
+//! `SYNCBN_REQUIRE_CUDA=1`, each fails instead. On the emulated GPU
 //! (`scripts/emulated-gpu.sh`: four devices, and an emulated NCCL whose
 //! collectives stay pending on their streams until every rank has enqueued
 //! its part) they run for real. (The multi-process path, one process per GPU
@@ -25,18 +26,19 @@ use common::*;
 use std::time::{Duration, Instant};
 
 /// The number of ranks to run (one per GPU, at most 3), or `None` after
-/// printing that `test` was skipped.
+/// printing that `test` was skipped (a failure under `SYNCBN_REQUIRE_CUDA=1`;
+/// tests that need three or four GPUs still skip on two).
 fn world_or_skip(test: &str) -> Option<usize> {
     match CudaContext::device_count() {
         Ok(n) if n >= 2 => Some((n as usize).min(3)),
         Ok(n) => {
-            report_skip(&format!(
+            skip_without_gpu(&format!(
                 "skipped {test}: NCCL needs two GPUs, this machine has {n}"
             ));
             None
         }
         Err(e) => {
-            report_skip(&format!("skipped {test}: no CUDA device ({e:?})"));
+            skip_without_gpu(&format!("skipped {test}: no CUDA device ({e:?})"));
             None
         }
     }
@@ -505,7 +507,7 @@ fn layer_on_nccl_subgroups_matches_one_rank_per_subgroup() {
             return;
         }
         Err(e) => {
-            report_skip(&format!("skipped {test}: no CUDA device ({e:?})"));
+            skip_without_gpu(&format!("skipped {test}: no CUDA device ({e:?})"));
             return;
         }
     }
@@ -681,7 +683,7 @@ fn two_ranks_on_one_gpu_are_an_error_on_both() {
     match CudaContext::device_count() {
         Ok(n) if n >= 1 => {}
         other => {
-            report_skip(&format!("skipped {test}: no CUDA device ({other:?})"));
+            skip_without_gpu(&format!("skipped {test}: no CUDA device ({other:?})"));
             return;
         }
     }

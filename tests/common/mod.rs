@@ -283,6 +283,27 @@ pub fn report_skip(msg: &str) {
     let _ = writeln!(std::io::stderr().lock(), "{msg}");
 }
 
+/// The variable that says a GPU (or the emulated GPU) is expected: with
+/// `SYNCBN_REQUIRE_CUDA=1` a GPU test that finds no CUDA device (or, for the
+/// NCCL tests, fewer than two) fails instead of reporting that it was
+/// skipped. `scripts/test.sh` sets it for the emulated GPU's run,
+/// `gpu-bundle/run.sh` on the GPU machine.
+pub const REQUIRE_CUDA_VAR: &str = "SYNCBN_REQUIRE_CUDA";
+
+/// Whether [`REQUIRE_CUDA_VAR`] is `1`.
+pub fn cuda_required() -> bool {
+    std::env::var(REQUIRE_CUDA_VAR).is_ok_and(|v| v == "1")
+}
+
+/// Reports that a GPU test was skipped for want of CUDA devices (`msg` says
+/// which test and why), or fails it when [`cuda_required`].
+pub fn skip_without_gpu(msg: &str) {
+    if cuda_required() {
+        panic!("{msg}; {REQUIRE_CUDA_VAR}=1 expects a CUDA device here");
+    }
+    report_skip(msg);
+}
+
 /// How many calls of this thread so far made the host wait for the GPU
 /// (synchronizations, device-to-host copies, synchronous frees), as the
 /// emulated GPU's driver counts them; `None` on a real driver, which does not
