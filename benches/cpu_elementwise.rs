@@ -6,7 +6,11 @@
 //! As in `cpu_reductions`, in cache the kernels' own speed shows, which the
 //! memory's run-to-run swings hide in whole-tensor timings.
 //!
-//! `cargo bench --bench cpu_elementwise` (elements per second per row).
+//! `cargo bench --bench cpu_elementwise` (elements per second per row; with
+//! `SYNCBN_BENCH_CPU_TIME=1`, by the process's CPU time, for a shared machine).
+
+#[path = "common/cpu_time.rs"]
+mod cpu_time;
 
 use candle::{Layout, Shape};
 use candle_syncbn::cpu::{backward_elemt, normalize, ChannelCoefficients};
@@ -61,22 +65,22 @@ fn elementwise(c: &mut Criterion) {
         let name = format!("{n}x{channels}x{spatial}");
         group.throughput(Throughput::Elements(len as u64));
         group.bench_function(BenchmarkId::new("normalize_f32", &name), |b| {
-            pool.install(|| b.iter(|| normalize(&xf, &view, &k, None, false)))
+            pool.install(|| cpu_time::time(b, || normalize(&xf, &view, &k, None, false)))
         });
         group.bench_function(BenchmarkId::new("normalize_bf16", &name), |b| {
-            pool.install(|| b.iter(|| normalize(&xb, &view, &k, None, false)))
+            pool.install(|| cpu_time::time(b, || normalize(&xb, &view, &k, None, false)))
         });
         group.bench_function(BenchmarkId::new("normalize_f16", &name), |b| {
-            pool.install(|| b.iter(|| normalize(&xh, &view, &k, None, false)))
+            pool.install(|| cpu_time::time(b, || normalize(&xh, &view, &k, None, false)))
         });
         group.bench_function(BenchmarkId::new("input_grad_f32", &name), |b| {
-            pool.install(|| b.iter(|| backward_elemt(&gf, &view, &xf, &view, &k, None)))
+            pool.install(|| cpu_time::time(b, || backward_elemt(&gf, &view, &xf, &view, &k, None)))
         });
         group.bench_function(BenchmarkId::new("input_grad_bf16", &name), |b| {
-            pool.install(|| b.iter(|| backward_elemt(&gb, &view, &xb, &view, &k, None)))
+            pool.install(|| cpu_time::time(b, || backward_elemt(&gb, &view, &xb, &view, &k, None)))
         });
         group.bench_function(BenchmarkId::new("input_grad_f16", &name), |b| {
-            pool.install(|| b.iter(|| backward_elemt(&gh, &view, &xh, &view, &k, None)))
+            pool.install(|| cpu_time::time(b, || backward_elemt(&gh, &view, &xh, &view, &k, None)))
         });
     }
     group.finish();

@@ -5,7 +5,11 @@
 //! everything else on the machine, and the run-to-run swings of that
 //! bandwidth hide changes to the kernels; in cache their own speed shows.
 //!
-//! `cargo bench --bench cpu_reductions` (elements per second per row).
+//! `cargo bench --bench cpu_reductions` (elements per second per row; with
+//! `SYNCBN_BENCH_CPU_TIME=1`, by the process's CPU time, for a shared machine).
+
+#[path = "common/cpu_time.rs"]
+mod cpu_time;
 
 use candle::{Layout, Shape};
 use candle_syncbn::cpu::{batch_stats, grad_sums, ReluMask};
@@ -51,31 +55,37 @@ fn reductions(c: &mut Criterion) {
         let name = format!("{n}x{channels}x{spatial}");
         group.throughput(Throughput::Elements(len as u64));
         group.bench_function(BenchmarkId::new("batch_stats_f32", &name), |b| {
-            pool.install(|| b.iter(|| batch_stats(&xf, &view)))
+            pool.install(|| cpu_time::time(b, || batch_stats(&xf, &view)))
         });
         group.bench_function(BenchmarkId::new("batch_stats_bf16", &name), |b| {
-            pool.install(|| b.iter(|| batch_stats(&xb, &view)))
+            pool.install(|| cpu_time::time(b, || batch_stats(&xb, &view)))
         });
         group.bench_function(BenchmarkId::new("batch_stats_f16", &name), |b| {
-            pool.install(|| b.iter(|| batch_stats(&xh, &view)))
+            pool.install(|| cpu_time::time(b, || batch_stats(&xh, &view)))
         });
         group.bench_function(BenchmarkId::new("grad_sums_f32", &name), |b| {
-            pool.install(|| b.iter(|| grad_sums(&gf, &view, &xf, &view, &mean, None)))
+            pool.install(|| cpu_time::time(b, || grad_sums(&gf, &view, &xf, &view, &mean, None)))
         });
         group.bench_function(BenchmarkId::new("grad_sums_bf16", &name), |b| {
-            pool.install(|| b.iter(|| grad_sums(&gb, &view, &xb, &view, &mean, None)))
+            pool.install(|| cpu_time::time(b, || grad_sums(&gb, &view, &xb, &view, &mean, None)))
         });
         group.bench_function(BenchmarkId::new("grad_sums_f16", &name), |b| {
-            pool.install(|| b.iter(|| grad_sums(&gh, &view, &xh, &view, &mean, None)))
+            pool.install(|| cpu_time::time(b, || grad_sums(&gh, &view, &xh, &view, &mean, None)))
         });
         group.bench_function(BenchmarkId::new("grad_sums_relu_f32", &name), |b| {
-            pool.install(|| b.iter(|| grad_sums(&gf, &view, &xf, &view, &mean, Some(&relu))))
+            pool.install(|| {
+                cpu_time::time(b, || grad_sums(&gf, &view, &xf, &view, &mean, Some(&relu)))
+            })
         });
         group.bench_function(BenchmarkId::new("grad_sums_relu_bf16", &name), |b| {
-            pool.install(|| b.iter(|| grad_sums(&gb, &view, &xb, &view, &mean, Some(&relu))))
+            pool.install(|| {
+                cpu_time::time(b, || grad_sums(&gb, &view, &xb, &view, &mean, Some(&relu)))
+            })
         });
         group.bench_function(BenchmarkId::new("grad_sums_relu_f16", &name), |b| {
-            pool.install(|| b.iter(|| grad_sums(&gh, &view, &xh, &view, &mean, Some(&relu))))
+            pool.install(|| {
+                cpu_time::time(b, || grad_sums(&gh, &view, &xh, &view, &mean, Some(&relu)))
+            })
         });
     }
     group.finish();

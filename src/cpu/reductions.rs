@@ -722,6 +722,10 @@ multiversion! {
     }
 }
 
+/// Two per-channel slices: the means' high and low parts, or a fused ReLU's
+/// scale and shift.
+type SlicePair<'a, A> = (&'a [A], &'a [A]);
+
 /// Adds one channel-innermost row's `dy` (masked by the fused ReLU with
 /// `relu`) into `s` and `dy·(x − mean)` into `q`, channel by channel as
 /// [`innermost_channel_grads`] does (the same values in the same order), with
@@ -732,8 +736,8 @@ fn add_row_grads_in_lanes<T: Element>(
     (s, q): (&mut [T::Acc], &mut [T::Acc]),
     dy: &[T],
     x: &[T],
-    (hi, lo): (&[T::Acc], &[T::Acc]),
-    relu: Option<(&[T::Acc], &[T::Acc])>,
+    (hi, lo): SlicePair<'_, T::Acc>,
+    relu: Option<SlicePair<'_, T::Acc>>,
 ) {
     const L: usize = CONVERT_LANES;
     let n = s.len();
