@@ -1,18 +1,22 @@
 //! Criterion benchmark of the CPU element-wise passes on one thread with data
 //! in cache: the normalization of the forward (also the eval forward, which
 //! is the same pass with the running statistics' coefficients) and the input
-//! gradient of the backward, f32 and bf16, over long rows (112×112 maps),
+//! gradient of the backward, f32, bf16 and f16, over long rows (112×112 maps),
 //! short ones (14×14 and 7×7) and `(N, C)` inputs (1024 and 32 channels).
 //! As in `cpu_reductions`, in cache the kernels' own speed shows, which the
 //! memory's run-to-run swings hide in whole-tensor timings.
 //!
-//! `cargo bench --bench cpu_elementwise` (elements per second per row).
+//! `cargo bench --bench cpu_elementwise` (elements per second per row; with
+//! `SYNCBN_BENCH_CPU_TIME=1`, by the process's CPU time, for a shared machine).
+
+#[path = "common/cpu_time.rs"]
+mod cpu_time;
 
 use candle::{Layout, Shape};
 use candle_syncbn::cpu::{backward_elemt, normalize, ChannelCoefficients};
 use candle_syncbn::layout::ChannelView;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use half::bf16;
+use half::{bf16, f16};
 
 /// The benchmarked `(N, C, H·W)` inputs: 800k elements each (3.2 MB in f32),
 /// in L3. The last two are `BatchNorm1d`'s `(N, C)`: channels innermost, with
@@ -48,6 +52,8 @@ fn elementwise(c: &mut Criterion) {
             .map(|i| ((i * 104_729) % 61) as f32 * 0.1 - 3.0)
             .collect();
         let gb: Vec<bf16> = gf.iter().map(|&g| bf16::from_f32(g)).collect();
+        let xh: Vec<f16> = xf.iter().map(|&x| f16::from_f32(x)).collect();
+        let gh: Vec<f16> = gf.iter().map(|&g| f16::from_f32(g)).collect();
         let per_channel = |f: fn(usize) -> f64| (0..channels).map(f).collect::<Vec<f64>>();
         let mean = per_channel(|c| 1.5 + c as f64 * 1e-3);
         let k = ChannelCoefficients::<f32>::new(
@@ -59,16 +65,22 @@ fn elementwise(c: &mut Criterion) {
         let name = format!("{n}x{channels}x{spatial}");
         group.throughput(Throughput::Elements(len as u64));
         group.bench_function(BenchmarkId::new("normalize_f32", &name), |b| {
-            pool.install(|| b.iter(|| normalize(&xf, &view, &k, None, false)))
+            pool.install(|| cpu_time::time(b, || normalize(&xf, &view, &k, None, false)))
         });
         group.bench_function(BenchmarkId::new("normalize_bf16", &name), |b| {
-            pool.install(|| b.iter(|| normalize(&xb, &view, &k, None, false)))
+            pool.install(|| cpu_time::time(b, || normalize(&xb, &view, &k, None, false)))
+        });
+        group.bench_function(BenchmarkId::new("normalize_f16", &name), |b| {
+            pool.install(|| cpu_time::time(b, || normalize(&xh, &view, &k, None, false)))
         });
         group.bench_function(BenchmarkId::new("input_grad_f32", &name), |b| {
-            pool.install(|| b.iter(|| backward_elemt(&gf, &view, &xf, &view, &k, None)))
+            pool.install(|| cpu_time::time(b, || backward_elemt(&gf, &view, &xf, &view, &k, None)))
         });
         group.bench_function(BenchmarkId::new("input_grad_bf16", &name), |b| {
-            pool.install(|| b.iter(|| backward_elemt(&gb, &view, &xb, &view, &k, None)))
+            pool.install(|| cpu_time::time(b, || backward_elemt(&gb, &view, &xb, &view, &k, None)))
+        });
+        group.bench_function(BenchmarkId::new("input_grad_f16", &name), |b| {
+            pool.install(|| cpu_time::time(b, || backward_elemt(&gh, &view, &xh, &view, &k, None)))
         });
     }
     group.finish();

@@ -63,7 +63,33 @@ pub trait Element: WithDType + Copy + Send + Sync {
     /// `Self::from_acc(v).to_acc() <= 0` exactly when `v <= RELU_BOUND`,
     /// and the fused ReLU's gradient mask needs no rounding.
     const RELU_BOUND: Self::Acc;
+    /// Whether the kernels convert this type in runs of [`CONVERT_LANES`]
+    /// values ([`Element::to_acc_lanes`], [`Element::from_acc_lanes`])
+    /// rather than one by one in loops the compiler vectorizes: true for f16,
+    /// whose conversions are single instructions on x86-64 (F16C) but calls
+    /// when written per element.
+    const CONVERTS_IN_LANES: bool = false;
+    /// [`Element::to_acc`] of [`CONVERT_LANES`] values at once, bit for bit.
+    #[inline(always)]
+    fn to_acc_lanes(xs: [Self; CONVERT_LANES]) -> [Self::Acc; CONVERT_LANES] {
+        xs.map(Self::to_acc)
+    }
+    /// [`Element::from_acc`] of [`CONVERT_LANES`] values at once, bit for bit.
+    #[inline(always)]
+    fn from_acc_lanes(vs: [Self::Acc; CONVERT_LANES]) -> [Self; CONVERT_LANES] {
+        vs.map(Self::from_acc)
+    }
+    /// Whether the value is `<= 0` (false for NaN), as
+    /// `self.to_acc() <= 0` without converting.
+    #[inline(always)]
+    fn not_positive(self) -> bool {
+        self.to_acc() <= <Self::Acc as Accum>::ZERO
+    }
 }
+
+/// Values that [`Element::to_acc_lanes`] and [`Element::from_acc_lanes`]
+/// convert at once: one AVX2 vector of f32.
+pub const CONVERT_LANES: usize = 8;
 
 impl Element for f32 {
     type Acc = f32;
@@ -103,6 +129,69 @@ impl Element for f16 {
     fn from_acc(v: f32) -> Self {
         f16::from_f32(v)
     }
+    const CONVERTS_IN_LANES: bool = true;
+    /// With F16C (checked at run time: a load and a branch per call, and
+    /// the instruction inline where the caller enables `f16c`), one
+    /// `vcvtph2ps`: the instruction `half` itself uses when the CPU has it;
+    /// else `half`'s conversion per value.
+    #[inline(always)]
+    fn to_acc_lanes(xs: [f16; CONVERT_LANES]) -> [f32; CONVERT_LANES] {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("f16c") {
+            // SAFETY: the CPU has F16C (and so AVX), checked just above.
+            return unsafe { f16c::widen(xs) };
+        }
+        xs.map(f16::to_f32)
+    }
+    /// With F16C, one `vcvtps2ph` rounding to nearest even (as `half`
+    /// does with F16C); else `half`'s conversion per value.
+    #[inline(always)]
+    fn from_acc_lanes(vs: [f32; CONVERT_LANES]) -> [f16; CONVERT_LANES] {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("f16c") {
+            // SAFETY: the CPU has F16C (and so AVX), checked just above.
+            return unsafe { f16c::narrow(vs) };
+        }
+        vs.map(f16::from_f32)
+    }
+    /// On the bits: `+0`, `-0` and every negative number, not negative NaN.
+    #[inline(always)]
+    fn not_positive(self) -> bool {
+        let b = self.to_bits();
+        b & 0x7FFF == 0 || (b & 0x8000 != 0 && b & 0x7FFF <= 0x7C00)
+    }
+}
+
+/// The F16C conversions of eight f16 values, inlined into callers that
+/// enable `f16c` (the kernels' AVX2 and AVX-512 tiers).
+#[cfg(target_arch = "x86_64")]
+mod f16c {
+    use super::CONVERT_LANES;
+    use half::f16;
+    use std::arch::x86_64::_MM_FROUND_TO_NEAREST_INT;
+    use std::arch::x86_64::{__m128i, __m256, _mm256_cvtph_ps, _mm256_cvtps_ph};
+
+    /// f16 → f32, exact (NaN quieted, as `half` does).
+    #[target_feature(enable = "avx,f16c")]
+    #[inline]
+    pub(super) fn widen(xs: [f16; CONVERT_LANES]) -> [f32; CONVERT_LANES] {
+        // SAFETY: both are 16 plain bytes, every bit pattern valid.
+        let v: __m128i = unsafe { std::mem::transmute(xs.map(f16::to_bits)) };
+        // SAFETY: both are 32 plain bytes, every bit pattern valid.
+        unsafe { std::mem::transmute::<__m256, [f32; CONVERT_LANES]>(_mm256_cvtph_ps(v)) }
+    }
+
+    /// f32 → f16, rounded to nearest even (NaN quieted, overflow to
+    /// infinity, subnormals rounded exactly), whatever MXCSR says.
+    #[target_feature(enable = "avx,f16c")]
+    #[inline]
+    pub(super) fn narrow(vs: [f32; CONVERT_LANES]) -> [f16; CONVERT_LANES] {
+        // SAFETY: both are 32 plain bytes, every bit pattern valid.
+        let v: __m256 = unsafe { std::mem::transmute(vs) };
+        let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v);
+        // SAFETY: both are 16 plain bytes, every bit pattern valid.
+        unsafe { std::mem::transmute::<__m128i, [u16; CONVERT_LANES]>(h) }.map(f16::from_bits)
+    }
 }
 
 impl Element for bf16 {
@@ -121,11 +210,9 @@ impl Element for bf16 {
         let x = v.to_bits();
         let rounded = x.wrapping_add(0x7FFF + ((x >> 16) & 1)) >> 16;
         let nan = (x >> 16) | 0x0040;
-        let bits = if x & 0x7FFF_FFFF > 0x7F80_0000 {
-            nan
-        } else {
-            rounded
-        };
+        // One unordered compare of the f32 (the integer test of the
+        // exponent and mantissa took two more vector operations).
+        let bits = if v.is_nan() { nan } else { rounded };
         bf16::from_bits(bits as u16)
     }
 }
@@ -301,6 +388,10 @@ mod tests {
                 .step_by(65_521)
                 .map(|b| f32::from_bits(b as u32)),
         );
+        // Every bf16 value with the low halves around its rounding point:
+        // ties, one step off them, NaN payloads of every kind, subnormals and
+        // the overflow past the largest finite value.
+        specials.extend(rounding_edges(|h| Some((h as u32) << 16), 16));
         for v in specials {
             let ours = <bf16 as Element>::from_acc(v);
             let theirs = bf16::from_f32(v);
@@ -314,6 +405,177 @@ mod tests {
                 <bf16 as Element>::to_acc(theirs).to_bits(),
                 theirs.to_f32().to_bits()
             );
+        }
+    }
+
+    /// f32 values whose rounding to f16 or bf16 is delicate: for every bit
+    /// pattern `h` of the 16-bit format with `shift` bits below it in an f32
+    /// (13 for f16, in its f32 position; 16 for bf16), the value `h` itself,
+    /// the tie between it and the next one, one f32 step either side of the
+    /// tie, and the last f32 before the next one. With every sign, exponent
+    /// and mantissa, this covers subnormals, overflow and NaN payloads.
+    fn rounding_edges(to_f32_bits: impl Fn(u16) -> Option<u32>, shift: u32) -> Vec<f32> {
+        let half_step = 1u32 << (shift - 1);
+        let mut vals = Vec::new();
+        for h in 0..=u16::MAX {
+            if let Some(b) = to_f32_bits(h) {
+                for low in [
+                    0,
+                    half_step - 1,
+                    half_step,
+                    half_step + 1,
+                    2 * half_step - 1,
+                ] {
+                    vals.push(f32::from_bits(b.wrapping_add(low)));
+                }
+            }
+        }
+        vals
+    }
+
+    /// The f32 bits of the f16 `h` in f16-to-f32 position (exponent rebiased,
+    /// mantissa shifted by 13) for normal and infinite/NaN patterns; `None`
+    /// for zero and subnormals, which f32 does not hold that way (their
+    /// rounding edges come from [`f16_subnormal_edges`]).
+    fn f16_position(h: u16) -> Option<u32> {
+        let (sign, exp, man) = (
+            (h as u32 & 0x8000) << 16,
+            (h >> 10) & 0x1F,
+            h as u32 & 0x3FF,
+        );
+        match exp {
+            0 => None,
+            0x1F => Some(sign | 0x7F80_0000 | man << 13),
+            e => Some(sign | (e as u32 + 112) << 23 | man << 13),
+        }
+    }
+
+    /// Rounding edges of the f16 subnormal range: every multiple of 2⁻²⁵
+    /// (the values and the ties between f16 subnormals) below 2⁻¹⁴, one f32
+    /// step either side, both signs, and f32 subnormals.
+    fn f16_subnormal_edges() -> Vec<f32> {
+        let mut vals = Vec::new();
+        for k in 0..=2048u32 {
+            let v = k as f32 * 2f32.powi(-25);
+            for w in [
+                v,
+                f32::from_bits(v.to_bits() + 1),
+                f32::from_bits(v.to_bits().saturating_sub(1)),
+            ] {
+                vals.extend([w, -w]);
+            }
+        }
+        vals.extend([
+            1e-45f32,
+            -1e-45,
+            1e-40,
+            f32::MIN_POSITIVE,
+            -f32::MIN_POSITIVE,
+        ]);
+        vals
+    }
+
+    /// The correctly rounded f16 of `v` (ties to even, overflow to infinity,
+    /// NaN quieted with the top of its payload kept), worked out in f64 on
+    /// the f16 grid, independently of `half` and of F16C.
+    fn f16_reference(v: f32) -> u16 {
+        let b = v.to_bits();
+        let sign = ((b >> 16) & 0x8000) as u16;
+        if v.is_nan() {
+            return sign | 0x7E00 | ((b >> 13) & 0x3FF) as u16;
+        }
+        let a = (v as f64).abs();
+        if a >= 65520.0 {
+            return sign | 0x7C00;
+        }
+        // The spacing of f16 values around `a`: 2⁻²⁴ in the subnormals.
+        let e = if a == 0.0 {
+            -14
+        } else {
+            (a.log2().floor() as i32).max(-14)
+        };
+        let ulp = 2f64.powi(e - 10);
+        let q = (a / ulp).round_ties_even() * ulp;
+        let mag = if q < 2f64.powi(-14) {
+            (q / 2f64.powi(-24)) as u16
+        } else {
+            let e = q.log2().floor() as i32;
+            (((e + 15) as u16) << 10) | ((q / 2f64.powi(e - 10)) as u16 - 1024)
+        };
+        sign | mag
+    }
+
+    /// The f16 conversions in lanes (F16C where the CPU has it, else
+    /// `half`'s) give the bits of `half`'s conversion of each value and of an
+    /// independent reference: all 65,536 f16 bit patterns widened, and the
+    /// rounding edges of every f16 value (ties, one step off them, the
+    /// subnormal range, overflow, NaN payloads) plus a sweep of f32 bit
+    /// patterns narrowed. `not_positive` agrees with widening and comparing.
+    #[test]
+    fn f16_lanes_convert_bit_for_bit_as_half() {
+        #[cfg(target_arch = "x86_64")]
+        if !std::is_x86_feature_detected!("f16c") {
+            eprintln!("this CPU has no F16C: the lanes take half's conversions");
+        }
+        for base in (0..=u16::MAX as usize).step_by(CONVERT_LANES) {
+            let xs: [f16; CONVERT_LANES] =
+                std::array::from_fn(|l| f16::from_bits((base + l) as u16));
+            let got = <f16 as Element>::to_acc_lanes(xs);
+            for (x, y) in xs.into_iter().zip(got) {
+                let h = x.to_bits();
+                let want = match f16_position(h) {
+                    Some(b) if x.is_nan() => b | 0x0040_0000,
+                    Some(b) => b,
+                    None => {
+                        let v = (h & 0x3FF) as f32 * 2f32.powi(-24);
+                        (if h & 0x8000 != 0 { -v } else { v }).to_bits()
+                    }
+                };
+                assert_eq!(
+                    y.to_bits(),
+                    x.to_f32().to_bits(),
+                    "widening {h:#06x} (half)"
+                );
+                assert_eq!(y.to_bits(), want, "widening {h:#06x} (reference)");
+                assert_eq!(x.not_positive(), x.to_f32() <= 0.0, "not_positive {h:#06x}");
+            }
+        }
+        let mut vals = rounding_edges(f16_position, 13);
+        vals.extend(f16_subnormal_edges());
+        vals.extend(
+            [
+                65504.0f32,
+                65519.996,
+                65520.0,
+                65536.0,
+                f32::MAX,
+                f32::INFINITY,
+            ]
+            .map(|v| [v, -v])
+            .concat(),
+        );
+        vals.extend(
+            (0..1u64 << 32)
+                .step_by(16_411)
+                .map(|b| f32::from_bits(b as u32)),
+        );
+        for run in vals.chunks(CONVERT_LANES) {
+            let mut lanes = [0f32; CONVERT_LANES];
+            lanes[..run.len()].copy_from_slice(run);
+            let got = <f16 as Element>::from_acc_lanes(lanes);
+            for (&v, y) in lanes.iter().zip(got) {
+                let b = v.to_bits();
+                assert_eq!(
+                    y.to_bits(),
+                    f16::from_f32(v).to_bits(),
+                    "narrowing {b:#010x} (half)"
+                );
+                assert_eq!(
+                    y.to_bits(),
+                    f16_reference(v),
+                    "narrowing {b:#010x} (reference)"
+                );
+            }
         }
     }
 

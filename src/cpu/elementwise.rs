@@ -4,7 +4,7 @@
 //! input view.
 
 use super::{channel_row, dense_rows, multiversion, spatial_rows, TASK};
-use crate::element::{Accum, Element};
+use crate::element::{Accum, Element, CONVERT_LANES};
 use crate::layout::ChannelView;
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
@@ -114,8 +114,8 @@ fn activate<A: Accum>(v: A, relu: bool) -> A {
 /// (PyTorch's `threshold_backward(dy, y, 0)`: NaN outputs pass `dy`).
 #[inline(always)]
 fn relu_pass<T: Element>(dy: T, y: T) -> T {
-    if y.to_acc() <= <T::Acc as Accum>::ZERO {
-        T::from_acc(<T::Acc as Accum>::ZERO)
+    if y.not_positive() {
+        T::zero()
     } else {
         dy
     }
@@ -219,27 +219,101 @@ const LANES: usize = 16;
 /// whole. A function, not a closure, so that it inlines into the caller's
 /// instruction-set tier.
 #[inline(always)]
-fn run_lanes<A: Copy, B: Copy, U: Copy>(
-    dst: &mut [MaybeUninit<U>],
-    a: &[A],
-    b: &[B],
+fn run_lanes<T: Element>(
+    dst: &mut [MaybeUninit<T>],
+    a: &[T],
+    b: &[T],
     i: usize,
-    f: &impl Fn(A, B) -> U,
+    f: &impl Fn(T::Acc, T::Acc) -> T::Acc,
 ) {
     // Loaded whole before anything is stored: the compiler cannot tell that
     // `dst` does not alias the inputs, and would otherwise keep every load
     // behind the store before it, one element at a time.
-    let a: [A; LANES] = a[i..i + LANES].try_into().expect("a run");
-    let b: [B; LANES] = b[i..i + LANES].try_into().expect("a run");
-    let mut out = [const { MaybeUninit::<U>::uninit() }; LANES];
+    let a: [T; LANES] = a[i..i + LANES].try_into().expect("a run");
+    let b: [T; LANES] = b[i..i + LANES].try_into().expect("a run");
+    let mut out = [const { MaybeUninit::<T>::uninit() }; LANES];
     for k in 0..LANES {
-        out[k].write(f(a[k], b[k]));
+        out[k].write(T::from_acc(f(a[k].to_acc(), b[k].to_acc())));
     }
     dst[i..i + LANES].copy_from_slice(&out);
 }
 
-/// Writes `f(a[i], b[i])` to `dst[i]` for every `i` (`a` and `b` at least as
-/// long as `dst`). With `runs`, rows of [`LANES`] to `4·LANES` elements (the
+/// Writes `T::from_acc(f(a[i].to_acc(), b[i].to_acc(), [c[i] for c in
+/// coef]))` to `dst[i]` for every `i` (`b` read only with `TWO`: else `f`
+/// gets `a[i]` twice; `coef`: per-element coefficients, at least as long as
+/// `dst`), converting [`CONVERT_LANES`] values at a time with
+/// [`Element::to_acc_lanes`] and [`Element::from_acc_lanes`]: runs of
+/// [`CONVERT_LANES`], the last ending at the row's end and overlapping the
+/// one before it (whose elements it writes again with the same values);
+/// rows shorter than a run element by element. For the types that convert
+/// in lanes ([`Element::CONVERTS_IN_LANES`]: f16, whose per-element
+/// conversions are calls the compiler cannot vectorize).
+#[inline(always)]
+fn convert_map<T: Element, const TWO: bool, const K: usize>(
+    dst: &mut [MaybeUninit<T>],
+    a: &[T],
+    b: &[T],
+    coef: [&[T::Acc]; K],
+    f: impl Fn(T::Acc, T::Acc, [T::Acc; K]) -> T::Acc,
+) {
+    const L: usize = CONVERT_LANES;
+    let n = dst.len();
+    let a = &a[..n];
+    let b = if TWO { &b[..n] } else { a };
+    let coef = coef.map(|c| &c[..n]);
+    if n < L {
+        for (i, d) in dst.iter_mut().enumerate() {
+            let e = a[i].to_acc();
+            let g = if TWO { b[i].to_acc() } else { e };
+            d.write(T::from_acc(f(e, g, coef.map(|c| c[i]))));
+        }
+        return;
+    }
+    let mut i = 0;
+    while i + L <= n {
+        convert_run::<T, TWO, K>(dst, a, b, coef, i, &f);
+        i += L;
+    }
+    if i < n {
+        convert_run::<T, TWO, K>(dst, a, b, coef, n - L, &f);
+    }
+}
+
+/// The run of [`CONVERT_LANES`] elements at `i` of [`convert_map`]. A
+/// function, not a closure, so that it inlines into the caller's
+/// instruction-set tier, and the F16C conversions with it (a closure stayed
+/// a call, compiled for the baseline, with the conversions calls too); the
+/// coefficients are loaded as whole runs, so that the lanes vectorize.
+#[inline(always)]
+fn convert_run<T: Element, const TWO: bool, const K: usize>(
+    dst: &mut [MaybeUninit<T>],
+    a: &[T],
+    b: &[T],
+    coef: [&[T::Acc]; K],
+    i: usize,
+    f: &impl Fn(T::Acc, T::Acc, [T::Acc; K]) -> T::Acc,
+) {
+    const L: usize = CONVERT_LANES;
+    let av = T::to_acc_lanes(a[i..i + L].try_into().expect("a run"));
+    let bv = if TWO {
+        T::to_acc_lanes(b[i..i + L].try_into().expect("a run"))
+    } else {
+        av
+    };
+    let cs: [[T::Acc; L]; K] = coef.map(|c| c[i..i + L].try_into().expect("a run"));
+    let mut r = [<T::Acc as Accum>::ZERO; L];
+    for l in 0..L {
+        r[l] = f(av[l], bv[l], std::array::from_fn(|k| cs[k][l]));
+    }
+    for (d, y) in dst[i..i + L].iter_mut().zip(T::from_acc_lanes(r)) {
+        d.write(y);
+    }
+}
+
+/// Writes `T::from_acc(f(a[i].to_acc(), b[i].to_acc()))` to `dst[i]` for
+/// every `i` (`a` and `b` at least as long as `dst`). Types that convert in
+/// lanes go through [`convert_map`]. For the others, with `runs`, rows of
+/// [`LANES`] to `4·LANES` elements (the
 /// short rows of 7×7 and smaller maps) run in runs of [`LANES`], the last one
 /// ending at the row's end and overlapping the one before it, whose elements
 /// it writes again with the same values. Other rows run as one plain loop,
@@ -248,18 +322,21 @@ fn run_lanes<A: Copy, B: Copy, U: Copy>(
 /// [`rounds_each_element`]) the remainder of a short row costs more than
 /// its vector part.
 #[inline(always)]
-fn map2_lanes<A: Copy, B: Copy, U: Copy>(
-    dst: &mut [MaybeUninit<U>],
-    a: &[A],
-    b: &[B],
+fn map2_lanes<T: Element>(
+    dst: &mut [MaybeUninit<T>],
+    a: &[T],
+    b: &[T],
     runs: bool,
-    f: impl Fn(A, B) -> U,
+    f: impl Fn(T::Acc, T::Acc) -> T::Acc,
 ) {
+    if T::CONVERTS_IN_LANES {
+        return convert_map::<T, true, 0>(dst, a, b, [], |e, g, _| f(e, g));
+    }
     let n = dst.len();
     let (a, b) = (&a[..n], &b[..n]);
     if !runs || !(LANES..4 * LANES).contains(&n) {
         for ((d, &e), &g) in dst.iter_mut().zip(a).zip(b) {
-            d.write(f(e, g));
+            d.write(T::from_acc(f(e.to_acc(), g.to_acc())));
         }
         return;
     }
@@ -277,15 +354,18 @@ fn map2_lanes<A: Copy, B: Copy, U: Copy>(
     }
 }
 
-/// Writes `f(a[i])` to `dst[i]` for every `i` (`a` at least as long as
-/// `dst`), in runs of [`LANES`], the tail padded.
+/// Writes `T::from_acc(f(a[i].to_acc()))` to `dst[i]` for every `i` (`a` at
+/// least as long as `dst`), as [`map2_lanes`].
 #[inline(always)]
-fn map_lanes<A: Copy, U: Copy>(
-    dst: &mut [MaybeUninit<U>],
-    a: &[A],
+fn map_lanes<T: Element>(
+    dst: &mut [MaybeUninit<T>],
+    a: &[T],
     runs: bool,
-    f: impl Fn(A) -> U,
+    f: impl Fn(T::Acc) -> T::Acc,
 ) {
+    if T::CONVERTS_IN_LANES {
+        return convert_map::<T, false, 0>(dst, a, a, [], |e, _, _| f(e));
+    }
     map2_lanes(dst, a, a, runs, |e, _| f(e))
 }
 
@@ -343,9 +423,9 @@ multiversion! {
             let (mh, ml, b, s) = (k.mean_hi[c], k.mean_lo[c], k.x_scale[c], k.shift[c]);
             let src = channel_row(x, v, o, c, buf);
             if relu {
-                map_lanes(row, src, rounds_each_element::<T>(), |e: T| T::from_acc(activate(((e.to_acc() - mh) - ml) * b + s, true)));
+                map_lanes(row, src, rounds_each_element::<T>(), |e| activate(((e - mh) - ml) * b + s, true));
             } else {
-                map_lanes(row, src, rounds_each_element::<T>(), |e: T| T::from_acc(((e.to_acc() - mh) - ml) * b + s));
+                map_lanes(row, src, rounds_each_element::<T>(), |e| ((e - mh) - ml) * b + s);
             }
         }
     }
@@ -358,6 +438,11 @@ multiversion! {
     wide fn normalize_spatial<T: Element>(dst: &mut [MaybeUninit<T>], x: &[T], v: &ChannelView, first: usize, rows: usize, k: &ChannelCoefficients<T::Acc>, relu: bool, buf: &mut Vec<T>) -> () {
         for (o, row) in (first..).step_by(rows).zip(dst.chunks_mut(rows * v.channels)) {
             let src = spatial_rows(x, v, o, rows_in(row, rows, v.channels), buf);
+            if T::CONVERTS_IN_LANES {
+                let coef = [&k.mean_hi[..], &k.mean_lo, &k.x_scale, &k.shift];
+                convert_map::<T, false, 4>(row, src, src, coef, |e, _, [mh, ml, b, s]| activate(((e - mh) - ml) * b + s, relu));
+                continue;
+            }
             let it = row.iter_mut().zip(src).zip(&k.mean_hi).zip(&k.mean_lo).zip(&k.x_scale).zip(&k.shift);
             for (((((d, &e), &mh), &ml), &b), &s) in it {
                 d.write(T::from_acc(activate(((e.to_acc() - mh) - ml) * b + s, relu)));
@@ -388,14 +473,14 @@ multiversion! {
             match relu {
                 Some(m) => {
                     let (ms, mb) = (m.scale[c], m.shift[c]);
-                    map2_lanes(row, g, src, rounds_each_element::<T>(), |ge: T, e: T| {
-                        let xc = (e.to_acc() - mh) - ml;
-                        let gv = relu_masked::<T>(ge.to_acc(), xc * ms + mb);
-                        T::from_acc(gv * a + xc * b + s)
+                    map2_lanes(row, g, src, rounds_each_element::<T>(), |ge, e| {
+                        let xc = (e - mh) - ml;
+                        let gv = relu_masked::<T>(ge, xc * ms + mb);
+                        gv * a + xc * b + s
                     });
                 }
-                None => map2_lanes(row, g, src, rounds_each_element::<T>(), |ge: T, e: T| {
-                    T::from_acc(ge.to_acc() * a + ((e.to_acc() - mh) - ml) * b + s)
+                None => map2_lanes(row, g, src, rounds_each_element::<T>(), |ge, e| {
+                    ge * a + ((e - mh) - ml) * b + s
                 }),
             }
         }
@@ -421,6 +506,24 @@ multiversion! {
             let count = rows_in(row, rows, xv.channels);
             let g = spatial_rows(dy, dv, o, count, &mut bufs.0);
             let src = spatial_rows(x, xv, o, count, &mut bufs.1);
+            if T::CONVERTS_IN_LANES {
+                let coef = [&k.mean_hi[..], &k.mean_lo, &k.dy_scale, &k.x_scale, &k.shift];
+                match relu {
+                    Some(m) => {
+                        let [mh, ml, a, b, s] = coef;
+                        let coef = [mh, ml, a, b, s, &m.scale, &m.shift];
+                        convert_map::<T, true, 7>(row, g, src, coef, |ge, e, [mh, ml, a, b, s, ms, mb]| {
+                            let xc = (e - mh) - ml;
+                            let gv = relu_masked::<T>(ge, xc * ms + mb);
+                            gv * a + xc * b + s
+                        });
+                    }
+                    None => convert_map::<T, true, 5>(row, g, src, coef, |ge, e, [mh, ml, a, b, s]| {
+                        ge * a + ((e - mh) - ml) * b + s
+                    }),
+                }
+                continue;
+            }
             let coef = k.mean_hi.iter().zip(&k.mean_lo).zip(&k.dy_scale).zip(&k.x_scale).zip(&k.shift);
             let it = row.iter_mut().zip(g).zip(src).zip(coef);
             match relu {
@@ -459,8 +562,8 @@ multiversion! {
             let (mh, ml, b, s) = (k.mean_hi[c], k.mean_lo[c], k.x_scale[c], k.shift[c]);
             let src = channel_row(x, v, o, c, &mut bufs.0);
             let res = channel_row(z, zv, o, c, &mut bufs.1);
-            map2_lanes(row, src, res, rounds_each_element::<T>(), |e: T, q: T| {
-                T::from_acc(activate((((e.to_acc() - mh) - ml) * b + s) + q.to_acc(), relu))
+            map2_lanes(row, src, res, rounds_each_element::<T>(), |e, q| {
+                activate((((e - mh) - ml) * b + s) + q, relu)
             });
         }
     }
@@ -485,6 +588,11 @@ multiversion! {
             let count = rows_in(row, rows, v.channels);
             let src = spatial_rows(x, v, o, count, &mut bufs.0);
             let res = spatial_rows(z, zv, o, count, &mut bufs.1);
+            if T::CONVERTS_IN_LANES {
+                let coef = [&k.mean_hi[..], &k.mean_lo, &k.x_scale, &k.shift];
+                convert_map::<T, true, 4>(row, src, res, coef, |e, q, [mh, ml, b, s]| activate((((e - mh) - ml) * b + s) + q, relu));
+                continue;
+            }
             let coef = k.mean_hi.iter().zip(&k.mean_lo).zip(&k.x_scale).zip(&k.shift);
             for (((d, &e), &q), (((&mh, &ml), &b), &s)) in row.iter_mut().zip(src).zip(res).zip(coef) {
                 d.write(T::from_acc(activate((((e.to_acc() - mh) - ml) * b + s) + q.to_acc(), relu)));
@@ -581,7 +689,9 @@ multiversion! {
             let (o, c) = (r / yv.channels, r % yv.channels);
             let g = channel_row(dy, dv, o, c, &mut bufs.0);
             let out = channel_row(y, yv, o, c, &mut bufs.1);
-            map2_lanes(row, g, out, false, relu_pass);
+            for ((d, &ge), &e) in row.iter_mut().zip(g).zip(out) {
+                d.write(relu_pass(ge, e));
+            }
         }
     }
 }
@@ -637,7 +747,7 @@ pub fn relu_grad<T: Element>(dy: &[T], dv: &ChannelView, y: &[T], yv: &ChannelVi
 mod tests {
     use super::*;
     use candle::Layout;
-    use half::bf16;
+    use half::{bf16, f16};
 
     /// `got` has `len` elements, each `want(i)` bit for bit (compared in f64,
     /// where both are exact; NaN never occurs here; the sign bit separates -0
@@ -656,7 +766,8 @@ mod tests {
     /// The runs of short rows (overlapping last run, rows under [`LANES`],
     /// rows past `4·LANES`) write every element once with the value of the
     /// per-element formula, bit for bit: row lengths 1 to 70, a batch of 3,
-    /// f32 and bf16, the normalization (with and without ReLU, with a
+    /// f32, bf16 and f16 (converted in runs of lanes, the last one
+    /// overlapping, rows under a run element by element), the normalization (with and without ReLU, with a
     /// residual), the input gradient (with and without the fused mask) and the
     /// ReLU mask pass.
     #[test]
@@ -725,13 +836,14 @@ mod tests {
         }
         check::<f32>(|v| v);
         check::<bf16>(bf16::from_f32);
+        check::<f16>(f16::from_f32);
     }
 
     /// Channel-innermost `(N, C)` inputs, whose short dense rows run in groups
     /// of consecutive rows against repeated coefficients: every pass gives the
     /// per-element formula bit for bit, for channel counts around the group
     /// sizes (1 to 129), row counts that end groups and parallel tasks part-way,
-    /// f32 and bf16, with dense views, with a residual and a gradient whose
+    /// f32, bf16 and f16, with dense views, with a residual and a gradient whose
     /// rows have gaps (no grouping), and with all of them gapped.
     #[test]
     fn grouped_short_rows_give_the_per_element_formula_bit_for_bit() {
@@ -806,5 +918,6 @@ mod tests {
         }
         check::<f32>(|v| v);
         check::<bf16>(bf16::from_f32);
+        check::<f16>(f16::from_f32);
     }
 }

@@ -22,13 +22,17 @@ mod kernels {
     pub use super::reductions::{batch_stats, grad_sums};
 }
 
+use crate::element::{Accum, Element, CONVERT_LANES};
 use crate::layout::ChannelView;
 
 /// Defines `$name`, which runs `$body` compiled for AVX2 when the CPU has it
 /// (checked at run time) and for the baseline target otherwise; with `wide fn`,
 /// first for AVX-512 where the CPU has it (element-wise loops, which the
 /// compiler widens to 16 lanes; the explicit 8-lane reductions gain nothing
-/// there and lose on some CPUs). The arithmetic is the same on every path
+/// there and lose on some CPUs). Both tiers enable F16C (every CPU with
+/// AVX2 has it), so the f16 conversions of [`Element::to_acc_lanes`] and
+/// [`Element::from_acc_lanes`] inline as single instructions there. The
+/// arithmetic is the same on every path
 /// (explicit lanes, no FMA contraction), so results do not depend on the path
 /// taken.
 macro_rules! multiversion {
@@ -45,7 +49,7 @@ macro_rules! multiversion {
             }
             #[cfg(target_arch = "x86_64")]
             {
-                #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
+                #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
                 #[allow(clippy::too_many_arguments)]
                 fn avx512<T: Element>($($arg: $ty),*) -> $ret {
                     generic::<T>($($arg),*)
@@ -54,17 +58,18 @@ macro_rules! multiversion {
                     && std::is_x86_feature_detected!("avx512f")
                     && std::is_x86_feature_detected!("avx512bw")
                     && std::is_x86_feature_detected!("avx512vl")
+                    && std::is_x86_feature_detected!("f16c")
                 {
                     // SAFETY: the CPU supports these features, checked just above.
                     return unsafe { avx512::<T>($($arg),*) };
                 }
-                #[target_feature(enable = "avx2")]
+                #[target_feature(enable = "avx2,f16c")]
                 #[allow(clippy::too_many_arguments)]
                 fn avx2<T: Element>($($arg: $ty),*) -> $ret {
                     generic::<T>($($arg),*)
                 }
-                if std::is_x86_feature_detected!("avx2") {
-                    // SAFETY: the CPU supports AVX2, checked just above.
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("f16c") {
+                    // SAFETY: the CPU supports AVX2 and F16C, checked just above.
                     return unsafe { avx2::<T>($($arg),*) };
                 }
             }
@@ -86,6 +91,20 @@ thread_local! {
     /// baseline body (what AArch64 and CPUs without AVX2 run), whatever the
     /// CPU has.
     static BASELINE_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// [`Element::to_acc`] of a run of `N` values (a multiple of
+/// [`CONVERT_LANES`]), converted [`CONVERT_LANES`] at a time.
+#[inline(always)]
+fn to_acc_run<T: Element, const N: usize>(xs: &[T; N]) -> [T::Acc; N] {
+    let mut out = [<T::Acc as Accum>::ZERO; N];
+    for (o, x) in out
+        .chunks_exact_mut(CONVERT_LANES)
+        .zip(xs.chunks_exact(CONVERT_LANES))
+    {
+        o.copy_from_slice(&T::to_acc_lanes(x.try_into().expect("a run of lanes")));
+    }
+    out
 }
 
 /// Elements per two-pass block: small enough to stay in L1 for the second pass.

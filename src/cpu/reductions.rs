@@ -1,12 +1,14 @@
 //! Per-channel reductions: batch statistics (forward) and gradient sums (backward).
 
 use super::elementwise::{relu_masked, ReluMask};
-use super::{channel_row, multiversion, spatial_row, BLOCK, TASK};
-use crate::element::{split_means, Accum, Element};
+use super::{channel_row, multiversion, spatial_row, to_acc_run, BLOCK, TASK};
+use crate::element::{split_means, Accum, Element, CONVERT_LANES};
 use crate::layout::ChannelView;
 use rayon::prelude::*;
 
-const LANES: usize = 8;
+/// Lanes of the accumulators: one AVX2 vector of f32, and the run of values
+/// that one conversion widens ([`CONVERT_LANES`]).
+const LANES: usize = CONVERT_LANES;
 
 /// Count, sum and sum of squares of a set of values, in f64. Blocks are summed
 /// into it after a two-pass computation of their own (mean, M2), so the sum of
@@ -48,22 +50,22 @@ fn add_lanes<A: Accum>(acc: &mut [A; LANES], run: [A; LANES]) {
     }
 }
 
-/// Adds `f(x)` for every `x` of `xs` into `LANES` independent accumulators
-/// (element `k` of the run goes to lane `k % LANES`).
+/// Adds every `x` of `xs` (in the accumulator type) into `LANES` independent
+/// accumulators (element `k` of the run goes to lane `k % LANES`).
 #[inline(always)]
-fn lanes_add<T: Copy, A: Accum>(acc: &mut [A; LANES], xs: &[T], f: impl Fn(T) -> A) {
+fn lanes_add<T: Element>(acc: &mut [T::Acc; LANES], xs: &[T]) {
     let chunks = xs.chunks_exact(LANES);
     let rem = chunks.remainder();
-    let mut a = [A::ZERO; LANES];
+    let mut a = [T::Acc::ZERO; LANES];
     for ch in chunks {
-        let ch: &[T; LANES] = ch.try_into().expect("chunk of LANES");
+        let ch = T::to_acc_lanes(ch.try_into().expect("chunk of LANES"));
         for l in 0..LANES {
-            a[l] += f(ch[l]);
+            a[l] += ch[l];
         }
     }
     let mut a = lane_barrier(a);
     for (l, &x) in rem.iter().enumerate() {
-        a[l] += f(x);
+        a[l] += x.to_acc();
     }
     add_lanes(acc, a);
 }
@@ -80,9 +82,9 @@ fn lanes_add_deviations<T: Element>(
     let rem = chunks.remainder();
     let (mut dl, mut ql) = ([T::Acc::ZERO; LANES], [T::Acc::ZERO; LANES]);
     for ch in chunks {
-        let ch: &[T; LANES] = ch.try_into().expect("chunk of LANES");
+        let ch = T::to_acc_lanes(ch.try_into().expect("chunk of LANES"));
         for l in 0..LANES {
-            let v = ch[l].to_acc() - shift;
+            let v = ch[l] - shift;
             dl[l] += v;
             ql[l] += v * v;
         }
@@ -108,23 +110,18 @@ fn whole_chunks<T>(xs: &[T]) -> (&[T], &[T]) {
 /// one after another, whose rests (one element of each 7×7 row) would
 /// otherwise cost a scalar loop on the lanes and a [`lane_barrier`] per row.
 #[inline(always)]
-fn lanes_add_row<T: Copy, A: Accum>(
-    acc: &mut [A; LANES],
-    rest: &mut A,
-    xs: &[T],
-    f: impl Fn(T) -> A,
-) {
+fn lanes_add_row<T: Element>(acc: &mut [T::Acc; LANES], rest: &mut T::Acc, xs: &[T]) {
     let (body, tail) = whole_chunks(xs);
-    let mut a = [A::ZERO; LANES];
+    let mut a = [T::Acc::ZERO; LANES];
     for ch in body.chunks_exact(LANES) {
-        let ch: &[T; LANES] = ch.try_into().expect("chunk of LANES");
+        let ch = T::to_acc_lanes(ch.try_into().expect("chunk of LANES"));
         for l in 0..LANES {
-            a[l] += f(ch[l]);
+            a[l] += ch[l];
         }
     }
     add_lanes(acc, a);
     for &x in tail {
-        *rest += f(x);
+        *rest += x.to_acc();
     }
 }
 
@@ -141,9 +138,9 @@ fn lanes_add_deviations_row<T: Element>(
     let (body, tail) = whole_chunks(xs);
     let (mut dl, mut ql) = ([T::Acc::ZERO; LANES], [T::Acc::ZERO; LANES]);
     for ch in body.chunks_exact(LANES) {
-        let ch: &[T; LANES] = ch.try_into().expect("chunk of LANES");
+        let ch = T::to_acc_lanes(ch.try_into().expect("chunk of LANES"));
         for l in 0..LANES {
-            let v = ch[l].to_acc() - shift;
+            let v = ch[l] - shift;
             dl[l] += v;
             ql[l] += v * v;
         }
@@ -168,22 +165,22 @@ const SETS: usize = 2;
 /// a single chain is bound by the latency of the vector add. Used for blocks
 /// of long rows; short rows (7×7, 14×14 maps) gain nothing from it.
 #[inline(always)]
-fn lanes_add_wide<T: Copy, A: Accum>(acc: &mut [A; LANES], xs: &[T], f: impl Fn(T) -> A) {
+fn lanes_add_wide<T: Element>(acc: &mut [T::Acc; LANES], xs: &[T]) {
     let groups = xs.chunks_exact(SETS * LANES);
     let rem = groups.remainder();
-    let mut a = [[A::ZERO; LANES]; SETS];
+    let mut a = [[T::Acc::ZERO; LANES]; SETS];
     for ch in groups {
-        let ch: &[T; SETS * LANES] = ch.try_into().expect("chunk of SETS·LANES");
+        let ch: [T::Acc; SETS * LANES] = to_acc_run(ch.try_into().expect("chunk of SETS·LANES"));
         for (k, set) in a.iter_mut().enumerate() {
             for l in 0..LANES {
-                set[l] += f(ch[k * LANES + l]);
+                set[l] += ch[k * LANES + l];
             }
         }
     }
     for set in lane_barrier(a) {
         add_lanes(acc, set);
     }
-    lanes_add(acc, rem, f);
+    lanes_add(acc, rem);
 }
 
 /// As [`lanes_add_deviations`], with [`SETS`] sets of lanes (see [`lanes_add_wide`]).
@@ -199,10 +196,10 @@ fn lanes_add_deviations_wide<T: Element>(
     let mut dl = [[T::Acc::ZERO; LANES]; SETS];
     let mut ql = [[T::Acc::ZERO; LANES]; SETS];
     for ch in groups {
-        let ch: &[T; SETS * LANES] = ch.try_into().expect("chunk of SETS·LANES");
+        let ch: [T::Acc; SETS * LANES] = to_acc_run(ch.try_into().expect("chunk of SETS·LANES"));
         for k in 0..SETS {
             for l in 0..LANES {
-                let v = ch[k * LANES + l].to_acc() - shift;
+                let v = ch[k * LANES + l] - shift;
                 dl[k][l] += v;
                 ql[k][l] += v * v;
             }
@@ -225,19 +222,19 @@ struct GradChannel<A> {
     relu: Option<(A, A)>,
 }
 
-/// `(dy, x − mean)` of one element in the accumulator type, `dy` masked by
-/// the fused ReLU when `RELU` (`scale`, `shift`: the forward's affine).
+/// `(dy, x − mean)` of one element (`g`, `x` widened to the accumulator
+/// type), `dy` masked by the fused ReLU when `RELU` (`scale`, `shift`: the
+/// forward's affine).
 #[inline(always)]
 fn grad_terms<T: Element, const RELU: bool>(
-    g: T,
-    x: T,
+    gv: T::Acc,
+    x: T::Acc,
     hi: T::Acc,
     lo: T::Acc,
     scale: T::Acc,
     shift: T::Acc,
 ) -> (T::Acc, T::Acc) {
-    let xc = (x.to_acc() - hi) - lo;
-    let gv = g.to_acc();
+    let xc = (x - hi) - lo;
     if RELU {
         (relu_masked::<T>(gv, xc * scale + shift), xc)
     } else {
@@ -262,8 +259,8 @@ fn lanes_add_centered_dot<T: Element, const RELU: bool>(
     let (g_rem, x_rem) = (gs.remainder(), xs.remainder());
     let (mut sl, mut ql) = ([T::Acc::ZERO; LANES], [T::Acc::ZERO; LANES]);
     for (g, xv) in gs.zip(xs) {
-        let g: &[T; LANES] = g.try_into().expect("chunk of LANES");
-        let xv: &[T; LANES] = xv.try_into().expect("chunk of LANES");
+        let g = T::to_acc_lanes(g.try_into().expect("chunk of LANES"));
+        let xv = T::to_acc_lanes(xv.try_into().expect("chunk of LANES"));
         for l in 0..LANES {
             let (gv, xc) = grad_terms::<T, RELU>(g[l], xv[l], hi, lo, ms, mb);
             sl[l] += gv;
@@ -272,7 +269,7 @@ fn lanes_add_centered_dot<T: Element, const RELU: bool>(
     }
     let (mut sl, mut ql) = lane_barrier((sl, ql));
     for (l, (&g, &xv)) in g_rem.iter().zip(x_rem).enumerate() {
-        let (gv, xc) = grad_terms::<T, RELU>(g, xv, hi, lo, ms, mb);
+        let (gv, xc) = grad_terms::<T, RELU>(g.to_acc(), xv.to_acc(), hi, lo, ms, mb);
         sl[l] += gv;
         ql[l] += gv * xc;
     }
@@ -296,8 +293,8 @@ fn lanes_add_centered_dot_row<T: Element, const RELU: bool>(
     let ((gb, gt), (xb, xt)) = (whole_chunks(dy), whole_chunks(x));
     let (mut sl, mut ql) = ([T::Acc::ZERO; LANES], [T::Acc::ZERO; LANES]);
     for (g, xv) in gb.chunks_exact(LANES).zip(xb.chunks_exact(LANES)) {
-        let g: &[T; LANES] = g.try_into().expect("chunk of LANES");
-        let xv: &[T; LANES] = xv.try_into().expect("chunk of LANES");
+        let g = T::to_acc_lanes(g.try_into().expect("chunk of LANES"));
+        let xv = T::to_acc_lanes(xv.try_into().expect("chunk of LANES"));
         for l in 0..LANES {
             let (gv, xc) = grad_terms::<T, RELU>(g[l], xv[l], hi, lo, ms, mb);
             sl[l] += gv;
@@ -307,7 +304,7 @@ fn lanes_add_centered_dot_row<T: Element, const RELU: bool>(
     add_lanes(s, sl);
     add_lanes(q, ql);
     for (&g, &xv) in gt.iter().zip(xt) {
-        let (gv, xc) = grad_terms::<T, RELU>(g, xv, hi, lo, ms, mb);
+        let (gv, xc) = grad_terms::<T, RELU>(g.to_acc(), xv.to_acc(), hi, lo, ms, mb);
         rest.0 += gv;
         rest.1 += gv * xc;
     }
@@ -351,7 +348,7 @@ multiversion! {
     fn block_sums<T: Element>(blk: &[T]) -> Sums {
         let n = blk.len() as f64;
         let mut sum = [T::Acc::ZERO; LANES];
-        lanes_add_wide(&mut sum, blk, |x: T| x.to_acc());
+        lanes_add_wide(&mut sum, blk);
         let shift = T::Acc::from_f64(fold_lanes(sum).to_f64() / n);
         let (mut d, mut q) = ([T::Acc::ZERO; LANES], [T::Acc::ZERO; LANES]);
         lanes_add_deviations_wide(&mut d, &mut q, blk, shift);
@@ -368,7 +365,7 @@ multiversion! {
         let n = ((o1 - o0) * v.inner) as f64;
         let (mut sum, mut rest) = ([T::Acc::ZERO; LANES], T::Acc::ZERO);
         for o in o0..o1 {
-            lanes_add_row(&mut sum, &mut rest, channel_row(x, v, o, c, buf), |x: T| x.to_acc());
+            lanes_add_row(&mut sum, &mut rest, channel_row(x, v, o, c, buf));
         }
         let shift = T::Acc::from_f64((fold_lanes(sum) + rest).to_f64() / n);
         let (mut d, mut q) = ([T::Acc::ZERO; LANES], [T::Acc::ZERO; LANES]);
@@ -512,9 +509,9 @@ multiversion! {
             let mut a: [T::Acc; TILE] = (&*acc).try_into().expect("a tile");
             for o in o0..o1 {
                 let start = v.index(o, t * TILE, 0);
-                let row: &[T; TILE] = x[start..start + TILE].try_into().expect("a tile");
+                let row: [T::Acc; TILE] = to_acc_run(x[start..start + TILE].try_into().expect("a tile"));
                 for l in 0..TILE {
-                    a[l] += row[l].to_acc();
+                    a[l] += row[l];
                 }
             }
             acc.copy_from_slice(&a);
@@ -533,9 +530,9 @@ multiversion! {
             let mut qa: [T::Acc; TILE] = (&*qt).try_into().expect("a tile");
             for o in o0..o1 {
                 let start = v.index(o, t * TILE, 0);
-                let row: &[T; TILE] = x[start..start + TILE].try_into().expect("a tile");
+                let row: [T::Acc; TILE] = to_acc_run(x[start..start + TILE].try_into().expect("a tile"));
                 for l in 0..TILE {
-                    let dev = row[l].to_acc() - sh[l];
+                    let dev = row[l] - sh[l];
                     da[l] += dev;
                     qa[l] += dev * dev;
                 }
@@ -647,8 +644,8 @@ fn tile_add_grads<T: Element, const RELU: bool>(
     let (mut sa, mut qa) = (*s, *q);
     for o in o0..o1 {
         let (ds, xs) = (dv.index(o, c0, 0), xv.index(o, c0, 0));
-        let g: &[T; TILE] = dy[ds..ds + TILE].try_into().expect("a tile");
-        let e: &[T; TILE] = x[xs..xs + TILE].try_into().expect("a tile");
+        let g: [T::Acc; TILE] = to_acc_run(dy[ds..ds + TILE].try_into().expect("a tile"));
+        let e: [T::Acc; TILE] = to_acc_run(x[xs..xs + TILE].try_into().expect("a tile"));
         for l in 0..TILE {
             let (gv, xc) = grad_terms::<T, RELU>(g[l], e[l], hi[l], lo[l], ms[l], mb[l]);
             sa[l] += gv;
@@ -699,18 +696,22 @@ multiversion! {
         for o in r0..r1 {
             let drow = &spatial_row(dy, dv, o, &mut bufs.0)[c_from..];
             let xrow = &spatial_row(x, xv, o, &mut bufs.1)[c_from..];
+            if T::CONVERTS_IN_LANES {
+                add_row_grads_in_lanes::<T>((&mut s, &mut q), drow, xrow, (hi, lo), relu);
+                continue;
+            }
             let it = s.iter_mut().zip(q.iter_mut()).zip(drow).zip(xrow).zip(hi).zip(lo);
             match relu {
                 Some((scale, shift)) => {
                     for ((((((sc, qc), &g), &e), &h), &l), (&ms, &mb)) in it.zip(scale.iter().zip(shift)) {
-                        let (gv, xc) = grad_terms::<T, true>(g, e, h, l, ms, mb);
+                        let (gv, xc) = grad_terms::<T, true>(g.to_acc(), e.to_acc(), h, l, ms, mb);
                         *sc += gv;
                         *qc += gv * xc;
                     }
                 }
                 None => {
                     for (((((sc, qc), &g), &e), &h), &l) in it {
-                        let (gv, xc) = grad_terms::<T, false>(g, e, h, l, T::Acc::ZERO, T::Acc::ZERO);
+                        let (gv, xc) = grad_terms::<T, false>(g.to_acc(), e.to_acc(), h, l, T::Acc::ZERO, T::Acc::ZERO);
                         *sc += gv;
                         *qc += gv * xc;
                     }
@@ -718,6 +719,66 @@ multiversion! {
             }
         }
         s.iter().zip(q.iter()).map(|(a, b)| (a.to_f64(), b.to_f64())).collect()
+    }
+}
+
+/// Two per-channel slices: the means' high and low parts, or a fused ReLU's
+/// scale and shift.
+type SlicePair<'a, A> = (&'a [A], &'a [A]);
+
+/// Adds one channel-innermost row's `dy` (masked by the fused ReLU with
+/// `relu`) into `s` and `dy·(x − mean)` into `q`, channel by channel as
+/// [`innermost_channel_grads`] does (the same values in the same order), with
+/// the inputs widened [`CONVERT_LANES`] channels at a time: for the types that
+/// convert in lanes (f16), whose per-element conversions are calls.
+#[inline(always)]
+fn add_row_grads_in_lanes<T: Element>(
+    (s, q): (&mut [T::Acc], &mut [T::Acc]),
+    dy: &[T],
+    x: &[T],
+    (hi, lo): SlicePair<'_, T::Acc>,
+    relu: Option<SlicePair<'_, T::Acc>>,
+) {
+    const L: usize = CONVERT_LANES;
+    let n = s.len();
+    let whole = n - n % L;
+    let zeros = [T::Acc::ZERO; L];
+    let run = |v: &[T::Acc], c: usize| -> [T::Acc; L] { v[c..c + L].try_into().expect("a run") };
+    for c in (0..whole).step_by(L) {
+        let g = T::to_acc_lanes(dy[c..c + L].try_into().expect("a run"));
+        let e = T::to_acc_lanes(x[c..c + L].try_into().expect("a run"));
+        let (h, l) = (run(hi, c), run(lo, c));
+        let (mut sl, mut ql) = (run(s, c), run(q, c));
+        match relu {
+            Some((scale, shift)) => {
+                let (ms, mb) = (run(scale, c), run(shift, c));
+                for k in 0..L {
+                    let (gv, xc) = grad_terms::<T, true>(g[k], e[k], h[k], l[k], ms[k], mb[k]);
+                    sl[k] += gv;
+                    ql[k] += gv * xc;
+                }
+            }
+            None => {
+                for k in 0..L {
+                    let (gv, xc) =
+                        grad_terms::<T, false>(g[k], e[k], h[k], l[k], zeros[k], zeros[k]);
+                    sl[k] += gv;
+                    ql[k] += gv * xc;
+                }
+            }
+        }
+        s[c..c + L].copy_from_slice(&sl);
+        q[c..c + L].copy_from_slice(&ql);
+    }
+    for c in whole..n {
+        let (ms, mb) = relu.map_or((T::Acc::ZERO, T::Acc::ZERO), |(a, b)| (a[c], b[c]));
+        let (gv, xc) = if relu.is_some() {
+            grad_terms::<T, true>(dy[c].to_acc(), x[c].to_acc(), hi[c], lo[c], ms, mb)
+        } else {
+            grad_terms::<T, false>(dy[c].to_acc(), x[c].to_acc(), hi[c], lo[c], ms, mb)
+        };
+        s[c] += gv;
+        q[c] += gv * xc;
     }
 }
 
@@ -960,8 +1021,8 @@ mod tests {
     /// The register tiles of channel-innermost statistics and gradient sums
     /// (with and without the fused ReLU's mask) add the same values in the
     /// same order as the paths through memory: identical results, for channel
-    /// counts with and without a partial tile and of exactly one tile, f32
-    /// and bf16.
+    /// counts with and without a partial tile and of exactly one tile, f32,
+    /// bf16 and f16 (the tiles widen in lanes, the rest element by element).
     #[test]
     fn channel_tiles_give_the_untiled_results_bit_for_bit() {
         fn check<T: Element>(to: impl Fn(f32) -> T) {
@@ -1018,6 +1079,7 @@ mod tests {
         }
         check(|v: f32| v);
         check(half::bf16::from_f32);
+        check(half::f16::from_f32);
     }
 
     /// Naive f64 `[n; Σx; Σx²]` and `[Σdy; Σdy·(x − mean)]` of channel `c`.
@@ -1098,8 +1160,8 @@ mod tests {
     /// The fused ReLU's mask recomputed from x in the backward passes gives
     /// bit for bit what the same passes give on the gradient masked first by
     /// the forward's output (`relu_grad`): masked terms add exact zeros, in
-    /// the same order. Long rows, short rows, channels innermost; f32 and
-    /// bf16; about half of the outputs clamped, some exactly 0.
+    /// the same order. Long rows, short rows, channels innermost; f32, bf16
+    /// and f16; about half of the outputs clamped, some exactly 0.
     #[test]
     fn fused_relu_mask_equals_masking_the_gradient_first() {
         use crate::cpu::{backward_elemt, normalize, relu_grad, ChannelCoefficients, ReluMask};
@@ -1167,5 +1229,6 @@ mod tests {
         }
         check(|v| v);
         check(half::bf16::from_f32);
+        check(half::f16::from_f32);
     }
 }
