@@ -260,7 +260,11 @@ fn main() -> Result<()> {
                     let (x, y) = (x.narrow(0, 4 * rank, 4)?, y.narrow(0, 4 * rank, 4)?);
                     losses.push(sgd_step(&model, &map, &group, &x, &y, lr)?);
                 }
-                let stats = model.blocks[1].bn2.running_mean().expect("tracked");
+                let stats = model.blocks[1]
+                    .bn2
+                    .running_mean()
+                    .expect("tracked")
+                    .copy()?;
                 let (x, _) = batch(7, 8)?;
                 Ok((losses, stats, model.forward_t(&x, false)?))
             })

@@ -525,8 +525,9 @@ fn main() -> Result<()> {
 fn run(args: &Args) -> Result<()> {
     if args.device == "cpu" {
         // candle frees and re-allocates every activation and gradient each
-        // step: keep that memory instead of page-faulting it in again.
-        candle_syncbn::cpu::keep_freed_memory();
+        // step: keep that memory instead of page-faulting it in again
+        // (before any thread starts).
+        candle_syncbn::keep_freed_memory(&Device::Cpu)?;
     }
     let rv = Rendezvous::from_env()?;
     let device = match args.device.as_str() {
@@ -541,8 +542,9 @@ fn run(args: &Args) -> Result<()> {
     };
     // The same on the GPU: the CUDA memory pool keeps freed memory across the
     // synchronizations of each step instead of mapping it in again.
-    #[cfg(feature = "cuda")]
-    candle_syncbn::cuda_memory::keep_freed_memory(&device)?;
+    if device.is_cuda() {
+        candle_syncbn::keep_freed_memory(&device)?;
+    }
     let t0 = Instant::now();
     let group = ProcessGroup::from_env(&device)?;
     let (rank, world) = (group.rank(), group.world_size());

@@ -226,7 +226,7 @@ impl SyncBatchNorm {
         self.num_features
     }
 
-    /// The configuration.
+    /// The configuration it was built with.
     pub fn config(&self) -> &SyncBatchNormConfig {
         &self.config
     }
@@ -259,14 +259,27 @@ impl SyncBatchNorm {
         self.weight_and_bias.as_ref().map(|(w, b)| (w, b))
     }
 
-    /// A copy of the running mean (`None` without `track_running_stats`).
-    pub fn running_mean(&self) -> Option<Tensor> {
-        self.running.as_ref().and_then(|r| r.mean.copy().ok())
+    /// The `eps` added to the variance.
+    pub fn eps(&self) -> f64 {
+        self.config.eps
     }
 
-    /// A copy of the running (unbiased) variance (`None` without `track_running_stats`).
-    pub fn running_var(&self) -> Option<Tensor> {
-        self.running.as_ref().and_then(|r| r.var.copy().ok())
+    /// The configured momentum (`None`: cumulative moving average).
+    pub fn momentum(&self) -> Option<f64> {
+        self.config.momentum
+    }
+
+    /// The running mean: the variable itself, which training updates in
+    /// place (`.copy()` it for a snapshot); `None` exactly when the layer
+    /// does not track running statistics.
+    pub fn running_mean(&self) -> Option<&Tensor> {
+        self.running.as_ref().map(|r| &r.mean)
+    }
+
+    /// The running (unbiased) variance: the variable itself, as
+    /// [`running_mean`](Self::running_mean).
+    pub fn running_var(&self) -> Option<&Tensor> {
+        self.running.as_ref().map(|r| &r.var)
     }
 
     /// The number of training batches seen (0 without `track_running_stats`).
@@ -564,7 +577,7 @@ impl SyncBatchNorm {
                 mean: r.mean.clone(),
                 var: r.var.clone(),
                 num_batches_tracked: r.num_batches_tracked.clone(),
-                momentum: self.momentum(),
+                momentum: self.update_momentum(),
             }),
             _ => None,
         };

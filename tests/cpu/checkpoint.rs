@@ -436,11 +436,9 @@ fn pth_state_dicts_load() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("pth_key"), "{err}");
-    let options = LoadOptions {
-        pth_key: Some("state_dict".into()),
-        strip_prefix: Some("module.".into()),
-        ..Default::default()
-    };
+    let options = LoadOptions::default()
+        .with_pth_key("state_dict")
+        .with_strip_prefix("module.");
     let sd = read_state_dict(&nested, &options).unwrap();
     assert!(sd.contains_key("bn.num_batches_tracked"));
     load_checkpoint(&varmap, &nested, &options).unwrap();
@@ -556,10 +554,7 @@ fn load_errors_are_clear_and_change_nothing() {
         err.contains("unexpected") && err.contains("fc.weight"),
         "{err}"
     );
-    let lenient = LoadOptions {
-        strict: false,
-        ..Default::default()
-    };
+    let lenient = LoadOptions::default().with_strict(false);
     let report = load_checkpoint(&varmap, &file, &lenient).unwrap();
     assert_eq!(report.missing, ["bn.bias"]);
     assert_eq!(report.unexpected, ["fc.weight"]);

@@ -498,10 +498,7 @@ fn frozen_errors_name_the_layer() {
     let vb = VarBuilder::zeros(DType::F32, &dev);
     let untracked = SyncBatchNorm::new(
         3,
-        SyncBatchNormConfig {
-            track_running_stats: false,
-            ..Default::default()
-        },
+        SyncBatchNormConfig::default().with_track_running_stats(false),
         vb.pp("stem.bn"),
         ProcessGroup::single(),
     )
@@ -521,13 +518,22 @@ fn frozen_errors_name_the_layer() {
         err.contains("backbone.bn1") && err.contains("expected 3 channels"),
         "{err}"
     );
+    let cfg = SyncBatchNormConfig::default().with_track_running_stats(false);
+    let err = FrozenBatchNorm::new(3, cfg, vb.pp("b2"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("'b2'") && err.contains("track_running_stats: false"),
+        "{err}"
+    );
+    // remove_mean: false (candle-nn's configuration) at a frozen site.
     let cfg = candle_nn::BatchNormConfig {
         remove_mean: false,
         ..Default::default()
     };
-    let err = FrozenBatchNorm::new(3, cfg, vb.pp("b2"))
-        .unwrap_err()
-        .to_string();
+    let rw = candle_syncbn::BatchNormRewriter::new(vb.clone(), ProcessGroup::single())
+        .rule(|_| candle_syncbn::Outcome::Frozen);
+    let err = rw.batch_norm(3, cfg, vb.pp("b2")).unwrap_err().to_string();
     assert!(
         err.contains("'b2'") && err.contains("remove_mean: false"),
         "{err}"

@@ -137,10 +137,7 @@ fn check_fused(
     let label =
         format!("{dtype:?} {shape:?} affine={affine} x_last={x_last} residual={residual:?}");
     let mut rng = Rng::new(seed);
-    let cfg = SyncBatchNormConfig {
-        affine,
-        ..Default::default()
-    };
+    let cfg = SyncBatchNormConfig::default().with_affine(affine);
     let (bn, w, b) = layer(shape[1], cfg, dtype, &mut rng);
     let elems: usize = shape.iter().product();
     let (atol, rtol) = tolerance(dtype);

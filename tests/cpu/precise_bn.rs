@@ -568,10 +568,7 @@ fn checkpoint_after_precise_statistics_loads_back_the_same_numbers() {
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
     let extra = candle_syncbn::SyncBatchNorm::new(
         C,
-        candle_syncbn::SyncBatchNormConfig {
-            momentum: None,
-            ..Default::default()
-        },
+        candle_syncbn::SyncBatchNormConfig::default().with_momentum(None),
         vb.pp("extra"),
         ProcessGroup::single(),
     )

@@ -37,12 +37,11 @@ fn run_case(case: &Case, seed: u64) {
         dtype
     };
     let vb = VarBuilder::from_varmap(&varmap, param_dtype, &Device::Cpu);
-    let cfg = SyncBatchNormConfig {
-        eps,
-        momentum,
-        affine,
-        track_running_stats: track,
-    };
+    let cfg = SyncBatchNormConfig::default()
+        .with_eps(eps)
+        .with_momentum(momentum)
+        .with_affine(affine)
+        .with_track_running_stats(track);
     let bn = SyncBatchNorm::new(c_n, cfg, vb.pp("bn"), ProcessGroup::single()).unwrap();
     let mut rng = Rng::new(seed);
     let (w, b) = if affine {

@@ -85,8 +85,8 @@ fn two_steps(
         dw,
         db,
         y2,
-        running_mean: bn.running_mean().expect("tracked"),
-        running_var: bn.running_var().expect("tracked"),
+        running_mean: bn.running_mean().expect("tracked").copy()?,
+        running_var: bn.running_var().expect("tracked").copy()?,
     })
 }
 
