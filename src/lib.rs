@@ -149,5 +149,6 @@ pub use convert::{
 pub use group::{
     default_group, set_default_group, set_thread_default_group, Backend, ProcessGroup,
 };
+pub use launch::{init_rank, Rank};
 pub use layer::{FrozenBatchNorm, SyncBatchNorm};
 pub use memory::keep_freed_memory;

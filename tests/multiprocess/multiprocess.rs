@@ -203,12 +203,28 @@ fn worker() {
     let Ok(scenario) = std::env::var(SCENARIO) else {
         return;
     };
-    let group = match ProcessGroup::from_env(&Device::Cpu) {
-        Ok(g) => g,
-        Err(e) => expected(e),
+    let group = if scenario == "init-rank" {
+        match cpu_rank() {
+            Ok(rank) => {
+                assert!(rank.device.is_cpu(), "{rank:?}");
+                let g = rank.group;
+                println!(
+                    "init_rank: rank {} of {} on the CPU",
+                    g.rank(),
+                    g.world_size()
+                );
+                g
+            }
+            Err(e) => expected(e),
+        }
+    } else {
+        match ProcessGroup::from_env(&Device::Cpu) {
+            Ok(g) => g,
+            Err(e) => expected(e),
+        }
     };
     match scenario.as_str() {
-        "equivalence" => equivalence(&group).unwrap(),
+        "equivalence" | "init-rank" => equivalence(&group).unwrap(),
         "kill" | "hang" | "mismatch" => failing_step(&group, &scenario),
         "fail-rank-1" => {
             if group.rank() == 1 {
@@ -218,6 +234,15 @@ fn worker() {
         }
         s => panic!("unknown scenario {s}"),
     }
+}
+
+/// This rank's CPU device and group in one call: `init_rank` itself in a
+/// CPU build (the one a CUDA build would point at a GPU).
+fn cpu_rank() -> candle::Result<candle_syncbn::Rank> {
+    #[cfg(not(feature = "cuda"))]
+    return candle_syncbn::init_rank();
+    #[cfg(feature = "cuda")]
+    return candle_syncbn::Rank::from_env(candle_syncbn::launch::RankDevice::Cpu);
 }
 
 /// The arguments that make this executable run [`worker`] and no other test.
@@ -314,6 +339,29 @@ fn two_processes_match_one() {
         assert_eq!(o.code, Some(0), "rank {r}:\n{}", o.output);
         assert!(
             o.output.contains("match the single-process result"),
+            "{}",
+            o.output
+        );
+    }
+}
+
+/// `init_rank` reads the launcher's variables, gives each process the CPU
+/// and a TCP group of the two ranks, which then match one process.
+#[test]
+fn init_rank_sets_up_cpu_ranks_in_one_call() {
+    let out = run_workers(
+        2,
+        "init-rank",
+        |_| vec![(BATCHES, "4,3".into())],
+        &all(2),
+        Duration::from_secs(60),
+    );
+    for (r, o) in out.iter().enumerate() {
+        assert_eq!(o.code, Some(0), "rank {r}:\n{}", o.output);
+        assert!(
+            o.output
+                .contains(&format!("init_rank: rank {r} of 2 on the CPU"))
+                && o.output.contains("match the single-process result"),
             "{}",
             o.output
         );
