@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 mod composite;
+mod eval_only;
 mod frozen;
 pub(crate) mod precise;
 
@@ -53,6 +54,12 @@ struct RunningStats {
 /// `bn`, empty prefixes, converted layers) are told apart too, provided
 /// every rank builds its layers in the same order. Clones are the same
 /// layer (same identity, shared counter).
+///
+/// A layer whose group has more than one rank and that has run 100
+/// forwards in eval mode and none in training mode prints a warning to
+/// stderr, once: that is what a model calling it as `apply_t(&bn, false)`
+/// (inside a `Func`, say) does, and it never synchronizes (see
+/// docs/converting.md for the `FuncT` pattern).
 #[derive(Debug, Clone)]
 pub struct SyncBatchNorm {
     name: String,
@@ -66,6 +73,9 @@ pub struct SyncBatchNorm {
     running: Option<RunningStats>,
     group: ProcessGroup,
     precise: precise::PreciseSwitch,
+    /// Counts eval-mode forwards until the first training one (a warning
+    /// when a synchronized layer never trains).
+    eval_only: eval_only::EvalOnlyWatch,
 }
 
 impl SyncBatchNorm {
@@ -135,6 +145,7 @@ impl SyncBatchNorm {
             running,
             group,
             precise: Default::default(),
+            eval_only: Default::default(),
         })
     }
 
@@ -218,6 +229,7 @@ impl SyncBatchNorm {
             running,
             group,
             precise: Default::default(),
+            eval_only: Default::default(),
         })
     }
 
@@ -601,6 +613,17 @@ impl SyncBatchNorm {
         self.normalize(x, axis, moments, true, group, residual, relu)
     }
 
+    /// Notes the mode of a forward; prints, once per layer, the warning for
+    /// a synchronized layer that has only ever run in eval mode.
+    fn note_mode(&self, train: bool) {
+        if let Some(warning) = self
+            .eval_only
+            .note(train, &self.name, self.group.world_size())
+        {
+            eprintln!("{warning}");
+        }
+    }
+
     /// The tags of the next synchronized call's forward collectives, one
     /// per part in `parts` (counts the call).
     fn next_call_tags<const N: usize>(&self, parts: [Part; N]) -> [CallTag; N] {
@@ -616,6 +639,7 @@ impl SyncBatchNorm {
         train: bool,
         relu: bool,
     ) -> Result<Tensor> {
+        self.note_mode(train);
         let (xv, axis, restore) = self.prepare_input(x)?;
         let z = match residual {
             Some(z) => Some(self.prepare_residual(x, z, axis, restore.as_deref())?),
@@ -746,6 +770,7 @@ impl SyncBatchNorm {
         relu: bool,
         train: bool,
     ) -> Result<Tensor> {
+        self.note_mode(train);
         let (_, axis, restore) = self.prepare_input(x)?;
         if let Some(z) = residual {
             self.prepare_residual(x, z, axis, restore.as_deref())?;

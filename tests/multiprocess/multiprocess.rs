@@ -197,6 +197,25 @@ fn failing_step(group: &ProcessGroup, scenario: &str) {
     }
 }
 
+/// Two layers on every rank: one only ever run in eval mode (as a model
+/// calling `apply_t(&bn, false)` runs it), one trained once first; 150 eval
+/// forwards each.
+fn eval_only(group: &ProcessGroup) -> candle::Result<()> {
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let cfg = SyncBatchNormConfig::default();
+    let never = SyncBatchNorm::new(C, cfg, vb.pp("never_trained"), group.clone())?;
+    let trained = SyncBatchNorm::new(C, cfg, vb.pp("trained_once"), group.clone())?;
+    let x = Tensor::arange(0f32, (3 * C * 5) as f32, &Device::Cpu)?.reshape((3, C, 5))?;
+    trained.forward_t(&x, true)?;
+    for _ in 0..150 {
+        never.forward_t(&x, false)?;
+        trained.forward_t(&x, false)?;
+    }
+    println!("eval-only: done");
+    Ok(())
+}
+
 /// Plays one rank of a scenario when run as a worker; a no-op otherwise.
 #[test]
 fn worker() {
@@ -225,6 +244,7 @@ fn worker() {
     };
     match scenario.as_str() {
         "equivalence" | "init-rank" => equivalence(&group).unwrap(),
+        "eval-only" => eval_only(&group).unwrap(),
         "kill" | "hang" | "mismatch" => failing_step(&group, &scenario),
         "fail-rank-1" => {
             if group.rank() == 1 {
@@ -365,6 +385,26 @@ fn init_rank_sets_up_cpu_ranks_in_one_call() {
             "{}",
             o.output
         );
+    }
+}
+
+/// A synchronized layer that has only run in eval mode after 100 forwards
+/// (the model never passes `train` on) says so on stderr, once; a layer
+/// that trained does not.
+#[test]
+fn a_layer_only_ever_in_eval_mode_warns_once() {
+    let out = run_workers(2, "eval-only", |_| vec![], &all(2), Duration::from_secs(60));
+    for (r, o) in out.iter().enumerate() {
+        assert_eq!(o.code, Some(0), "rank {r}:\n{}", o.output);
+        assert!(o.output.contains("eval-only: done"), "{}", o.output);
+        let warning = "warning: SyncBatchNorm 'never_trained' synchronizes over 2 ranks but has run 100 forwards in eval mode and none in training mode";
+        assert_eq!(
+            o.output.matches(warning).count(),
+            1,
+            "rank {r}:\n{}",
+            o.output
+        );
+        assert!(!o.output.contains("'trained_once'"), "{}", o.output);
     }
 }
 
