@@ -308,6 +308,26 @@ impl SyncBatchNorm {
         }
     }
 
+    /// Makes `counter` (an i64 scalar variable) the layer's
+    /// `num_batches_tracked`; an error without running statistics.
+    pub(crate) fn replace_counter(&mut self, counter: Tensor) -> Result<()> {
+        let name = &self.name;
+        let Some(r) = &mut self.running else {
+            candle::bail!(
+                "SyncBatchNorm '{name}': no running statistics (track_running_stats: false), so no num_batches_tracked to register"
+            )
+        };
+        if !counter.dims().is_empty() || counter.dtype() != DType::I64 {
+            candle::bail!(
+                "SyncBatchNorm '{name}': expected num_batches_tracked as an i64 scalar, got shape {:?} and dtype {:?}",
+                counter.dims(),
+                counter.dtype()
+            )
+        }
+        r.num_batches_tracked = Var::from_tensor(&counter)?.as_tensor().clone();
+        Ok(())
+    }
+
     /// PyTorch's `reset_running_stats()`: `running_mean` to 0, `running_var`
     /// to 1 and `num_batches_tracked` to 0, written in place, so that every
     /// holder of these variables (the `VarMap`, clones of the layer) sees

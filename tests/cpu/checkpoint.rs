@@ -1470,3 +1470,64 @@ fn killed_saves_leave_no_temp_files() {
     assert_checkpoint_holds(&dir.join("m.safetensors"), 1.5);
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A layer converted with `from_batch_norm` saves its `num_batches_tracked`
+/// once registered with `with_counter` (the count so far kept, later steps
+/// counted in the map's variable); unregistered, the checkpoint has none.
+#[test]
+fn converted_layers_save_their_counters_once_registered() {
+    let dir = test_dir("converted-counters");
+    let dev = Device::Cpu;
+    let x = Tensor::randn(0f32, 1.0, (6, 4, 3), &dev).unwrap();
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+    let nn = candle_nn::batch_norm(4, 1e-5, vb.pp("bn")).unwrap();
+    let plain = candle_nn::batch_norm(4, 1e-5, vb.pp("plain")).unwrap();
+    let sync = SyncBatchNorm::from_batch_norm(&nn, ProcessGroup::single())
+        .unwrap()
+        .with_name("bn");
+    let unregistered = SyncBatchNorm::from_batch_norm(&plain, ProcessGroup::single()).unwrap();
+    for _ in 0..2 {
+        sync.forward_t(&x, true).unwrap();
+        unregistered.forward_t(&x, true).unwrap();
+    }
+    let sync = sync.with_counter(vb.pp("bn")).unwrap();
+    for _ in 0..2 {
+        sync.forward_t(&x, true).unwrap();
+    }
+    assert_eq!(sync.num_batches_tracked().unwrap(), 4);
+    let path = dir.join("converted.safetensors");
+    save_checkpoint(&varmap, &path).unwrap();
+    let sd = read_state_dict(&path, &LoadOptions::default()).unwrap();
+    assert_eq!(
+        sd["bn.num_batches_tracked"].to_scalar::<i64>().unwrap(),
+        4,
+        "{:?}",
+        sd.keys()
+    );
+    assert!(!sd.contains_key("plain.num_batches_tracked"));
+    // Registering again over the map's counter (as after loading a
+    // checkpoint) takes the map's value.
+    let again = SyncBatchNorm::from_batch_norm(&nn, ProcessGroup::single())
+        .unwrap()
+        .with_counter(vb.pp("bn"))
+        .unwrap();
+    assert_eq!(again.num_batches_tracked().unwrap(), 4);
+    // A layer without running statistics has no counter to register.
+    let untracked = SyncBatchNorm::new(
+        4,
+        candle_syncbn::SyncBatchNormConfig::default().with_track_running_stats(false),
+        vb.pp("untracked"),
+        ProcessGroup::single(),
+    )
+    .unwrap();
+    let e = untracked
+        .with_counter(vb.pp("untracked"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("'untracked'") && e.contains("no running statistics"),
+        "{e}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
