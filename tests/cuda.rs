@@ -1072,8 +1072,8 @@ fn run_layer_with(
         }
     }
     if let (Some(m), Some(v)) = (bn.running_mean(), bn.running_var()) {
-        run.running_mean = values(&m);
-        run.running_var = values(&v);
+        run.running_mean = values(m);
+        run.running_var = values(v);
     }
     run.batches = bn.num_batches_tracked().unwrap();
     run.eval = values(&forward_maybe_relu(
@@ -1950,8 +1950,8 @@ fn composite_run(
         ]);
     }
     let stats = [
-        values(&bn.running_mean().expect("running mean")),
-        values(&bn.running_var().expect("running var")),
+        values(bn.running_mean().expect("running mean")),
+        values(bn.running_var().expect("running var")),
         vec![bn.num_batches_tracked().unwrap() as f64],
     ];
     let x = data(&shape, dtype, seed + 30).to_device(dev)?;

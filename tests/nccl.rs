@@ -240,8 +240,8 @@ fn train(
         let (w, _) = bn.weight_and_bias().unwrap();
         run.weight_grads.push(values(grads.get(w).unwrap()));
     }
-    run.running_mean = values(&bn.running_mean().unwrap());
-    run.running_var = values(&bn.running_var().unwrap());
+    run.running_mean = values(bn.running_mean().unwrap());
+    run.running_var = values(bn.running_var().unwrap());
     let xe = tensor(&eval.1, &eval.0, DType::F32).to_device(dev).unwrap();
     run.eval = values(&bn.forward_t(&xe, false).unwrap());
     run

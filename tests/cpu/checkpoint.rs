@@ -93,13 +93,13 @@ fn assert_values(what: &str, got: &[f64], want: &[f64], atol: f64) {
 fn check_layer_matches(layer: &SyncBatchNorm, state: &[(String, Tensor)], nbt: u64) {
     assert_values(
         "running_mean",
-        &values(&layer.running_mean().unwrap()),
+        &values(layer.running_mean().unwrap()),
         &values(get(state, "running_mean")),
         0.0,
     );
     assert_values(
         "running_var",
-        &values(&layer.running_var().unwrap()),
+        &values(layer.running_var().unwrap()),
         &values(get(state, "running_var")),
         0.0,
     );
@@ -353,7 +353,7 @@ fn pytorch_safetensors_round_trip() {
     assert_values(
         "saved running_mean",
         &values(&saved["features.bn.running_mean"]),
-        &values(&bn.running_mean().unwrap()),
+        &values(bn.running_mean().unwrap()),
         0.0,
     );
     let bytes = std::fs::read(&out).unwrap();
@@ -396,7 +396,7 @@ fn pytorch_safetensors_through_varbuilder() {
     assert_eq!(head.num_batches_tracked().unwrap(), 41);
     assert_values(
         "local running_var",
-        &values(&head.running_var().unwrap()),
+        &values(head.running_var().unwrap()),
         &values(get(&state[5..], "running_var")),
         0.0,
     );
@@ -490,7 +490,7 @@ fn candle_nn_checkpoints_both_ways() {
     assert_values(
         "candle-nn running_mean after loading",
         &values(nn.running_mean()),
-        &values(&bn.running_mean().unwrap()),
+        &values(bn.running_mean().unwrap()),
         0.0,
     );
     std::fs::remove_dir_all(&dir).ok();

@@ -81,14 +81,14 @@ fn agrees_with_candle_nn_batch_norm_in_train_and_eval() {
         );
         assert_close(
             "running mean",
-            &values(&sync_bn.running_mean().unwrap()),
+            &values(sync_bn.running_mean().unwrap()),
             &values(nn_bn.running_mean()),
             1e-6,
             1e-6,
         );
         assert_close(
             "running var",
-            &values(&sync_bn.running_var().unwrap()),
+            &values(sync_bn.running_var().unwrap()),
             &values(nn_bn.running_var()),
             1e-6,
             1e-6,
@@ -171,8 +171,8 @@ fn checkpoints_save_and_load_with_running_stats() {
         }
         varmap.save(&path).unwrap();
         (
-            values(&bn.running_mean().unwrap()),
-            values(&bn.running_var().unwrap()),
+            values(bn.running_mean().unwrap()),
+            values(bn.running_var().unwrap()),
             values(&bn.forward_t(&x, false).unwrap()),
         )
     };
@@ -185,8 +185,8 @@ fn checkpoints_save_and_load_with_running_stats() {
         ProcessGroup::single(),
     )
     .unwrap();
-    assert_eq!(values(&bn.running_mean().unwrap()), rm);
-    assert_eq!(values(&bn.running_var().unwrap()), rv);
+    assert_eq!(values(bn.running_mean().unwrap()), rm);
+    assert_eq!(values(bn.running_var().unwrap()), rv);
     assert_eq!(bn.num_batches_tracked().unwrap(), 3);
     assert_eq!(values(&bn.forward_t(&x, false).unwrap()), y_eval);
     // ... and into a VarMap for further training.

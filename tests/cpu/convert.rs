@@ -118,13 +118,13 @@ fn drop_in_matches_candle_nn_at_world_size_one() {
             assert_close(
                 "running_mean",
                 nn.running_mean(),
-                &sync.running_mean().unwrap(),
+                sync.running_mean().unwrap(),
                 1e-6,
             );
             assert_close(
                 "running_var",
                 nn.running_var(),
-                &sync.running_var().unwrap(),
+                sync.running_var().unwrap(),
                 1e-5,
             );
         }
@@ -460,14 +460,14 @@ fn rewriter_converts_filtered_sites_and_keeps_checkpoints() {
         assert_eq!(l.num_features(), s.num_features());
         assert_close(
             "running_mean",
-            &l.running_mean().unwrap(),
-            &s.running_mean().unwrap(),
+            l.running_mean().unwrap(),
+            s.running_mean().unwrap(),
             1e-5,
         );
         assert_close(
             "running_var",
-            &l.running_var().unwrap(),
-            &s.running_var().unwrap(),
+            l.running_var().unwrap(),
+            s.running_var().unwrap(),
             1e-4,
         );
         assert_eq!(l.num_batches_tracked().unwrap(), 2);

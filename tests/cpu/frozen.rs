@@ -231,8 +231,8 @@ fn optimizer_steps_leave_frozen_layers_bit_identical() {
     let layer_before: Vec<Vec<u64>> = vec![
         bits(frozen.weight_and_bias().unwrap().0),
         bits(frozen.weight_and_bias().unwrap().1),
-        bits(&frozen.running_mean().unwrap()),
-        bits(&frozen.running_var().unwrap()),
+        bits(frozen.running_mean().unwrap()),
+        bits(frozen.running_var().unwrap()),
     ];
     let neck_w = bits(model.neck.weight_and_bias().unwrap().0);
     let mut sgd = candle_nn::SGD::new(varmap.all_vars(), 0.5).unwrap();
@@ -270,8 +270,8 @@ fn optimizer_steps_leave_frozen_layers_bit_identical() {
     let layer_after: Vec<Vec<u64>> = vec![
         bits(frozen.weight_and_bias().unwrap().0),
         bits(frozen.weight_and_bias().unwrap().1),
-        bits(&frozen.running_mean().unwrap()),
-        bits(&frozen.running_var().unwrap()),
+        bits(frozen.running_mean().unwrap()),
+        bits(frozen.running_var().unwrap()),
     ];
     assert_eq!(layer_after, layer_before, "the frozen layer's tensors");
     // The step did train: the synchronized layer's weight moved.
@@ -347,8 +347,8 @@ fn three_outcomes_load_and_save_pytorch_named_checkpoints() {
         (&model.head, "head.bn"),
     ] {
         let (m, v, w, b) = &expected[prefix];
-        assert_eq!(&values(&layer.running_mean().unwrap()), m, "{prefix}");
-        assert_eq!(&values(&layer.running_var().unwrap()), v, "{prefix}");
+        assert_eq!(&values(layer.running_mean().unwrap()), m, "{prefix}");
+        assert_eq!(&values(layer.running_var().unwrap()), v, "{prefix}");
         let (lw, lb) = layer.weight_and_bias().unwrap();
         assert_eq!((&values(lw), &values(lb)), (w, b), "{prefix}");
     }
@@ -423,12 +423,12 @@ fn three_outcomes_load_and_save_pytorch_named_checkpoints() {
         (&model.head, &reloaded.head),
     ] {
         assert_eq!(
-            bits(&a.running_mean().unwrap()),
-            bits(&b.running_mean().unwrap())
+            bits(a.running_mean().unwrap()),
+            bits(b.running_mean().unwrap())
         );
         assert_eq!(
-            bits(&a.running_var().unwrap()),
-            bits(&b.running_var().unwrap())
+            bits(a.running_var().unwrap()),
+            bits(b.running_var().unwrap())
         );
         assert_eq!(
             bits(a.weight_and_bias().unwrap().0),

@@ -218,8 +218,8 @@ fn check_fused(
     }
 
     let (mean, var) = (
-        values(&bn.running_mean().unwrap()),
-        values(&bn.running_var().unwrap()),
+        values(bn.running_mean().unwrap()),
+        values(bn.running_var().unwrap()),
     );
     let want = expected(&reference_eval(&xs, shape, &mean, &var, &w, &b, 1e-5));
     assert_close(
@@ -282,8 +282,8 @@ fn fused_relu_in_eval_uses_running_statistics() {
         }
         assert_eq!(bn.num_batches_tracked().unwrap(), 2);
         let (mean, var) = (
-            values(&bn.running_mean().unwrap()),
-            values(&bn.running_var().unwrap()),
+            values(bn.running_mean().unwrap()),
+            values(bn.running_var().unwrap()),
         );
         let xs = values(&tensor(&rng.normals(elems, 3.0, 2.0), &shape, dtype));
         let gs = values(&tensor(&rng.normals(elems, 0.0, 1.0), &shape, dtype));

@@ -201,14 +201,14 @@ fn large_mean_small_std_in_f32() {
     let unbiased: Vec<f64> = r.var.iter().map(|v| v * count / (count - 1.0)).collect();
     assert_close(
         "running var",
-        &values(&bn.running_var().unwrap()),
+        &values(bn.running_var().unwrap()),
         &unbiased,
         0.0,
         1e-3,
     );
     assert_close(
         "running mean",
-        &values(&bn.running_mean().unwrap()),
+        &values(bn.running_mean().unwrap()),
         &r.mean,
         0.0,
         1e-6,

@@ -129,14 +129,14 @@ fn run_case(case: &Case, seed: u64) {
             let stat_tol = if dtype == DType::F64 { 1e-12 } else { 1e-5 };
             assert_close(
                 &format!("{label}: running mean"),
-                &values(&bn.running_mean().unwrap()),
+                &values(bn.running_mean().unwrap()),
                 &run_mean,
                 stat_tol,
                 stat_tol,
             );
             assert_close(
                 &format!("{label}: running var"),
-                &values(&bn.running_var().unwrap()),
+                &values(bn.running_var().unwrap()),
                 &run_var,
                 stat_tol,
                 stat_tol,
@@ -265,7 +265,7 @@ fn strided_step(c: usize, base: &Tensor, view: View) -> [Vec<f64>; 6] {
         values(&gx),
         values(&gw),
         values(&gx2),
-        values(&bn.running_var().unwrap()),
+        values(bn.running_var().unwrap()),
         strides,
     ]
 }

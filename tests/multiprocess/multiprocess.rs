@@ -346,46 +346,38 @@ fn all(world: usize) -> Vec<usize> {
     (0..world).collect()
 }
 
-#[test]
-fn two_processes_match_one() {
+/// Runs two workers of an equivalence `scenario` on `batches` and checks
+/// that each matched one process and printed what `also(rank)` says.
+fn two_ranks_match_one(scenario: &str, batches: &str, also: impl Fn(usize) -> String) {
     let out = run_workers(
         2,
-        "equivalence",
-        |_| vec![(BATCHES, "5,3".into())],
+        scenario,
+        |_| vec![(BATCHES, batches.into())],
         &all(2),
         Duration::from_secs(60),
     );
     for (r, o) in out.iter().enumerate() {
         assert_eq!(o.code, Some(0), "rank {r}:\n{}", o.output);
         assert!(
-            o.output.contains("match the single-process result"),
+            o.output.contains("match the single-process result") && o.output.contains(&also(r)),
             "{}",
             o.output
         );
     }
 }
 
+#[test]
+fn two_processes_match_one() {
+    two_ranks_match_one("equivalence", "5,3", |_| String::new());
+}
+
 /// `init_rank` reads the launcher's variables, gives each process the CPU
 /// and a TCP group of the two ranks, which then match one process.
 #[test]
 fn init_rank_sets_up_cpu_ranks_in_one_call() {
-    let out = run_workers(
-        2,
-        "init-rank",
-        |_| vec![(BATCHES, "4,3".into())],
-        &all(2),
-        Duration::from_secs(60),
-    );
-    for (r, o) in out.iter().enumerate() {
-        assert_eq!(o.code, Some(0), "rank {r}:\n{}", o.output);
-        assert!(
-            o.output
-                .contains(&format!("init_rank: rank {r} of 2 on the CPU"))
-                && o.output.contains("match the single-process result"),
-            "{}",
-            o.output
-        );
-    }
+    two_ranks_match_one("init-rank", "4,3", |r| {
+        format!("init_rank: rank {r} of 2 on the CPU")
+    });
 }
 
 /// A synchronized layer that has only run in eval mode after 100 forwards
