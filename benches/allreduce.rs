@@ -60,7 +60,7 @@ fn main() -> candle::Result<()> {
     let dev = Device::Cpu;
     // The allocator policy the crate recommends for CPU training (freed
     // memory is reused instead of page-faulted in again).
-    let _ = candle_syncbn::cpu::keep_freed_memory();
+    let _ = candle_syncbn::keep_freed_memory(&candle::Device::Cpu);
     let group = ProcessGroup::from_env(&dev)?;
     let mut times = Vec::new();
     if std::env::args().any(|a| a == "--resnet18") {

@@ -39,7 +39,7 @@ PyTorch's gradients are reset with `x.grad = None` and
 `zero_grad(set_to_none=True)` before the backward and again after it, so no
 step accumulates into the last one's gradient). PyTorch's BatchNorm has
 parameters in the input's dtype for bf16 (its CPU kernel wants them so), ours
-f32. `--keep-freed-memory` gives ours `cpu::keep_freed_memory()` and this
+f32. `--keep-freed-memory` gives ours `keep_freed_memory(&Device::Cpu)` and this
 process glibc's equivalent variables (it restarts itself with them).
 """
 import argparse

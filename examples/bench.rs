@@ -74,11 +74,11 @@ struct Args {
     /// Skip candle-nn's BatchNorm.
     #[arg(long)]
     no_candle_nn: bool,
-    /// Keep freed memory for reuse, for candle-nn's rows too: on the CPU
-    /// `candle_syncbn::cpu::keep_freed_memory()` (glibc keeps freed memory
-    /// instead of returning it to the system), on CUDA
-    /// `candle_syncbn::cuda_memory::keep_freed_memory(&device)` (the memory
-    /// pool keeps it across synchronizations, as PyTorch's caching allocator).
+    /// Keep freed memory for reuse, for candle-nn's rows too, with
+    /// `candle_syncbn::keep_freed_memory(&device)`: on the CPU glibc keeps
+    /// freed memory instead of returning it to the system, on CUDA the
+    /// memory pool keeps it across synchronizations (as PyTorch's caching
+    /// allocator).
     #[arg(long)]
     keep_freed_memory: bool,
     /// Also time batch norm + ReLU steps (fused, and as two ops).
@@ -268,24 +268,12 @@ fn bench_one(dev: &Device, shape: &[usize], dtype: DType, args: &Args) -> Result
     })
 }
 
-/// `cuda_memory::keep_freed_memory` where the crate has its CUDA kernels.
-fn keep_gpu_memory(dev: &Device) -> Result<bool> {
-    #[cfg(feature = "cuda")]
-    {
-        Ok(candle_syncbn::cuda_memory::keep_freed_memory(dev)?)
-    }
-    #[cfg(not(feature = "cuda"))]
-    {
-        let _ = dev;
-        Ok(false)
-    }
-}
-
 fn main() -> Result<()> {
     let args = Args::parse();
     // Before any other thread starts (rayon's pool starts on first use).
     let on_cpu = args.device == "cpu";
-    let kept_on_cpu = args.keep_freed_memory && on_cpu && candle_syncbn::cpu::keep_freed_memory();
+    let kept_on_cpu =
+        args.keep_freed_memory && on_cpu && candle_syncbn::keep_freed_memory(&Device::Cpu)?;
     if args.keep_freed_memory && on_cpu && !kept_on_cpu {
         bail!("--keep-freed-memory: not available with this C library (glibc only)")
     }
@@ -294,7 +282,8 @@ fn main() -> Result<()> {
         "cuda" => Device::new_cuda(0)?,
         other => bail!("unknown device {other}"),
     };
-    let kept = kept_on_cpu || (args.keep_freed_memory && dev.is_cuda() && keep_gpu_memory(&dev)?);
+    let kept = kept_on_cpu
+        || (args.keep_freed_memory && dev.is_cuda() && candle_syncbn::keep_freed_memory(&dev)?);
     if args.keep_freed_memory && !kept {
         bail!("--keep-freed-memory: this GPU allocates without a memory pool")
     }

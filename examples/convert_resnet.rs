@@ -260,7 +260,11 @@ fn main() -> Result<()> {
                     let (x, y) = (x.narrow(0, 4 * rank, 4)?, y.narrow(0, 4 * rank, 4)?);
                     losses.push(sgd_step(&model, &map, &group, &x, &y, lr)?);
                 }
-                let stats = model.blocks[1].bn2.running_mean().expect("tracked");
+                let stats = model.blocks[1]
+                    .bn2
+                    .running_mean()
+                    .expect("tracked")
+                    .copy()?;
                 let (x, _) = batch(7, 8)?;
                 Ok((losses, stats, model.forward_t(&x, false)?))
             })
@@ -292,7 +296,7 @@ fn main() -> Result<()> {
     let ref_out = reference.forward_t(&x, false)?;
     let ref_stats = reference.blocks[1].bn2.running_mean().expect("tracked");
     for (rank, (_, stats, out)) in results.iter().enumerate() {
-        let d_stats = max_abs_diff(stats, &ref_stats)?;
+        let d_stats = max_abs_diff(stats, ref_stats)?;
         let d_out = max_abs_diff(out, &ref_out)?;
         println!(
             "  rank {rank}: running_mean of layer2.0.bn2 vs 1 rank {d_stats:.3e}, eval output {d_out:.3e}"

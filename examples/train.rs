@@ -27,7 +27,7 @@ use candle_syncbn::data_parallel::{
 };
 use candle_syncbn::launch::{launch_if_requested_with, RankDevice, Rendezvous};
 use candle_syncbn::precise_bn::{Estimator, PreciseBn};
-use candle_syncbn::{BatchNormLayer, BatchNormRewriter, Outcome, ProcessGroup};
+use candle_syncbn::{BatchNormLayer, BatchNormRewriter, Outcome, ProcessGroup, Rank};
 use clap::Parser;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -527,26 +527,36 @@ fn main() -> Result<()> {
 fn run(args: &Args) -> Result<()> {
     if args.device == "cpu" {
         // candle frees and re-allocates every activation and gradient each
-        // step: keep that memory instead of page-faulting it in again.
-        candle_syncbn::cpu::keep_freed_memory();
+        // step: keep that memory instead of page-faulting it in again
+        // (before any thread starts).
+        candle_syncbn::keep_freed_memory(&Device::Cpu)?;
     }
-    let rv = Rendezvous::from_env()?;
-    let device = match args.device.as_str() {
-        "cpu" => Device::Cpu,
-        "cuda" => {
-            let ordinal = cuda_ordinal(rv.as_ref())?;
-            Device::new_cuda(ordinal)
-                .with_context(|| format!("--device cuda: opening GPU {ordinal}"))?
+    let t0 = Instant::now();
+    // This rank's device and group in one call, from the launcher's
+    // environment: the CPU, or its own GPU (an error where two ranks of a
+    // node would share one).
+    let (device, group) = match args.device.as_str() {
+        "cpu" | "cuda" => {
+            let on = if args.device == "cpu" {
+                RankDevice::Cpu
+            } else {
+                RankDevice::Cuda
+            };
+            let rank = Rank::from_env(on).with_context(|| format!("--device {}", args.device))?;
+            (rank.device, rank.group)
         }
-        "metal" => Device::new_metal(0).context("--device metal: opening the GPU")?,
+        "metal" => {
+            let device = Device::new_metal(0).context("--device metal: opening the GPU")?;
+            let group = ProcessGroup::from_env(&device)?;
+            (device, group)
+        }
         d => bail!("--device: expected cpu, cuda or metal, got {d:?}"),
     };
     // The same on the GPU: the CUDA memory pool keeps freed memory across the
     // synchronizations of each step instead of mapping it in again.
-    #[cfg(feature = "cuda")]
-    candle_syncbn::cuda_memory::keep_freed_memory(&device)?;
-    let t0 = Instant::now();
-    let group = ProcessGroup::from_env(&device)?;
+    if device.is_cuda() {
+        candle_syncbn::keep_freed_memory(&device)?;
+    }
     let (rank, world) = (group.rank(), group.world_size());
     let main = rank == 0;
     let (train, test, size) = load_data(args)?;
@@ -734,31 +744,6 @@ fn run(args: &Args) -> Result<()> {
     }
     group.barrier()?;
     Ok(())
-}
-
-/// The GPU this rank opens: GPU 0 where the launcher shows each rank only its
-/// own GPU (SLURM, containers), GPU `LOCAL_RANK` where every GPU of the node
-/// is visible; an error where two ranks of this node would share one.
-#[cfg(feature = "cuda")]
-fn cuda_ordinal(rv: Option<&Rendezvous>) -> Result<usize> {
-    use candle_syncbn::launch::local_cuda_ordinal;
-    let count = cudarc::driver::CudaContext::device_count()
-        .context("--device cuda: counting the CUDA devices")?;
-    let (local_rank, local_world) = rv.map_or((0, Some(1)), |r| (r.local_rank, r.local_world_size));
-    let visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
-    let ordinal = local_cuda_ordinal(
-        local_rank,
-        local_world,
-        usize::try_from(count).unwrap_or(0),
-        visible.as_deref(),
-    )
-    .context("--device cuda")?;
-    Ok(ordinal)
-}
-
-#[cfg(not(feature = "cuda"))]
-fn cuda_ordinal(_: Option<&Rendezvous>) -> Result<usize> {
-    bail!("--device cuda: this build has no CUDA support; build the example with `--features cuda` (or `nccl`)")
 }
 
 /// Loads the checkpoint into a fresh single-process model and evaluates it.

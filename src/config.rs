@@ -2,9 +2,24 @@
 
 use crate::error::bail_input;
 
-/// The arguments of a [`crate::SyncBatchNorm`] layer besides `num_features`,
-/// as in `torch.nn.SyncBatchNorm`.
+/// The arguments of a layer besides `num_features`, as in
+/// `torch.nn.SyncBatchNorm`: the one configuration type of
+/// [`crate::SyncBatchNorm`], [`crate::FrozenBatchNorm`] and
+/// [`crate::LocalBatchNorm`] (each returns it from `config()`).
+///
+/// Non-exhaustive, so that a future argument is not a breaking change:
+/// build it from [`Default`] (PyTorch's defaults) or an `f64` eps, and
+/// change what differs with the `with_*` setters.
+///
+/// ```
+/// use candle_syncbn::SyncBatchNormConfig;
+///
+/// let cfg = SyncBatchNormConfig::default().with_eps(1e-3).with_momentum(None);
+/// assert_eq!((cfg.eps, cfg.momentum, cfg.affine), (1e-3, None, true));
+/// assert_eq!(SyncBatchNormConfig::from(1e-3), SyncBatchNormConfig::default().with_eps(1e-3));
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
 pub struct SyncBatchNormConfig {
     /// Added to the variance for numerical stability (PyTorch default `1e-5`).
     pub eps: f64,
@@ -63,6 +78,30 @@ impl TryFrom<candle_nn::BatchNormConfig> for SyncBatchNormConfig {
 }
 
 impl SyncBatchNormConfig {
+    /// The configuration with `eps` (added to the variance).
+    pub fn with_eps(mut self, eps: f64) -> Self {
+        self.eps = eps;
+        self
+    }
+
+    /// The configuration with `momentum` (`None`: cumulative moving average).
+    pub fn with_momentum(mut self, momentum: Option<f64>) -> Self {
+        self.momentum = momentum;
+        self
+    }
+
+    /// The configuration with or without a learnable weight and bias.
+    pub fn with_affine(mut self, affine: bool) -> Self {
+        self.affine = affine;
+        self
+    }
+
+    /// The configuration with or without running statistics.
+    pub fn with_track_running_stats(mut self, track_running_stats: bool) -> Self {
+        self.track_running_stats = track_running_stats;
+        self
+    }
+
     /// Checks the values: `eps ≥ 0` and finite, `momentum` in `[0, 1]`.
     pub fn validate(&self, layer: &str) -> candle::Result<()> {
         if !(self.eps.is_finite() && self.eps >= 0.0) {

@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 mod composite;
+mod eval_only;
 mod frozen;
 pub(crate) mod precise;
 
@@ -54,6 +55,12 @@ struct RunningStats {
 /// `bn`, empty prefixes, converted layers) are told apart too, provided
 /// every rank builds its layers in the same order. Clones are the same
 /// layer (same identity, shared counter).
+///
+/// A layer whose group has more than one rank and that has run 100
+/// forwards in eval mode and none in training mode prints a warning to
+/// stderr, once: that is what a model calling it as `apply_t(&bn, false)`
+/// (inside a `Func`, say) does, and it never synchronizes (see
+/// docs/converting.md for the `FuncT` pattern).
 #[derive(Debug, Clone)]
 pub struct SyncBatchNorm {
     name: String,
@@ -67,6 +74,9 @@ pub struct SyncBatchNorm {
     running: Option<RunningStats>,
     group: ProcessGroup,
     precise: precise::PreciseSwitch,
+    /// Counts eval-mode forwards until the first training one (a warning
+    /// when a synchronized layer never trains).
+    eval_only: eval_only::EvalOnlyWatch,
 }
 
 impl SyncBatchNorm {
@@ -136,6 +146,7 @@ impl SyncBatchNorm {
             running,
             group,
             precise: Default::default(),
+            eval_only: Default::default(),
         })
     }
 
@@ -219,6 +230,7 @@ impl SyncBatchNorm {
             running,
             group,
             precise: Default::default(),
+            eval_only: Default::default(),
         })
     }
 
@@ -227,7 +239,7 @@ impl SyncBatchNorm {
         self.num_features
     }
 
-    /// The configuration.
+    /// The configuration it was built with.
     pub fn config(&self) -> &SyncBatchNormConfig {
         &self.config
     }
@@ -260,14 +272,27 @@ impl SyncBatchNorm {
         self.weight_and_bias.as_ref().map(|(w, b)| (w, b))
     }
 
-    /// A copy of the running mean (`None` without `track_running_stats`).
-    pub fn running_mean(&self) -> Option<Tensor> {
-        self.running.as_ref().and_then(|r| r.mean.copy().ok())
+    /// The `eps` added to the variance.
+    pub fn eps(&self) -> f64 {
+        self.config.eps
     }
 
-    /// A copy of the running (unbiased) variance (`None` without `track_running_stats`).
-    pub fn running_var(&self) -> Option<Tensor> {
-        self.running.as_ref().and_then(|r| r.var.copy().ok())
+    /// The configured momentum (`None`: cumulative moving average).
+    pub fn momentum(&self) -> Option<f64> {
+        self.config.momentum
+    }
+
+    /// The running mean: the variable itself, which training updates in
+    /// place (`.copy()` it for a snapshot); `None` exactly when the layer
+    /// does not track running statistics.
+    pub fn running_mean(&self) -> Option<&Tensor> {
+        self.running.as_ref().map(|r| &r.mean)
+    }
+
+    /// The running (unbiased) variance: the variable itself, as
+    /// [`running_mean`](Self::running_mean).
+    pub fn running_var(&self) -> Option<&Tensor> {
+        self.running.as_ref().map(|r| &r.var)
     }
 
     /// The number of training batches seen (0 without `track_running_stats`).
@@ -282,6 +307,26 @@ impl SyncBatchNorm {
             ),
             None => Ok(0),
         }
+    }
+
+    /// Makes `counter` (an i64 scalar variable) the layer's
+    /// `num_batches_tracked`; an error without running statistics.
+    pub(crate) fn replace_counter(&mut self, counter: Tensor) -> Result<()> {
+        let name = &self.name;
+        let Some(r) = &mut self.running else {
+            candle::bail!(
+                "SyncBatchNorm '{name}': no running statistics (track_running_stats: false), so no num_batches_tracked to register"
+            )
+        };
+        if !counter.dims().is_empty() || counter.dtype() != DType::I64 {
+            candle::bail!(
+                "SyncBatchNorm '{name}': expected num_batches_tracked as an i64 scalar, got shape {:?} and dtype {:?}",
+                counter.dims(),
+                counter.dtype()
+            )
+        }
+        r.num_batches_tracked = Var::from_tensor(&counter)?.as_tensor().clone();
+        Ok(())
     }
 
     /// PyTorch's `reset_running_stats()`: `running_mean` to 0, `running_var`
@@ -566,7 +611,7 @@ impl SyncBatchNorm {
                 mean: r.mean.clone(),
                 var: r.var.clone(),
                 num_batches_tracked: r.num_batches_tracked.clone(),
-                momentum: self.momentum(),
+                momentum: self.update_momentum(),
             }),
             _ => None,
         };
@@ -590,6 +635,17 @@ impl SyncBatchNorm {
         self.normalize(x, axis, moments, true, group, residual, relu)
     }
 
+    /// Notes the mode of a forward; prints, once per layer, the warning for
+    /// a synchronized layer that has only ever run in eval mode.
+    fn note_mode(&self, train: bool) {
+        if let Some(warning) = self
+            .eval_only
+            .note(train, &self.name, self.group.world_size())
+        {
+            eprintln!("{warning}");
+        }
+    }
+
     /// The tags of the next synchronized call's forward collectives, one
     /// per part in `parts` (counts the call).
     fn next_call_tags<const N: usize>(&self, parts: [Part; N]) -> [CallTag; N] {
@@ -605,6 +661,7 @@ impl SyncBatchNorm {
         train: bool,
         relu: bool,
     ) -> Result<Tensor> {
+        self.note_mode(train);
         let (xv, axis, restore) = self.prepare_input(x)?;
         let z = match residual {
             Some(z) => Some(self.prepare_residual(x, z, axis, restore.as_deref())?),
@@ -735,6 +792,7 @@ impl SyncBatchNorm {
         relu: bool,
         train: bool,
     ) -> Result<Tensor> {
+        self.note_mode(train);
         let (_, axis, restore) = self.prepare_input(x)?;
         if let Some(z) = residual {
             self.prepare_residual(x, z, axis, restore.as_deref())?;

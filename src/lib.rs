@@ -83,12 +83,10 @@
 //!   the statistics within blocks of ranks (the GPUs of one node, say).
 //! - [`ops`]: the functional pieces to compose a synchronized layer from
 //!   candle ops ([`ops::all_reduce_sum_with_grad`], [`ops::increment_counter`]).
-//! - [`cpu::keep_freed_memory`], the allocator policy to call at the start of
-//!   a CPU training process (candle re-allocates every activation and gradient
-//!   each step; glibc's default returns that memory to the system and
-//!   page-faults it in again); `cuda_memory` (feature `cuda`): its GPU twin,
-//!   `cuda_memory::keep_freed_memory`, which makes the CUDA memory pool keep
-//!   freed memory across synchronizations.
+//! - [`keep_freed_memory`]`(&device)`, the memory policy to call at the start
+//!   of training, on the CPU and on CUDA devices (candle re-allocates every
+//!   activation and gradient each step; glibc's default, and the CUDA memory
+//!   pool's, return that memory and fault or map it in again).
 //! - [`convert`]: drop-in [`batch_norm`], `SyncBatchNorm::from_batch_norm`, the
 //!   [`BatchNormRewriter`], and checkpoints to and from PyTorch and candle-nn.
 //! - [`FrozenBatchNorm`]: a fixed affine map from a checkpoint's statistics
@@ -117,7 +115,10 @@
 #![warn(missing_docs)]
 
 pub mod convert;
+#[cfg(feature = "internals")]
 pub mod cpu;
+#[cfg(not(feature = "internals"))]
+pub(crate) mod cpu;
 pub mod data_parallel;
 pub mod group;
 pub mod launch;
@@ -143,6 +144,7 @@ mod error;
 mod grad_average;
 mod grad_pack;
 mod layer;
+mod memory;
 
 #[cfg(feature = "cuda")]
 pub use cuda::memory as cuda_memory;
@@ -155,6 +157,7 @@ pub use error::{error_kind, Error, ErrorKind};
 pub use group::{
     default_group, set_default_group, set_thread_default_group, Backend, ProcessGroup,
 };
+pub use launch::{init_rank, Rank};
 pub use layer::{FrozenBatchNorm, SyncBatchNorm};
 
 /// The README's Rust code blocks, compiled by `cargo test --doc` (and run,
@@ -162,3 +165,4 @@ pub use layer::{FrozenBatchNorm, SyncBatchNorm};
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
+pub use memory::keep_freed_memory;

@@ -145,6 +145,7 @@ impl PreciseBnLayer for BatchNormLayer {
 /// How [`update_bn_stats`] combines the statistics of the batches (see the
 /// [module docs](self) for the formulas).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Estimator {
     /// The mean and (biased) variance of all the values of all the batches
     /// together, each batch weighted by its count of values per channel:

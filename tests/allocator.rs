@@ -1,4 +1,4 @@
-//! `cpu::keep_freed_memory`: after it, a large buffer that is freed and
+//! `keep_freed_memory(&Device::Cpu)`: after it, a large buffer that is freed and
 //! allocated again costs no page faults (glibc keeps the memory). A test binary
 //! of its own without the test harness, since the policy applies to the whole
 //! process and is meant to be set on its main thread before others start.
@@ -35,7 +35,7 @@ mod glibc {
         let default_policy = faults_of_one_buffer();
         println!("default policy: {default_policy} page faults to refill {pages} pages");
 
-        assert!(candle_syncbn::cpu::keep_freed_memory());
+        assert!(candle_syncbn::keep_freed_memory(&candle::Device::Cpu).unwrap());
         faults_of_one_buffer(); // grows the heap once
         let kept = faults_of_one_buffer();
         println!("keep_freed_memory: {kept} page faults to refill {pages} pages");
@@ -62,6 +62,6 @@ fn main() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     glibc::a_freed_buffer_is_reused_without_page_faults();
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-    assert!(!candle_syncbn::cpu::keep_freed_memory());
+    assert!(!candle_syncbn::keep_freed_memory(&candle::Device::Cpu).unwrap());
     println!("1 passed, 0 failed");
 }

@@ -1074,8 +1074,8 @@ fn run_layer_with(
         }
     }
     if let (Some(m), Some(v)) = (bn.running_mean(), bn.running_var()) {
-        run.running_mean = values(&m);
-        run.running_var = values(&v);
+        run.running_mean = values(m);
+        run.running_var = values(v);
     }
     run.batches = bn.num_batches_tracked().unwrap();
     run.eval = values(&forward_maybe_relu(
@@ -1182,12 +1182,11 @@ fn layer_matches_cpu_on_the_configuration_matrix() {
                                 continue;
                             }
                             seed += 1;
-                            let cfg = SyncBatchNormConfig {
-                                eps: 1e-5,
-                                momentum,
-                                affine,
-                                track_running_stats: track,
-                            };
+                            let cfg = SyncBatchNormConfig::default()
+                                .with_eps(1e-5)
+                                .with_momentum(momentum)
+                                .with_affine(affine)
+                                .with_track_running_stats(track);
                             let (steps, eval) = make_steps(shape, 2, seed);
                             let run = |d: &Device| {
                                 run_layer(
@@ -1233,11 +1232,9 @@ fn fused_relu_layer_matches_cpu() {
                         continue;
                     }
                     seed += 1;
-                    let cfg = SyncBatchNormConfig {
-                        affine,
-                        track_running_stats: track,
-                        ..Default::default()
-                    };
+                    let cfg = SyncBatchNormConfig::default()
+                        .with_affine(affine)
+                        .with_track_running_stats(track);
                     let (steps, eval) = make_steps(shape, 2, seed);
                     let run = |d: &Device| {
                         run_layer_with(
@@ -1435,12 +1432,11 @@ fn k_cuda_ranks_match_one_rank() {
             if channels_last && tail.len() < 2 {
                 continue;
             }
-            let cfg = SyncBatchNormConfig {
-                eps: 1e-5,
-                momentum: if i % 2 == 0 { Some(0.1) } else { None },
-                affine: true,
-                track_running_stats: true,
-            };
+            let cfg = SyncBatchNormConfig::default()
+                .with_eps(1e-5)
+                .with_momentum(if i % 2 == 0 { Some(0.1) } else { None })
+                .with_affine(true)
+                .with_track_running_stats(true);
             let total: usize = sizes.iter().sum();
             let mut shape = vec![total];
             shape.extend_from_slice(tail);
@@ -1518,12 +1514,11 @@ fn cuda_results_are_bitwise_deterministic() {
         }
     }
     // The whole layer, twice.
-    let cfg = SyncBatchNormConfig {
-        eps: 1e-5,
-        momentum: Some(0.1),
-        affine: true,
-        track_running_stats: true,
-    };
+    let cfg = SyncBatchNormConfig::default()
+        .with_eps(1e-5)
+        .with_momentum(Some(0.1))
+        .with_affine(true)
+        .with_track_running_stats(true);
     let (steps, eval) = make_steps(&[8, 32, 16, 16], 2, 7);
     let run = || one_rank_f32(&dev, cfg, &steps, &eval);
     assert_same_runs(&run(), &run());
@@ -1560,14 +1555,15 @@ fn assert_same_runs(a: &RankRun, b: &RankRun) {
     assert_eq!(a.eval, b.eval);
 }
 
-/// `cuda_memory::keep_freed_memory` raises the pool's release threshold and
+/// `keep_freed_memory` raises the pool's release threshold and
 /// changes no result: the layer's step, bit for bit, before and after. (The
 /// module exists with the `cuda` feature only.)
 #[cfg(feature = "cuda")]
 #[test]
 fn keep_freed_memory_keeps_the_pool_and_changes_no_result() {
     let dev = cuda_or_skip!("keep_freed_memory_keeps_the_pool_and_changes_no_result");
-    use candle_syncbn::cuda_memory::{keep_freed_memory, release_threshold};
+    use candle_syncbn::cuda_memory::release_threshold;
+    use candle_syncbn::keep_freed_memory;
     assert!(
         !keep_freed_memory(&Device::Cpu).unwrap(),
         "CPU: nothing to apply"
@@ -1705,12 +1701,11 @@ fn a_step_never_makes_the_host_wait_for_the_gpu() {
         for momentum in [Some(0.1), None] {
             let varmap = VarMap::new();
             let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
-            let cfg = SyncBatchNormConfig {
-                eps: 1e-5,
-                momentum,
-                affine: true,
-                track_running_stats: true,
-            };
+            let cfg = SyncBatchNormConfig::default()
+                .with_eps(1e-5)
+                .with_momentum(momentum)
+                .with_affine(true)
+                .with_track_running_stats(true);
             let bn = SyncBatchNorm::new(6, cfg, vb.pp("bn"), ProcessGroup::single()).unwrap();
             let x =
                 Var::from_tensor(&data(&[4, 6, 5, 5], dtype, 3).to_device(&dev).unwrap()).unwrap();
@@ -1926,10 +1921,7 @@ fn composite_run(
 ) -> candle::Result<CompositeRun> {
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, dev);
-    let cfg = SyncBatchNormConfig {
-        momentum: None,
-        ..Default::default()
-    };
+    let cfg = SyncBatchNormConfig::default().with_momentum(None);
     let bn = SyncBatchNorm::new(4, cfg, vb.pp("bn"), group)?;
     let (w, b) = bn.weight_and_bias().expect("affine");
     let (wv, bv) = params(4, DType::F32);
@@ -1960,8 +1952,8 @@ fn composite_run(
         ]);
     }
     let stats = [
-        values(&bn.running_mean().expect("running mean")),
-        values(&bn.running_var().expect("running var")),
+        values(bn.running_mean().expect("running mean")),
+        values(bn.running_var().expect("running var")),
         vec![bn.num_batches_tracked().unwrap() as f64],
     ];
     let x = data(&shape, dtype, seed + 30).to_device(dev)?;
@@ -2149,7 +2141,10 @@ fn frozen_layer_and_precise_statistics_match_cpu() {
         })
         .unwrap();
         assert_eq!(bn.num_batches_tracked().unwrap(), 0);
-        (bn.running_mean().unwrap(), bn.running_var().unwrap())
+        (
+            bn.running_mean().unwrap().copy().unwrap(),
+            bn.running_var().unwrap().copy().unwrap(),
+        )
     };
     let (cpu, gpu) = (stats(&Device::Cpu), stats(&dev));
     close("precise mean", &gpu.0, &cpu.0, 1e-5, 1e-5);

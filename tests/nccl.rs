@@ -56,10 +56,7 @@ fn run<T: Send + 'static>(
     timeout: Duration,
     f: impl Fn(usize, Device, ProcessGroup) -> T + Send + Sync + Clone + 'static,
 ) -> Vec<T> {
-    let options = NcclOptions {
-        timeout,
-        ..NcclOptions::default()
-    };
+    let options = NcclOptions::default().with_timeout(timeout);
     run_with(world, options, f)
 }
 
@@ -281,12 +278,11 @@ fn train(
 ) -> Run {
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, dev);
-    let cfg = SyncBatchNormConfig {
-        eps: 1e-5,
-        momentum: Some(0.1),
-        affine: true,
-        track_running_stats: true,
-    };
+    let cfg = SyncBatchNormConfig::default()
+        .with_eps(1e-5)
+        .with_momentum(Some(0.1))
+        .with_affine(true)
+        .with_track_running_stats(true);
     let bn = SyncBatchNorm::new(c, cfg, vb.pp("bn"), group).unwrap();
     let mut run = Run::default();
     for (shape, x, g) in xs {
@@ -303,8 +299,8 @@ fn train(
         let (w, _) = bn.weight_and_bias().unwrap();
         run.weight_grads.push(values(grads.get(w).unwrap()));
     }
-    run.running_mean = values(&bn.running_mean().unwrap());
-    run.running_var = values(&bn.running_var().unwrap());
+    run.running_mean = values(bn.running_mean().unwrap());
+    run.running_var = values(bn.running_var().unwrap());
     let xe = tensor(&eval.1, &eval.0, DType::F32).to_device(dev).unwrap();
     run.eval = values(&bn.forward_t(&xe, false).unwrap());
     run
@@ -628,11 +624,9 @@ fn debug_checks_catch_layers_called_in_a_different_order() {
     let Some(world) = world_or_skip("debug_checks_catch_layers_called_in_a_different_order") else {
         return;
     };
-    let options = NcclOptions {
-        timeout: Duration::from_secs(60),
-        debug_checks: true,
-        ..NcclOptions::default()
-    };
+    let options = NcclOptions::default()
+        .with_timeout(Duration::from_secs(60))
+        .with_debug_checks(true);
     let start = Instant::now();
     let runs = run_with(world, options, |_, dev, g| {
         swapped_layers_on(&dev, g, false, false)
@@ -689,10 +683,7 @@ fn two_ranks_on_one_gpu_are_an_error_on_both() {
     }
     let timeout = Duration::from_secs(5);
     let start = Instant::now();
-    let options = NcclOptions {
-        timeout,
-        ..NcclOptions::default()
-    };
+    let options = NcclOptions::default().with_timeout(timeout);
     let out = run_ranks(
         2,
         options,
@@ -722,10 +713,7 @@ fn a_peer_late_for_init_is_an_error_on_every_rank_within_the_timeout() {
     }
     let timeout = Duration::from_secs(2);
     let late = (timeout * 3).as_millis() as u64;
-    let options = NcclOptions {
-        timeout,
-        ..NcclOptions::default()
-    };
+    let options = NcclOptions::default().with_timeout(timeout);
     let start = Instant::now();
     let out = run_ranks(
         world,
@@ -1014,11 +1002,9 @@ fn debug_check_covers_split_communicators() {
     let Some(world) = world_or_skip(test) else {
         return;
     };
-    let options = NcclOptions {
-        timeout: Duration::from_secs(3),
-        debug_checks: true,
-        ..NcclOptions::default()
-    };
+    let options = NcclOptions::default()
+        .with_timeout(Duration::from_secs(3))
+        .with_debug_checks(true);
     let out = run_ranks(
         world,
         options,

@@ -56,6 +56,7 @@ use std::path::Path;
 
 /// The on-disk format of a checkpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum CheckpointFormat {
     /// A safetensors file.
     Safetensors,
@@ -100,8 +101,17 @@ impl CheckpointFormat {
     }
 }
 
-/// Options of [`load_checkpoint`].
+/// Options of [`load_checkpoint`]: [`Default`] (strict), then the `with_*`
+/// setters (non-exhaustive, so that a new option is not a breaking change).
+///
+/// ```
+/// use candle_syncbn::convert::checkpoint::LoadOptions;
+///
+/// let options = LoadOptions::default().with_pth_key("state_dict").with_strip_prefix("module.");
+/// assert!(options.strict);
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct LoadOptions {
     /// Fail if the file lacks a variable of the map, or has a tensor the map
     /// lacks (as PyTorch's `load_state_dict(strict=True)`). `num_batches_tracked`
@@ -126,8 +136,29 @@ impl Default for LoadOptions {
     }
 }
 
+impl LoadOptions {
+    /// The options with [`strict`](Self::strict) set.
+    pub fn with_strict(mut self, strict: bool) -> Self {
+        self.strict = strict;
+        self
+    }
+
+    /// The options reading the state dict under `key` of a `.pth` dict.
+    pub fn with_pth_key(mut self, key: impl Into<String>) -> Self {
+        self.pth_key = Some(key.into());
+        self
+    }
+
+    /// The options dropping `prefix` from the file's names.
+    pub fn with_strip_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.strip_prefix = Some(prefix.into());
+        self
+    }
+}
+
 /// What [`load_checkpoint`] / [`load_state_dict`] did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct LoadReport {
     /// Variables set from the file (sorted).
     pub loaded: Vec<String>,

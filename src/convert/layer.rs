@@ -1,13 +1,14 @@
 //! `BatchNormLayer`: the one layer type the rewriter builds at each site.
 
 use super::{LocalBatchNorm, Outcome};
-use crate::{FrozenBatchNorm, SyncBatchNorm};
+use crate::{FrozenBatchNorm, SyncBatchNorm, SyncBatchNormConfig};
 use candle::{Result, Tensor};
 use candle_nn::ModuleT;
 
 /// The layer the [`BatchNormRewriter`](super::BatchNormRewriter) builds at
 /// each site: one type for model fields, whichever way the site went.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub enum BatchNormLayer {
     /// Kept local: candle-nn's BatchNorm (statistics of this rank's batch only).
     Local(LocalBatchNorm),
@@ -65,10 +66,39 @@ impl BatchNormLayer {
     /// The number of channels.
     pub fn num_features(&self) -> usize {
         match self {
-            Self::Local(l) => l.inner().running_mean().dims1().unwrap_or(0),
+            Self::Local(l) => l.num_features(),
             Self::Sync(l) => l.num_features(),
             Self::Frozen(l) => l.num_features(),
         }
+    }
+
+    /// The layer's name (its variable prefix), used in error messages.
+    pub fn name(&self) -> &str {
+        match self {
+            Self::Local(l) => l.name(),
+            Self::Sync(l) => l.name(),
+            Self::Frozen(l) => l.name(),
+        }
+    }
+
+    /// The configuration the layer was built with.
+    pub fn config(&self) -> &SyncBatchNormConfig {
+        match self {
+            Self::Local(l) => l.config(),
+            Self::Sync(l) => l.config(),
+            Self::Frozen(l) => l.config(),
+        }
+    }
+
+    /// The `eps` added to the variance.
+    pub fn eps(&self) -> f64 {
+        self.config().eps
+    }
+
+    /// The configured momentum (`None`: cumulative moving average; unused
+    /// by a frozen layer).
+    pub fn momentum(&self) -> Option<f64> {
+        self.config().momentum
     }
 
     /// The weight and bias, when affine.
@@ -80,21 +110,21 @@ impl BatchNormLayer {
         }
     }
 
-    /// A copy of the running mean (`None` if not tracked).
-    pub fn running_mean(&self) -> Option<Tensor> {
+    /// The running mean: the variable itself (`None` exactly when not tracked).
+    pub fn running_mean(&self) -> Option<&Tensor> {
         match self {
-            Self::Local(l) => l.inner().running_mean().copy().ok(),
+            Self::Local(l) => l.running_mean(),
             Self::Sync(l) => l.running_mean(),
-            Self::Frozen(l) => l.running_mean().ok(),
+            Self::Frozen(l) => l.running_mean(),
         }
     }
 
-    /// A copy of the running variance (`None` if not tracked).
-    pub fn running_var(&self) -> Option<Tensor> {
+    /// The running variance: the variable itself (`None` exactly when not tracked).
+    pub fn running_var(&self) -> Option<&Tensor> {
         match self {
-            Self::Local(l) => l.inner().running_var().copy().ok(),
+            Self::Local(l) => l.running_var(),
             Self::Sync(l) => l.running_var(),
-            Self::Frozen(l) => l.running_var().ok(),
+            Self::Frozen(l) => l.running_var(),
         }
     }
 
@@ -105,7 +135,7 @@ impl BatchNormLayer {
         match self {
             Self::Local(l) => l.num_batches_tracked(),
             Self::Sync(l) => l.num_batches_tracked(),
-            Self::Frozen(_) => Ok(0),
+            Self::Frozen(l) => l.num_batches_tracked(),
         }
     }
 

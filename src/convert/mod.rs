@@ -43,7 +43,9 @@
 //! are the *same* tensors (an optimizer that holds them as variables keeps
 //! training them) and the running statistics are the *same* variables
 //! (candle-nn keeps them as `Var`s): a training step of either layer updates
-//! both. `num_batches_tracked`, which candle-nn does not have, starts at 0.
+//! both. `num_batches_tracked`, which candle-nn does not have, starts at 0
+//! in a variable of its own: [`SyncBatchNorm::with_counter`] puts it in the
+//! `VarMap`, so that checkpoints keep it.
 //!
 //! ```
 //! # use candle::{DType, Device, Result};
@@ -104,6 +106,48 @@
 //! # Ok::<(), candle::Error>(())
 //! ```
 //!
+//! # Models that build layers in closures
+//!
+//! A converted layer synchronizes only in training mode, so the model must
+//! pass `train` on to it. Models that wrap their layers in `Func` closures
+//! (candle-transformers' ResNet: `Func::new(move |xs| xs.apply(&conv)?.apply_t(&bn, false))`)
+//! always run it in eval mode: it never trains nor synchronizes (the layer
+//! warns on stderr after 100 such forwards on several ranks). Use `FuncT`,
+//! which takes `train`. With a `&BatchNormRewriter` beside the `VarBuilder`,
+//! a builder returning the closure needs its lifetime spelled out
+//! (`error[E0106]: missing lifetime specifier`): the closure owns what it
+//! captures, so it is `'static`.
+//!
+//! ```
+//! # use candle::{DType, Device, Module, ModuleT, Result, Tensor};
+//! # use candle_nn::{Conv2dConfig, FuncT, VarBuilder, VarMap};
+//! use candle_syncbn::{BatchNormRewriter, ProcessGroup};
+//!
+//! fn downsample(
+//!     c_in: usize,
+//!     c_out: usize,
+//!     stride: usize,
+//!     vb: VarBuilder,
+//!     bn: &BatchNormRewriter,
+//! ) -> Result<FuncT<'static>> {
+//!     let cfg = Conv2dConfig { stride, ..Default::default() };
+//!     let conv = candle_nn::conv2d_no_bias(c_in, c_out, 1, cfg, vb.pp(0))?;
+//!     let norm = bn.batch_norm(c_out, 1e-5, vb.pp(1))?;
+//!     // Was: Func::new(move |xs| xs.apply(&conv)?.apply_t(&norm, false))
+//!     Ok(FuncT::new(move |xs, train| xs.apply(&conv)?.apply_t(&norm, train)))
+//! }
+//!
+//! let varmap = VarMap::new();
+//! let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+//! let rw = BatchNormRewriter::new(vb, ProcessGroup::single());
+//! let block = downsample(3, 8, 2, rw.vb().pp("down"), &rw)?;
+//! let x = Tensor::randn(0f32, 1.0, (2, 3, 8, 8), &Device::Cpu)?;
+//! block.forward_t(&x, true)?; // trains (and synchronizes) the batch norm
+//! let counter = varmap.data().lock().unwrap()["down.1.num_batches_tracked"].as_tensor().to_scalar::<i64>()?;
+//! assert_eq!(counter, 1);
+//! # Ok::<(), candle::Error>(())
+//! ```
+//!
 //! # Checkpoints
 //!
 //! Every way keeps candle-nn's and PyTorch's variable names (`weight`, `bias`,
@@ -133,6 +177,7 @@
 //!
 //! [`SyncBatchNorm`]: crate::SyncBatchNorm
 //! [`SyncBatchNorm::from_batch_norm`]: crate::SyncBatchNorm::from_batch_norm
+//! [`SyncBatchNorm::with_counter`]: crate::SyncBatchNorm::with_counter
 //! [`default_group`]: crate::default_group
 
 pub mod checkpoint;
@@ -149,8 +194,8 @@ pub use rewriter::{BatchNormRewriter, ConvertedSite, Outcome};
 
 use crate::error::bail_input;
 use crate::{default_group, ProcessGroup, SyncBatchNorm, SyncBatchNormConfig};
-use candle::{DType, Result, Tensor};
-use candle_nn::{BatchNormConfig, VarBuilder};
+use candle::{DType, Result, Tensor, Var};
+use candle_nn::{BatchNormConfig, Init, VarBuilder};
 
 /// Drop-in replacement for `candle_nn::batch_norm`: same arguments, same
 /// variable names (`weight`, `bias`, `running_mean`, `running_var`, plus
@@ -205,7 +250,9 @@ impl SyncBatchNorm {
     /// - `eps` and `momentum` are copied (momentum `m` becomes `Some(m)`);
     ///   running statistics are tracked;
     /// - `num_batches_tracked`, which candle-nn does not keep, starts at 0 in a
-    ///   new variable (it is not part of any `VarMap`).
+    ///   new variable that is not part of any `VarMap`: register it with
+    ///   [`with_counter`](Self::with_counter), or `save_checkpoint` writes no
+    ///   counter for the layer.
     ///
     /// The layer is named after its channel count (a `candle_nn::BatchNorm`
     /// knows no path): rename it with [`SyncBatchNorm::with_name`] so that
@@ -217,6 +264,69 @@ impl SyncBatchNorm {
     /// Errors if `bn` was built with `remove_mean: false`, or if its tensors
     /// are inconsistent (shapes, dtypes).
     pub fn from_batch_norm(bn: &candle_nn::BatchNorm, group: ProcessGroup) -> Result<Self> {
+        Self::convert_batch_norm(bn, group)
+    }
+
+    /// The layer counting its training batches in the variable
+    /// `num_batches_tracked` under `vb`'s prefix, so that the `VarMap`
+    /// behind `vb` saves the counter with the layer's other variables
+    /// (`varmap.save`, [`checkpoint::save_checkpoint`]) and loads it.
+    ///
+    /// For layers made by [`SyncBatchNorm::from_batch_norm`], whose counter
+    /// belongs to no map: pass the `VarBuilder` prefix the candle-nn layer
+    /// was built under. A counter the map already holds (loaded from a
+    /// checkpoint, say) is used as it is; otherwise one is created there
+    /// with the layer's count so far.
+    ///
+    /// Without it the checkpoint has no `num_batches_tracked` for the layer:
+    /// this crate's loaders then start the counter at 0
+    /// ([`LoadReport::counters_defaulted`](checkpoint::LoadReport::counters_defaulted)),
+    /// and PyTorch's `load_state_dict` accepts the file even with
+    /// `strict=True` and keeps the module's own counter (0 in a fresh
+    /// model): a layer with `momentum=None` then weighs its next batches as
+    /// if it had seen none.
+    ///
+    /// ```
+    /// # use candle::{DType, Device, Tensor};
+    /// # use candle_nn::{ModuleT, VarBuilder, VarMap};
+    /// # use candle_syncbn::{ProcessGroup, SyncBatchNorm};
+    /// let varmap = VarMap::new();
+    /// let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    /// let local = candle_nn::batch_norm(8, 1e-5, vb.pp("bn"))?;
+    /// let sync = SyncBatchNorm::from_batch_norm(&local, ProcessGroup::single())?
+    ///     .with_name("bn")
+    ///     .with_counter(vb.pp("bn"))?;
+    /// sync.forward_t(&Tensor::randn(0f32, 1.0, (4, 8), &Device::Cpu)?, true)?;
+    /// let counter = varmap.data().lock().unwrap()["bn.num_batches_tracked"].as_tensor().to_scalar::<i64>()?;
+    /// assert_eq!(counter, 1);
+    /// # Ok::<(), candle::Error>(())
+    /// ```
+    ///
+    /// An error when the layer has no running statistics, or when `vb`
+    /// cannot give the variable (a file without it, a mis-shaped one).
+    pub fn with_counter(mut self, vb: VarBuilder) -> Result<Self> {
+        let path = vb.prefix();
+        let context = |e: candle::Error| {
+            candle::Error::Msg(format!(
+                "SyncBatchNorm '{}': cannot register num_batches_tracked under '{}': {e}",
+                self.name(),
+                display_path(&path)
+            ))
+        };
+        let existed = vb.contains_tensor("num_batches_tracked");
+        let count = self.num_batches_tracked()?;
+        let counter = vb
+            .get_with_hints_dtype((), "num_batches_tracked", Init::Const(0.0), DType::I64)
+            .map_err(context)?;
+        if !existed && count != 0 {
+            let value = i64::try_from(count).unwrap_or(i64::MAX);
+            Var::from_tensor(&counter)?.set(&Tensor::new(value, counter.device())?)?;
+        }
+        self.replace_counter(counter)?;
+        Ok(self)
+    }
+
+    fn convert_batch_norm(bn: &candle_nn::BatchNorm, group: ProcessGroup) -> Result<Self> {
         let mean = bn.running_mean();
         let num_features = match mean.dims() {
             [c] => *c,

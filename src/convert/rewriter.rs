@@ -3,7 +3,7 @@
 //! variable path.
 
 use super::{sync_config, BatchNormLayer, LocalBatchNorm};
-use crate::{FrozenBatchNorm, ProcessGroup, SyncBatchNorm};
+use crate::{FrozenBatchNorm, ProcessGroup, SyncBatchNorm, SyncBatchNormConfig};
 use candle::Result;
 use candle_nn::{BatchNormConfig, VarBuilder};
 use std::fmt;
@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 
 /// What the [`BatchNormRewriter`] builds at a site.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Outcome {
     /// A [`SyncBatchNorm`]: batch statistics synchronized over the group
     /// (detectron2's and mmdetection's `SyncBN`).
@@ -26,6 +27,7 @@ pub enum Outcome {
 
 /// A BatchNorm site the [`BatchNormRewriter`] built.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ConvertedSite {
     /// The site's variable prefix, as in the checkpoint (`layer1.0.bn1` for
     /// `layer1.0.bn1.weight`, …); empty for a layer at the root.
@@ -194,9 +196,14 @@ impl<'a> BatchNormRewriter<'a> {
                 )?)
             }
             (Outcome::Frozen, _) => {
-                BatchNormLayer::Frozen(FrozenBatchNorm::new(num_features, config, vb)?)
+                let frozen_cfg = frozen_config(&config, &path)?;
+                BatchNormLayer::Frozen(FrozenBatchNorm::new(num_features, frozen_cfg, vb)?)
             }
-            _ => BatchNormLayer::Local(LocalBatchNorm::new(num_features, config, vb)?),
+            _ => BatchNormLayer::Local(LocalBatchNorm::from_candle_config(
+                num_features,
+                config,
+                vb,
+            )?),
         };
         lock(&self.sites).push(ConvertedSite {
             path,
@@ -250,4 +257,16 @@ impl fmt::Debug for BatchNormRewriter<'_> {
 /// appended to, so it is always consistent).
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The configuration of a frozen site: candle-nn's, where `remove_mean:
+/// false` is an error naming the site.
+fn frozen_config(config: &BatchNormConfig, path: &str) -> Result<SyncBatchNormConfig> {
+    if !config.remove_mean {
+        candle::bail!(
+            "FrozenBatchNorm '{}': remove_mean: false is not supported (a frozen layer subtracts the running mean); expected remove_mean: true",
+            super::display_path(path)
+        )
+    }
+    SyncBatchNormConfig::try_from(*config)
 }

@@ -29,7 +29,7 @@
 ///
 /// Returns `true` when the policy was applied, `false` where the C library is
 /// not glibc (nothing is changed there).
-pub fn keep_freed_memory() -> bool {
+pub(crate) fn keep_freed_host_memory() -> bool {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         const TOP_PAD: libc::c_int = 64 << 20;

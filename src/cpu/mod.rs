@@ -1,5 +1,5 @@
-//! [`keep_freed_memory`], the allocator policy that CPU training with candle
-//! wants; and the CPU kernels (public only with the unstable `internals`
+//! The allocator policy that CPU training with candle wants (behind
+//! [`crate::keep_freed_memory`]); and the CPU kernels (public only with the unstable `internals`
 //! feature, for benchmarks): parallel over channels and chunks (rayon),
 //! vectorizable inner loops with several accumulators, statistics combined in
 //! f64 in a fixed order (results do not depend on the number of threads).
@@ -8,7 +8,7 @@ mod allocator;
 mod elementwise;
 mod reductions;
 
-pub use allocator::keep_freed_memory;
+pub(crate) use allocator::keep_freed_host_memory;
 #[cfg(feature = "internals")]
 pub use kernels::*;
 #[cfg(not(feature = "internals"))]

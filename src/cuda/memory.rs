@@ -1,5 +1,6 @@
-//! The GPU memory policy that training with candle wants: the CUDA twin of
-//! [`crate::cpu::keep_freed_memory`].
+//! The GPU memory policy that training with candle wants, applied by
+//! [`crate::keep_freed_memory`] on CUDA devices, and [`release_threshold`]
+//! to read it back.
 //!
 //! candle allocates a fresh buffer for every op output and for every gradient,
 //! through cudarc's stream-ordered allocator (`cuMemAllocAsync` from the
@@ -11,7 +12,7 @@
 //! training forward about 0.2 ms on top of its 0.1 ms of kernels.
 //! PyTorch's caching allocator keeps freed memory instead; so does the pool
 //! once its release threshold is raised, which is what
-//! [`keep_freed_memory`] does.
+//! [`crate::keep_freed_memory`] does.
 
 use candle::{Device, Result};
 use cudarc::driver::sys;
@@ -33,7 +34,7 @@ use cudarc::driver::sys;
 /// is nothing to apply it to: devices other than CUDA, and CUDA devices
 /// without stream-ordered allocation (cudarc then allocates with `cuMemAlloc`,
 /// which has no pool). A driver error is returned as such.
-pub fn keep_freed_memory(device: &Device) -> Result<bool> {
+pub(crate) fn keep_freed_memory(device: &Device) -> Result<bool> {
     let Some(pool) = current_pool(device)? else {
         return Ok(false);
     };
@@ -43,8 +44,7 @@ pub fn keep_freed_memory(device: &Device) -> Result<bool> {
 
 /// The release threshold of the memory pool that candle allocates from on
 /// `device`, in bytes: `Some(0)` by default, `Some(u64::MAX)` after
-/// [`keep_freed_memory`], `None` where [`keep_freed_memory`] would return
-/// `Ok(false)`.
+/// [`crate::keep_freed_memory`], `None` where it would return `Ok(false)`.
 pub fn release_threshold(device: &Device) -> Result<Option<u64>> {
     match current_pool(device)? {
         Some(pool) => release_threshold_attribute(pool, None).map(Some),

@@ -223,7 +223,16 @@ impl ProcessGroup {
     /// device and the `nccl` feature is on, TCP otherwise. Timeouts come from
     /// `SYNCBN_TIMEOUT` (seconds) when set.
     pub fn from_env(device: &Device) -> Result<ProcessGroup> {
-        let Some(rv) = Rendezvous::from_env()? else {
+        Self::from_rendezvous(Rendezvous::from_env()?.as_ref(), device)
+    }
+
+    /// The group for `rv` as [`ProcessGroup::from_env`] picks it (`None`:
+    /// no launcher, [`ProcessGroup::single`]).
+    pub(crate) fn from_rendezvous(
+        rv: Option<&Rendezvous>,
+        device: &Device,
+    ) -> Result<ProcessGroup> {
+        let Some(rv) = rv else {
             return Ok(Self::single());
         };
         if rv.world_size == 1 {
@@ -231,10 +240,10 @@ impl ProcessGroup {
         }
         #[cfg(feature = "nccl")]
         if device.is_cuda() {
-            return Self::nccl(&rv, device, NcclOptions::from_env()?);
+            return Self::nccl(rv, device, NcclOptions::from_env()?);
         }
         let _ = device;
-        Self::tcp(&rv, TcpOptions::from_env()?)
+        Self::tcp(rv, TcpOptions::from_env()?)
     }
 
     /// Wraps a user-provided backend.

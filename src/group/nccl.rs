@@ -69,8 +69,10 @@ pub(crate) const DEBUG_VAR: &str = "SYNCBN_NCCL_DEBUG";
 /// How often the watchdog looks at the pending collectives.
 const WATCHDOG_POLL: Duration = Duration::from_millis(50);
 
-/// Options of the NCCL group.
+/// Options of the NCCL group: [`Default`] or [`NcclOptions::from_env`], then
+/// the `with_*` setters (non-exhaustive: options may be added).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct NcclOptions {
     /// A collective not finished on the GPU after this long aborts the
     /// communicator (default 10 minutes).
@@ -92,6 +94,24 @@ impl Default for NcclOptions {
 }
 
 impl NcclOptions {
+    /// The options with the collectives' [`timeout`](Self::timeout).
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// The options with the rendezvous connections' options.
+    pub fn with_store(mut self, store: StoreOptions) -> Self {
+        self.store = store;
+        self
+    }
+
+    /// The options with the agreement checks before each collective on or off.
+    pub fn with_debug_checks(mut self, debug_checks: bool) -> Self {
+        self.debug_checks = debug_checks;
+        self
+    }
+
     /// The defaults, with `SYNCBN_TIMEOUT` (seconds) and `SYNCBN_NCCL_DEBUG` applied.
     pub fn from_env() -> Result<Self> {
         let store = StoreOptions::from_env()?;

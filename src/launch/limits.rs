@@ -32,6 +32,7 @@ pub(crate) const CPU_RANKS_PER_CORE: usize = 8;
 /// What the ranks compute on, which bounds how many of them the launcher
 /// starts on this machine (see [`launch`](super::launch)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum RankDevice {
     /// CPU ranks (and any device the launcher cannot count): at most 8 ranks
     /// per core available to the launcher.

@@ -1,6 +1,7 @@
 //! Running one process per rank: the launcher's environment
 //! ([`Rendezvous::from_env`]), a self-spawning launcher ([`launch`],
-//! [`launch_if_requested`]), and the GPU a rank opens ([`local_cuda_ordinal`]).
+//! [`launch_if_requested`]), the GPU a rank opens ([`local_cuda_ordinal`]),
+//! and both in one call: [`init_rank`] returns this rank's device and group.
 //!
 //! The launcher owns its ranks: it refuses a rank count the machine cannot
 //! run before anything starts (more CUDA ranks than visible GPUs, more CPU
@@ -13,6 +14,7 @@ mod device;
 mod limits;
 #[cfg(target_os = "linux")]
 mod orphans;
+mod rank;
 #[cfg(target_os = "linux")]
 mod signals;
 mod spawn;
@@ -20,4 +22,5 @@ mod spawn;
 pub use crate::group::rendezvous::{EnvSource, Rendezvous};
 pub use device::local_cuda_ordinal;
 pub use limits::RankDevice;
+pub use rank::{init_rank, Rank};
 pub use spawn::{launch, launch_if_requested, launch_if_requested_with, LaunchConfig};

@@ -42,8 +42,10 @@ pub(crate) const DEFAULT_KILL_GRACE: Duration = Duration::from_secs(30);
 /// The longest grace period [`KILL_GRACE_VAR`] may ask for (one day).
 const MAX_KILL_GRACE_SECS: f64 = 86_400.0;
 
-/// What to launch.
+/// What to launch: [`LaunchConfig::new`], then set the fields that differ
+/// (non-exhaustive: fields may be added).
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct LaunchConfig {
     /// The number of rank processes.
     pub nproc: usize,

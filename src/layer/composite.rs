@@ -187,7 +187,7 @@ impl SyncBatchNorm {
     ) -> Result<()> {
         let acc = mean.dtype();
         increment_counter(&r.num_batches_tracked)?;
-        let factor = match self.momentum() {
+        let factor = match self.update_momentum() {
             Some(m) => m,
             None => 1.0 / (self.num_batches_tracked()? as f64).max(1.0),
         };

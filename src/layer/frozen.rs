@@ -6,7 +6,7 @@ use super::SyncBatchNorm;
 use crate::error::bail_input;
 use crate::{ProcessGroup, SyncBatchNormConfig};
 use candle::{DType, Result, Tensor};
-use candle_nn::{BatchNormConfig, Init, VarBuilder};
+use candle_nn::{Init, VarBuilder};
 
 /// Batch normalization frozen to a fixed per-channel affine map,
 /// `y = (x − running_mean) / √(running_var + eps) · weight + bias`, in
@@ -75,21 +75,23 @@ impl FrozenBatchNorm {
     /// `vb` (`weight` and `bias` when `config.affine`, `running_mean`,
     /// `running_var`; `num_batches_tracked` is read only so that a `VarMap`
     /// holds the same keys as for the other layers, and then ignored). Same
-    /// arguments as `candle_nn::batch_norm`; `momentum` is not used.
-    /// Running statistics are f32 when `vb`'s dtype is f16/bf16, as in
-    /// [`SyncBatchNorm::new`].
+    /// arguments as [`SyncBatchNorm::new`] without the group; `momentum` is
+    /// kept (see [`config`](Self::config)) but not used. Running statistics
+    /// are f32 when `vb`'s dtype is f16/bf16, as in [`SyncBatchNorm::new`].
     ///
-    /// Errors on missing or mis-shaped variables and on `remove_mean: false`.
-    pub fn new<C: Into<BatchNormConfig>>(
+    /// Errors on missing or mis-shaped variables and on
+    /// `track_running_stats: false` (the map is made of the running
+    /// statistics).
+    pub fn new<C: Into<SyncBatchNormConfig>>(
         num_features: usize,
         config: C,
         vb: VarBuilder,
     ) -> Result<Self> {
         let config = config.into();
         let path = vb.prefix();
-        if !config.remove_mean {
+        if !config.track_running_stats {
             bail_input!(
-                "FrozenBatchNorm '{}': remove_mean: false is not supported (a frozen layer subtracts the running mean); expected remove_mean: true",
+                "FrozenBatchNorm '{}': track_running_stats: false is not supported (a frozen layer applies the running statistics); expected track_running_stats: true",
                 display_path(&path)
             )
         }
@@ -113,7 +115,7 @@ impl FrozenBatchNorm {
         Self::from_tensors(
             path,
             num_features,
-            config.eps,
+            config,
             weight_and_bias,
             mean.detach(),
             var.detach(),
@@ -143,24 +145,23 @@ impl FrozenBatchNorm {
             None => None,
         };
         let (mean, var) = (mean.detach().copy()?, bn.running_var().detach().copy()?);
-        Self::from_tensors(path, num_features, bn.eps(), weight_and_bias, mean, var)
+        let config = SyncBatchNormConfig::from(bn.eps()).with_momentum(Some(bn.momentum()));
+        Self::from_tensors(path, num_features, config, weight_and_bias, mean, var)
     }
 
-    /// Builds the layer around tensors it keeps as they are (detached).
+    /// Builds the layer around tensors it keeps as they are (detached);
+    /// `config`'s `affine` and `track_running_stats` follow the tensors.
     fn from_tensors(
         path: String,
         num_features: usize,
-        eps: f64,
+        config: SyncBatchNormConfig,
         weight_and_bias: Option<(Tensor, Tensor)>,
         mean: Tensor,
         var: Tensor,
     ) -> Result<Self> {
-        let config = SyncBatchNormConfig {
-            eps,
-            momentum: None,
-            affine: weight_and_bias.is_some(),
-            track_running_stats: true,
-        };
+        let config = config
+            .with_affine(weight_and_bias.is_some())
+            .with_track_running_stats(true);
         let nbt = Tensor::zeros((), DType::I64, mean.device())?;
         let inner = SyncBatchNorm::from_frozen_parts(
             format!("{} (frozen)", display_path(&path)),
@@ -177,9 +178,21 @@ impl FrozenBatchNorm {
         self.inner.num_features()
     }
 
+    /// The configuration it was built with (`affine` as built,
+    /// `track_running_stats` always true).
+    pub fn config(&self) -> &SyncBatchNormConfig {
+        self.inner.config()
+    }
+
     /// The `eps` added to the running variance.
     pub fn eps(&self) -> f64 {
-        self.inner.config().eps
+        self.inner.eps()
+    }
+
+    /// The momentum it was built with; a frozen layer never updates its
+    /// statistics, so it is not used.
+    pub fn momentum(&self) -> Option<f64> {
+        self.inner.momentum()
     }
 
     /// The layer's name (its variable prefix), used in error messages.
@@ -192,23 +205,28 @@ impl FrozenBatchNorm {
         self.inner.weight_and_bias()
     }
 
-    /// A copy of the running mean.
-    pub fn running_mean(&self) -> Result<Tensor> {
-        self.running(|(m, _, _)| m)
+    /// The running mean the map subtracts (detached; always `Some`: the
+    /// `Option` is the type every layer returns).
+    pub fn running_mean(&self) -> Option<&Tensor> {
+        self.inner.running_mean()
     }
 
-    /// A copy of the running variance.
-    pub fn running_var(&self) -> Result<Tensor> {
-        self.running(|(_, v, _)| v)
+    /// The running variance the map divides by (detached; always `Some`).
+    pub fn running_var(&self) -> Option<&Tensor> {
+        self.inner.running_var()
     }
 
-    fn running<'a>(
-        &'a self,
-        pick: impl Fn((&'a Tensor, &'a Tensor, &'a Tensor)) -> &'a Tensor,
-    ) -> Result<Tensor> {
-        match self.inner.running_variables() {
-            Some(r) => pick(r).copy(),
-            None => bail_input!("FrozenBatchNorm '{}': no running statistics", self.name()),
+    /// Always 0: a frozen layer counts no batches (a checkpoint's counter is
+    /// accepted and ignored). A `Result` like every layer's.
+    pub fn num_batches_tracked(&self) -> Result<u64> {
+        Ok(0)
+    }
+
+    /// The running mean and variance, for the map.
+    fn statistics(&self) -> Result<(&Tensor, &Tensor)> {
+        match (self.running_mean(), self.running_var()) {
+            (Some(m), Some(v)) => Ok((m, v)),
+            _ => bail_input!("FrozenBatchNorm '{}': no running statistics", self.name()),
         }
     }
 
@@ -216,8 +234,8 @@ impl FrozenBatchNorm {
     /// in f64 on the layer's device: `scale = weight / √(running_var + eps)`,
     /// `shift = bias − running_mean · scale`.
     pub fn scale_and_shift(&self) -> Result<(Tensor, Tensor)> {
-        let mean = self.running_mean()?.to_dtype(DType::F64)?;
-        let var = self.running_var()?.to_dtype(DType::F64)?;
+        let (mean, var) = self.statistics()?;
+        let (mean, var) = (mean.to_dtype(DType::F64)?, var.to_dtype(DType::F64)?);
         let mut scale = var.affine(1.0, self.eps())?.sqrt()?.recip()?;
         let mut shift = mean.neg()?.mul(&scale)?;
         if let Some((w, b)) = self.weight_and_bias() {
@@ -275,7 +293,7 @@ impl SyncBatchNorm {
         FrozenBatchNorm::from_tensors(
             self.name().to_string(),
             self.num_features(),
-            self.config().eps,
+            *self.config(),
             weight_and_bias,
             mean.copy()?,
             var.copy()?,

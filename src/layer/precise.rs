@@ -93,7 +93,7 @@ impl PreciseSwitch {
 impl SyncBatchNorm {
     /// The momentum training forwards use: the configured one, or `Some(1)`
     /// while [`Self::precise_switch`] is on.
-    pub(super) fn momentum(&self) -> Option<f64> {
+    pub(super) fn update_momentum(&self) -> Option<f64> {
         if self.precise.is_on() {
             Some(1.0)
         } else {

@@ -546,8 +546,8 @@ pub fn run_rank_with(
         }
     }
     if let (Some(m), Some(v)) = (bn.running_mean(), bn.running_var()) {
-        run.running_mean = values(&m);
-        run.running_var = values(&v);
+        run.running_mean = values(m);
+        run.running_var = values(v);
     }
     run.batches = bn.num_batches_tracked().unwrap();
     let eval = tensor(&eval_x.1, &eval_x.0, dtype);
@@ -855,7 +855,7 @@ fn run_swapped(
     });
     let kind = error.as_ref().and_then(candle_syncbn::error_kind);
     let error = error.map(|e| e.to_string());
-    let mean = |l: &SyncBatchNorm| values(&l.running_mean().unwrap());
+    let mean = |l: &SyncBatchNorm| values(l.running_mean().unwrap());
     SwappedRun {
         error,
         kind,
@@ -973,8 +973,8 @@ pub fn layer_stack(
             .push(values(store.get(x.as_tensor()).expect("input gradient")));
     }
     for l in &layers {
-        run.running.push(values(&l.running_mean().unwrap()));
-        run.running.push(values(&l.running_var().unwrap()));
+        run.running.push(values(l.running_mean().unwrap()));
+        run.running.push(values(l.running_var().unwrap()));
     }
     Ok(run)
 }

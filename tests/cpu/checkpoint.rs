@@ -93,13 +93,13 @@ fn assert_values(what: &str, got: &[f64], want: &[f64], atol: f64) {
 fn check_layer_matches(layer: &SyncBatchNorm, state: &[(String, Tensor)], nbt: u64) {
     assert_values(
         "running_mean",
-        &values(&layer.running_mean().unwrap()),
+        &values(layer.running_mean().unwrap()),
         &values(get(state, "running_mean")),
         0.0,
     );
     assert_values(
         "running_var",
-        &values(&layer.running_var().unwrap()),
+        &values(layer.running_var().unwrap()),
         &values(get(state, "running_var")),
         0.0,
     );
@@ -353,7 +353,7 @@ fn pytorch_safetensors_round_trip() {
     assert_values(
         "saved running_mean",
         &values(&saved["features.bn.running_mean"]),
-        &values(&bn.running_mean().unwrap()),
+        &values(bn.running_mean().unwrap()),
         0.0,
     );
     let bytes = std::fs::read(&out).unwrap();
@@ -396,7 +396,7 @@ fn pytorch_safetensors_through_varbuilder() {
     assert_eq!(head.num_batches_tracked().unwrap(), 41);
     assert_values(
         "local running_var",
-        &values(&head.running_var().unwrap()),
+        &values(head.running_var().unwrap()),
         &values(get(&state[5..], "running_var")),
         0.0,
     );
@@ -436,11 +436,9 @@ fn pth_state_dicts_load() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("pth_key"), "{err}");
-    let options = LoadOptions {
-        pth_key: Some("state_dict".into()),
-        strip_prefix: Some("module.".into()),
-        ..Default::default()
-    };
+    let options = LoadOptions::default()
+        .with_pth_key("state_dict")
+        .with_strip_prefix("module.");
     let sd = read_state_dict(&nested, &options).unwrap();
     assert!(sd.contains_key("bn.num_batches_tracked"));
     load_checkpoint(&varmap, &nested, &options).unwrap();
@@ -492,7 +490,7 @@ fn candle_nn_checkpoints_both_ways() {
     assert_values(
         "candle-nn running_mean after loading",
         &values(nn.running_mean()),
-        &values(&bn.running_mean().unwrap()),
+        &values(bn.running_mean().unwrap()),
         0.0,
     );
     std::fs::remove_dir_all(&dir).ok();
@@ -556,10 +554,7 @@ fn load_errors_are_clear_and_change_nothing() {
         err.contains("unexpected") && err.contains("fc.weight"),
         "{err}"
     );
-    let lenient = LoadOptions {
-        strict: false,
-        ..Default::default()
-    };
+    let lenient = LoadOptions::default().with_strict(false);
     let report = load_checkpoint(&varmap, &file, &lenient).unwrap();
     assert_eq!(report.missing, ["bn.bias"]);
     assert_eq!(report.unexpected, ["fc.weight"]);
@@ -1474,5 +1469,66 @@ fn killed_saves_leave_no_temp_files() {
     save_checkpoint(&bn_varmap(1.5), dir.join("m.safetensors")).unwrap();
     assert_eq!(listing(&dir), ["m.safetensors"]);
     assert_checkpoint_holds(&dir.join("m.safetensors"), 1.5);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A layer converted with `from_batch_norm` saves its `num_batches_tracked`
+/// once registered with `with_counter` (the count so far kept, later steps
+/// counted in the map's variable); unregistered, the checkpoint has none.
+#[test]
+fn converted_layers_save_their_counters_once_registered() {
+    let dir = test_dir("converted-counters");
+    let dev = Device::Cpu;
+    let x = Tensor::randn(0f32, 1.0, (6, 4, 3), &dev).unwrap();
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+    let nn = candle_nn::batch_norm(4, 1e-5, vb.pp("bn")).unwrap();
+    let plain = candle_nn::batch_norm(4, 1e-5, vb.pp("plain")).unwrap();
+    let sync = SyncBatchNorm::from_batch_norm(&nn, ProcessGroup::single())
+        .unwrap()
+        .with_name("bn");
+    let unregistered = SyncBatchNorm::from_batch_norm(&plain, ProcessGroup::single()).unwrap();
+    for _ in 0..2 {
+        sync.forward_t(&x, true).unwrap();
+        unregistered.forward_t(&x, true).unwrap();
+    }
+    let sync = sync.with_counter(vb.pp("bn")).unwrap();
+    for _ in 0..2 {
+        sync.forward_t(&x, true).unwrap();
+    }
+    assert_eq!(sync.num_batches_tracked().unwrap(), 4);
+    let path = dir.join("converted.safetensors");
+    save_checkpoint(&varmap, &path).unwrap();
+    let sd = read_state_dict(&path, &LoadOptions::default()).unwrap();
+    assert_eq!(
+        sd["bn.num_batches_tracked"].to_scalar::<i64>().unwrap(),
+        4,
+        "{:?}",
+        sd.keys()
+    );
+    assert!(!sd.contains_key("plain.num_batches_tracked"));
+    // Registering again over the map's counter (as after loading a
+    // checkpoint) takes the map's value.
+    let again = SyncBatchNorm::from_batch_norm(&nn, ProcessGroup::single())
+        .unwrap()
+        .with_counter(vb.pp("bn"))
+        .unwrap();
+    assert_eq!(again.num_batches_tracked().unwrap(), 4);
+    // A layer without running statistics has no counter to register.
+    let untracked = SyncBatchNorm::new(
+        4,
+        candle_syncbn::SyncBatchNormConfig::default().with_track_running_stats(false),
+        vb.pp("untracked"),
+        ProcessGroup::single(),
+    )
+    .unwrap();
+    let e = untracked
+        .with_counter(vb.pp("untracked"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("'untracked'") && e.contains("no running statistics"),
+        "{e}"
+    );
     std::fs::remove_dir_all(&dir).ok();
 }

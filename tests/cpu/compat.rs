@@ -81,14 +81,14 @@ fn agrees_with_candle_nn_batch_norm_in_train_and_eval() {
         );
         assert_close(
             "running mean",
-            &values(&sync_bn.running_mean().unwrap()),
+            &values(sync_bn.running_mean().unwrap()),
             &values(nn_bn.running_mean()),
             1e-6,
             1e-6,
         );
         assert_close(
             "running var",
-            &values(&sync_bn.running_var().unwrap()),
+            &values(sync_bn.running_var().unwrap()),
             &values(nn_bn.running_var()),
             1e-6,
             1e-6,
@@ -161,10 +161,7 @@ fn checkpoints_save_and_load_with_running_stats() {
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
         let bn = SyncBatchNorm::new(
             2,
-            SyncBatchNormConfig {
-                momentum: None,
-                ..Default::default()
-            },
+            SyncBatchNormConfig::default().with_momentum(None),
             vb.pp("bn"),
             ProcessGroup::single(),
         )
@@ -174,8 +171,8 @@ fn checkpoints_save_and_load_with_running_stats() {
         }
         varmap.save(&path).unwrap();
         (
-            values(&bn.running_mean().unwrap()),
-            values(&bn.running_var().unwrap()),
+            values(bn.running_mean().unwrap()),
+            values(bn.running_var().unwrap()),
             values(&bn.forward_t(&x, false).unwrap()),
         )
     };
@@ -188,8 +185,8 @@ fn checkpoints_save_and_load_with_running_stats() {
         ProcessGroup::single(),
     )
     .unwrap();
-    assert_eq!(values(&bn.running_mean().unwrap()), rm);
-    assert_eq!(values(&bn.running_var().unwrap()), rv);
+    assert_eq!(values(bn.running_mean().unwrap()), rm);
+    assert_eq!(values(bn.running_var().unwrap()), rv);
     assert_eq!(bn.num_batches_tracked().unwrap(), 3);
     assert_eq!(values(&bn.forward_t(&x, false).unwrap()), y_eval);
     // ... and into a VarMap for further training.
@@ -232,12 +229,11 @@ fn checkpoints_save_and_load_with_running_stats() {
 fn config_conversions() {
     assert_eq!(
         SyncBatchNormConfig::default(),
-        SyncBatchNormConfig {
-            eps: 1e-5,
-            momentum: Some(0.1),
-            affine: true,
-            track_running_stats: true
-        }
+        SyncBatchNormConfig::default()
+            .with_eps(1e-5)
+            .with_momentum(Some(0.1))
+            .with_affine(true)
+            .with_track_running_stats(true)
     );
     assert_eq!(SyncBatchNormConfig::from(1e-3).eps, 1e-3);
     let c: SyncBatchNormConfig = candle_nn::BatchNormConfig {
@@ -250,12 +246,11 @@ fn config_conversions() {
     .unwrap();
     assert_eq!(
         c,
-        SyncBatchNormConfig {
-            eps: 2e-5,
-            momentum: Some(0.3),
-            affine: false,
-            track_running_stats: true
-        }
+        SyncBatchNormConfig::default()
+            .with_eps(2e-5)
+            .with_momentum(Some(0.3))
+            .with_affine(false)
+            .with_track_running_stats(true)
     );
     // `remove_mean: false` has no synchronized equivalent: an error, not a
     // configuration that silently subtracts the mean.

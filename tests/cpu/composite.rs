@@ -105,18 +105,13 @@ fn composite_matches_the_kernels_on_one_rank() {
         ("default", SyncBatchNormConfig::default()),
         (
             "cumulative",
-            SyncBatchNormConfig {
-                momentum: None,
-                ..Default::default()
-            },
+            SyncBatchNormConfig::default().with_momentum(None),
         ),
         (
             "plain",
-            SyncBatchNormConfig {
-                affine: false,
-                track_running_stats: false,
-                ..Default::default()
-            },
+            SyncBatchNormConfig::default()
+                .with_affine(false)
+                .with_track_running_stats(false),
         ),
     ];
     let shapes: [&[usize]; 3] = [&[4, 3, 5, 6], &[12, 3], &[2, 3, 2, 3, 4]];
@@ -298,10 +293,7 @@ fn composite_empty_batches_give_the_kernels_gradients() {
     for (train, track) in [(true, true), (false, true), (false, false)] {
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-        let cfg = SyncBatchNormConfig {
-            track_running_stats: track,
-            ..Default::default()
-        };
+        let cfg = SyncBatchNormConfig::default().with_track_running_stats(track);
         let bn = SyncBatchNorm::new(3, cfg, vb, ProcessGroup::single()).unwrap();
         let (w, b) = bn.weight_and_bias().unwrap();
         let mut grads = Vec::new();

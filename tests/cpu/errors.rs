@@ -150,18 +150,9 @@ fn invalid_configuration() {
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
     let bad = [
-        SyncBatchNormConfig {
-            eps: -1.0,
-            ..Default::default()
-        },
-        SyncBatchNormConfig {
-            eps: f64::NAN,
-            ..Default::default()
-        },
-        SyncBatchNormConfig {
-            momentum: Some(1.5),
-            ..Default::default()
-        },
+        SyncBatchNormConfig::default().with_eps(-1.0),
+        SyncBatchNormConfig::default().with_eps(f64::NAN),
+        SyncBatchNormConfig::default().with_momentum(Some(1.5)),
     ];
     for cfg in bad {
         let e = SyncBatchNorm::new(4, cfg, vb.pp("bn"), ProcessGroup::single())

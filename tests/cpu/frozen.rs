@@ -231,8 +231,8 @@ fn optimizer_steps_leave_frozen_layers_bit_identical() {
     let layer_before: Vec<Vec<u64>> = vec![
         bits(frozen.weight_and_bias().unwrap().0),
         bits(frozen.weight_and_bias().unwrap().1),
-        bits(&frozen.running_mean().unwrap()),
-        bits(&frozen.running_var().unwrap()),
+        bits(frozen.running_mean().unwrap()),
+        bits(frozen.running_var().unwrap()),
     ];
     let neck_w = bits(model.neck.weight_and_bias().unwrap().0);
     let mut sgd = candle_nn::SGD::new(varmap.all_vars(), 0.5).unwrap();
@@ -270,8 +270,8 @@ fn optimizer_steps_leave_frozen_layers_bit_identical() {
     let layer_after: Vec<Vec<u64>> = vec![
         bits(frozen.weight_and_bias().unwrap().0),
         bits(frozen.weight_and_bias().unwrap().1),
-        bits(&frozen.running_mean().unwrap()),
-        bits(&frozen.running_var().unwrap()),
+        bits(frozen.running_mean().unwrap()),
+        bits(frozen.running_var().unwrap()),
     ];
     assert_eq!(layer_after, layer_before, "the frozen layer's tensors");
     // The step did train: the synchronized layer's weight moved.
@@ -347,8 +347,8 @@ fn three_outcomes_load_and_save_pytorch_named_checkpoints() {
         (&model.head, "head.bn"),
     ] {
         let (m, v, w, b) = &expected[prefix];
-        assert_eq!(&values(&layer.running_mean().unwrap()), m, "{prefix}");
-        assert_eq!(&values(&layer.running_var().unwrap()), v, "{prefix}");
+        assert_eq!(&values(layer.running_mean().unwrap()), m, "{prefix}");
+        assert_eq!(&values(layer.running_var().unwrap()), v, "{prefix}");
         let (lw, lb) = layer.weight_and_bias().unwrap();
         assert_eq!((&values(lw), &values(lb)), (w, b), "{prefix}");
     }
@@ -423,12 +423,12 @@ fn three_outcomes_load_and_save_pytorch_named_checkpoints() {
         (&model.head, &reloaded.head),
     ] {
         assert_eq!(
-            bits(&a.running_mean().unwrap()),
-            bits(&b.running_mean().unwrap())
+            bits(a.running_mean().unwrap()),
+            bits(b.running_mean().unwrap())
         );
         assert_eq!(
-            bits(&a.running_var().unwrap()),
-            bits(&b.running_var().unwrap())
+            bits(a.running_var().unwrap()),
+            bits(b.running_var().unwrap())
         );
         assert_eq!(
             bits(a.weight_and_bias().unwrap().0),
@@ -498,10 +498,7 @@ fn frozen_errors_name_the_layer() {
     let vb = VarBuilder::zeros(DType::F32, &dev);
     let untracked = SyncBatchNorm::new(
         3,
-        SyncBatchNormConfig {
-            track_running_stats: false,
-            ..Default::default()
-        },
+        SyncBatchNormConfig::default().with_track_running_stats(false),
         vb.pp("stem.bn"),
         ProcessGroup::single(),
     )
@@ -521,13 +518,22 @@ fn frozen_errors_name_the_layer() {
         err.contains("backbone.bn1") && err.contains("expected 3 channels"),
         "{err}"
     );
+    let cfg = SyncBatchNormConfig::default().with_track_running_stats(false);
+    let err = FrozenBatchNorm::new(3, cfg, vb.pp("b2"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("'b2'") && err.contains("track_running_stats: false"),
+        "{err}"
+    );
+    // remove_mean: false (candle-nn's configuration) at a frozen site.
     let cfg = candle_nn::BatchNormConfig {
         remove_mean: false,
         ..Default::default()
     };
-    let err = FrozenBatchNorm::new(3, cfg, vb.pp("b2"))
-        .unwrap_err()
-        .to_string();
+    let rw = candle_syncbn::BatchNormRewriter::new(vb.clone(), ProcessGroup::single())
+        .rule(|_| candle_syncbn::Outcome::Frozen);
+    let err = rw.batch_norm(3, cfg, vb.pp("b2")).unwrap_err().to_string();
     assert!(
         err.contains("'b2'") && err.contains("remove_mean: false"),
         "{err}"

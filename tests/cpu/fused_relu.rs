@@ -137,10 +137,7 @@ fn check_fused(
     let label =
         format!("{dtype:?} {shape:?} affine={affine} x_last={x_last} residual={residual:?}");
     let mut rng = Rng::new(seed);
-    let cfg = SyncBatchNormConfig {
-        affine,
-        ..Default::default()
-    };
+    let cfg = SyncBatchNormConfig::default().with_affine(affine);
     let (bn, w, b) = layer(shape[1], cfg, dtype, &mut rng);
     let elems: usize = shape.iter().product();
     let (atol, rtol) = tolerance(dtype);
@@ -221,8 +218,8 @@ fn check_fused(
     }
 
     let (mean, var) = (
-        values(&bn.running_mean().unwrap()),
-        values(&bn.running_var().unwrap()),
+        values(bn.running_mean().unwrap()),
+        values(bn.running_var().unwrap()),
     );
     let want = expected(&reference_eval(&xs, shape, &mean, &var, &w, &b, 1e-5));
     assert_close(
@@ -285,8 +282,8 @@ fn fused_relu_in_eval_uses_running_statistics() {
         }
         assert_eq!(bn.num_batches_tracked().unwrap(), 2);
         let (mean, var) = (
-            values(&bn.running_mean().unwrap()),
-            values(&bn.running_var().unwrap()),
+            values(bn.running_mean().unwrap()),
+            values(bn.running_var().unwrap()),
         );
         let xs = values(&tensor(&rng.normals(elems, 3.0, 2.0), &shape, dtype));
         let gs = values(&tensor(&rng.normals(elems, 0.0, 1.0), &shape, dtype));

@@ -10,10 +10,7 @@ use common::*;
 fn f64_layer(c: usize, affine: bool) -> (VarMap, SyncBatchNorm) {
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F64, &Device::Cpu);
-    let cfg = SyncBatchNormConfig {
-        affine,
-        ..Default::default()
-    };
+    let cfg = SyncBatchNormConfig::default().with_affine(affine);
     let bn = SyncBatchNorm::new(c, cfg, vb, ProcessGroup::single()).unwrap();
     if let Some((w, b)) = bn.weight_and_bias() {
         Var::from_tensor(w)
@@ -194,10 +191,7 @@ fn large_mean_small_std_in_f32() {
     let xs = values(&x);
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-    let cfg = SyncBatchNormConfig {
-        momentum: Some(1.0),
-        ..Default::default()
-    };
+    let cfg = SyncBatchNormConfig::default().with_momentum(Some(1.0));
     let bn = SyncBatchNorm::new(4, cfg, vb, ProcessGroup::single()).unwrap();
     let y = values(&bn.forward_t(&x, true).unwrap());
     let r = reference_forward(&xs, &shape, &[1.0; 4], &[0.0; 4], 1e-5);
@@ -207,14 +201,14 @@ fn large_mean_small_std_in_f32() {
     let unbiased: Vec<f64> = r.var.iter().map(|v| v * count / (count - 1.0)).collect();
     assert_close(
         "running var",
-        &values(&bn.running_var().unwrap()),
+        &values(bn.running_var().unwrap()),
         &unbiased,
         0.0,
         1e-3,
     );
     assert_close(
         "running mean",
-        &values(&bn.running_mean().unwrap()),
+        &values(bn.running_mean().unwrap()),
         &r.mean,
         0.0,
         1e-6,

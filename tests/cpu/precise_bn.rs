@@ -236,13 +236,13 @@ fn run_rank(
     })?;
     let stats = |l: &BatchNormLayer| {
         (
-            values(&l.running_mean().unwrap()),
-            values(&l.running_var().unwrap()),
+            values(l.running_mean().unwrap()),
+            values(l.running_var().unwrap()),
         )
     };
     let both_bits = |l: &BatchNormLayer| {
-        let mut b = bits(&l.running_mean().unwrap());
-        b.extend(bits(&l.running_var().unwrap()));
+        let mut b = bits(l.running_mean().unwrap());
+        b.extend(bits(l.running_var().unwrap()));
         b
     };
     let result = RankResult {
@@ -516,13 +516,13 @@ fn errors_leave_the_layers_as_they_were() {
     );
     assert_eq!(snapshot(&varmap), before);
     // And afterwards training uses the configured momentum: 0.9·old + 0.1·batch.
-    let old = values(&model.neck.running_mean().unwrap());
+    let old = values(model.neck.running_mean().unwrap());
     let (h1, _) = model.forward(&data(1, 0), true).unwrap();
     let (bm, _) = batch_stats(&values(&h1), &[SIZES[0][1], C, L]);
     let want: Vec<f64> = (0..C).map(|c| 0.9 * old[c] + 0.1 * bm[c]).collect();
     assert_close(
         "momentum after errors",
-        &values(&model.neck.running_mean().unwrap()),
+        &values(model.neck.running_mean().unwrap()),
         &want,
         1e-6,
         1e-5,
@@ -562,16 +562,13 @@ fn checkpoint_after_precise_statistics_loads_back_the_same_numbers() {
     );
     assert_eq!(
         bits(&file["neck.bn.running_var"]),
-        bits(&model.neck.running_var().unwrap())
+        bits(model.neck.running_var().unwrap())
     );
     // A plain SyncBatchNorm (not through the rewriter) takes part too.
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
     let extra = candle_syncbn::SyncBatchNorm::new(
         C,
-        candle_syncbn::SyncBatchNormConfig {
-            momentum: None,
-            ..Default::default()
-        },
+        candle_syncbn::SyncBatchNormConfig::default().with_momentum(None),
         vb.pp("extra"),
         ProcessGroup::single(),
     )
@@ -590,14 +587,14 @@ fn checkpoint_after_precise_statistics_loads_back_the_same_numbers() {
     ]);
     assert_close(
         "plain layer mean",
-        &values(&extra.running_mean().unwrap()),
+        &values(extra.running_mean().unwrap()),
         &want_m,
         1e-6,
         1e-5,
     );
     assert_close(
         "plain layer var",
-        &values(&extra.running_var().unwrap()),
+        &values(extra.running_var().unwrap()),
         &want_v,
         1e-6,
         1e-5,
@@ -613,7 +610,7 @@ fn checkpoint_after_precise_statistics_loads_back_the_same_numbers() {
     .unwrap();
     assert_close(
         "composed layer var",
-        &values(&extra.running_var().unwrap()),
+        &values(extra.running_var().unwrap()),
         &want_v,
         1e-6,
         1e-5,
@@ -656,8 +653,8 @@ fn run_with_skips(
         .unwrap();
     let stats = |l: &BatchNormLayer| {
         (
-            values(&l.running_mean().unwrap()),
-            values(&l.running_var().unwrap()),
+            values(l.running_mean().unwrap()),
+            values(l.running_var().unwrap()),
         )
     };
     (stats(&model.neck), stats(&model.head), neck, head)

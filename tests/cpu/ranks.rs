@@ -103,11 +103,9 @@ fn check_split_with(
 fn k_ranks_equal_one_rank_on_the_whole_batch() {
     let cfgs = [
         SyncBatchNormConfig::default(),
-        SyncBatchNormConfig {
-            momentum: None,
-            affine: false,
-            ..Default::default()
-        },
+        SyncBatchNormConfig::default()
+            .with_momentum(None)
+            .with_affine(false),
     ];
     let splits: [&[usize]; 6] = [
         &[7],
@@ -149,11 +147,9 @@ fn half_precision_ranks_match_one_rank() {
 fn k_ranks_with_fused_relu_and_residual_equal_one_rank() {
     let cfgs = [
         SyncBatchNormConfig::default(),
-        SyncBatchNormConfig {
-            affine: false,
-            momentum: None,
-            ..Default::default()
-        },
+        SyncBatchNormConfig::default()
+            .with_affine(false)
+            .with_momentum(None),
     ];
     let mut seed = 300;
     for sizes in [&[3usize, 4][..], &[2, 0, 5], &[1, 3, 0, 4]] {

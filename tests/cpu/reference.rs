@@ -37,12 +37,11 @@ fn run_case(case: &Case, seed: u64) {
         dtype
     };
     let vb = VarBuilder::from_varmap(&varmap, param_dtype, &Device::Cpu);
-    let cfg = SyncBatchNormConfig {
-        eps,
-        momentum,
-        affine,
-        track_running_stats: track,
-    };
+    let cfg = SyncBatchNormConfig::default()
+        .with_eps(eps)
+        .with_momentum(momentum)
+        .with_affine(affine)
+        .with_track_running_stats(track);
     let bn = SyncBatchNorm::new(c_n, cfg, vb.pp("bn"), ProcessGroup::single()).unwrap();
     let mut rng = Rng::new(seed);
     let (w, b) = if affine {
@@ -130,14 +129,14 @@ fn run_case(case: &Case, seed: u64) {
             let stat_tol = if dtype == DType::F64 { 1e-12 } else { 1e-5 };
             assert_close(
                 &format!("{label}: running mean"),
-                &values(&bn.running_mean().unwrap()),
+                &values(bn.running_mean().unwrap()),
                 &run_mean,
                 stat_tol,
                 stat_tol,
             );
             assert_close(
                 &format!("{label}: running var"),
-                &values(&bn.running_var().unwrap()),
+                &values(bn.running_var().unwrap()),
                 &run_var,
                 stat_tol,
                 stat_tol,
@@ -266,7 +265,7 @@ fn strided_step(c: usize, base: &Tensor, view: View) -> [Vec<f64>; 6] {
         values(&gx),
         values(&gw),
         values(&gx2),
-        values(&bn.running_var().unwrap()),
+        values(bn.running_var().unwrap()),
         strides,
     ]
 }

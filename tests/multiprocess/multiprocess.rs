@@ -85,8 +85,8 @@ fn two_steps(
         dw,
         db,
         y2,
-        running_mean: bn.running_mean().expect("tracked"),
-        running_var: bn.running_var().expect("tracked"),
+        running_mean: bn.running_mean().expect("tracked").copy()?,
+        running_var: bn.running_var().expect("tracked").copy()?,
     })
 }
 
@@ -197,18 +197,54 @@ fn failing_step(group: &ProcessGroup, scenario: &str) {
     }
 }
 
+/// Two layers on every rank: one only ever run in eval mode (as a model
+/// calling `apply_t(&bn, false)` runs it), one trained once first; 150 eval
+/// forwards each.
+fn eval_only(group: &ProcessGroup) -> candle::Result<()> {
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let cfg = SyncBatchNormConfig::default();
+    let never = SyncBatchNorm::new(C, cfg, vb.pp("never_trained"), group.clone())?;
+    let trained = SyncBatchNorm::new(C, cfg, vb.pp("trained_once"), group.clone())?;
+    let x = Tensor::arange(0f32, (3 * C * 5) as f32, &Device::Cpu)?.reshape((3, C, 5))?;
+    trained.forward_t(&x, true)?;
+    for _ in 0..150 {
+        never.forward_t(&x, false)?;
+        trained.forward_t(&x, false)?;
+    }
+    println!("eval-only: done");
+    Ok(())
+}
+
 /// Plays one rank of a scenario when run as a worker; a no-op otherwise.
 #[test]
 fn worker() {
     let Ok(scenario) = std::env::var(SCENARIO) else {
         return;
     };
-    let group = match ProcessGroup::from_env(&Device::Cpu) {
-        Ok(g) => g,
-        Err(e) => expected(e),
+    let group = if scenario == "init-rank" {
+        match cpu_rank() {
+            Ok(rank) => {
+                assert!(rank.device.is_cpu(), "{rank:?}");
+                let g = rank.group;
+                println!(
+                    "init_rank: rank {} of {} on the CPU",
+                    g.rank(),
+                    g.world_size()
+                );
+                g
+            }
+            Err(e) => expected(e),
+        }
+    } else {
+        match ProcessGroup::from_env(&Device::Cpu) {
+            Ok(g) => g,
+            Err(e) => expected(e),
+        }
     };
     match scenario.as_str() {
-        "equivalence" => equivalence(&group).unwrap(),
+        "equivalence" | "init-rank" => equivalence(&group).unwrap(),
+        "eval-only" => eval_only(&group).unwrap(),
         "kill" | "hang" | "mismatch" => failing_step(&group, &scenario),
         "fail-rank-1" => {
             if group.rank() == 1 {
@@ -218,6 +254,15 @@ fn worker() {
         }
         s => panic!("unknown scenario {s}"),
     }
+}
+
+/// This rank's CPU device and group in one call: `init_rank` itself in a
+/// CPU build (the one a CUDA build would point at a GPU).
+fn cpu_rank() -> candle::Result<candle_syncbn::Rank> {
+    #[cfg(not(feature = "cuda"))]
+    return candle_syncbn::init_rank();
+    #[cfg(feature = "cuda")]
+    return candle_syncbn::Rank::from_env(candle_syncbn::launch::RankDevice::Cpu);
 }
 
 /// The arguments that make this executable run [`worker`] and no other test.
@@ -301,22 +346,57 @@ fn all(world: usize) -> Vec<usize> {
     (0..world).collect()
 }
 
-#[test]
-fn two_processes_match_one() {
+/// Runs two workers of an equivalence `scenario` on `batches` and checks
+/// that each matched one process and printed what `also(rank)` says.
+fn two_ranks_match_one(scenario: &str, batches: &str, also: impl Fn(usize) -> String) {
     let out = run_workers(
         2,
-        "equivalence",
-        |_| vec![(BATCHES, "5,3".into())],
+        scenario,
+        |_| vec![(BATCHES, batches.into())],
         &all(2),
         Duration::from_secs(60),
     );
     for (r, o) in out.iter().enumerate() {
         assert_eq!(o.code, Some(0), "rank {r}:\n{}", o.output);
         assert!(
-            o.output.contains("match the single-process result"),
+            o.output.contains("match the single-process result") && o.output.contains(&also(r)),
             "{}",
             o.output
         );
+    }
+}
+
+#[test]
+fn two_processes_match_one() {
+    two_ranks_match_one("equivalence", "5,3", |_| String::new());
+}
+
+/// `init_rank` reads the launcher's variables, gives each process the CPU
+/// and a TCP group of the two ranks, which then match one process.
+#[test]
+fn init_rank_sets_up_cpu_ranks_in_one_call() {
+    two_ranks_match_one("init-rank", "4,3", |r| {
+        format!("init_rank: rank {r} of 2 on the CPU")
+    });
+}
+
+/// A synchronized layer that has only run in eval mode after 100 forwards
+/// (the model never passes `train` on) says so on stderr, once; a layer
+/// that trained does not.
+#[test]
+fn a_layer_only_ever_in_eval_mode_warns_once() {
+    let out = run_workers(2, "eval-only", |_| vec![], &all(2), Duration::from_secs(60));
+    for (r, o) in out.iter().enumerate() {
+        assert_eq!(o.code, Some(0), "rank {r}:\n{}", o.output);
+        assert!(o.output.contains("eval-only: done"), "{}", o.output);
+        let warning = "warning: SyncBatchNorm 'never_trained' synchronizes over 2 ranks but has run 100 forwards in eval mode and none in training mode";
+        assert_eq!(
+            o.output.matches(warning).count(),
+            1,
+            "rank {r}:\n{}",
+            o.output
+        );
+        assert!(!o.output.contains("'trained_once'"), "{}", o.output);
     }
 }
 

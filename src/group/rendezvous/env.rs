@@ -40,6 +40,7 @@ pub(crate) const PORT_FILE_VAR: &str = "SYNCBN_PORT_FILE";
 
 /// Which launcher's variables described the rank.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum EnvSource {
     /// `RANK`/`WORLD_SIZE` (torchrun, this crate's launcher).
     Torchrun,
@@ -51,8 +52,11 @@ pub enum EnvSource {
     Explicit,
 }
 
-/// Everything a rank needs to join its group.
+/// Everything a rank needs to join its group: from the environment
+/// ([`Rendezvous::from_env`]) or built with [`Rendezvous::new`] and the
+/// `with_*` setters (non-exhaustive: fields may be added).
 #[derive(Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Rendezvous {
     /// This process's rank, `0..world_size`.
     pub rank: usize,
