@@ -12,7 +12,11 @@ use std::ops::Range;
 
 /// How gradients are averaged ([`GradientAverager`],
 /// [`average_gradients_with`](crate::data_parallel::average_gradients_with)).
+///
+/// Non-exhaustive, so that a future option is not a breaking change: start
+/// from [`Default`] and change what differs with the `with_*` setters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct AverageOptions {
     /// The largest bucket, in bytes of the reduced dtype (default 25 MiB, as
     /// PyTorch's DDP); a larger gradient gets a bucket of its own.
@@ -21,6 +25,20 @@ pub struct AverageOptions {
     /// the wire, as PyTorch's DDP does) instead of f32 (the default: each
     /// rank's gradient rounded once to f32, summed in f32, rounded once back).
     pub half_in_own_dtype: bool,
+}
+
+impl AverageOptions {
+    /// With [`bucket_bytes`](Self::bucket_bytes) set to `bytes`.
+    pub fn with_bucket_bytes(mut self, bytes: usize) -> Self {
+        self.bucket_bytes = bytes;
+        self
+    }
+
+    /// With [`half_in_own_dtype`](Self::half_in_own_dtype) set to `own`.
+    pub fn with_half_in_own_dtype(mut self, own: bool) -> Self {
+        self.half_in_own_dtype = own;
+        self
+    }
 }
 
 impl Default for AverageOptions {

@@ -11,7 +11,12 @@ use std::time::Duration;
 const DEFAULT_RING_MIN_BYTES: u64 = 256 * 1024;
 
 /// Tunables of the multi-process groups.
+///
+/// Non-exhaustive, so that a future tunable is not a breaking change: start
+/// from [`Default`] or [`StoreOptions::from_env`] and change what differs
+/// with the `with_*` setters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct StoreOptions {
     /// How long a collective waits for the other ranks (and a rank for its
     /// socket) before it fails.
@@ -41,6 +46,30 @@ impl Default for StoreOptions {
 }
 
 impl StoreOptions {
+    /// With [`timeout`](Self::timeout) set to `timeout`.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// With [`rendezvous_timeout`](Self::rendezvous_timeout) set to `timeout`.
+    pub fn with_rendezvous_timeout(mut self, timeout: Duration) -> Self {
+        self.rendezvous_timeout = timeout;
+        self
+    }
+
+    /// With [`max_message_bytes`](Self::max_message_bytes) set to `bytes`.
+    pub fn with_max_message_bytes(mut self, bytes: u64) -> Self {
+        self.max_message_bytes = bytes;
+        self
+    }
+
+    /// With [`ring_min_bytes`](Self::ring_min_bytes) set to `bytes`.
+    pub fn with_ring_min_bytes(mut self, bytes: u64) -> Self {
+        self.ring_min_bytes = bytes;
+        self
+    }
+
     /// The defaults, with the timeouts from `SYNCBN_TIMEOUT` (seconds, for both
     /// the collectives and the rendezvous) and
     /// [`ring_min_bytes`](Self::ring_min_bytes) from `SYNCBN_RING_MIN_BYTES`

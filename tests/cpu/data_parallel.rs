@@ -88,10 +88,7 @@ fn half_gradients_reduce_in_f32_or_in_their_own_dtype() {
                             .unwrap())
                     .unwrap();
                     let mut grads = loss.backward().unwrap();
-                    let options = AverageOptions {
-                        half_in_own_dtype: own,
-                        ..AverageOptions::default()
-                    };
+                    let options = AverageOptions::default().with_half_in_own_dtype(own);
                     average_gradients_with(&varmap, &mut grads, &g, &options).unwrap();
                     let out = |t: &Tensor| {
                         let g = grads.get(t).unwrap();

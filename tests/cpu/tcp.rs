@@ -14,11 +14,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 fn opts(timeout_ms: u64) -> TcpOptions {
-    TcpOptions {
-        timeout: Duration::from_millis(timeout_ms),
-        rendezvous_timeout: Duration::from_millis(timeout_ms.max(3000)),
-        ..TcpOptions::default()
-    }
+    TcpOptions::default()
+        .with_timeout(Duration::from_millis(timeout_ms))
+        .with_rendezvous_timeout(Duration::from_millis(timeout_ms.max(3000)))
 }
 
 /// Runs `f(group)` on `world` ranks (threads), each joining the TCP group.
@@ -350,11 +348,9 @@ fn a_rank_declaring_another_call_is_refused_before_its_payload() {
     let rank0 = {
         let pf = pf.clone();
         std::thread::spawn(move || {
-            let options = TcpOptions {
-                timeout,
-                rendezvous_timeout: Duration::from_secs(10),
-                ..TcpOptions::default()
-            };
+            let options = TcpOptions::default()
+                .with_timeout(timeout)
+                .with_rendezvous_timeout(Duration::from_secs(10));
             let g = ProcessGroup::tcp(&loopback_rendezvous(0, 2, &pf, "tok"), options)?;
             let start = Instant::now();
             let e = g.barrier().unwrap_err();
@@ -434,10 +430,7 @@ fn ring_all_reduce_sums_in_a_fixed_order_on_every_rank() {
         // The default threshold (256 KiB) with a count above it, and every
         // call on the ring for small counts.
         for (ring_min_bytes, counts) in [(256 << 10, vec![65_539]), (0, vec![1, 3, 5, 1_001])] {
-            let options = TcpOptions {
-                ring_min_bytes,
-                ..opts(10_000)
-            };
+            let options = opts(10_000).with_ring_min_bytes(ring_min_bytes);
             let counts2 = counts.clone();
             let out = run_with(world, options, move |g| {
                 let r = g.rank();
@@ -502,10 +495,7 @@ fn ring_all_reduce_sums_in_a_fixed_order_on_every_rank() {
 /// first: the sums are the same, and the input is left untouched.
 #[test]
 fn ring_reads_views_and_strided_tensors_like_contiguous_ones() {
-    let options = TcpOptions {
-        ring_min_bytes: 0,
-        ..opts(10_000)
-    };
+    let options = opts(10_000).with_ring_min_bytes(0);
     let out = run_with(3, options, |g| {
         let r = g.rank();
         let v: Vec<f32> = (0..6_000).map(|i| ring_value(r, i) as f32).collect();

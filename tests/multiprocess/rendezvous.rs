@@ -19,11 +19,9 @@ use std::time::{Duration, Instant};
 const TOKEN: &str = "tok-7f3a9c1e55d04b2e";
 
 fn opts(rendezvous_ms: u64) -> TcpOptions {
-    TcpOptions {
-        timeout: Duration::from_secs(5),
-        rendezvous_timeout: Duration::from_millis(rendezvous_ms),
-        ..TcpOptions::default()
-    }
+    TcpOptions::default()
+        .with_timeout(Duration::from_secs(5))
+        .with_rendezvous_timeout(Duration::from_millis(rendezvous_ms))
 }
 
 /// The message without the backtrace candle appends under `RUST_BACKTRACE`.
