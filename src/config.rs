@@ -7,9 +7,12 @@ use crate::error::bail_input;
 /// [`crate::SyncBatchNorm`], [`crate::FrozenBatchNorm`] and
 /// [`crate::LocalBatchNorm`] (each returns it from `config()`).
 ///
-/// Non-exhaustive, so that a future argument is not a breaking change:
-/// build it from [`Default`] (PyTorch's defaults) or an `f64` eps, and
-/// change what differs with the `with_*` setters.
+/// Unlike the crate's options and reports, this struct is deliberately
+/// exhaustive: its four fields are exactly the arguments of PyTorch's
+/// `SyncBatchNorm` besides `num_features` and `process_group`, and the
+/// crate's API contract promises the struct literal below. Build it either
+/// way: from [`Default`] (PyTorch's defaults) or an `f64` eps with the
+/// `with_*` setters, which is what the README shows, or as a literal.
 ///
 /// ```
 /// use candle_syncbn::SyncBatchNormConfig;
@@ -17,9 +20,10 @@ use crate::error::bail_input;
 /// let cfg = SyncBatchNormConfig::default().with_eps(1e-3).with_momentum(None);
 /// assert_eq!((cfg.eps, cfg.momentum, cfg.affine), (1e-3, None, true));
 /// assert_eq!(SyncBatchNormConfig::from(1e-3), SyncBatchNormConfig::default().with_eps(1e-3));
+/// let literal = SyncBatchNormConfig { eps: 1e-5, momentum: Some(0.1), affine: true, track_running_stats: true };
+/// assert_eq!(literal, SyncBatchNormConfig::default());
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq)]
-#[non_exhaustive]
 pub struct SyncBatchNormConfig {
     /// Added to the variance for numerical stability (PyTorch default `1e-5`).
     pub eps: f64,
