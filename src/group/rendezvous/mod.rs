@@ -90,7 +90,7 @@ mod tests {
     use super::*;
 
     /// Every rank of a group of several warns without a token, on loopback
-    /// too (issue 29 item 8: there any local process could take a rank's
+    /// too (there any local process could take a rank's
     /// place unannounced); never with a token, nor alone.
     #[test]
     fn warns_of_a_group_without_token() {
