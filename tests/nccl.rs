@@ -104,10 +104,7 @@ fn run_alone<T: Send + 'static>(
     f: impl Fn(usize, Device, ProcessGroup) -> T + Send + Sync + Clone + 'static,
 ) -> Vec<T> {
     let _alone = ALONE.write().unwrap_or_else(|e| e.into_inner());
-    let options = NcclOptions {
-        timeout,
-        ..NcclOptions::default()
-    };
+    let options = NcclOptions::default().with_timeout(timeout);
     run_ranks_unlocked(
         world,
         options,
