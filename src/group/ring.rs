@@ -744,12 +744,21 @@ mod tests {
                 assert!(*dt < timeout * 2, "gone {gone}, rank {r}: {dt:?}: {e}");
                 assert!(e.contains("of test"), "{e}");
             }
-            // The stalled rank's successor reads from it and names it.
             let e = &out[2].0;
             if gone {
+                // The successor of a rank that is gone reads its close first.
                 assert!(e.contains("rank 1 closed the connection"), "{e}");
             } else {
-                assert!(e.contains("rank 1 did not answer within"), "{e}");
+                // A stalled rank: its successor's read times out naming it,
+                // unless the other neighbour (rank 0, which timed out on the
+                // stalled rank too) closed first; in the pipelined ring both
+                // sides run at once, so either comes first. Either way an
+                // error within the timeout, naming a rank, never a hang.
+                assert!(
+                    e.contains("rank 1 did not answer within")
+                        || e.contains("rank 0 closed the connection"),
+                    "{e}"
+                );
             }
         }
     }
