@@ -27,7 +27,7 @@
 
 use super::ring_frame::{Phase, RingElem, Schedule, STEP_HEADER_LEN};
 use super::ring_output::Output;
-use super::wire::io_error;
+use super::wire::{io_error, is_retry};
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
@@ -233,13 +233,6 @@ fn read_once(
             Err(e) => return Err(e),
         }
     }
-}
-
-fn is_retry(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-    )
 }
 
 /// The sending side: every step's header, then its chunk as fast as the

@@ -296,6 +296,15 @@ impl Header {
     }
 }
 
+/// An interrupted, would-block or timed-out read or write, which the loops
+/// retry until their own deadline.
+pub(crate) fn is_retry(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
 /// Reads exactly `buf.len()` bytes before `deadline`.
 pub(crate) fn read_full(s: &mut TcpStream, buf: &mut [u8], deadline: Instant) -> io::Result<()> {
     let mut off = 0;
@@ -308,13 +317,7 @@ pub(crate) fn read_full(s: &mut TcpStream, buf: &mut [u8], deadline: Instant) ->
         match s.read(&mut buf[off..]) {
             Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
             Ok(n) => off += n,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::Interrupted
-                        | io::ErrorKind::WouldBlock
-                        | io::ErrorKind::TimedOut
-                ) => {}
+            Err(e) if is_retry(&e) => {}
             Err(e) => return Err(e),
         }
     }
@@ -333,13 +336,7 @@ pub(crate) fn write_full(s: &mut TcpStream, buf: &[u8], deadline: Instant) -> io
         match s.write(&buf[off..]) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => off += n,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::Interrupted
-                        | io::ErrorKind::WouldBlock
-                        | io::ErrorKind::TimedOut
-                ) => {}
+            Err(e) if is_retry(&e) => {}
             Err(e) => return Err(e),
         }
     }
