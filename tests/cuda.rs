@@ -1564,10 +1564,8 @@ fn keep_freed_memory_keeps_the_pool_and_changes_no_result() {
     let dev = cuda_or_skip!("keep_freed_memory_keeps_the_pool_and_changes_no_result");
     use candle_syncbn::cuda_memory::release_threshold;
     use candle_syncbn::keep_freed_memory;
-    assert!(
-        !keep_freed_memory(&Device::Cpu).unwrap(),
-        "CPU: nothing to apply"
-    );
+    // The CPU has no pool (its allocator policy, which the same
+    // `keep_freed_memory` applies there, is tested by that function's doctest).
     assert_eq!(release_threshold(&Device::Cpu).unwrap(), None);
     let cfg = SyncBatchNormConfig::default();
     let (steps, eval) = make_steps(&[8, 32, 16, 16], 2, 11);
