@@ -20,16 +20,22 @@
 # cudaforge derives the CUDA_INCLUDE_DIR it hands candle-kernels from nvcc's
 # location, which is then this repository's root; nothing in candle reads it.
 #
-# NVCC_CACHE_FAST_OBJECTS=1 (set by .ci/run only) compiles the objects with
-# `-Xcicc -O0 -Xptxas -O0`: 4x faster (60 s against 251 s for one of them,
-# measured 2026-12-07 on a loaded 2-core machine). Those objects are candle's
-# quantized-matmul and MoE kernels, which CI links but never runs: it has no
-# GPU, and the emulated GPU reports them as not found (fake_driver.cpp). The
-# front end still parses every source, so a compile error still fails. PTX
-# keeps its flags: it is what a real GPU loads.
+# NVCC_CACHE_FAST_CANDLE=1 (set by .ci/run only) compiles candle's own CUDA
+# sources (those outside this repository) for a machine that never runs them:
+#   - the 15 quantized-matmul and MoE objects are compiled to PTX only
+#     (`code=compute_XX` instead of `code=sm_XX`: no ptxas; a GPU would
+#     JIT-compile the PTX when it loads them) with `-Xcicc -O0`: 17 s against
+#     63 s with the former fast flags (`-Xcicc -O0 -Xptxas -O0`) and about
+#     250 s with candle's, for one of them (measured 2026-12-08, 2-core
+#     machine under load 4-5);
+#   - candle's PTX with `-Xcicc -O0`: 27 s against 95 s for its 11 files.
+# CI has no GPU, and the emulated GPU runs candle's kernels compiled from
+# source for the CPU, not this PTX or these objects (fake_driver.cpp reports
+# the quantized ones as not found). The front end still parses every source,
+# so a compile error still fails. This crate's kernels keep their flags.
 #
 # Environment: NVCC_CACHE_REAL (the nvcc to run), NVCC_CACHE_DIR (the cache),
-# NVCC_CACHE_FAST_OBJECTS (above).
+# NVCC_CACHE_FAST_CANDLE (above).
 set -euo pipefail
 
 real="${NVCC_CACHE_REAL:?NVCC_CACHE_REAL must name the nvcc to run}"
@@ -65,13 +71,29 @@ done
 if [[ "$ptx" == 1 && "$compile" != 1 && -z "$out" && -n "$outdir" && -n "$source" ]]; then
   # cudaforge's PTX form: the output is DIR/<source's stem>.ptx.
   out="$outdir/$(basename "$source" .cu).ptx"
-elif [[ "$compile" == 1 && -n "$out" ]]; then
-  if [[ "${NVCC_CACHE_FAST_OBJECTS:-0}" == 1 ]]; then
-    rest+=(-Xcicc -O0 -Xptxas -O0)
-    set -- "$@" -Xcicc -O0 -Xptxas -O0
-  fi
-else
+elif [[ "$compile" != 1 || -z "$out" ]]; then
   out=""
+fi
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
+src_abs="$(cd "$(dirname "${source:-.}")" 2>/dev/null && pwd -P)" || src_abs=""
+if [[ "${NVCC_CACHE_FAST_CANDLE:-0}" == 1 && -n "$out" && -n "$source" && "$src_abs" != "$repo"* ]]; then
+  fast=(-Xcicc -O0)
+  if [[ "$compile" == 1 ]]; then
+    # Objects: embed PTX only, so ptxas never runs (arch=compute_90a,code=sm_90a
+    # becomes arch=compute_90a,code=compute_90a).
+    for ((i = 0; i < ${#args[@]}; i++)); do
+      if [[ "${args[i]}" =~ ^(-gencode=|--generate-code=)arch=(compute_[0-9a-z]+),code=sm_[0-9a-z]+$ ]]; then
+        args[i]="${BASH_REMATCH[1]}arch=${BASH_REMATCH[2]},code=${BASH_REMATCH[2]}"
+      fi
+    done
+    for ((i = 0; i < ${#rest[@]}; i++)); do
+      if [[ "${rest[i]}" =~ ^(-gencode=|--generate-code=)arch=(compute_[0-9a-z]+),code=sm_[0-9a-z]+$ ]]; then
+        rest[i]="${BASH_REMATCH[1]}arch=${BASH_REMATCH[2]},code=${BASH_REMATCH[2]}"
+      fi
+    done
+  fi
+  rest+=("${fast[@]}")
+  set -- "${args[@]}" "${fast[@]}"
 fi
 if [[ -z "$cache" || -z "$out" ]]; then
   exec "$real" "$@"
