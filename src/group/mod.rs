@@ -15,6 +15,9 @@
 //! (what that costs is described at [`ProcessGroup::subgroups`]).
 
 mod default;
+mod mpi_env;
+#[cfg(feature = "mpi")]
+mod mpi_group;
 #[cfg(feature = "nccl")]
 mod nccl;
 mod options;
@@ -32,6 +35,10 @@ mod threads;
 mod wire;
 
 pub use default::{default_group, set_default_group, set_thread_default_group};
+#[cfg(feature = "mpi")]
+pub(crate) use mpi_group::MpiBackend;
+#[cfg(feature = "mpi")]
+pub use mpi_group::MpiOptions;
 #[cfg(feature = "nccl")]
 pub(crate) use nccl::NcclBackend;
 #[cfg(feature = "nccl")]
@@ -217,13 +224,62 @@ impl ProcessGroup {
         )?))
     }
 
-    /// The group described by the launcher's environment (see
-    /// [`Rendezvous::from_env`]): [`ProcessGroup::single`] when no launcher
-    /// variables are set or the world size is 1, NCCL when `device` is a CUDA
-    /// device and the `nccl` feature is on, TCP otherwise. Timeouts come from
-    /// `SYNCBN_TIMEOUT` (seconds) when set.
+    /// Joins the group of all ranks of the MPI job this process belongs to
+    /// (`MPI_COMM_WORLD`; feature `mpi`), initializing MPI on first use: one
+    /// process per rank, started by `mpirun` or `srun --mpi=pmix`. Every
+    /// rank calls it. Each collective checks first that all ranks make the
+    /// same call, and one that does not complete within `options.timeout`
+    /// ends the job with `MPI_Abort` (see docs/mpi.md). MPI is finalized when
+    /// the last MPI group is dropped, or at exit.
+    #[cfg(feature = "mpi")]
+    pub fn mpi(options: MpiOptions) -> Result<ProcessGroup> {
+        Ok(Self::from_backend(MpiBackend::world(options)?))
+    }
+
+    /// The group described by the launcher's environment: with the `mpi`
+    /// feature, under an MPI launcher (`OMPI_COMM_WORLD_*`, `PMI_RANK`,
+    /// `PMIX_RANK`) or with `SYNCBN_BACKEND=mpi`, the MPI group
+    /// ([`ProcessGroup::mpi`], any device, staged through host memory);
+    /// otherwise (see [`Rendezvous::from_env`]) [`ProcessGroup::single`] when
+    /// no launcher variables are set or the world size is 1, NCCL when
+    /// `device` is a CUDA device and the `nccl` feature is on, TCP otherwise
+    /// (`SYNCBN_BACKEND=tcp` picks these under an MPI launcher too).
+    /// Timeouts come from `SYNCBN_TIMEOUT` (seconds) when set.
     pub fn from_env(device: &Device) -> Result<ProcessGroup> {
+        #[cfg(feature = "mpi")]
+        if mpi_env::use_mpi(&|k| std::env::var(k).ok())? {
+            return Self::mpi(MpiOptions::from_env()?);
+        }
+        #[cfg(not(feature = "mpi"))]
+        mpi_env::use_mpi(&|k| std::env::var(k).ok())?;
         Self::from_rendezvous(Rendezvous::from_env()?.as_ref(), device)
+    }
+
+    /// The MPI group and its rank's rendezvous when the environment calls
+    /// for MPI (see [`ProcessGroup::from_env`]), else `None`.
+    #[cfg(feature = "mpi")]
+    pub(crate) fn mpi_from_env() -> Result<Option<(ProcessGroup, Rendezvous)>> {
+        if !mpi_env::use_mpi(&|k| std::env::var(k).ok())? {
+            return Ok(None);
+        }
+        let world = MpiBackend::world(MpiOptions::from_env()?)?;
+        let rv = mpi_group::rendezvous(&world)?;
+        Ok(Some((Self::from_backend(world), rv)))
+    }
+
+    /// Without the `mpi` feature: `None`, or the error of a
+    /// `SYNCBN_BACKEND=mpi`.
+    #[cfg(not(feature = "mpi"))]
+    pub(crate) fn mpi_from_env() -> Result<Option<(ProcessGroup, Rendezvous)>> {
+        mpi_env::use_mpi(&|k| std::env::var(k).ok())?;
+        Ok(None)
+    }
+
+    /// Whether this process is a rank started by a launcher: an MPI
+    /// launcher's (when the MPI group is used) or one setting the
+    /// rendezvous variables (see [`Rendezvous::from_env`]).
+    pub(crate) fn launched() -> Result<bool> {
+        Ok(mpi_env::use_mpi(&|k| std::env::var(k).ok())? || Rendezvous::from_env()?.is_some())
     }
 
     /// The group for `rv` as [`ProcessGroup::from_env`] picks it (`None`:
