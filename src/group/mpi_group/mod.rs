@@ -39,7 +39,7 @@ use super::tcp::{sum_in_rank_order, tensor_from_bytes, tensor_to_bytes};
 use super::wire::{dtype_code, Call, Op};
 use super::{Backend, CallTag, StoreOptions};
 use crate::error::{bail_kind, ErrorKind};
-use candle::{DType, Device, Result, Tensor};
+use candle::{DType, Device, Result, Storage, Tensor};
 use header::Header;
 use mpi::collective::{CommunicatorCollectives, Root, SystemOperation};
 use mpi::datatype::Equivalence;
@@ -158,10 +158,7 @@ impl MpiBackend {
     fn agree_on_threshold(mut self, timeout: Duration) -> Result<Self> {
         let mine = [self.options.ring_min_bytes];
         let mut all = vec![0u64; self.world_size];
-        let what = format!(
-            "mpi group: rank {} of {}: the group's setup (every rank joins)",
-            self.rank, self.world_size
-        );
+        let what = "mpi group: the group's setup (every rank joins it)";
         let deadline = Instant::now() + timeout;
         mpi::request::scope(|scope| {
             let req = self.comm.runtime.call(|| {
@@ -169,7 +166,7 @@ impl MpiBackend {
                     .raw
                     .immediate_all_gather_into(scope, &mine[..], &mut all[..])
             });
-            self.wait(req, deadline, timeout, &what);
+            self.wait(req, deadline, timeout, what);
         });
         self.options.ring_min_bytes = all[0];
         Ok(self)
@@ -272,6 +269,21 @@ impl MpiBackend {
         out
     }
 
+    /// The sum over the ranks of `values`, a contiguous CPU tensor of `T`,
+    /// read in place.
+    fn all_reduce_tensor<T: Summable>(&self, values: &Tensor, what: &str) -> Result<Vec<T>> {
+        let (storage, layout) = values.storage_and_layout();
+        match (&*storage, layout.contiguous_offsets()) {
+            (Storage::Cpu(cpu), Some((start, end))) => {
+                Ok(self.all_reduce(&cpu.as_slice::<T>()?[start..end], what))
+            }
+            _ => candle::bail!(
+                "mpi group: rank {}: internal error: the values of {what} are not in contiguous host memory",
+                self.rank
+            ),
+        }
+    }
+
     /// Every rank's `bytes` (all of one length), rank by rank.
     fn all_gather(&self, bytes: &[u8], what: &str) -> Vec<Vec<u8>> {
         let mut all = vec![0u8; bytes.len() * self.world_size];
@@ -341,15 +353,22 @@ impl MpiBackend {
         } else {
             Vec::new()
         };
-        let large = match (small, dtype) {
-            (true, _) => None,
-            (false, DType::F64) => Some(Values::F64(tensor.flatten_all()?.to_vec1::<f64>()?)),
-            (false, _) => Some(Values::F32(
+        // Large sums read the values where a contiguous CPU tensor of f32
+        // or f64 keeps them; others are copied (to f32 for bf16 and f16).
+        let large = if small {
+            None
+        } else {
+            let wide = if dtype == DType::F64 {
+                DType::F64
+            } else {
+                DType::F32
+            };
+            Some(
                 tensor
-                    .flatten_all()?
-                    .to_dtype(DType::F32)?
-                    .to_vec1::<f32>()?,
-            )),
+                    .to_device(&Device::Cpu)?
+                    .to_dtype(wide)?
+                    .contiguous()?,
+            )
         };
         let mut state = self.state();
         let (header, what) = self.begin(&mut state, call, tag)?;
@@ -363,12 +382,16 @@ impl MpiBackend {
                 let sum = sum_in_rank_order(&parts, dtype).map_err(candle::Error::Msg)?;
                 return tensor_from_bytes(&sum, dtype, tensor.shape(), tensor.device());
             }
-            Some(Values::F64(v)) => {
-                Tensor::from_vec(self.all_reduce(&v, &what), tensor.shape(), &Device::Cpu)?
-            }
-            Some(Values::F32(v)) => {
-                Tensor::from_vec(self.all_reduce(&v, &what), tensor.shape(), &Device::Cpu)?
-            }
+            Some(values) if values.dtype() == DType::F64 => Tensor::from_vec(
+                self.all_reduce_tensor::<f64>(&values, &what)?,
+                tensor.shape(),
+                &Device::Cpu,
+            )?,
+            Some(values) => Tensor::from_vec(
+                self.all_reduce_tensor::<f32>(&values, &what)?,
+                tensor.shape(),
+                &Device::Cpu,
+            )?,
         };
         summed.to_dtype(dtype)?.to_device(tensor.device())
     }
@@ -434,12 +457,6 @@ impl MpiBackend {
             comm,
         })
     }
-}
-
-/// The values of a large all-reduce, in the type MPI sums.
-enum Values {
-    F32(Vec<f32>),
-    F64(Vec<f64>),
 }
 
 impl Backend for MpiBackend {
