@@ -13,7 +13,9 @@ mod common;
 use candle::{DType, Device, Tensor, Var};
 use candle_nn::{ModuleT, VarBuilder, VarMap};
 use candle_syncbn::{error_kind, ProcessGroup, SyncBatchNorm, SyncBatchNormConfig};
-use common::scratch_dir;
+use common::{
+    check_ranks_against_whole, run_rank, scratch_dir, split_batch, tolerance, values, RankRun, Rng,
+};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -30,115 +32,107 @@ const C: usize = 4;
 
 // ---------------------------------------------------------------- the ranks
 
-/// SplitMix64 normals (the same data on every rank).
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> f64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-    }
-    fn normals(&mut self, n: usize, mean: f64, std: f64) -> Vec<f32> {
-        (0..n)
-            .map(|_| {
-                let (u1, u2) = (self.next().max(1e-300), self.next());
-                (mean + std * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
-            })
-            .collect()
-    }
+/// The training batches of the `layer` scenario (two steps of `total`
+/// samples of shape `(total, C, 3, 2)`), their upstream gradients and an
+/// eval batch: the same on every rank and in the driver.
+type Data = (
+    Vec<usize>,
+    Vec<Vec<f64>>,
+    Vec<Vec<f64>>,
+    (Vec<usize>, Vec<f64>),
+);
+
+fn data(total: usize) -> Data {
+    let shape = vec![total, C, 3, 2];
+    let n: usize = shape.iter().product();
+    let mut rng = Rng::new(7);
+    let xs = (0..2)
+        .map(|s| rng.normals(n, 0.5 + s as f64, 2.0))
+        .collect();
+    let gs = (0..2).map(|_| rng.normals(n, 0.0, 1.0)).collect();
+    let eval_shape = vec![3, C, 3, 2];
+    let eval = rng.normals(eval_shape.iter().product(), -0.5, 1.5);
+    (shape, xs, gs, (eval_shape, eval))
 }
 
-/// Two training steps of one layer: forward and backward of `Σ y·gout`,
-/// then a forward on `2x + 1`: `[y1, dx, dweight, dbias, y2, running_mean,
-/// running_var]` (the local gradients).
-fn two_steps(x: &Tensor, gout: &Tensor, group: ProcessGroup) -> candle::Result<Vec<Tensor>> {
-    let mut varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-    let bn = SyncBatchNorm::new(C, SyncBatchNormConfig::default(), vb.pp("bn"), group)?;
-    let w: Vec<f32> = (0..C).map(|i| 0.5 + i as f32 * 0.75).collect();
-    let b: Vec<f32> = (0..C).map(|i| 0.1 - i as f32 * 0.3).collect();
-    varmap.set_one("bn.weight", Tensor::new(w, &Device::Cpu)?)?;
-    varmap.set_one("bn.bias", Tensor::new(b, &Device::Cpu)?)?;
-    let xv = Var::from_tensor(x)?;
-    let y1 = bn.forward_t(xv.as_tensor(), true)?;
-    let grads = (&y1 * gout)?.sum_all()?.backward()?;
-    let (wt, bt) = bn.weight_and_bias().expect("affine");
-    let zeros = || Tensor::zeros(C, DType::F32, &Device::Cpu);
-    let dx = match grads.get(xv.as_tensor()) {
-        Some(g) => g.clone(),
-        None => x.zeros_like()?,
+/// A [`RankRun`] as text, every value by its bits, one vector a line.
+fn encode(run: &RankRun) -> String {
+    let mut lines = Vec::new();
+    let mut push = |name: &str, v: &[f64]| {
+        let bits: Vec<String> = v.iter().map(|x| format!("{:016x}", x.to_bits())).collect();
+        lines.push(format!("{name} {}", bits.join(" ")));
     };
-    let dw = grads.get(wt).cloned().map_or_else(zeros, Ok)?;
-    let db = grads.get(bt).cloned().map_or_else(zeros, Ok)?;
-    let y2 = bn.forward_t(&x.affine(2.0, 1.0)?, true)?;
-    let rm = bn.running_mean().expect("tracked").copy()?;
-    let rv = bn.running_var().expect("tracked").copy()?;
-    Ok(vec![y1, dx, dw, db, y2, rm, rv])
-}
-
-fn f32s(t: &Tensor) -> Vec<f32> {
-    t.flatten_all().unwrap().to_vec1().unwrap()
-}
-
-fn assert_close(what: &str, got: &Tensor, want: &Tensor, rtol: f64, atol: f64) {
-    let (g, w) = (f32s(got), f32s(want));
-    assert_eq!(g.len(), w.len(), "{what}: lengths differ");
-    for (i, (a, b)) in g.iter().zip(&w).enumerate() {
-        let tol = atol + rtol * f64::from(*b).abs();
-        assert!(
-            f64::from(a - b).abs() <= tol,
-            "{what}[{i}]: got {a}, want {b} (tol {tol:e})"
-        );
+    for (name, steps) in [
+        ("outputs", &run.outputs),
+        ("input_grads", &run.input_grads),
+        ("weight_grads", &run.weight_grads),
+        ("bias_grads", &run.bias_grads),
+    ] {
+        for step in steps {
+            push(name, step);
+        }
     }
+    push("running_mean", &run.running_mean);
+    push("running_var", &run.running_var);
+    push("eval", &run.eval);
+    lines.push(format!("batches {}", run.batches));
+    lines.join("\n")
+}
+
+/// The inverse of [`encode`].
+fn decode(text: &str) -> RankRun {
+    let mut run = RankRun::default();
+    for line in text.lines() {
+        let (name, rest) = line.split_once(' ').expect("a named line");
+        let v: Vec<f64> = rest
+            .split_whitespace()
+            .map(|b| f64::from_bits(u64::from_str_radix(b, 16).expect("hex bits")))
+            .collect();
+        match name {
+            "outputs" => run.outputs.push(v),
+            "input_grads" => run.input_grads.push(v),
+            "weight_grads" => run.weight_grads.push(v),
+            "bias_grads" => run.bias_grads.push(v),
+            "running_mean" => run.running_mean = v,
+            "running_var" => run.running_var = v,
+            "eval" => run.eval = v,
+            "batches" => run.batches = rest.parse().expect("a count"),
+            other => panic!("unknown line {other}"),
+        }
+    }
+    run
 }
 
 /// One rank of the k-ranks-vs-1 comparison (batch sizes per rank in
-/// `BATCHES`), within the tolerances of tests/multiprocess; writes its
-/// results to `OUT_DIR` for the comparison with the TCP group.
+/// `BATCHES`): two training steps and an eval forward of its slice
+/// (`common::run_rank`), written to `OUT_DIR` for the driver.
 fn layer(group: &ProcessGroup) -> candle::Result<()> {
     let sizes: Vec<usize> = std::env::var(BATCHES)
         .expect("batches")
         .split(',')
         .map(|s| s.parse().expect("batch size"))
         .collect();
-    let (rank, world) = (group.rank(), group.world_size());
-    assert_eq!(sizes.len(), world);
-    let n: usize = sizes.iter().sum();
-    let mut rng = Rng(7);
-    let shape = (n, C, 3, 2);
-    let x = Tensor::from_vec(rng.normals(n * C * 6, 0.5, 2.0), shape, &Device::Cpu)?;
-    let gout = Tensor::from_vec(rng.normals(n * C * 6, 0.0, 1.0), shape, &Device::Cpu)?;
-    let full = two_steps(&x, &gout, ProcessGroup::single())?;
-    let (off, nr) = (sizes[..rank].iter().sum::<usize>(), sizes[rank]);
-    let mine = two_steps(
-        &x.narrow(0, off, nr)?,
-        &gout.narrow(0, off, nr)?,
-        group.clone(),
-    )?;
-    for (i, what) in ["y", "dx"].iter().enumerate() {
-        let want = full[i].narrow(0, off, nr)?;
-        assert_close(what, &mine[i], &want, 1e-5, 1e-5);
-    }
-    assert_close("y2", &mine[4], &full[4].narrow(0, off, nr)?, 1e-5, 1e-5);
-    for (i, what) in [(2, "dweight"), (3, "dbias")] {
-        let summed = group.all_reduce_sum(&mine[i])?;
-        assert_close(what, &summed, &full[i], 1e-5, 1e-4);
-    }
-    assert_close("running_mean", &mine[5], &full[5], 1e-5, 1e-6);
-    assert_close("running_var", &mine[6], &full[6], 1e-5, 1e-6);
-    let bytes: Vec<u8> = mine
-        .iter()
-        .flat_map(|t| f32s(t).into_iter().flat_map(f32::to_le_bytes))
-        .collect();
+    let rank = group.rank();
+    assert_eq!(sizes.len(), group.world_size());
+    let (shape, xs, gs, eval) = data(sizes.iter().sum());
+    let part = |b: &Vec<f64>| split_batch(b, &shape, &sizes)[rank].clone();
+    let shapes = xs.iter().map(|x| part(x).0).collect();
+    let batches = xs.iter().map(|x| part(x).1).collect();
+    let grads = gs.iter().map(|g| part(g).1).collect();
+    let cfg = SyncBatchNormConfig::default();
+    let run = run_rank(group.clone(), cfg, DType::F32, shapes, batches, grads, eval)?;
     let dir = PathBuf::from(std::env::var(OUT_DIR).expect("output folder"));
-    std::fs::write(dir.join(format!("rank{rank}.bin")), bytes)?;
+    std::fs::write(dir.join(format!("rank{rank}.txt")), encode(&run))?;
     println!(
-        "rank {rank} ({}): {nr} samples match the single-process result",
-        group.backend().name()
+        "rank {rank} ({}): trained on {} samples",
+        group.backend().name(),
+        sizes[rank]
     );
     Ok(())
+}
+
+fn f32s(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1().unwrap()
 }
 
 /// The collectives themselves, with exact expectations: small and large
@@ -149,7 +143,7 @@ fn collectives(group: &ProcessGroup) -> candle::Result<()> {
     let (rank, world) = (group.rank(), group.world_size());
     let cpu = &Device::Cpu;
     // Small integers: every sum is exact in every dtype.
-    let values = |n: usize, r: usize| -> Vec<f32> { (0..n).map(|i| (r + i % 5) as f32).collect() };
+    let ints = |n: usize, r: usize| -> Vec<f32> { (0..n).map(|i| (r + i % 5) as f32).collect() };
     let want = |n: usize| -> Vec<f32> {
         (0..n)
             .map(|i| (0..world).map(|r| (r + i % 5) as f32).sum())
@@ -158,29 +152,26 @@ fn collectives(group: &ProcessGroup) -> candle::Result<()> {
     // 300 000 f32 and bf16 are above the 256 KiB threshold, 12 are below it.
     for n in [12usize, 300_000] {
         for dtype in [DType::F32, DType::F64, DType::BF16, DType::F16] {
-            let t = Tensor::from_vec(values(n, rank), n, cpu)?.to_dtype(dtype)?;
+            let t = Tensor::from_vec(ints(n, rank), n, cpu)?.to_dtype(dtype)?;
             let sum = group.all_reduce_sum(&t)?;
             assert_eq!(sum.dtype(), dtype);
             let got = f32s(&sum.to_dtype(DType::F32)?);
             assert!(got == want(n), "all_reduce_sum of {n} {dtype:?}");
         }
     }
-    let t = Tensor::from_vec(values(12, rank), (3, 4), cpu)?;
-    let mean = f32s(&group.all_reduce_mean(&t)?);
-    let want_mean: Vec<f32> = want(12).iter().map(|v| v / world as f32).collect();
-    assert_close(
-        "mean",
-        &Tensor::new(mean, cpu)?,
-        &Tensor::new(want_mean, cpu)?,
-        1e-6,
-        0.0,
-    );
+    let t = Tensor::from_vec(ints(12, rank), (3, 4), cpu)?;
+    let mean = values(&group.all_reduce_mean(&t)?);
+    let want_mean: Vec<f64> = want(12)
+        .iter()
+        .map(|&v| f64::from(v) / world as f64)
+        .collect();
+    common::assert_close("mean", &mean, &want_mean, 0.0, 1e-6);
     let root = world - 1;
     let mine = Tensor::new(&[rank as u32 * 10, 7, 9], cpu)?;
     let got: Vec<u32> = group.broadcast(&mine, root)?.to_vec1()?;
     assert_eq!(got, [root as u32 * 10, 7, 9]);
-    let big = Tensor::from_vec(values(300_000, rank), 300_000, cpu)?;
-    assert_eq!(f32s(&group.broadcast(&big, 0)?), values(300_000, 0));
+    let big = Tensor::from_vec(ints(300_000, rank), 300_000, cpu)?;
+    assert_eq!(f32s(&group.broadcast(&big, 0)?), ints(300_000, 0));
     group.barrier()?;
     let empty = Tensor::zeros((0, 3), DType::F32, cpu)?;
     assert_eq!(group.all_reduce_sum(&empty)?.dims(), [0, 3]);
@@ -420,8 +411,9 @@ fn run_tcp(np: usize, scenario: &str, env: &[(&str, String)], dir: &Path) -> Vec
 }
 
 /// The layer's results on `np` MPI ranks (batches `batches`) match one
-/// process, and are bit for bit those of the TCP group on the same ranks;
-/// the collectives give exact results.
+/// process within the tolerances of the in-process tests
+/// (`common::check_ranks_against_whole`), and are bit for bit those of the
+/// TCP group on the same ranks; the collectives give exact results.
 fn layer_matches_one_process_and_tcp(np: usize, batches: &str) {
     let Some(mpirun) = mpirun("layer_matches_one_process_and_tcp") else {
         return;
@@ -448,7 +440,7 @@ fn layer_matches_one_process_and_tcp(np: usize, batches: &str) {
     assert_eq!(o.code, Some(0), "{}", o.output);
     for r in 0..np {
         for needle in [
-            format!("rank {r} (mpi): "),
+            format!("rank {r} (mpi): trained"),
             format!("rank {r}: collectives exact"),
         ] {
             assert!(
@@ -464,20 +456,32 @@ fn layer_matches_one_process_and_tcp(np: usize, batches: &str) {
     {
         assert_eq!(o.code, Some(0), "tcp rank {r}:\n{}", o.output);
         assert!(
-            o.output.contains(&format!("rank {r} (tcp): ")),
+            o.output.contains(&format!("rank {r} (tcp): trained")),
             "{}",
             o.output
         );
     }
+    let mut ranks = Vec::new();
     for r in 0..np {
-        let file = format!("rank{r}.bin");
-        let mpi = std::fs::read(mpi_dir.join(&file)).unwrap();
-        let tcp = std::fs::read(tcp_dir.join(&file)).unwrap();
+        let file = format!("rank{r}.txt");
+        let mpi = std::fs::read_to_string(mpi_dir.join(&file)).unwrap();
+        let tcp = std::fs::read_to_string(tcp_dir.join(&file)).unwrap();
         assert!(
             !mpi.is_empty() && mpi == tcp,
             "rank {r}: MPI and TCP results differ"
         );
+        ranks.push(decode(&mpi));
     }
+    let total: usize = batches
+        .split(',')
+        .map(|s| s.parse::<usize>().unwrap())
+        .sum();
+    let (shape, xs, gs, eval) = data(total);
+    let cfg = SyncBatchNormConfig::default();
+    let single = ProcessGroup::single();
+    let whole = run_rank(single, cfg, DType::F32, vec![shape; 2], xs, gs, eval).unwrap();
+    let label = format!("mpi, {np} ranks, batches {batches}");
+    check_ranks_against_whole(&label, &ranks, &whole, tolerance(DType::F32), total);
 }
 
 #[test]
