@@ -4,14 +4,15 @@
 //! the [`single`](ProcessGroup::single) group (world size 1, no communication), the
 //! in-process [`threads`](ProcessGroup::threads) group (one thread per rank), the
 //! [`tcp`](ProcessGroup::tcp) group (one process per rank, any device) and, with the
-//! `nccl` feature, the NCCL group (`ProcessGroup::nccl`, one process per GPU).
+//! `nccl` feature, the NCCL group (`ProcessGroup::nccl`, one process per GPU),
+//! with the `mpi` feature, the MPI group (`ProcessGroup::mpi`, under `mpirun`).
 //! [`ProcessGroup::from_env`] picks one from the launcher's environment. Users can
-//! plug in their own collective library (MPI, gloo, …) by implementing [`Backend`].
+//! plug in their own collective library (gloo, …) by implementing [`Backend`].
 //!
 //! [`ProcessGroup::subgroups`] and [`ProcessGroup::split`] synchronize batch
 //! statistics within subsets of the ranks (one node's GPUs, say), like a
 //! `SyncBatchNorm` given a `process_group` from PyTorch's `new_subgroups`:
-//! NCCL splits its communicator, the other backends run masked collectives
+//! NCCL and MPI split their communicator, the other backends run masked collectives
 //! (what that costs is described at [`ProcessGroup::subgroups`]).
 
 mod default;
@@ -239,7 +240,7 @@ impl ProcessGroup {
     /// The group described by the launcher's environment: with the `mpi`
     /// feature, under an MPI launcher (`OMPI_COMM_WORLD_*`, `PMI_RANK`,
     /// `PMIX_RANK`) or with `SYNCBN_BACKEND=mpi`, the MPI group
-    /// ([`ProcessGroup::mpi`], any device, staged through host memory);
+    /// (`ProcessGroup::mpi`, any device, staged through host memory);
     /// otherwise (see [`Rendezvous::from_env`]) [`ProcessGroup::single`] when
     /// no launcher variables are set or the world size is 1, NCCL when
     /// `device` is a CUDA device and the `nccl` feature is on, TCP otherwise
@@ -412,7 +413,8 @@ impl ProcessGroup {
     /// A collective of this group: every rank must call it. How a subgroup
     /// communicates depends on the backend:
     ///
-    /// - NCCL splits its communicator (`ncclCommSplit`): each subgroup gets
+    /// - NCCL and MPI split their communicator (`ncclCommSplit`,
+    ///   `MPI_Comm_split`): each subgroup gets
     ///   one of its own, whose collectives involve its members only (within a
     ///   node, say) and need nothing from the other subgroups.
     /// - Every other backend, users' own included unless they implement

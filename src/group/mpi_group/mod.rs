@@ -233,6 +233,17 @@ impl MpiBackend {
         })
     }
 
+    /// The description of the collective `op` of `tensor` (with `root`).
+    fn call(op: Op, tensor: &Tensor, root: usize) -> Call {
+        Call {
+            op,
+            dtype: dtype_code(tensor.dtype()),
+            count: tensor.elem_count() as u64,
+            root: root as u32,
+            flags: 0,
+        }
+    }
+
     /// Starts a collective: the group is usable, the call gets its sequence
     /// number and its description for messages.
     fn begin(&self, state: &mut State, call: Call, tag: CallTag) -> Result<(Header, String)> {
@@ -336,13 +347,7 @@ impl MpiBackend {
                 self.rank
             )
         }
-        let call = Call {
-            op: Op::AllReduceSum,
-            dtype: dtype_code(dtype),
-            count: tensor.elem_count() as u64,
-            root: 0,
-            flags: 0,
-        };
+        let call = Self::call(Op::AllReduceSum, tensor, 0);
         let tag = if mean { CallTag::MEAN } else { tag };
         let nbytes = (tensor.elem_count() * dtype.size_in_bytes()) as u64;
         let small = nbytes < self.options.ring_min_bytes;
@@ -498,13 +503,7 @@ impl Backend for MpiBackend {
                 self.world_size
             )
         }
-        let call = Call {
-            op: Op::Broadcast,
-            dtype: dtype_code(dtype),
-            count: tensor.elem_count() as u64,
-            root: root as u32,
-            flags: 0,
-        };
+        let call = Self::call(Op::Broadcast, tensor, root);
         let mut bytes = if self.rank == root {
             tensor_to_bytes(tensor)?
         } else {
