@@ -278,6 +278,13 @@ fn worker() {
         "init-rank" => collectives(&group).unwrap(),
         "kill" | "hang" | "mismatch-count" => failing_step(&group, &scenario),
         "swapped-layers" => swapped_layers(&group),
+        "kept-group" => {
+            // A group kept until exit (as a default group in a static is):
+            // MPI is finalized at exit all the same.
+            group.barrier().unwrap();
+            std::mem::forget(group);
+            println!("group kept until exit");
+        }
         s => panic!("unknown scenario {s}"),
     }
 }
@@ -574,6 +581,29 @@ fn a_stalled_rank_ends_the_job_within_the_timeout() {
         o.elapsed < Duration::from_secs(12),
         "{:?}:\n{}",
         o.elapsed,
+        o.output
+    );
+}
+
+/// A group still alive at exit: the exit hook finalizes MPI, and the job
+/// ends cleanly (a rank that exits without `MPI_Finalize` fails the job).
+#[test]
+fn mpi_is_finalized_at_exit_when_a_group_is_kept() {
+    let Some(mpirun) = mpirun("mpi_is_finalized_at_exit_when_a_group_is_kept") else {
+        return;
+    };
+    let dir = scratch_dir("mpi-kept");
+    let o = run_mpi(&mpirun, 2, "kept-group", &[], &dir, Duration::from_secs(60));
+    assert_eq!(
+        o.output.matches("group kept until exit").count(),
+        2,
+        "{}",
+        o.output
+    );
+    assert_eq!(o.code, Some(0), "{}", o.output);
+    assert!(
+        !o.output.to_lowercase().contains("finalize"),
+        "{}",
         o.output
     );
 }
