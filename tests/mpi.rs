@@ -10,11 +10,12 @@
 #[path = "common/mod.rs"]
 mod common;
 
-use candle::{DType, Device, Tensor, Var};
+use candle::{DType, Device, Tensor};
 use candle_nn::{ModuleT, VarBuilder, VarMap};
-use candle_syncbn::{error_kind, ProcessGroup, SyncBatchNorm, SyncBatchNormConfig};
+use candle_syncbn::{ProcessGroup, SyncBatchNorm, SyncBatchNormConfig};
 use common::{
-    check_ranks_against_whole, run_rank, scratch_dir, split_batch, tolerance, values, RankRun, Rng,
+    check_ranks_against_whole, expected, run_rank, scratch_dir, split_batch, tolerance, values,
+    RankRun, Rng, EXPECTED_ERROR,
 };
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -26,8 +27,6 @@ const BATCHES: &str = "SYNCBN_MPI_TEST_BATCHES";
 /// Where the `layer` scenario writes each rank's results.
 const OUT_DIR: &str = "SYNCBN_MPI_TEST_OUT";
 const REQUIRE_MPI: &str = "SYNCBN_REQUIRE_MPI";
-/// Exit code of a worker that got the error its scenario expects.
-const EXPECTED_ERROR: i32 = 42;
 const C: usize = 4;
 
 // ---------------------------------------------------------------- the ranks
@@ -194,42 +193,6 @@ fn collectives(group: &ProcessGroup) -> candle::Result<()> {
     Ok(())
 }
 
-fn expected(e: candle::Error) -> ! {
-    println!("EXPECTED-ERROR ({:?}): {e}", error_kind(&e));
-    std::process::exit(EXPECTED_ERROR)
-}
-
-/// A layer's training step with a fault on rank 1: killed or stalled
-/// between the forward and the backward, or a layer of another width.
-fn failing_step(group: &ProcessGroup, scenario: &str) {
-    let c = if scenario == "mismatch-count" && group.rank() == 1 {
-        C + 1
-    } else {
-        C
-    };
-    let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-    let cfg = SyncBatchNormConfig::default();
-    let bn = SyncBatchNorm::new(c, cfg, vb.pp("stem.bn"), group.clone()).unwrap();
-    let x = Var::from_tensor(&Tensor::ones((4, c, 2), DType::F32, &Device::Cpu).unwrap()).unwrap();
-    let y = bn
-        .forward_t(x.as_tensor(), true)
-        .unwrap_or_else(|e| expected(e));
-    println!("rank {}: forward finished", group.rank());
-    if group.rank() == 1 {
-        match scenario {
-            "kill" => std::process::abort(),
-            "hang" => std::thread::sleep(Duration::from_secs(60)),
-            _ => {}
-        }
-    }
-    let loss = y.sqr().unwrap().sum_all().unwrap();
-    match loss.backward() {
-        Ok(_) => println!("backward finished"),
-        Err(e) => expected(e),
-    }
-}
-
 /// Two layers of one width; rank 1 calls them in the other order.
 fn swapped_layers(group: &ProcessGroup) {
     let varmap = VarMap::new();
@@ -276,7 +239,11 @@ fn worker() {
             collectives(&group).unwrap();
         }
         "init-rank" => collectives(&group).unwrap(),
-        "kill" | "hang" | "mismatch-count" => failing_step(&group, &scenario),
+        "kill" | "hang" | "mismatch-count" => {
+            // Rank 1 builds a wider layer in the mismatch.
+            let wider = scenario == "mismatch-count" && group.rank() == 1;
+            common::faulty_step(&group, if wider { C + 1 } else { C }, "stem.bn", &scenario)
+        }
         "swapped-layers" => swapped_layers(&group),
         "kept-group" => {
             // A group kept until exit (as a default group in a static is):
