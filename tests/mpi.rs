@@ -15,7 +15,7 @@ use candle_nn::{ModuleT, VarBuilder, VarMap};
 use candle_syncbn::{ProcessGroup, SyncBatchNorm, SyncBatchNormConfig};
 use common::{
     check_ranks_against_whole, expected, run_rank, scratch_dir, split_batch, tolerance, values,
-    RankRun, Rng, EXPECTED_ERROR,
+    Outcome, RankRun, Rng, EXPECTED_ERROR,
 };
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -280,15 +280,7 @@ fn mpirun(test: &str) -> Option<PathBuf> {
 
 /// The arguments that make this executable run [`worker`] and no other test.
 fn worker_args() -> Vec<OsString> {
-    let mut args = vec![OsString::from(common::test_path(module_path!(), "worker"))];
-    args.extend(["--exact", "--nocapture", "--test-threads=1"].map(OsString::from));
-    args
-}
-
-struct Outcome {
-    code: Option<i32>,
-    output: String,
-    elapsed: Duration,
+    common::worker_args(module_path!())
 }
 
 /// Runs `program args` (with `env`) in a process group of its own, its

@@ -26,6 +26,25 @@ pub fn test_path(module: &str, name: &str) -> String {
     }
 }
 
+/// The arguments that make a test executable run the test `worker` of the
+/// module `module` (its `module_path!()`) and no other test: how the process
+/// tests start their ranks.
+pub fn worker_args(module: &str) -> Vec<std::ffi::OsString> {
+    let mut args = vec![std::ffi::OsString::from(test_path(module, "worker"))];
+    args.extend(["--exact", "--nocapture", "--test-threads=1"].map(std::ffi::OsString::from));
+    args
+}
+
+/// How a worker process (or a launcher of several) ended.
+pub struct Outcome {
+    /// Its exit code (`None`: killed by a signal or at the deadline).
+    pub code: Option<i32>,
+    /// Its stdout and stderr.
+    pub output: String,
+    /// From its start to its end (or the deadline).
+    pub elapsed: Duration,
+}
+
 /// A scratch directory, removed with everything in it when dropped (also when
 /// a test panics), so test runs leave nothing in the temp dir.
 pub struct ScratchDir(PathBuf);

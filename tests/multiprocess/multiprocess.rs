@@ -11,7 +11,7 @@ use candle::{DType, Device, Tensor, Var};
 use candle_nn::{ModuleT, VarBuilder, VarMap};
 use candle_syncbn::launch::{launch, LaunchConfig};
 use candle_syncbn::{ProcessGroup, SyncBatchNorm, SyncBatchNormConfig};
-use common::{expected, scratch_dir, EXPECTED_ERROR};
+use common::{expected, scratch_dir, Outcome, EXPECTED_ERROR};
 use std::ffi::OsString;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -236,15 +236,7 @@ fn cpu_rank() -> candle::Result<candle_syncbn::Rank> {
 
 /// The arguments that make this executable run [`worker`] and no other test.
 fn worker_args() -> Vec<OsString> {
-    let mut args = vec![OsString::from(common::test_path(module_path!(), "worker"))];
-    args.extend(["--exact", "--nocapture", "--test-threads=1"].map(OsString::from));
-    args
-}
-
-struct Outcome {
-    code: Option<i32>,
-    output: String,
-    elapsed: Duration,
+    common::worker_args(module_path!())
 }
 
 /// Starts `world` workers (this executable) directly, with `env(rank)` extra
