@@ -7,7 +7,8 @@
 //! then times, after a barrier each, `--iters` all-reduces of `--mib` MiB of
 //! f32 (or, with `--resnet18`, `average_gradients` over the gradients of a
 //! ResNet-18, 11.7 M f32 parameters in 62 tensors). Rank 0 prints one JSON
-//! line: `{"times_ms": [...]}`.
+//! line: `{"times_ms": [...]}`. Built with `--features mpi` and started by
+//! `mpirun`, it times the MPI group instead (`compare_gloo.py --mpi`).
 
 use candle::{DType, Device, Tensor};
 use candle_nn::VarMap;

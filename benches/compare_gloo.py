@@ -8,6 +8,9 @@ processes, alternating which side goes first; in each, rank 0 times
 --iters all-reduces of f32 after --warmup untimed ones, each after a
 barrier. Reports min/median/max over every timed iteration of each side and,
 per round, the ratio gloo median / ours median (> 1: ours faster).
+With --mpi (needs `mpirun` and Open MPI's headers: the bench is built with
+the crate's `mpi` feature): the MPI group too, its ranks started by
+`mpirun --oversubscribe --bind-to none` (no core binding, as the other two).
 With --resnet18: the gradient averaging of a ResNet-18 (11.7 M f32 in 62
 tensors; ours: data_parallel::average_gradients, 25 MiB buckets; gloo:
 DDP-style 25 MiB flattened buckets, all_reduce, divide), for ours with the
@@ -17,6 +20,7 @@ ring).
     python3 benches/compare_gloo.py                       # 2 and 4 ranks, 16 and 64 MiB
     python3 benches/compare_gloo.py --worlds 2 --mib 64 --rounds 5
     python3 benches/compare_gloo.py --resnet18 --worlds 2
+    python3 benches/compare_gloo.py --mpi                 # MPI, TCP and gloo
 """
 import argparse, json, os, socket, statistics, subprocess, sys, time
 
@@ -27,9 +31,10 @@ def free_port():
         return s.getsockname()[1]
 
 
-def build_ours():
+def build_ours(features):
     out = subprocess.run(
-        ["cargo", "bench", "--bench", "allreduce", "--no-run", "--message-format=json"],
+        ["cargo", "bench", "--bench", "allreduce", "--no-run", "--message-format=json"]
+        + (["--features", features] if features else []),
         check=True, capture_output=True, text=True,
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     for line in out.stdout.splitlines():
@@ -56,6 +61,20 @@ def run_ranks(cmd, world, extra_env, timeout=600):
         if line.startswith("{"):
             return json.loads(line)["times_ms"]
     sys.exit(f"no timings from rank 0 of {cmd}")
+
+
+def run_mpirun(cmd, world, timeout=600):
+    """`cmd` as `world` ranks of an MPI job (the bench picks the MPI group)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", OMPI_ALLOW_RUN_AS_ROOT="1",
+               OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    p = subprocess.run(["mpirun", "--oversubscribe", "--bind-to", "none", "-np", str(world)] + cmd,
+                       env=env, stdout=subprocess.PIPE, text=True, timeout=timeout)
+    if p.returncode != 0:
+        sys.exit(f"mpirun of {cmd[0]} failed with {p.returncode}")
+    for line in p.stdout.splitlines():
+        if line.startswith("{"):
+            return json.loads(line)["times_ms"]
+    sys.exit(f"no timings from rank 0 of the MPI job {cmd}")
 
 
 def resnet18_shapes():
@@ -123,11 +142,12 @@ def main():
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--resnet18", action="store_true")
+    ap.add_argument("--mpi", action="store_true", help="time the MPI group too (mpirun)")
     ap.add_argument("--gloo-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.gloo_worker:
         return gloo_worker(args)
-    ours = build_ours()
+    ours = build_ours("mpi" if args.mpi else None)
     common = ["--iters", str(args.iters), "--warmup", str(args.warmup)]
     me = [sys.executable, os.path.abspath(__file__), "--gloo-worker"] + common
     cases = [(w, None) for w in args.worlds] if args.resnet18 else \
@@ -138,6 +158,8 @@ def main():
     for world, mib in cases:
         what = ["--resnet18"] if mib is None else ["--mib", str(mib)]
         sides = {"ours": ([ours] + common + what, {}), "gloo": (me + what, {})}
+        if args.mpi:
+            sides["ours, mpi"] = ([ours] + common + what, None)
         if mib is None:
             sides["ours, star (before)"] = ([ours] + common + what, {"SYNCBN_RING_MIN_BYTES": "off"})
         times = {k: [] for k in sides}
@@ -147,7 +169,7 @@ def main():
             med = {}
             for side in order:
                 cmd, env = sides[side]
-                ts = run_ranks(cmd, world, env)
+                ts = run_mpirun(cmd, world) if env is None else run_ranks(cmd, world, env)
                 times[side] += ts
                 med[side] = statistics.median(ts)
             for k in ratios:

@@ -25,7 +25,7 @@ use candle_nn::{Optimizer, VarBuilder, VarMap};
 use candle_syncbn::data_parallel::{
     broadcast_varmap, save_varmap_atomic, AverageOptions, GradientAverager,
 };
-use candle_syncbn::launch::{launch_if_requested_with, RankDevice, Rendezvous};
+use candle_syncbn::launch::{in_launched_rank, launch_if_requested_with, RankDevice};
 use candle_syncbn::precise_bn::{Estimator, PreciseBn};
 use candle_syncbn::{BatchNormLayer, BatchNormRewriter, Outcome, ProcessGroup, Rank};
 use clap::Parser;
@@ -506,7 +506,9 @@ fn is_trainable(name: &str) -> bool {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let in_launcher = Rendezvous::from_env()?.is_some();
+    // A rank of torchrun, of this example's own launch, or of `mpirun`
+    // (built with `--features mpi`): no self-spawn then.
+    let in_launcher = in_launched_rank()?;
     if !in_launcher || args.nproc_per_node.is_some() {
         // CUDA ranks: no more than the visible GPUs (refused before any starts).
         let ranks_on = match args.device.as_str() {

@@ -78,7 +78,7 @@
 //! - [`SyncBatchNorm`] and [`SyncBatchNormConfig`]: the layer (a
 //!   [`candle_nn::ModuleT`]) and its arguments.
 //! - [`group`]: [`ProcessGroup`] handles over a [`Backend`]: single, in-process
-//!   threads, TCP, NCCL (feature `nccl`), or your own; and subgroups
+//!   threads, TCP, NCCL (feature `nccl`), MPI (feature `mpi`), or your own; and subgroups
 //!   ([`ProcessGroup::subgroups`], [`ProcessGroup::split`]) to synchronize
 //!   the statistics within blocks of ranks (the GPUs of one node, say).
 //! - [`ops`]: the functional pieces to compose a synchronized layer from
@@ -101,6 +101,8 @@
 //! - default: CPU.
 //! - `cuda`: the CUDA kernels of every op (needs nvcc at build time, see the README).
 //! - `nccl`: the NCCL process group (implies `cuda`).
+//! - `mpi`: the MPI process group, for CPU clusters under `mpirun` or
+//!   `srun --mpi=pmix` (needs an MPI library; see docs/mpi.md).
 //! - `metal`: candle's Metal backend. This crate has no Metal kernels: on
 //!   devices it has no kernels for (Metal; CUDA without the `cuda` feature)
 //!   the layer runs composed of candle ops

@@ -4,17 +4,21 @@
 //! the [`single`](ProcessGroup::single) group (world size 1, no communication), the
 //! in-process [`threads`](ProcessGroup::threads) group (one thread per rank), the
 //! [`tcp`](ProcessGroup::tcp) group (one process per rank, any device) and, with the
-//! `nccl` feature, the NCCL group (`ProcessGroup::nccl`, one process per GPU).
+//! `nccl` feature, the NCCL group (`ProcessGroup::nccl`, one process per GPU),
+//! with the `mpi` feature, the MPI group (`ProcessGroup::mpi`, under `mpirun`).
 //! [`ProcessGroup::from_env`] picks one from the launcher's environment. Users can
-//! plug in their own collective library (MPI, gloo, …) by implementing [`Backend`].
+//! plug in their own collective library (gloo, …) by implementing [`Backend`].
 //!
 //! [`ProcessGroup::subgroups`] and [`ProcessGroup::split`] synchronize batch
 //! statistics within subsets of the ranks (one node's GPUs, say), like a
 //! `SyncBatchNorm` given a `process_group` from PyTorch's `new_subgroups`:
-//! NCCL splits its communicator, the other backends run masked collectives
+//! NCCL and MPI split their communicator, the other backends run masked collectives
 //! (what that costs is described at [`ProcessGroup::subgroups`]).
 
 mod default;
+mod mpi_env;
+#[cfg(feature = "mpi")]
+mod mpi_group;
 #[cfg(feature = "nccl")]
 mod nccl;
 mod options;
@@ -32,6 +36,10 @@ mod threads;
 mod wire;
 
 pub use default::{default_group, set_default_group, set_thread_default_group};
+#[cfg(feature = "mpi")]
+pub(crate) use mpi_group::MpiBackend;
+#[cfg(feature = "mpi")]
+pub use mpi_group::MpiOptions;
 #[cfg(feature = "nccl")]
 pub(crate) use nccl::NcclBackend;
 #[cfg(feature = "nccl")]
@@ -217,13 +225,62 @@ impl ProcessGroup {
         )?))
     }
 
-    /// The group described by the launcher's environment (see
-    /// [`Rendezvous::from_env`]): [`ProcessGroup::single`] when no launcher
-    /// variables are set or the world size is 1, NCCL when `device` is a CUDA
-    /// device and the `nccl` feature is on, TCP otherwise. Timeouts come from
-    /// `SYNCBN_TIMEOUT` (seconds) when set.
+    /// Joins the group of all ranks of the MPI job this process belongs to
+    /// (`MPI_COMM_WORLD`; feature `mpi`), initializing MPI on first use: one
+    /// process per rank, started by `mpirun` or `srun --mpi=pmix`. Every
+    /// rank calls it. Each collective checks first that all ranks make the
+    /// same call, and one that does not complete within `options.timeout`
+    /// ends the job with `MPI_Abort` (see docs/mpi.md). MPI is finalized when
+    /// the last MPI group is dropped, or at exit.
+    #[cfg(feature = "mpi")]
+    pub fn mpi(options: MpiOptions) -> Result<ProcessGroup> {
+        Ok(Self::from_backend(MpiBackend::world(options)?))
+    }
+
+    /// The group described by the launcher's environment: with the `mpi`
+    /// feature, under an MPI launcher (`OMPI_COMM_WORLD_*`, `PMI_RANK`,
+    /// `PMIX_RANK`) or with `SYNCBN_BACKEND=mpi`, the MPI group
+    /// (`ProcessGroup::mpi`, any device, staged through host memory);
+    /// otherwise (see [`Rendezvous::from_env`]) [`ProcessGroup::single`] when
+    /// no launcher variables are set or the world size is 1, NCCL when
+    /// `device` is a CUDA device and the `nccl` feature is on, TCP otherwise
+    /// (`SYNCBN_BACKEND=tcp` picks these under an MPI launcher too).
+    /// Timeouts come from `SYNCBN_TIMEOUT` (seconds) when set.
     pub fn from_env(device: &Device) -> Result<ProcessGroup> {
+        #[cfg(feature = "mpi")]
+        if mpi_env::use_mpi(&|k| std::env::var(k).ok())? {
+            return Self::mpi(MpiOptions::from_env()?);
+        }
+        #[cfg(not(feature = "mpi"))]
+        mpi_env::use_mpi(&|k| std::env::var(k).ok())?;
         Self::from_rendezvous(Rendezvous::from_env()?.as_ref(), device)
+    }
+
+    /// The MPI group and its rank's rendezvous when the environment calls
+    /// for MPI (see [`ProcessGroup::from_env`]), else `None`.
+    #[cfg(feature = "mpi")]
+    pub(crate) fn mpi_from_env() -> Result<Option<(ProcessGroup, Rendezvous)>> {
+        if !mpi_env::use_mpi(&|k| std::env::var(k).ok())? {
+            return Ok(None);
+        }
+        let world = MpiBackend::world(MpiOptions::from_env()?)?;
+        let rv = mpi_group::rendezvous(&world)?;
+        Ok(Some((Self::from_backend(world), rv)))
+    }
+
+    /// Without the `mpi` feature: `None`, or the error of a
+    /// `SYNCBN_BACKEND=mpi`.
+    #[cfg(not(feature = "mpi"))]
+    pub(crate) fn mpi_from_env() -> Result<Option<(ProcessGroup, Rendezvous)>> {
+        mpi_env::use_mpi(&|k| std::env::var(k).ok())?;
+        Ok(None)
+    }
+
+    /// Whether this process is a rank started by a launcher: an MPI
+    /// launcher's (when the MPI group is used) or one setting the
+    /// rendezvous variables (see [`Rendezvous::from_env`]).
+    pub(crate) fn launched() -> Result<bool> {
+        Ok(mpi_env::use_mpi(&|k| std::env::var(k).ok())? || Rendezvous::from_env()?.is_some())
     }
 
     /// The group for `rv` as [`ProcessGroup::from_env`] picks it (`None`:
@@ -356,7 +413,8 @@ impl ProcessGroup {
     /// A collective of this group: every rank must call it. How a subgroup
     /// communicates depends on the backend:
     ///
-    /// - NCCL splits its communicator (`ncclCommSplit`): each subgroup gets
+    /// - NCCL and MPI split their communicator (`ncclCommSplit`,
+    ///   `MPI_Comm_split`): each subgroup gets
     ///   one of its own, whose collectives involve its members only (within a
     ///   node, say) and need nothing from the other subgroups.
     /// - Every other backend, users' own included unless they implement

@@ -108,7 +108,10 @@ pub(crate) fn tensor_from_bytes(
 
 /// Sums the payloads (little-endian values of a float dtype) in rank order,
 /// in f64, rounded once to the dtype at the end.
-fn sum_in_rank_order(payloads: &[Vec<u8>], dtype: DType) -> std::result::Result<Vec<u8>, String> {
+pub(crate) fn sum_in_rank_order(
+    payloads: &[Vec<u8>],
+    dtype: DType,
+) -> std::result::Result<Vec<u8>, String> {
     let n = payloads[0].len() / dtype.size_in_bytes();
     // -0.0 is the identity of IEEE addition (+0.0 is not: +0.0 + -0.0 = +0.0),
     // so a sum of negative zeros stays -0.0, as a sum of the values alone.

@@ -67,7 +67,7 @@ pub(crate) enum Op {
 }
 
 impl Op {
-    fn from_u8(v: u8) -> Option<Self> {
+    pub(crate) fn from_u8(v: u8) -> Option<Self> {
         Some(match v {
             1 => Op::AllReduceSum,
             2 => Op::Broadcast,

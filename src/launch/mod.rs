@@ -23,4 +23,6 @@ pub use crate::group::rendezvous::{EnvSource, Rendezvous};
 pub use device::local_cuda_ordinal;
 pub use limits::RankDevice;
 pub use rank::{init_rank, Rank};
-pub use spawn::{launch, launch_if_requested, launch_if_requested_with, LaunchConfig};
+pub use spawn::{
+    in_launched_rank, launch, launch_if_requested, launch_if_requested_with, LaunchConfig,
+};

@@ -16,8 +16,8 @@ pub struct Rank {
     /// [`local_cuda_ordinal`]).
     pub device: Device,
     /// This rank's handle on the group of all ranks (TCP, or NCCL for CUDA
-    /// ranks with the `nccl` feature; [`ProcessGroup::single`] outside a
-    /// launcher).
+    /// ranks with the `nccl` feature, or MPI under an MPI launcher with the
+    /// `mpi` feature; [`ProcessGroup::single`] outside a launcher).
     pub group: ProcessGroup,
     /// What the launcher said (`None`: no launcher, a single process).
     pub rendezvous: Option<Rendezvous>,
@@ -69,14 +69,21 @@ impl Rank {
     /// (CPU ranks in any build) or [`RankDevice::Cuda`] (an error in a
     /// build without the `cuda` feature).
     pub fn from_env(on: RankDevice) -> Result<Rank> {
-        let rendezvous = Rendezvous::from_env()?;
+        // Under an MPI launcher (feature `mpi`), MPI says who the rank is.
+        let (mpi_group, rendezvous) = match ProcessGroup::mpi_from_env()? {
+            Some((group, rv)) => (Some(group), Some(rv)),
+            None => (None, Rendezvous::from_env()?),
+        };
         let device = open_device(rank_device(
             rendezvous.as_ref(),
             on,
             cuda_device_count,
             std::env::var(CUDA_VISIBLE_DEVICES_VAR).ok().as_deref(),
         )?)?;
-        let group = ProcessGroup::from_rendezvous(rendezvous.as_ref(), &device)?;
+        let group = match mpi_group {
+            Some(group) => group,
+            None => ProcessGroup::from_rendezvous(rendezvous.as_ref(), &device)?,
+        };
         Ok(Rank {
             device,
             group,

@@ -759,6 +759,16 @@ pub fn launch_if_requested(default_nproc: Option<usize>) -> Result<Option<i32>> 
     launch_if_requested_with(default_nproc, RankDevice::Cpu)
 }
 
+/// Whether this process is a rank started by a launcher: one that sets the
+/// rendezvous variables (torchrun's `RANK`/`WORLD_SIZE`, SLURM's, Open MPI's
+/// with `MASTER_PORT`, this crate's [`launch`]), or, where the MPI group is
+/// used (the `mpi` feature, `SYNCBN_BACKEND`), an MPI launcher (`mpirun`,
+/// `srun --mpi=pmix`). A program that launches itself does so only when
+/// this is `false`, as [`launch_if_requested`] does.
+pub fn in_launched_rank() -> Result<bool> {
+    crate::ProcessGroup::launched()
+}
+
 /// [`launch_if_requested`] for ranks that compute on `device`: e.g.
 /// [`RankDevice::Cuda`] refuses more ranks than visible GPUs before any
 /// starts.
@@ -768,7 +778,7 @@ pub fn launch_if_requested_with(
 ) -> Result<Option<i32>> {
     let args: Vec<OsString> = std::env::args_os().skip(1).collect();
     let (nproc, rest) = split_nproc_flag(args)?;
-    let in_launcher = crate::group::rendezvous::Rendezvous::from_env()?.is_some();
+    let in_launcher = in_launched_rank()?;
     let nproc = match (nproc, in_launcher) {
         (Some(_), true) => candle::bail!(
             "launcher: {NPROC_FLAG} given inside a launched rank (RANK/WORLD_SIZE are already set)"

@@ -26,6 +26,25 @@ pub fn test_path(module: &str, name: &str) -> String {
     }
 }
 
+/// The arguments that make a test executable run the test `worker` of the
+/// module `module` (its `module_path!()`) and no other test: how the process
+/// tests start their ranks.
+pub fn worker_args(module: &str) -> Vec<std::ffi::OsString> {
+    let mut args = vec![std::ffi::OsString::from(test_path(module, "worker"))];
+    args.extend(["--exact", "--nocapture", "--test-threads=1"].map(std::ffi::OsString::from));
+    args
+}
+
+/// How a worker process (or a launcher of several) ended.
+pub struct Outcome {
+    /// Its exit code (`None`: killed by a signal or at the deadline).
+    pub code: Option<i32>,
+    /// Its stdout and stderr.
+    pub output: String,
+    /// From its start to its end (or the deadline).
+    pub elapsed: Duration,
+}
+
 /// A scratch directory, removed with everything in it when dropped (also when
 /// a test panics), so test runs leave nothing in the temp dir.
 pub struct ScratchDir(PathBuf);
@@ -273,6 +292,46 @@ pub fn tolerance(dtype: DType) -> (f64, f64) {
         DType::F16 => (4e-3, 4e-3),
         DType::BF16 => (3e-2, 3e-2),
         _ => unreachable!(),
+    }
+}
+
+/// Exit code of a worker process that got the error its scenario expects.
+pub const EXPECTED_ERROR: i32 = 42;
+
+/// Ends a worker process that got the error its scenario expects: prints it
+/// (with its kind) and exits with [`EXPECTED_ERROR`].
+pub fn expected(e: candle::Error) -> ! {
+    println!("EXPECTED-ERROR ({:?}): {e}", candle_syncbn::error_kind(&e));
+    std::process::exit(EXPECTED_ERROR)
+}
+
+/// One worker rank's training forward and backward of a layer of `width`
+/// channels named `name` (its `VarBuilder` prefix; "" for none) on `group`, with `fault` ("kill": abort, "hang":
+/// sleep 60 s) on rank 1 between the two; an error ends the process
+/// ([`expected`]).
+pub fn faulty_step(group: &ProcessGroup, width: usize, name: &str, fault: &str) {
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let cfg = SyncBatchNormConfig::default();
+    let vb = if name.is_empty() { vb } else { vb.pp(name) };
+    let bn = SyncBatchNorm::new(width, cfg, vb, group.clone()).unwrap();
+    let ones = Tensor::ones((4, width, 2), DType::F32, &Device::Cpu).unwrap();
+    let x = Var::from_tensor(&ones).unwrap();
+    let y = bn
+        .forward_t(x.as_tensor(), true)
+        .unwrap_or_else(|e| expected(e));
+    println!("rank {}: forward finished", group.rank());
+    if group.rank() == 1 {
+        match fault {
+            "kill" => std::process::abort(),
+            "hang" => std::thread::sleep(Duration::from_secs(60)),
+            _ => {}
+        }
+    }
+    let loss = y.sqr().unwrap().sum_all().unwrap();
+    match loss.backward() {
+        Ok(_) => println!("backward finished"),
+        Err(e) => expected(e),
     }
 }
 

@@ -33,9 +33,7 @@ const RANK_LIFETIME: Duration = Duration::from_secs(60);
 
 /// The arguments that make this executable run [`worker`] and no other test.
 fn worker_args() -> Vec<OsString> {
-    let mut args = vec![OsString::from(common::test_path(module_path!(), "worker"))];
-    args.extend(["--exact", "--nocapture", "--test-threads=1"].map(OsString::from));
-    args
+    common::worker_args(module_path!())
 }
 
 /// Writes `text` to `dir/name` atomically (the test polls for the file).

@@ -11,15 +11,13 @@ use candle::{DType, Device, Tensor, Var};
 use candle_nn::{ModuleT, VarBuilder, VarMap};
 use candle_syncbn::launch::{launch, LaunchConfig};
 use candle_syncbn::{ProcessGroup, SyncBatchNorm, SyncBatchNormConfig};
-use common::scratch_dir;
+use common::{expected, scratch_dir, Outcome, EXPECTED_ERROR};
 use std::ffi::OsString;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const SCENARIO: &str = "SYNCBN_TEST_SCENARIO";
 const BATCHES: &str = "SYNCBN_TEST_BATCHES";
-/// Exit code of a worker that got the error its scenario expects.
-const EXPECTED_ERROR: i32 = 42;
 const C: usize = 4;
 
 /// SplitMix64 normals.
@@ -164,39 +162,6 @@ fn equivalence(group: &ProcessGroup) -> candle::Result<()> {
     Ok(())
 }
 
-fn expected(e: candle::Error) -> ! {
-    println!("EXPECTED-ERROR: {e}");
-    std::process::exit(EXPECTED_ERROR)
-}
-
-/// A layer's training forward and backward, with a failure injected on rank 1.
-fn failing_step(group: &ProcessGroup, scenario: &str) {
-    let c = if scenario == "mismatch" && group.rank() == 1 {
-        C + 1
-    } else {
-        C
-    };
-    let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-    let bn = SyncBatchNorm::new(c, SyncBatchNormConfig::default(), vb, group.clone()).unwrap();
-    let x = Var::from_tensor(&Tensor::ones((4, c, 2), DType::F32, &Device::Cpu).unwrap()).unwrap();
-    let y = bn
-        .forward_t(x.as_tensor(), true)
-        .unwrap_or_else(|e| expected(e));
-    if group.rank() == 1 {
-        match scenario {
-            "kill" => std::process::abort(),
-            "hang" => std::thread::sleep(Duration::from_secs(60)),
-            _ => {}
-        }
-    }
-    let loss = y.sqr().unwrap().sum_all().unwrap();
-    match loss.backward() {
-        Ok(_) => println!("backward finished"),
-        Err(e) => expected(e),
-    }
-}
-
 /// Two layers on every rank: one only ever run in eval mode (as a model
 /// calling `apply_t(&bn, false)` runs it), one trained once first; 150 eval
 /// forwards each.
@@ -245,7 +210,11 @@ fn worker() {
     match scenario.as_str() {
         "equivalence" | "init-rank" => equivalence(&group).unwrap(),
         "eval-only" => eval_only(&group).unwrap(),
-        "kill" | "hang" | "mismatch" => failing_step(&group, &scenario),
+        "kill" | "hang" | "mismatch" => {
+            // Rank 1 builds a wider layer in the mismatch.
+            let wider = scenario == "mismatch" && group.rank() == 1;
+            common::faulty_step(&group, if wider { C + 1 } else { C }, "", &scenario)
+        }
         "fail-rank-1" => {
             if group.rank() == 1 {
                 std::process::exit(3)
@@ -267,15 +236,7 @@ fn cpu_rank() -> candle::Result<candle_syncbn::Rank> {
 
 /// The arguments that make this executable run [`worker`] and no other test.
 fn worker_args() -> Vec<OsString> {
-    let mut args = vec![OsString::from(common::test_path(module_path!(), "worker"))];
-    args.extend(["--exact", "--nocapture", "--test-threads=1"].map(OsString::from));
-    args
-}
-
-struct Outcome {
-    code: Option<i32>,
-    output: String,
-    elapsed: Duration,
+    common::worker_args(module_path!())
 }
 
 /// Starts `world` workers (this executable) directly, with `env(rank)` extra

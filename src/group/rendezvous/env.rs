@@ -50,6 +50,9 @@ pub enum EnvSource {
     Slurm,
     /// Built in code with [`Rendezvous::new`].
     Explicit,
+    /// The MPI library (the `mpi` feature, under an MPI launcher): no
+    /// address, port or token, MPI connects the ranks.
+    Mpi,
 }
 
 /// Everything a rank needs to join its group: from the environment
@@ -237,6 +240,28 @@ impl Rendezvous {
             candle::bail!("rendezvous: rank {rank} is out of range for world size {world_size}")
         }
         Ok(rv)
+    }
+
+    /// The rendezvous of a rank of an MPI job (not validated: it has no
+    /// address nor port, which MPI does not need).
+    #[cfg_attr(not(feature = "mpi"), allow(dead_code))]
+    pub(crate) fn from_mpi(
+        rank: usize,
+        world_size: usize,
+        local_rank: usize,
+        local_world_size: usize,
+    ) -> Self {
+        Self {
+            rank,
+            world_size,
+            local_rank,
+            local_world_size: Some(local_world_size),
+            master_addr: String::new(),
+            master_port: 0,
+            token: None,
+            port_file: None,
+            source: EnvSource::Mpi,
+        }
     }
 
     /// Sets the job token.
