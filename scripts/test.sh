@@ -3,8 +3,10 @@
 # with pip are the only prerequisites):
 #   1. the CPU build: unit, integration and doc tests;
 #   2. the CUDA build (features `cuda,nccl`), with a pinned CUDA 13.0 toolchain from
-#      PyPI (scripts/cuda-toolchain.sh): the same tests plus the CUDA tests,
-#      which run on a GPU and print that they were skipped without one;
+#      PyPI (scripts/cuda-toolchain.sh): on a machine with a GPU, the same
+#      tests plus the CUDA tests; without one, its unit tests (the CUDA code's
+#      included): its CPU integration tests and doctests take the CPU paths
+#      step 1 ran, and its GPU tests run in step 3;
 #   3. without a GPU, the CUDA tests again on an emulated GPU
 #      (scripts/emulated-gpu.sh: the driver API in host memory, this crate's
 #      kernels and candle's element-wise, cast, fill and reduction kernels
@@ -22,13 +24,13 @@ if [[ "${SYNCBN_SKIP_CUDA:-0}" == "1" ]]; then
   echo "== CUDA build skipped (SYNCBN_SKIP_CUDA=1)" >&2
   exit 0
 fi
-echo "== tests (CUDA build: GPU tests skip without a GPU)" >&2
+echo "== tests (CUDA build: all of them on a GPU, the unit tests without one)" >&2
 eval "$(bash scripts/cuda-toolchain.sh)"
-cargo test --features cuda,nccl
-
 if [[ -e /dev/nvidiactl ]]; then
-  exit 0  # a real GPU ran the GPU tests above
+  cargo test --features cuda,nccl
+  exit 0  # a real GPU ran the GPU tests
 fi
+cargo test --features cuda,nccl --lib
 echo "== GPU tests on the emulated GPU (the kernels on the CPU; see scripts/emulated-gpu.sh)" >&2
 eval "$(bash scripts/emulated-gpu.sh)"
 # The emulated GPU must be found: a test that would skip for want of a CUDA
