@@ -842,14 +842,18 @@ mod tests {
     /// Channel-innermost `(N, C)` inputs, whose short dense rows run in groups
     /// of consecutive rows against repeated coefficients: every pass gives the
     /// per-element formula bit for bit, for channel counts around the group
-    /// sizes (1 to 129), row counts that end groups and parallel tasks part-way,
-    /// f32, bf16 and f16, with dense views, with a residual and a gradient whose
-    /// rows have gaps (no grouping), and with all of them gapped.
+    /// sizes (1 to 129), row counts that end groups and parallel tasks part-way
+    /// (one whole task and 7 rows of a second), f32, bf16 and f16, with dense
+    /// views; and for channel counts on either side of the row loops' cuts
+    /// (under one run, a run plus an overlapping one, `4·LANES`, past the
+    /// grouping), with a residual and a gradient whose rows have gaps (no
+    /// grouping), and with all of them gapped. (Rows of every length through
+    /// the same row loops: [`row_runs_give_the_per_element_formula_bit_for_bit`].)
     #[test]
     fn grouped_short_rows_give_the_per_element_formula_bit_for_bit() {
         fn check<T: Element>(to: impl Fn(f32) -> T) {
             for c in [1usize, 2, 3, 5, 31, 32, 33, 64, 100, 128, 129] {
-                let n = (2 * TASK) / c + 7;
+                let n = TASK / c + 7;
                 let dense = Layout::contiguous((n, c));
                 let gapped = Layout::contiguous((n, c + 3)).narrow(1, 2, c).unwrap();
                 let storage = n * (c + 3);
@@ -871,7 +875,12 @@ mod tests {
                     &per_channel(&|ch| 0.1 - 0.02 * ch as f64),
                 );
                 let view = |l: &Layout| ChannelView::new(l, 1).unwrap();
-                for (xl, gl) in [(&dense, &dense), (&dense, &gapped), (&gapped, &gapped)] {
+                let combos: &[(&Layout, &Layout)] = if [3, 33, 64, 129].contains(&c) {
+                    &[(&dense, &dense), (&dense, &gapped), (&gapped, &gapped)]
+                } else {
+                    &[(&dense, &dense)]
+                };
+                for &(xl, gl) in combos {
                     let (xv, gv) = (view(xl), view(gl));
                     assert!(xv.channel_innermost());
                     let xe = |i: usize| x[xv.index(i / c, i % c, 0)].to_acc();
