@@ -4,7 +4,7 @@
 //! input view.
 
 use super::{channel_row, dense_rows, multiversion, spatial_rows, TASK};
-use crate::element::{Accum, Element, CONVERT_LANES};
+use crate::element::{Accum, Element, LaneCpu, CONVERT_LANES};
 use crate::layout::ChannelView;
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
@@ -256,6 +256,7 @@ fn convert_map<T: Element, const TWO: bool, const K: usize>(
     coef: [&[T::Acc]; K],
     f: impl Fn(T::Acc, T::Acc, [T::Acc; K]) -> T::Acc,
 ) {
+    let cpu = LaneCpu::for_type::<T>();
     const L: usize = CONVERT_LANES;
     let n = dst.len();
     let a = &a[..n];
@@ -271,11 +272,11 @@ fn convert_map<T: Element, const TWO: bool, const K: usize>(
     }
     let mut i = 0;
     while i + L <= n {
-        convert_run::<T, TWO, K>(dst, a, b, coef, i, &f);
+        convert_run::<T, TWO, K>(dst, a, b, coef, (i, cpu), &f);
         i += L;
     }
     if i < n {
-        convert_run::<T, TWO, K>(dst, a, b, coef, n - L, &f);
+        convert_run::<T, TWO, K>(dst, a, b, coef, (n - L, cpu), &f);
     }
 }
 
@@ -290,13 +291,13 @@ fn convert_run<T: Element, const TWO: bool, const K: usize>(
     a: &[T],
     b: &[T],
     coef: [&[T::Acc]; K],
-    i: usize,
+    (i, cpu): (usize, LaneCpu),
     f: &impl Fn(T::Acc, T::Acc, [T::Acc; K]) -> T::Acc,
 ) {
     const L: usize = CONVERT_LANES;
-    let av = T::to_acc_lanes(a[i..i + L].try_into().expect("a run"));
+    let av = T::to_acc_lanes(a[i..i + L].try_into().expect("a run"), cpu);
     let bv = if TWO {
-        T::to_acc_lanes(b[i..i + L].try_into().expect("a run"))
+        T::to_acc_lanes(b[i..i + L].try_into().expect("a run"), cpu)
     } else {
         av
     };
@@ -305,7 +306,7 @@ fn convert_run<T: Element, const TWO: bool, const K: usize>(
     for l in 0..L {
         r[l] = f(av[l], bv[l], std::array::from_fn(|k| cs[k][l]));
     }
-    for (d, y) in dst[i..i + L].iter_mut().zip(T::from_acc_lanes(r)) {
+    for (d, y) in dst[i..i + L].iter_mut().zip(T::from_acc_lanes(r, cpu)) {
         d.write(y);
     }
 }

@@ -2,7 +2,7 @@
 
 use super::elementwise::{relu_masked, ReluMask};
 use super::{channel_row, multiversion, spatial_row, to_acc_run, BLOCK, TASK};
-use crate::element::{split_means, Accum, Element, CONVERT_LANES};
+use crate::element::{split_means, Accum, Element, LaneCpu, CONVERT_LANES};
 use crate::layout::ChannelView;
 use rayon::prelude::*;
 
@@ -59,11 +59,12 @@ fn lanes_add_deviations<T: Element>(
     xs: &[T],
     shift: T::Acc,
 ) {
+    let cpu = LaneCpu::for_type::<T>();
     let chunks = xs.chunks_exact(LANES);
     let rem = chunks.remainder();
     let (mut dl, mut ql) = ([T::Acc::ZERO; LANES], [T::Acc::ZERO; LANES]);
     for ch in chunks {
-        let ch = T::to_acc_lanes(ch.try_into().expect("chunk of LANES"));
+        let ch = T::to_acc_lanes(ch.try_into().expect("chunk of LANES"), cpu);
         for l in 0..LANES {
             let v = ch[l] - shift;
             dl[l] += v;
@@ -99,10 +100,11 @@ fn lanes_add_deviations_row<T: Element>(
     xs: &[T],
     shift: T::Acc,
 ) {
+    let cpu = LaneCpu::for_type::<T>();
     let (body, tail) = whole_chunks(xs);
     let (mut dl, mut ql) = ([T::Acc::ZERO; LANES], [T::Acc::ZERO; LANES]);
     for ch in body.chunks_exact(LANES) {
-        let ch = T::to_acc_lanes(ch.try_into().expect("chunk of LANES"));
+        let ch = T::to_acc_lanes(ch.try_into().expect("chunk of LANES"), cpu);
         for l in 0..LANES {
             let v = ch[l] - shift;
             dl[l] += v;
@@ -136,12 +138,14 @@ fn lanes_add_deviations_wide<T: Element>(
     xs: &[T],
     shift: T::Acc,
 ) {
+    let cpu = LaneCpu::for_type::<T>();
     let groups = xs.chunks_exact(SETS * LANES);
     let rem = groups.remainder();
     let mut dl = [[T::Acc::ZERO; LANES]; SETS];
     let mut ql = [[T::Acc::ZERO; LANES]; SETS];
     for ch in groups {
-        let ch: [T::Acc; SETS * LANES] = to_acc_run(ch.try_into().expect("chunk of SETS·LANES"));
+        let ch: [T::Acc; SETS * LANES] =
+            to_acc_run(ch.try_into().expect("chunk of SETS·LANES"), cpu);
         for k in 0..SETS {
             for l in 0..LANES {
                 let v = ch[k * LANES + l] - shift;
@@ -197,6 +201,7 @@ fn lanes_add_centered_dot<T: Element, const RELU: bool>(
     x: &[T],
     ch: GradChannel<T::Acc>,
 ) {
+    let cpu = LaneCpu::for_type::<T>();
     let (hi, lo) = (ch.hi, ch.lo);
     let (ms, mb) = ch.relu.unwrap_or((T::Acc::ZERO, T::Acc::ZERO));
     let gs = dy.chunks_exact(LANES);
@@ -204,8 +209,8 @@ fn lanes_add_centered_dot<T: Element, const RELU: bool>(
     let (g_rem, x_rem) = (gs.remainder(), xs.remainder());
     let (mut sl, mut ql) = ([T::Acc::ZERO; LANES], [T::Acc::ZERO; LANES]);
     for (g, xv) in gs.zip(xs) {
-        let g = T::to_acc_lanes(g.try_into().expect("chunk of LANES"));
-        let xv = T::to_acc_lanes(xv.try_into().expect("chunk of LANES"));
+        let g = T::to_acc_lanes(g.try_into().expect("chunk of LANES"), cpu);
+        let xv = T::to_acc_lanes(xv.try_into().expect("chunk of LANES"), cpu);
         for l in 0..LANES {
             let (gv, xc) = grad_terms::<T, RELU>(g[l], xv[l], hi, lo, ms, mb);
             sl[l] += gv;
@@ -234,13 +239,14 @@ fn lanes_add_centered_dot_row<T: Element, const RELU: bool>(
     x: &[T],
     ch: GradChannel<T::Acc>,
 ) {
+    let cpu = LaneCpu::for_type::<T>();
     let (hi, lo) = (ch.hi, ch.lo);
     let (ms, mb) = ch.relu.unwrap_or((T::Acc::ZERO, T::Acc::ZERO));
     let ((gb, gt), (xb, xt)) = (whole_chunks(dy), whole_chunks(x));
     let (mut sl, mut ql) = ([T::Acc::ZERO; LANES], [T::Acc::ZERO; LANES]);
     for (g, xv) in gb.chunks_exact(LANES).zip(xb.chunks_exact(LANES)) {
-        let g = T::to_acc_lanes(g.try_into().expect("chunk of LANES"));
-        let xv = T::to_acc_lanes(xv.try_into().expect("chunk of LANES"));
+        let g = T::to_acc_lanes(g.try_into().expect("chunk of LANES"), cpu);
+        let xv = T::to_acc_lanes(xv.try_into().expect("chunk of LANES"), cpu);
         for l in 0..LANES {
             let (gv, xc) = grad_terms::<T, RELU>(g[l], xv[l], hi, lo, ms, mb);
             sl[l] += gv;
@@ -267,20 +273,47 @@ fn shifted_sums<A: Accum>(n: f64, shift: A, d: [A; LANES], q: [A; LANES]) -> Sum
 /// How far a pivot may lie from its block's mean: the one-pass sums are kept
 /// where the sum of squared deviations from the pivot, `q = M2 + n·(mean −
 /// pivot)²`, is at most this many times `M2`, i.e. where the pivot lies
-/// within `√(PIVOT_SPREAD − 1)` ≈ 2.6 standard deviations of the mean.
+/// within `√(PIVOT_SPREAD − 1)` ≈ 1.7 standard deviations of the mean.
 /// The f32 rounding error of `q` is relative to `q`, so it grows by at most
-/// this factor in `M2` against a sum around the mean itself.
-const PIVOT_SPREAD: f64 = 8.0;
+/// this factor in `M2` against a sum around the mean itself (with 8, a
+/// block whose pivot lay 2.1 standard deviations out lost 2e-5 of its
+/// variance). For independent values the mean of [`PIVOT_HEAD`] of them
+/// lies that far out about once in a million blocks; for a pivot of
+/// correlated neighbours (a row of an image), about one block in 12 takes
+/// the second pass.
+const PIVOT_SPREAD: f64 = 4.0;
+
+/// Values of a block (of a channel's block, for channels innermost) whose
+/// mean is its pivot ([`pivot_of`]): the mean of a few values lies nearer
+/// the block's mean than one value does, and the rounding error of the
+/// one-pass `M2` grows with that distance ([`PIVOT_SPREAD`]). On the
+/// kernel tests' normal data (mean 1.5 std), the block's first value as the
+/// pivot left `Σx²` of (2048, 24) bf16 off by 3e-6 of itself.
+const PIVOT_HEAD: usize = 8;
+
+/// The pivot of a block whose first values are `head` (the first
+/// [`PIVOT_HEAD`] are taken): their mean, added in order in the accumulator
+/// type and divided in f64, the same bits on every path.
+#[inline(always)]
+fn pivot_of<T: Element>(head: impl Iterator<Item = T>) -> T::Acc {
+    let (mut sum, mut n) = (T::Acc::ZERO, 0usize);
+    for e in head.take(PIVOT_HEAD) {
+        sum += e.to_acc();
+        n += 1;
+    }
+    T::Acc::from_f64(sum.to_f64() / n.max(1) as f64)
+}
 
 /// The sums of a block of `n` values from the f32 sums of their deviations
-/// from `pivot` (a value of the block: `d`) and of the squares of those
-/// (`q`), computed in one pass: `mean = pivot + d/n`, `M2 = q − d²/n`.
-/// Deviations from a value of the block are as small as the block's spread,
-/// however large its mean (`|mean|/std` of 1e4 loses no more than a spread
-/// of 1), but a pivot far out in the tail makes `M2` the difference of two
-/// large numbers: then, and for sums that are not finite, `Err(mean)`, and
-/// the caller sums the block again around that mean (the former two-pass
-/// scheme, with the results of before for NaN and infinite values).
+/// from `pivot` (the mean of its first values, [`pivot_of`]: `d`) and of the
+/// squares of those (`q`), computed in one pass: `mean = pivot + d/n`, `M2 =
+/// q − d²/n`. Deviations from a pivot among the block's values are as small
+/// as the block's spread, however large its mean (`|mean|/std` of 1e4 loses
+/// no more than a spread of 1), but a pivot far out in the tail makes `M2`
+/// the difference of two large numbers: then, and for sums that are not
+/// finite, `Err(mean)`, and the caller sums the block again around that mean
+/// (the former two-pass scheme, with the results of before for NaN and
+/// infinite values).
 #[inline(always)]
 fn pivoted_sums(n: f64, pivot: f64, d: f64, q: f64) -> Result<Sums, f64> {
     let m2 = q - d * d / n;
@@ -316,12 +349,12 @@ fn fold_lanes<A: Accum>(acc: [A; LANES]) -> A {
 }
 
 multiversion! {
-    /// Sums of a (non-empty) block in one pass around its first value
-    /// ([`pivoted_sums`]), or, where that value lies far from the mean, in a
-    /// second pass around the mean.
+    /// Sums of a (non-empty) block in one pass around the mean of its first
+    /// values ([`pivoted_sums`]), or, where that pivot lies far from the
+    /// block's mean, in a second pass around the mean.
     fn block_sums<T: Element>(blk: &[T]) -> Sums {
         let n = blk.len() as f64;
-        let pivot = blk[0].to_acc();
+        let pivot = pivot_of(blk.iter().copied());
         let (mut d, mut q) = ([T::Acc::ZERO; LANES], [T::Acc::ZERO; LANES]);
         lanes_add_deviations_wide(&mut d, &mut q, blk, pivot);
         let (ds, qs) = (fold_lanes(d).to_f64(), fold_lanes(q).to_f64());
@@ -361,13 +394,14 @@ fn row_block_deviations<T: Element>(
 
 multiversion! {
     /// Sums of the short rows `o0..o1` of channel `c` taken as one block, with
-    /// the scheme of [`block_sums`] (around the first row's first value) and
+    /// the scheme of [`block_sums`] (around the mean of the first row's first
+    /// values) and
     /// the lanes carried from row to row, so a row costs no fold and no f64
     /// work of its own (7×7 or 14×14 maps); the rows' rests (past their whole
     /// chunks) are summed apart.
     fn row_block_sums<T: Element>(x: &[T], v: &ChannelView, c: usize, o0: usize, o1: usize, buf: &mut Vec<T>) -> Sums {
         let n = ((o1 - o0) * v.inner) as f64;
-        let pivot = channel_row(x, v, o0, c, buf)[0].to_acc();
+        let pivot = pivot_of(channel_row(x, v, o0, c, buf).iter().copied());
         let (d, q) = row_block_deviations(x, v, c, (o0, o1), buf, pivot);
         let (ds, qs) = (fold_lanes(d).to_f64(), fold_lanes(q).to_f64());
         pivoted_sums(n, pivot.to_f64(), ds, qs).unwrap_or_else(|mean| {
@@ -463,7 +497,7 @@ fn grad_rows_per_group(channels: usize) -> Option<usize> {
 }
 
 /// Per-channel sums over rows `r0..r1` of a channel-innermost view, in one
-/// pass around each channel's value in row `r0` ([`pivoted_sums`]): register
+/// pass around each channel's pivot (the mean of its first rows, [`pivoted_sums`]): register
 /// tiles of [`TILE`] channels where the channels are contiguous, the rest
 /// vectorized across channels through memory. Both add the same values in the
 /// same order per channel, and a channel whose pivot lies far from its mean is
@@ -483,8 +517,9 @@ fn innermost_block_sums<T: Element>(
     };
     let mut out = Vec::with_capacity(v.channels);
     if tiled > 0 {
-        let start = v.index(r0, 0, 0);
-        let pivot: Vec<T::Acc> = x[start..start + tiled].iter().map(|e| e.to_acc()).collect();
+        let pivot: Vec<T::Acc> = (0..tiled)
+            .map(|c| channel_pivot(x, v, (r0, r1), c))
+            .collect();
         let mut sums = vec![(0.0, 0.0); tiled];
         let (mut d, mut q) = (vec![T::Acc::ZERO; tiled], vec![T::Acc::ZERO; tiled]);
         for s0 in (r0..r1).step_by(CHAIN_ROWS) {
@@ -504,6 +539,17 @@ fn innermost_block_sums<T: Element>(
     out
 }
 
+/// The pivot of channel `c` over rows `r0..r1` of a channel-innermost view:
+/// the mean of its values in the first rows ([`pivot_of`]).
+fn channel_pivot<T: Element>(
+    x: &[T],
+    v: &ChannelView,
+    (r0, r1): (usize, usize),
+    c: usize,
+) -> T::Acc {
+    pivot_of((r0..r1).map(|o| x[v.index(o, c, 0)]))
+}
+
 /// Adds the f32 sums of a run of [`CHAIN_ROWS`] rows into the f64 sums, channel by channel.
 #[inline(always)]
 fn add_chains<A: Accum>(sums: &mut [(f64, f64)], d: &[A], q: &[A]) {
@@ -514,8 +560,7 @@ fn add_chains<A: Accum>(sums: &mut [(f64, f64)], d: &[A], q: &[A]) {
 }
 
 /// The sums of channel `c` over rows `r0..r1` of a channel-innermost view
-/// from the sums `(d, q)` of its deviations from `pivot` (its value in row
-/// `r0`) and of their squares, added row by row in f32 over each run of
+/// from the sums `(d, q)` of its deviations from `pivot` ([`channel_pivot`]) and of their squares, added row by row in f32 over each run of
 /// [`CHAIN_ROWS`] rows and the runs in f64; or, where [`pivoted_sums`]
 /// refuses them, summed again around the mean ([`channel_sums_around`]).
 fn channel_sums<T: Element>(
@@ -561,6 +606,7 @@ multiversion! {
     /// `0..d.len()` (whole tiles, contiguous channels) into `d` and their
     /// squares into `q`, tile by tile, each tile in registers.
     fn tiles_add_deviations<T: Element>(x: &[T], v: &ChannelView, o0: usize, o1: usize, shift: &[T::Acc], d: &mut [T::Acc], q: &mut [T::Acc]) -> () {
+        let cpu = LaneCpu::for_type::<T>();
         let tiles = d.chunks_exact_mut(TILE).zip(q.chunks_exact_mut(TILE));
         for (t, (dt, qt)) in tiles.enumerate() {
             let sh: &[T::Acc; TILE] = shift[t * TILE..(t + 1) * TILE].try_into().expect("a tile");
@@ -568,7 +614,7 @@ multiversion! {
             let mut qa: [T::Acc; TILE] = (&*qt).try_into().expect("a tile");
             for o in o0..o1 {
                 let start = v.index(o, t * TILE, 0);
-                let row: [T::Acc; TILE] = to_acc_run(x[start..start + TILE].try_into().expect("a tile"));
+                let row: [T::Acc; TILE] = to_acc_run(x[start..start + TILE].try_into().expect("a tile"), cpu);
                 for l in 0..TILE {
                     let dev = row[l] - sh[l];
                     da[l] += dev;
@@ -584,11 +630,11 @@ multiversion! {
 multiversion! {
     /// Per-channel sums over rows `r0..r1` of the channels `c_from..` of a
     /// channel-innermost view, vectorized across channels (any strides), in
-    /// one pass around each channel's value in row `r0` (see
+    /// one pass around each channel's pivot (see
     /// [`innermost_block_sums`]).
     fn innermost_channel_sums<T: Element>(x: &[T], v: &ChannelView, r0: usize, r1: usize, c_from: usize, buf: &mut Vec<T>) -> Vec<Sums> {
         let c_n = v.channels - c_from;
-        let pivot: Vec<T::Acc> = spatial_row(x, v, r0, buf)[c_from..].iter().map(|e| e.to_acc()).collect();
+        let pivot: Vec<T::Acc> = (c_from..v.channels).map(|c| channel_pivot(x, v, (r0, r1), c)).collect();
         let mut sums = vec![(0.0, 0.0); c_n];
         let mut d = vec![T::Acc::ZERO; c_n];
         let mut q = vec![T::Acc::ZERO; c_n];
@@ -617,11 +663,12 @@ fn add_row_deviations<T: Element>(
     row: &[T],
     shift: &[T::Acc],
 ) {
+    let cpu = LaneCpu::for_type::<T>();
     const L: usize = CONVERT_LANES;
     let n = d.len();
     let whole = if T::CONVERTS_IN_LANES { n - n % L } else { 0 };
     for c in (0..whole).step_by(L) {
-        let e = T::to_acc_lanes(row[c..c + L].try_into().expect("a run"));
+        let e = T::to_acc_lanes(row[c..c + L].try_into().expect("a run"), cpu);
         let sh: &[T::Acc; L] = shift[c..c + L].try_into().expect("a run");
         let dl: &mut [T::Acc; L] = (&mut d[c..c + L]).try_into().expect("a run");
         let ql: &mut [T::Acc; L] = (&mut q[c..c + L]).try_into().expect("a run");
@@ -704,12 +751,13 @@ fn tile_add_grads<T: Element, const RELU: bool>(
     s: &mut [T::Acc; TILE],
     q: &mut [T::Acc; TILE],
 ) {
+    let cpu = LaneCpu::for_type::<T>();
     let GradInputs { dy, dv, x, xv, .. } = inputs;
     let (mut sa, mut qa) = (*s, *q);
     for o in o0..o1 {
         let (ds, xs) = (dv.index(o, c0, 0), xv.index(o, c0, 0));
-        let g: [T::Acc; TILE] = to_acc_run(dy[ds..ds + TILE].try_into().expect("a tile"));
-        let e: [T::Acc; TILE] = to_acc_run(x[xs..xs + TILE].try_into().expect("a tile"));
+        let g: [T::Acc; TILE] = to_acc_run(dy[ds..ds + TILE].try_into().expect("a tile"), cpu);
+        let e: [T::Acc; TILE] = to_acc_run(x[xs..xs + TILE].try_into().expect("a tile"), cpu);
         for l in 0..TILE {
             let (gv, xc) = grad_terms::<T, RELU>(g[l], e[l], hi[l], lo[l], ms[l], mb[l]);
             sa[l] += gv;
@@ -803,14 +851,15 @@ fn add_row_grads_in_lanes<T: Element>(
     (hi, lo): SlicePair<'_, T::Acc>,
     relu: Option<SlicePair<'_, T::Acc>>,
 ) {
+    let cpu = LaneCpu::for_type::<T>();
     const L: usize = CONVERT_LANES;
     let n = s.len();
     let whole = n - n % L;
     let zeros = [T::Acc::ZERO; L];
     let run = |v: &[T::Acc], c: usize| -> [T::Acc; L] { v[c..c + L].try_into().expect("a run") };
     for c in (0..whole).step_by(L) {
-        let g = T::to_acc_lanes(dy[c..c + L].try_into().expect("a run"));
-        let e = T::to_acc_lanes(x[c..c + L].try_into().expect("a run"));
+        let g = T::to_acc_lanes(dy[c..c + L].try_into().expect("a run"), cpu);
+        let e = T::to_acc_lanes(x[c..c + L].try_into().expect("a run"), cpu);
         let (h, l) = (run(hi, c), run(lo, c));
         let (mut sl, mut ql) = (run(s, c), run(q, c));
         match relu {
@@ -1379,11 +1428,12 @@ mod tests {
         check::<half::bf16>(half::bf16::from_f32, &|i| -256.0 - 2.0 * one_in_64(i), 2e-5);
     }
 
-    /// A block whose first value (the one-pass pivot) lies far out in the
-    /// tail, here 10⁴ standard deviations of the rest above it, is summed
-    /// again around its mean: without that, its M2 is the difference of two
-    /// sums thousands of times larger, and the variance loses most of its
-    /// digits. Every path, the outlier at the first value of every block.
+    /// A block whose first values (whose mean is the one-pass pivot) lie far
+    /// out in the tail, here 10⁴ standard deviations of the rest above it,
+    /// is summed again around its mean: without that, its M2 is the
+    /// difference of two sums hundreds of times larger, and the variance
+    /// loses most of its digits. Every path, the outliers at the first
+    /// values of every block.
     #[test]
     fn statistics_stay_accurate_when_the_pivot_is_an_outlier() {
         for layout in every_stats_path() {
@@ -1392,17 +1442,23 @@ mod tests {
             let mut x: Vec<f32> = (0..len)
                 .map(|i| 3.0 + ((i * 7919 + 13) % 2048) as f32 / 1024.0)
                 .collect();
-            // The first element of every block of every channel: long rows
-            // start blocks at 0 and 4096, short rows at every row of a block's
-            // first outer index (all of them, to cover each block), channels
-            // innermost at row 0.
+            // The first values of every block of every channel: long rows
+            // start blocks at 0 and 4096, short rows at every row of a
+            // block's first outer index (all of them, to cover each block),
+            // channels innermost at row 0.
+            let head = 0..PIVOT_HEAD;
             for ch in 0..v.channels {
                 for o in 0..v.outer {
-                    if v.channel_innermost() && o > 0 {
-                        break;
+                    if v.channel_innermost() {
+                        if head.contains(&o) {
+                            x[v.index(o, ch, 0)] = 1e4;
+                        }
+                        continue;
                     }
-                    for i in [0, BLOCK].into_iter().filter(|&i| i < v.inner) {
-                        x[v.index(o, ch, i)] = 1e4;
+                    for i in head.clone().chain(BLOCK..BLOCK + PIVOT_HEAD) {
+                        if i < v.inner {
+                            x[v.index(o, ch, i)] = 1e4;
+                        }
                     }
                 }
             }
