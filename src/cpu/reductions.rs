@@ -517,9 +517,7 @@ fn innermost_block_sums<T: Element>(
     };
     let mut out = Vec::with_capacity(v.channels);
     if tiled > 0 {
-        let pivot: Vec<T::Acc> = (0..tiled)
-            .map(|c| channel_pivot(x, v, (r0, r1), c))
-            .collect();
+        let pivot = channel_pivots(x, v, (r0, r1), (0, tiled), buf);
         let mut sums = vec![(0.0, 0.0); tiled];
         let (mut d, mut q) = (vec![T::Acc::ZERO; tiled], vec![T::Acc::ZERO; tiled]);
         for s0 in (r0..r1).step_by(CHAIN_ROWS) {
@@ -539,15 +537,24 @@ fn innermost_block_sums<T: Element>(
     out
 }
 
-/// The pivot of channel `c` over rows `r0..r1` of a channel-innermost view:
-/// the mean of its values in the first rows ([`pivot_of`]).
-fn channel_pivot<T: Element>(
-    x: &[T],
-    v: &ChannelView,
-    (r0, r1): (usize, usize),
-    c: usize,
-) -> T::Acc {
-    pivot_of((r0..r1).map(|o| x[v.index(o, c, 0)]))
+multiversion! {
+    /// The pivots of the channels `c0..c1` over rows `r0..r1` of a
+    /// channel-innermost view: the mean of each channel's values in the first
+    /// rows, the same bits as [`pivot_of`] (added in row order), all channels
+    /// of a row at once.
+    fn channel_pivots<T: Element>(x: &[T], v: &ChannelView, rows: (usize, usize), chans: (usize, usize), buf: &mut Vec<T>) -> Vec<T::Acc> {
+        let (r0, r1) = rows;
+        let (c0, c1) = chans;
+        let head = (r1 - r0).min(PIVOT_HEAD);
+        let mut sum = vec![T::Acc::ZERO; c1 - c0];
+        let zero = vec![T::Acc::ZERO; c1 - c0];
+        let mut unused = vec![T::Acc::ZERO; c1 - c0];
+        for o in r0..r0 + head {
+            // `e − 0` is `e`: the deviations from zero are the values.
+            add_row_deviations::<T>((&mut sum, &mut unused), &spatial_row(x, v, o, buf)[c0..c1], &zero);
+        }
+        sum.iter().map(|s| T::Acc::from_f64(s.to_f64() / head.max(1) as f64)).collect()
+    }
 }
 
 /// Adds the f32 sums of a run of [`CHAIN_ROWS`] rows into the f64 sums, channel by channel.
@@ -560,7 +567,7 @@ fn add_chains<A: Accum>(sums: &mut [(f64, f64)], d: &[A], q: &[A]) {
 }
 
 /// The sums of channel `c` over rows `r0..r1` of a channel-innermost view
-/// from the sums `(d, q)` of its deviations from `pivot` ([`channel_pivot`]) and of their squares, added row by row in f32 over each run of
+/// from the sums `(d, q)` of its deviations from `pivot` ([`channel_pivots`]) and of their squares, added row by row in f32 over each run of
 /// [`CHAIN_ROWS`] rows and the runs in f64; or, where [`pivoted_sums`]
 /// refuses them, summed again around the mean ([`channel_sums_around`]).
 fn channel_sums<T: Element>(
@@ -634,7 +641,7 @@ multiversion! {
     /// [`innermost_block_sums`]).
     fn innermost_channel_sums<T: Element>(x: &[T], v: &ChannelView, r0: usize, r1: usize, c_from: usize, buf: &mut Vec<T>) -> Vec<Sums> {
         let c_n = v.channels - c_from;
-        let pivot: Vec<T::Acc> = (c_from..v.channels).map(|c| channel_pivot(x, v, (r0, r1), c)).collect();
+        let pivot = channel_pivots(x, v, (r0, r1), (c_from, v.channels), buf);
         let mut sums = vec![(0.0, 0.0); c_n];
         let mut d = vec![T::Acc::ZERO; c_n];
         let mut q = vec![T::Acc::ZERO; c_n];
