@@ -107,7 +107,8 @@ fn to_acc_run<T: Element, const N: usize>(xs: &[T; N], cpu: LaneCpu) -> [T::Acc;
     out
 }
 
-/// Elements per two-pass block: small enough to stay in L1 for the second pass.
+/// Elements per statistics block: small enough to stay in L1 for the second
+/// pass that a block whose pivot lies far from its mean takes.
 const BLOCK: usize = 4096;
 /// Elements a parallel task should cover at least, so scheduling stays cheap.
 const TASK: usize = 1 << 15;

@@ -910,8 +910,9 @@ fn run_sums<T: Element>(xs: &[T]) -> Sums {
 
 /// Per-channel `[count; sum; sum of squares]` of `x` as `3 × C` f64, row-major.
 ///
-/// The sums are added in f64 from per-block two-pass statistics, in an order
-/// fixed by the shape (not by the number of threads).
+/// The sums are added in f64 from per-block one-pass statistics around a
+/// pivot (two passes where the pivot lies far from the block's mean), in an
+/// order fixed by the shape (not by the number of threads).
 pub fn batch_stats<T: Element>(x: &[T], v: &ChannelView) -> Vec<f64> {
     let c_n = v.channels;
     let per_channel: Vec<Sums> = if v.is_empty() {
@@ -963,7 +964,7 @@ pub fn batch_stats<T: Element>(x: &[T], v: &ChannelView) -> Vec<f64> {
     out
 }
 
-/// Rows of `inner` elements that form one two-pass block: 1 for rows of at
+/// Rows of `inner` elements that form one statistics block: 1 for rows of at
 /// least half a [`BLOCK`] (they are cut into blocks of their own), else as
 /// many whole rows as fit in a block.
 fn rows_per_block(inner: usize) -> usize {
@@ -1430,7 +1431,7 @@ mod tests {
         for mean in [1e4f32, -2.5e4] {
             check::<f32>(|v| v, &|i| mean + noise(i), 2e-5);
         }
-        let one_in_64 = |i: usize| ((i * 7919 + 13) % 64 == 0) as u32 as f32;
+        let one_in_64 = |i: usize| (i * 7919 + 13).is_multiple_of(64) as u32 as f32;
         check::<half::f16>(half::f16::from_f32, &|i| 1024.0 + one_in_64(i), 2e-5);
         check::<half::bf16>(half::bf16::from_f32, &|i| -256.0 - 2.0 * one_in_64(i), 2e-5);
     }
