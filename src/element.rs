@@ -69,14 +69,18 @@ pub trait Element: WithDType + Copy + Send + Sync {
     /// whose conversions are single instructions on x86-64 (F16C) but calls
     /// when written per element.
     const CONVERTS_IN_LANES: bool = false;
-    /// [`Element::to_acc`] of [`CONVERT_LANES`] values at once, bit for bit.
+    /// [`Element::to_acc`] of [`CONVERT_LANES`] values at once, bit for bit,
+    /// with the CPU's instructions for it where `cpu` says it has them.
     #[inline(always)]
-    fn to_acc_lanes(xs: [Self; CONVERT_LANES]) -> [Self::Acc; CONVERT_LANES] {
+    fn to_acc_lanes(xs: [Self; CONVERT_LANES], cpu: LaneCpu) -> [Self::Acc; CONVERT_LANES] {
+        let _ = cpu;
         xs.map(Self::to_acc)
     }
-    /// [`Element::from_acc`] of [`CONVERT_LANES`] values at once, bit for bit.
+    /// [`Element::from_acc`] of [`CONVERT_LANES`] values at once, bit for
+    /// bit, with the CPU's instructions for it where `cpu` says it has them.
     #[inline(always)]
-    fn from_acc_lanes(vs: [Self::Acc; CONVERT_LANES]) -> [Self; CONVERT_LANES] {
+    fn from_acc_lanes(vs: [Self::Acc; CONVERT_LANES], cpu: LaneCpu) -> [Self; CONVERT_LANES] {
+        let _ = cpu;
         vs.map(Self::from_acc)
     }
     /// Whether the value is `<= 0` (false for NaN), as
@@ -90,6 +94,42 @@ pub trait Element: WithDType + Copy + Send + Sync {
 /// Values that [`Element::to_acc_lanes`] and [`Element::from_acc_lanes`]
 /// convert at once: one AVX2 vector of f32.
 pub const CONVERT_LANES: usize = 8;
+
+/// Which conversion instructions the CPU has, detected once by
+/// [`LaneCpu::detect`] and carried into the loops that convert in lanes:
+/// a check per run of [`CONVERT_LANES`] values (an atomic load, which the
+/// compiler keeps inside the loop, and two branches) took about a third of
+/// the instructions of the f16 element-wise loops and kept them from being
+/// unrolled.
+#[derive(Debug, Clone, Copy)]
+pub struct LaneCpu {
+    /// The CPU has F16C (checked at run time by [`LaneCpu::detect`], the
+    /// only constructor: the conversions rely on it).
+    f16c: bool,
+}
+
+impl LaneCpu {
+    /// The conversion instructions this CPU has.
+    #[inline(always)]
+    pub fn detect() -> LaneCpu {
+        #[cfg(target_arch = "x86_64")]
+        let f16c = std::is_x86_feature_detected!("f16c");
+        #[cfg(not(target_arch = "x86_64"))]
+        let f16c = false;
+        LaneCpu { f16c }
+    }
+
+    /// [`LaneCpu::detect`] where `T` converts in lanes; for the other types
+    /// (whose conversions ignore it) nothing is detected.
+    #[inline(always)]
+    pub fn for_type<T: Element>() -> LaneCpu {
+        if T::CONVERTS_IN_LANES {
+            LaneCpu::detect()
+        } else {
+            LaneCpu { f16c: false }
+        }
+    }
+}
 
 impl Element for f32 {
     type Acc = f32;
@@ -130,28 +170,30 @@ impl Element for f16 {
         f16::from_f32(v)
     }
     const CONVERTS_IN_LANES: bool = true;
-    /// With F16C (checked at run time: a load and a branch per call, and
-    /// the instruction inline where the caller enables `f16c`), one
-    /// `vcvtph2ps`: the instruction `half` itself uses when the CPU has it;
-    /// else `half`'s conversion per value.
+    /// With F16C (as `cpu` says: a branch on a flag the compiler can take
+    /// out of the loop, and the instruction inline where the caller enables
+    /// `f16c`), one `vcvtph2ps`: the instruction `half` itself uses when
+    /// the CPU has it; else `half`'s conversion per value.
     #[inline(always)]
-    fn to_acc_lanes(xs: [f16; CONVERT_LANES]) -> [f32; CONVERT_LANES] {
+    fn to_acc_lanes(xs: [f16; CONVERT_LANES], cpu: LaneCpu) -> [f32; CONVERT_LANES] {
         #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("f16c") {
-            // SAFETY: the CPU has F16C (and so AVX), checked just above.
+        if cpu.f16c {
+            // SAFETY: the CPU has F16C (and so AVX): `LaneCpu::detect` checked it.
             return unsafe { f16c::widen(xs) };
         }
+        let _ = cpu;
         xs.map(f16::to_f32)
     }
     /// With F16C, one `vcvtps2ph` rounding to nearest even (as `half`
     /// does with F16C); else `half`'s conversion per value.
     #[inline(always)]
-    fn from_acc_lanes(vs: [f32; CONVERT_LANES]) -> [f16; CONVERT_LANES] {
+    fn from_acc_lanes(vs: [f32; CONVERT_LANES], cpu: LaneCpu) -> [f16; CONVERT_LANES] {
         #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("f16c") {
-            // SAFETY: the CPU has F16C (and so AVX), checked just above.
+        if cpu.f16c {
+            // SAFETY: the CPU has F16C (and so AVX): `LaneCpu::detect` checked it.
             return unsafe { f16c::narrow(vs) };
         }
+        let _ = cpu;
         vs.map(f16::from_f32)
     }
     /// On the bits: `+0`, `-0` and every negative number, not negative NaN.
@@ -520,7 +562,7 @@ mod tests {
         for base in (0..=u16::MAX as usize).step_by(CONVERT_LANES) {
             let xs: [f16; CONVERT_LANES] =
                 std::array::from_fn(|l| f16::from_bits((base + l) as u16));
-            let got = <f16 as Element>::to_acc_lanes(xs);
+            let got = <f16 as Element>::to_acc_lanes(xs, LaneCpu::detect());
             for (x, y) in xs.into_iter().zip(got) {
                 let h = x.to_bits();
                 let want = match f16_position(h) {
@@ -562,7 +604,7 @@ mod tests {
         for run in vals.chunks(CONVERT_LANES) {
             let mut lanes = [0f32; CONVERT_LANES];
             lanes[..run.len()].copy_from_slice(run);
-            let got = <f16 as Element>::from_acc_lanes(lanes);
+            let got = <f16 as Element>::from_acc_lanes(lanes, LaneCpu::detect());
             for (&v, y) in lanes.iter().zip(got) {
                 let b = v.to_bits();
                 assert_eq!(

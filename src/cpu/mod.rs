@@ -22,7 +22,7 @@ mod kernels {
     pub use super::reductions::{batch_stats, grad_sums};
 }
 
-use crate::element::{Accum, Element, CONVERT_LANES};
+use crate::element::{Accum, Element, LaneCpu, CONVERT_LANES};
 use crate::layout::ChannelView;
 
 /// Defines `$name`, which runs `$body` compiled for AVX2 when the CPU has it
@@ -96,18 +96,19 @@ thread_local! {
 /// [`Element::to_acc`] of a run of `N` values (a multiple of
 /// [`CONVERT_LANES`]), converted [`CONVERT_LANES`] at a time.
 #[inline(always)]
-fn to_acc_run<T: Element, const N: usize>(xs: &[T; N]) -> [T::Acc; N] {
+fn to_acc_run<T: Element, const N: usize>(xs: &[T; N], cpu: LaneCpu) -> [T::Acc; N] {
     let mut out = [<T::Acc as Accum>::ZERO; N];
     for (o, x) in out
         .chunks_exact_mut(CONVERT_LANES)
         .zip(xs.chunks_exact(CONVERT_LANES))
     {
-        o.copy_from_slice(&T::to_acc_lanes(x.try_into().expect("a run of lanes")));
+        o.copy_from_slice(&T::to_acc_lanes(x.try_into().expect("a run of lanes"), cpu));
     }
     out
 }
 
-/// Elements per two-pass block: small enough to stay in L1 for the second pass.
+/// Elements per statistics block: small enough to stay in L1 for the second
+/// pass that a block whose pivot lies far from its mean takes.
 const BLOCK: usize = 4096;
 /// Elements a parallel task should cover at least, so scheduling stays cheap.
 const TASK: usize = 1 << 15;

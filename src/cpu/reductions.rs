@@ -2,7 +2,7 @@
 
 use super::elementwise::{relu_masked, ReluMask};
 use super::{channel_row, multiversion, spatial_row, to_acc_run, BLOCK, TASK};
-use crate::element::{split_means, Accum, Element, CONVERT_LANES};
+use crate::element::{split_means, Accum, Element, LaneCpu, CONVERT_LANES};
 use crate::layout::ChannelView;
 use rayon::prelude::*;
 
@@ -11,8 +11,9 @@ use rayon::prelude::*;
 const LANES: usize = CONVERT_LANES;
 
 /// Count, sum and sum of squares of a set of values, in f64. Blocks are summed
-/// into it after a two-pass computation of their own (mean, M2), so the sum of
-/// squares `M2 + n·mean²` carries no cancellation from f32 accumulation.
+/// into it from their own mean and M2, computed from f32 sums of deviations
+/// around a pivot ([`pivoted_sums`]), so the sum of squares `M2 + n·mean²`
+/// carries no cancellation from f32 accumulation.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 struct Sums {
     n: f64,
@@ -50,26 +51,6 @@ fn add_lanes<A: Accum>(acc: &mut [A; LANES], run: [A; LANES]) {
     }
 }
 
-/// Adds every `x` of `xs` (in the accumulator type) into `LANES` independent
-/// accumulators (element `k` of the run goes to lane `k % LANES`).
-#[inline(always)]
-fn lanes_add<T: Element>(acc: &mut [T::Acc; LANES], xs: &[T]) {
-    let chunks = xs.chunks_exact(LANES);
-    let rem = chunks.remainder();
-    let mut a = [T::Acc::ZERO; LANES];
-    for ch in chunks {
-        let ch = T::to_acc_lanes(ch.try_into().expect("chunk of LANES"));
-        for l in 0..LANES {
-            a[l] += ch[l];
-        }
-    }
-    let mut a = lane_barrier(a);
-    for (l, &x) in rem.iter().enumerate() {
-        a[l] += x.to_acc();
-    }
-    add_lanes(acc, a);
-}
-
 /// Adds the deviations `x − shift` of `xs` into `d` and their squares into `q`.
 #[inline(always)]
 fn lanes_add_deviations<T: Element>(
@@ -78,11 +59,12 @@ fn lanes_add_deviations<T: Element>(
     xs: &[T],
     shift: T::Acc,
 ) {
+    let cpu = LaneCpu::for_type::<T>();
     let chunks = xs.chunks_exact(LANES);
     let rem = chunks.remainder();
     let (mut dl, mut ql) = ([T::Acc::ZERO; LANES], [T::Acc::ZERO; LANES]);
     for ch in chunks {
-        let ch = T::to_acc_lanes(ch.try_into().expect("chunk of LANES"));
+        let ch = T::to_acc_lanes(ch.try_into().expect("chunk of LANES"), cpu);
         for l in 0..LANES {
             let v = ch[l] - shift;
             dl[l] += v;
@@ -105,28 +87,11 @@ fn whole_chunks<T>(xs: &[T]) -> (&[T], &[T]) {
     xs.split_at(xs.len() - xs.len() % LANES)
 }
 
-/// As [`lanes_add`] for the whole chunks of a row, and the rest (fewer than
-/// [`LANES`] elements) into the scalar `rest`: for rows of short maps taken
-/// one after another, whose rests (one element of each 7×7 row) would
-/// otherwise cost a scalar loop on the lanes and a [`lane_barrier`] per row.
-#[inline(always)]
-fn lanes_add_row<T: Element>(acc: &mut [T::Acc; LANES], rest: &mut T::Acc, xs: &[T]) {
-    let (body, tail) = whole_chunks(xs);
-    let mut a = [T::Acc::ZERO; LANES];
-    for ch in body.chunks_exact(LANES) {
-        let ch = T::to_acc_lanes(ch.try_into().expect("chunk of LANES"));
-        for l in 0..LANES {
-            a[l] += ch[l];
-        }
-    }
-    add_lanes(acc, a);
-    for &x in tail {
-        *rest += x.to_acc();
-    }
-}
-
 /// As [`lanes_add_deviations`] for the whole chunks of a row, and the rest
-/// into the scalars `rest` (see [`lanes_add_row`]).
+/// (fewer than [`LANES`] elements) into the scalars `rest`: for rows of short
+/// maps taken one after another, whose rests (one element of each 7×7 row)
+/// would otherwise cost a scalar loop on the lanes and a [`lane_barrier`] per
+/// row.
 #[inline(always)]
 fn lanes_add_deviations_row<T: Element>(
     d: &mut [T::Acc; LANES],
@@ -135,10 +100,11 @@ fn lanes_add_deviations_row<T: Element>(
     xs: &[T],
     shift: T::Acc,
 ) {
+    let cpu = LaneCpu::for_type::<T>();
     let (body, tail) = whole_chunks(xs);
     let (mut dl, mut ql) = ([T::Acc::ZERO; LANES], [T::Acc::ZERO; LANES]);
     for ch in body.chunks_exact(LANES) {
-        let ch = T::to_acc_lanes(ch.try_into().expect("chunk of LANES"));
+        let ch = T::to_acc_lanes(ch.try_into().expect("chunk of LANES"), cpu);
         for l in 0..LANES {
             let v = ch[l] - shift;
             dl[l] += v;
@@ -154,36 +120,17 @@ fn lanes_add_deviations_row<T: Element>(
     }
 }
 
-/// Sets of lanes in [`lanes_add_wide`] and [`lanes_add_deviations_wide`]. With
-/// 2, the statistics of long rows run 1.5× (f32) and 1.2× (bf16) faster on one
-/// core than with 1 (`cargo bench --bench cpu_reductions`); with 4, LLVM stops
-/// vectorizing the bf16 loops (2 Gelem/s against 8.5).
+/// Sets of lanes in [`lanes_add_deviations_wide`], taking turns at the
+/// chunks, so the additions form that many dependency chains per sum instead
+/// of one: on long runs a single chain is bound by the latency of the vector
+/// add. With 2, the statistics of long rows ran 1.5× (f32) and 1.2× (bf16)
+/// faster on one core than with 1 (`cargo bench --bench cpu_reductions`);
+/// with 4, LLVM stopped vectorizing the bf16 loops (2 Gelem/s against 8.5).
+/// Used for blocks of long rows; short rows (7×7, 14×14 maps) gain nothing
+/// from it.
 const SETS: usize = 2;
 
-/// As [`lanes_add`], with [`SETS`] sets of lanes taking turns at the chunks, so
-/// the additions form that many dependency chains instead of one: on long runs
-/// a single chain is bound by the latency of the vector add. Used for blocks
-/// of long rows; short rows (7×7, 14×14 maps) gain nothing from it.
-#[inline(always)]
-fn lanes_add_wide<T: Element>(acc: &mut [T::Acc; LANES], xs: &[T]) {
-    let groups = xs.chunks_exact(SETS * LANES);
-    let rem = groups.remainder();
-    let mut a = [[T::Acc::ZERO; LANES]; SETS];
-    for ch in groups {
-        let ch: [T::Acc; SETS * LANES] = to_acc_run(ch.try_into().expect("chunk of SETS·LANES"));
-        for (k, set) in a.iter_mut().enumerate() {
-            for l in 0..LANES {
-                set[l] += ch[k * LANES + l];
-            }
-        }
-    }
-    for set in lane_barrier(a) {
-        add_lanes(acc, set);
-    }
-    lanes_add(acc, rem);
-}
-
-/// As [`lanes_add_deviations`], with [`SETS`] sets of lanes (see [`lanes_add_wide`]).
+/// As [`lanes_add_deviations`], with [`SETS`] sets of lanes.
 #[inline(always)]
 fn lanes_add_deviations_wide<T: Element>(
     d: &mut [T::Acc; LANES],
@@ -191,12 +138,14 @@ fn lanes_add_deviations_wide<T: Element>(
     xs: &[T],
     shift: T::Acc,
 ) {
+    let cpu = LaneCpu::for_type::<T>();
     let groups = xs.chunks_exact(SETS * LANES);
     let rem = groups.remainder();
     let mut dl = [[T::Acc::ZERO; LANES]; SETS];
     let mut ql = [[T::Acc::ZERO; LANES]; SETS];
     for ch in groups {
-        let ch: [T::Acc; SETS * LANES] = to_acc_run(ch.try_into().expect("chunk of SETS·LANES"));
+        let ch: [T::Acc; SETS * LANES] =
+            to_acc_run(ch.try_into().expect("chunk of SETS·LANES"), cpu);
         for k in 0..SETS {
             for l in 0..LANES {
                 let v = ch[k * LANES + l] - shift;
@@ -252,6 +201,7 @@ fn lanes_add_centered_dot<T: Element, const RELU: bool>(
     x: &[T],
     ch: GradChannel<T::Acc>,
 ) {
+    let cpu = LaneCpu::for_type::<T>();
     let (hi, lo) = (ch.hi, ch.lo);
     let (ms, mb) = ch.relu.unwrap_or((T::Acc::ZERO, T::Acc::ZERO));
     let gs = dy.chunks_exact(LANES);
@@ -259,8 +209,8 @@ fn lanes_add_centered_dot<T: Element, const RELU: bool>(
     let (g_rem, x_rem) = (gs.remainder(), xs.remainder());
     let (mut sl, mut ql) = ([T::Acc::ZERO; LANES], [T::Acc::ZERO; LANES]);
     for (g, xv) in gs.zip(xs) {
-        let g = T::to_acc_lanes(g.try_into().expect("chunk of LANES"));
-        let xv = T::to_acc_lanes(xv.try_into().expect("chunk of LANES"));
+        let g = T::to_acc_lanes(g.try_into().expect("chunk of LANES"), cpu);
+        let xv = T::to_acc_lanes(xv.try_into().expect("chunk of LANES"), cpu);
         for l in 0..LANES {
             let (gv, xc) = grad_terms::<T, RELU>(g[l], xv[l], hi, lo, ms, mb);
             sl[l] += gv;
@@ -278,7 +228,8 @@ fn lanes_add_centered_dot<T: Element, const RELU: bool>(
 }
 
 /// As [`lanes_add_centered_dot`] for the whole chunks of two rows of equal
-/// length, and their rests into the scalars `rest` (see [`lanes_add_row`]).
+/// length, and their rests into the scalars `rest` (see
+/// [`lanes_add_deviations_row`]).
 #[inline(always)]
 fn lanes_add_centered_dot_row<T: Element, const RELU: bool>(
     s: &mut [T::Acc; LANES],
@@ -288,13 +239,14 @@ fn lanes_add_centered_dot_row<T: Element, const RELU: bool>(
     x: &[T],
     ch: GradChannel<T::Acc>,
 ) {
+    let cpu = LaneCpu::for_type::<T>();
     let (hi, lo) = (ch.hi, ch.lo);
     let (ms, mb) = ch.relu.unwrap_or((T::Acc::ZERO, T::Acc::ZERO));
     let ((gb, gt), (xb, xt)) = (whole_chunks(dy), whole_chunks(x));
     let (mut sl, mut ql) = ([T::Acc::ZERO; LANES], [T::Acc::ZERO; LANES]);
     for (g, xv) in gb.chunks_exact(LANES).zip(xb.chunks_exact(LANES)) {
-        let g = T::to_acc_lanes(g.try_into().expect("chunk of LANES"));
-        let xv = T::to_acc_lanes(xv.try_into().expect("chunk of LANES"));
+        let g = T::to_acc_lanes(g.try_into().expect("chunk of LANES"), cpu);
+        let xv = T::to_acc_lanes(xv.try_into().expect("chunk of LANES"), cpu);
         for l in 0..LANES {
             let (gv, xc) = grad_terms::<T, RELU>(g[l], xv[l], hi, lo, ms, mb);
             sl[l] += gv;
@@ -316,6 +268,60 @@ fn lanes_add_centered_dot_row<T: Element, const RELU: bool>(
 fn shifted_sums<A: Accum>(n: f64, shift: A, d: [A; LANES], q: [A; LANES]) -> Sums {
     let (d, q) = (fold_lanes(d).to_f64(), fold_lanes(q).to_f64());
     Sums::from_moments(n, shift.to_f64() + d / n, (q - d * d / n).max(0.0))
+}
+
+/// How far a pivot may lie from its block's mean: the one-pass sums are kept
+/// where the sum of squared deviations from the pivot, `q = M2 + n·(mean −
+/// pivot)²`, is at most this many times `M2`, i.e. where the pivot lies
+/// within `√(PIVOT_SPREAD − 1)` ≈ 1.7 standard deviations of the mean.
+/// The f32 rounding error of `q` is relative to `q`, so it grows by at most
+/// this factor in `M2` against a sum around the mean itself (with 8, a
+/// block whose pivot lay 2.1 standard deviations out lost 2e-5 of its
+/// variance). For independent values the mean of [`PIVOT_HEAD`] of them
+/// lies that far out about once in a million blocks; for a pivot of
+/// correlated neighbours (a row of an image), about one block in 12 takes
+/// the second pass.
+const PIVOT_SPREAD: f64 = 4.0;
+
+/// Values of a block (of a channel's block, for channels innermost) whose
+/// mean is its pivot ([`pivot_of`]): the mean of a few values lies nearer
+/// the block's mean than one value does, and the rounding error of the
+/// one-pass `M2` grows with that distance ([`PIVOT_SPREAD`]). On the
+/// kernel tests' normal data (mean 1.5 std), the block's first value as the
+/// pivot left `Σx²` of (2048, 24) bf16 off by 3e-6 of itself.
+const PIVOT_HEAD: usize = 8;
+
+/// The pivot of a block whose first values are `head` (the first
+/// [`PIVOT_HEAD`] are taken): their mean, added in order in the accumulator
+/// type and divided in f64, the same bits on every path.
+#[inline(always)]
+fn pivot_of<T: Element>(head: impl Iterator<Item = T>) -> T::Acc {
+    let (mut sum, mut n) = (T::Acc::ZERO, 0usize);
+    for e in head.take(PIVOT_HEAD) {
+        sum += e.to_acc();
+        n += 1;
+    }
+    T::Acc::from_f64(sum.to_f64() / n.max(1) as f64)
+}
+
+/// The sums of a block of `n` values from the f32 sums of their deviations
+/// from `pivot` (the mean of its first values, [`pivot_of`]: `d`) and of the
+/// squares of those (`q`), computed in one pass: `mean = pivot + d/n`, `M2 =
+/// q − d²/n`. Deviations from a pivot among the block's values are as small
+/// as the block's spread, however large its mean (`|mean|/std` of 1e4 loses
+/// no more than a spread of 1), but a pivot far out in the tail makes `M2`
+/// the difference of two large numbers: then, and for sums that are not
+/// finite, `Err(mean)`, and the caller sums the block again around that mean
+/// (the former two-pass scheme, with the results of before for NaN and
+/// infinite values).
+#[inline(always)]
+fn pivoted_sums(n: f64, pivot: f64, d: f64, q: f64) -> Result<Sums, f64> {
+    let m2 = q - d * d / n;
+    if q.is_finite() && PIVOT_SPREAD * m2 >= q {
+        Ok(Sums::from_moments(n, pivot + d / n, m2))
+    } else {
+        Err(pivot + d / n)
+    }
 }
 
 /// Hides lane accumulators from LLVM between a lane loop and its scalar tail
@@ -343,41 +349,66 @@ fn fold_lanes<A: Accum>(acc: [A; LANES]) -> A {
 }
 
 multiversion! {
-    /// Sums of a block with the corrected two-pass scheme: the mean, then the
-    /// deviations from it and their sum as a correction.
+    /// Sums of a (non-empty) block in one pass around the mean of its first
+    /// values ([`pivoted_sums`]), or, where that pivot lies far from the
+    /// block's mean, in a second pass around the mean.
     fn block_sums<T: Element>(blk: &[T]) -> Sums {
         let n = blk.len() as f64;
-        let mut sum = [T::Acc::ZERO; LANES];
-        lanes_add_wide(&mut sum, blk);
-        let shift = T::Acc::from_f64(fold_lanes(sum).to_f64() / n);
+        let pivot = pivot_of(blk.iter().copied());
         let (mut d, mut q) = ([T::Acc::ZERO; LANES], [T::Acc::ZERO; LANES]);
-        lanes_add_deviations_wide(&mut d, &mut q, blk, shift);
-        shifted_sums(n, shift, d, q)
+        lanes_add_deviations_wide(&mut d, &mut q, blk, pivot);
+        let (ds, qs) = (fold_lanes(d).to_f64(), fold_lanes(q).to_f64());
+        pivoted_sums(n, pivot.to_f64(), ds, qs).unwrap_or_else(|mean| {
+            let shift = T::Acc::from_f64(mean);
+            let (mut d, mut q) = ([T::Acc::ZERO; LANES], [T::Acc::ZERO; LANES]);
+            lanes_add_deviations_wide(&mut d, &mut q, blk, shift);
+            shifted_sums(n, shift, d, q)
+        })
     }
+}
+
+/// The lane sums of the deviations from `shift` (and of their squares) of
+/// the short rows `o0..o1` of channel `c`, the lanes carried from row to row
+/// and the rows' rests added into lane 0 (any fixed lane: the fold adds them
+/// all). A function, not a closure, so that it inlines into the caller's
+/// instruction-set tier.
+#[inline(always)]
+fn row_block_deviations<T: Element>(
+    x: &[T],
+    v: &ChannelView,
+    c: usize,
+    (o0, o1): (usize, usize),
+    buf: &mut Vec<T>,
+    shift: T::Acc,
+) -> ([T::Acc; LANES], [T::Acc; LANES]) {
+    let (mut d, mut q) = ([T::Acc::ZERO; LANES], [T::Acc::ZERO; LANES]);
+    let mut rest = (T::Acc::ZERO, T::Acc::ZERO);
+    for o in o0..o1 {
+        let row = channel_row(x, v, o, c, buf);
+        lanes_add_deviations_row(&mut d, &mut q, &mut rest, row, shift);
+    }
+    d[0] += rest.0;
+    q[0] += rest.1;
+    (d, q)
 }
 
 multiversion! {
     /// Sums of the short rows `o0..o1` of channel `c` taken as one block, with
-    /// the scheme of [`block_sums`] and the lanes carried from row to row, so
-    /// a row costs no fold and no f64 work of its own (7×7 or 14×14 maps);
-    /// the rows' rests (past their whole chunks) are summed apart.
+    /// the scheme of [`block_sums`] (around the mean of the first row's first
+    /// values) and
+    /// the lanes carried from row to row, so a row costs no fold and no f64
+    /// work of its own (7×7 or 14×14 maps); the rows' rests (past their whole
+    /// chunks) are summed apart.
     fn row_block_sums<T: Element>(x: &[T], v: &ChannelView, c: usize, o0: usize, o1: usize, buf: &mut Vec<T>) -> Sums {
         let n = ((o1 - o0) * v.inner) as f64;
-        let (mut sum, mut rest) = ([T::Acc::ZERO; LANES], T::Acc::ZERO);
-        for o in o0..o1 {
-            lanes_add_row(&mut sum, &mut rest, channel_row(x, v, o, c, buf));
-        }
-        let shift = T::Acc::from_f64((fold_lanes(sum) + rest).to_f64() / n);
-        let (mut d, mut q) = ([T::Acc::ZERO; LANES], [T::Acc::ZERO; LANES]);
-        let mut rest = (T::Acc::ZERO, T::Acc::ZERO);
-        for o in o0..o1 {
-            let row = channel_row(x, v, o, c, buf);
-            lanes_add_deviations_row(&mut d, &mut q, &mut rest, row, shift);
-        }
-        // The rests join lane 0 (any fixed lane: the fold adds them all).
-        d[0] += rest.0;
-        q[0] += rest.1;
-        shifted_sums(n, shift, d, q)
+        let pivot = pivot_of(channel_row(x, v, o0, c, buf).iter().copied());
+        let (d, q) = row_block_deviations(x, v, c, (o0, o1), buf, pivot);
+        let (ds, qs) = (fold_lanes(d).to_f64(), fold_lanes(q).to_f64());
+        pivoted_sums(n, pivot.to_f64(), ds, qs).unwrap_or_else(|mean| {
+            let shift = T::Acc::from_f64(mean);
+            let (d, q) = row_block_deviations(x, v, c, (o0, o1), buf, shift);
+            shifted_sums(n, shift, d, q)
+        })
     }
 }
 
@@ -436,6 +467,13 @@ const TILE: usize = 4 * LANES;
 /// 7.8 with groups of 8 (16: 7.2, 32: 6.3).
 const ROW_GROUP: usize = 8;
 
+/// Rows that a channel-innermost channel's f32 sums take before they are
+/// added into f64 (a multiple of [`ROW_GROUP`]): each channel's sums are one
+/// chain of additions, and over the 4096 rows of a block of few channels its
+/// rounding error was 20 times that of 256 (the variance of (4096, 5) f32
+/// with mean 1e4 and std 0.6 was off by 5.7e-5 as one chain).
+const CHAIN_ROWS: usize = 256;
+
 /// Elements per input that a group of rows of the gradient sums covers.
 const GRAD_GROUP: usize = 1024;
 
@@ -458,11 +496,13 @@ fn grad_rows_per_group(channels: usize) -> Option<usize> {
         .then(|| GRAD_GROUP / channels)
 }
 
-/// Per-channel sums over rows `r0..r1` of a channel-innermost view, with the
-/// corrected two-pass scheme per channel: register tiles of [`TILE`] channels
-/// where the channels are contiguous, the rest vectorized across channels
-/// through memory. Both add the same values in the same order per channel, so
-/// the results do not depend on the split.
+/// Per-channel sums over rows `r0..r1` of a channel-innermost view, in one
+/// pass around each channel's pivot (the mean of its first rows, [`pivoted_sums`]): register
+/// tiles of [`TILE`] channels where the channels are contiguous, the rest
+/// vectorized across channels through memory. Both add the same values in the
+/// same order per channel, and a channel whose pivot lies far from its mean is
+/// summed again alone ([`channel_sums_around`]), so the results do not depend
+/// on the split.
 fn innermost_block_sums<T: Element>(
     x: &[T],
     v: &ChannelView,
@@ -477,23 +517,19 @@ fn innermost_block_sums<T: Element>(
     };
     let mut out = Vec::with_capacity(v.channels);
     if tiled > 0 {
-        let n = (r1 - r0) as f64;
-        let mut sum = vec![T::Acc::ZERO; tiled];
-        for g0 in (r0..r1).step_by(ROW_GROUP) {
-            tiles_add(x, v, g0, (g0 + ROW_GROUP).min(r1), &mut sum);
-        }
-        let shift: Vec<T::Acc> = sum
-            .iter()
-            .map(|s| T::Acc::from_f64(s.to_f64() / n))
-            .collect();
+        let pivot = channel_pivots(x, v, (r0, r1), (0, tiled), buf);
+        let mut sums = vec![(0.0, 0.0); tiled];
         let (mut d, mut q) = (vec![T::Acc::ZERO; tiled], vec![T::Acc::ZERO; tiled]);
-        for g0 in (r0..r1).step_by(ROW_GROUP) {
-            tiles_add_deviations(x, v, g0, (g0 + ROW_GROUP).min(r1), &shift, &mut d, &mut q);
+        for s0 in (r0..r1).step_by(CHAIN_ROWS) {
+            let s1 = (s0 + CHAIN_ROWS).min(r1);
+            d.fill(T::Acc::ZERO);
+            q.fill(T::Acc::ZERO);
+            for g0 in (s0..s1).step_by(ROW_GROUP) {
+                tiles_add_deviations(x, v, g0, (g0 + ROW_GROUP).min(s1), &pivot, &mut d, &mut q);
+            }
+            add_chains(&mut sums, &d, &q);
         }
-        out.extend((0..tiled).map(|c| {
-            let (dc, qc) = (d[c].to_f64(), q[c].to_f64());
-            Sums::from_moments(n, shift[c].to_f64() + dc / n, (qc - dc * dc / n).max(0.0))
-        }));
+        out.extend((0..tiled).map(|c| channel_sums(x, v, (r0, r1), c, pivot[c], sums[c])));
     }
     if tiled < v.channels {
         out.extend(innermost_channel_sums(x, v, r0, r1, tiled, buf));
@@ -502,27 +538,82 @@ fn innermost_block_sums<T: Element>(
 }
 
 multiversion! {
-    /// Adds rows `o0..o1` of the channels `0..sum.len()` (whole tiles,
-    /// contiguous channels) into `sum`, tile by tile, each tile in registers.
-    fn tiles_add<T: Element>(x: &[T], v: &ChannelView, o0: usize, o1: usize, sum: &mut [T::Acc]) -> () {
-        for (t, acc) in sum.chunks_exact_mut(TILE).enumerate() {
-            let mut a: [T::Acc; TILE] = (&*acc).try_into().expect("a tile");
-            for o in o0..o1 {
-                let start = v.index(o, t * TILE, 0);
-                let row: [T::Acc; TILE] = to_acc_run(x[start..start + TILE].try_into().expect("a tile"));
-                for l in 0..TILE {
-                    a[l] += row[l];
-                }
-            }
-            acc.copy_from_slice(&a);
+    /// The pivots of the channels `c0..c1` over rows `r0..r1` of a
+    /// channel-innermost view: the mean of each channel's values in the first
+    /// rows, the same bits as [`pivot_of`] (added in row order), all channels
+    /// of a row at once.
+    fn channel_pivots<T: Element>(x: &[T], v: &ChannelView, rows: (usize, usize), chans: (usize, usize), buf: &mut Vec<T>) -> Vec<T::Acc> {
+        let (r0, r1) = rows;
+        let (c0, c1) = chans;
+        let head = (r1 - r0).min(PIVOT_HEAD);
+        let mut sum = vec![T::Acc::ZERO; c1 - c0];
+        let zero = vec![T::Acc::ZERO; c1 - c0];
+        let mut unused = vec![T::Acc::ZERO; c1 - c0];
+        for o in r0..r0 + head {
+            // `e − 0` is `e`: the deviations from zero are the values.
+            add_row_deviations::<T>((&mut sum, &mut unused), &spatial_row(x, v, o, buf)[c0..c1], &zero);
         }
+        sum.iter().map(|s| T::Acc::from_f64(s.to_f64() / head.max(1) as f64)).collect()
     }
 }
 
+/// Adds the f32 sums of a run of [`CHAIN_ROWS`] rows into the f64 sums, channel by channel.
+#[inline(always)]
+fn add_chains<A: Accum>(sums: &mut [(f64, f64)], d: &[A], q: &[A]) {
+    for ((s, dc), qc) in sums.iter_mut().zip(d).zip(q) {
+        s.0 += dc.to_f64();
+        s.1 += qc.to_f64();
+    }
+}
+
+/// The sums of channel `c` over rows `r0..r1` of a channel-innermost view
+/// from the sums `(d, q)` of its deviations from `pivot` ([`channel_pivots`]) and of their squares, added row by row in f32 over each run of
+/// [`CHAIN_ROWS`] rows and the runs in f64; or, where [`pivoted_sums`]
+/// refuses them, summed again around the mean ([`channel_sums_around`]).
+fn channel_sums<T: Element>(
+    x: &[T],
+    v: &ChannelView,
+    rows: (usize, usize),
+    c: usize,
+    pivot: T::Acc,
+    (d, q): (f64, f64),
+) -> Sums {
+    let n = (rows.1 - rows.0) as f64;
+    pivoted_sums(n, pivot.to_f64(), d, q)
+        .unwrap_or_else(|mean| channel_sums_around(x, v, rows, c, T::Acc::from_f64(mean)))
+}
+
+/// The sums of channel `c` over rows `r0..r1` of a channel-innermost view
+/// around `shift`, the deviations and their squares added row by row (the
+/// order of the tiles and of [`innermost_channel_sums`]), element by element:
+/// for the few channels whose pivot lies far from their mean.
+fn channel_sums_around<T: Element>(
+    x: &[T],
+    v: &ChannelView,
+    (r0, r1): (usize, usize),
+    c: usize,
+    shift: T::Acc,
+) -> Sums {
+    let mut sums = [(0.0, 0.0)];
+    for s0 in (r0..r1).step_by(CHAIN_ROWS) {
+        let (mut d, mut q) = (T::Acc::ZERO, T::Acc::ZERO);
+        for o in s0..(s0 + CHAIN_ROWS).min(r1) {
+            let dev = x[v.index(o, c, 0)].to_acc() - shift;
+            d += dev;
+            q += dev * dev;
+        }
+        add_chains(&mut sums, &[d], &[q]);
+    }
+    let (n, [(d, q)]) = ((r1 - r0) as f64, sums);
+    Sums::from_moments(n, shift.to_f64() + d / n, (q - d * d / n).max(0.0))
+}
+
 multiversion! {
-    /// Adds the deviations `x − shift` of rows `o0..o1` into `d` and their
-    /// squares into `q`, tile by tile as [`tiles_add`].
+    /// Adds the deviations `x − shift` of rows `o0..o1` of the channels
+    /// `0..d.len()` (whole tiles, contiguous channels) into `d` and their
+    /// squares into `q`, tile by tile, each tile in registers.
     fn tiles_add_deviations<T: Element>(x: &[T], v: &ChannelView, o0: usize, o1: usize, shift: &[T::Acc], d: &mut [T::Acc], q: &mut [T::Acc]) -> () {
+        let cpu = LaneCpu::for_type::<T>();
         let tiles = d.chunks_exact_mut(TILE).zip(q.chunks_exact_mut(TILE));
         for (t, (dt, qt)) in tiles.enumerate() {
             let sh: &[T::Acc; TILE] = shift[t * TILE..(t + 1) * TILE].try_into().expect("a tile");
@@ -530,7 +621,7 @@ multiversion! {
             let mut qa: [T::Acc; TILE] = (&*qt).try_into().expect("a tile");
             for o in o0..o1 {
                 let start = v.index(o, t * TILE, 0);
-                let row: [T::Acc; TILE] = to_acc_run(x[start..start + TILE].try_into().expect("a tile"));
+                let row: [T::Acc; TILE] = to_acc_run(x[start..start + TILE].try_into().expect("a tile"), cpu);
                 for l in 0..TILE {
                     let dev = row[l] - sh[l];
                     da[l] += dev;
@@ -545,33 +636,60 @@ multiversion! {
 
 multiversion! {
     /// Per-channel sums over rows `r0..r1` of the channels `c_from..` of a
-    /// channel-innermost view, vectorized across channels (any strides).
+    /// channel-innermost view, vectorized across channels (any strides), in
+    /// one pass around each channel's pivot (see
+    /// [`innermost_block_sums`]).
     fn innermost_channel_sums<T: Element>(x: &[T], v: &ChannelView, r0: usize, r1: usize, c_from: usize, buf: &mut Vec<T>) -> Vec<Sums> {
         let c_n = v.channels - c_from;
-        let n = (r1 - r0) as f64;
-        let mut sum = vec![T::Acc::ZERO; c_n];
-        for o in r0..r1 {
-            for (s, &e) in sum.iter_mut().zip(&spatial_row(x, v, o, buf)[c_from..]) {
-                *s += e.to_acc();
-            }
-        }
-        let shift: Vec<T::Acc> = sum.iter().map(|s| T::Acc::from_f64(s.to_f64() / n)).collect();
+        let pivot = channel_pivots(x, v, (r0, r1), (c_from, v.channels), buf);
+        let mut sums = vec![(0.0, 0.0); c_n];
         let mut d = vec![T::Acc::ZERO; c_n];
         let mut q = vec![T::Acc::ZERO; c_n];
-        for o in r0..r1 {
-            let row = &spatial_row(x, v, o, buf)[c_from..];
-            for (((dc, qc), &sh), &e) in d.iter_mut().zip(q.iter_mut()).zip(&shift).zip(row) {
-                let dev = e.to_acc() - sh;
-                *dc += dev;
-                *qc += dev * dev;
+        for s0 in (r0..r1).step_by(CHAIN_ROWS) {
+            d.fill(T::Acc::ZERO);
+            q.fill(T::Acc::ZERO);
+            for o in s0..(s0 + CHAIN_ROWS).min(r1) {
+                let row = &spatial_row(x, v, o, buf)[c_from..];
+                add_row_deviations::<T>((&mut d, &mut q), row, &pivot);
             }
+            add_chains(&mut sums, &d, &q);
         }
         (0..c_n)
-            .map(|c| {
-                let (dc, qc) = (d[c].to_f64(), q[c].to_f64());
-                Sums::from_moments(n, shift[c].to_f64() + dc / n, (qc - dc * dc / n).max(0.0))
-            })
+            .map(|c| channel_sums(x, v, (r0, r1), c_from + c, pivot[c], sums[c]))
             .collect()
+    }
+}
+
+/// Adds the deviations of one channel-innermost row from `shift` into `d`
+/// and their squares into `q`, channel by channel; the types that convert in
+/// lanes (f16, whose per-element conversions are calls) widen
+/// [`CONVERT_LANES`] channels at a time (the same values in the same order).
+#[inline(always)]
+fn add_row_deviations<T: Element>(
+    (d, q): (&mut [T::Acc], &mut [T::Acc]),
+    row: &[T],
+    shift: &[T::Acc],
+) {
+    let cpu = LaneCpu::for_type::<T>();
+    const L: usize = CONVERT_LANES;
+    let n = d.len();
+    let whole = if T::CONVERTS_IN_LANES { n - n % L } else { 0 };
+    for c in (0..whole).step_by(L) {
+        let e = T::to_acc_lanes(row[c..c + L].try_into().expect("a run"), cpu);
+        let sh: &[T::Acc; L] = shift[c..c + L].try_into().expect("a run");
+        let dl: &mut [T::Acc; L] = (&mut d[c..c + L]).try_into().expect("a run");
+        let ql: &mut [T::Acc; L] = (&mut q[c..c + L]).try_into().expect("a run");
+        for k in 0..L {
+            let dev = e[k] - sh[k];
+            dl[k] += dev;
+            ql[k] += dev * dev;
+        }
+    }
+    let it = d[whole..].iter_mut().zip(&mut q[whole..]);
+    for (((dc, qc), &sh), &e) in it.zip(&shift[whole..]).zip(&row[whole..n]) {
+        let dev = e.to_acc() - sh;
+        *dc += dev;
+        *qc += dev * dev;
     }
 }
 
@@ -640,12 +758,13 @@ fn tile_add_grads<T: Element, const RELU: bool>(
     s: &mut [T::Acc; TILE],
     q: &mut [T::Acc; TILE],
 ) {
+    let cpu = LaneCpu::for_type::<T>();
     let GradInputs { dy, dv, x, xv, .. } = inputs;
     let (mut sa, mut qa) = (*s, *q);
     for o in o0..o1 {
         let (ds, xs) = (dv.index(o, c0, 0), xv.index(o, c0, 0));
-        let g: [T::Acc; TILE] = to_acc_run(dy[ds..ds + TILE].try_into().expect("a tile"));
-        let e: [T::Acc; TILE] = to_acc_run(x[xs..xs + TILE].try_into().expect("a tile"));
+        let g: [T::Acc; TILE] = to_acc_run(dy[ds..ds + TILE].try_into().expect("a tile"), cpu);
+        let e: [T::Acc; TILE] = to_acc_run(x[xs..xs + TILE].try_into().expect("a tile"), cpu);
         for l in 0..TILE {
             let (gv, xc) = grad_terms::<T, RELU>(g[l], e[l], hi[l], lo[l], ms[l], mb[l]);
             sa[l] += gv;
@@ -739,14 +858,15 @@ fn add_row_grads_in_lanes<T: Element>(
     (hi, lo): SlicePair<'_, T::Acc>,
     relu: Option<SlicePair<'_, T::Acc>>,
 ) {
+    let cpu = LaneCpu::for_type::<T>();
     const L: usize = CONVERT_LANES;
     let n = s.len();
     let whole = n - n % L;
     let zeros = [T::Acc::ZERO; L];
     let run = |v: &[T::Acc], c: usize| -> [T::Acc; L] { v[c..c + L].try_into().expect("a run") };
     for c in (0..whole).step_by(L) {
-        let g = T::to_acc_lanes(dy[c..c + L].try_into().expect("a run"));
-        let e = T::to_acc_lanes(x[c..c + L].try_into().expect("a run"));
+        let g = T::to_acc_lanes(dy[c..c + L].try_into().expect("a run"), cpu);
+        let e = T::to_acc_lanes(x[c..c + L].try_into().expect("a run"), cpu);
         let (h, l) = (run(hi, c), run(lo, c));
         let (mut sl, mut ql) = (run(s, c), run(q, c));
         match relu {
@@ -790,8 +910,9 @@ fn run_sums<T: Element>(xs: &[T]) -> Sums {
 
 /// Per-channel `[count; sum; sum of squares]` of `x` as `3 × C` f64, row-major.
 ///
-/// The sums are added in f64 from per-block two-pass statistics, in an order
-/// fixed by the shape (not by the number of threads).
+/// The sums are added in f64 from per-block one-pass statistics around a
+/// pivot (two passes where the pivot lies far from the block's mean), in an
+/// order fixed by the shape (not by the number of threads).
 pub fn batch_stats<T: Element>(x: &[T], v: &ChannelView) -> Vec<f64> {
     let c_n = v.channels;
     let per_channel: Vec<Sums> = if v.is_empty() {
@@ -843,7 +964,7 @@ pub fn batch_stats<T: Element>(x: &[T], v: &ChannelView) -> Vec<f64> {
     out
 }
 
-/// Rows of `inner` elements that form one two-pass block: 1 for rows of at
+/// Rows of `inner` elements that form one statistics block: 1 for rows of at
 /// least half a [`BLOCK`] (they are cut into blocks of their own), else as
 /// many whole rows as fit in a block.
 fn rows_per_block(inner: usize) -> usize {
@@ -1230,5 +1351,167 @@ mod tests {
         check(|v| v);
         check(half::bf16::from_f32);
         check(half::f16::from_f32);
+    }
+
+    /// The f64 mean and variance (biased) of channel `ch` of `x`.
+    fn exact_moments<T: Element>(x: &[T], v: &ChannelView, ch: usize) -> (f64, f64) {
+        let vals: Vec<f64> = (0..v.outer)
+            .flat_map(|o| (0..v.inner).map(move |i| (o, i)))
+            .map(|(o, i)| x[v.index(o, ch, i)].to_acc().to_f64())
+            .collect();
+        let n = vals.len() as f64;
+        let mean = vals.iter().sum::<f64>() / n;
+        (
+            mean,
+            vals.iter().map(|e| (e - mean) * (e - mean)).sum::<f64>() / n,
+        )
+    }
+
+    /// The layouts of every statistics path: long rows cut into blocks (one
+    /// of 4096 and a rest), short rows taken as blocks of whole rows,
+    /// channels innermost in register tiles (64 channels) and through memory
+    /// (5 channels: 4096 rows, one whole block), and rows gathered through a
+    /// transposed view.
+    fn every_stats_path() -> Vec<Layout> {
+        vec![
+            Layout::contiguous((2, 3, 5000)),
+            Layout::contiguous((90, 2, 49)),
+            Layout::contiguous((300, 64)),
+            Layout::contiguous((4096, 5)),
+            Layout::contiguous((49, 3, 40)).permute(&[2, 1, 0]).unwrap(),
+        ]
+    }
+
+    /// Checks the mean and biased variance of every channel from
+    /// `batch_stats` against the f64 moments of the same values: the mean
+    /// within `1e-5` standard deviations, the variance within `rtol`.
+    fn check_moments<T: Element>(x: &[T], v: &ChannelView, rtol: f64, what: &str) {
+        let stats = batch_stats(x, v);
+        let c_n = v.channels;
+        for ch in 0..c_n {
+            let (n, s1, s2) = (stats[ch], stats[c_n + ch], stats[2 * c_n + ch]);
+            let (mean, var) = (s1 / n, s2 / n - (s1 / n) * (s1 / n));
+            let (want_mean, want_var) = exact_moments(x, v, ch);
+            let std = want_var.sqrt();
+            assert!(
+                (mean - want_mean).abs() <= 1e-5 * std,
+                "{what} {:?} channel {ch}: mean {mean} vs {want_mean} (std {std:e})",
+                T::DTYPE
+            );
+            assert!(
+                (var - want_var).abs() <= rtol * want_var,
+                "{what} {:?} channel {ch}: variance {var:e} vs {want_var:e}, relative error {:e}",
+                T::DTYPE,
+                (var - want_var).abs() / want_var
+            );
+        }
+    }
+
+    /// Statistics of data whose mean is large against its spread keep the
+    /// spread's precision on every path: f32 with |mean|/std of 1.7e4 and
+    /// 4.3e4 (mean of either sign; beyond, the f64 `Σx²` of the result
+    /// itself loses the variance's digits), and f16 and bf16 with the largest ratios the
+    /// formats hold for such data (a value and its neighbour one step up,
+    /// one in 64 values there: |mean|/std about 60 times the format's
+    /// values per octave, 8e3 in f16, 1e3 in bf16). The one-pass sums around
+    /// a value of the block subtract exactly there.
+    #[test]
+    fn statistics_keep_the_precision_of_the_spread_for_large_means() {
+        fn check<T: Element>(to: impl Fn(f32) -> T, values: &dyn Fn(usize) -> f32, rtol: f64) {
+            for layout in every_stats_path() {
+                let v = ChannelView::new(&layout, 1).unwrap();
+                let x: Vec<T> = (0..layout.shape().elem_count())
+                    .map(|i| to(values(i)))
+                    .collect();
+                check_moments(&x, &v, rtol, &format!("{:?}", layout.shape()));
+            }
+        }
+        // Pseudo-random, evenly spread in [-1, 1).
+        let noise = |i: usize| ((i * 7919 + 13) % 2048) as f32 / 1024.0 - 1.0;
+        for mean in [1e4f32, -2.5e4] {
+            check::<f32>(|v| v, &|i| mean + noise(i), 2e-5);
+        }
+        let one_in_64 = |i: usize| (i * 7919 + 13).is_multiple_of(64) as u32 as f32;
+        check::<half::f16>(half::f16::from_f32, &|i| 1024.0 + one_in_64(i), 2e-5);
+        check::<half::bf16>(half::bf16::from_f32, &|i| -256.0 - 2.0 * one_in_64(i), 2e-5);
+    }
+
+    /// A block whose first values (whose mean is the one-pass pivot) lie far
+    /// out in the tail, here 10⁴ standard deviations of the rest above it,
+    /// is summed again around its mean: without that, its M2 is the
+    /// difference of two sums hundreds of times larger, and the variance
+    /// loses most of its digits. Every path, the outliers at the first
+    /// values of every block.
+    #[test]
+    fn statistics_stay_accurate_when_the_pivot_is_an_outlier() {
+        for layout in every_stats_path() {
+            let v = ChannelView::new(&layout, 1).unwrap();
+            let len = layout.shape().elem_count();
+            let mut x: Vec<f32> = (0..len)
+                .map(|i| 3.0 + ((i * 7919 + 13) % 2048) as f32 / 1024.0)
+                .collect();
+            // The first values of every block of every channel: long rows
+            // start blocks at 0 and 4096, short rows at every row of a
+            // block's first outer index (all of them, to cover each block),
+            // channels innermost at row 0.
+            let head = 0..PIVOT_HEAD;
+            for ch in 0..v.channels {
+                for o in 0..v.outer {
+                    if v.channel_innermost() {
+                        if head.contains(&o) {
+                            x[v.index(o, ch, 0)] = 1e4;
+                        }
+                        continue;
+                    }
+                    for i in head.clone().chain(BLOCK..BLOCK + PIVOT_HEAD) {
+                        if i < v.inner {
+                            x[v.index(o, ch, i)] = 1e4;
+                        }
+                    }
+                }
+            }
+            check_moments(&x, &v, 2e-5, &format!("{:?}", layout.shape()));
+        }
+    }
+
+    /// The statistics and gradient sums give the same bits whatever the
+    /// number of threads: the blocks and the order of the f64 additions
+    /// follow the shape alone. Every statistics path, 1, 2 and 3 threads.
+    #[test]
+    fn statistics_and_gradient_sums_do_not_depend_on_the_thread_count() {
+        let mut layouts = every_stats_path();
+        layouts.push(Layout::contiguous((2000, 40)));
+        for layout in layouts {
+            let v = ChannelView::new(&layout, 1).unwrap();
+            let len = layout.shape().elem_count();
+            let x: Vec<f32> = (0..len)
+                .map(|i| 7.0 + ((i * 7919) % 1013) as f32 * 0.013)
+                .collect();
+            let dy: Vec<f32> = (0..len)
+                .map(|i| ((i * 104_729) % 61) as f32 * 0.1 - 3.0)
+                .collect();
+            let run = |threads: usize| {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                pool.install(|| {
+                    let stats = batch_stats(&x, &v);
+                    let c = v.channels;
+                    let mean: Vec<f64> = (0..c).map(|ch| stats[c + ch] / stats[ch]).collect();
+                    let grads = grad_sums(&dy, &v, &x, &v, &mean, None);
+                    let bits = |s: &[f64]| s.iter().map(|e| e.to_bits()).collect::<Vec<_>>();
+                    (bits(&stats), bits(&grads))
+                })
+            };
+            let one = run(1);
+            for threads in [2, 3] {
+                assert!(
+                    run(threads) == one,
+                    "{:?}: {threads} threads differ from one",
+                    layout.shape()
+                );
+            }
+        }
     }
 }
