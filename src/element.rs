@@ -105,6 +105,8 @@ pub const CONVERT_LANES: usize = 8;
 pub struct LaneCpu {
     /// The CPU has F16C (checked at run time by [`LaneCpu::detect`], the
     /// only constructor: the conversions rely on it).
+    // Read by the x86-64 conversions only: other CPUs have no F16C path.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     f16c: bool,
 }
 
