@@ -746,8 +746,15 @@ mod tests {
             }
             let e = &out[2].0;
             if gone {
-                // The successor of a rank that is gone reads its close first.
-                assert!(e.contains("rank 1 closed the connection"), "{e}");
+                // The successor of a rank that is gone reads its close,
+                // unless rank 0 (whose sends to the gone rank fail) closed
+                // its links first: rank 2's sender and receiver run at once,
+                // so either can come first (seen in CI on 2026-12-08).
+                assert!(
+                    e.contains("rank 1 closed the connection")
+                        || e.contains("rank 0 closed the connection"),
+                    "{e}"
+                );
             } else {
                 // A stalled rank: its successor's read times out naming it,
                 // unless the other neighbour (rank 0, which timed out on the
