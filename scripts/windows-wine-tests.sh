@@ -43,6 +43,9 @@ fi
 
 log "cargo test --target $TARGET under $("$WINE" --version 2>/dev/null || echo Wine)"
 export CARGO_TARGET_X86_64_PC_WINDOWS_GNU_RUNNER="$WINE"
+# The launcher tests start the examples, which `cargo test --tests` (as CI
+# calls this) does not build.
+cargo build --target "$TARGET" --examples
 out="target/wine-tests.log"
 if ! cargo test --target "$TARGET" "$@" 2>&1 | tee "$out"; then
   # Wine itself sometimes fails to start a child process (CreateProcess:
